@@ -1,0 +1,242 @@
+//! The HTTP server API (`/server/*`), health, metrics and the page.
+//!
+//! Thin handlers: parse and validate the body into [`Command`]s, publish them to the queue, and
+//! map every failure to a status with `{ "error": "<reason>" }` ([`ApiError`]).
+
+mod errors;
+mod read;
+
+pub use errors::ApiError;
+
+use crate::address::{Address, ClientId, MessageId};
+use crate::ingest::{Command, IngestError, Outcome};
+use crate::mailbox::NewMessage;
+use crate::node::Services;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long `connect`/`disconnect` wait for the bindings to be durable before answering 503.
+const BIND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The node's HTTP routes (the Socket.IO layer is added by the node).
+pub fn routes(svc: Arc<Services>) -> Router {
+    let limit = svc.config.max_payload_bytes.saturating_mul(svc.config.max_batch).clamp(1 << 20, 256 << 20);
+    let server = Router::new()
+        .route("/server/enqueue", post(enqueue))
+        .route("/server/connect", post(connect))
+        .route("/server/disconnect", post(disconnect))
+        .route("/server/mailbox/{address}", get(read::mailbox))
+        .route("/server/clients/{client}", get(read::client))
+        .route("/server/presence/{address}", get(read::presence))
+        .route("/server/nodes", get(read::nodes))
+        .fallback(|| async { ApiError::NotFound("no such /server endpoint".into()) })
+        .layer(middleware::from_fn_with_state(svc.clone(), require_api_key));
+    Router::new()
+        .merge(server)
+        .route("/healthz", get(read::healthz))
+        .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::Metrics::render()) }))
+        .route("/", get(crate::console::page))
+        .route("/console.js", get(crate::console::script))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(svc)
+}
+
+async fn require_api_key(State(svc): State<Arc<Services>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if let Some(key) = &svc.config.api_key {
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if !crate::security::api_key_matches(given, key) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    #[serde(default)]
+    wait: Option<String>,
+}
+
+impl WaitQuery {
+    fn wait(&self) -> Result<bool, ApiError> {
+        match self.wait.as_deref() {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(o) => Err(ApiError::BadRequest(format!("wait must be true or false, not {o:?}"))),
+        }
+    }
+}
+
+fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!("request body too large: {e}")),
+        _ => ApiError::BadRequest(e.body_text()),
+    })
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+struct EnqueueIn<'a> {
+    #[serde(borrow)]
+    address: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// Validates one message; `at` names it in errors of a batch.
+fn to_message(m: EnqueueIn<'_>, max_payload: usize, at: &str) -> Result<NewMessage, ApiError> {
+    let address = m.address.ok_or_else(|| ApiError::BadRequest(format!("{at}address is required")))?;
+    let address: String = serde_json::from_str(address.get())
+        .map_err(|_| ApiError::BadRequest(format!("{at}address must be a string")))?;
+    let address = Address::parse(&address).map_err(|e| ApiError::BadRequest(format!("{at}{e}")))?;
+    let payload = m.payload.ok_or_else(|| ApiError::BadRequest(format!("{at}payload is required")))?;
+    if payload.get().len() > max_payload {
+        return Err(ApiError::TooLarge(format!(
+            "{at}payload is {} bytes, over the limit of {max_payload}",
+            payload.get().len()
+        )));
+    }
+    let id = match m.id {
+        None => MessageId::generate(),
+        Some(raw) if raw.get() == "null" => MessageId::generate(),
+        Some(raw) => {
+            let s: String = serde_json::from_str(raw.get())
+                .map_err(|_| ApiError::BadRequest(format!("{at}id must be a string")))?;
+            MessageId::parse(&s).map_err(|e| ApiError::BadRequest(format!("{at}{e}")))?
+        }
+    };
+    Ok(NewMessage { address, id, payload: payload.to_owned() })
+}
+
+/// `POST /server/enqueue[?wait=true]`: one message `{address, payload, id?}`, or an array of them.
+async fn enqueue(State(svc): State<Arc<Services>>, q: Query<WaitQuery>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let wait = q.wait()?;
+    let bytes = body(b)?;
+    let max = svc.config.max_payload_bytes;
+    let first = bytes.iter().find(|c| !c.is_ascii_whitespace()).copied();
+    let (batch, many) = if first == Some(b'[') {
+        let items: Vec<EnqueueIn<'_>> = parse_json(&bytes)?;
+        if items.is_empty() {
+            return Err(ApiError::BadRequest("the batch is empty".into()));
+        }
+        if items.len() > svc.config.max_batch {
+            return Err(ApiError::BadRequest(format!(
+                "the batch has {} messages, over the limit of {}",
+                items.len(),
+                svc.config.max_batch
+            )));
+        }
+        let msgs = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| to_message(m, max, &format!("[{i}]: ")))
+            .collect::<Result<Vec<_>, _>>()?;
+        (msgs, true)
+    } else {
+        (vec![to_message(parse_json(&bytes)?, max, "")?], false)
+    };
+    let ids: Vec<MessageId> = batch.iter().map(|m| m.id.clone()).collect();
+    let results = publish(&svc, batch.into_iter().map(Command::Enqueue).collect(), None).await?;
+    let mut out = Vec::with_capacity(results.len());
+    for (id, r) in ids.iter().zip(results) {
+        match (r, wait) {
+            (Err(e), _) => return Err(e.into()),
+            (Ok(Outcome::Appended(a)), true) => {
+                out.push(json!({ "id": id, "address": a.message.address, "version": a.message.version }))
+            }
+            (Ok(_), _) => out.push(json!({ "id": id })),
+        }
+    }
+    let status = if wait { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let body = if many { json!({ "results": out }) } else { out.pop().unwrap_or(Value::Null) };
+    Ok((status, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BindIn {
+    client: Value,
+    addresses: Value,
+}
+
+fn parse_bind(bytes: &[u8], max: usize) -> Result<(ClientId, Vec<Address>), ApiError> {
+    let b: BindIn = parse_json(bytes)?;
+    let client = b.client.as_str().ok_or_else(|| ApiError::BadRequest("client must be a string".into()))?;
+    let client = ClientId::parse(client).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let list = b.addresses.as_array().ok_or_else(|| ApiError::BadRequest("addresses must be an array".into()))?;
+    if list.is_empty() || list.len() > max {
+        return Err(ApiError::BadRequest(format!("addresses must hold 1 to {max} addresses")));
+    }
+    let mut addresses = Vec::with_capacity(list.len());
+    for a in list {
+        let s = a.as_str().ok_or_else(|| ApiError::BadRequest("addresses must be strings".into()))?;
+        let a = Address::parse(s).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if a.client().as_ref() == Some(&client) {
+            return Err(ApiError::BadRequest(format!("{a} is the client's own address; it always receives it")));
+        }
+        if !addresses.contains(&a) {
+            addresses.push(a);
+        }
+    }
+    Ok((client, addresses))
+}
+
+/// `POST /server/connect`: binds a client to addresses.
+async fn connect(State(svc): State<Arc<Services>>, b: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let (client, addresses) = parse_bind(&body(b)?, svc.config.max_batch)?;
+    let r = publish(&svc, vec![Command::Bind { client: client.clone(), addresses }], Some(BIND_TIMEOUT)).await?;
+    match r.into_iter().next() {
+        Some(Ok(Outcome::Bound { bindings, .. })) => {
+            let b: Vec<Value> = bindings.iter().map(|(a, v)| json!({ "address": a, "version": v })).collect();
+            Ok(Json(json!({ "client": client, "bound": b })))
+        }
+        Some(Err(e)) => Err(e.into()),
+        _ => Ok(Json(json!({ "client": client }))),
+    }
+}
+
+/// `POST /server/disconnect`: unbinds a client from addresses.
+async fn disconnect(State(svc): State<Arc<Services>>, b: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let (client, addresses) = parse_bind(&body(b)?, svc.config.max_batch)?;
+    let r = publish(&svc, vec![Command::Unbind { client: client.clone(), addresses }], Some(BIND_TIMEOUT)).await?;
+    match r.into_iter().next() {
+        Some(Ok(Outcome::Unbound { removed })) => {
+            let u: Vec<&Address> = removed.iter().map(|(a, _)| a).collect();
+            Ok(Json(json!({ "client": client, "unbound": u })))
+        }
+        Some(Err(e)) => Err(e.into()),
+        _ => Ok(Json(json!({ "client": client }))),
+    }
+}
+
+async fn publish(
+    svc: &Services,
+    commands: Vec<Command>,
+    timeout: Option<Duration>,
+) -> Result<Vec<Result<Outcome, IngestError>>, ApiError> {
+    if svc.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::Unavailable("the node is shutting down".into()));
+    }
+    let fut = svc.queue.publish(commands);
+    match timeout {
+        None => Ok(fut.await?),
+        Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| IngestError::Timeout(t.as_secs()))?.map_err(Into::into),
+    }
+}

@@ -1,0 +1,38 @@
+//! Cluster membership: which nodes are live and which one leads. [`Standalone`] is the
+//! single-node answer of the embedded default: this node, leading itself.
+
+use serde::Serialize;
+
+/// A live node as the cluster sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Its HTTP address (what clients and peers use).
+    pub url: String,
+    pub leader: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster coordination is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Membership and leadership.
+#[async_trait::async_trait]
+pub trait Membership: Send + Sync + 'static {
+    /// The live nodes, sorted by id, with the leader marked.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError>;
+}
+
+/// One node alone: it is the whole cluster and its leader.
+pub struct Standalone {
+    pub me: NodeInfo,
+}
+
+#[async_trait::async_trait]
+impl Membership for Standalone {
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
+        Ok(vec![self.me.clone()])
+    }
+}

@@ -1,0 +1,202 @@
+//! One typed configuration, layered: defaults < TOML file (`--config`) < `SIGNALPOST_*`
+//! environment < command-line flags.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Which backends a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded store and in-process queue; no outside service.
+    Embedded,
+    /// Cassandra, Kafka and ZooKeeper.
+    Cluster,
+}
+
+/// Everything a node can be configured with. Field names are the TOML keys; the environment
+/// variable is `SIGNALPOST_` + the name in capitals (e.g. `SIGNALPOST_API_KEY`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the node listens (HTTP API, Socket.IO and the page).
+    pub listen: SocketAddr,
+    /// Where the embedded backend keeps its files, and where generated secrets are kept.
+    pub data_dir: PathBuf,
+    pub backend: Backend,
+    /// This node's id in the cluster (default: generated and kept in the data dir).
+    pub node_id: Option<String>,
+    /// How long messages are kept, in seconds (default 30 days).
+    pub retention_secs: u64,
+    /// How often the expiry task runs, in milliseconds.
+    pub expiry_interval_ms: u64,
+    /// When set, every `/server/*` call needs `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+    /// HS256 secret for client JWTs (`auth.token`). When set, tokens that are given are checked.
+    pub client_token_secret: Option<String>,
+    /// Refuse connections without a valid client JWT (needs `client_token_secret`).
+    pub require_client_token: bool,
+    /// Secret for resume tokens (default: generated and kept in the data dir).
+    pub resume_secret: Option<String>,
+    /// Largest payload, in bytes of JSON.
+    pub max_payload_bytes: usize,
+    /// Most messages in one `POST /server/enqueue` batch, and most addresses in one bind.
+    pub max_batch: usize,
+    /// Most Socket.IO connections this node accepts.
+    pub max_connections: usize,
+    /// Messages read from the mailbox per replay page.
+    pub replay_page: usize,
+    /// Most messages appended in one storage batch.
+    pub append_batch: usize,
+    /// Cassandra contact points, comma-separated (`--backend cluster`).
+    pub cassandra: String,
+    pub cassandra_keyspace: String,
+    /// CQL replication map, e.g. `{'class': 'SimpleStrategy', 'replication_factor': 1}`.
+    pub cassandra_replication: String,
+    /// Kafka bootstrap servers, comma-separated (`--backend cluster`).
+    pub kafka: String,
+    /// Prefix of the Kafka topic names (`signals.` gives `signals.enqueue`, …).
+    pub kafka_topic_prefix: String,
+    /// ZooKeeper connect string (`--backend cluster`).
+    pub zookeeper: String,
+    pub zookeeper_session_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid default"),
+            data_dir: PathBuf::from("./data"),
+            backend: Backend::Embedded,
+            node_id: None,
+            retention_secs: 30 * 24 * 3600,
+            expiry_interval_ms: 60_000,
+            api_key: None,
+            client_token_secret: None,
+            require_client_token: false,
+            resume_secret: None,
+            max_payload_bytes: 64 * 1024,
+            max_batch: 1000,
+            max_connections: 100_000,
+            replay_page: 512,
+            append_batch: 4096,
+            cassandra: "127.0.0.1:9042".into(),
+            cassandra_keyspace: "signalpost".into(),
+            cassandra_replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            kafka: "127.0.0.1:9092".into(),
+            kafka_topic_prefix: "signals.".into(),
+            zookeeper: "127.0.0.1:2181".into(),
+            zookeeper_session_timeout_ms: 6000,
+        }
+    }
+}
+
+/// Configuration failures (bad file, bad variable, impossible combination).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// The values given as flags; only those set override the other layers.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+}
+
+impl Config {
+    /// Loads defaults < `file` < environment < `flags`, then checks the result.
+    pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_from_env(file, flags, Env::prefixed("SIGNALPOST_"))
+    }
+
+    fn load_from_env(file: Option<&Path>, flags: &Overrides, env: Env) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", f.display())));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        // Only the SIGNALPOST_* variables that name a field; SIGNALPOST_URL and friends belong to the tools.
+        let keys: Vec<String> = serde_json::to_value(Config::default())
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+            .unwrap_or_default();
+        let env = env.filter(move |k| keys.iter().any(|f| k.as_str().eq_ignore_ascii_case(f)));
+        fig = fig.merge(env).merge(Serialized::globals(flags));
+        let cfg: Config = fig.extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.retention_secs == 0 {
+            return bad("retention_secs must be at least 1");
+        }
+        if self.require_client_token && self.client_token_secret.is_none() {
+            return bad("require_client_token needs client_token_secret");
+        }
+        if self.max_payload_bytes == 0 || self.max_batch == 0 || self.replay_page == 0 || self.append_batch == 0 {
+            return bad("max_payload_bytes, max_batch, replay_page and append_batch must be positive");
+        }
+        if self.api_key.as_deref() == Some("") {
+            return bad("api_key must not be empty");
+        }
+        Ok(())
+    }
+
+    pub fn retention_ms(&self) -> u64 {
+        self.retention_secs.saturating_mul(1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_file_then_env_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "listen = \"127.0.0.1:1\"\nretention_secs = 5\napi_key = \"file\"\n")?;
+            jail.set_env("SIGNALPOST_API_KEY", "env");
+            jail.set_env("SIGNALPOST_LISTEN", "127.0.0.1:2");
+            jail.set_env("SIGNALPOST_URL", "http://ignored");
+            let flags = Overrides { listen: Some("127.0.0.1:3".parse().unwrap()), ..Default::default() };
+            let c = Config::load(Some(Path::new("c.toml")), &flags).unwrap();
+            assert_eq!(c.retention_secs, 5, "file beats default");
+            assert_eq!(c.api_key.as_deref(), Some("env"), "env beats file");
+            assert_eq!(c.listen.port(), 3, "flag beats env");
+            let c = Config::load(Some(Path::new("c.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.listen.port(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rejects_bad_values_with_a_reason() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "retention_secs = \"soon\"\n")?;
+            let e = Config::load(Some(Path::new("bad.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("retention_secs"), "{e}");
+            jail.create_file("typo.toml", "listn = \"x\"\n")?;
+            let e = Config::load(Some(Path::new("typo.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("listn"), "{e}");
+            jail.set_env("SIGNALPOST_REQUIRE_CLIENT_TOKEN", "true");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("client_token_secret"), "{e}");
+            Ok(())
+        });
+    }
+}

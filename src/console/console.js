@@ -1,0 +1,3 @@
+fetch('/healthz').then(r => r.json()).then(h => {
+  document.getElementById('health').textContent = JSON.stringify(h, null, 2);
+});

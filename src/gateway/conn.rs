@@ -1,0 +1,417 @@
+//! One Socket.IO connection's delivery state: for each address it receives, the last version
+//! delivered and the highest version known to exist.
+//!
+//! Live messages are emitted straight from the router's call when the connection is `Live` and
+//! the message is the next version. Anything else — the replay after connect, a version that
+//! skips ahead, a socket buffer that is full (a slow client) — switches the connection to
+//! `Repairing`, and one repair task pages the missing versions out of the mailbox, waiting for
+//! the socket to drain between emits. So memory per connection stays bounded, a slow client never
+//! stalls the router, and a client never sees a hole or a duplicate. When the repair catches up it
+//! switches back to `Live` (and, the first time, sends `synced`).
+
+use crate::address::{Address, ClientId};
+use crate::mailbox::Message;
+use crate::node::Services;
+use crate::routing::Subscriber;
+use serde_json::json;
+use socketioxide::extract::SocketRef;
+use socketioxide::{SendError, SocketError};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Connected, reading bindings and heads; nothing is emitted yet.
+    Setup,
+    /// The repair task owns emitting (replay after connect, or catching up).
+    Repairing,
+    /// The router emits directly.
+    Live,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Track {
+    delivered: u64,
+    known: u64,
+}
+
+struct State {
+    phase: Phase,
+    tracks: HashMap<Address, Track>,
+    repairing: bool,
+    synced: bool,
+    /// Control events (`bound`, `unbound`, `gap`) waiting for room in the socket buffer.
+    pending: VecDeque<(&'static str, serde_json::Value)>,
+    unbound_in_setup: HashSet<Address>,
+    socket: Option<SocketRef>,
+}
+
+enum Step {
+    Wait,
+    Read(Address, u64),
+    Done,
+}
+
+enum Emit {
+    Sent,
+    Full,
+    Closed,
+}
+
+/// A connection as the router and the gateway see it.
+pub struct Conn {
+    id: String,
+    client: ClientId,
+    svc: Arc<Services>,
+    me: Weak<Conn>,
+    state: Mutex<State>,
+}
+
+fn emit(socket: &Option<SocketRef>, event: &str, data: &(impl serde::Serialize + ?Sized)) -> Emit {
+    let Some(s) = socket else { return Emit::Closed };
+    match s.emit(event, data) {
+        Ok(()) => Emit::Sent,
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => Emit::Full,
+        Err(_) => Emit::Closed,
+    }
+}
+
+impl Conn {
+    /// A connection in `Setup`, receiving its own address from `own_cursor`.
+    pub fn new(svc: Arc<Services>, socket: SocketRef, client: ClientId, own_cursor: u64) -> Arc<Self> {
+        let own = Address::of_client(&client);
+        let mut tracks = HashMap::new();
+        tracks.insert(own, Track { delivered: own_cursor, known: own_cursor });
+        Arc::new_cyclic(|me| Conn {
+            id: socket.id.to_string(),
+            client,
+            svc,
+            me: me.clone(),
+            state: Mutex::new(State {
+                phase: Phase::Setup,
+                tracks,
+                repairing: false,
+                synced: false,
+                pending: VecDeque::new(),
+                unbound_in_setup: HashSet::new(),
+                socket: Some(socket),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the client's bindings found at connect (skipping any unbound meanwhile).
+    /// Returns the addresses added, to subscribe.
+    pub fn add_initial(&self, starts: Vec<(Address, u64)>) -> Vec<Address> {
+        let mut st = self.lock();
+        let mut added = Vec::new();
+        for (a, start) in starts {
+            if st.unbound_in_setup.contains(&a) || st.tracks.contains_key(&a) {
+                continue;
+            }
+            st.tracks.insert(a.clone(), Track { delivered: start, known: start });
+            added.push(a);
+        }
+        added
+    }
+
+    /// Every address this connection receives, with the last version delivered.
+    pub fn cursors(&self) -> Vec<(Address, u64)> {
+        self.lock().tracks.iter().map(|(a, t)| (a.clone(), t.delivered)).collect()
+    }
+
+    pub fn receives(&self, address: &Address) -> bool {
+        self.lock().tracks.contains_key(address)
+    }
+
+    /// Raises what is known to exist (heads read at connect).
+    pub fn raise_known(&self, heads: &[(Address, u64)]) {
+        let mut st = self.lock();
+        for (a, h) in heads {
+            if let Some(t) = st.tracks.get_mut(a) {
+                t.known = t.known.max(*h);
+            }
+        }
+    }
+
+    /// Sends `session` and starts the replay, which ends with `synced`.
+    pub fn start(&self, session: &serde_json::Value) {
+        let mut st = self.lock();
+        if st.phase != Phase::Setup {
+            return;
+        }
+        // The socket buffer is empty right after connect, so this cannot be refused for room.
+        if let Emit::Closed = emit(&st.socket, "session", session) {
+            return;
+        }
+        self.repair(&mut st);
+    }
+
+    /// Stops all delivery; returns the addresses to unsubscribe (`None` when already closed).
+    pub fn close(&self) -> Option<Vec<Address>> {
+        let mut st = self.lock();
+        if st.phase == Phase::Closed {
+            return None;
+        }
+        st.phase = Phase::Closed;
+        st.socket = None;
+        st.pending.clear();
+        Some(st.tracks.keys().cloned().collect())
+    }
+
+    fn repair(&self, st: &mut State) {
+        if st.phase == Phase::Closed {
+            return;
+        }
+        st.phase = Phase::Repairing;
+        if !st.repairing {
+            st.repairing = true;
+            if let Some(me) = self.me.upgrade() {
+                tokio::spawn(me.run_repair());
+            }
+        }
+    }
+
+    /// Emits a control event now, or queues it behind a full buffer (the repair task sends it).
+    fn control(&self, st: &mut State, event: &'static str, data: serde_json::Value) {
+        if st.pending.is_empty() {
+            match emit(&st.socket, event, &data) {
+                Emit::Sent | Emit::Closed => return,
+                Emit::Full => {}
+            }
+        }
+        st.pending.push_back((event, data));
+        self.repair(st);
+    }
+
+    /// The repair loop: flush queued control events, then page each address that is behind out
+    /// of the mailbox, until nothing is behind.
+    async fn run_repair(self: Arc<Self>) {
+        let svc = self.svc.clone();
+        let page_size = svc.config.replay_page;
+        let mut carry: VecDeque<Arc<Message>> = VecDeque::new();
+        let mut backoff = Duration::from_micros(500);
+        loop {
+            let next = {
+                let mut st = self.lock();
+                self.step(&mut st, &mut carry)
+            };
+            let (address, after) = match next {
+                Step::Done => return,
+                Step::Read(a, v) => (a, v),
+                Step::Wait => {
+                    // The socket buffer is full: wait for the client to read.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            backoff = Duration::from_micros(500);
+            let page = match svc.mailbox.read(&address, after, page_size).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, %address, "replay read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if !self.take_page(&address, after, page, &mut carry) {
+                // Known to exist but not readable yet: give the store a moment.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// Applies a page read after `after`: a `gap` for expired versions, then emits what fits.
+    /// Returns false when the page had nothing although more is known to exist.
+    fn take_page(&self, address: &Address, after: u64, page: crate::mailbox::Page, carry: &mut VecDeque<Arc<Message>>) -> bool {
+        let mut st = self.lock();
+        let Some(t) = st.tracks.get_mut(address) else { return true };
+        if t.delivered != after {
+            return true;
+        }
+        t.known = t.known.max(page.head.head);
+        if after + 1 < page.head.low {
+            let to = page.head.low - 1;
+            t.delivered = to;
+            self.svc.metrics.gaps.increment(1);
+            self.control(&mut st, "gap", json!({ "address": address, "from": after + 1, "to": to }));
+        } else if page.messages.is_empty() {
+            return false;
+        }
+        carry.extend(page.messages);
+        self.emit_run(&mut st, carry);
+        true
+    }
+
+    /// One step of the repair loop under the lock: flush what waits, then pick the next address
+    /// that is behind, or finish (sending `synced` the first time) and go live.
+    fn step(&self, st: &mut State, carry: &mut VecDeque<Arc<Message>>) -> Step {
+        if st.phase == Phase::Closed {
+            st.repairing = false;
+            return Step::Done;
+        }
+        while let Some((event, data)) = st.pending.front() {
+            match emit(&st.socket, event, data) {
+                Emit::Sent => {
+                    st.pending.pop_front();
+                }
+                Emit::Full => return Step::Wait,
+                Emit::Closed => {
+                    st.repairing = false;
+                    return Step::Done;
+                }
+            }
+        }
+        if !carry.is_empty() && self.emit_run(st, carry) {
+            return Step::Wait;
+        }
+        if let Some((a, t)) = st.tracks.iter().find(|(_, t)| t.delivered < t.known) {
+            return Step::Read(a.clone(), t.delivered);
+        }
+        if !st.synced {
+            let cursors: serde_json::Map<String, serde_json::Value> =
+                st.tracks.iter().map(|(a, t)| (a.to_string(), json!(t.delivered))).collect();
+            match emit(&st.socket, "synced", &json!({ "cursors": cursors })) {
+                Emit::Sent => st.synced = true,
+                Emit::Full => return Step::Wait,
+                Emit::Closed => {
+                    st.repairing = false;
+                    return Step::Done;
+                }
+            }
+        }
+        st.phase = Phase::Live;
+        st.repairing = false;
+        Step::Done
+    }
+
+    /// Emits carried messages in order; returns true when the socket buffer filled up.
+    fn emit_run(&self, st: &mut State, carry: &mut VecDeque<Arc<Message>>) -> bool {
+        let mut sent = 0;
+        let mut full = false;
+        while let Some(m) = carry.front() {
+            let Some(t) = st.tracks.get(&m.address).copied() else {
+                carry.clear();
+                break;
+            };
+            if m.version <= t.delivered {
+                carry.pop_front();
+                continue;
+            }
+            if m.version != t.delivered + 1 {
+                carry.clear();
+                break;
+            }
+            match emit(&st.socket, "signal", &*m.signal) {
+                Emit::Sent => {
+                    if let Some(t) = st.tracks.get_mut(&m.address) {
+                        t.delivered = m.version;
+                    }
+                    carry.pop_front();
+                    sent += 1;
+                }
+                Emit::Full => {
+                    full = true;
+                    break;
+                }
+                Emit::Closed => {
+                    carry.clear();
+                    break;
+                }
+            }
+        }
+        self.svc.metrics.replayed.increment(sent);
+        self.svc.metrics.deliveries.increment(sent);
+        full
+    }
+}
+
+impl Subscriber for Conn {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn client(&self) -> &ClientId {
+        &self.client
+    }
+
+    fn offer(&self, address: &Address, messages: &[Arc<Message>]) {
+        let Some(last) = messages.last() else { return };
+        let mut st = self.lock();
+        let live = st.phase == Phase::Live;
+        let State { tracks, socket, .. } = &mut *st;
+        let Some(t) = tracks.get_mut(address) else { return };
+        t.known = t.known.max(last.version);
+        if !live {
+            return;
+        }
+        let mut sent = 0;
+        let mut behind = false;
+        for m in messages {
+            if m.version <= t.delivered {
+                continue;
+            }
+            if m.version != t.delivered + 1 {
+                behind = true;
+                break;
+            }
+            match emit(socket, "signal", &*m.signal) {
+                Emit::Sent => {
+                    t.delivered = m.version;
+                    sent += 1;
+                }
+                Emit::Full => {
+                    self.svc.metrics.lagged.increment(1);
+                    behind = true;
+                    break;
+                }
+                Emit::Closed => break,
+            }
+        }
+        self.svc.metrics.deliveries.increment(sent);
+        if behind {
+            self.repair(&mut st);
+        }
+    }
+
+    fn bound(&self, address: &Address, since: u64) {
+        let mut st = self.lock();
+        if st.phase == Phase::Closed || st.tracks.contains_key(address) {
+            return;
+        }
+        st.unbound_in_setup.remove(address);
+        st.tracks.insert(address.clone(), Track { delivered: since, known: since });
+        if st.phase != Phase::Setup {
+            self.control(&mut st, "bound", json!({ "address": address, "version": since }));
+        }
+        drop(st);
+        if let Some(me) = self.me.upgrade() {
+            let me: Arc<dyn Subscriber> = me;
+            self.svc.router.subscribe(&me, std::slice::from_ref(address));
+        }
+    }
+
+    fn unbound(&self, address: &Address, head: u64) {
+        if address.client().as_ref() == Some(&self.client) {
+            return; // a client always receives its own address
+        }
+        let mut st = self.lock();
+        if st.phase == Phase::Closed {
+            return;
+        }
+        let was = st.tracks.remove(address).is_some();
+        if st.phase == Phase::Setup {
+            st.unbound_in_setup.insert(address.clone());
+        } else if was {
+            self.control(&mut st, "unbound", json!({ "address": address, "version": head }));
+        }
+        drop(st);
+        self.svc.router.unsubscribe(&self.id, std::slice::from_ref(address));
+    }
+}

@@ -1,0 +1,168 @@
+//! Ingest: the operations central infrastructure sends (enqueue, bind, unbind), the queue they
+//! travel through, and the [`Processor`] that applies them.
+//!
+//! A [`Queue`] takes commands and answers once they are durably queued; its consumer side hands
+//! batches to the processor and commits them only after their effect is durable. [`local`] is the
+//! in-process queue of the embedded default: its consumer is the processor itself, so a command
+//! is answered once applied (durably appended or bound), which is stronger than queued.
+
+pub mod local;
+
+use crate::address::{Address, ClientId};
+use crate::mailbox::{Appended, Mailbox, MailboxError, NewMessage};
+use crate::metrics::Metrics;
+use crate::routing::Router;
+use crate::topology::{Binding, Topology, TopologyError};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One operation from central infrastructure.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Enqueue(NewMessage),
+    Bind { client: ClientId, addresses: Vec<Address> },
+    Unbind { client: ClientId, addresses: Vec<Address> },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Appended(Appended),
+    /// The bindings now in place for the command's addresses: `(address, since)`; `added` says
+    /// which were new.
+    Bound { bindings: Vec<(Address, u64)>, added: usize },
+    Unbound { removed: Vec<(Address, u64)> },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Mailbox(String),
+    #[error("{0}")]
+    Topology(String),
+    #[error("the queue is closed (the node is shutting down)")]
+    Closed,
+    #[error("timed out after {0} s waiting for the operation to become durable")]
+    Timeout(u64),
+    #[error("the queue is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<&MailboxError> for IngestError {
+    fn from(e: &MailboxError) -> Self {
+        IngestError::Mailbox(e.to_string())
+    }
+}
+impl From<TopologyError> for IngestError {
+    fn from(e: TopologyError) -> Self {
+        IngestError::Topology(e.to_string())
+    }
+}
+
+/// The producer side of the ingest queue.
+#[async_trait::async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Publishes commands; resolves once they are durably queued, with each command's outcome
+    /// when it is already known (the local queue applies them before answering).
+    async fn publish(&self, commands: Vec<Command>) -> Result<Vec<Result<Outcome, IngestError>>, IngestError>;
+    /// Stops taking commands and finishes the ones taken.
+    async fn drain(&self);
+    async fn healthy(&self) -> Result<(), IngestError>;
+}
+
+/// Applies batches of commands: appends, then binding changes, then hands the appended messages
+/// and binding changes to the router.
+pub struct Processor {
+    pub mailbox: Arc<dyn Mailbox>,
+    pub topology: Arc<dyn Topology>,
+    pub router: Arc<Router>,
+    pub metrics: Metrics,
+}
+
+impl Processor {
+    /// Applies a batch; one result per command, in order. Every `Ok` is durable.
+    pub async fn apply(&self, commands: Vec<Command>) -> Vec<Result<Outcome, IngestError>> {
+        let mut results: Vec<Option<Result<Outcome, IngestError>>> = vec![None; commands.len()];
+        let mut appends = Vec::new();
+        let mut slots = Vec::new();
+        let mut others = Vec::new();
+        for (i, c) in commands.into_iter().enumerate() {
+            match c {
+                Command::Enqueue(m) => {
+                    appends.push(m);
+                    slots.push(i);
+                }
+                other => others.push((i, other)),
+            }
+        }
+        let mut fresh = Vec::new();
+        if !appends.is_empty() {
+            let started = Instant::now();
+            self.metrics.append_batch.record(appends.len() as f64);
+            match self.mailbox.append(appends).await {
+                Ok(out) => {
+                    self.metrics.append_seconds.record(started.elapsed().as_secs_f64());
+                    for (slot, a) in slots.into_iter().zip(out) {
+                        if a.duplicate {
+                            self.metrics.duplicates.increment(1);
+                        } else {
+                            fresh.push(a.message.clone());
+                        }
+                        results[slot] = Some(Ok(Outcome::Appended(a)));
+                    }
+                    self.metrics.appends.increment(fresh.len() as u64);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "append failed");
+                    for slot in slots {
+                        results[slot] = Some(Err(IngestError::from(&e)));
+                    }
+                }
+            }
+        }
+        for (i, c) in others {
+            results[i] = Some(self.apply_binding(c).await);
+        }
+        if !fresh.is_empty() {
+            self.router.deliver(&fresh);
+            let now = crate::mailbox::now_ms();
+            for m in &fresh {
+                self.metrics.delivery_seconds.record(now.saturating_sub(m.ts) as f64 / 1000.0);
+            }
+        }
+        results.into_iter().map(|r| r.expect("every command has a result")).collect()
+    }
+
+    async fn apply_binding(&self, c: Command) -> Result<Outcome, IngestError> {
+        match c {
+            Command::Bind { client, addresses } => {
+                let heads = self.mailbox.heads(&addresses).await.map_err(|e| IngestError::from(&e))?;
+                let want: Vec<Binding> = addresses
+                    .iter()
+                    .zip(&heads)
+                    .map(|(a, h)| Binding { address: a.clone(), since: h.head })
+                    .collect();
+                let added = self.topology.add(&client, &want).await?;
+                self.metrics.bindings.increment(added.len() as u64);
+                let new: Vec<(Address, u64)> = added.iter().map(|b| (b.address.clone(), b.since)).collect();
+                self.router.bound(&client, &new);
+                // Report every requested binding with its real `since` (existing ones keep theirs).
+                let all = self.topology.get(&client).await?;
+                let bindings = addresses
+                    .iter()
+                    .filter_map(|a| all.iter().find(|b| &b.address == a).map(|b| (a.clone(), b.since)))
+                    .collect();
+                Ok(Outcome::Bound { bindings, added: new.len() })
+            }
+            Command::Unbind { client, addresses } => {
+                let removed = self.topology.remove(&client, &addresses).await?;
+                let heads = self.mailbox.heads(&removed).await.map_err(|e| IngestError::from(&e))?;
+                let removed: Vec<(Address, u64)> = removed.into_iter().zip(heads).map(|(a, h)| (a, h.head)).collect();
+                self.metrics.unbindings.increment(removed.len() as u64);
+                self.router.unbound(&client, &removed);
+                Ok(Outcome::Unbound { removed })
+            }
+            Command::Enqueue(_) => unreachable!("appends are applied in bulk"),
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Versioned mailboxes: every message sent to an address is appended with the next version
+//! (1, 2, 3, … with no gaps, never a version twice), kept for the retention period, and read back
+//! in pages.
+//!
+//! [`Mailbox`] is the trait; [`embedded`] is the default backend (redb on local disk).
+//! [`contract`] is the suite every backend must pass.
+
+pub mod contract;
+pub mod embedded;
+
+use crate::address::{Address, MessageId};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// A message to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub address: Address,
+    pub id: MessageId,
+    pub payload: Box<RawValue>,
+}
+
+/// An appended message. `signal` is the JSON object clients receive, serialized once at append
+/// time so that fan-out never serializes it again.
+#[derive(Debug)]
+pub struct Message {
+    pub address: Address,
+    pub version: u64,
+    pub id: MessageId,
+    pub ts: u64,
+    pub signal: Box<RawValue>,
+}
+
+impl Message {
+    /// Builds a message and its client-facing JSON (`{address, version, id, ts, payload}`).
+    pub fn new(address: Address, version: u64, id: MessageId, ts: u64, payload: &RawValue) -> Self {
+        #[derive(serde::Serialize)]
+        struct Signal<'a> {
+            address: &'a Address,
+            version: u64,
+            id: &'a MessageId,
+            ts: u64,
+            payload: &'a RawValue,
+        }
+        let json = serde_json::to_string(&Signal { address: &address, version, id: &id, ts, payload })
+            .expect("serializing a signal cannot fail");
+        let signal = RawValue::from_string(json).expect("serde_json output is valid JSON");
+        Self { address, version, id, ts, signal }
+    }
+
+    /// The payload part of the signal.
+    pub fn payload(&self) -> Box<RawValue> {
+        #[derive(serde::Deserialize)]
+        struct P<'a> {
+            #[serde(borrow)]
+            payload: &'a RawValue,
+        }
+        let p: P<'_> = serde_json::from_str(self.signal.get()).expect("signal is valid JSON");
+        p.payload.to_owned()
+    }
+}
+
+/// The outcome of one append: the message as stored, and whether it was already there
+/// (same id to the same address within the retention period).
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub message: Arc<Message>,
+    pub duplicate: bool,
+}
+
+/// The state of one address's mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Head {
+    /// The last version appended (0 for an empty mailbox).
+    pub head: u64,
+    /// The oldest version still kept; `head + 1` when nothing is kept.
+    pub low: u64,
+}
+
+/// A page of messages read after a version.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub head: Head,
+    /// Messages in increasing version order, starting at `max(after + 1, head.low)`.
+    pub messages: Vec<Arc<Message>>,
+}
+
+/// Mailbox failures.
+#[derive(Debug, thiserror::Error)]
+pub enum MailboxError {
+    #[error("mailbox storage failed: {0}")]
+    Storage(String),
+    #[error("mailbox is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A store of versioned mailboxes.
+///
+/// Contract (checked by [`contract`]):
+/// - `append` assigns each new message of an address the next version, in batch order, with no gap
+///   and never twice, also across a crash in the middle of a batch (a batch is all or nothing);
+/// - a message whose `id` was already appended to the same address within the retention period is
+///   not appended again: the result carries the original message with `duplicate = true`;
+/// - once `append` returns, the messages are durable;
+/// - `read` returns messages after a version in order, at most `limit`, with the head;
+/// - messages older than the retention are removed by `expire`, and `read` then starts at `low`.
+#[async_trait::async_trait]
+pub trait Mailbox: Send + Sync + 'static {
+    /// Appends a batch; results are in the order of the batch.
+    async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError>;
+    /// Reads up to `limit` messages with version > `after`.
+    async fn read(&self, address: &Address, after: u64, limit: usize) -> Result<Page, MailboxError>;
+    /// The heads of several addresses, in the order asked.
+    async fn heads(&self, addresses: &[Address]) -> Result<Vec<Head>, MailboxError>;
+    /// Removes messages appended before `now_ms - retention`; returns how many were removed.
+    async fn expire(&self, now_ms: u64) -> Result<u64, MailboxError>;
+    /// Whether the backing store answers.
+    async fn healthy(&self) -> Result<(), MailboxError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

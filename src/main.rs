@@ -1,0 +1,87 @@
+//! The `signalpost` binary: `serve` runs a node; the other subcommands are tools that talk to a
+//! node's public interfaces.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use signalpost::config::{Backend, Config, Overrides};
+use signalpost::node::Node;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "signalpost", version, about = "A clustered signal delivery server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (the default when no subcommand is given).
+    ///
+    /// Example: signalpost serve --listen 127.0.0.1:0 --data-dir /tmp/sp
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// host:port to listen on (port 0 picks a free port) [env: SIGNALPOST_LISTEN] [default: 127.0.0.1:8080]
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Where the embedded store keeps its files [env: SIGNALPOST_DATA_DIR] [default: ./data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// embedded (no outside service) or cluster (Cassandra, Kafka, ZooKeeper) [env: SIGNALPOST_BACKEND]
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+    /// A TOML file with any configuration key (see docs/configuration.md)
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => rt.block_on(serve(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,socketioxide=warn,engineioxide=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = Overrides { listen: args.listen, data_dir: args.data_dir, backend: args.backend };
+    let config = Config::load(args.config.as_deref(), &flags)?;
+    let data_dir = config.data_dir.clone();
+    let node = Node::build(config).await?;
+    let addr = node.local_addr();
+    let id = node.services().node_id.clone();
+    println!("signalpost node {id} listening on http://{addr} (data in {})", data_dir.display());
+    println!("open http://{addr}/ in a browser to try it");
+    node.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,99 @@
+//! Metrics: counters, gauges and histograms in the Prometheus text format at `/metrics`.
+//!
+//! Handles are looked up once and kept in [`Metrics`], so hot paths only do atomic adds.
+//! One recorder per process (the `metrics` crate's global); nodes started in one test process
+//! share it.
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets in seconds: 100 µs to 10 s.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process's metric handles.
+#[derive(Clone)]
+pub struct Metrics {
+    pub appends: Counter,
+    pub duplicates: Counter,
+    pub deliveries: Counter,
+    pub replayed: Counter,
+    pub gaps: Counter,
+    pub connections: Gauge,
+    pub connects: Counter,
+    pub refused: Counter,
+    pub bindings: Counter,
+    pub unbindings: Counter,
+    pub acks: Counter,
+    pub lagged: Counter,
+    pub append_seconds: Histogram,
+    pub append_batch: Histogram,
+    pub delivery_seconds: Histogram,
+    pub expired: Counter,
+}
+
+impl Metrics {
+    /// Installs the recorder (once per process) and registers every metric.
+    pub fn install() -> Self {
+        HANDLE.get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("signalpost_append_batch_size".into()), &[
+                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0,
+                ]))
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("one recorder per process");
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawn metrics upkeep");
+            handle
+        });
+        Self {
+            appends: metrics::counter!("signalpost_appends_total"),
+            duplicates: metrics::counter!("signalpost_duplicates_total"),
+            deliveries: metrics::counter!("signalpost_deliveries_total"),
+            replayed: metrics::counter!("signalpost_replayed_total"),
+            gaps: metrics::counter!("signalpost_gaps_total"),
+            connections: metrics::gauge!("signalpost_connections"),
+            connects: metrics::counter!("signalpost_connects_total"),
+            refused: metrics::counter!("signalpost_connects_refused_total"),
+            bindings: metrics::counter!("signalpost_bindings_total"),
+            unbindings: metrics::counter!("signalpost_unbindings_total"),
+            acks: metrics::counter!("signalpost_acks_total"),
+            lagged: metrics::counter!("signalpost_lagged_total"),
+            append_seconds: metrics::histogram!("signalpost_append_seconds"),
+            append_batch: metrics::histogram!("signalpost_append_batch_size"),
+            delivery_seconds: metrics::histogram!("signalpost_enqueue_to_delivery_seconds"),
+            expired: metrics::counter!("signalpost_expired_total"),
+        }
+    }
+
+    /// The Prometheus text, with the process's resident memory appended.
+    pub fn render() -> String {
+        let mut out = HANDLE.get().map(|h| h.render()).unwrap_or_default();
+        if let Some(rss) = resident_bytes() {
+            out.push_str("# TYPE process_resident_memory_bytes gauge\n");
+            out.push_str(&format!("process_resident_memory_bytes {rss}\n"));
+        }
+        out
+    }
+}
+
+/// Resident memory of this process, from /proc (Linux).
+pub fn resident_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,194 @@
+//! Routing on one node: from appended messages to the local connections that want them, and
+//! from binding changes to the connections of the client concerned.
+//!
+//! The router only knows [`Subscriber`]s; what a connection does with a message (deliver it now,
+//! or note that it must catch up from the mailbox) is the gateway's business. Delivery is called
+//! once per appended batch, in version order per address, so subscribers see versions in order
+//! unless they fall behind (which they detect and repair from the mailbox).
+
+use crate::address::{Address, ClientId};
+use crate::mailbox::Message;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// Something that receives messages of the addresses it subscribed to.
+pub trait Subscriber: Send + Sync + 'static {
+    /// A unique id of this subscriber (a connection id).
+    fn id(&self) -> &str;
+    fn client(&self) -> &ClientId;
+    /// Messages of one address, in increasing version order.
+    fn offer(&self, address: &Address, messages: &[Arc<Message>]);
+    /// The client was bound to `address` at head `since`.
+    fn bound(&self, address: &Address, since: u64);
+    /// The client was unbound from `address`, whose head is `head`.
+    fn unbound(&self, address: &Address, head: u64);
+}
+
+type Subs = Vec<Arc<dyn Subscriber>>;
+
+/// The local routing table. Readers (delivery) take a shared lock; connects, disconnects and
+/// binding changes take it exclusively, briefly.
+#[derive(Default)]
+pub struct Router {
+    by_address: RwLock<HashMap<Address, Subs>>,
+    by_client: RwLock<HashMap<ClientId, Subs>>,
+}
+
+impl Router {
+    /// Registers a connection of its client (so binding changes reach it).
+    pub fn register(&self, sub: Arc<dyn Subscriber>) {
+        let mut m = self.by_client.write().unwrap_or_else(|p| p.into_inner());
+        m.entry(sub.client().clone()).or_default().push(sub);
+    }
+
+    /// Removes a connection from everything.
+    pub fn unregister(&self, sub: &dyn Subscriber, addresses: &[Address]) {
+        self.unsubscribe(sub.id(), addresses);
+        let mut m = self.by_client.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = m.get_mut(sub.client()) {
+            list.retain(|s| s.id() != sub.id());
+            if list.is_empty() {
+                m.remove(sub.client());
+            }
+        }
+    }
+
+    pub fn subscribe(&self, sub: &Arc<dyn Subscriber>, addresses: &[Address]) {
+        let mut m = self.by_address.write().unwrap_or_else(|p| p.into_inner());
+        for a in addresses {
+            let list = m.entry(a.clone()).or_default();
+            if !list.iter().any(|s| s.id() == sub.id()) {
+                list.push(sub.clone());
+            }
+        }
+    }
+
+    pub fn unsubscribe(&self, id: &str, addresses: &[Address]) {
+        let mut m = self.by_address.write().unwrap_or_else(|p| p.into_inner());
+        for a in addresses {
+            if let Some(list) = m.get_mut(a) {
+                list.retain(|s| s.id() != id);
+                if list.is_empty() {
+                    m.remove(a);
+                }
+            }
+        }
+    }
+
+    /// Hands a batch of appended messages (in append order) to the subscribers of each address.
+    /// Returns how many deliveries were offered.
+    pub fn deliver(&self, messages: &[Arc<Message>]) -> u64 {
+        let m = self.by_address.read().unwrap_or_else(|p| p.into_inner());
+        if m.is_empty() {
+            return 0;
+        }
+        // Group by address, keeping version order within each address.
+        let mut groups: HashMap<&Address, Vec<Arc<Message>>> = HashMap::new();
+        for msg in messages {
+            if m.contains_key(&msg.address) {
+                groups.entry(&msg.address).or_default().push(msg.clone());
+            }
+        }
+        let mut offered = 0;
+        for (address, msgs) in groups {
+            if let Some(subs) = m.get(address) {
+                for s in subs {
+                    s.offer(address, &msgs);
+                }
+                offered += (subs.len() * msgs.len()) as u64;
+            }
+        }
+        offered
+    }
+
+    /// Tells the client's local connections about new bindings.
+    pub fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]) {
+        for s in self.connections_of(client) {
+            for (a, since) in bindings {
+                s.bound(a, *since);
+            }
+        }
+    }
+
+    /// Tells the client's local connections about removed bindings.
+    pub fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]) {
+        for s in self.connections_of(client) {
+            for (a, head) in removed {
+                s.unbound(a, *head);
+            }
+        }
+    }
+
+    pub fn connections_of(&self, client: &ClientId) -> Subs {
+        let m = self.by_client.read().unwrap_or_else(|p| p.into_inner());
+        m.get(client).cloned().unwrap_or_default()
+    }
+
+    /// Number of addresses with at least one local subscriber.
+    pub fn addresses(&self) -> usize {
+        self.by_address.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::MessageId;
+    use serde_json::value::RawValue;
+    use std::sync::Mutex;
+
+    struct Probe {
+        id: String,
+        client: ClientId,
+        got: Mutex<Vec<(String, u64)>>,
+    }
+
+    impl Subscriber for Probe {
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn client(&self) -> &ClientId {
+            &self.client
+        }
+        fn offer(&self, address: &Address, messages: &[Arc<Message>]) {
+            let mut g = self.got.lock().unwrap();
+            g.extend(messages.iter().map(|m| (address.to_string(), m.version)));
+        }
+        fn bound(&self, address: &Address, since: u64) {
+            self.got.lock().unwrap().push((format!("bound {address}"), since));
+        }
+        fn unbound(&self, address: &Address, head: u64) {
+            self.got.lock().unwrap().push((format!("unbound {address}"), head));
+        }
+    }
+
+    fn m(a: &Address, v: u64) -> Arc<Message> {
+        let p = RawValue::from_string("1".into()).unwrap();
+        Arc::new(Message::new(a.clone(), v, MessageId::generate(), 0, &p))
+    }
+
+    #[test]
+    fn delivers_only_to_subscribers_in_order() {
+        let r = Router::default();
+        let (x, y) = (Address::parse("channel:x").unwrap(), Address::parse("channel:y").unwrap());
+        let p1 = Arc::new(Probe { id: "1".into(), client: ClientId::parse("c1").unwrap(), got: Default::default() });
+        let p2 = Arc::new(Probe { id: "2".into(), client: ClientId::parse("c2").unwrap(), got: Default::default() });
+        let s1: Arc<dyn Subscriber> = p1.clone();
+        let s2: Arc<dyn Subscriber> = p2.clone();
+        r.register(s1.clone());
+        r.register(s2.clone());
+        r.subscribe(&s1, &[x.clone(), y.clone()]);
+        r.subscribe(&s2, std::slice::from_ref(&y));
+        let offered = r.deliver(&[m(&x, 1), m(&y, 1), m(&x, 2), m(&y, 2)]);
+        assert_eq!(offered, 6);
+        let g1 = p1.got.lock().unwrap().clone();
+        let xs: Vec<u64> = g1.iter().filter(|(a, _)| a == "channel:x").map(|(_, v)| *v).collect();
+        assert_eq!(xs, vec![1, 2]);
+        assert_eq!(p2.got.lock().unwrap().len(), 2);
+        r.bound(&ClientId::parse("c2").unwrap(), &[(x.clone(), 2)]);
+        assert_eq!(p2.got.lock().unwrap().last().unwrap(), &("bound channel:x".to_string(), 2));
+        r.unregister(&*s1, &[x.clone(), y.clone()]);
+        assert_eq!(r.deliver(&[m(&x, 3)]), 0);
+        assert_eq!(r.addresses(), 1);
+    }
+}

@@ -1,0 +1,1 @@
+//! Command-line clients that drive a node through its public interfaces.

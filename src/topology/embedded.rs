@@ -1,0 +1,179 @@
+//! Topology and cursors in redb: `bindings` (client, address) → since, its reverse `members`
+//! (address, client), and `cursors` (client, address) → version. Each call is one transaction.
+
+use super::{Binding, Cursors, Topology, TopologyError};
+use crate::address::{Address, ClientId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+const BINDINGS: TableDefinition<(&str, &str), u64> = TableDefinition::new("bindings");
+const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
+const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
+
+fn st(e: impl std::fmt::Display) -> TopologyError {
+    TopologyError::Storage(e.to_string())
+}
+
+/// The redb-backed topology and cursors (one file, a cheap clone of a shared handle).
+#[derive(Clone)]
+pub struct EmbeddedTopology {
+    db: Arc<Database>,
+}
+
+impl EmbeddedTopology {
+    pub fn open(path: &Path) -> Result<Self, TopologyError> {
+        let db = Database::create(path).map_err(st)?;
+        let txn = db.begin_write().map_err(st)?;
+        {
+            txn.open_table(BINDINGS).map_err(st)?;
+            txn.open_table(MEMBERS).map_err(st)?;
+            txn.open_table(CURSORS).map_err(st)?;
+        }
+        txn.commit().map_err(st)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, TopologyError> + Send + 'static,
+    ) -> Result<T, TopologyError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(st)?
+    }
+}
+
+#[async_trait::async_trait]
+impl Topology for EmbeddedTopology {
+    async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
+        let client = client.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(st)?;
+            let t = txn.open_table(BINDINGS).map_err(st)?;
+            let mut out = Vec::new();
+            for e in t.range((client.as_str(), "")..).map_err(st)? {
+                let (k, v) = e.map_err(st)?;
+                let (c, a) = k.value();
+                if c != client.as_str() {
+                    break;
+                }
+                out.push(Binding { address: Address::parse(a).map_err(st)?, since: v.value() });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add(&self, client: &ClientId, bindings: &[Binding]) -> Result<Vec<Binding>, TopologyError> {
+        let (client, bindings) = (client.clone(), bindings.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(st)?;
+            let mut added = Vec::new();
+            {
+                let mut b = txn.open_table(BINDINGS).map_err(st)?;
+                let mut m = txn.open_table(MEMBERS).map_err(st)?;
+                for bind in bindings {
+                    if b.get((client.as_str(), bind.address.as_str())).map_err(st)?.is_some() {
+                        continue;
+                    }
+                    b.insert((client.as_str(), bind.address.as_str()), bind.since).map_err(st)?;
+                    m.insert((bind.address.as_str(), client.as_str()), ()).map_err(st)?;
+                    added.push(bind);
+                }
+            }
+            txn.commit().map_err(st)?;
+            Ok(added)
+        })
+        .await
+    }
+
+    async fn remove(&self, client: &ClientId, addresses: &[Address]) -> Result<Vec<Address>, TopologyError> {
+        let (client, addresses) = (client.clone(), addresses.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(st)?;
+            let mut removed = Vec::new();
+            {
+                let mut b = txn.open_table(BINDINGS).map_err(st)?;
+                let mut m = txn.open_table(MEMBERS).map_err(st)?;
+                for a in addresses {
+                    if b.remove((client.as_str(), a.as_str())).map_err(st)?.is_some() {
+                        m.remove((a.as_str(), client.as_str())).map_err(st)?;
+                        removed.push(a);
+                    }
+                }
+            }
+            txn.commit().map_err(st)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn members(
+        &self,
+        address: &Address,
+        after: Option<&ClientId>,
+        limit: usize,
+    ) -> Result<Vec<ClientId>, TopologyError> {
+        let (address, after) = (address.clone(), after.cloned());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(st)?;
+            let t = txn.open_table(MEMBERS).map_err(st)?;
+            let start = after.as_ref().map(|c| c.as_str()).unwrap_or("");
+            let mut out = Vec::new();
+            for e in t.range((address.as_str(), start)..).map_err(st)? {
+                let (k, _) = e.map_err(st)?;
+                let (a, c) = k.value();
+                if a != address.as_str() || out.len() >= limit {
+                    break;
+                }
+                if after.as_ref().is_some_and(|x| x.as_str() == c) {
+                    continue;
+                }
+                out.push(ClientId::parse(c).map_err(st)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Cursors for EmbeddedTopology {
+    async fn save(&self, acks: &[(ClientId, Address, u64)]) -> Result<(), TopologyError> {
+        let acks = acks.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(st)?;
+            {
+                let mut t = txn.open_table(CURSORS).map_err(st)?;
+                for (c, a, v) in acks {
+                    let cur = t.get((c.as_str(), a.as_str())).map_err(st)?.map(|g| g.value()).unwrap_or(0);
+                    if v > cur {
+                        t.insert((c.as_str(), a.as_str()), v).map_err(st)?;
+                    }
+                }
+            }
+            txn.commit().map_err(st)
+        })
+        .await
+    }
+
+    async fn get(&self, client: &ClientId) -> Result<HashMap<Address, u64>, TopologyError> {
+        let client = client.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(st)?;
+            let t = txn.open_table(CURSORS).map_err(st)?;
+            let mut out = HashMap::new();
+            for e in t.range((client.as_str(), "")..).map_err(st)? {
+                let (k, v) = e.map_err(st)?;
+                let (c, a) = k.value();
+                if c != client.as_str() {
+                    break;
+                }
+                out.insert(Address::parse(a).map_err(st)?, v.value());
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -1,0 +1,111 @@
+// Test harness: start real signalpost nodes the way a user does (`signalpost serve`), talk to them
+// over HTTP, and connect the official socket.io-client.
+import { spawn } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { io } from 'socket.io-client';
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const BIN = process.env.SIGNALPOST_BIN || join(here, '..', '..', '..', 'target', 'release', 'signalpost');
+
+export function tempDir(tag = 'sp') {
+  return mkdtempSync(join(tmpdir(), `signalpost-${tag}-`));
+}
+
+/** Starts `signalpost serve` on a free port; resolves once it prints where it listens. */
+export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0' } = {}) {
+  const proc = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, ...args], {
+    env: { ...process.env, RUST_LOG: 'warn', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  proc.stderr.on('data', (d) => { err += d; });
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`node did not start: ${out} ${err}`)), 15000);
+    proc.stdout.on('data', (d) => {
+      out += d;
+      const m = out.match(/listening on (http:\/\/[0-9.]+:\d+)/);
+      if (m) { clearTimeout(timer); resolve(m[1]); }
+    });
+    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`node exited with ${code}: ${err}`)); });
+  });
+  const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  return {
+    url, dataDir, proc, exited,
+    stderr: () => err,
+    /** SIGTERM; resolves with the exit status. */
+    async stop() { proc.kill('SIGTERM'); return exited; },
+    async kill() { proc.kill('SIGKILL'); return exited; },
+  };
+}
+
+/** Calls the server API; resolves { status, body }. */
+export async function api(url, method, path, body, { apiKey, raw } = {}) {
+  const headers = { 'content-type': 'application/json' };
+  if (apiKey) headers.authorization = `Bearer ${apiKey}`;
+  const res = await fetch(url + path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : (raw ? body : JSON.stringify(body)),
+  });
+  const text = await res.text();
+  let parsed;
+  try { parsed = JSON.parse(text); } catch { parsed = text; }
+  return { status: res.status, body: parsed };
+}
+
+/** A connected socket.io-client with a record of everything it received. */
+export function connect(url, auth = {}, { transports = ['websocket'], timeout = 10000 } = {}) {
+  const socket = io(url, { auth, transports, reconnection: false, forceNew: true, timeout });
+  const rec = { socket, events: [], session: null };
+  socket.onAny((event, data) => rec.events.push({ event, data }));
+  rec.signals = (address) => rec.events.filter((e) => e.event === 'signal' && (!address || e.data.address === address)).map((e) => e.data);
+  rec.waitFor = (pred, ms = 10000, what = 'event') => waitFor(() => rec.events.find(pred), ms, what);
+  rec.waitCount = (address, n, ms = 20000) => waitFor(() => rec.signals(address).length >= n, ms, `${n} signals on ${address}`);
+  rec.ready = new Promise((resolve, reject) => {
+    socket.on('session', (s) => { rec.session = s; resolve(s); });
+    socket.on('connect_error', (e) => reject(e));
+  });
+  rec.close = () => socket.close();
+  return rec;
+}
+
+/** Polls until `f()` is truthy. */
+export async function waitFor(f, ms = 10000, what = 'condition') {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** The error a connection attempt is refused with. */
+export async function refusal(url, auth, opts) {
+  const rec = connect(url, auth, opts);
+  try {
+    await rec.ready;
+    throw new Error('connection was accepted');
+  } catch (e) {
+    return e;
+  } finally {
+    rec.close();
+  }
+}
+
+/** Enqueues `n` messages to `address` in batches, waiting for each append. */
+export async function fill(url, address, n, { from = 0, apiKey } = {}) {
+  const versions = [];
+  for (let i = 0; i < n; i += 500) {
+    const batch = [];
+    for (let j = i; j < Math.min(n, i + 500); j++) batch.push({ address, payload: { n: from + j }, id: `m-${from + j}` });
+    const r = await api(url, 'POST', '/server/enqueue?wait=true', batch, { apiKey });
+    if (r.status !== 200) throw new Error(`enqueue failed: ${r.status} ${JSON.stringify(r.body)}`);
+    versions.push(...r.body.results.map((x) => x.version));
+  }
+  return versions;
+}

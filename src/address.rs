@@ -49,7 +49,9 @@ pub struct Address(Arc<str>);
 impl Address {
     /// Parses and validates an address.
     pub fn parse(s: &str) -> Result<Self, AddressError> {
-        let (kind, name) = s.split_once(':').ok_or_else(|| AddressError::Kind(s.into()))?;
+        let (kind, name) = s
+            .split_once(':')
+            .ok_or_else(|| AddressError::Kind(s.into()))?;
         if kind != "client" && kind != "channel" {
             return Err(AddressError::Kind(s.into()));
         }
@@ -69,7 +71,11 @@ impl Address {
     }
 
     pub fn kind(&self) -> Kind {
-        if self.0.starts_with("client:") { Kind::Client } else { Kind::Channel }
+        if self.0.starts_with("client:") {
+            Kind::Client
+        } else {
+            Kind::Channel
+        }
     }
 
     /// For a `client:` address, the client it belongs to.
@@ -84,7 +90,11 @@ pub struct ClientId(Arc<str>);
 
 impl ClientId {
     pub fn parse(s: &str) -> Result<Self, AddressError> {
-        if valid_name(s) { Ok(Self(s.into())) } else { Err(AddressError::ClientId(s.into())) }
+        if valid_name(s) {
+            Ok(Self(s.into()))
+        } else {
+            Err(AddressError::ClientId(s.into()))
+        }
     }
 
     /// A fresh random client id.
@@ -168,7 +178,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_addresses_naming_them() {
-        for bad in ["news", "topic:x", "channel:", "channel:a b", "channel:ä", "client:a/b"] {
+        for bad in [
+            "news",
+            "topic:x",
+            "channel:",
+            "channel:a b",
+            "channel:ä",
+            "client:a/b",
+        ] {
             let e = Address::parse(bad).unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
         }

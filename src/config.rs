@@ -120,11 +120,18 @@ impl Config {
         Self::load_from_env(file, flags, Env::prefixed("SIGNALPOST_"))
     }
 
-    fn load_from_env(file: Option<&Path>, flags: &Overrides, env: Env) -> Result<Self, ConfigError> {
+    fn load_from_env(
+        file: Option<&Path>,
+        flags: &Overrides,
+        env: Env,
+    ) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(f) = file {
             if !f.exists() {
-                return Err(ConfigError::Invalid(format!("config file {} does not exist", f.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
             }
             fig = fig.merge(Toml::file(f));
         }
@@ -148,8 +155,14 @@ impl Config {
         if self.require_client_token && self.client_token_secret.is_none() {
             return bad("require_client_token needs client_token_secret");
         }
-        if self.max_payload_bytes == 0 || self.max_batch == 0 || self.replay_page == 0 || self.append_batch == 0 {
-            return bad("max_payload_bytes, max_batch, replay_page and append_batch must be positive");
+        if self.max_payload_bytes == 0
+            || self.max_batch == 0
+            || self.replay_page == 0
+            || self.append_batch == 0
+        {
+            return bad(
+                "max_payload_bytes, max_batch, replay_page and append_batch must be positive",
+            );
         }
         if self.api_key.as_deref() == Some("") {
             return bad("api_key must not be empty");
@@ -163,17 +176,24 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
 mod tests {
     use super::*;
 
     #[test]
     fn layers_file_then_env_then_flags() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("c.toml", "listen = \"127.0.0.1:1\"\nretention_secs = 5\napi_key = \"file\"\n")?;
+            jail.create_file(
+                "c.toml",
+                "listen = \"127.0.0.1:1\"\nretention_secs = 5\napi_key = \"file\"\n",
+            )?;
             jail.set_env("SIGNALPOST_API_KEY", "env");
             jail.set_env("SIGNALPOST_LISTEN", "127.0.0.1:2");
             jail.set_env("SIGNALPOST_URL", "http://ignored");
-            let flags = Overrides { listen: Some("127.0.0.1:3".parse().unwrap()), ..Default::default() };
+            let flags = Overrides {
+                listen: Some("127.0.0.1:3".parse().unwrap()),
+                ..Default::default()
+            };
             let c = Config::load(Some(Path::new("c.toml")), &flags).unwrap();
             assert_eq!(c.retention_secs, 5, "file beats default");
             assert_eq!(c.api_key.as_deref(), Some("env"), "env beats file");

@@ -8,7 +8,11 @@ use signalpost::node::Node;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "signalpost", version, about = "A clustered signal delivery server")]
+#[command(
+    name = "signalpost",
+    version,
+    about = "A clustered signal delivery server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -20,6 +24,10 @@ enum Command {
     ///
     /// Example: signalpost serve --listen 127.0.0.1:0 --data-dir /tmp/sp
     Serve(ServeArgs),
+    /// Drive a running node through HTTP and Socket.IO and print what it sustains.
+    ///
+    /// Example: signalpost bench --url http://127.0.0.1:8080 --scenario fanout --clients 1000
+    Bench(signalpost::tools::bench::BenchArgs),
 }
 
 #[derive(clap::Args, Default)]
@@ -40,26 +48,41 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Bench(args) => {
+            rt.block_on(signalpost::tools::bench::run(args))?;
+            Ok(())
+        }
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,socketioxide=warn,engineioxide=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,socketioxide=warn,engineioxide=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let flags = Overrides { listen: args.listen, data_dir: args.data_dir, backend: args.backend };
+    let flags = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        backend: args.backend,
+    };
     let config = Config::load(args.config.as_deref(), &flags)?;
     let data_dir = config.data_dir.clone();
     let node = Node::build(config).await?;
     let addr = node.local_addr();
     let id = node.services().node_id.clone();
-    println!("signalpost node {id} listening on http://{addr} (data in {})", data_dir.display());
+    println!(
+        "signalpost node {id} listening on http://{addr} (data in {})",
+        data_dir.display()
+    );
     println!("open http://{addr}/ in a browser to try it");
     node.run(shutdown_signal()).await?;
     Ok(())

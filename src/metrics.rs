@@ -12,7 +12,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Latency buckets in seconds: 100 µs to 10 s.
 const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
 /// The process's metric handles.
@@ -42,9 +43,12 @@ impl Metrics {
         HANDLE.get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("signalpost_append_batch_size".into()), &[
-                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0,
-                ]))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("signalpost_append_batch_size".into()),
+                        &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0],
+                    )
+                })
                 .expect("static buckets are valid")
                 .install_recorder()
                 .expect("one recorder per process");

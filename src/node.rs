@@ -86,7 +86,8 @@ impl Node {
             return Err(NodeError::ClusterUnsupported);
         }
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| NodeError::DataDir(dir.display().to_string(), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| NodeError::DataDir(dir.display().to_string(), e))?;
         let data_err = |e| NodeError::DataDir(dir.display().to_string(), e);
         let resume_secret = match &config.resume_secret {
             Some(s) => s.clone().into_bytes(),
@@ -96,13 +97,19 @@ impl Node {
             Some(id) => id.clone(),
             None => node_id_in(&dir).map_err(data_err)?,
         };
-        let listener = TcpListener::bind(config.listen).await.map_err(|e| NodeError::Listen(config.listen, e))?;
-        let addr = listener.local_addr().map_err(|e| NodeError::Listen(config.listen, e))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| NodeError::Listen(config.listen, e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| NodeError::Listen(config.listen, e))?;
         let metrics = Metrics::install();
         let mailbox: Arc<dyn Mailbox> = Arc::new(
-            EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms()).map_err(|e| NodeError::Store(e.to_string()))?,
+            EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
+                .map_err(|e| NodeError::Store(e.to_string()))?,
         );
-        let topo = EmbeddedTopology::open(&dir.join("state.redb")).map_err(|e| NodeError::Store(e.to_string()))?;
+        let topo = EmbeddedTopology::open(&dir.join("state.redb"))
+            .map_err(|e| NodeError::Store(e.to_string()))?;
         let topology: Arc<dyn Topology> = Arc::new(topo.clone());
         let cursors: Arc<dyn Cursors> = Arc::new(topo);
         let router = Arc::new(Router::default());
@@ -113,9 +120,17 @@ impl Node {
             metrics: metrics.clone(),
         });
         let queue: Arc<dyn Queue> = Arc::new(LocalQueue::start(processor, config.append_batch));
-        let me = NodeInfo { id: node_id.clone(), url: format!("http://{addr}"), leader: true };
+        let me = NodeInfo {
+            id: node_id.clone(),
+            url: format!("http://{addr}"),
+            leader: true,
+        };
         let svc = Arc::new(Services {
-            credentials: Credentials::new(&resume_secret, config.client_token_secret.as_deref(), config.require_client_token),
+            credentials: Credentials::new(
+                &resume_secret,
+                config.client_token_secret.as_deref(),
+                config.require_client_token,
+            ),
             node_id,
             mailbox,
             topology,
@@ -131,7 +146,11 @@ impl Node {
             config,
         });
         spawn_expiry(svc.clone());
-        Ok(Self { svc, listener, addr })
+        Ok(Self {
+            svc,
+            listener,
+            addr,
+        })
     }
 
     /// The address the node really listens on (after port 0 was resolved).
@@ -144,7 +163,10 @@ impl Node {
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
         let svc = self.svc.clone();
         let (layer, io) = crate::gateway::build(svc.clone());
         let app = crate::api::routes(svc.clone()).layer(layer);
@@ -153,10 +175,14 @@ impl Node {
         let signal = async move {
             shutdown.await;
             tracing::info!("draining: refusing new work, closing client connections");
-            svc2.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+            svc2.draining
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             drain_io.close().await;
         };
-        axum::serve(self.listener, app).with_graceful_shutdown(signal).await.map_err(NodeError::Serve)?;
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(signal)
+            .await
+            .map_err(NodeError::Serve)?;
         svc.queue.drain().await;
         svc.acks.flush().await;
         tracing::info!("drained");

@@ -31,7 +31,12 @@ pub enum PresenceError {
 #[async_trait::async_trait]
 pub trait Presence: Send + Sync + 'static {
     async fn connected(&self, client: &ClientId, seen: Seen) -> Result<(), PresenceError>;
-    async fn disconnected(&self, client: &ClientId, node: &str, connection: &str) -> Result<(), PresenceError>;
+    async fn disconnected(
+        &self,
+        client: &ClientId,
+        node: &str,
+        connection: &str,
+    ) -> Result<(), PresenceError>;
     /// The live connections of each client, in the order asked (empty = not connected).
     async fn lookup(&self, clients: &[ClientId]) -> Result<Vec<Vec<Seen>>, PresenceError>;
     /// Removes every entry of a node (cleanup after it died); returns how many were removed.
@@ -49,13 +54,21 @@ impl Presence for MemoryPresence {
     async fn connected(&self, client: &ClientId, seen: Seen) -> Result<(), PresenceError> {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let list = m.entry(client.clone()).or_default();
-        if !list.iter().any(|s| s.node == seen.node && s.connection == seen.connection) {
+        if !list
+            .iter()
+            .any(|s| s.node == seen.node && s.connection == seen.connection)
+        {
             list.push(seen);
         }
         Ok(())
     }
 
-    async fn disconnected(&self, client: &ClientId, node: &str, connection: &str) -> Result<(), PresenceError> {
+    async fn disconnected(
+        &self,
+        client: &ClientId,
+        node: &str,
+        connection: &str,
+    ) -> Result<(), PresenceError> {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = m.get_mut(client) {
             list.retain(|s| !(s.node == node && s.connection == connection));
@@ -68,7 +81,10 @@ impl Presence for MemoryPresence {
 
     async fn lookup(&self, clients: &[ClientId]) -> Result<Vec<Vec<Seen>>, PresenceError> {
         let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(clients.iter().map(|c| m.get(c).cloned().unwrap_or_default()).collect())
+        Ok(clients
+            .iter()
+            .map(|c| m.get(c).cloned().unwrap_or_default())
+            .collect())
     }
 
     async fn clear_node(&self, node: &str) -> Result<u64, PresenceError> {
@@ -90,24 +106,42 @@ pub mod contract {
     use std::sync::Arc;
 
     fn seen(node: &str, conn: &str) -> Seen {
-        Seen { node: node.into(), connection: conn.into(), since: 1 }
+        Seen {
+            node: node.into(),
+            connection: conn.into(),
+            since: 1,
+        }
     }
 
     pub async fn connect_disconnect_clear(p: Arc<dyn Presence>) {
         let tag = uuid::Uuid::new_v4().simple().to_string();
-        let (a, b) = (ClientId::parse(&format!("pa-{tag}")).unwrap(), ClientId::parse(&format!("pb-{tag}")).unwrap());
+        let (a, b) = (
+            ClientId::parse(&format!("pa-{tag}")).unwrap(),
+            ClientId::parse(&format!("pb-{tag}")).unwrap(),
+        );
         let (n1, n2) = (format!("n1-{tag}"), format!("n2-{tag}"));
         p.connected(&a, seen(&n1, "c1")).await.unwrap();
         p.connected(&a, seen(&n1, "c1")).await.unwrap();
         p.connected(&a, seen(&n2, "c2")).await.unwrap();
         p.connected(&b, seen(&n1, "c3")).await.unwrap();
         let got = p.lookup(&[a.clone(), b.clone()]).await.unwrap();
-        assert_eq!(got[0].len(), 2, "connected is idempotent, one entry per connection");
+        assert_eq!(
+            got[0].len(),
+            2,
+            "connected is idempotent, one entry per connection"
+        );
         assert_eq!(got[1], vec![seen(&n1, "c3")]);
         p.disconnected(&a, &n2, "c2").await.unwrap();
         p.disconnected(&a, &n2, "c2").await.unwrap();
-        assert_eq!(p.lookup(std::slice::from_ref(&a)).await.unwrap()[0], vec![seen(&n1, "c1")]);
+        assert_eq!(
+            p.lookup(std::slice::from_ref(&a)).await.unwrap()[0],
+            vec![seen(&n1, "c1")]
+        );
         assert_eq!(p.clear_node(&n1).await.unwrap(), 2);
-        assert_eq!(p.lookup(&[a, b]).await.unwrap(), vec![vec![], vec![]], "a dead node's entries are gone");
+        assert_eq!(
+            p.lookup(&[a, b]).await.unwrap(),
+            vec![vec![], vec![]],
+            "a dead node's entries are gone"
+        );
     }
 }

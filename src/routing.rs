@@ -126,7 +126,10 @@ impl Router {
 
     /// Number of addresses with at least one local subscriber.
     pub fn addresses(&self) -> usize {
-        self.by_address.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.by_address
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 }
 
@@ -155,10 +158,16 @@ mod tests {
             g.extend(messages.iter().map(|m| (address.to_string(), m.version)));
         }
         fn bound(&self, address: &Address, since: u64) {
-            self.got.lock().unwrap().push((format!("bound {address}"), since));
+            self.got
+                .lock()
+                .unwrap()
+                .push((format!("bound {address}"), since));
         }
         fn unbound(&self, address: &Address, head: u64) {
-            self.got.lock().unwrap().push((format!("unbound {address}"), head));
+            self.got
+                .lock()
+                .unwrap()
+                .push((format!("unbound {address}"), head));
         }
     }
 
@@ -170,9 +179,20 @@ mod tests {
     #[test]
     fn delivers_only_to_subscribers_in_order() {
         let r = Router::default();
-        let (x, y) = (Address::parse("channel:x").unwrap(), Address::parse("channel:y").unwrap());
-        let p1 = Arc::new(Probe { id: "1".into(), client: ClientId::parse("c1").unwrap(), got: Default::default() });
-        let p2 = Arc::new(Probe { id: "2".into(), client: ClientId::parse("c2").unwrap(), got: Default::default() });
+        let (x, y) = (
+            Address::parse("channel:x").unwrap(),
+            Address::parse("channel:y").unwrap(),
+        );
+        let p1 = Arc::new(Probe {
+            id: "1".into(),
+            client: ClientId::parse("c1").unwrap(),
+            got: Default::default(),
+        });
+        let p2 = Arc::new(Probe {
+            id: "2".into(),
+            client: ClientId::parse("c2").unwrap(),
+            got: Default::default(),
+        });
         let s1: Arc<dyn Subscriber> = p1.clone();
         let s2: Arc<dyn Subscriber> = p2.clone();
         r.register(s1.clone());
@@ -182,11 +202,18 @@ mod tests {
         let offered = r.deliver(&[m(&x, 1), m(&y, 1), m(&x, 2), m(&y, 2)]);
         assert_eq!(offered, 6);
         let g1 = p1.got.lock().unwrap().clone();
-        let xs: Vec<u64> = g1.iter().filter(|(a, _)| a == "channel:x").map(|(_, v)| *v).collect();
+        let xs: Vec<u64> = g1
+            .iter()
+            .filter(|(a, _)| a == "channel:x")
+            .map(|(_, v)| *v)
+            .collect();
         assert_eq!(xs, vec![1, 2]);
         assert_eq!(p2.got.lock().unwrap().len(), 2);
         r.bound(&ClientId::parse("c2").unwrap(), &[(x.clone(), 2)]);
-        assert_eq!(p2.got.lock().unwrap().last().unwrap(), &("bound channel:x".to_string(), 2));
+        assert_eq!(
+            p2.got.lock().unwrap().last().unwrap(),
+            &("bound channel:x".to_string(), 2)
+        );
         r.unregister(&*s1, &[x.clone(), y.clone()]);
         assert_eq!(r.deliver(&[m(&x, 3)]), 0);
         assert_eq!(r.addresses(), 1);

@@ -41,14 +41,22 @@ pub struct Claims {
 }
 
 impl Credentials {
-    pub fn new(resume_secret: &[u8], client_token_secret: Option<&str>, require_token: bool) -> Self {
+    pub fn new(
+        resume_secret: &[u8],
+        client_token_secret: Option<&str>,
+        require_token: bool,
+    ) -> Self {
         let jwt = client_token_secret.map(|s| {
             let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
             v.set_required_spec_claims(&["exp", "sub"]);
             v.leeway = 5;
             (jsonwebtoken::DecodingKey::from_secret(s.as_bytes()), v)
         });
-        Self { resume_key: resume_secret.to_vec(), jwt, require_token }
+        Self {
+            resume_key: resume_secret.to_vec(),
+            jwt,
+            require_token,
+        }
     }
 
     /// The resume token of a client id.
@@ -58,12 +66,17 @@ impl Credentials {
 
     /// Checks a resume token in constant time.
     pub fn check_resume(&self, client: &ClientId, token: &str) -> Result<(), AuthError> {
-        let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| AuthError::ResumeRefused)?;
-        self.mac(client).verify_slice(&raw).map_err(|_| AuthError::ResumeRefused)
+        let raw = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| AuthError::ResumeRefused)?;
+        self.mac(client)
+            .verify_slice(&raw)
+            .map_err(|_| AuthError::ResumeRefused)
     }
 
     fn mac(&self, client: &ClientId) -> HmacSha256 {
-        let mut m = HmacSha256::new_from_slice(&self.resume_key).expect("HMAC takes any key length");
+        let mut m =
+            HmacSha256::new_from_slice(&self.resume_key).expect("HMAC takes any key length");
         m.update(b"signalpost-resume:");
         m.update(client.as_str().as_bytes());
         m
@@ -76,9 +89,11 @@ impl Credentials {
             (None, _) => Ok(None),
             // No secret configured: tokens are not checked (and not trusted for a user id).
             (Some(_), None) => Ok(None),
-            (Some(t), Some((key, validation))) => jsonwebtoken::decode::<Claims>(t, key, validation)
-                .map(|d| Some(d.claims.sub))
-                .map_err(|e| AuthError::TokenInvalid(e.to_string())),
+            (Some(t), Some((key, validation))) => {
+                jsonwebtoken::decode::<Claims>(t, key, validation)
+                    .map(|d| Some(d.claims.sub))
+                    .map_err(|e| AuthError::TokenInvalid(e.to_string()))
+            }
         }
     }
 }
@@ -88,7 +103,12 @@ pub fn load_or_create_secret(dir: &Path, name: &str) -> std::io::Result<Vec<u8>>
     let path = dir.join(name);
     match std::fs::read(&path) {
         Ok(s) if s.len() >= 32 => return Ok(s),
-        Ok(_) => return Err(std::io::Error::other(format!("{} is shorter than 32 bytes", path.display()))),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} is shorter than 32 bytes",
+                path.display()
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -108,7 +128,9 @@ pub fn load_or_create_secret(dir: &Path, name: &str) -> std::io::Result<Vec<u8>>
 
 /// Compares an `Authorization` header with the API key in constant time.
 pub fn api_key_matches(header: Option<&str>, key: &str) -> bool {
-    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else { return false };
+    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
     let (a, b) = (given.as_bytes(), key.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -139,19 +161,37 @@ mod tests {
         let t = c.resume_token(&a);
         assert!(c.check_resume(&a, &t).is_ok());
         assert_eq!(c.check_resume(&b, &t), Err(AuthError::ResumeRefused));
-        assert_eq!(c.check_resume(&a, "not base64!"), Err(AuthError::ResumeRefused));
+        assert_eq!(
+            c.check_resume(&a, "not base64!"),
+            Err(AuthError::ResumeRefused)
+        );
         let other = Credentials::new(b"k2", None, false);
-        assert!(other.check_resume(&a, &t).is_err(), "another deployment's token is refused");
+        assert!(
+            other.check_resume(&a, &t).is_err(),
+            "another deployment's token is refused"
+        );
     }
 
     #[test]
     fn jwt_checked_when_configured() {
         let c = Credentials::new(b"k", Some("s3cret"), true);
-        assert_eq!(c.check_token(Some(&token("s3cret", "u1", 60))), Ok(Some("u1".into())));
+        assert_eq!(
+            c.check_token(Some(&token("s3cret", "u1", 60))),
+            Ok(Some("u1".into()))
+        );
         assert_eq!(c.check_token(None), Err(AuthError::TokenMissing));
-        assert!(matches!(c.check_token(Some(&token("wrong", "u1", 60))), Err(AuthError::TokenInvalid(_))));
-        assert!(matches!(c.check_token(Some(&token("s3cret", "u1", -600))), Err(AuthError::TokenInvalid(_))));
-        assert!(matches!(c.check_token(Some("garbage")), Err(AuthError::TokenInvalid(_))));
+        assert!(matches!(
+            c.check_token(Some(&token("wrong", "u1", 60))),
+            Err(AuthError::TokenInvalid(_))
+        ));
+        assert!(matches!(
+            c.check_token(Some(&token("s3cret", "u1", -600))),
+            Err(AuthError::TokenInvalid(_))
+        ));
+        assert!(matches!(
+            c.check_token(Some("garbage")),
+            Err(AuthError::TokenInvalid(_))
+        ));
         let open = Credentials::new(b"k", None, false);
         assert_eq!(open.check_token(None), Ok(None));
     }

@@ -32,7 +32,11 @@ const BIND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The node's HTTP routes (the Socket.IO layer is added by the node).
 pub fn routes(svc: Arc<Services>) -> Router {
-    let limit = svc.config.max_payload_bytes.saturating_mul(svc.config.max_batch).clamp(1 << 20, 256 << 20);
+    let limit = svc
+        .config
+        .max_payload_bytes
+        .saturating_mul(svc.config.max_batch)
+        .clamp(1 << 20, 256 << 20);
     let server = Router::new()
         .route("/server/enqueue", post(enqueue))
         .route("/server/connect", post(connect))
@@ -46,16 +50,31 @@ pub fn routes(svc: Arc<Services>) -> Router {
     Router::new()
         .merge(server)
         .route("/healthz", get(read::healthz))
-        .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::Metrics::render()) }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    crate::metrics::Metrics::render(),
+                )
+            }),
+        )
         .route("/", get(crate::console::page))
         .route("/console.js", get(crate::console::script))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(svc)
 }
 
-async fn require_api_key(State(svc): State<Arc<Services>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn require_api_key(
+    State(svc): State<Arc<Services>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(key) = &svc.config.api_key {
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         if !crate::security::api_key_matches(given, key) {
             return ApiError::Unauthorized.into_response();
         }
@@ -74,7 +93,9 @@ impl WaitQuery {
         match self.wait.as_deref() {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
-            Some(o) => Err(ApiError::BadRequest(format!("wait must be true or false, not {o:?}"))),
+            Some(o) => Err(ApiError::BadRequest(format!(
+                "wait must be true or false, not {o:?}"
+            ))),
         }
     }
 }
@@ -87,7 +108,8 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -102,11 +124,15 @@ struct EnqueueIn<'a> {
 
 /// Validates one message; `at` names it in errors of a batch.
 fn to_message(m: EnqueueIn<'_>, max_payload: usize, at: &str) -> Result<NewMessage, ApiError> {
-    let address = m.address.ok_or_else(|| ApiError::BadRequest(format!("{at}address is required")))?;
+    let address = m
+        .address
+        .ok_or_else(|| ApiError::BadRequest(format!("{at}address is required")))?;
     let address: String = serde_json::from_str(address.get())
         .map_err(|_| ApiError::BadRequest(format!("{at}address must be a string")))?;
     let address = Address::parse(&address).map_err(|e| ApiError::BadRequest(format!("{at}{e}")))?;
-    let payload = m.payload.ok_or_else(|| ApiError::BadRequest(format!("{at}payload is required")))?;
+    let payload = m
+        .payload
+        .ok_or_else(|| ApiError::BadRequest(format!("{at}payload is required")))?;
     if payload.get().len() > max_payload {
         return Err(ApiError::TooLarge(format!(
             "{at}payload is {} bytes, over the limit of {max_payload}",
@@ -122,11 +148,19 @@ fn to_message(m: EnqueueIn<'_>, max_payload: usize, at: &str) -> Result<NewMessa
             MessageId::parse(&s).map_err(|e| ApiError::BadRequest(format!("{at}{e}")))?
         }
     };
-    Ok(NewMessage { address, id, payload: payload.to_owned() })
+    Ok(NewMessage {
+        address,
+        id,
+        payload: payload.to_owned(),
+    })
 }
 
 /// `POST /server/enqueue[?wait=true]`: one message `{address, payload, id?}`, or an array of them.
-async fn enqueue(State(svc): State<Arc<Services>>, q: Query<WaitQuery>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn enqueue(
+    State(svc): State<Arc<Services>>,
+    q: Query<WaitQuery>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let wait = q.wait()?;
     let bytes = body(b)?;
     let max = svc.config.max_payload_bytes;
@@ -153,19 +187,32 @@ async fn enqueue(State(svc): State<Arc<Services>>, q: Query<WaitQuery>, b: Resul
         (vec![to_message(parse_json(&bytes)?, max, "")?], false)
     };
     let ids: Vec<MessageId> = batch.iter().map(|m| m.id.clone()).collect();
-    let results = publish(&svc, batch.into_iter().map(Command::Enqueue).collect(), None).await?;
+    let results = publish(
+        &svc,
+        batch.into_iter().map(Command::Enqueue).collect(),
+        None,
+    )
+    .await?;
     let mut out = Vec::with_capacity(results.len());
     for (id, r) in ids.iter().zip(results) {
         match (r, wait) {
             (Err(e), _) => return Err(e.into()),
-            (Ok(Outcome::Appended(a)), true) => {
-                out.push(json!({ "id": id, "address": a.message.address, "version": a.message.version }))
-            }
+            (Ok(Outcome::Appended(a)), true) => out.push(
+                json!({ "id": id, "address": a.message.address, "version": a.message.version }),
+            ),
             (Ok(_), _) => out.push(json!({ "id": id })),
         }
     }
-    let status = if wait { StatusCode::OK } else { StatusCode::ACCEPTED };
-    let body = if many { json!({ "results": out }) } else { out.pop().unwrap_or(Value::Null) };
+    let status = if wait {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let body = if many {
+        json!({ "results": out })
+    } else {
+        out.pop().unwrap_or(Value::Null)
+    };
     Ok((status, Json(body)).into_response())
 }
 
@@ -178,18 +225,30 @@ struct BindIn {
 
 fn parse_bind(bytes: &[u8], max: usize) -> Result<(ClientId, Vec<Address>), ApiError> {
     let b: BindIn = parse_json(bytes)?;
-    let client = b.client.as_str().ok_or_else(|| ApiError::BadRequest("client must be a string".into()))?;
+    let client = b
+        .client
+        .as_str()
+        .ok_or_else(|| ApiError::BadRequest("client must be a string".into()))?;
     let client = ClientId::parse(client).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let list = b.addresses.as_array().ok_or_else(|| ApiError::BadRequest("addresses must be an array".into()))?;
+    let list = b
+        .addresses
+        .as_array()
+        .ok_or_else(|| ApiError::BadRequest("addresses must be an array".into()))?;
     if list.is_empty() || list.len() > max {
-        return Err(ApiError::BadRequest(format!("addresses must hold 1 to {max} addresses")));
+        return Err(ApiError::BadRequest(format!(
+            "addresses must hold 1 to {max} addresses"
+        )));
     }
     let mut addresses = Vec::with_capacity(list.len());
     for a in list {
-        let s = a.as_str().ok_or_else(|| ApiError::BadRequest("addresses must be strings".into()))?;
+        let s = a
+            .as_str()
+            .ok_or_else(|| ApiError::BadRequest("addresses must be strings".into()))?;
         let a = Address::parse(s).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         if a.client().as_ref() == Some(&client) {
-            return Err(ApiError::BadRequest(format!("{a} is the client's own address; it always receives it")));
+            return Err(ApiError::BadRequest(format!(
+                "{a} is the client's own address; it always receives it"
+            )));
         }
         if !addresses.contains(&a) {
             addresses.push(a);
@@ -199,12 +258,26 @@ fn parse_bind(bytes: &[u8], max: usize) -> Result<(ClientId, Vec<Address>), ApiE
 }
 
 /// `POST /server/connect`: binds a client to addresses.
-async fn connect(State(svc): State<Arc<Services>>, b: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+async fn connect(
+    State(svc): State<Arc<Services>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
     let (client, addresses) = parse_bind(&body(b)?, svc.config.max_batch)?;
-    let r = publish(&svc, vec![Command::Bind { client: client.clone(), addresses }], Some(BIND_TIMEOUT)).await?;
+    let r = publish(
+        &svc,
+        vec![Command::Bind {
+            client: client.clone(),
+            addresses,
+        }],
+        Some(BIND_TIMEOUT),
+    )
+    .await?;
     match r.into_iter().next() {
         Some(Ok(Outcome::Bound { bindings, .. })) => {
-            let b: Vec<Value> = bindings.iter().map(|(a, v)| json!({ "address": a, "version": v })).collect();
+            let b: Vec<Value> = bindings
+                .iter()
+                .map(|(a, v)| json!({ "address": a, "version": v }))
+                .collect();
             Ok(Json(json!({ "client": client, "bound": b })))
         }
         Some(Err(e)) => Err(e.into()),
@@ -213,9 +286,20 @@ async fn connect(State(svc): State<Arc<Services>>, b: Result<Bytes, BytesRejecti
 }
 
 /// `POST /server/disconnect`: unbinds a client from addresses.
-async fn disconnect(State(svc): State<Arc<Services>>, b: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+async fn disconnect(
+    State(svc): State<Arc<Services>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
     let (client, addresses) = parse_bind(&body(b)?, svc.config.max_batch)?;
-    let r = publish(&svc, vec![Command::Unbind { client: client.clone(), addresses }], Some(BIND_TIMEOUT)).await?;
+    let r = publish(
+        &svc,
+        vec![Command::Unbind {
+            client: client.clone(),
+            addresses,
+        }],
+        Some(BIND_TIMEOUT),
+    )
+    .await?;
     match r.into_iter().next() {
         Some(Ok(Outcome::Unbound { removed })) => {
             let u: Vec<&Address> = removed.iter().map(|(a, _)| a).collect();
@@ -237,6 +321,9 @@ async fn publish(
     let fut = svc.queue.publish(commands);
     match timeout {
         None => Ok(fut.await?),
-        Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| IngestError::Timeout(t.as_secs()))?.map_err(Into::into),
+        Some(t) => tokio::time::timeout(t, fut)
+            .await
+            .map_err(|_| IngestError::Timeout(t.as_secs()))?
+            .map_err(Into::into),
     }
 }

@@ -20,11 +20,13 @@ const MAX_READ: usize = 1000;
 const MAX_PRESENCE: usize = 10_000;
 
 fn path(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|Path(s)| s).map_err(|e| ApiError::BadRequest(e.body_text()))
+    p.map(|Path(s)| s)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(t)| t).map_err(|e| ApiError::BadRequest(e.body_text()))
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
 fn address(s: &str) -> Result<Address, ApiError> {
@@ -47,22 +49,48 @@ pub async fn mailbox(
     let q = query(q)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_READ {
-        return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_READ}")));
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_READ}"
+        )));
     }
-    let page = svc.mailbox.read(&a, q.after.unwrap_or(0), limit).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let page = svc
+        .mailbox
+        .read(&a, q.after.unwrap_or(0), limit)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let messages: Vec<&RawValue> = page.messages.iter().map(|m| &*m.signal).collect();
-    Ok(Json(json!({ "address": a, "head": page.head.head, "low": page.head.low, "messages": messages })))
+    Ok(Json(
+        json!({ "address": a, "head": page.head.head, "low": page.head.low, "messages": messages }),
+    ))
 }
 
 /// `GET /server/clients/<id>`
-pub async fn client(State(svc): State<Arc<Services>>, p: Result<Path<String>, PathRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn client(
+    State(svc): State<Arc<Services>>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
     let id = path(p)?;
     let client = ClientId::parse(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let unavailable = |e: &dyn std::fmt::Display| ApiError::Unavailable(e.to_string());
-    let bindings = svc.topology.get(&client).await.map_err(|e| unavailable(&e))?;
-    let cursors: BTreeMap<String, u64> =
-        svc.cursors.get(&client).await.map_err(|e| unavailable(&e))?.into_iter().map(|(a, v)| (a.to_string(), v)).collect();
-    let seen = svc.presence.lookup(std::slice::from_ref(&client)).await.map_err(|e| unavailable(&e))?.remove(0);
+    let bindings = svc
+        .topology
+        .get(&client)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let cursors: BTreeMap<String, u64> = svc
+        .cursors
+        .get(&client)
+        .await
+        .map_err(|e| unavailable(&e))?
+        .into_iter()
+        .map(|(a, v)| (a.to_string(), v))
+        .collect();
+    let seen = svc
+        .presence
+        .lookup(std::slice::from_ref(&client))
+        .await
+        .map_err(|e| unavailable(&e))?
+        .remove(0);
     let mut out = json!({
         "clientId": client,
         "addresses": bindings.iter().map(|b| &b.address).collect::<Vec<_>>(),
@@ -78,7 +106,10 @@ pub async fn client(State(svc): State<Arc<Services>>, p: Result<Path<String>, Pa
 
 /// `GET /server/presence/<address>`: the clients bound to it (for a `client:` address, the
 /// client itself) that are connected now, and where.
-pub async fn presence(State(svc): State<Arc<Services>>, p: Result<Path<String>, PathRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn presence(
+    State(svc): State<Arc<Services>>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
     let a = address(&path(p)?)?;
     let unavailable = |e: &dyn std::fmt::Display| ApiError::Unavailable(e.to_string());
     let mut clients: Vec<ClientId> = Vec::new();
@@ -88,8 +119,14 @@ pub async fn presence(State(svc): State<Arc<Services>>, p: Result<Path<String>, 
     let mut after: Option<ClientId> = None;
     let mut truncated = false;
     loop {
-        let page = svc.topology.members(&a, after.as_ref(), 1000).await.map_err(|e| unavailable(&e))?;
-        let Some(last) = page.last().cloned() else { break };
+        let page = svc
+            .topology
+            .members(&a, after.as_ref(), 1000)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
         clients.extend(page);
         after = Some(last);
         if clients.len() >= MAX_PRESENCE {
@@ -99,21 +136,33 @@ pub async fn presence(State(svc): State<Arc<Services>>, p: Result<Path<String>, 
     }
     let mut connected = Vec::new();
     for chunk in clients.chunks(1000) {
-        let seen = svc.presence.lookup(chunk).await.map_err(|e| unavailable(&e))?;
+        let seen = svc
+            .presence
+            .lookup(chunk)
+            .await
+            .map_err(|e| unavailable(&e))?;
         for (c, s) in chunk.iter().zip(seen) {
             if let Some(first) = s.first() {
                 connected.push(json!({ "clientId": c, "node": first.node, "connections": s }));
             }
         }
     }
-    Ok(Json(json!({ "address": a, "clients": connected, "truncated": truncated })))
+    Ok(Json(
+        json!({ "address": a, "clients": connected, "truncated": truncated }),
+    ))
 }
 
 /// `GET /server/nodes`
 pub async fn nodes(State(svc): State<Arc<Services>>) -> Result<Json<Value>, ApiError> {
-    let nodes = svc.membership.nodes().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let nodes = svc
+        .membership
+        .nodes()
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let leader = nodes.iter().find(|n| n.leader).map(|n| n.id.clone());
-    Ok(Json(json!({ "nodes": nodes, "leader": leader, "self": svc.node_id })))
+    Ok(Json(
+        json!({ "nodes": nodes, "leader": leader, "self": svc.node_id }),
+    ))
 }
 
 /// `GET /healthz`: 200 when every backend answers, else 503 naming what is down.
@@ -122,18 +171,51 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     let mut ok = true;
     let mut put = |name: &str, r: Result<(), String>| {
         ok &= r.is_ok();
-        backends.insert(name.into(), match r {
-            Ok(()) => json!({ "status": "up", "kind": svc.backend_kind(name) }),
-            Err(e) => json!({ "status": "down", "kind": svc.backend_kind(name), "error": e }),
-        });
+        backends.insert(
+            name.into(),
+            match r {
+                Ok(()) => json!({ "status": "up", "kind": svc.backend_kind(name) }),
+                Err(e) => json!({ "status": "down", "kind": svc.backend_kind(name), "error": e }),
+            },
+        );
     };
-    put("mailbox", svc.mailbox.healthy().await.map_err(|e| e.to_string()));
-    put("queue", svc.queue.healthy().await.map_err(|e| e.to_string()));
-    put("topology", svc.topology.get(&ClientId::parse("healthz").expect("valid")).await.map(|_| ()).map_err(|e| e.to_string()));
-    put("membership", svc.membership.nodes().await.map(|_| ()).map_err(|e| e.to_string()));
+    put(
+        "mailbox",
+        svc.mailbox.healthy().await.map_err(|e| e.to_string()),
+    );
+    put(
+        "queue",
+        svc.queue.healthy().await.map_err(|e| e.to_string()),
+    );
+    put(
+        "topology",
+        svc.topology
+            .get(&ClientId::parse("healthz").expect("valid"))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    );
+    put(
+        "membership",
+        svc.membership
+            .nodes()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    );
     let draining = svc.draining.load(std::sync::atomic::Ordering::SeqCst);
-    let status = if draining { "draining" } else if ok { "ok" } else { "degraded" };
-    let code = if ok && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if draining {
+        "draining"
+    } else if ok {
+        "ok"
+    } else {
+        "degraded"
+    };
+    let code = if ok && !draining {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "status": status,
         "node": svc.node_id,

@@ -23,7 +23,11 @@ pub struct AckWriter {
 
 impl AckWriter {
     pub fn start(cursors: Arc<dyn Cursors>) -> Arc<Self> {
-        let w = Arc::new(Self { pending: Mutex::new(HashMap::new()), wake: Notify::new(), cursors });
+        let w = Arc::new(Self {
+            pending: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            cursors,
+        });
         let weak = Arc::downgrade(&w);
         tokio::spawn(async move {
             loop {

@@ -80,10 +80,21 @@ fn emit(socket: &Option<SocketRef>, event: &str, data: &(impl serde::Serialize +
 
 impl Conn {
     /// A connection in `Setup`, receiving its own address from `own_cursor`.
-    pub fn new(svc: Arc<Services>, socket: SocketRef, client: ClientId, own_cursor: u64) -> Arc<Self> {
+    pub fn new(
+        svc: Arc<Services>,
+        socket: SocketRef,
+        client: ClientId,
+        own_cursor: u64,
+    ) -> Arc<Self> {
         let own = Address::of_client(&client);
         let mut tracks = HashMap::new();
-        tracks.insert(own, Track { delivered: own_cursor, known: own_cursor });
+        tracks.insert(
+            own,
+            Track {
+                delivered: own_cursor,
+                known: own_cursor,
+            },
+        );
         Arc::new_cyclic(|me| Conn {
             id: socket.id.to_string(),
             client,
@@ -114,7 +125,13 @@ impl Conn {
             if st.unbound_in_setup.contains(&a) || st.tracks.contains_key(&a) {
                 continue;
             }
-            st.tracks.insert(a.clone(), Track { delivered: start, known: start });
+            st.tracks.insert(
+                a.clone(),
+                Track {
+                    delivered: start,
+                    known: start,
+                },
+            );
             added.push(a);
         }
         added
@@ -122,7 +139,11 @@ impl Conn {
 
     /// Every address this connection receives, with the last version delivered.
     pub fn cursors(&self) -> Vec<(Address, u64)> {
-        self.lock().tracks.iter().map(|(a, t)| (a.clone(), t.delivered)).collect()
+        self.lock()
+            .tracks
+            .iter()
+            .map(|(a, t)| (a.clone(), t.delivered))
+            .collect()
     }
 
     pub fn receives(&self, address: &Address) -> bool {
@@ -229,9 +250,17 @@ impl Conn {
 
     /// Applies a page read after `after`: a `gap` for expired versions, then emits what fits.
     /// Returns false when the page had nothing although more is known to exist.
-    fn take_page(&self, address: &Address, after: u64, page: crate::mailbox::Page, carry: &mut VecDeque<Arc<Message>>) -> bool {
+    fn take_page(
+        &self,
+        address: &Address,
+        after: u64,
+        page: crate::mailbox::Page,
+        carry: &mut VecDeque<Arc<Message>>,
+    ) -> bool {
         let mut st = self.lock();
-        let Some(t) = st.tracks.get_mut(address) else { return true };
+        let Some(t) = st.tracks.get_mut(address) else {
+            return true;
+        };
         if t.delivered != after {
             return true;
         }
@@ -240,7 +269,11 @@ impl Conn {
             let to = page.head.low - 1;
             t.delivered = to;
             self.svc.metrics.gaps.increment(1);
-            self.control(&mut st, "gap", json!({ "address": address, "from": after + 1, "to": to }));
+            self.control(
+                &mut st,
+                "gap",
+                json!({ "address": address, "from": after + 1, "to": to }),
+            );
         } else if page.messages.is_empty() {
             return false;
         }
@@ -275,8 +308,11 @@ impl Conn {
             return Step::Read(a.clone(), t.delivered);
         }
         if !st.synced {
-            let cursors: serde_json::Map<String, serde_json::Value> =
-                st.tracks.iter().map(|(a, t)| (a.to_string(), json!(t.delivered))).collect();
+            let cursors: serde_json::Map<String, serde_json::Value> = st
+                .tracks
+                .iter()
+                .map(|(a, t)| (a.to_string(), json!(t.delivered)))
+                .collect();
             match emit(&st.socket, "synced", &json!({ "cursors": cursors })) {
                 Emit::Sent => st.synced = true,
                 Emit::Full => return Step::Wait,
@@ -346,7 +382,9 @@ impl Subscriber for Conn {
         let mut st = self.lock();
         let live = st.phase == Phase::Live;
         let State { tracks, socket, .. } = &mut *st;
-        let Some(t) = tracks.get_mut(address) else { return };
+        let Some(t) = tracks.get_mut(address) else {
+            return;
+        };
         t.known = t.known.max(last.version);
         if !live {
             return;
@@ -386,14 +424,26 @@ impl Subscriber for Conn {
             return;
         }
         st.unbound_in_setup.remove(address);
-        st.tracks.insert(address.clone(), Track { delivered: since, known: since });
+        st.tracks.insert(
+            address.clone(),
+            Track {
+                delivered: since,
+                known: since,
+            },
+        );
         if st.phase != Phase::Setup {
-            self.control(&mut st, "bound", json!({ "address": address, "version": since }));
+            self.control(
+                &mut st,
+                "bound",
+                json!({ "address": address, "version": since }),
+            );
         }
         drop(st);
         if let Some(me) = self.me.upgrade() {
             let me: Arc<dyn Subscriber> = me;
-            self.svc.router.subscribe(&me, std::slice::from_ref(address));
+            self.svc
+                .router
+                .subscribe(&me, std::slice::from_ref(address));
         }
     }
 
@@ -409,9 +459,15 @@ impl Subscriber for Conn {
         if st.phase == Phase::Setup {
             st.unbound_in_setup.insert(address.clone());
         } else if was {
-            self.control(&mut st, "unbound", json!({ "address": address, "version": head }));
+            self.control(
+                &mut st,
+                "unbound",
+                json!({ "address": address, "version": head }),
+            );
         }
         drop(st);
-        self.svc.router.unsubscribe(&self.id, std::slice::from_ref(address));
+        self.svc
+            .router
+            .unsubscribe(&self.id, std::slice::from_ref(address));
     }
 }

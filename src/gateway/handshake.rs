@@ -36,11 +36,16 @@ pub fn identify(auth: Option<&Value>, creds: &Credentials) -> Result<Identity, A
     let user = creds.check_token(string("token")?)?;
     let client = match (string("clientId")?, string("resumeToken")?) {
         (Some(id), Some(token)) => {
-            let id = ClientId::parse(id).map_err(|e| AuthError::BadAuth(format!("auth.clientId: {e}")))?;
+            let id = ClientId::parse(id)
+                .map_err(|e| AuthError::BadAuth(format!("auth.clientId: {e}")))?;
             creds.check_resume(&id, token)?;
             Some(id)
         }
-        (Some(_), None) => return Err(AuthError::BadAuth("auth.clientId needs auth.resumeToken".into())),
+        (Some(_), None) => {
+            return Err(AuthError::BadAuth(
+                "auth.clientId needs auth.resumeToken".into(),
+            ));
+        }
         (None, Some(_)) => return Err(AuthError::ResumeWithoutClient),
         (None, None) => None,
     };
@@ -49,17 +54,25 @@ pub fn identify(auth: Option<&Value>, creds: &Credentials) -> Result<Identity, A
         None | Some(Value::Null) => {}
         Some(Value::Object(c)) => {
             for (k, v) in c {
-                let a = Address::parse(k).map_err(|e| AuthError::BadAuth(format!("auth.cursors: {e}")))?;
-                let v = v
-                    .as_u64()
-                    .ok_or_else(|| AuthError::BadAuth(format!("auth.cursors[{k:?}] must be a non-negative integer")))?;
+                let a = Address::parse(k)
+                    .map_err(|e| AuthError::BadAuth(format!("auth.cursors: {e}")))?;
+                let v = v.as_u64().ok_or_else(|| {
+                    AuthError::BadAuth(format!(
+                        "auth.cursors[{k:?}] must be a non-negative integer"
+                    ))
+                })?;
                 cursors.insert(a, v);
             }
         }
         Some(_) => return Err(AuthError::BadAuth("auth.cursors must be an object".into())),
     }
     let resumed = client.is_some();
-    Ok(Identity { client: client.unwrap_or_else(ClientId::generate), resumed, user, cursors })
+    Ok(Identity {
+        client: client.unwrap_or_else(ClientId::generate),
+        resumed,
+        user,
+        cursors,
+    })
 }
 
 #[cfg(test)]
@@ -85,10 +98,16 @@ mod tests {
         let creds = Credentials::new(b"secret", None, false);
         let cases = [
             (json!("x"), "auth must be an object"),
-            (json!({"clientId": "abc", "resumeToken": "forged"}), "invalid resume token"),
+            (
+                json!({"clientId": "abc", "resumeToken": "forged"}),
+                "invalid resume token",
+            ),
             (json!({"clientId": "abc"}), "needs auth.resumeToken"),
             (json!({"resumeToken": "x"}), "without clientId"),
-            (json!({"clientId": 5, "resumeToken": "x"}), "auth.clientId must be a string"),
+            (
+                json!({"clientId": 5, "resumeToken": "x"}),
+                "auth.clientId must be a string",
+            ),
             (json!({"cursors": {"nope": 1}}), "auth.cursors"),
             (json!({"cursors": {"channel:a": -1}}), "non-negative"),
         ];

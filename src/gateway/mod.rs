@@ -15,15 +15,20 @@ use crate::routing::Subscriber;
 use conn::Conn;
 use handshake::Identity;
 use serde_json::{Value, json};
+use socketioxide::SocketIo;
 use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler;
-use socketioxide::SocketIo;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Builds the Socket.IO layer for the node.
 pub fn build(svc: Arc<Services>) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
-    let (layer, io) = SocketIo::builder().max_buffer_size(256).with_state(svc).build_layer();
+    let (layer, io) = SocketIo::builder()
+        .max_buffer_size(256)
+        // Clients send little (acks); a small read buffer keeps idle connections cheap.
+        .ws_read_buffer_size(1024)
+        .with_state(svc)
+        .build_layer();
     io.ns("/", on_connect.with(authenticate));
     (layer, io)
 }
@@ -36,7 +41,11 @@ impl std::fmt::Display for Refused {
     }
 }
 
-async fn authenticate(s: SocketRef, TryData(auth): TryData<Value>, State(svc): State<Arc<Services>>) -> Result<(), Refused> {
+async fn authenticate(
+    s: SocketRef,
+    TryData(auth): TryData<Value>,
+    State(svc): State<Arc<Services>>,
+) -> Result<(), Refused> {
     let refuse = |m: String| {
         svc.metrics.refused.increment(1);
         Err(Refused(m))
@@ -45,7 +54,10 @@ async fn authenticate(s: SocketRef, TryData(auth): TryData<Value>, State(svc): S
         return refuse("the node is shutting down; connect to another node".into());
     }
     if svc.connections.load(Ordering::SeqCst) >= svc.config.max_connections {
-        return refuse(format!("too many connections on this node (limit {})", svc.config.max_connections));
+        return refuse(format!(
+            "too many connections on this node (limit {})",
+            svc.config.max_connections
+        ));
     }
     let auth = match auth {
         Ok(v) => v,
@@ -60,7 +72,11 @@ async fn authenticate(s: SocketRef, TryData(auth): TryData<Value>, State(svc): S
     }
 }
 
-async fn on_connect(s: SocketRef, Extension(id): Extension<Identity>, State(svc): State<Arc<Services>>) {
+async fn on_connect(
+    s: SocketRef,
+    Extension(id): Extension<Identity>,
+    State(svc): State<Arc<Services>>,
+) {
     svc.connections.fetch_add(1, Ordering::SeqCst);
     svc.metrics.connections.increment(1.0);
     svc.metrics.connects.increment(1);
@@ -73,8 +89,21 @@ async fn on_connect(s: SocketRef, Extension(id): Extension<Identity>, State(svc)
 
 async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), String> {
     let own = Address::of_client(&id.client);
-    let stored = if id.resumed { svc.cursors.get(&id.client).await.map_err(|e| e.to_string())? } else { Default::default() };
-    let start = |a: &Address, default: u64| id.cursors.get(a).or_else(|| stored.get(a)).copied().unwrap_or(default);
+    let stored = if id.resumed {
+        svc.cursors
+            .get(&id.client)
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        Default::default()
+    };
+    let start = |a: &Address, default: u64| {
+        id.cursors
+            .get(a)
+            .or_else(|| stored.get(a))
+            .copied()
+            .unwrap_or(default)
+    };
     let conn = Conn::new(svc.clone(), s.clone(), id.client.clone(), start(&own, 0));
     let sub: Arc<dyn Subscriber> = conn.clone();
     // Register before reading bindings and heads: whatever changes meanwhile reaches the conn.
@@ -106,14 +135,36 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), 
             }
         });
     }
-    let bindings = svc.topology.get(&id.client).await.map_err(|e| e.to_string())?;
-    let added = conn.add_initial(bindings.iter().map(|b| (b.address.clone(), start(&b.address, b.since))).collect());
+    let bindings = svc
+        .topology
+        .get(&id.client)
+        .await
+        .map_err(|e| e.to_string())?;
+    let added = conn.add_initial(
+        bindings
+            .iter()
+            .map(|b| (b.address.clone(), start(&b.address, b.since)))
+            .collect(),
+    );
     svc.router.subscribe(&sub, &added);
     let addrs: Vec<Address> = conn.cursors().into_iter().map(|(a, _)| a).collect();
     let heads = svc.mailbox.heads(&addrs).await.map_err(|e| e.to_string())?;
-    conn.raise_known(&addrs.iter().cloned().zip(heads.iter().map(|h| h.head)).collect::<Vec<_>>());
-    let seen = Seen { node: svc.node_id.clone(), connection: conn.id().to_string(), since: crate::mailbox::now_ms() };
-    svc.presence.connected(&id.client, seen).await.map_err(|e| e.to_string())?;
+    conn.raise_known(
+        &addrs
+            .iter()
+            .cloned()
+            .zip(heads.iter().map(|h| h.head))
+            .collect::<Vec<_>>(),
+    );
+    let seen = Seen {
+        node: svc.node_id.clone(),
+        connection: conn.id().to_string(),
+        since: crate::mailbox::now_ms(),
+    };
+    svc.presence
+        .connected(&id.client, seen)
+        .await
+        .map_err(|e| e.to_string())?;
     let bound: Vec<&Address> = addrs.iter().filter(|a| **a != own).collect();
     let mut session = json!({
         "clientId": id.client,
@@ -134,7 +185,11 @@ async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Services>) {
     svc.router.unregister(&**conn, &addrs);
     svc.connections.fetch_sub(1, Ordering::SeqCst);
     svc.metrics.connections.decrement(1.0);
-    if let Err(e) = svc.presence.disconnected(conn.client(), &svc.node_id, conn.id()).await {
+    if let Err(e) = svc
+        .presence
+        .disconnected(conn.client(), &svc.node_id, conn.id())
+        .await
+    {
         tracing::warn!(error = %e, "presence update failed");
     }
 }

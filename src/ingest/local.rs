@@ -56,16 +56,26 @@ impl LocalQueue {
                 }
             }
         });
-        Self { tx: Mutex::new(Some(tx)), task: tokio::sync::Mutex::new(Some(task)) }
+        Self {
+            tx: Mutex::new(Some(tx)),
+            task: tokio::sync::Mutex::new(Some(task)),
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl Queue for LocalQueue {
     async fn publish(&self, commands: Vec<Command>) -> Result<Reply, IngestError> {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(IngestError::Closed)?;
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(IngestError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Job { commands, reply }).await.map_err(|_| IngestError::Closed)?;
+        tx.send(Job { commands, reply })
+            .await
+            .map_err(|_| IngestError::Closed)?;
         rx.await.map_err(|_| IngestError::Closed)
     }
 
@@ -77,6 +87,10 @@ impl Queue for LocalQueue {
     }
 
     async fn healthy(&self) -> Result<(), IngestError> {
-        if self.tx.lock().unwrap_or_else(|p| p.into_inner()).is_some() { Ok(()) } else { Err(IngestError::Closed) }
+        if self.tx.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            Ok(())
+        } else {
+            Err(IngestError::Closed)
+        }
     }
 }

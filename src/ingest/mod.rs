@@ -20,8 +20,14 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub enum Command {
     Enqueue(NewMessage),
-    Bind { client: ClientId, addresses: Vec<Address> },
-    Unbind { client: ClientId, addresses: Vec<Address> },
+    Bind {
+        client: ClientId,
+        addresses: Vec<Address>,
+    },
+    Unbind {
+        client: ClientId,
+        addresses: Vec<Address>,
+    },
 }
 
 /// What applying a command did.
@@ -30,8 +36,13 @@ pub enum Outcome {
     Appended(Appended),
     /// The bindings now in place for the command's addresses: `(address, since)`; `added` says
     /// which were new.
-    Bound { bindings: Vec<(Address, u64)>, added: usize },
-    Unbound { removed: Vec<(Address, u64)> },
+    Bound {
+        bindings: Vec<(Address, u64)>,
+        added: usize,
+    },
+    Unbound {
+        removed: Vec<(Address, u64)>,
+    },
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,7 +75,10 @@ impl From<TopologyError> for IngestError {
 pub trait Queue: Send + Sync + 'static {
     /// Publishes commands; resolves once they are durably queued, with each command's outcome
     /// when it is already known (the local queue applies them before answering).
-    async fn publish(&self, commands: Vec<Command>) -> Result<Vec<Result<Outcome, IngestError>>, IngestError>;
+    async fn publish(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<Result<Outcome, IngestError>>, IngestError>;
     /// Stops taking commands and finishes the ones taken.
     async fn drain(&self);
     async fn healthy(&self) -> Result<(), IngestError>;
@@ -101,7 +115,9 @@ impl Processor {
             self.metrics.append_batch.record(appends.len() as f64);
             match self.mailbox.append(appends).await {
                 Ok(out) => {
-                    self.metrics.append_seconds.record(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .append_seconds
+                        .record(started.elapsed().as_secs_f64());
                     for (slot, a) in slots.into_iter().zip(out) {
                         if a.duplicate {
                             self.metrics.duplicates.increment(1);
@@ -127,37 +143,65 @@ impl Processor {
             self.router.deliver(&fresh);
             let now = crate::mailbox::now_ms();
             for m in &fresh {
-                self.metrics.delivery_seconds.record(now.saturating_sub(m.ts) as f64 / 1000.0);
+                self.metrics
+                    .delivery_seconds
+                    .record(now.saturating_sub(m.ts) as f64 / 1000.0);
             }
         }
-        results.into_iter().map(|r| r.expect("every command has a result")).collect()
+        results
+            .into_iter()
+            .map(|r| r.expect("every command has a result"))
+            .collect()
     }
 
     async fn apply_binding(&self, c: Command) -> Result<Outcome, IngestError> {
         match c {
             Command::Bind { client, addresses } => {
-                let heads = self.mailbox.heads(&addresses).await.map_err(|e| IngestError::from(&e))?;
+                let heads = self
+                    .mailbox
+                    .heads(&addresses)
+                    .await
+                    .map_err(|e| IngestError::from(&e))?;
                 let want: Vec<Binding> = addresses
                     .iter()
                     .zip(&heads)
-                    .map(|(a, h)| Binding { address: a.clone(), since: h.head })
+                    .map(|(a, h)| Binding {
+                        address: a.clone(),
+                        since: h.head,
+                    })
                     .collect();
                 let added = self.topology.add(&client, &want).await?;
                 self.metrics.bindings.increment(added.len() as u64);
-                let new: Vec<(Address, u64)> = added.iter().map(|b| (b.address.clone(), b.since)).collect();
+                let new: Vec<(Address, u64)> =
+                    added.iter().map(|b| (b.address.clone(), b.since)).collect();
                 self.router.bound(&client, &new);
                 // Report every requested binding with its real `since` (existing ones keep theirs).
                 let all = self.topology.get(&client).await?;
                 let bindings = addresses
                     .iter()
-                    .filter_map(|a| all.iter().find(|b| &b.address == a).map(|b| (a.clone(), b.since)))
+                    .filter_map(|a| {
+                        all.iter()
+                            .find(|b| &b.address == a)
+                            .map(|b| (a.clone(), b.since))
+                    })
                     .collect();
-                Ok(Outcome::Bound { bindings, added: new.len() })
+                Ok(Outcome::Bound {
+                    bindings,
+                    added: new.len(),
+                })
             }
             Command::Unbind { client, addresses } => {
                 let removed = self.topology.remove(&client, &addresses).await?;
-                let heads = self.mailbox.heads(&removed).await.map_err(|e| IngestError::from(&e))?;
-                let removed: Vec<(Address, u64)> = removed.into_iter().zip(heads).map(|(a, h)| (a, h.head)).collect();
+                let heads = self
+                    .mailbox
+                    .heads(&removed)
+                    .await
+                    .map_err(|e| IngestError::from(&e))?;
+                let removed: Vec<(Address, u64)> = removed
+                    .into_iter()
+                    .zip(heads)
+                    .map(|(a, h)| (a, h.head))
+                    .collect();
                 self.metrics.unbindings.increment(removed.len() as u64);
                 self.router.unbound(&client, &removed);
                 Ok(Outcome::Unbound { removed })

@@ -25,7 +25,9 @@ pub fn msg(address: &Address, id: &str) -> NewMessage {
 /// Versions are 1, 2, 3… per address with no gap and never twice, in batch order, also when
 /// several callers append to the same addresses at once.
 pub async fn gap_free(m: Arc<dyn Mailbox>) {
-    let addrs: Vec<Address> = (0..5).map(|i| fresh_address("channel", &format!("gf{i}"))).collect();
+    let addrs: Vec<Address> = (0..5)
+        .map(|i| fresh_address("channel", &format!("gf{i}")))
+        .collect();
     let mut tasks = Vec::new();
     for t in 0..4 {
         let m = m.clone();
@@ -43,8 +45,15 @@ pub async fn gap_free(m: Arc<dyn Mailbox>) {
                 for a in &out {
                     assert!(!a.duplicate);
                     let prev = last.insert(a.message.address.clone(), a.message.version);
-                    assert!(prev.is_none_or(|p| p < a.message.version), "batch order kept");
-                    mine.push((a.message.address.clone(), a.message.version, a.message.id.clone()));
+                    assert!(
+                        prev.is_none_or(|p| p < a.message.version),
+                        "batch order kept"
+                    );
+                    mine.push((
+                        a.message.address.clone(),
+                        a.message.version,
+                        a.message.id.clone(),
+                    ));
                 }
             }
             mine
@@ -62,14 +71,26 @@ pub async fn gap_free(m: Arc<dyn Mailbox>) {
         let mut vs = all.remove(a).unwrap_or_default();
         vs.sort_unstable();
         let n = vs.len() as u64;
-        assert_eq!(vs, (1..=n).collect::<Vec<_>>(), "versions of {a} are 1..={n} with no gap or repeat");
+        assert_eq!(
+            vs,
+            (1..=n).collect::<Vec<_>>(),
+            "versions of {a} are 1..={n} with no gap or repeat"
+        );
         let page = m.read(a, 0, 10_000).await.unwrap();
         assert_eq!(page.head.head, n);
         let read: Vec<u64> = page.messages.iter().map(|x| x.version).collect();
-        assert_eq!(read, (1..=n).collect::<Vec<_>>(), "read returns every version in order");
+        assert_eq!(
+            read,
+            (1..=n).collect::<Vec<_>>(),
+            "read returns every version in order"
+        );
         for x in &page.messages {
             assert_eq!(&x.address, a);
-            assert_eq!(Some(&x.id), ids.get(&(a.clone(), x.version)), "stored id matches append result");
+            assert_eq!(
+                Some(&x.id),
+                ids.get(&(a.clone(), x.version)),
+                "stored id matches append result"
+            );
         }
     }
 }
@@ -79,12 +100,22 @@ pub async fn gap_free(m: Arc<dyn Mailbox>) {
 pub async fn idempotent(m: Arc<dyn Mailbox>) {
     let a = fresh_address("channel", "idem");
     let b = fresh_address("client", "idem");
-    let out = m.append(vec![msg(&a, "x"), msg(&a, "y"), msg(&a, "x"), msg(&b, "x")]).await.unwrap();
-    let v: Vec<(u64, bool)> = out.iter().map(|o| (o.message.version, o.duplicate)).collect();
+    let out = m
+        .append(vec![msg(&a, "x"), msg(&a, "y"), msg(&a, "x"), msg(&b, "x")])
+        .await
+        .unwrap();
+    let v: Vec<(u64, bool)> = out
+        .iter()
+        .map(|o| (o.message.version, o.duplicate))
+        .collect();
     assert_eq!(v, vec![(1, false), (2, false), (1, true), (1, false)]);
     let again = m.append(vec![msg(&a, "y"), msg(&a, "z")]).await.unwrap();
     assert_eq!((again[0].message.version, again[0].duplicate), (2, true));
-    assert_eq!(again[0].message.payload().get(), "{\"n\":\"y\"}", "duplicate carries the original");
+    assert_eq!(
+        again[0].message.payload().get(),
+        "{\"n\":\"y\"}",
+        "duplicate carries the original"
+    );
     assert_eq!((again[1].message.version, again[1].duplicate), (3, false));
     assert_eq!(m.read(&a, 0, 100).await.unwrap().messages.len(), 3);
 }
@@ -93,7 +124,9 @@ pub async fn idempotent(m: Arc<dyn Mailbox>) {
 pub async fn paging(m: Arc<dyn Mailbox>) {
     let a = fresh_address("channel", "page");
     for chunk in 0..5 {
-        let batch = (0..50).map(|i| msg(&a, &format!("m{}", chunk * 50 + i))).collect();
+        let batch = (0..50)
+            .map(|i| msg(&a, &format!("m{}", chunk * 50 + i)))
+            .collect();
         m.append(batch).await.unwrap();
     }
     let mut after = 0;
@@ -102,13 +135,18 @@ pub async fn paging(m: Arc<dyn Mailbox>) {
         let page = m.read(&a, after, 64).await.unwrap();
         assert_eq!(page.head.head, 250);
         assert!(page.messages.len() <= 64);
-        let Some(last) = page.messages.last() else { break };
+        let Some(last) = page.messages.last() else {
+            break;
+        };
         after = last.version;
         seen.extend(page.messages.iter().map(|x| x.version));
     }
     assert_eq!(seen, (1..=250).collect::<Vec<_>>());
     let tail = m.read(&a, 240, 100).await.unwrap();
-    assert_eq!(tail.messages.iter().map(|x| x.version).collect::<Vec<_>>(), (241..=250).collect::<Vec<_>>());
+    assert_eq!(
+        tail.messages.iter().map(|x| x.version).collect::<Vec<_>>(),
+        (241..=250).collect::<Vec<_>>()
+    );
     assert!(m.read(&a, 250, 100).await.unwrap().messages.is_empty());
     assert!(m.read(&a, 0, 0).await.unwrap().messages.is_empty());
     let unknown = fresh_address("channel", "none");
@@ -144,7 +182,9 @@ pub async fn payload_roundtrip(m: Arc<dyn Mailbox>) {
 /// `low`, new appends continue the versions, and an expired id may be sent again.
 pub async fn retention(m: Arc<dyn Mailbox>, retention_ms: u64) {
     let a = fresh_address("channel", "ttl");
-    m.append((0..10).map(|i| msg(&a, &format!("old{i}"))).collect()).await.unwrap();
+    m.append((0..10).map(|i| msg(&a, &format!("old{i}"))).collect())
+        .await
+        .unwrap();
     let appended_at = super::now_ms();
     // Nothing expires before the retention has passed.
     m.expire(appended_at).await.unwrap();
@@ -156,8 +196,18 @@ pub async fn retention(m: Arc<dyn Mailbox>, retention_ms: u64) {
     m.expire(super::now_ms()).await.unwrap();
     let page = m.read(&a, 0, 100).await.unwrap();
     assert_eq!(page.head.head, 11, "the head outlives expiry");
-    assert_eq!(page.head.low, 11, "old versions are gone, the new one is kept");
-    assert_eq!(page.messages.iter().map(|x| x.version).collect::<Vec<_>>(), vec![11]);
+    assert_eq!(
+        page.head.low, 11,
+        "old versions are gone, the new one is kept"
+    );
+    assert_eq!(
+        page.messages.iter().map(|x| x.version).collect::<Vec<_>>(),
+        vec![11]
+    );
     let again = m.append(vec![msg(&a, "old0")]).await.unwrap();
-    assert_eq!((again[0].message.version, again[0].duplicate), (12, false), "an expired id is new again");
+    assert_eq!(
+        (again[0].message.version, again[0].duplicate),
+        (12, false),
+        "an expired id is new again"
+    );
 }

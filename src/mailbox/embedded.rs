@@ -71,12 +71,13 @@ impl EmbeddedMailbox {
 
     #[cfg(test)]
     fn fail_after(&self, n: usize) {
-        self.0.fail_after.store(n, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .fail_after
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 impl Inner {
-
     fn append_blocking(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError> {
         let mut cache = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
@@ -90,41 +91,68 @@ impl Inner {
             let mut expiry = txn.open_table(EXPIRY).map_err(st)?;
             let mut in_batch: HashMap<(Address, MessageId), Arc<Message>> = HashMap::new();
             let mut buf = Vec::new();
-            for (_i, m) in batch.into_iter().enumerate() {
+            for m in batch {
                 #[cfg(test)]
-                if _i >= self.fail_after.load(std::sync::atomic::Ordering::SeqCst) {
+                if out.len() >= self.fail_after.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err(MailboxError::Storage("injected failure".into()));
                 }
                 let key = (m.address.clone(), m.id.clone());
                 if let Some(orig) = in_batch.get(&key) {
-                    out.push(Appended { message: orig.clone(), duplicate: true });
+                    out.push(Appended {
+                        message: orig.clone(),
+                        duplicate: true,
+                    });
                     continue;
                 }
-                let existing = ids.get((m.address.as_str(), m.id.as_str())).map_err(st)?.map(|g| g.value());
+                let existing = ids
+                    .get((m.address.as_str(), m.id.as_str()))
+                    .map_err(st)?
+                    .map(|g| g.value());
                 if let Some(v) = existing
                     && let Some(raw) = messages.get((m.address.as_str(), v)).map_err(st)?
                 {
                     let orig = Arc::new(decode(&m.address, v, raw.value())?);
-                    out.push(Appended { message: orig, duplicate: true });
+                    out.push(Appended {
+                        message: orig,
+                        duplicate: true,
+                    });
                     continue;
                 }
                 let head = match touched.get(&m.address).or_else(|| cache.get(&m.address)) {
                     Some(h) => *h,
-                    None => heads.get(m.address.as_str()).map_err(st)?.map(|g| g.value()).unwrap_or(0),
+                    None => heads
+                        .get(m.address.as_str())
+                        .map_err(st)?
+                        .map(|g| g.value())
+                        .unwrap_or(0),
                 };
                 let version = head + 1;
-                let msg = Arc::new(Message::new(m.address.clone(), version, m.id, now, &m.payload));
+                let msg = Arc::new(Message::new(
+                    m.address.clone(),
+                    version,
+                    m.id,
+                    now,
+                    &m.payload,
+                ));
                 encode(&msg, &mut buf);
-                messages.insert((msg.address.as_str(), version), buf.as_slice()).map_err(st)?;
-                ids.insert((msg.address.as_str(), msg.id.as_str()), version).map_err(st)?;
+                messages
+                    .insert((msg.address.as_str(), version), buf.as_slice())
+                    .map_err(st)?;
+                ids.insert((msg.address.as_str(), msg.id.as_str()), version)
+                    .map_err(st)?;
                 touched.insert(msg.address.clone(), version);
                 in_batch.insert(key, msg.clone());
-                out.push(Appended { message: msg, duplicate: false });
+                out.push(Appended {
+                    message: msg,
+                    duplicate: false,
+                });
             }
             let bucket = now / self.bucket_ms;
             for (address, head) in &touched {
                 heads.insert(address.as_str(), *head).map_err(st)?;
-                expiry.insert((bucket, address.as_str()), *head).map_err(st)?;
+                expiry
+                    .insert((bucket, address.as_str()), *head)
+                    .map_err(st)?;
             }
         }
         txn.commit().map_err(st)?;
@@ -135,7 +163,12 @@ impl Inner {
         Ok(out)
     }
 
-    fn read_blocking(&self, address: &Address, after: u64, limit: usize) -> Result<Page, MailboxError> {
+    fn read_blocking(
+        &self,
+        address: &Address,
+        after: u64,
+        limit: usize,
+    ) -> Result<Page, MailboxError> {
         let txn = self.db.begin_read().map_err(st)?;
         let messages = txn.open_table(MESSAGES).map_err(st)?;
         let heads = txn.open_table(HEADS).map_err(st)?;
@@ -143,7 +176,10 @@ impl Inner {
         let start = after.saturating_add(1).max(head.low);
         let mut out = Vec::with_capacity(limit.min(1024));
         if limit > 0 && start <= head.head {
-            for entry in messages.range((address.as_str(), start)..=(address.as_str(), u64::MAX)).map_err(st)? {
+            for entry in messages
+                .range((address.as_str(), start)..=(address.as_str(), u64::MAX))
+                .map_err(st)?
+            {
                 let (k, v) = entry.map_err(st)?;
                 out.push(Arc::new(decode(address, k.value().1, v.value())?));
                 if out.len() >= limit {
@@ -151,21 +187,29 @@ impl Inner {
                 }
             }
         }
-        Ok(Page { head, messages: out })
+        Ok(Page {
+            head,
+            messages: out,
+        })
     }
 
     fn heads_blocking(&self, addresses: &[Address]) -> Result<Vec<Head>, MailboxError> {
         let txn = self.db.begin_read().map_err(st)?;
         let messages = txn.open_table(MESSAGES).map_err(st)?;
         let heads = txn.open_table(HEADS).map_err(st)?;
-        addresses.iter().map(|a| head_in(&heads, &messages, a)).collect()
+        addresses
+            .iter()
+            .map(|a| head_in(&heads, &messages, a))
+            .collect()
     }
 
     fn expire_blocking(&self, now: u64) -> Result<u64, MailboxError> {
         let cutoff = now.saturating_sub(self.retention_ms);
         // Every message in bucket b has ts < (b + 1) * bucket_ms; expire whole buckets only.
         let last_bucket = (cutoff / self.bucket_ms).checked_sub(1);
-        let Some(last_bucket) = last_bucket else { return Ok(0) };
+        let Some(last_bucket) = last_bucket else {
+            return Ok(0);
+        };
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut removed = 0;
         loop {
@@ -187,14 +231,21 @@ impl Inner {
                 done = due.len() < EXPIRE_BATCH;
                 for (bucket, addr, max_version) in &due {
                     let mut gone = Vec::new();
-                    for entry in messages.range((addr.as_str(), 0)..=(addr.as_str(), *max_version)).map_err(st)? {
+                    for entry in messages
+                        .range((addr.as_str(), 0)..=(addr.as_str(), *max_version))
+                        .map_err(st)?
+                    {
                         let (k, v) = entry.map_err(st)?;
                         gone.push((k.value().1, decode_id(v.value())?));
                     }
                     for (version, id) in &gone {
                         messages.remove((addr.as_str(), *version)).map_err(st)?;
                         // Only drop the id if it still points at this version.
-                        let same = ids.get((addr.as_str(), id.as_str())).map_err(st)?.map(|g| g.value()) == Some(*version);
+                        let same = ids
+                            .get((addr.as_str(), id.as_str()))
+                            .map_err(st)?
+                            .map(|g| g.value())
+                            == Some(*version);
                         if same {
                             ids.remove((addr.as_str(), id.as_str())).map_err(st)?;
                         }
@@ -216,8 +267,16 @@ fn head_in(
     messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
     address: &Address,
 ) -> Result<Head, MailboxError> {
-    let head = heads.get(address.as_str()).map_err(st)?.map(|g| g.value()).unwrap_or(0);
-    let low = match messages.range((address.as_str(), 0)..=(address.as_str(), u64::MAX)).map_err(st)?.next() {
+    let head = heads
+        .get(address.as_str())
+        .map_err(st)?
+        .map(|g| g.value())
+        .unwrap_or(0);
+    let low = match messages
+        .range((address.as_str(), 0)..=(address.as_str(), u64::MAX))
+        .map_err(st)?
+        .next()
+    {
         Some(first) => first.map_err(st)?.0.value().1,
         None => head + 1,
     };
@@ -253,7 +312,13 @@ fn decode(address: &Address, version: u64, raw: &[u8]) -> Result<Message, Mailbo
     let (ts, id, json) = split(raw)?;
     let id = MessageId::parse(id).map_err(st)?;
     let signal = RawValue::from_string(json.to_owned()).map_err(st)?;
-    Ok(Message { address: address.clone(), version, id, ts, signal })
+    Ok(Message {
+        address: address.clone(),
+        version,
+        id,
+        ts,
+        signal,
+    })
 }
 
 #[async_trait::async_trait]
@@ -266,7 +331,12 @@ impl Mailbox for EmbeddedMailbox {
         run_blocking(move || this.append_blocking(batch)).await
     }
 
-    async fn read(&self, address: &Address, after: u64, limit: usize) -> Result<Page, MailboxError> {
+    async fn read(
+        &self,
+        address: &Address,
+        after: u64,
+        limit: usize,
+    ) -> Result<Page, MailboxError> {
         let this = self.0.clone();
         let address = address.clone();
         run_blocking(move || this.read_blocking(&address, after, limit)).await
@@ -306,15 +376,22 @@ mod tests {
         let a = Address::parse("channel:crash").unwrap();
         {
             let m = EmbeddedMailbox::open(&path, 60_000).unwrap();
-            m.append((0..3).map(|i| msg(&a, &format!("a{i}"))).collect()).await.unwrap();
+            m.append((0..3).map(|i| msg(&a, &format!("a{i}"))).collect())
+                .await
+                .unwrap();
             m.fail_after(5);
-            let err = m.append((0..10).map(|i| msg(&a, &format!("b{i}"))).collect()).await;
+            let err = m
+                .append((0..10).map(|i| msg(&a, &format!("b{i}"))).collect())
+                .await;
             assert!(err.is_err());
             assert_eq!(m.heads(std::slice::from_ref(&a)).await.unwrap()[0].head, 3);
         }
         // Reopen, as after a crash: the failed batch left nothing, and versions go on from 3.
         let m = EmbeddedMailbox::open(&path, 60_000).unwrap();
-        let out = m.append((0..10).map(|i| msg(&a, &format!("b{i}"))).collect()).await.unwrap();
+        let out = m
+            .append((0..10).map(|i| msg(&a, &format!("b{i}"))).collect())
+            .await
+            .unwrap();
         let versions: Vec<u64> = out.iter().map(|x| x.message.version).collect();
         assert_eq!(versions, (4..=13).collect::<Vec<_>>());
         assert!(out.iter().all(|x| !x.duplicate));

@@ -42,10 +42,22 @@ impl Message {
             ts: u64,
             payload: &'a RawValue,
         }
-        let json = serde_json::to_string(&Signal { address: &address, version, id: &id, ts, payload })
-            .expect("serializing a signal cannot fail");
+        let json = serde_json::to_string(&Signal {
+            address: &address,
+            version,
+            id: &id,
+            ts,
+            payload,
+        })
+        .expect("serializing a signal cannot fail");
         let signal = RawValue::from_string(json).expect("serde_json output is valid JSON");
-        Self { address, version, id, ts, signal }
+        Self {
+            address,
+            version,
+            id,
+            ts,
+            signal,
+        }
     }
 
     /// The payload part of the signal.
@@ -109,7 +121,8 @@ pub trait Mailbox: Send + Sync + 'static {
     /// Appends a batch; results are in the order of the batch.
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError>;
     /// Reads up to `limit` messages with version > `after`.
-    async fn read(&self, address: &Address, after: u64, limit: usize) -> Result<Page, MailboxError>;
+    async fn read(&self, address: &Address, after: u64, limit: usize)
+    -> Result<Page, MailboxError>;
     /// The heads of several addresses, in the order asked.
     async fn heads(&self, addresses: &[Address]) -> Result<Vec<Head>, MailboxError>;
     /// Removes messages appended before `now_ms - retention`; returns how many were removed.

@@ -1,1 +1,4 @@
 //! Command-line clients that drive a node through its public interfaces.
+
+pub mod bench;
+pub mod client;

@@ -40,7 +40,9 @@ impl EmbeddedTopology {
         f: impl FnOnce(&Database) -> Result<T, TopologyError> + Send + 'static,
     ) -> Result<T, TopologyError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(st)?
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(st)?
     }
 }
 
@@ -58,14 +60,21 @@ impl Topology for EmbeddedTopology {
                 if c != client.as_str() {
                     break;
                 }
-                out.push(Binding { address: Address::parse(a).map_err(st)?, since: v.value() });
+                out.push(Binding {
+                    address: Address::parse(a).map_err(st)?,
+                    since: v.value(),
+                });
             }
             Ok(out)
         })
         .await
     }
 
-    async fn add(&self, client: &ClientId, bindings: &[Binding]) -> Result<Vec<Binding>, TopologyError> {
+    async fn add(
+        &self,
+        client: &ClientId,
+        bindings: &[Binding],
+    ) -> Result<Vec<Binding>, TopologyError> {
         let (client, bindings) = (client.clone(), bindings.to_vec());
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(st)?;
@@ -74,11 +83,16 @@ impl Topology for EmbeddedTopology {
                 let mut b = txn.open_table(BINDINGS).map_err(st)?;
                 let mut m = txn.open_table(MEMBERS).map_err(st)?;
                 for bind in bindings {
-                    if b.get((client.as_str(), bind.address.as_str())).map_err(st)?.is_some() {
+                    if b.get((client.as_str(), bind.address.as_str()))
+                        .map_err(st)?
+                        .is_some()
+                    {
                         continue;
                     }
-                    b.insert((client.as_str(), bind.address.as_str()), bind.since).map_err(st)?;
-                    m.insert((bind.address.as_str(), client.as_str()), ()).map_err(st)?;
+                    b.insert((client.as_str(), bind.address.as_str()), bind.since)
+                        .map_err(st)?;
+                    m.insert((bind.address.as_str(), client.as_str()), ())
+                        .map_err(st)?;
                     added.push(bind);
                 }
             }
@@ -88,7 +102,11 @@ impl Topology for EmbeddedTopology {
         .await
     }
 
-    async fn remove(&self, client: &ClientId, addresses: &[Address]) -> Result<Vec<Address>, TopologyError> {
+    async fn remove(
+        &self,
+        client: &ClientId,
+        addresses: &[Address],
+    ) -> Result<Vec<Address>, TopologyError> {
         let (client, addresses) = (client.clone(), addresses.to_vec());
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(st)?;
@@ -97,7 +115,10 @@ impl Topology for EmbeddedTopology {
                 let mut b = txn.open_table(BINDINGS).map_err(st)?;
                 let mut m = txn.open_table(MEMBERS).map_err(st)?;
                 for a in addresses {
-                    if b.remove((client.as_str(), a.as_str())).map_err(st)?.is_some() {
+                    if b.remove((client.as_str(), a.as_str()))
+                        .map_err(st)?
+                        .is_some()
+                    {
                         m.remove((a.as_str(), client.as_str())).map_err(st)?;
                         removed.push(a);
                     }
@@ -147,7 +168,11 @@ impl Cursors for EmbeddedTopology {
             {
                 let mut t = txn.open_table(CURSORS).map_err(st)?;
                 for (c, a, v) in acks {
-                    let cur = t.get((c.as_str(), a.as_str())).map_err(st)?.map(|g| g.value()).unwrap_or(0);
+                    let cur = t
+                        .get((c.as_str(), a.as_str()))
+                        .map_err(st)?
+                        .map(|g| g.value())
+                        .unwrap_or(0);
                     if v > cur {
                         t.insert((c.as_str(), a.as_str()), v).map_err(st)?;
                     }

@@ -39,12 +39,24 @@ pub trait Topology: Send + Sync + 'static {
     /// The addresses a client is bound to, sorted by address.
     async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError>;
     /// Binds a client; returns the bindings that are new (already-bound addresses are left as they were).
-    async fn add(&self, client: &ClientId, bindings: &[Binding]) -> Result<Vec<Binding>, TopologyError>;
+    async fn add(
+        &self,
+        client: &ClientId,
+        bindings: &[Binding],
+    ) -> Result<Vec<Binding>, TopologyError>;
     /// Unbinds a client; returns the addresses that were bound.
-    async fn remove(&self, client: &ClientId, addresses: &[Address]) -> Result<Vec<Address>, TopologyError>;
+    async fn remove(
+        &self,
+        client: &ClientId,
+        addresses: &[Address],
+    ) -> Result<Vec<Address>, TopologyError>;
     /// Up to `limit` clients bound to an address, sorted by client id, after `after` (for paging).
-    async fn members(&self, address: &Address, after: Option<&ClientId>, limit: usize)
-    -> Result<Vec<ClientId>, TopologyError>;
+    async fn members(
+        &self,
+        address: &Address,
+        after: Option<&ClientId>,
+        limit: usize,
+    ) -> Result<Vec<ClientId>, TopologyError>;
 }
 
 /// The highest version each client acked, per address.

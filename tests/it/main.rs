@@ -61,12 +61,32 @@ mod embedded_mailbox {
         let a = mailbox::contract::fresh_address("channel", "reopen");
         {
             let m = EmbeddedMailbox::open(&path, 60_000).unwrap();
-            m.append((0..5).map(|i| mailbox::contract::msg(&a, &format!("r{i}"))).collect()).await.unwrap();
+            m.append(
+                (0..5)
+                    .map(|i| mailbox::contract::msg(&a, &format!("r{i}")))
+                    .collect(),
+            )
+            .await
+            .unwrap();
         }
         let m = EmbeddedMailbox::open(&path, 60_000).unwrap();
-        let again = m.append(vec![mailbox::contract::msg(&a, "r4"), mailbox::contract::msg(&a, "r5")]).await.unwrap();
-        assert_eq!((again[0].message.version, again[0].duplicate), (5, true), "ids survive a restart");
-        assert_eq!((again[1].message.version, again[1].duplicate), (6, false), "versions go on after a restart");
+        let again = m
+            .append(vec![
+                mailbox::contract::msg(&a, "r4"),
+                mailbox::contract::msg(&a, "r5"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            (again[0].message.version, again[0].duplicate),
+            (5, true),
+            "ids survive a restart"
+        );
+        assert_eq!(
+            (again[1].message.version, again[1].duplicate),
+            (6, false),
+            "versions go on after a restart"
+        );
     }
 }
 
@@ -99,11 +119,28 @@ mod embedded_topology {
         let a = mailbox::contract::fresh_address("channel", "persist");
         {
             let t = EmbeddedTopology::open(&path).unwrap();
-            Topology::add(&t, &c, &[topology::Binding { address: a.clone(), since: 3 }]).await.unwrap();
-            Cursors::save(&t, &[(c.clone(), a.clone(), 9)]).await.unwrap();
+            Topology::add(
+                &t,
+                &c,
+                &[topology::Binding {
+                    address: a.clone(),
+                    since: 3,
+                }],
+            )
+            .await
+            .unwrap();
+            Cursors::save(&t, &[(c.clone(), a.clone(), 9)])
+                .await
+                .unwrap();
         }
         let t = EmbeddedTopology::open(&path).unwrap();
-        assert_eq!(Topology::get(&t, &c).await.unwrap(), vec![topology::Binding { address: a.clone(), since: 3 }]);
+        assert_eq!(
+            Topology::get(&t, &c).await.unwrap(),
+            vec![topology::Binding {
+                address: a.clone(),
+                since: 3
+            }]
+        );
         assert_eq!(Cursors::get(&t, &c).await.unwrap().get(&a), Some(&9));
     }
 }
@@ -113,6 +150,9 @@ mod memory_presence {
 
     #[tokio::test]
     async fn connect_disconnect_clear() {
-        presence::contract::connect_disconnect_clear(Arc::new(MemoryPresence::default()) as Arc<dyn Presence>).await;
+        presence::contract::connect_disconnect_clear(
+            Arc::new(MemoryPresence::default()) as Arc<dyn Presence>
+        )
+        .await;
     }
 }

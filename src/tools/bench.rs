@@ -1,0 +1,467 @@
+//! `signalpost bench`: drives a running node through its public interfaces only — HTTP in,
+//! Socket.IO (WebSocket) clients out — and prints what it measured.
+//!
+//! Scenarios (each prints one result line; `all` runs them in order):
+//! - `append`: messages/s enqueued over keep-alive HTTP (202), spread over many addresses, both
+//!   one message per request and in batches;
+//! - `fanout`: deliveries/s from one channel to many connected clients;
+//! - `latency`: enqueue→delivery percentiles at a fixed rate, each message to one of many clients;
+//! - `replay`: a client that missed many messages resumes; messages/s and the node's memory growth;
+//! - `idle`: the node's memory per idle connection.
+
+use super::client::{ClientError, Event, Http, Socket, json_u64};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// What to run and how hard.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The node to drive [env: SIGNALPOST_URL]
+    #[arg(long, env = "SIGNALPOST_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// API key of the node, if it has one [env: SIGNALPOST_API_KEY]
+    #[arg(long, env = "SIGNALPOST_API_KEY")]
+    pub api_key: Option<String>,
+    /// append, fanout, latency, replay, idle, or all
+    #[arg(long, default_value = "all")]
+    pub scenario: String,
+    /// Seconds the append scenario runs for (each mode)
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent HTTP connections for appends
+    #[arg(long, default_value_t = 64)]
+    pub http_connections: usize,
+    /// Addresses appends are spread over
+    #[arg(long, default_value_t = 1000)]
+    pub addresses: usize,
+    /// Messages per request in the batched append mode
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Connected clients for fanout and latency
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Messages sent to the channel in the fanout scenario
+    #[arg(long, default_value_t = 1000)]
+    pub fanout_messages: usize,
+    /// Messages per second in the latency scenario
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Messages a client misses before the replay scenario
+    #[arg(long, default_value_t = 100_000)]
+    pub replay_messages: usize,
+    /// Idle connections held open in the idle scenario
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_connections: usize,
+}
+
+type Res<T> = Result<T, ClientError>;
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn tag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
+}
+
+/// Runs the scenarios; returns the report lines.
+pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
+    let all = args.scenario == "all";
+    let mut report = Vec::new();
+    let mut push = |line: String| {
+        println!("{line}");
+        report.push(line);
+    };
+    let known = ["all", "append", "fanout", "latency", "replay", "idle"];
+    if !known.contains(&args.scenario.as_str()) {
+        return Err(ClientError::Http(format!(
+            "unknown scenario {:?}; one of {known:?}",
+            args.scenario
+        )));
+    }
+    if all || args.scenario == "append" {
+        eprintln!(
+            "append: {} s one message per request, then {} s in batches of {} …",
+            args.seconds, args.seconds, args.batch
+        );
+        push(append(&args, 1).await?);
+        push(append(&args, args.batch).await?);
+    }
+    if all || args.scenario == "fanout" {
+        eprintln!("fanout: connecting {} clients …", args.clients);
+        push(fanout(&args).await?);
+    }
+    if all || args.scenario == "latency" {
+        eprintln!(
+            "latency: {} messages/s for {} s to {} clients …",
+            args.rate, args.seconds, args.clients
+        );
+        push(latency(&args).await?);
+    }
+    if all || args.scenario == "replay" {
+        eprintln!("replay: filling {} messages …", args.replay_messages);
+        push(replay(&args).await?);
+    }
+    if all || args.scenario == "idle" {
+        eprintln!("idle: opening {} connections …", args.idle_connections);
+        push(idle(&args).await?);
+    }
+    Ok(report)
+}
+
+async fn append(args: &BenchArgs, batch: usize) -> Res<String> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = tag();
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for c in 0..args.http_connections {
+        let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+        let (sent, stop, run) = (sent.clone(), stop.clone(), run.clone());
+        let addresses = args.addresses;
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let mut body = String::with_capacity(batch * 80);
+                if batch > 1 {
+                    body.push('[');
+                }
+                for k in 0..batch {
+                    if k > 0 {
+                        body.push(',');
+                    }
+                    let n = c * 1_000_003 + i;
+                    body.push_str(&format!(
+                        "{{\"address\":\"channel:bench-{run}-{}\",\"payload\":{{\"n\":{n}}}}}",
+                        n % addresses
+                    ));
+                    i += 1;
+                }
+                if batch > 1 {
+                    body.push(']');
+                }
+                let t = Instant::now();
+                let (status, b) = http
+                    .call("POST", "/server/enqueue", Some(Bytes::from(body)))
+                    .await?;
+                if status != 202 {
+                    return Err(ClientError::Status {
+                        status,
+                        body: String::from_utf8_lossy(&b).into(),
+                    });
+                }
+                hist.record(t.elapsed().as_micros() as u64).ok();
+                sent.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+            Ok::<_, ClientError>(hist)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
+    for t in tasks {
+        hist.add(t.await.map_err(|e| ClientError::Http(e.to_string()))??)
+            .ok();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = sent.load(Ordering::Relaxed);
+    Ok(format!(
+        "append  batch={batch:<4} conns={} addresses={}: {:.0} messages/s ({n} in {secs:.1} s), request p50 {:.2} ms p99 {:.2} ms",
+        args.http_connections,
+        args.addresses,
+        n as f64 / secs,
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0
+    ))
+}
+
+/// Connects `n` clients and binds each to `channel` (when given); returns them after `synced`.
+async fn clients(args: &BenchArgs, n: usize, channel: Option<&str>) -> Res<Vec<Socket>> {
+    let mut out = Vec::with_capacity(n);
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    let mut pending = Vec::new();
+    for _ in 0..n {
+        let url = args.url.clone();
+        pending.push(tokio::spawn(async move {
+            let mut s = Socket::connect(&url, &json!({})).await?;
+            loop {
+                if let Event::Other(name, _) = s.next().await?
+                    && name == "synced"
+                {
+                    return Ok::<_, ClientError>(s);
+                }
+            }
+        }));
+        if pending.len() >= 200 {
+            for p in pending.drain(..) {
+                out.push(p.await.map_err(|e| ClientError::Socket(e.to_string()))??);
+            }
+        }
+    }
+    for p in pending {
+        out.push(p.await.map_err(|e| ClientError::Socket(e.to_string()))??);
+    }
+    if let Some(ch) = channel {
+        for s in &mut out {
+            let id = s.session["clientId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            http.json(
+                "POST",
+                "/server/connect",
+                Some(&json!({ "client": id, "addresses": [ch] })),
+            )
+            .await?;
+            loop {
+                if let Event::Other(name, _) = s.next().await?
+                    && name == "bound"
+                {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn fanout(args: &BenchArgs) -> Res<String> {
+    let channel = format!("channel:fanout-{}", tag());
+    let socks = clients(args, args.clients, Some(&channel)).await?;
+    let total = args.fanout_messages as u64;
+    let received = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for mut s in socks {
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0u64;
+            let mut n = 0u64;
+            while n < total {
+                if let Event::Signal(raw) = s.next().await? {
+                    let v = json_u64(&raw, "version").unwrap_or(0);
+                    if v != last + 1 && last != 0 {
+                        return Err(ClientError::Socket(format!(
+                            "out of order: {v} after {last}"
+                        )));
+                    }
+                    last = v;
+                    n += 1;
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            s.close().await;
+            Ok::<_, ClientError>(())
+        }));
+    }
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < args.fanout_messages {
+        let n = 100.min(args.fanout_messages - sent);
+        let batch: Vec<Value> = (0..n)
+            .map(|i| json!({ "address": channel, "payload": { "i": sent + i } }))
+            .collect();
+        http.json("POST", "/server/enqueue", Some(&Value::Array(batch)))
+            .await?;
+        sent += n;
+    }
+    for t in tasks {
+        t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = received.load(Ordering::Relaxed);
+    Ok(format!(
+        "fanout  clients={} messages={}: {:.0} deliveries/s ({n} in {secs:.2} s, every client in order)",
+        args.clients,
+        args.fanout_messages,
+        n as f64 / secs
+    ))
+}
+
+async fn latency(args: &BenchArgs) -> Res<String> {
+    let socks = clients(args, args.clients, None).await?;
+    let ids: Vec<String> = socks
+        .iter()
+        .map(|s| {
+            s.session["clientId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let total = args.rate * args.seconds;
+    let received = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for mut s in socks {
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
+            loop {
+                match tokio::time::timeout(Duration::from_secs(3), s.next()).await {
+                    Ok(Ok(Event::Signal(raw))) => {
+                        if let Some(t) = json_u64(&raw, "t") {
+                            hist.record(now_us().saturating_sub(t)).ok();
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            s.close().await;
+            Ok::<_, ClientError>(hist)
+        }));
+    }
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    for i in 0..total {
+        let due = started + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let body = format!(
+            "{{\"address\":\"client:{}\",\"payload\":{{\"t\":{}}}}}",
+            ids[i as usize % ids.len()],
+            now_us()
+        );
+        let (status, b) = http
+            .call("POST", "/server/enqueue", Some(Bytes::from(body)))
+            .await?;
+        if status != 202 {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&b).into(),
+            });
+        }
+    }
+    let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
+    for t in tasks {
+        hist.add(t.await.map_err(|e| ClientError::Socket(e.to_string()))??)
+            .ok();
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(format!(
+        "latency rate={}/s clients={}: enqueue→delivery p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms ({} of {total} delivered)",
+        args.rate,
+        args.clients,
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        hist.max() as f64 / 1000.0,
+        received.load(Ordering::Relaxed)
+    ))
+}
+
+/// The node's resident memory, from its `/metrics`.
+async fn node_rss(http: &mut Http) -> Res<u64> {
+    let (_, body) = http.call("GET", "/metrics", None).await?;
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| ClientError::Http("no process_resident_memory_bytes in /metrics".into()))
+}
+
+async fn replay(args: &BenchArgs) -> Res<String> {
+    let first = Socket::connect(&args.url, &json!({})).await?;
+    let session = first.session.clone();
+    first.close().await;
+    let id = session["clientId"].as_str().unwrap_or_default().to_string();
+    let own = format!("client:{id}");
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    let mut filled = 0;
+    while filled < args.replay_messages {
+        let n = 1000.min(args.replay_messages - filled);
+        let batch: Vec<Value> = (0..n).map(|i| json!({ "address": own, "payload": { "i": filled + i, "pad": "x".repeat(64) } })).collect();
+        http.json(
+            "POST",
+            "/server/enqueue?wait=true",
+            Some(&Value::Array(batch)),
+        )
+        .await?;
+        filled += n;
+    }
+    let before = node_rss(&mut http).await?;
+    let peak = Arc::new(AtomicU64::new(before));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done, url, key) = (
+            peak.clone(),
+            done.clone(),
+            args.url.clone(),
+            args.api_key.clone(),
+        );
+        tokio::spawn(async move {
+            let mut http = Http::connect(&url, key).await?;
+            while !done.load(Ordering::Relaxed) {
+                let r = node_rss(&mut http).await?;
+                peak.fetch_max(r, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, ClientError>(())
+        })
+    };
+    let started = Instant::now();
+    let auth = json!({ "clientId": id, "resumeToken": session["resumeToken"] });
+    let mut s = Socket::connect(&args.url, &auth).await?;
+    let mut n = 0u64;
+    let mut last = 0;
+    loop {
+        match s.next().await? {
+            Event::Signal(raw) => {
+                let v = json_u64(&raw, "version").unwrap_or(0);
+                if v != last + 1 {
+                    return Err(ClientError::Socket(format!(
+                        "replay out of order: {v} after {last}"
+                    )));
+                }
+                last = v;
+                n += 1;
+            }
+            Event::Other(name, _) if name == "synced" => break,
+            Event::Other(..) => {}
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    sampler
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))??;
+    s.close().await;
+    let grew = peak.load(Ordering::Relaxed).saturating_sub(before);
+    Ok(format!(
+        "replay  messages={n}: {:.0} messages/s ({secs:.2} s to synced), node memory grew {:.1} MiB (peak over before)",
+        n as f64 / secs,
+        grew as f64 / (1024.0 * 1024.0)
+    ))
+}
+
+async fn idle(args: &BenchArgs) -> Res<String> {
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    // Warm up allocator pools with a small batch first, so the figure is per connection.
+    let warm = clients(args, 100, None).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = node_rss(&mut http).await?;
+    let socks = clients(args, args.idle_connections, None).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = node_rss(&mut http).await?;
+    let per = after.saturating_sub(before) as f64 / args.idle_connections as f64;
+    let count = socks.len();
+    for s in socks.into_iter().chain(warm) {
+        s.close().await;
+    }
+    Ok(format!(
+        "idle    connections={count}: {:.2} KiB of node memory per idle connection ({:.1} MiB → {:.1} MiB)",
+        per / 1024.0,
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    ))
+}

@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use signalpost::config::{Backend, Config, Overrides};
 use signalpost::node::Node;
+use signalpost::tools::cli;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -16,6 +17,8 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    target: cli::Target,
 }
 
 #[derive(Subcommand)]
@@ -28,6 +31,27 @@ enum Command {
     ///
     /// Example: signalpost bench --url http://127.0.0.1:8080 --scenario fanout --clients 1000
     Bench(signalpost::tools::bench::BenchArgs),
+    /// Send a message (or a file of them) through the server API.
+    Enqueue(cli::EnqueueArgs),
+    /// Bind a client to addresses.
+    Bind(cli::BindArgs),
+    /// Unbind a client from addresses.
+    Unbind(cli::BindArgs),
+    /// Read an address's mailbox.
+    Mailbox(cli::MailboxArgs),
+    /// Show a client: bindings, cursors, presence.
+    ///
+    /// Example: signalpost client 3f2a9c…
+    Client {
+        /// The client id
+        id: String,
+    },
+    /// List the live nodes and the leader.
+    ///
+    /// Example: signalpost nodes --url http://127.0.0.1:8081
+    Nodes,
+    /// Follow addresses as a Socket.IO client and print signals as JSON lines.
+    Tail(cli::TailArgs),
 }
 
 #[derive(clap::Args, Default)]
@@ -54,10 +78,32 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => rt.block_on(serve(args)),
-        Command::Bench(args) => {
+        Command::Bench(mut args) => {
+            args.url = cli.target.url.clone();
+            args.api_key = cli.target.api_key.clone();
             rt.block_on(signalpost::tools::bench::run(args))?;
             Ok(())
         }
+        tool => rt.block_on(run_tool(&cli.target, tool)).map_err(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }),
+    }
+}
+
+async fn run_tool(
+    t: &cli::Target,
+    tool: Command,
+) -> Result<(), signalpost::tools::client::ClientError> {
+    match tool {
+        Command::Enqueue(a) => cli::enqueue(t, a).await,
+        Command::Bind(a) => cli::bind(t, a, true).await,
+        Command::Unbind(a) => cli::bind(t, a, false).await,
+        Command::Mailbox(a) => cli::mailbox(t, a).await,
+        Command::Client { id } => cli::client(t, &id).await,
+        Command::Nodes => cli::get(t, "/server/nodes").await,
+        Command::Tail(a) => cli::tail(t, a).await,
+        Command::Serve(_) | Command::Bench(_) => unreachable!("handled in main"),
     }
 }
 

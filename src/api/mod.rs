@@ -61,6 +61,7 @@ pub fn routes(svc: Arc<Services>) -> Router {
         )
         .route("/", get(crate::console::page))
         .route("/console.js", get(crate::console::script))
+        .route("/socket.io.min.js", get(crate::console::socketio_client))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(svc)
 }

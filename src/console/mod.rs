@@ -16,3 +16,14 @@ pub async fn script() -> impl IntoResponse {
         include_str!("console.js"),
     )
 }
+
+/// The official Socket.IO browser client (see `vendor/README.md`), so the page needs no internet.
+pub async fn socketio_client() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("vendor/socket.io.min.js"),
+    )
+}

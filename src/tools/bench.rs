@@ -20,11 +20,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// What to run and how hard.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// The node to drive [env: SIGNALPOST_URL]
-    #[arg(long, env = "SIGNALPOST_URL", default_value = "http://127.0.0.1:8080")]
+    /// The node to drive (from the global `--url`)
+    #[arg(skip)]
     pub url: String,
-    /// API key of the node, if it has one [env: SIGNALPOST_API_KEY]
-    #[arg(long, env = "SIGNALPOST_API_KEY")]
+    /// The node's API key (from the global `--api-key`)
+    #[arg(skip)]
     pub api_key: Option<String>,
     /// append, fanout, latency, replay, idle, or all
     #[arg(long, default_value = "all")]

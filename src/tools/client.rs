@@ -26,6 +26,8 @@ pub enum ClientError {
     Socket(String),
     #[error("refused: {0}")]
     Refused(String),
+    #[error("{0}")]
+    Input(String),
 }
 
 /// `host:port` of an `http://host:port[/]` URL.

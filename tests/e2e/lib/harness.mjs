@@ -1,6 +1,7 @@
 // Test harness: start real signalpost nodes the way a user does (`signalpost serve`), talk to them
 // over HTTP, and connect the official socket.io-client.
 import { spawn } from 'node:child_process';
+import { after } from 'node:test';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -14,12 +15,20 @@ export function tempDir(tag = 'sp') {
   return mkdtempSync(join(tmpdir(), `signalpost-${tag}-`));
 }
 
+// Every node this test file started; whatever a failing test left running is killed at the end.
+const started = new Set();
+after(() => {
+  for (const p of started) p.kill('SIGKILL');
+});
+
 /** Starts `signalpost serve` on a free port; resolves once it prints where it listens. */
 export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0' } = {}) {
   const proc = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, ...args], {
     env: { ...process.env, RUST_LOG: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
+  started.add(proc);
+  proc.on('exit', () => started.delete(proc));
   let out = '';
   let err = '';
   proc.stderr.on('data', (d) => { err += d; });

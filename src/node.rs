@@ -169,7 +169,12 @@ impl Node {
     ) -> Result<(), NodeError> {
         let svc = self.svc.clone();
         let (layer, io) = crate::gateway::build(svc.clone());
-        let app = crate::api::routes(svc.clone()).layer(layer);
+        let app =
+            crate::api::routes(svc.clone())
+                .layer(layer)
+                .layer(axum::middleware::map_request(
+                    crate::gateway::detach_request,
+                ));
         let drain_io = io.clone();
         let svc2 = svc.clone();
         let signal = async move {

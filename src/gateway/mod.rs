@@ -33,6 +33,30 @@ pub fn build(svc: Arc<Services>) -> (socketioxide::layer::SocketIoLayer, SocketI
     (layer, io)
 }
 
+/// Copies a Socket.IO request's URI and header values out of hyper's read buffer.
+///
+/// hyper parses headers as slices of its connection read buffer (16 KiB after the first read),
+/// and socketioxide keeps every socket's request parts for the socket's lifetime, so without
+/// this each idle connection pinned that whole buffer. Copying the few header bytes lets the
+/// buffer go once the connection is upgraded (measured: see docs/benchmarks.md, `idle`).
+pub async fn detach_request(req: axum::extract::Request) -> axum::extract::Request {
+    if !req.uri().path().starts_with("/socket.io") {
+        return req;
+    }
+    let (mut parts, body) = req.into_parts();
+    let mut headers = axum::http::HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        if let Ok(v) = axum::http::HeaderValue::from_bytes(value.as_bytes()) {
+            headers.append(name.clone(), v);
+        }
+    }
+    parts.headers = headers;
+    if let Ok(uri) = parts.uri.to_string().parse() {
+        parts.uri = uri;
+    }
+    axum::extract::Request::from_parts(parts, body)
+}
+
 #[derive(Debug)]
 struct Refused(String);
 impl std::fmt::Display for Refused {

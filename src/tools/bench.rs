@@ -113,6 +113,12 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
         eprintln!("idle: opening {} connections …", args.idle_connections);
         push(idle(&args).await?);
     }
+    println!("\nsummary ({}):", args.url);
+    println!("| scenario | result |\n|---|---|");
+    for line in &report {
+        let (name, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        println!("| {name} | {} |", rest.trim());
+    }
     Ok(report)
 }
 
@@ -164,7 +170,14 @@ async fn append(args: &BenchArgs, batch: usize) -> Res<String> {
             Ok::<_, ClientError>(hist)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    for sec in 1..=args.seconds {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        eprint!(
+            "\r  {sec:>3} s  {:>10} messages",
+            sent.load(Ordering::Relaxed)
+        );
+    }
+    eprintln!();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
     for t in tasks {
@@ -379,6 +392,9 @@ async fn replay(args: &BenchArgs) -> Res<String> {
     let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
     let mut filled = 0;
     while filled < args.replay_messages {
+        if filled % 10_000 == 0 {
+            eprint!("\r  filled {filled:>8} of {}", args.replay_messages);
+        }
         let n = 1000.min(args.replay_messages - filled);
         let batch: Vec<Value> = (0..n).map(|i| json!({ "address": own, "payload": { "i": filled + i, "pad": "x".repeat(64) } })).collect();
         http.json(

@@ -19,6 +19,15 @@ pub enum ApiError {
     Unavailable(String),
 }
 
+impl From<crate::ingest::parse::Invalid> for ApiError {
+    fn from(e: crate::ingest::parse::Invalid) -> Self {
+        match e {
+            crate::ingest::parse::Invalid::Bad(m) => ApiError::BadRequest(m),
+            crate::ingest::parse::Invalid::TooLarge(m) => ApiError::TooLarge(m),
+        }
+    }
+}
+
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         ApiError::Unavailable(e.to_string())

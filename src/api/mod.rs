@@ -8,9 +8,8 @@ mod read;
 
 pub use errors::ApiError;
 
-use crate::address::{Address, ClientId, MessageId};
-use crate::ingest::{Command, IngestError, Outcome};
-use crate::mailbox::NewMessage;
+use crate::address::{Address, MessageId};
+use crate::ingest::{Command, IngestError, Outcome, parse};
 use crate::node::Services;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -21,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -101,58 +99,17 @@ impl WaitQuery {
     }
 }
 
+fn limits(svc: &Services) -> parse::Limits {
+    parse::Limits {
+        max_payload: svc.config.max_payload_bytes,
+        max_batch: svc.config.max_batch,
+    }
+}
+
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     b.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!("request body too large: {e}")),
         _ => ApiError::BadRequest(e.body_text()),
-    })
-}
-
-fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-}
-
-#[derive(Deserialize)]
-struct EnqueueIn<'a> {
-    #[serde(borrow)]
-    address: Option<&'a RawValue>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-}
-
-/// Validates one message; `at` names it in errors of a batch.
-fn to_message(m: EnqueueIn<'_>, max_payload: usize, at: &str) -> Result<NewMessage, ApiError> {
-    let address = m
-        .address
-        .ok_or_else(|| ApiError::BadRequest(format!("{at}address is required")))?;
-    let address: String = serde_json::from_str(address.get())
-        .map_err(|_| ApiError::BadRequest(format!("{at}address must be a string")))?;
-    let address = Address::parse(&address).map_err(|e| ApiError::BadRequest(format!("{at}{e}")))?;
-    let payload = m
-        .payload
-        .ok_or_else(|| ApiError::BadRequest(format!("{at}payload is required")))?;
-    if payload.get().len() > max_payload {
-        return Err(ApiError::TooLarge(format!(
-            "{at}payload is {} bytes, over the limit of {max_payload}",
-            payload.get().len()
-        )));
-    }
-    let id = match m.id {
-        None => MessageId::generate(),
-        Some(raw) if raw.get() == "null" => MessageId::generate(),
-        Some(raw) => {
-            let s: String = serde_json::from_str(raw.get())
-                .map_err(|_| ApiError::BadRequest(format!("{at}id must be a string")))?;
-            MessageId::parse(&s).map_err(|e| ApiError::BadRequest(format!("{at}{e}")))?
-        }
-    };
-    Ok(NewMessage {
-        address,
-        id,
-        payload: payload.to_owned(),
     })
 }
 
@@ -164,29 +121,7 @@ async fn enqueue(
 ) -> Result<Response, ApiError> {
     let wait = q.wait()?;
     let bytes = body(b)?;
-    let max = svc.config.max_payload_bytes;
-    let first = bytes.iter().find(|c| !c.is_ascii_whitespace()).copied();
-    let (batch, many) = if first == Some(b'[') {
-        let items: Vec<EnqueueIn<'_>> = parse_json(&bytes)?;
-        if items.is_empty() {
-            return Err(ApiError::BadRequest("the batch is empty".into()));
-        }
-        if items.len() > svc.config.max_batch {
-            return Err(ApiError::BadRequest(format!(
-                "the batch has {} messages, over the limit of {}",
-                items.len(),
-                svc.config.max_batch
-            )));
-        }
-        let msgs = items
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| to_message(m, max, &format!("[{i}]: ")))
-            .collect::<Result<Vec<_>, _>>()?;
-        (msgs, true)
-    } else {
-        (vec![to_message(parse_json(&bytes)?, max, "")?], false)
-    };
+    let (batch, many) = parse::enqueue_body(&bytes, limits(&svc))?;
     let ids: Vec<MessageId> = batch.iter().map(|m| m.id.clone()).collect();
     let results = publish(
         &svc,
@@ -217,53 +152,12 @@ async fn enqueue(
     Ok((status, Json(body)).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BindIn {
-    client: Value,
-    addresses: Value,
-}
-
-fn parse_bind(bytes: &[u8], max: usize) -> Result<(ClientId, Vec<Address>), ApiError> {
-    let b: BindIn = parse_json(bytes)?;
-    let client = b
-        .client
-        .as_str()
-        .ok_or_else(|| ApiError::BadRequest("client must be a string".into()))?;
-    let client = ClientId::parse(client).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let list = b
-        .addresses
-        .as_array()
-        .ok_or_else(|| ApiError::BadRequest("addresses must be an array".into()))?;
-    if list.is_empty() || list.len() > max {
-        return Err(ApiError::BadRequest(format!(
-            "addresses must hold 1 to {max} addresses"
-        )));
-    }
-    let mut addresses = Vec::with_capacity(list.len());
-    for a in list {
-        let s = a
-            .as_str()
-            .ok_or_else(|| ApiError::BadRequest("addresses must be strings".into()))?;
-        let a = Address::parse(s).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if a.client().as_ref() == Some(&client) {
-            return Err(ApiError::BadRequest(format!(
-                "{a} is the client's own address; it always receives it"
-            )));
-        }
-        if !addresses.contains(&a) {
-            addresses.push(a);
-        }
-    }
-    Ok((client, addresses))
-}
-
 /// `POST /server/connect`: binds a client to addresses.
 async fn connect(
     State(svc): State<Arc<Services>>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (client, addresses) = parse_bind(&body(b)?, svc.config.max_batch)?;
+    let (client, addresses) = parse::binding(&body(b)?, limits(&svc))?;
     let r = publish(
         &svc,
         vec![Command::Bind {
@@ -291,7 +185,7 @@ async fn disconnect(
     State(svc): State<Arc<Services>>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (client, addresses) = parse_bind(&body(b)?, svc.config.max_batch)?;
+    let (client, addresses) = parse::binding(&body(b)?, limits(&svc))?;
     let r = publish(
         &svc,
         vec![Command::Unbind {

@@ -7,6 +7,7 @@
 //! is answered once applied (durably appended or bound), which is stronger than queued.
 
 pub mod local;
+pub mod parse;
 
 use crate::address::{Address, ClientId};
 use crate::mailbox::{Appended, Mailbox, MailboxError, NewMessage};

@@ -1,0 +1,221 @@
+//! Parsing and validating operations, shared by every way in: HTTP bodies and Kafka record
+//! values are the same JSON, so they are checked by the same code and refused with the same
+//! reasons (an HTTP 400/413, or a dead-letter record).
+
+use crate::address::{Address, ClientId, MessageId};
+use crate::mailbox::NewMessage;
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// Why an operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("{0}")]
+    Bad(String),
+    /// The payload (or the whole body) is over a size limit.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+fn bad(m: impl Into<String>) -> Invalid {
+    Invalid::Bad(m.into())
+}
+
+/// The limits validation applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_payload: usize,
+    pub max_batch: usize,
+}
+
+#[derive(Deserialize)]
+struct EnqueueIn<'a> {
+    #[serde(borrow)]
+    address: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+fn json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Invalid> {
+    serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON body: {e}")))
+}
+
+/// Validates one message; `at` names it in errors of a batch; `default_id` gives the id of a
+/// message that has none.
+fn message(
+    m: EnqueueIn<'_>,
+    limits: Limits,
+    at: &str,
+    default_id: &mut dyn FnMut() -> MessageId,
+) -> Result<NewMessage, Invalid> {
+    let address = m
+        .address
+        .ok_or_else(|| bad(format!("{at}address is required")))?;
+    let address: String = serde_json::from_str(address.get())
+        .map_err(|_| bad(format!("{at}address must be a string")))?;
+    let address = Address::parse(&address).map_err(|e| bad(format!("{at}{e}")))?;
+    let payload = m
+        .payload
+        .ok_or_else(|| bad(format!("{at}payload is required")))?;
+    if payload.get().len() > limits.max_payload {
+        return Err(Invalid::TooLarge(format!(
+            "{at}payload is {} bytes, over the limit of {}",
+            payload.get().len(),
+            limits.max_payload
+        )));
+    }
+    let id = match m.id {
+        None => default_id(),
+        Some(raw) if raw.get() == "null" => default_id(),
+        Some(raw) => {
+            let s: String = serde_json::from_str(raw.get())
+                .map_err(|_| bad(format!("{at}id must be a string")))?;
+            MessageId::parse(&s).map_err(|e| bad(format!("{at}{e}")))?
+        }
+    };
+    Ok(NewMessage {
+        address,
+        id,
+        payload: payload.to_owned(),
+    })
+}
+
+/// One message `{address, payload, id?}`.
+pub fn enqueue_one(
+    bytes: &[u8],
+    limits: Limits,
+    default_id: &mut dyn FnMut() -> MessageId,
+) -> Result<NewMessage, Invalid> {
+    message(json(bytes)?, limits, "", default_id)
+}
+
+/// One message, or (when the body is a JSON array) a batch of them; the flag says which.
+/// A batch is validated whole: one bad element refuses it, naming its index.
+pub fn enqueue_body(bytes: &[u8], limits: Limits) -> Result<(Vec<NewMessage>, bool), Invalid> {
+    let first = bytes.iter().find(|c| !c.is_ascii_whitespace()).copied();
+    if first != Some(b'[') {
+        return Ok((
+            vec![enqueue_one(bytes, limits, &mut MessageId::generate)?],
+            false,
+        ));
+    }
+    let items: Vec<EnqueueIn<'_>> = json(bytes)?;
+    if items.is_empty() {
+        return Err(bad("the batch is empty"));
+    }
+    if items.len() > limits.max_batch {
+        return Err(bad(format!(
+            "the batch has {} messages, over the limit of {}",
+            items.len(),
+            limits.max_batch
+        )));
+    }
+    let msgs = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| message(m, limits, &format!("[{i}]: "), &mut MessageId::generate))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((msgs, true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BindIn {
+    client: Value,
+    addresses: Value,
+}
+
+/// `{client, addresses: [..]}` of a bind or unbind.
+pub fn binding(bytes: &[u8], limits: Limits) -> Result<(ClientId, Vec<Address>), Invalid> {
+    let b: BindIn = json(bytes)?;
+    let client = b
+        .client
+        .as_str()
+        .ok_or_else(|| bad("client must be a string"))?;
+    let client = ClientId::parse(client).map_err(|e| bad(e.to_string()))?;
+    let list = b
+        .addresses
+        .as_array()
+        .ok_or_else(|| bad("addresses must be an array"))?;
+    let max = limits.max_batch;
+    if list.is_empty() || list.len() > max {
+        return Err(bad(format!("addresses must hold 1 to {max} addresses")));
+    }
+    let mut addresses = Vec::with_capacity(list.len());
+    for a in list {
+        let s = a.as_str().ok_or_else(|| bad("addresses must be strings"))?;
+        let a = Address::parse(s).map_err(|e| bad(e.to_string()))?;
+        if a.client().as_ref() == Some(&client) {
+            return Err(bad(format!(
+                "{a} is the client's own address; it always receives it"
+            )));
+        }
+        if !addresses.contains(&a) {
+            addresses.push(a);
+        }
+    }
+    Ok((client, addresses))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits = Limits {
+        max_payload: 16,
+        max_batch: 2,
+    };
+
+    #[test]
+    fn reasons_name_the_problem() {
+        let id = &mut || MessageId::parse("fixed").unwrap();
+        assert_eq!(
+            enqueue_one(br#"{"address":"channel:a","payload":1}"#, L, id)
+                .unwrap()
+                .id
+                .as_str(),
+            "fixed"
+        );
+        let e = |b: &[u8]| {
+            enqueue_one(b, L, &mut MessageId::generate)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(e(b"nope").contains("invalid JSON"));
+        assert!(e(br#"{"address":"x","payload":1}"#).contains("invalid address \"x\""));
+        assert!(matches!(
+            enqueue_one(
+                br#"{"address":"channel:a","payload":"0123456789abcdef"}"#,
+                L,
+                &mut MessageId::generate
+            ),
+            Err(Invalid::TooLarge(_))
+        ));
+        let batch = enqueue_body(
+            br#"[{"address":"channel:a","payload":1},{"address":"bad","payload":1}]"#,
+            L,
+        );
+        assert!(batch.unwrap_err().to_string().starts_with("[1]: "));
+        assert!(
+            enqueue_body(b"[1,2,3]", L)
+                .unwrap_err()
+                .to_string()
+                .contains("over the limit of 2")
+        );
+        assert!(
+            binding(br#"{"client":"c","addresses":["client:c"]}"#, L)
+                .unwrap_err()
+                .to_string()
+                .contains("own address")
+        );
+        let (c, a) = binding(
+            br#"{"client":"c","addresses":["channel:x","channel:x"]}"#,
+            L,
+        )
+        .unwrap();
+        assert_eq!((c.as_str(), a.len()), ("c", 1), "duplicates are folded");
+    }
+}

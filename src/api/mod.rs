@@ -126,6 +126,7 @@ async fn enqueue(
     let results = publish(
         &svc,
         batch.into_iter().map(Command::Enqueue).collect(),
+        wait,
         None,
     )
     .await?;
@@ -164,6 +165,7 @@ async fn connect(
             client: client.clone(),
             addresses,
         }],
+        true,
         Some(BIND_TIMEOUT),
     )
     .await?;
@@ -192,6 +194,7 @@ async fn disconnect(
             client: client.clone(),
             addresses,
         }],
+        true,
         Some(BIND_TIMEOUT),
     )
     .await?;
@@ -208,12 +211,13 @@ async fn disconnect(
 async fn publish(
     svc: &Services,
     commands: Vec<Command>,
+    wait: bool,
     timeout: Option<Duration>,
 ) -> Result<Vec<Result<Outcome, IngestError>>, ApiError> {
     if svc.draining.load(Ordering::SeqCst) {
         return Err(ApiError::Unavailable("the node is shutting down".into()));
     }
-    let fut = svc.queue.publish(commands);
+    let fut = svc.queue.publish(commands, wait);
     match timeout {
         None => Ok(fut.await?),
         Some(t) => tokio::time::timeout(t, fut)

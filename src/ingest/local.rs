@@ -65,7 +65,7 @@ impl LocalQueue {
 
 #[async_trait::async_trait]
 impl Queue for LocalQueue {
-    async fn publish(&self, commands: Vec<Command>) -> Result<Reply, IngestError> {
+    async fn publish(&self, commands: Vec<Command>, _wait: bool) -> Result<Reply, IngestError> {
         let tx = self
             .tx
             .lock()

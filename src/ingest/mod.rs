@@ -6,6 +6,7 @@
 //! in-process queue of the embedded default: its consumer is the processor itself, so a command
 //! is answered once applied (durably appended or bound), which is stronger than queued.
 
+pub mod kafka;
 pub mod local;
 pub mod parse;
 
@@ -44,6 +45,8 @@ pub enum Outcome {
     Unbound {
         removed: Vec<(Address, u64)>,
     },
+    /// Durably queued; applied later by a consumer (Kafka, `wait = false`).
+    Queued,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,11 +77,13 @@ impl From<TopologyError> for IngestError {
 /// The producer side of the ingest queue.
 #[async_trait::async_trait]
 pub trait Queue: Send + Sync + 'static {
-    /// Publishes commands; resolves once they are durably queued, with each command's outcome
-    /// when it is already known (the local queue applies them before answering).
+    /// Publishes commands; resolves once they are durably queued (`Outcome::Queued`), or, with
+    /// `wait`, once they are applied (the real outcome). The local queue always applies them
+    /// before answering.
     async fn publish(
         &self,
         commands: Vec<Command>,
+        wait: bool,
     ) -> Result<Vec<Result<Outcome, IngestError>>, IngestError>;
     /// Stops taking commands and finishes the ones taken.
     async fn drain(&self);

@@ -126,6 +126,9 @@ pub fn enqueue_body(bytes: &[u8], limits: Limits) -> Result<(Vec<NewMessage>, bo
 struct BindIn {
     client: Value,
     addresses: Value,
+    /// Set by nodes on the records they produce, to match the answer to the waiting request.
+    #[serde(default, rename = "ticket")]
+    _ticket: Option<String>,
 }
 
 /// `{client, addresses: [..]}` of a bind or unbind.

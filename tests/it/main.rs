@@ -9,6 +9,8 @@ use signalpost::topology::{Cursors, Topology};
 use signalpost::{mailbox, presence, topology};
 use std::sync::Arc;
 
+mod kafka;
+
 fn embedded_mailbox(retention_ms: u64) -> (tempfile::TempDir, Arc<dyn Mailbox>) {
     let dir = tempfile::tempdir().unwrap();
     let m = EmbeddedMailbox::open(&dir.path().join("m.redb"), retention_ms).unwrap();

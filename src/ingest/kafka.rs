@@ -1,0 +1,418 @@
+//! The Kafka queue: HTTP operations are produced to `signals.enqueue` / `signals.connect` /
+//! `signals.disconnect` (key = address or client, so one address always lands in one partition
+//! and keeps its order), and a consumer group applies them.
+//!
+//! The consumer takes what is waiting, up to the batch size, validates each record with the same
+//! code as HTTP ([`super::parse`]) — a malformed record goes to `signals.deadletter` with the reason
+//! — applies the batch through the [`Processor`], and commits the offsets only after the effect is
+//! durable. If applying fails (the store is down) it retries the same batch with backoff and reads
+//! nothing more meanwhile (backpressure: the records wait in Kafka, not in memory). A record
+//! applied but not committed (a crash in between) is applied again after a restart or rebalance;
+//! that is harmless because appends are idempotent on message id (a record without an id gets the
+//! deterministic id `kafka-<topic>-<partition>-<offset>`) and bindings are idempotent.
+
+use super::parse::{self, Invalid, Limits};
+use super::{Command, IngestError, Outcome, Processor, Queue};
+use crate::address::MessageId;
+use rdkafka::ClientConfig;
+use rdkafka::Message as _;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How long a publisher waits for Kafka to take a record, and for `wait` answers.
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(5);
+const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The topic names.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub enqueue: String,
+    pub connect: String,
+    pub disconnect: String,
+    pub deadletter: String,
+}
+
+impl Topics {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            enqueue: format!("{prefix}enqueue"),
+            connect: format!("{prefix}connect"),
+            disconnect: format!("{prefix}disconnect"),
+            deadletter: format!("{prefix}deadletter"),
+        }
+    }
+}
+
+/// Publishers waiting for their operation to be applied, by ticket.
+#[derive(Default)]
+pub struct Waiters {
+    map: Mutex<HashMap<String, Vec<oneshot::Sender<Outcome>>>>,
+}
+
+impl Waiters {
+    fn register(&self, ticket: String) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ticket)
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    fn resolve(&self, ticket: &str, outcome: &Outcome) {
+        let waiting = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ticket);
+        for tx in waiting.into_iter().flatten() {
+            let _ = tx.send(outcome.clone());
+        }
+    }
+
+    fn forget(&self, ticket: &str) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ticket);
+    }
+}
+
+fn message_ticket(address: &str, id: &str) -> String {
+    format!("m\u{0}{address}\u{0}{id}")
+}
+
+/// Settings of the Kafka queue.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topics: Topics,
+    pub group: String,
+    pub limits: Limits,
+    pub batch: usize,
+    /// Test hook: apply one batch, then stop without committing its offsets (a crash between
+    /// the two). Always false outside tests.
+    pub stop_before_commit: bool,
+}
+
+/// The Kafka-backed queue: a producer for publishers, a consumer task applying records.
+pub struct KafkaQueue {
+    producer: FutureProducer,
+    settings: KafkaSettings,
+    waiters: Arc<Waiters>,
+    stop: watch::Sender<bool>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+fn kerr(e: impl std::fmt::Display) -> IngestError {
+    IngestError::Unavailable(format!("kafka: {e}"))
+}
+
+impl KafkaQueue {
+    /// Connects the producer and starts the consumer task.
+    pub fn start(settings: KafkaSettings, processor: Arc<Processor>) -> Result<Self, IngestError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", "10000")
+            .create()
+            .map_err(kerr)?;
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("group.id", &settings.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("queued.max.messages.kbytes", "16384")
+            .create()
+            .map_err(kerr)?;
+        let t = &settings.topics;
+        consumer
+            .subscribe(&[&t.enqueue, &t.connect, &t.disconnect])
+            .map_err(kerr)?;
+        let waiters = Arc::new(Waiters::default());
+        let (stop, stopped) = watch::channel(false);
+        let worker = Worker {
+            consumer,
+            producer: producer.clone(),
+            settings: settings.clone(),
+            processor,
+            waiters: waiters.clone(),
+            fail_before_commit: settings.stop_before_commit,
+        };
+        let task = tokio::spawn(worker.run(stopped));
+        Ok(Self {
+            producer,
+            settings,
+            waiters,
+            stop,
+            task: tokio::sync::Mutex::new(Some(task)),
+        })
+    }
+
+    /// Produces one record; resolves once Kafka has it (acks=all).
+    async fn produce(&self, topic: &str, key: &str, value: &str) -> Result<(), IngestError> {
+        let record = FutureRecord::to(topic).key(key).payload(value);
+        self.producer
+            .send(record, PRODUCE_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kerr(e))
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for KafkaQueue {
+    async fn publish(
+        &self,
+        commands: Vec<Command>,
+        wait: bool,
+    ) -> Result<Vec<Result<Outcome, IngestError>>, IngestError> {
+        if *self.stop.borrow() {
+            return Err(IngestError::Closed);
+        }
+        let t = &self.settings.topics;
+        let mut sends = Vec::with_capacity(commands.len());
+        let mut tickets = Vec::with_capacity(commands.len());
+        for c in &commands {
+            let (topic, key, value, ticket) = match c {
+                Command::Enqueue(m) => (
+                    &t.enqueue,
+                    m.address.to_string(),
+                    json!({ "address": m.address, "payload": m.payload, "id": m.id }).to_string(),
+                    message_ticket(m.address.as_str(), m.id.as_str()),
+                ),
+                Command::Bind { client, addresses } | Command::Unbind { client, addresses } => {
+                    let ticket = format!("b\u{0}{}", uuid::Uuid::new_v4());
+                    let topic = if matches!(c, Command::Bind { .. }) {
+                        &t.connect
+                    } else {
+                        &t.disconnect
+                    };
+                    let value =
+                        json!({ "client": client, "addresses": addresses, "ticket": ticket })
+                            .to_string();
+                    (topic, client.to_string(), value, ticket)
+                }
+            };
+            let rx = wait.then(|| self.waiters.register(ticket.clone()));
+            tickets.push((ticket, rx));
+            sends.push((topic.clone(), key, value));
+        }
+        let produced = futures_util::future::join_all(
+            sends
+                .iter()
+                .map(|(topic, key, value)| self.produce(topic, key, value)),
+        )
+        .await;
+        let mut out = Vec::with_capacity(commands.len());
+        for ((ticket, rx), p) in tickets.into_iter().zip(produced) {
+            out.push(match (p, rx) {
+                (Err(e), _) => {
+                    self.waiters.forget(&ticket);
+                    Err(e)
+                }
+                (Ok(()), None) => Ok(Outcome::Queued),
+                (Ok(()), Some(rx)) => match tokio::time::timeout(WAIT_TIMEOUT, rx).await {
+                    Ok(Ok(outcome)) => Ok(outcome),
+                    _ => {
+                        self.waiters.forget(&ticket);
+                        Err(IngestError::Timeout(WAIT_TIMEOUT.as_secs()))
+                    }
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    async fn drain(&self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.lock().await.take() {
+            let _ = t.await;
+        }
+    }
+
+    async fn healthy(&self) -> Result<(), IngestError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer as _;
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+                .map_err(kerr)
+        })
+        .await
+        .map_err(kerr)?
+    }
+}
+
+struct Worker {
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    settings: KafkaSettings,
+    processor: Arc<Processor>,
+    waiters: Arc<Waiters>,
+    /// Test hook: apply a batch, then stop without committing (a crash between the two).
+    fail_before_commit: bool,
+}
+
+/// A record turned into a command, or the reason it was refused.
+struct Parsed {
+    command: Result<Command, Invalid>,
+    ticket: Option<String>,
+}
+
+impl Worker {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        loop {
+            let first = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = stopped.changed() => break,
+            };
+            let first = match first {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.settings.batch {
+                match tokio::time::timeout(Duration::from_millis(1), self.consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(m.detach()),
+                    _ => break,
+                }
+            }
+            self.handle(&batch, &stopped).await;
+            if self.fail_before_commit {
+                tracing::warn!("test hook: stopping before the commit");
+                return;
+            }
+            self.commit(&batch);
+        }
+        let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+    }
+
+    fn parse(&self, m: &OwnedMessage) -> Parsed {
+        let t = &self.settings.topics;
+        let bytes = m.payload().unwrap_or_default();
+        let limits = self.settings.limits;
+        if m.topic() == t.enqueue {
+            let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
+            let mut default_id = || {
+                MessageId::parse(&format!("kafka-{topic}-{partition}-{offset}"))
+                    .expect("a valid id")
+            };
+            let command = parse::enqueue_one(bytes, limits, &mut default_id).map(Command::Enqueue);
+            let ticket = command.as_ref().ok().map(|c| match c {
+                Command::Enqueue(n) => message_ticket(n.address.as_str(), n.id.as_str()),
+                _ => unreachable!(),
+            });
+            return Parsed { command, ticket };
+        }
+        let ticket = serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|v| v.get("ticket").and_then(|t| t.as_str()).map(str::to_string));
+        let command = parse::binding(bytes, limits).map(|(client, addresses)| {
+            if m.topic() == t.connect {
+                Command::Bind { client, addresses }
+            } else {
+                Command::Unbind { client, addresses }
+            }
+        });
+        Parsed { command, ticket }
+    }
+
+    /// Applies a batch until it is durable (or the queue is stopped).
+    async fn handle(&self, batch: &[OwnedMessage], stopped: &watch::Receiver<bool>) {
+        let parsed: Vec<Parsed> = batch.iter().map(|m| self.parse(m)).collect();
+        for (m, p) in batch.iter().zip(&parsed) {
+            if let Err(reason) = &p.command {
+                self.dead_letter(m, &reason.to_string()).await;
+            }
+        }
+        let mut commands = Vec::new();
+        let mut tickets = Vec::new();
+        for p in &parsed {
+            if let Ok(c) = &p.command {
+                commands.push(c.clone());
+                tickets.push(p.ticket.clone());
+            }
+        }
+        if commands.is_empty() {
+            return;
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let results = self.processor.apply(commands.clone()).await;
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
+                if *stopped.borrow() {
+                    return; // not committed: applied again after a restart
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            for (ticket, r) in tickets.iter().zip(&results) {
+                if let (Some(t), Ok(outcome)) = (ticket, r) {
+                    self.waiters.resolve(t, outcome);
+                }
+            }
+            return;
+        }
+    }
+
+    async fn dead_letter(&self, m: &OwnedMessage, reason: &str) {
+        let value = json!({
+            "reason": reason,
+            "topic": m.topic(),
+            "partition": m.partition(),
+            "offset": m.offset(),
+            "key": m.key().map(String::from_utf8_lossy),
+            "value": m.payload().map(String::from_utf8_lossy),
+        })
+        .to_string();
+        let key = m.key().unwrap_or_default().to_vec();
+        let record = FutureRecord::to(&self.settings.topics.deadletter)
+            .key(&key)
+            .payload(&value);
+        if let Err((e, _)) = self.producer.send(record, PRODUCE_TIMEOUT).await {
+            tracing::error!(error = %e, reason, "could not dead-letter a record");
+        }
+    }
+
+    fn commit(&self, batch: &[OwnedMessage]) {
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+        for m in batch {
+            let e = next.entry((m.topic(), m.partition())).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        let mut tpl = TopicPartitionList::with_capacity(next.len());
+        for ((topic, partition), offset) in next {
+            if let Err(e) =
+                tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
+            {
+                tracing::warn!(error = %e, "building the commit");
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            // Not the owner any more (rebalance): the new owner applies these again, idempotently.
+            tracing::warn!(error = %e, "kafka commit failed");
+        }
+    }
+}

@@ -60,6 +60,10 @@ pub struct Config {
     pub kafka: String,
     /// Prefix of the Kafka topic names (`signals.` gives `signals.enqueue`, …).
     pub kafka_topic_prefix: String,
+    /// The consumer group the nodes share.
+    pub kafka_group: String,
+    /// Partitions of the topics a node creates when they are missing.
+    pub kafka_partitions: i32,
     /// ZooKeeper connect string (`--backend cluster`).
     pub zookeeper: String,
     pub zookeeper_session_timeout_ms: u64,
@@ -88,6 +92,8 @@ impl Default for Config {
             cassandra_replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
             kafka: "127.0.0.1:9092".into(),
             kafka_topic_prefix: "signals.".into(),
+            kafka_group: "signalpost".into(),
+            kafka_partitions: 8,
             zookeeper: "127.0.0.1:2181".into(),
             zookeeper_session_timeout_ms: 6000,
         }

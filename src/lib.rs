@@ -14,6 +14,7 @@
 
 pub mod address;
 pub mod api;
+pub mod cassandra;
 pub mod cluster;
 pub mod config;
 pub mod console;

@@ -5,14 +5,17 @@
 use crate::cluster::{Membership, NodeInfo, Standalone};
 use crate::config::{Backend, Config};
 use crate::gateway::acks::AckWriter;
+use crate::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
 use crate::ingest::local::LocalQueue;
 use crate::ingest::{Processor, Queue};
 use crate::mailbox::Mailbox;
+use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE};
 use crate::mailbox::embedded::EmbeddedMailbox;
 use crate::metrics::Metrics;
 use crate::presence::{MemoryPresence, Presence};
 use crate::routing::Router;
 use crate::security::{Credentials, load_or_create_secret};
+use crate::topology::cassandra::CassandraTopology;
 use crate::topology::embedded::EmbeddedTopology;
 use crate::topology::{Cursors, Topology};
 use std::net::SocketAddr;
@@ -52,7 +55,8 @@ impl Services {
             (Backend::Embedded, _) => "redb",
             (Backend::Cluster, "mailbox" | "topology") => "cassandra",
             (Backend::Cluster, "queue") => "kafka",
-            (Backend::Cluster, _) => "zookeeper",
+            // ZooKeeper membership and cluster-wide presence come with the cluster issue.
+            (Backend::Cluster, _) => "standalone",
         }
     }
 }
@@ -66,8 +70,8 @@ pub enum NodeError {
     Listen(SocketAddr, std::io::Error),
     #[error("opening the embedded store: {0}")]
     Store(String),
-    #[error("the cluster backend is not available in this build yet; use --backend embedded")]
-    ClusterUnsupported,
+    #[error("backend: {0}")]
+    Backend(String),
     #[error("serving: {0}")]
     Serve(std::io::Error),
 }
@@ -82,9 +86,6 @@ pub struct Node {
 impl Node {
     /// Opens the stores, binds the listener and starts the background tasks.
     pub async fn build(config: Config) -> Result<Self, NodeError> {
-        if config.backend == Backend::Cluster {
-            return Err(NodeError::ClusterUnsupported);
-        }
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir)
             .map_err(|e| NodeError::DataDir(dir.display().to_string(), e))?;
@@ -104,22 +105,45 @@ impl Node {
             .local_addr()
             .map_err(|e| NodeError::Listen(config.listen, e))?;
         let metrics = Metrics::install();
-        let mailbox: Arc<dyn Mailbox> = Arc::new(
-            EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
-                .map_err(|e| NodeError::Store(e.to_string()))?,
-        );
-        let topo = EmbeddedTopology::open(&dir.join("state.redb"))
-            .map_err(|e| NodeError::Store(e.to_string()))?;
-        let topology: Arc<dyn Topology> = Arc::new(topo.clone());
-        let cursors: Arc<dyn Cursors> = Arc::new(topo);
+        let stores = open_stores(&config, &node_id).await?;
         let router = Arc::new(Router::default());
         let processor = Arc::new(Processor {
-            mailbox: mailbox.clone(),
-            topology: topology.clone(),
+            mailbox: stores.mailbox.clone(),
+            topology: stores.topology.clone(),
             router: router.clone(),
             metrics: metrics.clone(),
         });
-        let queue: Arc<dyn Queue> = Arc::new(LocalQueue::start(processor, config.append_batch));
+        let topics = Topics::with_prefix(&config.kafka_topic_prefix);
+        if config.backend == Backend::Cluster {
+            KafkaQueue::ensure_topics(&config.kafka, &topics, config.kafka_partitions)
+                .await
+                .map_err(|e| NodeError::Backend(e.to_string()))?;
+        }
+        let queue: Arc<dyn Queue> = match config.backend {
+            Backend::Embedded => Arc::new(LocalQueue::start(processor, config.append_batch)),
+            Backend::Cluster => Arc::new(
+                KafkaQueue::start(
+                    KafkaSettings {
+                        brokers: config.kafka.clone(),
+                        topics,
+                        group: config.kafka_group.clone(),
+                        limits: crate::ingest::parse::Limits {
+                            max_payload: config.max_payload_bytes,
+                            max_batch: config.max_batch,
+                        },
+                        batch: config.append_batch,
+                        stop_before_commit: false,
+                    },
+                    processor,
+                )
+                .map_err(|e| NodeError::Backend(e.to_string()))?,
+            ),
+        };
+        let Stores {
+            mailbox,
+            topology,
+            cursors,
+        } = stores;
         let me = NodeInfo {
             id: node_id.clone(),
             url: format!("http://{addr}"),
@@ -192,6 +216,62 @@ impl Node {
         svc.acks.flush().await;
         tracing::info!("drained");
         Ok(())
+    }
+}
+
+/// The stores a node keeps its state in.
+struct Stores {
+    mailbox: Arc<dyn Mailbox>,
+    topology: Arc<dyn Topology>,
+    cursors: Arc<dyn Cursors>,
+}
+
+/// Opens the stores of the configured backend: redb files in the data dir, or a Cassandra
+/// keyspace (the schema applied idempotently first).
+async fn open_stores(config: &Config, node_id: &str) -> Result<Stores, NodeError> {
+    let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
+    match config.backend {
+        Backend::Embedded => {
+            let dir = &config.data_dir;
+            let mailbox = EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
+                .map_err(|e| store_err(&e))?;
+            let topo =
+                EmbeddedTopology::open(&dir.join("state.redb")).map_err(|e| store_err(&e))?;
+            Ok(Stores {
+                mailbox: Arc::new(mailbox),
+                topology: Arc::new(topo.clone()),
+                cursors: Arc::new(topo),
+            })
+        }
+        Backend::Cluster => {
+            let cc = crate::cassandra::CassandraConfig {
+                contact_points: config.cassandra.clone(),
+                keyspace: config.cassandra_keyspace.clone(),
+                replication: config.cassandra_replication.clone(),
+            };
+            let session = Arc::new(
+                crate::cassandra::open(&cc, node_id)
+                    .await
+                    .map_err(|e| NodeError::Backend(e.to_string()))?,
+            );
+            let ks = &config.cassandra_keyspace;
+            let mailbox = CassandraMailbox::new(
+                session.clone(),
+                ks,
+                config.retention_ms(),
+                DEFAULT_BUCKET_SIZE,
+            )
+            .await
+            .map_err(|e| store_err(&e))?;
+            let topo = CassandraTopology::new(session, ks)
+                .await
+                .map_err(|e| store_err(&e))?;
+            Ok(Stores {
+                mailbox: Arc::new(mailbox),
+                topology: Arc::new(topo.clone()),
+                cursors: Arc::new(topo),
+            })
+        }
     }
 }
 

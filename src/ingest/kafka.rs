@@ -119,6 +119,35 @@ fn kerr(e: impl std::fmt::Display) -> IngestError {
 }
 
 impl KafkaQueue {
+    /// Creates the topics that do not exist yet (`partitions` each for the three operation
+    /// topics, one for dead letters); existing topics are left as they are.
+    pub async fn ensure_topics(
+        brokers: &str,
+        topics: &Topics,
+        partitions: i32,
+    ) -> Result<(), IngestError> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::types::RDKafkaErrorCode;
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .map_err(kerr)?;
+        let new = [
+            NewTopic::new(&topics.enqueue, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&topics.connect, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&topics.disconnect, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&topics.deadletter, 1, TopicReplication::Fixed(1)),
+        ];
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        for r in admin.create_topics(&new, &opts).await.map_err(kerr)? {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, e)) => return Err(kerr(format!("creating topic {t}: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
     /// Connects the producer and starts the consumer task.
     pub fn start(settings: KafkaSettings, processor: Arc<Processor>) -> Result<Self, IngestError> {
         let producer: FutureProducer = ClientConfig::new()

@@ -158,3 +158,380 @@ mod memory_presence {
         .await;
     }
 }
+
+/// The Cassandra backends against a real server (`scripts/stack up`), contact point from
+/// `SIGNALPOST_CASSANDRA` (default 127.0.0.1:9042). All tests share the keyspace
+/// `signalpost_it` (bucket size 100, so the suites cross buckets) and rely on the suites'
+/// fresh addresses and clients, so they run in parallel against one server.
+mod cassandra_support {
+    use signalpost::cassandra;
+    use signalpost::mailbox::cassandra::CassandraMailbox;
+    use signalpost::topology::cassandra::CassandraTopology;
+    use std::sync::{Arc, OnceLock};
+
+    pub const KEYSPACE: &str = "signalpost_it";
+    pub const BUCKET_SIZE: u64 = 100;
+
+    pub fn contact_points() -> String {
+        std::env::var("SIGNALPOST_CASSANDRA").unwrap_or_else(|_| "127.0.0.1:9042".into())
+    }
+
+    /// Applies the schema once per test process (on a thread of its own, since each test has
+    /// its own runtime), so parallel tests never race on DDL.
+    pub fn schema(keyspace: &'static str) {
+        static DONE: OnceLock<std::sync::Mutex<Vec<&'static str>>> = OnceLock::new();
+        let done = DONE.get_or_init(Default::default);
+        let mut done = done.lock().unwrap();
+        if done.contains(&keyspace) {
+            return;
+        }
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let s = cassandra::connect(&contact_points())
+                    .await
+                    .expect("Cassandra is up (scripts/stack up)");
+                cassandra::apply_schema(&s, keyspace, cassandra::LOCAL_REPLICATION, "it")
+                    .await
+                    .expect("schema applies");
+            })
+        })
+        .join()
+        .unwrap();
+        done.push(keyspace);
+    }
+
+    pub async fn session(keyspace: &'static str) -> Arc<scylla::client::session::Session> {
+        schema(keyspace);
+        Arc::new(cassandra::connect(&contact_points()).await.unwrap())
+    }
+
+    pub async fn mailbox(retention_ms: u64) -> CassandraMailbox {
+        let s = session(KEYSPACE).await;
+        CassandraMailbox::new(s, KEYSPACE, retention_ms, BUCKET_SIZE)
+            .await
+            .unwrap()
+    }
+
+    pub async fn topology() -> CassandraTopology {
+        CassandraTopology::new(session(KEYSPACE).await, KEYSPACE)
+            .await
+            .unwrap()
+    }
+}
+
+mod cassandra_mailbox {
+    use super::cassandra_support::*;
+    use super::*;
+    use signalpost::mailbox::contract::{fresh_address, msg};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn gap_free() {
+        mailbox::contract::gap_free(Arc::new(mailbox(60_000).await)).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn idempotent() {
+        mailbox::contract::idempotent(Arc::new(mailbox(60_000).await)).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn paging() {
+        mailbox::contract::paging(Arc::new(mailbox(60_000).await)).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn payload_roundtrip() {
+        mailbox::contract::payload_roundtrip(Arc::new(mailbox(60_000).await)).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn retention() {
+        mailbox::contract::retention(Arc::new(mailbox(1_000).await), 1_000).await;
+    }
+
+    /// Ids "s{b}-{i}" are sent through both nodes, "n{n}-…" through one.
+    fn two_writers_id(n: usize, b: usize, i: usize) -> String {
+        if (i / 3).is_multiple_of(2) {
+            format!("s{b}-{i}")
+        } else {
+            format!("n{n}-{b}-{i}")
+        }
+    }
+
+    /// Two mailboxes (as two nodes: separate caches and locks) append to the same addresses at
+    /// once: the conditional batches keep versions gap-free and unique, and a message id sent
+    /// through both is appended once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn two_writers() {
+        let nodes = [mailbox(60_000).await, mailbox(60_000).await];
+        let addrs: Vec<_> = (0..3)
+            .map(|i| fresh_address("channel", &format!("tw{i}")))
+            .collect();
+        let mut tasks = Vec::new();
+        for (n, m) in nodes.iter().enumerate() {
+            let (m, addrs) = (m.clone(), addrs.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for b in 0..8 {
+                    let batch = (0..30)
+                        .map(|i| msg(&addrs[i % addrs.len()], &two_writers_id(n, b, i)))
+                        .collect();
+                    for a in m.append(batch).await.expect("append") {
+                        got.push((
+                            a.message.address.clone(),
+                            a.message.version,
+                            a.message.id.clone(),
+                        ));
+                    }
+                }
+                got
+            }));
+        }
+        let mut by_version = std::collections::HashMap::new();
+        for t in tasks {
+            for (a, v, id) in t.await.unwrap() {
+                if let Some(prev) = by_version.insert((a.clone(), v), id.clone()) {
+                    assert_eq!(prev, id, "{a} version {v} given to two messages");
+                }
+            }
+        }
+        for a in &addrs {
+            let page = nodes[0].read(a, 0, 10_000).await.unwrap();
+            let versions: Vec<u64> = page.messages.iter().map(|m| m.version).collect();
+            assert_eq!(
+                versions,
+                (1..=page.head.head).collect::<Vec<_>>(),
+                "gap-free"
+            );
+            let mut ids: Vec<_> = page.messages.iter().map(|m| m.id.clone()).collect();
+            let n = ids.len();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), n, "every id appended once to {a}");
+            let sent: std::collections::HashSet<String> = (0..2)
+                .flat_map(|n| (0..8).flat_map(move |b| (0..30).map(move |i| (n, b, i))))
+                .filter(|(_, _, i)| &addrs[i % addrs.len()] == a)
+                .map(|(n, b, i)| two_writers_id(n, b, i))
+                .collect();
+            assert_eq!(n, sent.len(), "every message sent to {a} is there");
+        }
+    }
+
+    /// A new mailbox (a restarted node, empty caches) continues the versions and still knows the ids.
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn survives_reopen() {
+        let a = fresh_address("channel", "reopen");
+        mailbox(60_000)
+            .await
+            .append((0..150).map(|i| msg(&a, &format!("r{i}"))).collect())
+            .await
+            .unwrap();
+        let m = mailbox(60_000).await;
+        let again = m
+            .append(vec![msg(&a, "r4"), msg(&a, "r149"), msg(&a, "r150")])
+            .await
+            .unwrap();
+        let got: Vec<(u64, bool)> = again
+            .iter()
+            .map(|x| (x.message.version, x.duplicate))
+            .collect();
+        assert_eq!(got, vec![(5, true), (150, true), (151, false)]);
+        let h = m.heads(std::slice::from_ref(&a)).await.unwrap();
+        assert_eq!((h[0].head, h[0].low), (151, 1));
+    }
+}
+
+mod cassandra_topology {
+    use super::cassandra_support::*;
+    use super::*;
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn bindings() {
+        topology::contract::bindings(Arc::new(topology().await) as Arc<dyn Topology>).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn members_paging() {
+        topology::contract::members_paging(Arc::new(topology().await) as Arc<dyn Topology>).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn cursors() {
+        topology::contract::cursors(Arc::new(topology().await) as Arc<dyn Cursors>).await;
+    }
+
+    /// Concurrent saves of one cursor keep the maximum, whatever order they land in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn concurrent_cursor_saves_keep_max() {
+        let t = topology().await;
+        let c =
+            signalpost::address::ClientId::parse(&format!("cc-{}", uuid::Uuid::new_v4().simple()))
+                .unwrap();
+        let a = mailbox::contract::fresh_address("channel", "cc");
+        let mut tasks = Vec::new();
+        for v in (1..=200u64).rev() {
+            let (t, c, a) = (t.clone(), c.clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                Cursors::save(&t, &[(c, a, v)]).await.unwrap()
+            }));
+        }
+        for x in tasks {
+            x.await.unwrap();
+        }
+        assert_eq!(Cursors::get(&t, &c).await.unwrap().get(&a), Some(&200));
+    }
+}
+
+/// Append throughput of the Cassandra mailbox against the raw rate of writing the same rows as
+/// plain unconditional single-partition batches. Prints the numbers; run with
+/// `SIGNALPOST_BENCH=1 cargo test --release --test it -- --ignored throughput --nocapture`
+/// (without `SIGNALPOST_BENCH` it returns at once, so `--include-ignored` runs stay quick).
+mod throughput {
+    use super::cassandra_support::*;
+    use super::*;
+    use futures_util::{StreamExt, TryStreamExt, stream};
+    use signalpost::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE};
+    use signalpost::mailbox::contract::msg;
+    use std::time::Instant;
+
+    const KS: &str = "signalpost_bench";
+
+    /// A message row as the raw benchmark writes it.
+    type RawRow = (
+        String,
+        i64,
+        i64,
+        String,
+        scylla::value::CqlTimestamp,
+        String,
+        i32,
+    );
+
+    async fn run(label: &str, addresses: usize, batches: usize, per_batch: usize) {
+        let session = session(KS).await;
+        let m = CassandraMailbox::new(
+            session.clone(),
+            KS,
+            30 * 24 * 3600 * 1000,
+            DEFAULT_BUCKET_SIZE,
+        )
+        .await
+        .unwrap();
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let addrs: Vec<signalpost::address::Address> = (0..addresses)
+            .map(|i| {
+                signalpost::address::Address::parse(&format!("channel:b{}-{i}", &run[..8])).unwrap()
+            })
+            .collect();
+        let make = |b: usize| -> Vec<_> {
+            (0..per_batch)
+                .map(|i| {
+                    msg(
+                        &addrs[(b * per_batch + i) % addresses],
+                        &format!("m{b}-{i}"),
+                    )
+                })
+                .collect()
+        };
+        let total = (batches * per_batch) as f64;
+        let t = Instant::now();
+        for b in 0..batches {
+            m.append(make(b)).await.unwrap();
+        }
+        let mailbox = t.elapsed().as_secs_f64();
+
+        // The same rows, as plain single-partition batches (one per address and batch).
+        let insert = session
+            .prepare(format!(
+                "INSERT INTO {KS}.mailbox_messages (address, bucket, version, id, ts, payload) \
+                 VALUES (?, ?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await
+            .unwrap();
+        let raw_addrs: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("{}-raw", a.as_str()))
+            .collect();
+        let mut versions = vec![0i64; addresses];
+        let t = Instant::now();
+        for b in 0..batches {
+            let mut groups: Vec<Vec<RawRow>> = vec![Vec::new(); addresses];
+            for (i, nm) in make(b).into_iter().enumerate() {
+                let a = (b * per_batch + i) % addresses;
+                versions[a] += 1;
+                let v = versions[a];
+                groups[a].push((
+                    raw_addrs[a].clone(),
+                    (v - 1) / DEFAULT_BUCKET_SIZE as i64,
+                    v,
+                    nm.id.as_str().to_owned(),
+                    scylla::value::CqlTimestamp(signalpost::mailbox::now_ms() as i64),
+                    nm.payload.get().to_owned(),
+                    2_592_000,
+                ));
+            }
+            let futs: Vec<_> = groups
+                .into_iter()
+                .filter(|g| !g.is_empty())
+                .map(|rows| {
+                    let (session, insert) = (session.clone(), insert.clone());
+                    async move {
+                        let mut batch = scylla::statement::batch::Batch::new(
+                            scylla::statement::batch::BatchType::Unlogged,
+                        );
+                        for _ in &rows {
+                            batch.append_statement(insert.clone());
+                        }
+                        session.batch(&batch, rows).await.map(|_| ())
+                    }
+                })
+                .collect();
+            stream::iter(futs)
+                .buffer_unordered(64)
+                .try_collect::<Vec<()>>()
+                .await
+                .unwrap();
+        }
+        let raw = t.elapsed().as_secs_f64();
+        println!(
+            "{label}: {} messages over {addresses} addresses in batches of {per_batch}: \
+             mailbox {:.1} s = {:.0} msg/s; raw unconditional batches {:.1} s = {:.0} msg/s; ratio {:.2}",
+            total as u64,
+            mailbox,
+            total / mailbox,
+            raw,
+            total / raw,
+            raw / mailbox
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark, needs Cassandra: scripts/stack up, then SIGNALPOST_BENCH=1 cargo test --release --test it -- --ignored throughput --nocapture"]
+    async fn cassandra_mailbox_append() {
+        if std::env::var_os("SIGNALPOST_BENCH").is_none() {
+            eprintln!("skipped: set SIGNALPOST_BENCH=1 to run the benchmark");
+            return;
+        }
+        let n: usize = std::env::var("SIGNALPOST_BENCH_BATCHES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(100);
+        run("1000 addresses", 1000, n, 1000).await;
+        run("10 addresses", 10, n, 1000).await;
+    }
+}

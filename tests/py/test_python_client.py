@@ -18,15 +18,30 @@ BIN = os.environ.get(
 )
 
 
+def cluster_env(data_dir):
+    """On the cluster backend (SIGNALPOST_TEST_BACKEND=cluster), a node and its restarts get their
+    own keyspace, topics and consumer group."""
+    if os.environ.get("SIGNALPOST_TEST_BACKEND", "embedded") != "cluster":
+        return {}
+    tag = re.sub(r"[^A-Za-z0-9]", "", data_dir)[-12:].lower()
+    return {
+        "SIGNALPOST_BACKEND": "cluster",
+        "SIGNALPOST_CASSANDRA_KEYSPACE": f"py_{tag}",
+        "SIGNALPOST_KAFKA_TOPIC_PREFIX": f"py-{tag}.",
+        "SIGNALPOST_KAFKA_GROUP": f"py-{tag}",
+        "SIGNALPOST_KAFKA_PARTITIONS": "2",
+    }
+
+
 class Node:
     def __init__(self, data_dir):
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
             [BIN, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "RUST_LOG": "warn"},
+            env={**os.environ, "RUST_LOG": "warn", **cluster_env(data_dir)},
         )
-        deadline = time.time() + 15
+        deadline = time.time() + 60
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             m = re.search(r"listening on (http://[0-9.]+:\d+)", line)

@@ -21,10 +21,27 @@ after(() => {
   for (const p of started) p.kill('SIGKILL');
 });
 
+/** The backend the tests run on: `embedded` (default) or `cluster` (SIGNALPOST_TEST_BACKEND). */
+export const BACKEND = process.env.SIGNALPOST_TEST_BACKEND || 'embedded';
+
+/** On the cluster backend, a node and its restarts (same data dir) get their own keyspace,
+ *  topics and consumer group, so tests never see each other's data. */
+function clusterEnv(dataDir) {
+  if (BACKEND !== 'cluster') return {};
+  const tag = dataDir.replace(/[^A-Za-z0-9]/g, '').slice(-12).toLowerCase();
+  return {
+    SIGNALPOST_BACKEND: 'cluster',
+    SIGNALPOST_CASSANDRA_KEYSPACE: `e2e_${tag}`,
+    SIGNALPOST_KAFKA_TOPIC_PREFIX: `e2e-${tag}.`,
+    SIGNALPOST_KAFKA_GROUP: `e2e-${tag}`,
+    SIGNALPOST_KAFKA_PARTITIONS: '2',
+  };
+}
+
 /** Starts `signalpost serve` on a free port; resolves once it prints where it listens. */
 export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0' } = {}) {
   const proc = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, ...args], {
-    env: { ...process.env, RUST_LOG: 'warn', ...env },
+    env: { ...process.env, RUST_LOG: 'warn', ...clusterEnv(dataDir), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   started.add(proc);
@@ -33,7 +50,7 @@ export async function startNode({ dataDir = tempDir(), env = {}, args = [], list
   let err = '';
   proc.stderr.on('data', (d) => { err += d; });
   const url = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`node did not start: ${out} ${err}`)), 15000);
+    const timer = setTimeout(() => reject(new Error(`node did not start: ${out} ${err}`)), 60000);
     proc.stdout.on('data', (d) => {
       out += d;
       const m = out.match(/listening on (http:\/\/[0-9.]+:\d+)/);

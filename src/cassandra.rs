@@ -1,0 +1,217 @@
+//! Cassandra plumbing shared by the cluster backends: connecting a [`Session`] from contact
+//! points, and applying `schema/*.cql` idempotently at startup.
+//!
+//! The schema files are compiled in (`include_str!`), so a node never depends on files next to
+//! its binary. Each file is split into statements (see `schema/001_keyspace.cql` for the rules),
+//! `{keyspace}` and `{replication}` are filled in, and every statement is run in order; all of
+//! them are `CREATE … IF NOT EXISTS`, so applying them at every start is harmless. After each
+//! file a row is written to `schema_migrations`. The driver waits for schema agreement after
+//! each DDL statement.
+//!
+//! Consistency: everything runs at `LOCAL_QUORUM`; lightweight transactions use `SERIAL` (a
+//! compare-and-set on a mailbox head must be linearizable across data centres too).
+
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::{Consistency, SerialConsistency};
+use std::time::Duration;
+
+/// The schema files, in the order they are applied.
+pub const SCHEMA: &[(&str, &str)] = &[
+    (
+        "001_keyspace.cql",
+        include_str!("../schema/001_keyspace.cql"),
+    ),
+    ("002_tables.cql", include_str!("../schema/002_tables.cql")),
+];
+
+/// The default replication map for one local node.
+pub const LOCAL_REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+
+/// Cassandra connection and schema failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CassandraError {
+    #[error("no Cassandra contact point given")]
+    NoContactPoints,
+    #[error(
+        "invalid keyspace name {0:?}: must be 1-48 characters of [a-z0-9_], starting with a letter"
+    )]
+    BadKeyspace(String),
+    #[error("cannot connect to Cassandra at {contact_points}: {source}")]
+    Connect {
+        contact_points: String,
+        #[source]
+        source: scylla::errors::NewSessionError,
+    },
+    #[error("applying schema {file} failed at statement {statement:?}: {message}")]
+    Schema {
+        file: &'static str,
+        statement: String,
+        message: String,
+    },
+    #[error("Cassandra request failed: {0}")]
+    Request(String),
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct CassandraConfig {
+    /// Comma-separated `host:port` contact points, e.g. `127.0.0.1:9042,host2:9042`.
+    pub contact_points: String,
+    pub keyspace: String,
+    /// A CQL replication map, e.g. [`LOCAL_REPLICATION`].
+    pub replication: String,
+}
+
+impl CassandraConfig {
+    /// Contact points as a list (blanks dropped; a missing port means 9042).
+    pub fn nodes(&self) -> Vec<String> {
+        split_contact_points(&self.contact_points)
+    }
+}
+
+/// Splits `"a:9042, b"` into `["a:9042", "b:9042"]`.
+pub fn split_contact_points(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let has_port = match p.rsplit_once(':') {
+                // `[::1]:9042`, `host:9042`; a bare IPv6 address has several colons and no brackets.
+                Some((h, port)) => {
+                    port.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']'))
+                }
+                None => false,
+            };
+            if has_port {
+                p.to_owned()
+            } else {
+                format!("{p}:9042")
+            }
+        })
+        .collect()
+}
+
+/// A keyspace name Cassandra accepts unquoted (we substitute it into CQL text).
+pub fn valid_keyspace(ks: &str) -> bool {
+    !ks.is_empty()
+        && ks.len() <= 48
+        && ks.as_bytes()[0].is_ascii_lowercase()
+        && ks
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Connects a session (no keyspace selected: statements name their keyspace).
+pub async fn connect(contact_points: &str) -> Result<Session, CassandraError> {
+    let nodes = split_contact_points(contact_points);
+    if nodes.is_empty() {
+        return Err(CassandraError::NoContactPoints);
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(Consistency::LocalQuorum)
+        .serial_consistency(Some(SerialConsistency::Serial))
+        .request_timeout(Some(Duration::from_secs(12)))
+        .build();
+    SessionBuilder::new()
+        .known_nodes(&nodes)
+        .connection_timeout(Duration::from_secs(5))
+        .default_execution_profile_handle(profile.into_handle())
+        .build()
+        .await
+        .map_err(|source| CassandraError::Connect {
+            contact_points: contact_points.to_owned(),
+            source,
+        })
+}
+
+/// The statements of one schema file with placeholders filled in.
+pub fn statements(text: &str, keyspace: &str, replication: &str) -> Vec<String> {
+    let body: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    body.split_inclusive(";\n")
+        .map(|s| s.trim().trim_end_matches(';').trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.replace("{keyspace}", keyspace)
+                .replace("{replication}", replication)
+        })
+        .collect()
+}
+
+/// Applies every schema file to `keyspace` (creating it), idempotently.
+pub async fn apply_schema(
+    session: &Session,
+    keyspace: &str,
+    replication: &str,
+    applied_by: &str,
+) -> Result<(), CassandraError> {
+    if !valid_keyspace(keyspace) {
+        return Err(CassandraError::BadKeyspace(keyspace.to_owned()));
+    }
+    for (file, text) in SCHEMA {
+        for stmt in statements(text, keyspace, replication) {
+            session
+                .query_unpaged(stmt.as_str(), ())
+                .await
+                .map_err(|e| CassandraError::Schema {
+                    file,
+                    statement: stmt.chars().take(120).collect(),
+                    message: e.to_string(),
+                })?;
+        }
+        let now = scylla::value::CqlTimestamp(crate::mailbox::now_ms() as i64);
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {keyspace}.schema_migrations (file, applied_at, applied_by) VALUES (?, ?, ?)"
+                ),
+                (*file, now, applied_by),
+            )
+            .await
+            .map_err(|e| CassandraError::Request(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Connects and applies the schema: what a node does at startup.
+pub async fn open(config: &CassandraConfig, node: &str) -> Result<Session, CassandraError> {
+    if !valid_keyspace(&config.keyspace) {
+        return Err(CassandraError::BadKeyspace(config.keyspace.clone()));
+    }
+    let session = connect(&config.contact_points).await?;
+    apply_schema(&session, &config.keyspace, &config.replication, node).await?;
+    Ok(session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contact_points() {
+        assert_eq!(
+            split_contact_points(" 127.0.0.1:9042, host2 ,,[::1]:9043"),
+            vec!["127.0.0.1:9042", "host2:9042", "[::1]:9043"]
+        );
+        assert!(split_contact_points(" , ").is_empty());
+    }
+
+    #[test]
+    fn schema_splits_into_statements() {
+        for (file, text) in SCHEMA {
+            let stmts = statements(text, "ks_1", LOCAL_REPLICATION);
+            assert!(!stmts.is_empty(), "{file}");
+            for s in &stmts {
+                assert!(s.starts_with("CREATE "), "{file}: {s}");
+                assert!(!s.contains('{') || s.contains("'class'"), "{file}: {s}");
+                assert!(!s.contains("{keyspace}") && !s.contains(';'), "{file}: {s}");
+            }
+        }
+        assert!(valid_keyspace("it_1a") && !valid_keyspace("1a") && !valid_keyspace("A"));
+    }
+}

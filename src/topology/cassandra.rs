@@ -1,0 +1,381 @@
+//! Topology and cursors in Cassandra (see `schema/002_tables.cql` and `docs/cassandra.md`):
+//! - `client_addresses` ((client), address) → since: the bindings of a client;
+//! - `address_clients` ((address), client) → since: the same, by address (members, in client order);
+//! - `cursors` ((client), address) → version, written `USING TIMESTAMP version`.
+//!
+//! `add` claims each new binding with `INSERT … IF NOT EXISTS` (one Paxos round per binding that
+//! is not there yet: the first `since` wins even between concurrent calls), then writes the
+//! reverse row. Bindings already present are only re-written in the reverse table (which repairs
+//! a reverse row lost by a crash between the two writes). `remove` deletes the reverse row, then
+//! the binding. A cursor is one plain write whose write timestamp is the version, so Cassandra's
+//! last-write-wins keeps the highest version whatever the order of concurrent saves — no read and
+//! no lightweight transaction.
+
+use super::{Binding, Cursors, Topology, TopologyError};
+use crate::address::{Address, ClientId};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use scylla::client::session::Session;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlTimestamp, CqlValue};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Requests in flight within one call.
+const CONCURRENCY: usize = 32;
+/// Cursor rows per single-partition batch.
+const CURSORS_PER_BATCH: usize = 100;
+
+fn st(e: impl std::fmt::Display) -> TopologyError {
+    TopologyError::Storage(e.to_string())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> TopologyError {
+    TopologyError::Unavailable(e.to_string())
+}
+
+/// The Cassandra-backed topology and cursors (a cheap clone of a shared handle).
+#[derive(Clone)]
+pub struct CassandraTopology(Arc<Inner>);
+
+struct Inner {
+    session: Arc<Session>,
+    get: PreparedStatement,
+    claim: PreparedStatement,
+    reverse: PreparedStatement,
+    unreverse: PreparedStatement,
+    unbind: PreparedStatement,
+    members_first: PreparedStatement,
+    members_after: PreparedStatement,
+    cursor_save: PreparedStatement,
+    cursor_get: PreparedStatement,
+}
+
+impl CassandraTopology {
+    /// Prepares the statements; the schema must have been applied ([`crate::cassandra::open`]).
+    pub async fn new(session: Arc<Session>, keyspace: &str) -> Result<Self, TopologyError> {
+        if !crate::cassandra::valid_keyspace(keyspace) {
+            return Err(st(format!("invalid keyspace {keyspace:?}")));
+        }
+        let ks = keyspace;
+        let prep = |cql: String, idempotent: bool| {
+            let session = session.clone();
+            async move {
+                let mut p = session.prepare(cql).await.map_err(unavailable)?;
+                p.set_is_idempotent(idempotent);
+                Ok::<_, TopologyError>(p)
+            }
+        };
+        let inner = Inner {
+            get: prep(
+                format!("SELECT address, since FROM {ks}.client_addresses WHERE client = ?"),
+                true,
+            )
+            .await?,
+            claim: prep(
+                format!(
+                    "INSERT INTO {ks}.client_addresses (client, address, since, bound_at) \
+                     VALUES (?, ?, ?, ?) IF NOT EXISTS"
+                ),
+                false,
+            )
+            .await?,
+            reverse: prep(
+                format!(
+                    "INSERT INTO {ks}.address_clients (address, client, since, bound_at) VALUES (?, ?, ?, ?)"
+                ),
+                true,
+            )
+            .await?,
+            unreverse: prep(
+                format!("DELETE FROM {ks}.address_clients WHERE address = ? AND client = ?"),
+                true,
+            )
+            .await?,
+            unbind: prep(
+                format!("DELETE FROM {ks}.client_addresses WHERE client = ? AND address = ?"),
+                true,
+            )
+            .await?,
+            members_first: prep(
+                format!("SELECT client FROM {ks}.address_clients WHERE address = ? LIMIT ?"),
+                true,
+            )
+            .await?,
+            members_after: prep(
+                format!(
+                    "SELECT client FROM {ks}.address_clients WHERE address = ? AND client > ? LIMIT ?"
+                ),
+                true,
+            )
+            .await?,
+            cursor_save: prep(
+                format!(
+                    "INSERT INTO {ks}.cursors (client, address, version) VALUES (?, ?, ?) USING TIMESTAMP ?"
+                ),
+                true,
+            )
+            .await?,
+            cursor_get: prep(
+                format!("SELECT address, version FROM {ks}.cursors WHERE client = ?"),
+                true,
+            )
+            .await?,
+            session,
+        };
+        Ok(Self(Arc::new(inner)))
+    }
+
+    async fn bindings(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
+        let mut rows = self
+            .0
+            .session
+            .execute_iter(self.0.get.clone(), (client.as_str(),))
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String, Option<i64>)>()
+            .map_err(st)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await {
+            let (address, since) = row.map_err(unavailable)?;
+            out.push(Binding {
+                address: Address::parse(&address).map_err(st)?,
+                since: since.unwrap_or(0).max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl Topology for CassandraTopology {
+    async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
+        self.bindings(client).await
+    }
+
+    async fn add(
+        &self,
+        client: &ClientId,
+        bindings: &[Binding],
+    ) -> Result<Vec<Binding>, TopologyError> {
+        let existing: HashMap<Address, u64> = self
+            .bindings(client)
+            .await?
+            .into_iter()
+            .map(|b| (b.address, b.since))
+            .collect();
+        // One entry per address, the first one asked for.
+        let mut wanted: Vec<&Binding> = Vec::new();
+        for b in bindings {
+            if !wanted.iter().any(|w| w.address == b.address) {
+                wanted.push(b);
+            }
+        }
+        let now = CqlTimestamp(crate::mailbox::now_ms() as i64);
+        let inner = &self.0;
+        let futs: Vec<_> = wanted
+            .into_iter()
+            .map(|b| {
+                let known = existing.get(&b.address).copied();
+                async move {
+                    let (since, new) = match known {
+                        Some(since) => (since, false),
+                        None => {
+                            let res = inner
+                                .session
+                                .execute_unpaged(
+                                    &inner.claim,
+                                    (client.as_str(), b.address.as_str(), b.since as i64, now),
+                                )
+                                .await
+                                .map_err(unavailable)?;
+                            match claim_outcome(res)? {
+                                None => (b.since, true),
+                                Some(since) => (since, false),
+                            }
+                        }
+                    };
+                    inner
+                        .session
+                        .execute_unpaged(
+                            &inner.reverse,
+                            (b.address.as_str(), client.as_str(), since as i64, now),
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    Ok::<_, TopologyError>(new.then(|| b.clone()))
+                }
+            })
+            .collect();
+        let results: Vec<Option<Binding>> = stream::iter(futs)
+            .buffered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    async fn remove(
+        &self,
+        client: &ClientId,
+        addresses: &[Address],
+    ) -> Result<Vec<Address>, TopologyError> {
+        let bound: HashMap<Address, u64> = self
+            .bindings(client)
+            .await?
+            .into_iter()
+            .map(|b| (b.address, b.since))
+            .collect();
+        let mut gone: Vec<Address> = Vec::new();
+        for a in addresses {
+            if bound.contains_key(a) && !gone.contains(a) {
+                gone.push(a.clone());
+            }
+        }
+        let inner = &self.0;
+        let futs: Vec<_> = gone
+            .iter()
+            .map(|a| async move {
+                inner
+                    .session
+                    .execute_unpaged(&inner.unreverse, (a.as_str(), client.as_str()))
+                    .await
+                    .map_err(unavailable)?;
+                inner
+                    .session
+                    .execute_unpaged(&inner.unbind, (client.as_str(), a.as_str()))
+                    .await
+                    .map_err(unavailable)?;
+                Ok::<_, TopologyError>(())
+            })
+            .collect();
+        stream::iter(futs)
+            .buffered(CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(gone)
+    }
+
+    async fn members(
+        &self,
+        address: &Address,
+        after: Option<&ClientId>,
+        limit: usize,
+    ) -> Result<Vec<ClientId>, TopologyError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = limit.min(i32::MAX as usize) as i32;
+        let res = match after {
+            None => {
+                self.0
+                    .session
+                    .execute_unpaged(&self.0.members_first, (address.as_str(), limit))
+                    .await
+            }
+            Some(c) => {
+                self.0
+                    .session
+                    .execute_unpaged(&self.0.members_after, (address.as_str(), c.as_str(), limit))
+                    .await
+            }
+        }
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(st)?;
+        res.rows::<(&str,)>()
+            .map_err(st)?
+            .map(|r| ClientId::parse(r.map_err(st)?.0).map_err(st))
+            .collect()
+    }
+}
+
+/// Ok(None) if the binding was claimed, Ok(Some(since already stored)) if it existed.
+fn claim_outcome(
+    res: scylla::response::query_result::QueryResult,
+) -> Result<Option<u64>, TopologyError> {
+    let rows = res.into_rows_result().map_err(st)?;
+    let specs = rows.column_specs();
+    let applied_at = specs
+        .get_by_name("[applied]")
+        .map(|(i, _)| i)
+        .ok_or_else(|| st("conditional insert answered without [applied]"))?;
+    let since_at = specs.get_by_name("since").map(|(i, _)| i);
+    let row: scylla::value::Row = rows.first_row().map_err(st)?;
+    if matches!(
+        row.columns.get(applied_at),
+        Some(Some(CqlValue::Boolean(true)))
+    ) {
+        return Ok(None);
+    }
+    let since = since_at
+        .and_then(|i| row.columns.get(i))
+        .and_then(|v| match v {
+            Some(CqlValue::BigInt(s)) => Some((*s).max(0) as u64),
+            _ => None,
+        })
+        .unwrap_or(0);
+    Ok(Some(since))
+}
+
+#[async_trait::async_trait]
+impl Cursors for CassandraTopology {
+    async fn save(&self, acks: &[(ClientId, Address, u64)]) -> Result<(), TopologyError> {
+        // The highest ack per (client, address), grouped by client (one partition each).
+        let mut by_client: BTreeMap<&ClientId, BTreeMap<&Address, u64>> = BTreeMap::new();
+        for (c, a, v) in acks {
+            let e = by_client.entry(c).or_default().entry(a).or_insert(0);
+            *e = (*e).max(*v);
+        }
+        let mut batches = Vec::new();
+        for (client, acks) in by_client {
+            let acks: Vec<(&Address, u64)> = acks.into_iter().filter(|(_, v)| *v > 0).collect();
+            for chunk in acks.chunks(CURSORS_PER_BATCH) {
+                let mut batch = Batch::new(BatchType::Unlogged);
+                batch.set_is_idempotent(true);
+                let mut values = Vec::with_capacity(chunk.len());
+                for (a, v) in chunk {
+                    batch.append_statement(self.0.cursor_save.clone());
+                    let v = (*v).min(i64::MAX as u64) as i64;
+                    values.push((client.as_str(), a.as_str(), v, v));
+                }
+                batches.push((batch, values));
+            }
+        }
+        let inner = &self.0;
+        let futs: Vec<_> = batches
+            .into_iter()
+            .map(|(batch, values)| async move {
+                inner
+                    .session
+                    .batch(&batch, values)
+                    .await
+                    .map(|_| ())
+                    .map_err(unavailable)
+            })
+            .collect();
+        stream::iter(futs)
+            .buffer_unordered(CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, client: &ClientId) -> Result<HashMap<Address, u64>, TopologyError> {
+        let mut rows = self
+            .0
+            .session
+            .execute_iter(self.0.cursor_get.clone(), (client.as_str(),))
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String, Option<i64>)>()
+            .map_err(st)?;
+        let mut out = HashMap::new();
+        while let Some(row) = rows.next().await {
+            let (address, version) = row.map_err(unavailable)?;
+            if let Some(v) = version {
+                out.insert(Address::parse(&address).map_err(st)?, v.max(0) as u64);
+            }
+        }
+        Ok(out)
+    }
+}

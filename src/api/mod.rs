@@ -158,17 +158,37 @@ async fn connect(
     State(svc): State<Arc<Services>>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (client, addresses) = parse::binding(&body(b)?, limits(&svc))?;
-    let r = publish(
-        &svc,
-        vec![Command::Bind {
+    change_bindings(&svc, b, true).await
+}
+
+/// `POST /server/disconnect`: unbinds a client from addresses.
+async fn disconnect(
+    State(svc): State<Arc<Services>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    change_bindings(&svc, b, false).await
+}
+
+/// Binds or unbinds, answering once durable: `{client, bound: [{address, version}]}` or
+/// `{client, unbound: [addresses that were bound]}`.
+async fn change_bindings(
+    svc: &Services,
+    b: Result<Bytes, BytesRejection>,
+    bind: bool,
+) -> Result<Json<Value>, ApiError> {
+    let (client, addresses) = parse::binding(&body(b)?, limits(svc))?;
+    let command = if bind {
+        Command::Bind {
             client: client.clone(),
             addresses,
-        }],
-        true,
-        Some(BIND_TIMEOUT),
-    )
-    .await?;
+        }
+    } else {
+        Command::Unbind {
+            client: client.clone(),
+            addresses,
+        }
+    };
+    let r = publish(svc, vec![command], true, Some(BIND_TIMEOUT)).await?;
     match r.into_iter().next() {
         Some(Ok(Outcome::Bound { bindings, .. })) => {
             let b: Vec<Value> = bindings
@@ -177,28 +197,6 @@ async fn connect(
                 .collect();
             Ok(Json(json!({ "client": client, "bound": b })))
         }
-        Some(Err(e)) => Err(e.into()),
-        _ => Ok(Json(json!({ "client": client }))),
-    }
-}
-
-/// `POST /server/disconnect`: unbinds a client from addresses.
-async fn disconnect(
-    State(svc): State<Arc<Services>>,
-    b: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let (client, addresses) = parse::binding(&body(b)?, limits(&svc))?;
-    let r = publish(
-        &svc,
-        vec![Command::Unbind {
-            client: client.clone(),
-            addresses,
-        }],
-        true,
-        Some(BIND_TIMEOUT),
-    )
-    .await?;
-    match r.into_iter().next() {
         Some(Ok(Outcome::Unbound { removed })) => {
             let u: Vec<&Address> = removed.iter().map(|(a, _)| a).collect();
             Ok(Json(json!({ "client": client, "unbound": u })))

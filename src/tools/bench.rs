@@ -155,15 +155,7 @@ async fn append(args: &BenchArgs, batch: usize) -> Res<String> {
                     body.push(']');
                 }
                 let t = Instant::now();
-                let (status, b) = http
-                    .call("POST", "/server/enqueue", Some(Bytes::from(body)))
-                    .await?;
-                if status != 202 {
-                    return Err(ClientError::Status {
-                        status,
-                        body: String::from_utf8_lossy(&b).into(),
-                    });
-                }
+                enqueue_raw(&mut http, body).await?;
                 hist.record(t.elapsed().as_micros() as u64).ok();
                 sent.fetch_add(batch as u64, Ordering::Relaxed);
             }
@@ -194,6 +186,20 @@ async fn append(args: &BenchArgs, batch: usize) -> Res<String> {
         hist.value_at_quantile(0.5) as f64 / 1000.0,
         hist.value_at_quantile(0.99) as f64 / 1000.0
     ))
+}
+
+/// Posts a ready JSON body to `/server/enqueue`; anything but 202 is an error.
+async fn enqueue_raw(http: &mut Http, body: String) -> Res<()> {
+    let (status, b) = http
+        .call("POST", "/server/enqueue", Some(Bytes::from(body)))
+        .await?;
+    if status != 202 {
+        return Err(ClientError::Status {
+            status,
+            body: String::from_utf8_lossy(&b).into(),
+        });
+    }
+    Ok(())
 }
 
 /// Connects `n` clients and binds each to `channel` (when given); returns them after `synced`.
@@ -345,15 +351,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
             ids[i as usize % ids.len()],
             now_us()
         );
-        let (status, b) = http
-            .call("POST", "/server/enqueue", Some(Bytes::from(body)))
-            .await?;
-        if status != 202 {
-            return Err(ClientError::Status {
-                status,
-                body: String::from_utf8_lossy(&b).into(),
-            });
-        }
+        enqueue_raw(&mut http, body).await?;
     }
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
     for t in tasks {

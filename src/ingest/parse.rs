@@ -203,7 +203,7 @@ mod tests {
         );
         assert!(batch.unwrap_err().to_string().starts_with("[1]: "));
         assert!(
-            enqueue_body(b"[1,2,3]", L)
+            enqueue_body(br#"[{"address":"channel:a","payload":1},{"address":"channel:a","payload":2},{"address":"channel:a","payload":3}]"#, L)
                 .unwrap_err()
                 .to_string()
                 .contains("over the limit of 2")

@@ -156,16 +156,9 @@ impl CassandraMailbox {
             Some(Consistency::Serial),
         )
         .await?;
-        let stored: Option<(Option<i64>,)> = session
-            .execute_unpaged(&read_config, ())
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(st)?
-            .maybe_first_row()
-            .map_err(st)?;
+        let stored = one_bigint(&session, &read_config, ()).await?;
         let bucket_size = match stored {
-            Some((Some(v),)) if v > 0 => v as u64,
+            Some(v) if v > 0 => v as u64,
             _ => return Err(st("mailbox_config has no bucket_size")),
         };
         let mut s = Statements {
@@ -298,16 +291,8 @@ impl Inner {
     }
 
     async fn hint(&self, address: &Address) -> Result<u64, MailboxError> {
-        let row: Option<(Option<i64>,)> = self
-            .session
-            .execute_unpaged(&self.st.hint, (address.as_str(),))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(st)?
-            .maybe_first_row()
-            .map_err(st)?;
-        Ok(row.and_then(|r| r.0).unwrap_or(0).max(0) as u64)
+        let hint = one_bigint(&self.session, &self.st.hint, (address.as_str(),)).await?;
+        Ok(hint.unwrap_or(0).max(0) as u64)
     }
 
     async fn static_head(
@@ -321,16 +306,8 @@ impl Inner {
         } else {
             &self.st.static_head
         };
-        let row: Option<(Option<i64>,)> = self
-            .session
-            .execute_unpaged(stmt, (address.as_str(), bucket as i64))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(st)?
-            .maybe_first_row()
-            .map_err(st)?;
-        Ok(row.and_then(|r| r.0).map(|h| h as u64))
+        let head = one_bigint(&self.session, stmt, (address.as_str(), bucket as i64)).await?;
+        Ok(head.map(|h| h as u64))
     }
 
     /// The true head of an address: from the hint, walk the static heads forward while buckets
@@ -675,16 +652,13 @@ impl Inner {
             .unwrap_or(0)
             .min(hb);
         let first = |b: u64| async move {
-            let row: Option<(Option<i64>,)> = self
-                .session
-                .execute_unpaged(&self.st.first_live, (address.as_str(), b as i64))
-                .await
-                .map_err(unavailable)?
-                .into_rows_result()
-                .map_err(st)?
-                .maybe_first_row()
-                .map_err(st)?;
-            Ok::<_, MailboxError>(row.and_then(|r| r.0).map(|v| v as u64))
+            let v = one_bigint(
+                &self.session,
+                &self.st.first_live,
+                (address.as_str(), b as i64),
+            )
+            .await?;
+            Ok::<_, MailboxError>(v.map(|v| v as u64))
         };
         let mut found = None;
         if let Some(v) = first(cached).await? {
@@ -811,6 +785,23 @@ fn build(
         ts.max(0) as u64,
         &payload,
     ))
+}
+
+/// The single bigint column of a query's first row (`None` for no row or a null).
+async fn one_bigint(
+    session: &Session,
+    stmt: &PreparedStatement,
+    values: impl SerializeRow,
+) -> Result<Option<i64>, MailboxError> {
+    let row: Option<(Option<i64>,)> = session
+        .execute_unpaged(stmt, values)
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(st)?
+        .maybe_first_row()
+        .map_err(st)?;
+    Ok(row.and_then(|r| r.0))
 }
 
 #[async_trait::async_trait]

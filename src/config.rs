@@ -67,6 +67,8 @@ pub struct Config {
     /// ZooKeeper connect string (`--backend cluster`).
     pub zookeeper: String,
     pub zookeeper_session_timeout_ms: u64,
+    /// The ZooKeeper path under which the nodes register and elect a leader.
+    pub zookeeper_root: String,
 }
 
 impl Default for Config {
@@ -96,6 +98,7 @@ impl Default for Config {
             kafka_partitions: 8,
             zookeeper: "127.0.0.1:2181".into(),
             zookeeper_session_timeout_ms: 6000,
+            zookeeper_root: "/signalpost".into(),
         }
     }
 }
@@ -169,6 +172,9 @@ impl Config {
             return bad(
                 "max_payload_bytes, max_batch, replay_page and append_batch must be positive",
             );
+        }
+        if !self.zookeeper_root.starts_with('/') || self.zookeeper_root.len() < 2 {
+            return bad("zookeeper_root must be an absolute path such as /signalpost");
         }
         if self.api_key.as_deref() == Some("") {
             return bad("api_key must not be empty");

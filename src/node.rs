@@ -2,6 +2,7 @@
 //! and drains in a fixed order on shutdown (stop taking work, close client connections, finish
 //! queued work, write pending acks).
 
+use crate::cluster::zookeeper::ZkMembership;
 use crate::cluster::{Membership, NodeInfo, Standalone};
 use crate::config::{Backend, Config};
 use crate::gateway::acks::AckWriter;
@@ -55,8 +56,9 @@ impl Services {
             (Backend::Embedded, _) => "redb",
             (Backend::Cluster, "mailbox" | "topology") => "cassandra",
             (Backend::Cluster, "queue") => "kafka",
-            // ZooKeeper membership and cluster-wide presence come with the cluster issue.
-            (Backend::Cluster, _) => "standalone",
+            (Backend::Cluster, "membership") => "zookeeper",
+            // Cluster-wide presence comes with the cluster issue.
+            (Backend::Cluster, _) => "memory",
         }
     }
 }
@@ -149,6 +151,18 @@ impl Node {
             url: format!("http://{addr}"),
             leader: true,
         };
+        let membership: Arc<dyn Membership> = match config.backend {
+            Backend::Embedded => Arc::new(Standalone { me }),
+            Backend::Cluster => Arc::new(ZkMembership::start(
+                &config.zookeeper,
+                Duration::from_millis(config.zookeeper_session_timeout_ms),
+                &config.zookeeper_root,
+                NodeInfo {
+                    leader: false,
+                    ..me
+                },
+            )),
+        };
         let svc = Arc::new(Services {
             credentials: Credentials::new(
                 &resume_secret,
@@ -161,7 +175,7 @@ impl Node {
             acks: AckWriter::start(cursors.clone()),
             cursors,
             presence: Arc::new(MemoryPresence::default()),
-            membership: Arc::new(Standalone { me }),
+            membership,
             router,
             queue,
             metrics,

@@ -10,6 +10,7 @@ use signalpost::{mailbox, presence, topology};
 use std::sync::Arc;
 
 mod kafka;
+mod zookeeper;
 
 fn embedded_mailbox(retention_ms: u64) -> (tempfile::TempDir, Arc<dyn Mailbox>) {
     let dir = tempfile::tempdir().unwrap();

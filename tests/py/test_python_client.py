@@ -30,6 +30,7 @@ def cluster_env(data_dir):
         "SIGNALPOST_KAFKA_TOPIC_PREFIX": f"py-{tag}.",
         "SIGNALPOST_KAFKA_GROUP": f"py-{tag}",
         "SIGNALPOST_KAFKA_PARTITIONS": "2",
+        "SIGNALPOST_ZOOKEEPER_ROOT": f"/py-{tag}",
     }
 
 

@@ -35,6 +35,7 @@ function clusterEnv(dataDir) {
     SIGNALPOST_KAFKA_TOPIC_PREFIX: `e2e-${tag}.`,
     SIGNALPOST_KAFKA_GROUP: `e2e-${tag}`,
     SIGNALPOST_KAFKA_PARTITIONS: '2',
+    SIGNALPOST_ZOOKEEPER_ROOT: `/e2e-${tag}`,
   };
 }
 

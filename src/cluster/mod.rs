@@ -1,10 +1,13 @@
 //! Cluster membership: which nodes are live and which one leads. [`Standalone`] is the
-//! single-node answer of the embedded default: this node, leading itself.
+//! single-node answer of the embedded default: this node, leading itself; [`zookeeper`] is the
+//! cluster's: ephemeral member entries and a Curator-compatible leader latch.
+
+pub mod zookeeper;
 
 use serde::Serialize;
 
 /// A live node as the cluster sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     pub id: String,
     /// Its HTTP address (what clients and peers use).

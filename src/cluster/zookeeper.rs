@@ -1,0 +1,210 @@
+//! Membership and leadership on ZooKeeper.
+//!
+//! Each node keeps one ZooKeeper session (its heartbeat, `zookeeper_session_timeout_ms`) and with
+//! it an ephemeral entry `<root>/nodes/<node id>` holding `{id, url}`, and contends a leader latch
+//! under `<root>/leader` with Curator's recipe (`LockPrefix::new_curator(dir, "latch-")`): the
+//! owner of the lowest sequence leads. When the session expires the entry and the latch go with
+//! it; the node reconnects with a new session, registers again and contends again. A node that
+//! is not connected answers `nodes()` with an error, so `/healthz` and `/server/nodes` say so.
+
+use super::{ClusterError, Membership, NodeInfo};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use zookeeper_client as zk;
+
+/// This node's membership in a ZooKeeper-coordinated cluster.
+pub struct ZkMembership {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+struct Shared {
+    root: String,
+    me: NodeInfo,
+    /// The live session's client, `None` while (re)connecting.
+    client: Mutex<Option<zk::Client>>,
+    leader: AtomicBool,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Unavailable(format!("zookeeper: {e}"))
+}
+
+impl ZkMembership {
+    /// Starts registering and contending in the background; `root` is e.g. `/signalpost`.
+    pub fn start(connect: &str, session_timeout: Duration, root: &str, me: NodeInfo) -> Self {
+        let shared = Arc::new(Shared {
+            root: root.trim_end_matches('/').to_string(),
+            me,
+            client: Mutex::new(None),
+            leader: AtomicBool::new(false),
+        });
+        let task = tokio::spawn(run(shared.clone(), connect.to_string(), session_timeout));
+        Self { shared, task }
+    }
+
+    /// Whether this node holds the leader latch now.
+    pub fn is_leader(&self) -> bool {
+        self.shared.leader.load(Ordering::SeqCst)
+    }
+
+    /// Leaves the cluster: closes the session, so the entry and the latch go at once.
+    pub fn leave(&self) {
+        self.task.abort();
+        self.shared.leader.store(false, Ordering::SeqCst);
+        self.shared
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
+
+impl Drop for ZkMembership {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// One session at a time: connect, register, contend, and start again when it ends.
+async fn run(shared: Arc<Shared>, connect: String, session_timeout: Duration) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session(&shared, &connect, session_timeout).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => tracing::warn!(error = %e, "zookeeper session ended; reconnecting"),
+        }
+        shared.leader.store(false, Ordering::SeqCst);
+        shared
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn session(
+    shared: &Shared,
+    connect: &str,
+    session_timeout: Duration,
+) -> Result<(), zk::Error> {
+    let client = zk::Client::connector()
+        .with_session_timeout(session_timeout)
+        .connect(connect)
+        .await?;
+    let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    let nodes_dir = format!("{}/nodes", shared.root);
+    let leader_dir = format!("{}/leader", shared.root);
+    client.mkdir(&nodes_dir, &persistent).await?;
+    client.mkdir(&leader_dir, &persistent).await?;
+    let entry = format!("{nodes_dir}/{}", shared.me.id);
+    let data = serde_json::to_vec(&shared.me).unwrap_or_default();
+    let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    match client.create(&entry, &data, &ephemeral).await {
+        Ok(_) => {}
+        Err(zk::Error::NodeExists) => {
+            // Left by this node's previous session, not expired yet: replace it.
+            client.delete(&entry, None).await.or_else(|e| {
+                if e == zk::Error::NoNode {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+            client.create(&entry, &data, &ephemeral).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    *shared.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+    tracing::info!(node = %shared.me.id, "joined the cluster");
+    let mut states = client.state_watcher();
+    let prefix = zk::LockPrefix::new_curator(&leader_dir, "latch-")?;
+    let options = zk::LockOptions::new(zk::Acls::anyone_all());
+    let latch = tokio::select! {
+        l = client.lock(prefix, shared.me.id.as_bytes(), options) => Some(l?.into_owned()),
+        e = ended(&mut states) => return Err(e),
+    };
+    shared.leader.store(true, Ordering::SeqCst);
+    tracing::info!(node = %shared.me.id, "leading the cluster");
+    let e = ended(&mut states).await;
+    drop(latch);
+    Err(e)
+}
+
+/// Resolves when the session is over (expired, closed, or refused).
+async fn ended(states: &mut zk::StateWatcher) -> zk::Error {
+    loop {
+        let s = states.changed().await;
+        if s.is_terminated() {
+            return zk::Error::SessionExpired;
+        }
+    }
+}
+
+/// The sequence number at the end of a latch node's name (`…latch-0000000012`).
+fn sequence(name: &str) -> Option<u64> {
+    name.rsplit('-').next()?.parse().ok()
+}
+
+#[async_trait::async_trait]
+impl Membership for ZkMembership {
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
+        let client = self
+            .shared
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| unavailable("not connected"))?;
+        let nodes_dir = format!("{}/nodes", self.shared.root);
+        let leader_dir = format!("{}/leader", self.shared.root);
+        let mut latches = client
+            .list_children(&leader_dir)
+            .await
+            .map_err(unavailable)?;
+        latches.sort_by_key(|n| sequence(n).unwrap_or(u64::MAX));
+        let mut leader = None;
+        for l in latches {
+            match client.get_data(&format!("{leader_dir}/{l}")).await {
+                Ok((data, _)) => {
+                    leader = Some(String::from_utf8_lossy(&data).into_owned());
+                    break;
+                }
+                Err(zk::Error::NoNode) => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        let mut out = Vec::new();
+        for child in client
+            .list_children(&nodes_dir)
+            .await
+            .map_err(unavailable)?
+        {
+            match client.get_data(&format!("{nodes_dir}/{child}")).await {
+                Ok((data, _)) => {
+                    if let Ok(mut n) = serde_json::from_slice::<NodeInfo>(&data) {
+                        n.leader = leader.as_deref() == Some(n.id.as_str());
+                        out.push(n);
+                    }
+                }
+                Err(zk::Error::NoNode) => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn latch_sequence() {
+        assert_eq!(super::sequence("_c_1b2f-latch-0000000012"), Some(12));
+        assert_eq!(super::sequence("junk"), None);
+    }
+}

@@ -24,6 +24,10 @@ pub const SCHEMA: &[(&str, &str)] = &[
         include_str!("../schema/001_keyspace.cql"),
     ),
     ("002_tables.cql", include_str!("../schema/002_tables.cql")),
+    (
+        "003_presence.cql",
+        include_str!("../schema/003_presence.cql"),
+    ),
 ];
 
 /// The default replication map for one local node.

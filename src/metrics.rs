@@ -35,6 +35,7 @@ pub struct Metrics {
     pub append_batch: Histogram,
     pub delivery_seconds: Histogram,
     pub expired: Counter,
+    pub cleaned: Counter,
 }
 
 impl Metrics {
@@ -81,6 +82,7 @@ impl Metrics {
             append_batch: metrics::histogram!("signalpost_append_batch_size"),
             delivery_seconds: metrics::histogram!("signalpost_enqueue_to_delivery_seconds"),
             expired: metrics::counter!("signalpost_expired_total"),
+            cleaned: metrics::counter!("signalpost_presence_cleaned_total"),
         }
     }
 

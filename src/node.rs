@@ -13,6 +13,7 @@ use crate::mailbox::Mailbox;
 use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE};
 use crate::mailbox::embedded::EmbeddedMailbox;
 use crate::metrics::Metrics;
+use crate::presence::cassandra::CassandraPresence;
 use crate::presence::{MemoryPresence, Presence};
 use crate::routing::Router;
 use crate::security::{Credentials, load_or_create_secret};
@@ -57,8 +58,7 @@ impl Services {
             (Backend::Cluster, "mailbox" | "topology") => "cassandra",
             (Backend::Cluster, "queue") => "kafka",
             (Backend::Cluster, "membership") => "zookeeper",
-            // Cluster-wide presence comes with the cluster issue.
-            (Backend::Cluster, _) => "memory",
+            (Backend::Cluster, _) => "cassandra",
         }
     }
 }
@@ -145,6 +145,7 @@ impl Node {
             mailbox,
             topology,
             cursors,
+            presence,
         } = stores;
         let me = NodeInfo {
             id: node_id.clone(),
@@ -174,7 +175,7 @@ impl Node {
             topology,
             acks: AckWriter::start(cursors.clone()),
             cursors,
-            presence: Arc::new(MemoryPresence::default()),
+            presence,
             membership,
             router,
             queue,
@@ -184,6 +185,7 @@ impl Node {
             config,
         });
         spawn_expiry(svc.clone());
+        spawn_cleanup(svc.clone());
         Ok(Self {
             svc,
             listener,
@@ -238,6 +240,7 @@ struct Stores {
     mailbox: Arc<dyn Mailbox>,
     topology: Arc<dyn Topology>,
     cursors: Arc<dyn Cursors>,
+    presence: Arc<dyn Presence>,
 }
 
 /// Opens the stores of the configured backend: redb files in the data dir, or a Cassandra
@@ -255,6 +258,7 @@ async fn open_stores(config: &Config, node_id: &str) -> Result<Stores, NodeError
                 mailbox: Arc::new(mailbox),
                 topology: Arc::new(topo.clone()),
                 cursors: Arc::new(topo),
+                presence: Arc::new(MemoryPresence::default()),
             })
         }
         Backend::Cluster => {
@@ -277,13 +281,17 @@ async fn open_stores(config: &Config, node_id: &str) -> Result<Stores, NodeError
             )
             .await
             .map_err(|e| store_err(&e))?;
-            let topo = CassandraTopology::new(session, ks)
+            let topo = CassandraTopology::new(session.clone(), ks)
+                .await
+                .map_err(|e| store_err(&e))?;
+            let presence = CassandraPresence::new(session, ks)
                 .await
                 .map_err(|e| store_err(&e))?;
             Ok(Stores {
                 mailbox: Arc::new(mailbox),
                 topology: Arc::new(topo.clone()),
                 cursors: Arc::new(topo),
+                presence: Arc::new(presence),
             })
         }
     }
@@ -299,6 +307,43 @@ fn node_id_in(dir: &std::path::Path) -> std::io::Result<String> {
             Ok(id)
         }
     }
+}
+
+/// The leader's cleanup after dead nodes: presence entries of nodes that are not live any more
+/// are removed. Driven by durable state (the presence rows), so it is idempotent and a new
+/// leader finishes whatever an old one left.
+fn spawn_cleanup(svc: Arc<Services>) {
+    if svc.config.backend != Backend::Cluster {
+        return;
+    }
+    let weak = Arc::downgrade(&svc);
+    drop(svc);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(svc) = weak.upgrade() else { return };
+            if !svc.membership.is_leader() {
+                continue;
+            }
+            let (Ok(live), Ok(with_entries)) =
+                (svc.membership.nodes().await, svc.presence.nodes().await)
+            else {
+                continue;
+            };
+            for node in with_entries
+                .iter()
+                .filter(|n| !live.iter().any(|l| &l.id == *n))
+            {
+                match svc.presence.clear_node(node).await {
+                    Ok(n) => {
+                        svc.metrics.cleaned.increment(n);
+                        tracing::info!(%node, entries = n, "cleaned up after a dead node");
+                    }
+                    Err(e) => tracing::warn!(error = %e, %node, "cleanup failed; will retry"),
+                }
+            }
+        }
+    });
 }
 
 fn spawn_expiry(svc: Arc<Services>) {

@@ -26,6 +26,8 @@ pub enum ClusterError {
 pub trait Membership: Send + Sync + 'static {
     /// The live nodes, sorted by id, with the leader marked.
     async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError>;
+    /// Whether this node leads now (and so does the cleanup after dead nodes).
+    fn is_leader(&self) -> bool;
 }
 
 /// One node alone: it is the whole cluster and its leader.
@@ -37,5 +39,9 @@ pub struct Standalone {
 impl Membership for Standalone {
     async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
         Ok(vec![self.me.clone()])
+    }
+
+    fn is_leader(&self) -> bool {
+        true
     }
 }

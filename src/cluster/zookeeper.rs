@@ -45,11 +45,6 @@ impl ZkMembership {
         Self { shared, task }
     }
 
-    /// Whether this node holds the leader latch now.
-    pub fn is_leader(&self) -> bool {
-        self.shared.leader.load(Ordering::SeqCst)
-    }
-
     /// Leaves the cluster: closes the session, so the entry and the latch go at once.
     pub fn leave(&self) {
         self.task.abort();
@@ -197,6 +192,11 @@ impl Membership for ZkMembership {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// Whether this node holds the leader latch now.
+    fn is_leader(&self) -> bool {
+        self.shared.leader.load(Ordering::SeqCst)
     }
 }
 

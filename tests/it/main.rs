@@ -353,6 +353,21 @@ mod cassandra_mailbox {
     }
 }
 
+mod cassandra_presence {
+    use super::cassandra_support::*;
+    use super::*;
+    use signalpost::presence::cassandra::CassandraPresence;
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn connect_disconnect_clear() {
+        let p = CassandraPresence::new(session(KEYSPACE).await, KEYSPACE)
+            .await
+            .unwrap();
+        presence::contract::connect_disconnect_clear(Arc::new(p) as Arc<dyn Presence>).await;
+    }
+}
+
 mod cassandra_topology {
     use super::cassandra_support::*;
     use super::*;

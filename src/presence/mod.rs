@@ -3,7 +3,10 @@
 //! Entries are per connection (a client may hold several), so a disconnect of one connection does
 //! not hide another. [`MemoryPresence`] is the single-node backend: a node's own connections are
 //! all there is, so memory is the truth and nothing survives a restart (which is correct: after a
-//! restart, nobody is connected). [`contract`] is the suite every backend passes.
+//! restart, nobody is connected). [`cassandra`] is the cluster's backend. [`contract`] is the
+//! suite every backend passes.
+
+pub mod cassandra;
 
 use crate::address::ClientId;
 use std::collections::HashMap;
@@ -41,6 +44,8 @@ pub trait Presence: Send + Sync + 'static {
     async fn lookup(&self, clients: &[ClientId]) -> Result<Vec<Vec<Seen>>, PresenceError>;
     /// Removes every entry of a node (cleanup after it died); returns how many were removed.
     async fn clear_node(&self, node: &str) -> Result<u64, PresenceError>;
+    /// The nodes that have entries (to find the ones left by dead nodes).
+    async fn nodes(&self) -> Result<Vec<String>, PresenceError>;
 }
 
 /// In-memory presence for a single node.
@@ -98,6 +103,14 @@ impl Presence for MemoryPresence {
         });
         Ok(n)
     }
+
+    async fn nodes(&self) -> Result<Vec<String>, PresenceError> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n: Vec<String> = m.values().flatten().map(|s| s.node.clone()).collect();
+        n.sort();
+        n.dedup();
+        Ok(n)
+    }
 }
 
 pub mod contract {
@@ -131,6 +144,8 @@ pub mod contract {
             "connected is idempotent, one entry per connection"
         );
         assert_eq!(got[1], vec![seen(&n1, "c3")]);
+        let nodes = p.nodes().await.unwrap();
+        assert!(nodes.contains(&n1) && nodes.contains(&n2), "{nodes:?}");
         p.disconnected(&a, &n2, "c2").await.unwrap();
         p.disconnected(&a, &n2, "c2").await.unwrap();
         assert_eq!(
@@ -142,6 +157,15 @@ pub mod contract {
             p.lookup(&[a, b]).await.unwrap(),
             vec![vec![], vec![]],
             "a dead node's entries are gone"
+        );
+        assert!(
+            !p.nodes().await.unwrap().contains(&n1),
+            "a cleared node has no entries"
+        );
+        assert_eq!(
+            p.clear_node(&n1).await.unwrap(),
+            0,
+            "clearing again is a no-op"
         );
     }
 }

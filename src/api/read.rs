@@ -223,5 +223,10 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
         "connections": svc.connections.load(std::sync::atomic::Ordering::SeqCst),
         "backends": backends,
     });
-    (code, Json(body))
+    // Readable from any origin: the page of one node shows every node's health.
+    (
+        code,
+        [(axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")],
+        Json(body),
+    )
 }

@@ -174,20 +174,35 @@
     }
   }
 
+  /** A node's /healthz body, or null when it does not answer within 1.5 s. */
+  async function nodeHealth(url) {
+    if (!url) return null;
+    try {
+      const r = await fetch(`${url}/healthz`, { signal: AbortSignal.timeout(1500) });
+      return await r.json();
+    } catch {
+      return null;
+    }
+  }
+
   async function refreshNodes() {
     try {
       const n = await api('GET', '/server/nodes');
       setMsg('nodes-error', '');
       $('node-count').textContent = String(n.nodes.length);
-      const rows = n.nodes.map((node) => el('tr', { 'data-testid': 'node-row', 'data-node': node.id, 'data-leader': String(!!node.leader) },
+      // Each node's own /healthz (served with CORS) gives its connections and health.
+      const healths = await Promise.all(n.nodes.map((node) => nodeHealth(node.url)));
+      const rows = n.nodes.map((node, i) => el('tr', { 'data-testid': 'node-row', 'data-node': node.id, 'data-leader': String(!!node.leader) },
         el('td', { class: 'mono' }, node.id, node.id === n.self ? ' ' : '', node.id === n.self ? pill('this node', 'muted') : null),
         el('td', { class: 'mono' }, node.url ? el('a', { href: node.url, text: node.url }) : '–'),
-        el('td', {}, node.leader ? pill('leader', 'ok') : pill('follower', 'muted'))));
-      $('nodes').replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { colspan: 3, class: 'muted', text: 'no live nodes' }))]));
+        el('td', {}, node.leader ? pill('leader', 'ok') : pill('follower', 'muted')),
+        el('td', { class: 'mono', 'data-testid': 'node-connections', text: healths[i] ? String(healths[i].connections) : '–' }),
+        el('td', {}, healths[i] ? pill(healths[i].status, healths[i].status === 'ok' ? 'ok' : 'bad') : pill('no answer', 'bad'))));
+      $('nodes').replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { colspan: 5, class: 'muted', text: 'no live nodes' }))]));
     } catch (e) {
       setMsg('nodes-error', e.message, 'error');
       $('node-count').textContent = '?';
-      if (e.status === 401) $('nodes').replaceChildren(el('tr', {}, el('td', { colspan: 3, class: 'muted', text: 'needs the API key' })));
+      if (e.status === 401) $('nodes').replaceChildren(el('tr', {}, el('td', { colspan: 5, class: 'muted', text: 'needs the API key' })));
     }
   }
 

@@ -71,6 +71,8 @@ test('the console: bind, send, receive, disconnect, resume with exactly the miss
     await nodeRow.first().waitFor();
     assert.equal(await nodeRow.count(), 1);
     assert.equal(await nodeRow.first().getAttribute('data-leader'), 'true');
+    // Each node's connections come from its own /healthz: this page's connection is one.
+    await waitFor(async () => (await page.locator('[data-testid=node-connections]').first().textContent()) === '1', 10000, 'connections per node');
     await waitFor(async () => (await byTestId(page, 'health-status').textContent()) === 'ok', 5000, 'health ok');
     assert.equal(await page.locator('[data-testid=backend][data-status=up]').count(), 4);
 

@@ -14,6 +14,7 @@
 //! another writer appended, so the head is refreshed and the rest retried. Within one process
 //! appends to one address are serialized by an async mutex, which also holds the cached head.
 
+use super::storage_err as st;
 use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page, now_ms};
 use crate::address::{Address, MessageId};
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -46,10 +47,6 @@ const MAX_BATCH_BYTES: usize = 512 * 1024;
 const MAX_CONFLICTS: usize = 16;
 /// Cached per-address state is dropped (those not in use) past this many addresses.
 const CACHE_MAX: usize = 1 << 18;
-
-fn st(e: impl std::fmt::Display) -> MailboxError {
-    MailboxError::Storage(e.to_string())
-}
 
 fn unavailable(e: impl std::fmt::Display) -> MailboxError {
     MailboxError::Unavailable(e.to_string())

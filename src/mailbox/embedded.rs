@@ -11,6 +11,7 @@
 //! batch is one transaction, and versions are assigned in memory from a cache of heads that is
 //! updated only after the commit succeeded. A crash mid-batch leaves the previous commit intact.
 
+use super::storage_err as st;
 use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page, now_ms};
 use crate::address::{Address, MessageId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -28,10 +29,6 @@ const EXPIRY: TableDefinition<(u64, &str), u64> = TableDefinition::new("expiry")
 const HEAD_CACHE_MAX: usize = 1 << 20;
 /// Most expiry buckets handled in one expiry transaction.
 const EXPIRE_BATCH: usize = 4096;
-
-fn st(e: impl std::fmt::Display) -> MailboxError {
-    MailboxError::Storage(e.to_string())
-}
 
 /// The redb-backed mailbox (a cheap clone of a shared handle).
 #[derive(Clone)]

@@ -98,6 +98,11 @@ pub struct Page {
     pub messages: Vec<Arc<Message>>,
 }
 
+/// Maps a backend's own error to [`MailboxError::Storage`] (shared by every backend).
+pub(crate) fn storage_err(e: impl std::fmt::Display) -> MailboxError {
+    MailboxError::Storage(e.to_string())
+}
+
 /// Mailbox failures.
 #[derive(Debug, thiserror::Error)]
 pub enum MailboxError {

@@ -11,6 +11,7 @@
 //! last-write-wins keeps the highest version whatever the order of concurrent saves — no read and
 //! no lightweight transaction.
 
+use super::storage_err as st;
 use super::{Binding, Cursors, Topology, TopologyError};
 use crate::address::{Address, ClientId};
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -25,10 +26,6 @@ use std::sync::Arc;
 const CONCURRENCY: usize = 32;
 /// Cursor rows per single-partition batch.
 const CURSORS_PER_BATCH: usize = 100;
-
-fn st(e: impl std::fmt::Display) -> TopologyError {
-    TopologyError::Storage(e.to_string())
-}
 
 fn unavailable(e: impl std::fmt::Display) -> TopologyError {
     TopologyError::Unavailable(e.to_string())

@@ -1,6 +1,7 @@
 //! Topology and cursors in redb: `bindings` (client, address) → since, its reverse `members`
 //! (address, client), and `cursors` (client, address) → version. Each call is one transaction.
 
+use super::storage_err as st;
 use super::{Binding, Cursors, Topology, TopologyError};
 use crate::address::{Address, ClientId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -11,10 +12,6 @@ use std::sync::Arc;
 const BINDINGS: TableDefinition<(&str, &str), u64> = TableDefinition::new("bindings");
 const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
-
-fn st(e: impl std::fmt::Display) -> TopologyError {
-    TopologyError::Storage(e.to_string())
-}
 
 /// The redb-backed topology and cursors (one file, a cheap clone of a shared handle).
 #[derive(Clone)]

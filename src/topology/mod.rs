@@ -21,6 +21,11 @@ pub struct Binding {
     pub since: u64,
 }
 
+/// Maps a backend's own error to [`TopologyError::Storage`] (shared by every backend).
+pub(crate) fn storage_err(e: impl std::fmt::Display) -> TopologyError {
+    TopologyError::Storage(e.to_string())
+}
+
 /// Topology and cursor failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {

@@ -82,6 +82,41 @@ impl Address {
     pub fn client(&self) -> Option<ClientId> {
         self.0.strip_prefix("client:").map(|n| ClientId(n.into()))
     }
+
+    /// The partition (of `partitions`) that Kafka's default partitioner — the Java client's,
+    /// and librdkafka's `murmur2_random` — gives a record keyed by this address. The cluster
+    /// mailbox fences writers per partition, so it must agree with Kafka on this.
+    pub fn partition(&self, partitions: u32) -> u32 {
+        (murmur2(self.0.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
+    }
+}
+
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`, seed 0x9747b28c).
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
 }
 
 /// A validated client identity (the `name` of its `client:` address).
@@ -191,6 +226,24 @@ mod tests {
         }
         assert!(Address::parse(&format!("channel:{}", "a".repeat(200))).is_ok());
         assert!(Address::parse(&format!("channel:{}", "a".repeat(201))).is_err());
+    }
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Apache Kafka's own vectors (UtilsTest.testMurmur2), as signed 32-bit values.
+        for (input, want) in [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            ("abc", 479470107),
+        ] {
+            assert_eq!(murmur2(input.as_bytes()) as i32, want, "{input}");
+        }
+        let a = Address::parse("channel:news").unwrap();
+        assert!(a.partition(8) < 8);
+        assert_eq!(a.partition(1), 0);
     }
 
     #[test]

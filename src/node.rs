@@ -10,7 +10,7 @@ use crate::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
 use crate::ingest::local::LocalQueue;
 use crate::ingest::{Processor, Queue};
 use crate::mailbox::Mailbox;
-use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE};
+use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
 use crate::mailbox::embedded::EmbeddedMailbox;
 use crate::metrics::Metrics;
 use crate::presence::cassandra::CassandraPresence;
@@ -107,7 +107,17 @@ impl Node {
             .local_addr()
             .map_err(|e| NodeError::Listen(config.listen, e))?;
         let metrics = Metrics::install();
-        let stores = open_stores(&config, &node_id).await?;
+        let topics = Topics::with_prefix(&config.kafka_topic_prefix);
+        // The mailbox is sharded like the enqueue topic, so the topics come first.
+        let shards = match config.backend {
+            Backend::Embedded => 1,
+            Backend::Cluster => {
+                KafkaQueue::ensure_topics(&config.kafka, &topics, config.kafka_partitions)
+                    .await
+                    .map_err(|e| NodeError::Backend(e.to_string()))?
+            }
+        };
+        let stores = open_stores(&config, &node_id, (&topics.enqueue, shards)).await?;
         let router = Arc::new(Router::default());
         let processor = Arc::new(Processor {
             mailbox: stores.mailbox.clone(),
@@ -115,12 +125,6 @@ impl Node {
             router: router.clone(),
             metrics: metrics.clone(),
         });
-        let topics = Topics::with_prefix(&config.kafka_topic_prefix);
-        if config.backend == Backend::Cluster {
-            KafkaQueue::ensure_topics(&config.kafka, &topics, config.kafka_partitions)
-                .await
-                .map_err(|e| NodeError::Backend(e.to_string()))?;
-        }
         let queue: Arc<dyn Queue> = match config.backend {
             Backend::Embedded => Arc::new(LocalQueue::start(processor, config.append_batch)),
             Backend::Cluster => Arc::new(
@@ -134,6 +138,7 @@ impl Node {
                             max_batch: config.max_batch,
                         },
                         batch: config.append_batch,
+                        partitions: shards,
                         stop_before_commit: false,
                     },
                     processor,
@@ -245,7 +250,11 @@ struct Stores {
 
 /// Opens the stores of the configured backend: redb files in the data dir, or a Cassandra
 /// keyspace (the schema applied idempotently first).
-async fn open_stores(config: &Config, node_id: &str) -> Result<Stores, NodeError> {
+async fn open_stores(
+    config: &Config,
+    node_id: &str,
+    (scope, shards): (&str, u32),
+) -> Result<Stores, NodeError> {
     let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
     match config.backend {
         Backend::Embedded => {
@@ -275,9 +284,14 @@ async fn open_stores(config: &Config, node_id: &str) -> Result<Stores, NodeError
             let ks = &config.cassandra_keyspace;
             let mailbox = CassandraMailbox::new(
                 session.clone(),
-                ks,
-                config.retention_ms(),
-                DEFAULT_BUCKET_SIZE,
+                &MailboxSettings {
+                    keyspace: ks.clone(),
+                    retention_ms: config.retention_ms(),
+                    bucket_size: DEFAULT_BUCKET_SIZE,
+                    shards,
+                    scope: scope.to_string(),
+                    owner: node_id.to_string(),
+                },
             )
             .await
             .map_err(|e| store_err(&e))?;

@@ -27,6 +27,57 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// The consumer: records the partitions each rebalance assigns, so that the worker releases
+/// their mailbox shards (and claims them anew) before it applies records of them.
+type Consumer_ = StreamConsumer<Rebalances>;
+
+#[derive(Default)]
+struct Rebalances {
+    assigned: Mutex<Vec<u32>>,
+    enqueue: String,
+}
+
+impl rdkafka::ClientContext for Rebalances {}
+
+impl rdkafka::consumer::ConsumerContext for Rebalances {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
+            let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+            for e in tpl.elements() {
+                if e.topic() == self.enqueue && e.partition() >= 0 {
+                    assigned.push(e.partition() as u32);
+                }
+            }
+            tracing::info!(partitions = ?assigned, "kafka assigned enqueue partitions");
+        }
+    }
+}
+
+/// A consumer in the group, subscribed to the three operation topics.
+fn subscribe(settings: &KafkaSettings) -> Result<Consumer_, IngestError> {
+    let consumer: Consumer_ = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("queued.max.messages.kbytes", "16384")
+        .create_with_context(Rebalances {
+            enqueue: settings.topics.enqueue.clone(),
+            ..Default::default()
+        })
+        .map_err(kerr)?;
+    let t = &settings.topics;
+    consumer
+        .subscribe(&[&t.enqueue, &t.connect, &t.disconnect])
+        .map_err(kerr)?;
+    Ok(consumer)
+}
+
 /// How long a publisher waits for Kafka to take a record, and for `wait` answers.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(5);
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,6 +151,9 @@ pub struct KafkaSettings {
     pub group: String,
     pub limits: Limits,
     pub batch: usize,
+    /// Partitions of the enqueue topic: an enqueue record must come through the partition
+    /// Kafka's murmur2 partitioner gives its address ([`crate::address::Address::partition`]).
+    pub partitions: u32,
     /// Test hook: apply one batch, then stop without committing its offsets (a crash between
     /// the two). Always false outside tests.
     pub stop_before_commit: bool,
@@ -120,12 +174,13 @@ fn kerr(e: impl std::fmt::Display) -> IngestError {
 
 impl KafkaQueue {
     /// Creates the topics that do not exist yet (`partitions` each for the three operation
-    /// topics, one for dead letters); existing topics are left as they are.
+    /// topics, one for dead letters); existing topics are left as they are. Returns the
+    /// partition count of the enqueue topic as it really is (the mailbox's shard count).
     pub async fn ensure_topics(
         brokers: &str,
         topics: &Topics,
         partitions: i32,
-    ) -> Result<(), IngestError> {
+    ) -> Result<u32, IngestError> {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         use rdkafka::types::RDKafkaErrorCode;
         let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
@@ -145,7 +200,29 @@ impl KafkaQueue {
                 Err((t, e)) => return Err(kerr(format!("creating topic {t}: {e}"))),
             }
         }
-        Ok(())
+        let (brokers, topic) = (brokers.to_string(), topics.enqueue.clone());
+        tokio::task::spawn_blocking(move || {
+            let client: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .map_err(kerr)?;
+            // A topic just created may take a moment to show its partitions.
+            for _ in 0..40 {
+                let md = client
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .map_err(kerr)?;
+                if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+                    && !t.partitions().is_empty()
+                    && t.error().is_none()
+                {
+                    return Ok(t.partitions().len() as u32);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(kerr(format!("topic {topic} shows no partitions")))
+        })
+        .await
+        .map_err(kerr)?
     }
 
     /// Connects the producer and starts the consumer task.
@@ -155,22 +232,12 @@ impl KafkaQueue {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
+            // The Java client's partitioner: an address lands where the mailbox expects it.
+            .set("partitioner", "murmur2_random")
             .set("message.timeout.ms", "10000")
             .create()
             .map_err(kerr)?;
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &settings.brokers)
-            .set("group.id", &settings.group)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("queued.max.messages.kbytes", "16384")
-            .create()
-            .map_err(kerr)?;
-        let t = &settings.topics;
-        consumer
-            .subscribe(&[&t.enqueue, &t.connect, &t.disconnect])
-            .map_err(kerr)?;
+        let consumer = subscribe(&settings)?;
         let waiters = Arc::new(Waiters::default());
         let (stop, stopped) = watch::channel(false);
         let worker = Worker {
@@ -289,13 +356,19 @@ impl Queue for KafkaQueue {
 }
 
 struct Worker {
-    consumer: StreamConsumer,
+    consumer: Consumer_,
     producer: FutureProducer,
     settings: KafkaSettings,
     processor: Arc<Processor>,
     waiters: Arc<Waiters>,
     /// Test hook: apply a batch, then stop without committing (a crash between the two).
     fail_before_commit: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    Done,
+    Fenced,
 }
 
 /// A record turned into a command, or the reason it was refused.
@@ -305,7 +378,7 @@ struct Parsed {
 }
 
 impl Worker {
-    async fn run(self, mut stopped: watch::Receiver<bool>) {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
         loop {
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
@@ -326,7 +399,29 @@ impl Worker {
                     _ => break,
                 }
             }
-            self.handle(&batch, &stopped).await;
+            let assigned = std::mem::take(
+                &mut *self
+                    .consumer
+                    .context()
+                    .assigned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if !assigned.is_empty() {
+                self.processor.mailbox.release(&assigned).await;
+            }
+            if self.handle(&batch, &stopped).await == Handled::Fenced {
+                // Another consumer owns some of these partitions now (this one missed the
+                // rebalance): drop the batch uncommitted, leave the group and join it again,
+                // so that it continues from the committed offsets of what it is given.
+                tracing::warn!("fenced by another writer: rejoining the consumer group");
+                drop(batch);
+                match subscribe(&self.settings) {
+                    Ok(c) => self.consumer = c,
+                    Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),
+                }
+                continue;
+            }
             if self.fail_before_commit {
                 tracing::warn!("test hook: stopping before the commit");
                 return;
@@ -346,7 +441,20 @@ impl Worker {
                 MessageId::parse(&format!("kafka-{topic}-{partition}-{offset}"))
                     .expect("a valid id")
             };
-            let command = parse::enqueue_one(bytes, limits, &mut default_id).map(Command::Enqueue);
+            let partitions = self.settings.partitions;
+            let command = parse::enqueue_one(bytes, limits, &mut default_id).and_then(|n| {
+                let want = n.address.partition(partitions);
+                if want as i32 == partition {
+                    Ok(Command::Enqueue(n))
+                } else {
+                    Err(Invalid::Bad(format!(
+                        "record for {} came through partition {partition}, but that address \
+                         belongs to partition {want}: key enqueue records with their address \
+                         and use Kafka's default (murmur2) partitioner",
+                        n.address
+                    )))
+                }
+            });
             let ticket = command.as_ref().ok().map(|c| match c {
                 Command::Enqueue(n) => message_ticket(n.address.as_str(), n.id.as_str()),
                 _ => unreachable!(),
@@ -366,8 +474,8 @@ impl Worker {
         Parsed { command, ticket }
     }
 
-    /// Applies a batch until it is durable (or the queue is stopped).
-    async fn handle(&self, batch: &[OwnedMessage], stopped: &watch::Receiver<bool>) {
+    /// Applies a batch until it is durable (or the queue is stopped, or this consumer is fenced).
+    async fn handle(&self, batch: &[OwnedMessage], stopped: &watch::Receiver<bool>) -> Handled {
         let parsed: Vec<Parsed> = batch.iter().map(|m| self.parse(m)).collect();
         for (m, p) in batch.iter().zip(&parsed) {
             if let Err(reason) = &p.command {
@@ -383,15 +491,18 @@ impl Worker {
             }
         }
         if commands.is_empty() {
-            return;
+            return Handled::Done;
         }
         let mut backoff = Duration::from_millis(100);
         loop {
             let results = self.processor.apply(commands.clone()).await;
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                if matches!(e, IngestError::Fenced(_)) {
+                    return Handled::Fenced;
+                }
                 tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
                 if *stopped.borrow() {
-                    return; // not committed: applied again after a restart
+                    return Handled::Done; // not committed: applied again after a restart
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -402,7 +513,7 @@ impl Worker {
                     self.waiters.resolve(t, outcome);
                 }
             }
-            return;
+            return Handled::Done;
         }
     }
 

@@ -61,11 +61,17 @@ pub enum IngestError {
     Timeout(u64),
     #[error("the queue is unavailable: {0}")]
     Unavailable(String),
+    /// This writer was fenced by another (see [`MailboxError::Fenced`]).
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl From<&MailboxError> for IngestError {
     fn from(e: &MailboxError) -> Self {
-        IngestError::Mailbox(e.to_string())
+        match e {
+            MailboxError::Fenced(_) => IngestError::Fenced(e.to_string()),
+            _ => IngestError::Mailbox(e.to_string()),
+        }
     }
 }
 impl From<TopologyError> for IngestError {

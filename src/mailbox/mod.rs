@@ -110,6 +110,11 @@ pub enum MailboxError {
     Storage(String),
     #[error("mailbox is unavailable: {0}")]
     Unavailable(String),
+    /// Another writer claimed a shard this writer was appending to: nothing of the failed
+    /// append became visible, and this writer must not append to the shard again until it is
+    /// given it anew ([`Mailbox::release`]).
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// A store of versioned mailboxes.
@@ -119,7 +124,9 @@ pub enum MailboxError {
 ///   and never twice, also across a crash in the middle of a batch (a batch is all or nothing);
 /// - a message whose `id` was already appended to the same address within the retention period is
 ///   not appended again: the result carries the original message with `duplicate = true`;
-/// - once `append` returns, the messages are durable;
+/// - once `append` returns, the messages are durable; when it fails, the outcome is unknown
+///   (the embedded backend appends nothing; a cluster writer may have appended some of the
+///   batch) and appending the same ids again is safe;
 /// - `read` returns messages after a version in order, at most `limit`, with the head;
 /// - messages older than the retention are removed by `expire`, and `read` then starts at `low`.
 #[async_trait::async_trait]
@@ -135,6 +142,10 @@ pub trait Mailbox: Send + Sync + 'static {
     async fn expire(&self, now_ms: u64) -> Result<u64, MailboxError>;
     /// Whether the backing store answers.
     async fn healthy(&self) -> Result<(), MailboxError>;
+    /// Forgets this writer's claims on `shards` (partitions of the enqueue topic), so that its
+    /// next append to one of them claims it anew, fencing any other writer. A Kafka consumer
+    /// calls it for the partitions a rebalance gave it. Backends without fences ignore it.
+    async fn release(&self, _shards: &[u32]) {}
 }
 
 /// Milliseconds since the Unix epoch.

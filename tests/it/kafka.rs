@@ -81,6 +81,7 @@ fn settings(topics: &Topics, group: &str) -> KafkaSettings {
             max_batch: 100,
         },
         batch: 500,
+        partitions: 4,
         stop_before_commit: false,
     }
 }
@@ -88,6 +89,7 @@ fn settings(topics: &Topics, group: &str) -> KafkaSettings {
 async fn produce(topic: &str, records: &[(String, String)]) {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
+        .set("partitioner", "murmur2_random")
         .create()
         .unwrap();
     for (k, v) in records {

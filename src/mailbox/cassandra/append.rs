@@ -1,0 +1,553 @@
+//! Appending to the Cassandra mailbox under the per-shard fence.
+//!
+//! One `append` call at a time holds the writer state (claims and known heads):
+//! 1. every shard the batch touches is claimed, unless this writer already holds it;
+//! 2. per address (concurrently): the head is known, or adopted (the highest-epoch mark, plus
+//!    any rows written past it by an earlier writer, copied into this epoch); ids already
+//!    appended are answered as duplicates; the rest get the next versions and are written —
+//!    message rows and id candidates — as one unlogged batch;
+//! 3. one SERIAL read of the fences: if another writer claimed one of the shards meanwhile,
+//!    the append fails with [`MailboxError::Fenced`] and nothing of it becomes visible;
+//! 4. the head marks move, and only then does `append` answer.
+
+use super::{ADDRESS_CONCURRENCY, CACHE_MAX, Entry, Inner, st, unavailable};
+use crate::address::{Address, MessageId};
+use crate::mailbox::{Appended, MailboxError, Message, NewMessage, now_ms};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use scylla::serialize::SerializationError;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::value::CqlTimestamp;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Messages (each a message row and an id candidate) in one unlogged batch, and their payload
+/// bytes (Cassandra refuses batches over `batch_size_fail_threshold`, 1 MiB here).
+const MAX_BATCH_MESSAGES: usize = 500;
+const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// Ids per lookup of the id index (one partition, clustering `IN`).
+const IDS_PER_LOOKUP: usize = 200;
+/// Rows per read when adopting rows written past the head.
+const SCAN_LIMIT: usize = 1000;
+
+/// What the writer holds between appends.
+#[derive(Default)]
+pub(super) struct WriterState {
+    /// Shard → the epoch this writer claimed it with.
+    claims: HashMap<u32, i64>,
+    /// Shards another writer claimed from this one: refused until released.
+    fenced: HashSet<u32>,
+    /// Address → its head, as marked by this writer under its current claim.
+    heads: HashMap<Address, u64>,
+}
+
+/// One statement's values in a write batch.
+enum Row<'a> {
+    Entry(&'a str, i64, i64, i64, &'a str, CqlTimestamp, &'a str, i32),
+    Id(&'a str, &'a str, i64, i32),
+}
+
+impl SerializeRow for Row<'_> {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter,
+    ) -> Result<(), SerializationError> {
+        match *self {
+            Row::Entry(a, b, v, e, id, ts, p, ttl) => (a, b, v, e, id, ts, p, ttl).serialize(ctx, writer),
+            Row::Id(a, id, v, ttl) => (a, id, v, ttl).serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// A message row to write.
+struct NewRow<'a> {
+    version: u64,
+    id: &'a str,
+    payload: &'a str,
+    ts: i64,
+}
+
+/// A message waiting for a version, with the positions in the caller's batch it answers.
+struct Pending {
+    msg: NewMessage,
+    slots: Vec<usize>,
+}
+
+/// What step 2 did for one address.
+struct Written {
+    address: Address,
+    /// The head as marked before this append (what needs no new mark).
+    marked: u64,
+    /// The head after this append.
+    head: u64,
+    out: Vec<(usize, Appended)>,
+}
+
+impl Inner {
+    pub(super) async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, MailboxError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = batch.len();
+        let groups = group(batch);
+        let mut state = self.writer.lock().await;
+
+        // 1. Claims.
+        let mut epochs: HashMap<u32, i64> = HashMap::new();
+        for (address, _) in &groups {
+            let shard = self.shard(address);
+            if epochs.contains_key(&shard) {
+                continue;
+            }
+            let epoch = match state.claims.get(&shard) {
+                Some(&e) => e,
+                None if state.fenced.contains(&shard) => {
+                    return Err(MailboxError::Fenced(format!(
+                        "shard {shard} was claimed by another writer; this one appends to it \
+                         again only once it is given the shard anew"
+                    )));
+                }
+                None => {
+                    let e = self.fences.claim(shard).await?;
+                    state.claims.insert(shard, e);
+                    state.heads.retain(|a, _| self.shard(a) != shard);
+                    e
+                }
+            };
+            epochs.insert(shard, epoch);
+        }
+
+        // 2. Rows.
+        let writes: Vec<_> = groups
+            .into_iter()
+            .map(|(address, items)| {
+                let known = state.heads.get(&address).copied();
+                let epoch = epochs[&self.shard(&address)];
+                self.write_address(address, items, known, epoch)
+            })
+            .collect();
+        let written: Vec<Result<Written, MailboxError>> = stream::iter(writes)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .collect()
+            .await;
+        let written = match written.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(w) => w,
+            Err(e) => {
+                // Unknown outcome: learn these heads again next time.
+                state.heads.clear();
+                return Err(e);
+            }
+        };
+
+        // 3. The fence.
+        let current = self.fences.current().await?;
+        let lost: Vec<u32> = epochs
+            .iter()
+            .filter(|(s, e)| current.get(s) != Some(e))
+            .map(|(s, _)| *s)
+            .collect();
+        if !lost.is_empty() {
+            for s in &lost {
+                state.claims.remove(s);
+                state.fenced.insert(*s);
+            }
+            state.heads.retain(|a, _| !lost.contains(&self.shard(a)));
+            tracing::warn!(shards = ?lost, "fenced: another writer claimed these shards");
+            return Err(MailboxError::Fenced(format!(
+                "another writer claimed shard(s) {lost:?} of the enqueue topic; this batch was \
+                 not made visible"
+            )));
+        }
+
+        // 4. Heads.
+        let marks: Vec<_> = written
+            .iter()
+            .filter(|w| w.head != w.marked)
+            .map(|w| {
+                let epoch = epochs[&self.shard(&w.address)];
+                self.session.execute_unpaged(
+                    &self.st.set_mark,
+                    (w.address.as_str(), epoch, w.head as i64, w.head as i64),
+                )
+            })
+            .collect();
+        let marked = stream::iter(marks)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .map_err(unavailable)
+            .try_for_each(|_| async { Ok(()) })
+            .await;
+        if let Err(e) = marked {
+            state.heads.clear();
+            return Err(e);
+        }
+        if state.heads.len() + written.len() > CACHE_MAX {
+            state.heads.clear();
+        }
+        let mut out: Vec<Option<Appended>> = (0..n).map(|_| None).collect();
+        for w in written {
+            state.heads.insert(w.address, w.head);
+            for (slot, a) in w.out {
+                out[slot] = Some(a);
+            }
+        }
+        out.into_iter()
+            .map(|a| a.ok_or_else(|| st("append lost a result")))
+            .collect()
+    }
+
+    /// Step 2 for one address: learn the head, answer duplicates, write the new rows.
+    async fn write_address(
+        &self,
+        address: Address,
+        items: Vec<(usize, NewMessage)>,
+        known: Option<u64>,
+        epoch: i64,
+    ) -> Result<Written, MailboxError> {
+        let (marked, mut head) = match known {
+            Some(h) => (h, h),
+            None => self.adopt(&address, epoch).await?,
+        };
+        // Duplicates within the batch answer with the first occurrence.
+        let total = items.len();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut index: HashMap<MessageId, usize> = HashMap::new();
+        for (slot, msg) in items {
+            match index.get(&msg.id) {
+                Some(&i) => pending[i].slots.push(slot),
+                None => {
+                    index.insert(msg.id.clone(), pending.len());
+                    pending.push(Pending {
+                        msg,
+                        slots: vec![slot],
+                    });
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(total);
+        let push = |out: &mut Vec<(usize, Appended)>, slots: &[usize], m: &Arc<Message>, dup| {
+            for (k, &slot) in slots.iter().enumerate() {
+                out.push((
+                    slot,
+                    Appended {
+                        message: m.clone(),
+                        duplicate: dup || k > 0,
+                    },
+                ));
+            }
+        };
+        let ids: Vec<&str> = pending.iter().map(|p| p.msg.id.as_str()).collect();
+        let found = self.find_appended(&address, &ids, head).await?;
+        if !found.is_empty() {
+            pending.retain(|p| match found.get(p.msg.id.as_str()) {
+                Some(m) => {
+                    push(&mut out, &p.slots, m, true);
+                    false
+                }
+                None => true,
+            });
+        }
+        let now = now_ms();
+        let rows: Vec<NewRow<'_>> = pending
+            .iter()
+            .enumerate()
+            .map(|(i, p)| NewRow {
+                version: head + 1 + i as u64,
+                id: p.msg.id.as_str(),
+                payload: p.msg.payload.get(),
+                ts: now as i64,
+            })
+            .collect();
+        self.write_rows(&address, &rows, epoch).await?;
+        for (i, p) in pending.iter().enumerate() {
+            let m = Arc::new(Message::new(
+                address.clone(),
+                head + 1 + i as u64,
+                p.msg.id.clone(),
+                now,
+                &p.msg.payload,
+            ));
+            push(&mut out, &p.slots, &m, false);
+        }
+        head += pending.len() as u64;
+        Ok(Written {
+            address,
+            marked,
+            head,
+            out,
+        })
+    }
+
+    /// The head of an address for a writer that has not marked it yet: the highest-epoch mark,
+    /// then every row written past it in version order without a hole (an earlier writer's
+    /// batch that was written but not marked), copied into `epoch` with its id candidates so
+    /// that no older writer's late row can change it. Returns (marked head, head).
+    async fn adopt(&self, address: &Address, epoch: i64) -> Result<(u64, u64), MailboxError> {
+        let (_, marked) = self.mark(address).await?;
+        let mut head = marked;
+        let mut adopted: Vec<Entry> = Vec::new();
+        loop {
+            let bucket = self.bucket(head + 1);
+            let rows = self
+                .entries(
+                    &self.st.tail,
+                    (
+                        address.as_str(),
+                        bucket as i64,
+                        head as i64,
+                        SCAN_LIMIT as i32,
+                    ),
+                )
+                .await?;
+            let n = rows.len();
+            let mut last = None;
+            let mut hole = false;
+            for e in rows {
+                if last == Some(e.version) {
+                    continue; // a lower epoch of a version already taken
+                }
+                last = Some(e.version);
+                if e.version != head + 1 {
+                    hole = true;
+                    break;
+                }
+                head += 1;
+                adopted.push(e);
+            }
+            if hole || (n < SCAN_LIMIT && head != self.bucket_end(bucket)) {
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        if !adopted.is_empty() {
+            let older = adopted.iter().filter(|e| e.epoch < epoch).count();
+            tracing::info!(
+                %address, from = marked + 1, to = head, epoch, older,
+                "adopting rows written past the head"
+            );
+            let rows: Vec<NewRow<'_>> = adopted
+                .iter()
+                .map(|e| NewRow {
+                    version: e.version,
+                    id: &e.id,
+                    payload: &e.payload,
+                    ts: e.ts,
+                })
+                .collect();
+            self.write_rows(address, &rows, epoch).await?;
+        }
+        Ok((marked, head))
+    }
+
+    /// Which of `ids` were appended to `address` at a version ≤ `head`: a candidate counts only
+    /// if the message at its version carries the id.
+    async fn find_appended(
+        &self,
+        address: &Address,
+        ids: &[&str],
+        head: u64,
+    ) -> Result<HashMap<String, Arc<Message>>, MailboxError> {
+        if head == 0 || ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let lookups: Vec<_> = ids
+            .chunks(IDS_PER_LOOKUP)
+            .map(|chunk| {
+                self.session
+                    .execute_unpaged(&self.st.ids_lookup, (address.as_str(), chunk.to_vec()))
+            })
+            .collect();
+        let answers: Vec<_> = stream::iter(lookups)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .map_err(unavailable)
+            .try_collect()
+            .await?;
+        let mut by_id: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut by_bucket: HashMap<u64, Vec<i64>> = HashMap::new();
+        for res in answers {
+            let rows = res.into_rows_result().map_err(st)?;
+            for row in rows.rows::<(&str, i64)>().map_err(st)? {
+                let (id, v) = row.map_err(st)?;
+                if v > 0 && (v as u64) <= head {
+                    by_id.entry(id.to_owned()).or_default().push(v as u64);
+                    by_bucket
+                        .entry(self.bucket(v as u64))
+                        .or_default()
+                        .push(v);
+                }
+            }
+        }
+        if by_id.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut at: HashMap<u64, Entry> = HashMap::new();
+        for (bucket, versions) in by_bucket {
+            let rows = self
+                .entries(
+                    &self.st.versions,
+                    (address.as_str(), bucket as i64, versions),
+                )
+                .await?;
+            for e in rows {
+                at.entry(e.version).or_insert(e); // highest epoch first
+            }
+        }
+        let mut found = HashMap::new();
+        for (id, mut versions) in by_id {
+            versions.sort_unstable();
+            if let Some(e) = versions
+                .iter()
+                .filter_map(|v| at.get(v))
+                .find(|e| e.id == id)
+            {
+                found.insert(id, Arc::new(super::build(address, e)?));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Writes message rows of one address (with their id candidates) tagged with `epoch`:
+    /// one unlogged batch per bucket and size limit, the batches concurrently.
+    async fn write_rows(
+        &self,
+        address: &Address,
+        rows: &[NewRow<'_>],
+        epoch: i64,
+    ) -> Result<(), MailboxError> {
+        let mut chunks: Vec<&[NewRow<'_>]> = Vec::new();
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let bucket = self.bucket(rest[0].version);
+            let mut n = 0;
+            let mut bytes = 0;
+            for r in rest {
+                let size = r.payload.len() + 2 * r.id.len() + 96;
+                if self.bucket(r.version) != bucket
+                    || n >= MAX_BATCH_MESSAGES
+                    || (n > 0 && bytes + size > MAX_BATCH_BYTES)
+                {
+                    break;
+                }
+                n += 1;
+                bytes += size;
+            }
+            chunks.push(&rest[..n]);
+            rest = &rest[n..];
+        }
+        let batches: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                let bucket = self.bucket(chunk[0].version) as i64;
+                let mut batch = Batch::new(BatchType::Unlogged);
+                let mut values = Vec::with_capacity(chunk.len() * 2);
+                for r in chunk {
+                    batch.append_statement(self.st.insert_id.clone());
+                    values.push(Row::Id(
+                        address.as_str(),
+                        r.id,
+                        r.version as i64,
+                        self.ttl_secs,
+                    ));
+                    batch.append_statement(self.st.insert_entry.clone());
+                    values.push(Row::Entry(
+                        address.as_str(),
+                        bucket,
+                        r.version as i64,
+                        epoch,
+                        r.id,
+                        CqlTimestamp(r.ts),
+                        r.payload,
+                        self.ttl_secs,
+                    ));
+                }
+                batch.set_is_idempotent(true);
+                async move { self.session.batch(&batch, values).await }
+            })
+            .collect();
+        stream::iter(batches)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .map_err(unavailable)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+    }
+
+    pub(super) async fn release(&self, shards: &[u32]) {
+        let mut state = self.writer.lock().await;
+        for s in shards {
+            state.claims.remove(s);
+            state.fenced.remove(s);
+        }
+        state.heads.retain(|a, _| !shards.contains(&self.shard(a)));
+    }
+
+    /// See [`super::CassandraMailbox::write_unfenced`].
+    pub(super) async fn write_unfenced(
+        &self,
+        batch: Vec<NewMessage>,
+        counters: &mut HashMap<Address, u64>,
+    ) -> Result<usize, MailboxError> {
+        let n = batch.len();
+        let now = now_ms() as i64;
+        let groups: Vec<(Address, u64, Vec<NewMessage>)> = group(batch)
+            .into_iter()
+            .map(|(a, items)| {
+                let c = counters.entry(a.clone()).or_insert(0);
+                let first = *c;
+                *c += items.len() as u64;
+                (a, first, items.into_iter().map(|(_, m)| m).collect())
+            })
+            .collect();
+        let writes = groups.iter().map(|(address, first, msgs)| async move {
+            let rows: Vec<NewRow<'_>> = msgs
+                .iter()
+                .enumerate()
+                .map(|(i, m)| NewRow {
+                    version: first + 1 + i as u64,
+                    id: m.id.as_str(),
+                    payload: m.payload.get(),
+                    ts: now,
+                })
+                .collect();
+            self.write_rows(address, &rows, 0).await
+        });
+        stream::iter(writes)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+        let marks = groups.iter().map(|(address, first, msgs)| {
+            let head = (first + msgs.len() as u64) as i64;
+            self.session
+                .execute_unpaged(&self.st.set_mark, (address.as_str(), 0i64, head, head))
+        });
+        stream::iter(marks)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .map_err(unavailable)
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+        Ok(n)
+    }
+}
+
+/// Groups a batch by address, in order of first appearance, keeping each message's position.
+fn group(batch: Vec<NewMessage>) -> Vec<(Address, Vec<(usize, NewMessage)>)> {
+    let mut groups: Vec<(Address, Vec<(usize, NewMessage)>)> = Vec::new();
+    let mut by_address: HashMap<Address, usize> = HashMap::new();
+    for (slot, m) in batch.into_iter().enumerate() {
+        let g = *by_address.entry(m.address.clone()).or_insert_with(|| {
+            groups.push((m.address.clone(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push((slot, m));
+    }
+    groups
+}

@@ -1,0 +1,160 @@
+//! The writer fence of the Cassandra mailbox: one epoch per shard (a partition of the enqueue
+//! topic) in `mailbox_fences`.
+//!
+//! A writer claims a shard with a lightweight transaction that moves its epoch one up, and
+//! tags every row it writes with that epoch. After writing a batch it reads every shard's epoch
+//! at SERIAL — one Paxos read per batch, however many addresses and shards the batch touched —
+//! and makes the batch visible (moves the heads) only if its epochs are still current. Why this
+//! holds is in `docs/architecture.md` ("The append fence").
+
+use super::{st, unavailable};
+use crate::mailbox::MailboxError;
+use scylla::client::session::Session;
+use scylla::statement::Consistency;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlTimestamp;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Conditional updates that may lose to a concurrent claim before `claim` gives up.
+const CLAIM_ATTEMPTS: usize = 8;
+
+pub(super) struct Fences {
+    session: Arc<Session>,
+    /// The fence rows' partition: every shard of the mailbox (the enqueue topic's name).
+    scope: String,
+    owner: String,
+    read_one: PreparedStatement,
+    read_all: PreparedStatement,
+    insert: PreparedStatement,
+    update: PreparedStatement,
+}
+
+impl Fences {
+    pub(super) async fn new(
+        session: Arc<Session>,
+        keyspace: &str,
+        scope: &str,
+        owner: &str,
+    ) -> Result<Self, MailboxError> {
+        let prep = |cql: String, serial: bool| {
+            let session = session.clone();
+            async move {
+                let mut p = session.prepare(cql).await.map_err(unavailable)?;
+                if serial {
+                    p.set_consistency(Consistency::Serial);
+                    p.set_is_idempotent(true);
+                }
+                Ok::<_, MailboxError>(p)
+            }
+        };
+        let ks = keyspace;
+        Ok(Self {
+            read_one: prep(
+                format!("SELECT epoch FROM {ks}.mailbox_fences WHERE scope = ? AND shard = ?"),
+                true,
+            )
+            .await?,
+            read_all: prep(
+                format!("SELECT shard, epoch FROM {ks}.mailbox_fences WHERE scope = ?"),
+                true,
+            )
+            .await?,
+            insert: prep(
+                format!(
+                    "INSERT INTO {ks}.mailbox_fences (scope, shard, epoch, owner, claimed_at) \
+                     VALUES (?, ?, 1, ?, ?) IF NOT EXISTS"
+                ),
+                false,
+            )
+            .await?,
+            update: prep(
+                format!(
+                    "UPDATE {ks}.mailbox_fences SET epoch = ?, owner = ?, claimed_at = ? \
+                     WHERE scope = ? AND shard = ? IF epoch = ?"
+                ),
+                false,
+            )
+            .await?,
+            session,
+            scope: scope.to_string(),
+            owner: owner.to_string(),
+        })
+    }
+
+    /// Claims `shard`: its epoch moves one up, fencing every earlier claim. Returns the new epoch.
+    pub(super) async fn claim(&self, shard: u32) -> Result<i64, MailboxError> {
+        let now = CqlTimestamp(crate::mailbox::now_ms() as i64);
+        for _ in 0..CLAIM_ATTEMPTS {
+            let row: Option<(Option<i64>,)> = self
+                .session
+                .execute_unpaged(&self.read_one, (&self.scope, shard as i32))
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(st)?
+                .maybe_first_row()
+                .map_err(st)?;
+            let (applied, epoch) = match row.and_then(|r| r.0) {
+                None => {
+                    let res = self
+                        .session
+                        .execute_unpaged(&self.insert, (&self.scope, shard as i32, &self.owner, now))
+                        .await
+                        .map_err(unavailable)?;
+                    (applied(res)?, 1)
+                }
+                Some(e) => {
+                    let res = self
+                        .session
+                        .execute_unpaged(
+                            &self.update,
+                            (e + 1, &self.owner, now, &self.scope, shard as i32, e),
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    (applied(res)?, e + 1)
+                }
+            };
+            if applied {
+                tracing::info!(shard, epoch, owner = %self.owner, "claimed mailbox shard");
+                return Ok(epoch);
+            }
+        }
+        Err(MailboxError::Unavailable(format!(
+            "shard {shard} is being claimed by other writers at the same time; try again"
+        )))
+    }
+
+    /// The current epoch of every claimed shard, read at SERIAL (linearizable with claims).
+    pub(super) async fn current(&self) -> Result<HashMap<u32, i64>, MailboxError> {
+        let res = self
+            .session
+            .execute_unpaged(&self.read_all, (&self.scope,))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(st)?;
+        let mut out = HashMap::new();
+        for row in res.rows::<(i32, Option<i64>)>().map_err(st)? {
+            let (shard, epoch) = row.map_err(st)?;
+            out.insert(shard as u32, epoch.unwrap_or(0));
+        }
+        Ok(out)
+    }
+}
+
+/// Whether a lightweight transaction applied.
+fn applied(res: scylla::response::query_result::QueryResult) -> Result<bool, MailboxError> {
+    let rows = res.into_rows_result().map_err(st)?;
+    let at = rows
+        .column_specs()
+        .get_by_name("[applied]")
+        .map(|(i, _)| i)
+        .ok_or_else(|| st("conditional write answered without [applied]"))?;
+    let row: scylla::value::Row = rows.first_row().map_err(st)?;
+    Ok(matches!(
+        row.columns.get(at),
+        Some(Some(scylla::value::CqlValue::Boolean(true)))
+    ))
+}

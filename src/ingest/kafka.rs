@@ -18,7 +18,7 @@ use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Headers as _, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use std::collections::HashMap;
@@ -77,6 +77,9 @@ fn subscribe(settings: &KafkaSettings) -> Result<Consumer_, IngestError> {
         .map_err(kerr)?;
     Ok(consumer)
 }
+
+/// Header of an enqueue record whose id the HTTP API minted (the sender gave none).
+const MINTED_HEADER: &str = "signalpost-minted";
 
 /// How long a publisher waits for Kafka to take a record, and for `wait` answers.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -247,6 +250,7 @@ impl KafkaQueue {
             processor,
             waiters: waiters.clone(),
             fail_before_commit: settings.stop_before_commit,
+            fresh_from: HashMap::new(),
         };
         let task = tokio::spawn(worker.run(stopped));
         Ok(Self {
@@ -259,8 +263,22 @@ impl KafkaQueue {
     }
 
     /// Produces one record; resolves once Kafka has it (acks=all).
-    async fn produce(&self, topic: &str, key: &str, value: &str) -> Result<(), IngestError> {
-        let record = FutureRecord::to(topic).key(key).payload(value);
+    async fn produce(
+        &self,
+        topic: &str,
+        key: &str,
+        value: &str,
+        minted: bool,
+    ) -> Result<(), IngestError> {
+        let mut record = FutureRecord::to(topic).key(key).payload(value);
+        if minted {
+            record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
+                rdkafka::message::Header {
+                    key: MINTED_HEADER,
+                    value: Some("1"),
+                },
+            ));
+        }
         self.producer
             .send(record, PRODUCE_TIMEOUT)
             .await
@@ -283,6 +301,7 @@ impl Queue for KafkaQueue {
         let mut sends = Vec::with_capacity(commands.len());
         let mut tickets = Vec::with_capacity(commands.len());
         for c in &commands {
+            let minted = matches!(c, Command::Enqueue(m) if m.new_id);
             let (topic, key, value, ticket) = match c {
                 Command::Enqueue(m) => (
                     &t.enqueue,
@@ -305,12 +324,12 @@ impl Queue for KafkaQueue {
             };
             let rx = wait.then(|| self.waiters.register(ticket.clone()));
             tickets.push((ticket, rx));
-            sends.push((topic.clone(), key, value));
+            sends.push((topic.clone(), key, value, minted));
         }
         let produced = futures_util::future::join_all(
             sends
                 .iter()
-                .map(|(topic, key, value)| self.produce(topic, key, value)),
+                .map(|(topic, key, value, minted)| self.produce(topic, key, value, *minted)),
         )
         .await;
         let mut out = Vec::with_capacity(commands.len());
@@ -363,6 +382,10 @@ struct Worker {
     waiters: Arc<Waiters>,
     /// Test hook: apply a batch, then stop without committing (a crash between the two).
     fail_before_commit: bool,
+    /// Enqueue partition → the first offset after this consumer claimed its shard: records
+    /// from there on are first deliveries, so minted ids among them are vouched for
+    /// ([`crate::mailbox::NewMessage::new_id`]).
+    fresh_from: HashMap<i32, i64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -408,7 +431,7 @@ impl Worker {
                     .unwrap_or_else(|p| p.into_inner()),
             );
             if !assigned.is_empty() {
-                self.processor.mailbox.release(&assigned).await;
+                self.claim(&assigned).await;
             }
             if self.handle(&batch, &stopped).await == Handled::Fenced {
                 // Another consumer owns some of these partitions now (this one missed the
@@ -416,6 +439,7 @@ impl Worker {
                 // so that it continues from the committed offsets of what it is given.
                 tracing::warn!("fenced by another writer: rejoining the consumer group");
                 drop(batch);
+                self.fresh_from.clear();
                 match subscribe(&self.settings) {
                     Ok(c) => self.consumer = c,
                     Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),
@@ -431,6 +455,31 @@ impl Worker {
         let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
     }
 
+    /// Claims the mailbox shards of newly assigned enqueue partitions, then notes where their
+    /// first deliveries begin: the high watermark read after the claim (no record from there on
+    /// can have been appended by an earlier owner whose append became visible).
+    async fn claim(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.fresh_from.remove(&(*p as i32));
+        }
+        if let Err(e) = self.processor.mailbox.claim(partitions).await {
+            tracing::warn!(error = %e, "claiming mailbox shards failed; appends will claim them");
+            return;
+        }
+        for &p in partitions {
+            let topic = &self.settings.topics.enqueue;
+            match self
+                .consumer
+                .fetch_watermarks(topic, p as i32, Duration::from_secs(5))
+            {
+                Ok((_, high)) => {
+                    self.fresh_from.insert(p as i32, high);
+                }
+                Err(e) => tracing::warn!(error = %e, partition = p, "reading the watermark"),
+            }
+        }
+    }
+
     fn parse(&self, m: &OwnedMessage) -> Parsed {
         let t = &self.settings.topics;
         let bytes = m.payload().unwrap_or_default();
@@ -442,7 +491,13 @@ impl Worker {
                     .expect("a valid id")
             };
             let partitions = self.settings.partitions;
-            let command = parse::enqueue_one(bytes, limits, &mut default_id).and_then(|n| {
+            let minted_by_sender = m.headers().is_some_and(|h| {
+                h.iter()
+                    .any(|x| x.key == MINTED_HEADER && x.value == Some(b"1".as_slice()))
+            });
+            let first_delivery = self.fresh_from.get(&partition).is_some_and(|f| offset >= *f);
+            let command = parse::enqueue_one(bytes, limits, &mut default_id).and_then(|mut n| {
+                n.new_id = (n.new_id || minted_by_sender) && first_delivery;
                 let want = n.address.partition(partitions);
                 if want as i32 == partition {
                     Ok(Command::Enqueue(n))
@@ -496,6 +551,12 @@ impl Worker {
         let mut backoff = Duration::from_millis(100);
         loop {
             let results = self.processor.apply(commands.clone()).await;
+            // A retry is not a first delivery.
+            for c in &mut commands {
+                if let Command::Enqueue(m) = c {
+                    m.new_id = false;
+                }
+            }
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
                 if matches!(e, IngestError::Fenced(_)) {
                     return Handled::Fenced;

@@ -67,19 +67,21 @@ fn message(
             limits.max_payload
         )));
     }
-    let id = match m.id {
-        None => default_id(),
-        Some(raw) if raw.get() == "null" => default_id(),
+    let (id, minted) = match m.id {
+        None => (default_id(), true),
+        Some(raw) if raw.get() == "null" => (default_id(), true),
         Some(raw) => {
             let s: String = serde_json::from_str(raw.get())
                 .map_err(|_| bad(format!("{at}id must be a string")))?;
-            MessageId::parse(&s).map_err(|e| bad(format!("{at}{e}")))?
+            (MessageId::parse(&s).map_err(|e| bad(format!("{at}{e}")))?, false)
         }
     };
     Ok(NewMessage {
         address,
         id,
         payload: payload.to_owned(),
+        // Minted here; whoever appends decides whether it can vouch for a first delivery.
+        new_id: minted,
     })
 }
 

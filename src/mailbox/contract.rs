@@ -19,6 +19,7 @@ pub fn msg(address: &Address, id: &str) -> NewMessage {
         address: address.clone(),
         id: MessageId::parse(id).unwrap(),
         payload: RawValue::from_string(format!("{{\"n\":\"{id}\"}}")).unwrap(),
+        new_id: false,
     }
 }
 
@@ -163,6 +164,7 @@ pub async fn payload_roundtrip(m: Arc<dyn Mailbox>) {
         address: a.clone(),
         id: MessageId::parse("rt-1").unwrap(),
         payload: RawValue::from_string(payload.into()).unwrap(),
+        new_id: false,
     };
     let out = m.append(vec![nm]).await.unwrap();
     let ts = out[0].message.ts;

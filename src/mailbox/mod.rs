@@ -19,6 +19,11 @@ pub struct NewMessage {
     pub address: Address,
     pub id: MessageId,
     pub payload: Box<RawValue>,
+    /// The id was minted for this message alone (not given by the sender), and the caller
+    /// vouches that this is its first delivery to the current writer of its shard, so it cannot
+    /// have been appended before: the cluster mailbox then skips the id lookup. False whenever
+    /// in doubt; see `docs/architecture.md` ("Idempotency without a read").
+    pub new_id: bool,
 }
 
 /// An appended message. `signal` is the JSON object clients receive, serialized once at append
@@ -142,10 +147,14 @@ pub trait Mailbox: Send + Sync + 'static {
     async fn expire(&self, now_ms: u64) -> Result<u64, MailboxError>;
     /// Whether the backing store answers.
     async fn healthy(&self) -> Result<(), MailboxError>;
-    /// Forgets this writer's claims on `shards` (partitions of the enqueue topic), so that its
-    /// next append to one of them claims it anew, fencing any other writer. A Kafka consumer
-    /// calls it for the partitions a rebalance gave it. Backends without fences ignore it.
-    async fn release(&self, _shards: &[u32]) {}
+    /// Claims `shards` (partitions of the enqueue topic) now, anew, fencing any other writer of
+    /// them; a shard this writer was fenced from may be appended to again. A Kafka consumer calls
+    /// it for the partitions a rebalance gave it, before applying their records; messages it
+    /// vouches for ([`NewMessage::new_id`]) must be records that came after the claim. Backends
+    /// without fences do nothing.
+    async fn claim(&self, _shards: &[u32]) -> Result<(), MailboxError> {
+        Ok(())
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -225,6 +225,7 @@ async fn publish_answers_queued_or_applied() {
             address: a.clone(),
             id: MessageId::parse(id).unwrap(),
             payload: serde_json::value::RawValue::from_string("1".into()).unwrap(),
+            new_id: false,
         })
     };
     let r = q.publish(vec![msg("p1")], false).await.unwrap();

@@ -31,15 +31,37 @@ const IDS_PER_LOOKUP: usize = 200;
 /// Rows per read when adopting rows written past the head.
 const SCAN_LIMIT: usize = 1000;
 
+/// A shard this writer holds.
+#[derive(Clone, Copy)]
+struct Claim {
+    epoch: i64,
+    /// Whether messages vouched for ([`NewMessage::new_id`]) may skip the id lookup: only
+    /// under an explicit claim ([`Inner::claim`], after which the caller vouches), and only
+    /// until this writer adopts an earlier writer's rows in the shard.
+    trust_new_ids: bool,
+}
+
 /// What the writer holds between appends.
 #[derive(Default)]
 pub(super) struct WriterState {
-    /// Shard → the epoch this writer claimed it with.
-    claims: HashMap<u32, i64>,
+    claims: HashMap<u32, Claim>,
     /// Shards another writer claimed from this one: refused until released.
     fenced: HashSet<u32>,
     /// Address → its head, as marked by this writer under its current claim.
     heads: HashMap<Address, u64>,
+}
+
+impl WriterState {
+    /// After a failed append (its outcome unknown): learn the heads again, and vouched ids of
+    /// these shards are looked up from now on (a retry is not a first delivery).
+    fn unknown_outcome<'a>(&mut self, shards: impl Iterator<Item = &'a u32>) {
+        self.heads.clear();
+        for s in shards {
+            if let Some(c) = self.claims.get_mut(s) {
+                c.trust_new_ids = false;
+            }
+        }
+    }
 }
 
 /// One statement's values in a write batch.
@@ -86,6 +108,8 @@ struct Written {
     marked: u64,
     /// The head after this append.
     head: u64,
+    /// Whether rows of an earlier writer were adopted.
+    adopted: bool,
     out: Vec<(usize, Appended)>,
 }
 
@@ -102,14 +126,14 @@ impl Inner {
         let mut state = self.writer.lock().await;
 
         // 1. Claims.
-        let mut epochs: HashMap<u32, i64> = HashMap::new();
+        let mut claims: HashMap<u32, Claim> = HashMap::new();
         for (address, _) in &groups {
             let shard = self.shard(address);
-            if epochs.contains_key(&shard) {
+            if claims.contains_key(&shard) {
                 continue;
             }
-            let epoch = match state.claims.get(&shard) {
-                Some(&e) => e,
+            let claim = match state.claims.get(&shard) {
+                Some(&c) => c,
                 None if state.fenced.contains(&shard) => {
                     return Err(MailboxError::Fenced(format!(
                         "shard {shard} was claimed by another writer; this one appends to it \
@@ -117,22 +141,26 @@ impl Inner {
                     )));
                 }
                 None => {
-                    let e = self.fences.claim(shard).await?;
-                    state.claims.insert(shard, e);
+                    let c = Claim {
+                        epoch: self.fences.claim(shard).await?,
+                        trust_new_ids: false,
+                    };
+                    state.claims.insert(shard, c);
                     state.heads.retain(|a, _| self.shard(a) != shard);
-                    e
+                    c
                 }
             };
-            epochs.insert(shard, epoch);
+            claims.insert(shard, claim);
         }
+        let epochs: HashMap<u32, i64> = claims.iter().map(|(s, c)| (*s, c.epoch)).collect();
 
         // 2. Rows.
         let writes: Vec<_> = groups
             .into_iter()
             .map(|(address, items)| {
                 let known = state.heads.get(&address).copied();
-                let epoch = epochs[&self.shard(&address)];
-                self.write_address(address, items, known, epoch)
+                let claim = claims[&self.shard(&address)];
+                self.write_address(address, items, known, claim)
             })
             .collect();
         let written: Vec<Result<Written, MailboxError>> = stream::iter(writes)
@@ -142,11 +170,18 @@ impl Inner {
         let written = match written.into_iter().collect::<Result<Vec<_>, _>>() {
             Ok(w) => w,
             Err(e) => {
-                // Unknown outcome: learn these heads again next time.
-                state.heads.clear();
+                state.unknown_outcome(epochs.keys());
                 return Err(e);
             }
         };
+
+        // Adopting an earlier writer's rows ends the trust in vouched ids for the shard: those
+        // rows may be records that are delivered again, vouched for, later.
+        for w in written.iter().filter(|w| w.adopted) {
+            if let Some(c) = state.claims.get_mut(&self.shard(&w.address)) {
+                c.trust_new_ids = false;
+            }
+        }
 
         // 3. The fence.
         let current = self.fences.current().await?;
@@ -186,7 +221,7 @@ impl Inner {
             .try_for_each(|_| async { Ok(()) })
             .await;
         if let Err(e) = marked {
-            state.heads.clear();
+            state.unknown_outcome(epochs.keys());
             return Err(e);
         }
         if state.heads.len() + written.len() > CACHE_MAX {
@@ -210,12 +245,14 @@ impl Inner {
         address: Address,
         items: Vec<(usize, NewMessage)>,
         known: Option<u64>,
-        epoch: i64,
+        claim: Claim,
     ) -> Result<Written, MailboxError> {
+        let epoch = claim.epoch;
         let (marked, mut head) = match known {
             Some(h) => (h, h),
             None => self.adopt(&address, epoch).await?,
         };
+        let adopted = head != marked;
         // Duplicates within the batch answer with the first occurrence.
         let total = items.len();
         let mut pending: Vec<Pending> = Vec::new();
@@ -244,7 +281,12 @@ impl Inner {
                 ));
             }
         };
-        let ids: Vec<&str> = pending.iter().map(|p| p.msg.id.as_str()).collect();
+        let trust = claim.trust_new_ids && !adopted;
+        let ids: Vec<&str> = pending
+            .iter()
+            .filter(|p| !(trust && p.msg.new_id))
+            .map(|p| p.msg.id.as_str())
+            .collect();
         let found = self.find_appended(&address, &ids, head).await?;
         if !found.is_empty() {
             pending.retain(|p| match found.get(p.msg.id.as_str()) {
@@ -282,16 +324,21 @@ impl Inner {
             address,
             marked,
             head,
+            adopted,
             out,
         })
     }
 
-    /// The head of an address for a writer that has not marked it yet: the highest-epoch mark,
-    /// then every row written past it in version order without a hole (an earlier writer's
-    /// batch that was written but not marked), copied into `epoch` with its id candidates so
-    /// that no older writer's late row can change it. Returns (marked head, head).
+    /// The head of an address this writer does not know: the highest-epoch mark, then the rows
+    /// written past it, in version order without a hole, whose epoch is at least the mark's and
+    /// below this writer's — an earlier writer's batch that passed its fence but whose mark may
+    /// still be on its way, so that a reader may see it. They are copied into `epoch` with their
+    /// id candidates, so that no older writer's late row can change them. Rows below the mark's
+    /// epoch are a fenced writer's (they would have been adopted by the mark's writer had they
+    /// passed the fence); rows of this writer's epoch are its own failed attempts: neither is
+    /// adopted, and both are overwritten. Returns (marked head, head).
     async fn adopt(&self, address: &Address, epoch: i64) -> Result<(u64, u64), MailboxError> {
-        let (_, marked) = self.mark(address).await?;
+        let (mark_epoch, marked) = self.mark(address).await?;
         let mut head = marked;
         let mut adopted: Vec<Entry> = Vec::new();
         loop {
@@ -315,7 +362,7 @@ impl Inner {
                     continue; // a lower epoch of a version already taken
                 }
                 last = Some(e.version);
-                if e.version != head + 1 {
+                if e.version != head + 1 || e.epoch < mark_epoch || e.epoch >= epoch {
                     hole = true;
                     break;
                 }
@@ -481,13 +528,25 @@ impl Inner {
             .await
     }
 
-    pub(super) async fn release(&self, shards: &[u32]) {
+    /// Claims `shards` anew (see [`crate::mailbox::Mailbox::claim`]).
+    pub(super) async fn claim(&self, shards: &[u32]) -> Result<(), MailboxError> {
         let mut state = self.writer.lock().await;
         for s in shards {
             state.claims.remove(s);
             state.fenced.remove(s);
         }
         state.heads.retain(|a, _| !shards.contains(&self.shard(a)));
+        for &s in shards {
+            let epoch = self.fences.claim(s).await?;
+            state.claims.insert(
+                s,
+                Claim {
+                    epoch,
+                    trust_new_ids: true,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// See [`super::CassandraMailbox::write_unfenced`].

@@ -465,7 +465,7 @@ impl Mailbox for CassandraMailbox {
             .map_err(unavailable)
     }
 
-    async fn release(&self, shards: &[u32]) {
-        self.0.release(shards).await
+    async fn claim(&self, shards: &[u32]) -> Result<(), MailboxError> {
+        self.0.claim(shards).await
     }
 }

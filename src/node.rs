@@ -139,7 +139,7 @@ impl Node {
                         },
                         batch: config.append_batch,
                         partitions: shards,
-                        stop_before_commit: false,
+                        never_commit: false,
                     },
                     processor,
                 )

@@ -157,9 +157,9 @@ pub struct KafkaSettings {
     /// Partitions of the enqueue topic: an enqueue record must come through the partition
     /// Kafka's murmur2 partitioner gives its address ([`crate::address::Address::partition`]).
     pub partitions: u32,
-    /// Test hook: apply one batch, then stop without committing its offsets (a crash between
-    /// the two). Always false outside tests.
-    pub stop_before_commit: bool,
+    /// Test hook: apply batches but never commit their offsets (a consumer that dies between
+    /// every append and its commit). Always false outside tests.
+    pub never_commit: bool,
 }
 
 /// The Kafka-backed queue: a producer for publishers, a consumer task applying records.
@@ -249,7 +249,7 @@ impl KafkaQueue {
             settings: settings.clone(),
             processor,
             waiters: waiters.clone(),
-            fail_before_commit: settings.stop_before_commit,
+            never_commit: settings.never_commit,
             fresh_from: HashMap::new(),
         };
         let task = tokio::spawn(worker.run(stopped));
@@ -380,8 +380,8 @@ struct Worker {
     settings: KafkaSettings,
     processor: Arc<Processor>,
     waiters: Arc<Waiters>,
-    /// Test hook: apply a batch, then stop without committing (a crash between the two).
-    fail_before_commit: bool,
+    /// Test hook: apply batches but never commit (a consumer that dies before every commit).
+    never_commit: bool,
     /// Enqueue partition → the first offset after this consumer claimed its shard: records
     /// from there on are first deliveries, so minted ids among them are vouched for
     /// ([`crate::mailbox::NewMessage::new_id`]).
@@ -392,6 +392,8 @@ struct Worker {
 enum Handled {
     Done,
     Fenced,
+    /// Not applied, and the queue is stopping.
+    Abandoned,
 }
 
 /// A record turned into a command, or the reason it was refused.
@@ -433,7 +435,8 @@ impl Worker {
             if !assigned.is_empty() {
                 self.claim(&assigned).await;
             }
-            if self.handle(&batch, &stopped).await == Handled::Fenced {
+            let handled = self.handle(&batch, &stopped).await;
+            if handled == Handled::Fenced {
                 // Another consumer owns some of these partitions now (this one missed the
                 // rebalance): drop the batch uncommitted, leave the group and join it again,
                 // so that it continues from the committed offsets of what it is given.
@@ -446,13 +449,18 @@ impl Worker {
                 }
                 continue;
             }
-            if self.fail_before_commit {
-                tracing::warn!("test hook: stopping before the commit");
+            if handled == Handled::Abandoned {
+                // Stopping with a batch not applied: commit nothing, it is applied again later.
                 return;
+            }
+            if self.never_commit {
+                continue;
             }
             self.commit(&batch);
         }
-        let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+        if !self.never_commit {
+            let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+        }
     }
 
     /// Claims the mailbox shards of newly assigned enqueue partitions, then notes where their
@@ -563,7 +571,7 @@ impl Worker {
                 }
                 tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
                 if *stopped.borrow() {
-                    return Handled::Done; // not committed: applied again after a restart
+                    return Handled::Abandoned; // not committed: applied again after a restart
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

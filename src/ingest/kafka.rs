@@ -405,9 +405,13 @@ struct Parsed {
 impl Worker {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
         loop {
+            // Shards of newly assigned partitions are claimed as soon as they are assigned, so
+            // that what arrives next counts as first deliveries.
+            self.claim_assigned().await;
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
                 _ = stopped.changed() => break,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
             };
             let first = match first {
                 Ok(m) => m.detach(),
@@ -424,17 +428,7 @@ impl Worker {
                     _ => break,
                 }
             }
-            let assigned = std::mem::take(
-                &mut *self
-                    .consumer
-                    .context()
-                    .assigned
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            if !assigned.is_empty() {
-                self.claim(&assigned).await;
-            }
+            self.claim_assigned().await;
             let handled = self.handle(&batch, &stopped).await;
             if handled == Handled::Fenced {
                 // Another consumer owns some of these partitions now (this one missed the
@@ -466,15 +460,26 @@ impl Worker {
     /// Claims the mailbox shards of newly assigned enqueue partitions, then notes where their
     /// first deliveries begin: the high watermark read after the claim (no record from there on
     /// can have been appended by an earlier owner whose append became visible).
-    async fn claim(&mut self, partitions: &[u32]) {
-        for p in partitions {
+    async fn claim_assigned(&mut self) {
+        let partitions = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .assigned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if partitions.is_empty() {
+            return;
+        }
+        for p in &partitions {
             self.fresh_from.remove(&(*p as i32));
         }
-        if let Err(e) = self.processor.mailbox.claim(partitions).await {
+        if let Err(e) = self.processor.mailbox.claim(&partitions).await {
             tracing::warn!(error = %e, "claiming mailbox shards failed; appends will claim them");
             return;
         }
-        for &p in partitions {
+        for &p in &partitions {
             let topic = &self.settings.topics.enqueue;
             match self
                 .consumer
@@ -503,7 +508,10 @@ impl Worker {
                 h.iter()
                     .any(|x| x.key == MINTED_HEADER && x.value == Some(b"1".as_slice()))
             });
-            let first_delivery = self.fresh_from.get(&partition).is_some_and(|f| offset >= *f);
+            let first_delivery = self
+                .fresh_from
+                .get(&partition)
+                .is_some_and(|f| offset >= *f);
             let command = parse::enqueue_one(bytes, limits, &mut default_id).and_then(|mut n| {
                 n.new_id = (n.new_id || minted_by_sender) && first_delivery;
                 let want = n.address.partition(partitions);

@@ -73,7 +73,10 @@ fn message(
         Some(raw) => {
             let s: String = serde_json::from_str(raw.get())
                 .map_err(|_| bad(format!("{at}id must be a string")))?;
-            (MessageId::parse(&s).map_err(|e| bad(format!("{at}{e}")))?, false)
+            (
+                MessageId::parse(&s).map_err(|e| bad(format!("{at}{e}")))?,
+                false,
+            )
         }
     };
     Ok(NewMessage {

@@ -7,7 +7,11 @@
 //! - `fanout`: deliveries/s from one channel to many connected clients;
 //! - `latency`: enqueue→delivery percentiles at a fixed rate, each message to one of many clients;
 //! - `replay`: a client that missed many messages resumes; messages/s and the node's memory growth;
-//! - `idle`: the node's memory per idle connection.
+//! - `idle`: the node's memory per idle connection;
+//! - `durable` (not in `all`): the node's durable append rate — enqueued over HTTP, through the
+//!   queue (Kafka on `--backend cluster`), appended and committed, counted from the node's
+//!   `/metrics` — and, with `--cassandra`, the raw rate of writing the same rows batched the same
+//!   way straight into the same Cassandra (the limit the node is held to), and their ratio.
 
 use super::client::{ClientError, Event, Http, Socket, json_u64};
 use bytes::Bytes;
@@ -56,6 +60,15 @@ pub struct BenchArgs {
     /// Idle connections held open in the idle scenario
     #[arg(long, default_value_t = 10_000)]
     pub idle_connections: usize,
+    /// Messages the durable scenario sends
+    #[arg(long, default_value_t = 100_000)]
+    pub durable_messages: usize,
+    /// Cassandra contact points for the durable scenario's raw baseline (cluster backend)
+    #[arg(long)]
+    pub cassandra: Option<String>,
+    /// The node's keyspace, for the raw baseline
+    #[arg(long, default_value = "signalpost")]
+    pub keyspace: String,
 }
 
 type Res<T> = Result<T, ClientError>;
@@ -79,7 +92,9 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
         println!("{line}");
         report.push(line);
     };
-    let known = ["all", "append", "fanout", "latency", "replay", "idle"];
+    let known = [
+        "all", "append", "fanout", "latency", "replay", "idle", "durable",
+    ];
     if !known.contains(&args.scenario.as_str()) {
         return Err(ClientError::Http(format!(
             "unknown scenario {:?}; one of {known:?}",
@@ -112,6 +127,13 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
     if all || args.scenario == "idle" {
         eprintln!("idle: opening {} connections …", args.idle_connections);
         push(idle(&args).await?);
+    }
+    if args.scenario == "durable" {
+        eprintln!(
+            "durable: {} messages over {} addresses in requests of {} …",
+            args.durable_messages, args.addresses, args.batch
+        );
+        push(durable(&args).await?);
     }
     println!("\nsummary ({}):", args.url);
     println!("| scenario | result |\n|---|---|");
@@ -478,4 +500,150 @@ async fn idle(args: &BenchArgs) -> Res<String> {
         before as f64 / 1048576.0,
         after as f64 / 1048576.0
     ))
+}
+
+/// A counter or summary value from the node's `/metrics`.
+async fn metric(http: &mut Http, name: &str) -> Res<f64> {
+    let (_, body) = http.call("GET", "/metrics", None).await?;
+    let text = String::from_utf8_lossy(&body);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum())
+}
+
+async fn durable(args: &BenchArgs) -> Res<String> {
+    let n = args.durable_messages;
+    let run = tag();
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    let appends0 = metric(&mut http, "signalpost_appends_total").await?;
+    let batches0 = metric(&mut http, "signalpost_append_batch_size_count").await?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let per_conn = n.div_ceil(args.http_connections.max(1));
+    let mut tasks = Vec::new();
+    for c in 0..args.http_connections.max(1) {
+        let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+        let (sent, run) = (sent.clone(), run.clone());
+        let (addresses, batch) = (args.addresses, args.batch.max(1));
+        let range = (c * per_conn)..((c + 1) * per_conn).min(n);
+        tasks.push(tokio::spawn(async move {
+            let mut i = range.start;
+            while i < range.end {
+                let k = batch.min(range.end - i);
+                let mut body = String::with_capacity(k * 80 + 2);
+                body.push('[');
+                for j in i..i + k {
+                    if j > i {
+                        body.push(',');
+                    }
+                    body.push_str(&format!(
+                        "{{\"address\":\"channel:durable-{run}-{}\",\"payload\":{{\"n\":{j}}}}}",
+                        j % addresses
+                    ));
+                }
+                body.push(']');
+                enqueue_raw(&mut http, body).await?;
+                sent.fetch_add(k as u64, Ordering::Relaxed);
+                i += k;
+            }
+            Ok::<_, ClientError>(())
+        }));
+    }
+    let mut appended = 0.0;
+    let mut last_change = Instant::now();
+    while appended < n as f64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = metric(&mut http, "signalpost_appends_total").await? - appends0;
+        if now > appended {
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_secs(30) {
+            return Err(ClientError::Http(format!(
+                "durable: only {now} of {n} appended after 30 s without progress"
+            )));
+        }
+        appended = now;
+        eprint!(
+            "\r  {:>5.1} s  {:>8} enqueued  {:>8} appended",
+            started.elapsed().as_secs_f64(),
+            sent.load(Ordering::Relaxed),
+            appended as u64
+        );
+    }
+    let node_secs = started.elapsed().as_secs_f64();
+    eprintln!();
+    for t in tasks {
+        t.await.map_err(|e| ClientError::Http(e.to_string()))??;
+    }
+    let batches = metric(&mut http, "signalpost_append_batch_size_count").await? - batches0;
+    let mean_batch = ((n as f64 / batches.max(1.0)).round() as usize).max(1);
+    let node_rate = n as f64 / node_secs;
+    let mut line = format!(
+        "durable messages={n} addresses={}: node {node_rate:.0} messages/s durably appended (mean append batch {mean_batch})",
+        args.addresses
+    );
+    if let Some(cp) = &args.cassandra {
+        eprintln!("durable: the same rows straight into Cassandra, batches of {mean_batch} …");
+        let raw_rate = raw_rows(args, cp, &run, mean_batch).await?;
+        line.push_str(&format!(
+            "; raw same rows {raw_rate:.0} messages/s; ratio {:.2}",
+            node_rate / raw_rate
+        ));
+    }
+    Ok(line)
+}
+
+/// Writes the rows of the durable scenario's messages straight into Cassandra, as the node's
+/// mailbox would, without reads or fence ([`crate::mailbox::cassandra::CassandraMailbox::write_unfenced`]).
+async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usize) -> Res<f64> {
+    use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
+    let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
+    let session = crate::cassandra::connect(contact_points)
+        .await
+        .map_err(|e| err(&e))?;
+    let m = CassandraMailbox::new(
+        Arc::new(session),
+        &MailboxSettings {
+            keyspace: args.keyspace.clone(),
+            retention_ms: 30 * 24 * 3600 * 1000,
+            bucket_size: DEFAULT_BUCKET_SIZE,
+            shards: 0,
+            scope: "bench-raw".into(),
+            owner: "bench".into(),
+        },
+    )
+    .await
+    .map_err(|e| err(&e))?;
+    let n = args.durable_messages;
+    let mut counters = std::collections::HashMap::new();
+    let started = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let k = batch.min(n - i);
+        let msgs = (i..i + k)
+            .map(|j| {
+                let address = crate::address::Address::parse(&format!(
+                    "channel:raw-{run}-{}",
+                    j % args.addresses
+                ))
+                .expect("a valid address");
+                crate::mailbox::NewMessage {
+                    address,
+                    id: crate::address::MessageId::generate(),
+                    payload: serde_json::value::RawValue::from_string(format!("{{\"n\":{j}}}"))
+                        .expect("valid JSON"),
+                    new_id: true,
+                }
+            })
+            .collect();
+        m.write_unfenced(msgs, &mut counters)
+            .await
+            .map_err(|e| err(&e))?;
+        i += k;
+        eprint!("\r  {i:>8} written");
+    }
+    eprintln!();
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }

@@ -78,7 +78,8 @@ fn store() -> Store {
 /// node has it; all of one test share the fence scope), with an embedded topology.
 async fn cluster_store(scope: &str) -> Store {
     let dir = tempfile::tempdir().unwrap();
-    let mailbox: Arc<dyn Mailbox> = Arc::new(crate::cassandra_support::mailbox_in(scope, 3_600_000).await);
+    let mailbox: Arc<dyn Mailbox> =
+        Arc::new(crate::cassandra_support::mailbox_in(scope, 3_600_000).await);
     let topology = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
     let processor = Arc::new(Processor {
         mailbox: mailbox.clone(),
@@ -320,7 +321,10 @@ async fn a_crash_between_append_and_commit_leaves_no_duplicate_and_no_hole() {
     // Once a record is applied, the consumer has its partitions and has claimed their shards.
     produce(
         &t.enqueue,
-        &[(warm.to_string(), format!(r#"{{"address":"{warm}","payload":0}}"#))],
+        &[(
+            warm.to_string(),
+            format!(r#"{{"address":"{warm}","payload":0}}"#),
+        )],
     )
     .await;
     until("the warm-up record", async || {
@@ -328,7 +332,12 @@ async fn a_crash_between_append_and_commit_leaves_no_duplicate_and_no_hole() {
     })
     .await;
     let records: Vec<(String, String)> = (0..300)
-        .map(|i| (a.to_string(), format!(r#"{{"address":"{a}","payload":{i}}}"#)))
+        .map(|i| {
+            (
+                a.to_string(),
+                format!(r#"{{"address":"{a}","payload":{i}}}"#),
+            )
+        })
         .collect();
     produce(&t.enqueue, &records).await;
     until("all 300 by the first", async || {

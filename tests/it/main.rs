@@ -394,7 +394,10 @@ mod cassandra_mailbox {
         let batch = |p: &str, n: usize| (0..n).map(|i| msg(&a, &format!("{p}{i}"))).collect();
         zombie.append(batch("z", 5)).await.unwrap();
         let out = owner.append(batch("o", 5)).await.unwrap();
-        assert_eq!(out[0].message.version, 6, "the new owner continues the versions");
+        assert_eq!(
+            out[0].message.version, 6,
+            "the new owner continues the versions"
+        );
         for _ in 0..2 {
             match zombie.append(batch("late", 3)).await {
                 Err(MailboxError::Fenced(_)) => {}
@@ -405,7 +408,10 @@ mod cassandra_mailbox {
         let page = fresh.read(&a, 0, 100).await.unwrap();
         let ids: Vec<String> = page.messages.iter().map(|m| m.id.to_string()).collect();
         assert_eq!(page.head.head, 10);
-        assert_eq!(ids, ["z0", "z1", "z2", "z3", "z4", "o0", "o1", "o2", "o3", "o4"]);
+        assert_eq!(
+            ids,
+            ["z0", "z1", "z2", "z3", "z4", "o0", "o1", "o2", "o3", "o4"]
+        );
         // The owner keeps appending after the zombie's attempts: its versions are not disturbed.
         let out = owner.append(batch("p", 2)).await.unwrap();
         assert_eq!(out[1].message.version, 12);
@@ -539,11 +545,8 @@ mod throughput {
         let addrs = |kind: &str| -> Vec<signalpost::address::Address> {
             (0..addresses)
                 .map(|i| {
-                    signalpost::address::Address::parse(&format!(
-                        "channel:{kind}{}-{i}",
-                        &run[..8]
-                    ))
-                    .unwrap()
+                    signalpost::address::Address::parse(&format!("channel:{kind}{}-{i}", &run[..8]))
+                        .unwrap()
                 })
                 .collect()
         };

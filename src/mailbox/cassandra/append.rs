@@ -77,7 +77,9 @@ impl SerializeRow for Row<'_> {
         writer: &mut RowWriter,
     ) -> Result<(), SerializationError> {
         match *self {
-            Row::Entry(a, b, v, e, id, ts, p, ttl) => (a, b, v, e, id, ts, p, ttl).serialize(ctx, writer),
+            Row::Entry(a, b, v, e, id, ts, p, ttl) => {
+                (a, b, v, e, id, ts, p, ttl).serialize(ctx, writer)
+            }
             Row::Id(a, id, v, ttl) => (a, id, v, ttl).serialize(ctx, writer),
         }
     }
@@ -427,10 +429,7 @@ impl Inner {
                 let (id, v) = row.map_err(st)?;
                 if v > 0 && (v as u64) <= head {
                     by_id.entry(id.to_owned()).or_default().push(v as u64);
-                    by_bucket
-                        .entry(self.bucket(v as u64))
-                        .or_default()
-                        .push(v);
+                    by_bucket.entry(self.bucket(v as u64)).or_default().push(v);
                 }
             }
         }

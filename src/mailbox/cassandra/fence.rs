@@ -99,7 +99,10 @@ impl Fences {
                 None => {
                     let res = self
                         .session
-                        .execute_unpaged(&self.insert, (&self.scope, shard as i32, &self.owner, now))
+                        .execute_unpaged(
+                            &self.insert,
+                            (&self.scope, shard as i32, &self.owner, now),
+                        )
                         .await
                         .map_err(unavailable)?;
                     (applied(res)?, 1)

@@ -50,7 +50,7 @@ pub struct MailboxSettings {
     /// Versions per bucket; the value already stored in the keyspace wins.
     pub bucket_size: u64,
     /// Partitions of the enqueue topic. Stored on first use; a different value later is an
-    /// error, because the shard of an address must never change.
+    /// error, because the shard of an address must never change. 0: whatever is stored.
     pub shards: u32,
     /// The fence's scope: the enqueue topic's name. Every writer of the keyspace's mailboxes
     /// must use the same one.
@@ -123,8 +123,8 @@ impl CassandraMailbox {
             }
         };
         let bucket_size = fixed_config(&session, ks, "bucket_size", s.bucket_size.max(1)).await?;
-        let shards = fixed_config(&session, ks, "shards", u64::from(s.shards.max(1))).await?;
-        if shards != u64::from(s.shards.max(1)) {
+        let shards = fixed_config(&session, ks, "shards", u64::from(s.shards)).await?;
+        if s.shards != 0 && shards != u64::from(s.shards) {
             return Err(st(format!(
                 "keyspace {ks} was set up for an enqueue topic of {shards} partitions, but it \
                  has {}; the partition of an address must never change (see docs/kafka.md)",
@@ -208,24 +208,26 @@ impl CassandraMailbox {
     }
 }
 
-/// A value of `mailbox_config`: written if absent, then read back at SERIAL (the first writer
-/// wins).
+/// A value of `mailbox_config`: written if absent (unless `want` is 0), then read back at
+/// SERIAL (the first writer wins).
 async fn fixed_config(
     session: &Session,
     ks: &str,
     name: &str,
     want: u64,
 ) -> Result<u64, MailboxError> {
-    let insert = session
-        .prepare(format!(
-            "INSERT INTO {ks}.mailbox_config (name, value) VALUES (?, ?) IF NOT EXISTS"
-        ))
-        .await
-        .map_err(unavailable)?;
-    session
-        .execute_unpaged(&insert, (name, want as i64))
-        .await
-        .map_err(unavailable)?;
+    if want > 0 {
+        let insert = session
+            .prepare(format!(
+                "INSERT INTO {ks}.mailbox_config (name, value) VALUES (?, ?) IF NOT EXISTS"
+            ))
+            .await
+            .map_err(unavailable)?;
+        session
+            .execute_unpaged(&insert, (name, want as i64))
+            .await
+            .map_err(unavailable)?;
+    }
     let mut read = session
         .prepare(format!(
             "SELECT value FROM {ks}.mailbox_config WHERE name = ?"

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     pub expired: Counter,
     pub cleaned: Counter,
+    /// Messages sent to other nodes (per receiving node: one count per node that wanted it).
+    pub forwarded: Counter,
+    /// Messages received from other nodes.
+    pub from_peers: Counter,
 }
 
 impl Metrics {
@@ -83,6 +87,8 @@ impl Metrics {
             delivery_seconds: metrics::histogram!("signalpost_enqueue_to_delivery_seconds"),
             expired: metrics::counter!("signalpost_expired_total"),
             cleaned: metrics::counter!("signalpost_presence_cleaned_total"),
+            forwarded: metrics::counter!("signalpost_forwarded_total"),
+            from_peers: metrics::counter!("signalpost_from_peers_total"),
         }
     }
 

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::presence::cassandra::CassandraPresence;
 use crate::presence::{MemoryPresence, Presence};
 use crate::routing::Router;
+use crate::routing::peers::Peers;
 use crate::security::{Credentials, load_or_create_secret};
 use crate::topology::cassandra::CassandraTopology;
 use crate::topology::embedded::EmbeddedTopology;
@@ -38,6 +39,8 @@ pub struct Services {
     pub membership: Arc<dyn Membership>,
     /// Local routing table (internally locked).
     pub router: Arc<Router>,
+    /// Routing to and from the other nodes.
+    pub peers: Arc<Peers>,
     pub queue: Arc<dyn Queue>,
     pub credentials: Credentials,
     pub metrics: Metrics,
@@ -139,6 +142,7 @@ impl Node {
                         },
                         batch: config.append_batch,
                         partitions: shards,
+                        node: node_id.clone(),
                         never_commit: false,
                     },
                     processor,
@@ -169,7 +173,22 @@ impl Node {
                 },
             )),
         };
+        let peers = Peers::new(
+            &node_id,
+            &format!("http://{addr}"),
+            config.api_key.clone(),
+            router.clone(),
+            mailbox.clone(),
+            membership.clone(),
+            metrics.clone(),
+        );
+        peers.set_queue(&queue);
+        router.set_remote(peers.clone());
+        if config.backend == Backend::Cluster {
+            peers.start();
+        }
         let svc = Arc::new(Services {
+            peers,
             credentials: Credentials::new(
                 &resume_secret,
                 config.client_token_secret.as_deref(),

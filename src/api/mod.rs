@@ -43,6 +43,8 @@ pub fn routes(svc: Arc<Services>) -> Router {
         .route("/server/clients/{client}", get(read::client))
         .route("/server/presence/{address}", get(read::presence))
         .route("/server/nodes", get(read::nodes))
+        .route("/internal/want", post(internal_want))
+        .route("/internal/deliver", post(internal_deliver))
         .fallback(|| async { ApiError::NotFound("no such /server endpoint".into()) })
         .layer(middleware::from_fn_with_state(svc.clone(), require_api_key));
     Router::new()
@@ -223,4 +225,25 @@ async fn publish(
             .map_err(|_| IngestError::Timeout(t.as_secs()))?
             .map_err(Into::into),
     }
+}
+
+/// `POST /internal/want`: another node's interests ([`crate::routing::peers`]).
+async fn internal_want(
+    State(svc): State<Arc<Services>>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let want: crate::routing::peers::Want = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid want: {e}")))?;
+    Ok(StatusCode::from_u16(svc.peers.on_want(want)).unwrap_or(StatusCode::CONFLICT))
+}
+
+/// `POST /internal/deliver`: messages, binding changes or an answer from another node.
+async fn internal_deliver(
+    State(svc): State<Arc<Services>>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let frame: crate::routing::peers::Deliver = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid delivery: {e}")))?;
+    svc.peers.on_deliver(frame);
+    Ok(StatusCode::OK)
 }

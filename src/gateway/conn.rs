@@ -444,6 +444,23 @@ impl Subscriber for Conn {
             self.svc
                 .router
                 .subscribe(&me, std::slice::from_ref(address));
+            // Bound on another node's say-so: make sure the other nodes forward this address,
+            // then catch up from the mailbox on whatever they appended before they knew.
+            self.svc.peers.want_then_catch_up(vec![address.clone()]);
+        }
+    }
+
+    fn known(&self, address: &Address, head: u64) {
+        let mut st = self.lock();
+        let behind = match st.tracks.get_mut(address) {
+            Some(t) => {
+                t.known = t.known.max(head);
+                t.delivered < t.known
+            }
+            None => false,
+        };
+        if behind && st.phase != Phase::Setup && st.phase != Phase::Closed {
+            self.repair(&mut st);
         }
     }
 

@@ -172,6 +172,9 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), 
     );
     svc.router.subscribe(&sub, &added);
     let addrs: Vec<Address> = conn.cursors().into_iter().map(|(a, _)| a).collect();
+    // The other nodes forward these addresses here from now on; what they appended before is
+    // below the heads read next, so the replay has it.
+    svc.peers.want(&addrs).await;
     let heads = svc.mailbox.heads(&addrs).await.map_err(|e| e.to_string())?;
     conn.raise_known(
         &addrs

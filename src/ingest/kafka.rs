@@ -33,7 +33,8 @@ type Consumer_ = StreamConsumer<Rebalances>;
 
 #[derive(Default)]
 struct Rebalances {
-    assigned: Mutex<Vec<u32>>,
+    /// The enqueue partitions assigned now, and a generation that moves at each assignment.
+    assigned: Mutex<(u64, Vec<u32>)>,
     enqueue: String,
 }
 
@@ -45,14 +46,26 @@ impl rdkafka::consumer::ConsumerContext for Rebalances {
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
-        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
-            let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-            for e in tpl.elements() {
-                if e.topic() == self.enqueue && e.partition() >= 0 {
-                    assigned.push(e.partition() as u32);
-                }
+        use rdkafka::consumer::Rebalance;
+        let ours = |tpl: &TopicPartitionList| -> Vec<u32> {
+            tpl.elements()
+                .iter()
+                .filter(|e| e.topic() == self.enqueue && e.partition() >= 0)
+                .map(|e| e.partition() as u32)
+                .collect()
+        };
+        let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                assigned.0 += 1;
+                assigned.1 = ours(tpl);
+                tracing::info!(partitions = ?assigned.1, "kafka assigned enqueue partitions");
             }
-            tracing::info!(partitions = ?assigned, "kafka assigned enqueue partitions");
+            Rebalance::Revoke(tpl) => {
+                let revoked = ours(tpl);
+                assigned.1.retain(|p| !revoked.contains(p));
+            }
+            Rebalance::Error(_) => {}
         }
     }
 }
@@ -62,6 +75,9 @@ fn subscribe(settings: &KafkaSettings) -> Result<Consumer_, IngestError> {
     let consumer: Consumer_ = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group)
+        // Static membership: a node restarted with the same id takes its partitions back at
+        // once instead of waiting for its dead predecessor's session to time out.
+        .set("group.instance.id", &settings.node)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
@@ -80,6 +96,8 @@ fn subscribe(settings: &KafkaSettings) -> Result<Consumer_, IngestError> {
 
 /// Header of an enqueue record whose id the HTTP API minted (the sender gave none).
 const MINTED_HEADER: &str = "signalpost-minted";
+/// Header naming the node that waits for the operation's outcome (`?wait=true`).
+const ORIGIN_HEADER: &str = "signalpost-origin";
 
 /// How long a publisher waits for Kafka to take a record, and for `wait` answers.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -154,6 +172,8 @@ pub struct KafkaSettings {
     pub group: String,
     pub limits: Limits,
     pub batch: usize,
+    /// This node's id: the origin of the operations it publishes with `wait`.
+    pub node: String,
     /// Partitions of the enqueue topic: an enqueue record must come through the partition
     /// Kafka's murmur2 partitioner gives its address ([`crate::address::Address::partition`]).
     pub partitions: u32,
@@ -251,6 +271,7 @@ impl KafkaQueue {
             waiters: waiters.clone(),
             never_commit: settings.never_commit,
             fresh_from: HashMap::new(),
+            generation: 0,
         };
         let task = tokio::spawn(worker.run(stopped));
         Ok(Self {
@@ -269,15 +290,25 @@ impl KafkaQueue {
         key: &str,
         value: &str,
         minted: bool,
+        wait: bool,
     ) -> Result<(), IngestError> {
+        use rdkafka::message::{Header, OwnedHeaders};
         let mut record = FutureRecord::to(topic).key(key).payload(value);
-        if minted {
-            record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
-                rdkafka::message::Header {
+        if minted || wait {
+            let mut h = OwnedHeaders::new();
+            if minted {
+                h = h.insert(Header {
                     key: MINTED_HEADER,
                     value: Some("1"),
-                },
-            ));
+                });
+            }
+            if wait {
+                h = h.insert(Header {
+                    key: ORIGIN_HEADER,
+                    value: Some(self.settings.node.as_str()),
+                });
+            }
+            record = record.headers(h);
         }
         self.producer
             .send(record, PRODUCE_TIMEOUT)
@@ -329,7 +360,7 @@ impl Queue for KafkaQueue {
         let produced = futures_util::future::join_all(
             sends
                 .iter()
-                .map(|(topic, key, value, minted)| self.produce(topic, key, value, *minted)),
+                .map(|(topic, key, value, minted)| self.produce(topic, key, value, *minted, wait)),
         )
         .await;
         let mut out = Vec::with_capacity(commands.len());
@@ -350,6 +381,10 @@ impl Queue for KafkaQueue {
             });
         }
         Ok(out)
+    }
+
+    fn resolve(&self, ticket: &str, outcome: &Outcome) {
+        self.waiters.resolve(ticket, outcome);
     }
 
     async fn drain(&self) {
@@ -386,6 +421,8 @@ struct Worker {
     /// from there on are first deliveries, so minted ids among them are vouched for
     /// ([`crate::mailbox::NewMessage::new_id`]).
     fresh_from: HashMap<i32, i64>,
+    /// The assignment generation whose shards were claimed last.
+    generation: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -400,18 +437,16 @@ enum Handled {
 struct Parsed {
     command: Result<Command, Invalid>,
     ticket: Option<String>,
+    /// The node waiting for the outcome, when not this one.
+    origin: Option<String>,
 }
 
 impl Worker {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
         loop {
-            // Shards of newly assigned partitions are claimed as soon as they are assigned, so
-            // that what arrives next counts as first deliveries.
-            self.claim_assigned().await;
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
                 _ = stopped.changed() => break,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
             };
             let first = match first {
                 Ok(m) => m.detach(),
@@ -437,6 +472,7 @@ impl Worker {
                 tracing::warn!("fenced by another writer: rejoining the consumer group");
                 drop(batch);
                 self.fresh_from.clear();
+                self.generation = 0;
                 match subscribe(&self.settings) {
                     Ok(c) => self.consumer = c,
                     Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),
@@ -461,14 +497,19 @@ impl Worker {
     /// first deliveries begin: the high watermark read after the claim (no record from there on
     /// can have been appended by an earlier owner whose append became visible).
     async fn claim_assigned(&mut self) {
-        let partitions = std::mem::take(
-            &mut *self
+        let partitions = {
+            let assigned = self
                 .consumer
                 .context()
                 .assigned
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+                .unwrap_or_else(|p| p.into_inner());
+            if assigned.0 == self.generation {
+                return;
+            }
+            self.generation = assigned.0;
+            assigned.1.clone()
+        };
         if partitions.is_empty() {
             return;
         }
@@ -530,7 +571,11 @@ impl Worker {
                 Command::Enqueue(n) => message_ticket(n.address.as_str(), n.id.as_str()),
                 _ => unreachable!(),
             });
-            return Parsed { command, ticket };
+            return Parsed {
+                command,
+                ticket,
+                origin: self.origin(m),
+            };
         }
         let ticket = serde_json::from_slice::<serde_json::Value>(bytes)
             .ok()
@@ -542,7 +587,19 @@ impl Worker {
                 Command::Unbind { client, addresses }
             }
         });
-        Parsed { command, ticket }
+        Parsed {
+            command,
+            ticket,
+            origin: self.origin(m),
+        }
+    }
+
+    /// The waiting node named by a record, when it is not this one.
+    fn origin(&self, m: &OwnedMessage) -> Option<String> {
+        let h = m.headers()?;
+        let v = h.iter().find(|x| x.key == ORIGIN_HEADER)?.value?;
+        let node = String::from_utf8_lossy(v).into_owned();
+        (node != self.settings.node).then_some(node)
     }
 
     /// Applies a batch until it is durable (or the queue is stopped, or this consumer is fenced).
@@ -558,7 +615,7 @@ impl Worker {
         for p in &parsed {
             if let Ok(c) = &p.command {
                 commands.push(c.clone());
-                tickets.push(p.ticket.clone());
+                tickets.push((p.ticket.clone(), p.origin.clone()));
             }
         }
         if commands.is_empty() {
@@ -585,9 +642,15 @@ impl Worker {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
-            for (ticket, r) in tickets.iter().zip(&results) {
+            for ((ticket, origin), r) in tickets.iter().zip(&results) {
                 if let (Some(t), Ok(outcome)) = (ticket, r) {
-                    self.waiters.resolve(t, outcome);
+                    // The node that waits, wherever it is.
+                    let remote = origin
+                        .as_deref()
+                        .is_some_and(|o| self.processor.router.reply(o, t, outcome));
+                    if !remote {
+                        self.waiters.resolve(t, outcome);
+                    }
                 }
             }
             return Handled::Done;

@@ -93,6 +93,9 @@ pub trait Queue: Send + Sync + 'static {
     ) -> Result<Vec<Result<Outcome, IngestError>>, IngestError>;
     /// Stops taking commands and finishes the ones taken.
     async fn drain(&self);
+    /// Answers a publisher waiting on this node for `ticket` (the operation was applied by
+    /// another node). Queues that always apply locally ignore it.
+    fn resolve(&self, _ticket: &str, _outcome: &Outcome) {}
     async fn healthy(&self) -> Result<(), IngestError>;
 }
 

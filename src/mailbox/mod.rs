@@ -66,6 +66,26 @@ impl Message {
         }
     }
 
+    /// A message from its client-facing JSON (as forwarded between nodes); `None` if the JSON
+    /// is not a signal.
+    pub fn from_signal(signal: Box<RawValue>) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            address: Address,
+            version: u64,
+            id: MessageId,
+            ts: u64,
+        }
+        let h: Head = serde_json::from_str(signal.get()).ok()?;
+        Some(Self {
+            address: h.address,
+            version: h.version,
+            id: h.id,
+            ts: h.ts,
+            signal,
+        })
+    }
+
     /// The payload part of the signal.
     pub fn payload(&self) -> Box<RawValue> {
         #[derive(serde::Deserialize)]

@@ -42,7 +42,7 @@ function clusterEnv(dataDir) {
 /** Starts `signalpost serve` on a free port; resolves once it prints where it listens. */
 export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0' } = {}) {
   const proc = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, ...args], {
-    env: { ...process.env, RUST_LOG: 'warn', ...clusterEnv(dataDir), ...env },
+    env: { ...process.env, RUST_LOG: process.env.SIGNALPOST_E2E_LOG || 'warn', ...clusterEnv(dataDir), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   started.add(proc);

@@ -1,15 +1,29 @@
-//! Routing on one node: from appended messages to the local connections that want them, and
-//! from binding changes to the connections of the client concerned.
+//! Routing: from appended messages to the connections that want them, and from binding changes
+//! to the connections of the client concerned — on this node ([`Router`]), and through
+//! [`peers`] to the other nodes of a cluster.
 //!
 //! The router only knows [`Subscriber`]s; what a connection does with a message (deliver it now,
 //! or note that it must catch up from the mailbox) is the gateway's business. Delivery is called
 //! once per appended batch, in version order per address, so subscribers see versions in order
 //! unless they fall behind (which they detect and repair from the mailbox).
 
+pub mod peers;
+
 use crate::address::{Address, ClientId};
 use crate::mailbox::Message;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+
+/// Where the router sends what other nodes must know (see [`peers::Peers`]).
+pub trait Remote: Send + Sync + 'static {
+    fn forward(&self, messages: &[Arc<Message>]);
+    fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]);
+    fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]);
+    /// The answer of a `?wait=true` operation, for the node `node` that waits for it.
+    fn reply(&self, node: &str, ticket: &str, outcome: &crate::ingest::Outcome);
+    /// This node's id.
+    fn node(&self) -> &str;
+}
 
 /// Something that receives messages of the addresses it subscribed to.
 pub trait Subscriber: Send + Sync + 'static {
@@ -22,6 +36,8 @@ pub trait Subscriber: Send + Sync + 'static {
     fn bound(&self, address: &Address, since: u64);
     /// The client was unbound from `address`, whose head is `head`.
     fn unbound(&self, address: &Address, head: u64);
+    /// `address` has at least `head` (read from the mailbox): catch up to it if behind.
+    fn known(&self, _address: &Address, _head: u64) {}
 }
 
 type Subs = Vec<Arc<dyn Subscriber>>;
@@ -32,6 +48,7 @@ type Subs = Vec<Arc<dyn Subscriber>>;
 pub struct Router {
     by_address: RwLock<HashMap<Address, Subs>>,
     by_client: RwLock<HashMap<ClientId, Subs>>,
+    remote: OnceLock<Arc<dyn Remote>>,
 }
 
 impl Router {
@@ -75,9 +92,54 @@ impl Router {
         }
     }
 
-    /// Hands a batch of appended messages (in append order) to the subscribers of each address.
-    /// Returns how many deliveries were offered.
+    /// Connects the router to the other nodes (once).
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Sends the answer of a `?wait=true` operation to the node waiting for it; false when that
+    /// is this node (or there are no other nodes).
+    pub fn reply(&self, node: &str, ticket: &str, outcome: &crate::ingest::Outcome) -> bool {
+        match self.remote.get() {
+            Some(r) if r.node() != node => {
+                r.reply(node, ticket, outcome);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The addresses with at least one local subscriber.
+    pub fn wanted(&self) -> Vec<Address> {
+        self.by_address
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Tells the local subscribers of each address what its head is (they repair if behind).
+    pub fn catch_up(&self, heads: &[(Address, u64)]) {
+        let m = self.by_address.read().unwrap_or_else(|p| p.into_inner());
+        for (a, h) in heads {
+            for s in m.get(a).into_iter().flatten() {
+                s.known(a, *h);
+            }
+        }
+    }
+
+    /// Hands a batch of appended messages (in append order) to the local subscribers of each
+    /// address, and to the other nodes that want them. Returns the local deliveries offered.
     pub fn deliver(&self, messages: &[Arc<Message>]) -> u64 {
+        if let Some(r) = self.remote.get() {
+            r.forward(messages);
+        }
+        self.deliver_local(messages)
+    }
+
+    /// [`Router::deliver`] on this node only (for messages forwarded by another node).
+    pub fn deliver_local(&self, messages: &[Arc<Message>]) -> u64 {
         let m = self.by_address.read().unwrap_or_else(|p| p.into_inner());
         if m.is_empty() {
             return 0;
@@ -101,8 +163,24 @@ impl Router {
         offered
     }
 
-    /// Tells the client's local connections about new bindings.
+    /// Tells the client's connections, on every node, about new bindings.
     pub fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]) {
+        if let Some(r) = self.remote.get() {
+            r.bound(client, bindings);
+        }
+        self.bound_local(client, bindings);
+    }
+
+    /// Tells the client's connections, on every node, about removed bindings.
+    pub fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]) {
+        if let Some(r) = self.remote.get() {
+            r.unbound(client, removed);
+        }
+        self.unbound_local(client, removed);
+    }
+
+    /// Tells the client's local connections about new bindings.
+    pub fn bound_local(&self, client: &ClientId, bindings: &[(Address, u64)]) {
         for s in self.connections_of(client) {
             for (a, since) in bindings {
                 s.bound(a, *since);
@@ -111,7 +189,7 @@ impl Router {
     }
 
     /// Tells the client's local connections about removed bindings.
-    pub fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]) {
+    pub fn unbound_local(&self, client: &ClientId, removed: &[(Address, u64)]) {
         for s in self.connections_of(client) {
             for (a, head) in removed {
                 s.unbound(a, *head);

@@ -1,0 +1,167 @@
+// Three nodes of one cluster (cluster backend): messages reach every bound client on every node,
+// in order, once; `?wait=true` answers on whichever node was asked; `bound` reaches a client on
+// another node; a node with no interested client receives no live traffic; a client whose node
+// is killed reconnects to another and resumes with exactly what it missed.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { BACKEND, startNode, api, connect, tempDir, waitFor } from './lib/harness.mjs';
+
+const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
+
+/** Shared settings of one test cluster. */
+function cluster(name) {
+  const tag = tempDir(name).replace(/[^A-Za-z0-9]/g, '').slice(-10).toLowerCase();
+  return {
+    SIGNALPOST_CASSANDRA_KEYSPACE: `${name}_${tag}`,
+    SIGNALPOST_KAFKA_TOPIC_PREFIX: `${name}-${tag}.`,
+    SIGNALPOST_KAFKA_GROUP: `${name}-${tag}`,
+    SIGNALPOST_KAFKA_PARTITIONS: '6',
+    SIGNALPOST_ZOOKEEPER_ROOT: `/${name}-${tag}`,
+    SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '4000',
+    // Resume tokens must be valid on every node.
+    SIGNALPOST_RESUME_SECRET: `secret-${tag}`,
+  };
+}
+
+async function startCluster(env, n) {
+  const nodes = [];
+  for (let i = 0; i < n; i++) nodes.push(await startNode({ env }));
+  for (const node of nodes) {
+    await waitFor(async () => (await api(node.url, 'GET', '/server/nodes')).body.nodes?.length === n, 30000, `${n} nodes listed`);
+  }
+  return nodes;
+}
+
+async function metric(url, name) {
+  const res = await fetch(`${url}/metrics`);
+  const line = (await res.text()).split('\n').find((l) => l.startsWith(`${name} `));
+  return line ? Number(line.split(' ')[1]) : 0;
+}
+
+/** Asserts a client got exactly versions 1..n of `address`, in order. */
+function exactlyOnce(rec, address, n, who) {
+  const got = rec.signals(address).map((s) => s.version);
+  assert.deepEqual(got, Array.from({ length: n }, (_, i) => i + 1), `${who}: every version once, in order`);
+}
+
+test('three nodes: every bound client on every node gets every message once, in order', { skip, timeout: 180000 }, async () => {
+  const env = cluster('route');
+  const nodes = await startCluster(env, 3);
+  // Two clients on each node.
+  const clients = [];
+  for (const node of nodes) {
+    for (let k = 0; k < 2; k++) {
+      const c = connect(node.url);
+      await c.ready;
+      clients.push({ c, node });
+    }
+  }
+  // Bound through one node; the `bound` event reaches each client on its own node.
+  for (const [i, { c }] of clients.entries()) {
+    const bind = await api(nodes[i % 3].url, 'POST', '/server/connect', { client: c.session.clientId, addresses: ['channel:shared'] });
+    assert.equal(bind.status, 200, JSON.stringify(bind.body));
+  }
+  for (const { c } of clients) {
+    await c.waitFor((e) => e.event === 'bound' && e.data.address === 'channel:shared', 15000, 'bound on the client\'s node');
+  }
+  // 300 messages through all three nodes, `?wait=true`: each answers with the version.
+  const before = await Promise.all(nodes.map((n) => metric(n.url, 'signalpost_from_peers_total')));
+  const versions = new Set();
+  for (let i = 0; i < 30; i++) {
+    const node = nodes[i % 3];
+    const batch = Array.from({ length: 10 }, (_, j) => ({ address: 'channel:shared', id: `s-${i}-${j}`, payload: { i, j } }));
+    const r = await api(node.url, 'POST', '/server/enqueue?wait=true', batch);
+    assert.equal(r.status, 200, `wait=true on node ${i % 3}: ${JSON.stringify(r.body)}`);
+    for (const x of r.body.results) versions.add(x.version);
+  }
+  assert.equal(versions.size, 300, 'every wait=true answer has its own version');
+  for (const [i, { c }] of clients.entries()) {
+    await c.waitCount('channel:shared', 300, 30000);
+    exactlyOnce(c, 'channel:shared', 300, `client ${i}`);
+  }
+  const after = await Promise.all(nodes.map((n) => metric(n.url, 'signalpost_from_peers_total')));
+  console.log(`# shared channel, clients on all 3 nodes: messages received from peers per node ${after.map((v, i) => v - before[i]).join(' / ')}`);
+
+  // Interested clients on one node only: the others receive no live traffic for the address.
+  const solo = connect(nodes[2].url);
+  await solo.ready;
+  await api(nodes[0].url, 'POST', '/server/connect', { client: solo.session.clientId, addresses: ['channel:solo'] });
+  await solo.waitFor((e) => e.event === 'bound' && e.data.address === 'channel:solo', 15000, 'bound');
+  const base = await Promise.all(nodes.map((n) => metric(n.url, 'signalpost_from_peers_total')));
+  const fwd = await Promise.all(nodes.map((n) => metric(n.url, 'signalpost_forwarded_total')));
+  for (let i = 0; i < 30; i++) {
+    const batch = Array.from({ length: 10 }, (_, j) => ({ address: 'channel:solo', payload: { i, j } }));
+    assert.equal((await api(nodes[i % 3].url, 'POST', '/server/enqueue', batch)).status, 202);
+  }
+  await solo.waitCount('channel:solo', 300, 30000);
+  exactlyOnce(solo, 'channel:solo', 300, 'solo');
+  const got = await Promise.all(nodes.map(async (n, i) => (await metric(n.url, 'signalpost_from_peers_total')) - base[i]));
+  const sent = await Promise.all(nodes.map(async (n, i) => (await metric(n.url, 'signalpost_forwarded_total')) - fwd[i]));
+  console.log(`# channel with clients on node 3 only, 300 messages: received from peers per node ${got.join(' / ')}; forwarded per node ${sent.join(' / ')}`);
+  assert.equal(got[0], 0, 'node 1 has no interested client: no live traffic');
+  assert.equal(got[1], 0, 'node 2 has no interested client: no live traffic');
+  assert.ok(got[2] <= 300, 'node 3 receives each message at most once');
+  for (const { c } of clients) c.close();
+  solo.close();
+  await Promise.all(nodes.map((n) => n.stop()));
+});
+
+test('a node killed under load: its clients resume on another node with exactly what they missed', { skip, timeout: 180000 }, async () => {
+  const env = cluster('fail');
+  const nodes = await startCluster(env, 3);
+  const [a, b] = nodes;
+  // Three clients on b, bound to a channel.
+  const first = [];
+  for (let k = 0; k < 3; k++) {
+    const c = connect(b.url);
+    await c.ready;
+    first.push(c);
+  }
+  for (const c of first) {
+    assert.equal((await api(a.url, 'POST', '/server/connect', { client: c.session.clientId, addresses: ['channel:fo'] })).status, 200);
+  }
+  for (const c of first) await c.waitFor((e) => e.event === 'bound', 15000, 'bound');
+  // Load through a; kill b in the middle of it.
+  let sent = 0;
+  let stop = false;
+  const load = (async () => {
+    while (!stop && sent < 600) {
+      const batch = Array.from({ length: 10 }, (_, j) => ({ address: 'channel:fo', id: `fo-${sent + j}`, payload: sent + j }));
+      const r = await api(a.url, 'POST', '/server/enqueue?wait=true', batch);
+      if (r.status === 200) sent += 10;
+    }
+  })();
+  await waitFor(() => first.every((c) => c.signals('channel:fo').length >= 100), 30000, '100 messages on b\'s clients');
+  const died = Date.now();
+  await b.kill();
+  // Each client reconnects to another node with its id, resume token and cursors.
+  const resumed = [];
+  for (const c of first) {
+    const seen = c.signals('channel:fo').map((s) => s.version);
+    const last = seen.at(-1) ?? 0;
+    const r = connect(nodes[2].url, {
+      clientId: c.session.clientId,
+      resumeToken: c.session.resumeToken,
+      cursors: { 'channel:fo': last },
+    });
+    await r.ready;
+    resumed.push({ r, seen });
+  }
+  const failover = Date.now() - died;
+  await load;
+  stop = true;
+  for (const [i, { r, seen }] of resumed.entries()) {
+    await r.waitCount('channel:fo', sent - seen.length, 30000);
+    const all = [...seen, ...r.signals('channel:fo').map((s) => s.version)];
+    assert.deepEqual(all, Array.from({ length: sent }, (_, k) => k + 1), `client ${i}: no hole, no duplicate across the failover`);
+  }
+  console.log(`# failover: ${resumed.length} clients resumed on another node ${failover} ms after their node was killed`);
+  // The clients are seen connected on their new node, from any node.
+  const idC = (await api(nodes[2].url, 'GET', '/server/nodes')).body.self;
+  await waitFor(async () => {
+    const r = await api(a.url, 'GET', `/server/clients/${first[0].session.clientId}`);
+    return r.body.connected && r.body.node === idC;
+  }, 20000, 'presence on the new node');
+  for (const { r } of resumed) r.close();
+  await Promise.all([a.stop(), nodes[2].stop()]);
+});

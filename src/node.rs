@@ -128,6 +128,23 @@ impl Node {
             router: router.clone(),
             metrics: metrics.clone(),
         });
+        let me = NodeInfo {
+            id: node_id.clone(),
+            url: format!("http://{addr}"),
+            leader: true,
+        };
+        let membership: Arc<dyn Membership> = match config.backend {
+            Backend::Embedded => Arc::new(Standalone::new(me)),
+            Backend::Cluster => Arc::new(ZkMembership::start(
+                &config.zookeeper,
+                Duration::from_millis(config.zookeeper_session_timeout_ms),
+                &config.zookeeper_root,
+                NodeInfo {
+                    leader: false,
+                    ..me
+                },
+            )),
+        };
         let queue: Arc<dyn Queue> = match config.backend {
             Backend::Embedded => Arc::new(LocalQueue::start(processor, config.append_batch)),
             Backend::Cluster => Arc::new(
@@ -143,6 +160,7 @@ impl Node {
                         batch: config.append_batch,
                         partitions: shards,
                         node: node_id.clone(),
+                        member: Some(membership.membership()),
                         never_commit: false,
                     },
                     processor,
@@ -156,23 +174,6 @@ impl Node {
             cursors,
             presence,
         } = stores;
-        let me = NodeInfo {
-            id: node_id.clone(),
-            url: format!("http://{addr}"),
-            leader: true,
-        };
-        let membership: Arc<dyn Membership> = match config.backend {
-            Backend::Embedded => Arc::new(Standalone { me }),
-            Backend::Cluster => Arc::new(ZkMembership::start(
-                &config.zookeeper,
-                Duration::from_millis(config.zookeeper_session_timeout_ms),
-                &config.zookeeper_root,
-                NodeInfo {
-                    leader: false,
-                    ..me
-                },
-            )),
-        };
         let peers = Peers::new(
             &node_id,
             &format!("http://{addr}"),

@@ -28,11 +28,24 @@ pub trait Membership: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError>;
     /// Whether this node leads now (and so does the cleanup after dead nodes).
     fn is_leader(&self) -> bool;
+    /// Whether this node is a member now; false while it is fenced (its coordination session
+    /// lost or expiring): it must then neither append nor clean up.
+    fn membership(&self) -> tokio::sync::watch::Receiver<bool>;
 }
 
 /// One node alone: it is the whole cluster and its leader.
 pub struct Standalone {
     pub me: NodeInfo,
+    pub member: tokio::sync::watch::Sender<bool>,
+}
+
+impl Standalone {
+    pub fn new(me: NodeInfo) -> Self {
+        Self {
+            me,
+            member: tokio::sync::watch::Sender::new(true),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -43,5 +56,9 @@ impl Membership for Standalone {
 
     fn is_leader(&self) -> bool {
         true
+    }
+
+    fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.member.subscribe()
     }
 }

@@ -26,6 +26,9 @@ struct Shared {
     /// The live session's client, `None` while (re)connecting.
     client: Mutex<Option<zk::Client>>,
     leader: AtomicBool,
+    /// Whether this node is a member now: registered, and its session connected. False from
+    /// the moment the connection is lost (the session may be expiring): the node is fenced.
+    member: tokio::sync::watch::Sender<bool>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ClusterError {
@@ -40,6 +43,7 @@ impl ZkMembership {
             me,
             client: Mutex::new(None),
             leader: AtomicBool::new(false),
+            member: tokio::sync::watch::Sender::new(false),
         });
         let task = tokio::spawn(run(shared.clone(), connect.to_string(), session_timeout));
         Self { shared, task }
@@ -48,6 +52,7 @@ impl ZkMembership {
     /// Leaves the cluster: closes the session, so the entry and the latch go at once.
     pub fn leave(&self) {
         self.task.abort();
+        self.shared.member.send_replace(false);
         self.shared.leader.store(false, Ordering::SeqCst);
         self.shared
             .client
@@ -71,6 +76,7 @@ async fn run(shared: Arc<Shared>, connect: String, session_timeout: Duration) {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => tracing::warn!(error = %e, "zookeeper session ended; reconnecting"),
         }
+        shared.member.send_replace(false);
         shared.leader.store(false, Ordering::SeqCst);
         shared
             .client
@@ -115,27 +121,38 @@ async fn session(
         Err(e) => return Err(e),
     }
     *shared.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+    shared.member.send_replace(true);
     tracing::info!(node = %shared.me.id, "joined the cluster");
     let mut states = client.state_watcher();
     let prefix = zk::LockPrefix::new_curator(&leader_dir, "latch-")?;
     let options = zk::LockOptions::new(zk::Acls::anyone_all());
     let latch = tokio::select! {
         l = client.lock(prefix, shared.me.id.as_bytes(), options) => Some(l?.into_owned()),
-        e = ended(&mut states) => return Err(e),
+        e = ended(shared, &mut states) => return Err(e),
     };
     shared.leader.store(true, Ordering::SeqCst);
     tracing::info!(node = %shared.me.id, "leading the cluster");
-    let e = ended(&mut states).await;
+    let e = ended(shared, &mut states).await;
     drop(latch);
     Err(e)
 }
 
-/// Resolves when the session is over (expired, closed, or refused).
-async fn ended(states: &mut zk::StateWatcher) -> zk::Error {
+/// Follows the session's state until it is over (expired, closed, or refused): while the
+/// connection is lost the node is not a member (fenced); when it is back, it is again.
+async fn ended(shared: &Shared, states: &mut zk::StateWatcher) -> zk::Error {
     loop {
         let s = states.changed().await;
         if s.is_terminated() {
+            shared.member.send_replace(false);
             return zk::Error::SessionExpired;
+        }
+        let connected = s == zk::SessionState::SyncConnected;
+        if shared.member.send_replace(connected) != connected {
+            if connected {
+                tracing::info!(node = %shared.me.id, "zookeeper connection back: unfenced");
+            } else {
+                tracing::warn!(node = %shared.me.id, "zookeeper connection lost: fenced");
+            }
         }
     }
 }
@@ -194,9 +211,13 @@ impl Membership for ZkMembership {
         Ok(out)
     }
 
-    /// Whether this node holds the leader latch now.
+    /// Whether this node holds the leader latch now (and is connected).
     fn is_leader(&self) -> bool {
-        self.shared.leader.load(Ordering::SeqCst)
+        self.shared.leader.load(Ordering::SeqCst) && *self.shared.member.borrow()
+    }
+
+    fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.member.subscribe()
     }
 }
 

@@ -174,6 +174,9 @@ pub struct KafkaSettings {
     pub batch: usize,
     /// This node's id: the origin of the operations it publishes with `wait`.
     pub node: String,
+    /// The node's cluster membership ([`crate::cluster::Membership::membership`]): while it is
+    /// false the node is fenced, and the consumer applies nothing (it holds its batch).
+    pub member: Option<watch::Receiver<bool>>,
     /// Partitions of the enqueue topic: an enqueue record must come through the partition
     /// Kafka's murmur2 partitioner gives its address ([`crate::address::Address::partition`]).
     pub partitions: u32,
@@ -463,6 +466,9 @@ impl Worker {
                     _ => break,
                 }
             }
+            if !self.wait_until_member(&mut stopped).await {
+                return; // stopping while fenced: nothing applied, nothing committed
+            }
             self.claim_assigned().await;
             let handled = self.handle(&batch, &stopped).await;
             if handled == Handled::Fenced {
@@ -490,6 +496,31 @@ impl Worker {
         }
         if !self.never_commit {
             let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+        }
+    }
+
+    /// Waits while the node is fenced (not a cluster member); false if the queue stops meanwhile.
+    async fn wait_until_member(&self, stopped: &mut watch::Receiver<bool>) -> bool {
+        let Some(mut member) = self.settings.member.clone() else {
+            return true;
+        };
+        if *member.borrow_and_update() {
+            return true;
+        }
+        tracing::warn!("fenced (not a cluster member): applying nothing until membership is back");
+        loop {
+            tokio::select! {
+                r = member.changed() => {
+                    if r.is_err() {
+                        return false;
+                    }
+                    if *member.borrow_and_update() {
+                        tracing::info!("a cluster member again: applying");
+                        return true;
+                    }
+                }
+                _ = stopped.changed() => return false,
+            }
         }
     }
 

@@ -106,6 +106,7 @@ fn settings(topics: &Topics, group: &str) -> KafkaSettings {
         batch: 500,
         partitions: PARTITIONS as u32,
         node: format!("it-{group}-{}", uuid::Uuid::new_v4().simple()),
+        member: None,
         never_commit: false,
     }
 }

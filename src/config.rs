@@ -29,6 +29,9 @@ pub struct Config {
     pub backend: Backend,
     /// This node's id in the cluster (default: generated and kept in the data dir).
     pub node_id: Option<String>,
+    /// The URL other nodes (and the console) reach this node at, registered in the cluster
+    /// (default: `http://<listen address>`; set it when listening on 0.0.0.0 or behind NAT).
+    pub advertise_url: Option<String>,
     /// How long messages are kept, in seconds (default 30 days).
     pub retention_secs: u64,
     /// How often the expiry task runs, in milliseconds.
@@ -78,6 +81,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             backend: Backend::Embedded,
             node_id: None,
+            advertise_url: None,
             retention_secs: 30 * 24 * 3600,
             expiry_interval_ms: 60_000,
             api_key: None,

@@ -109,6 +109,10 @@ impl Node {
         let addr = listener
             .local_addr()
             .map_err(|e| NodeError::Listen(config.listen, e))?;
+        let advertised = config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
         let metrics = Metrics::install();
         let topics = Topics::with_prefix(&config.kafka_topic_prefix);
         // The mailbox is sharded like the enqueue topic, so the topics come first.
@@ -130,7 +134,7 @@ impl Node {
         });
         let me = NodeInfo {
             id: node_id.clone(),
-            url: format!("http://{addr}"),
+            url: advertised.clone(),
             leader: true,
         };
         let membership: Arc<dyn Membership> = match config.backend {
@@ -176,7 +180,7 @@ impl Node {
         } = stores;
         let peers = Peers::new(
             &node_id,
-            &format!("http://{addr}"),
+            &advertised,
             config.api_key.clone(),
             router.clone(),
             mailbox.clone(),

@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// The node's keyspace, for the raw baseline
     #[arg(long, default_value = "signalpost")]
     pub keyspace: String,
+    /// Connect the fanout and latency clients to this node instead of `--url` (in a cluster:
+    /// messages then reach them through another node)
+    #[arg(long)]
+    pub clients_url: Option<String>,
 }
 
 type Res<T> = Result<T, ClientError>;
@@ -230,7 +234,7 @@ async fn clients(args: &BenchArgs, n: usize, channel: Option<&str>) -> Res<Vec<S
     let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
     let mut pending = Vec::new();
     for _ in 0..n {
-        let url = args.url.clone();
+        let url = args.clients_url.clone().unwrap_or_else(|| args.url.clone());
         pending.push(tokio::spawn(async move {
             let mut s = Socket::connect(&url, &json!({})).await?;
             loop {

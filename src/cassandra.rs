@@ -9,7 +9,7 @@
 //! each DDL statement.
 //!
 //! Consistency: everything runs at `LOCAL_QUORUM`; lightweight transactions use `SERIAL` (a
-//! compare-and-set on a mailbox head must be linearizable across data centres too).
+//! claim of a mailbox shard and the fence read must be linearizable across data centres too).
 
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;

@@ -75,12 +75,11 @@ fn subscribe(settings: &KafkaSettings) -> Result<Consumer_, IngestError> {
     let consumer: Consumer_ = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group)
-        // Static membership: a node restarted with the same id takes its partitions back at
-        // once instead of waiting for its dead predecessor's session to time out.
-        .set("group.instance.id", &settings.node)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
+        // A dead consumer's partitions move after 6 s (the broker's minimum by default).
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "2000")
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(Rebalances {
             enqueue: settings.topics.enqueue.clone(),

@@ -159,6 +159,8 @@ pub struct Peers {
     metrics: Metrics,
     /// Peers that want messages from this node.
     downstream: RwLock<HashMap<String, Downstream>>,
+    /// Whether links are kept ([`Peers::start`]); a single node keeps no interests at all.
+    started: std::sync::atomic::AtomicBool,
     /// Address → the peers that want it.
     wanted_by: RwLock<HashMap<Address, Vec<String>>>,
     interests: Mutex<Interests>,
@@ -184,6 +186,7 @@ impl Peers {
             queue: Mutex::new(None),
             metrics,
             downstream: Default::default(),
+            started: Default::default(),
             wanted_by: Default::default(),
             interests: Default::default(),
         })
@@ -196,6 +199,8 @@ impl Peers {
 
     /// Starts the task that keeps the links to the other live nodes.
     pub fn start(self: &Arc<Self>) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut sweep = 0u32;
@@ -215,6 +220,9 @@ impl Peers {
     /// before). Returns once they acknowledged, or once a peer that did not answer in time was
     /// unlinked (it repairs this node's clients when it links again).
     pub async fn want(&self, addresses: &[Address]) {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let (links, add) = {
             let mut i = self.interests.lock().unwrap_or_else(|p| p.into_inner());
             let add: Vec<Address> = addresses
@@ -266,6 +274,9 @@ impl Peers {
     /// [`Peers::want`], then catch the local connections of `addresses` up from the mailbox (for
     /// a binding made while connected: what was appended before the peers knew is repaired).
     pub fn want_then_catch_up(self: &Arc<Self>, addresses: Vec<Address>) {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             me.want(&addresses).await;

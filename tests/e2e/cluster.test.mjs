@@ -1,4 +1,4 @@
-// Two nodes of one cluster (cluster backend): each lists both with one leader; presence is
+// Nodes of one cluster (cluster backend): each lists the others with one leader; presence is
 // cluster-wide; when a node dies, the leader clears its clients' presence within the ZooKeeper
 // session timeout plus a few seconds.
 import { test } from 'node:test';
@@ -52,4 +52,39 @@ test('two nodes: membership, leader, cluster-wide presence, cleanup after a dead
   const nodes = (await api(a.url, 'GET', '/server/nodes')).body;
   assert.deepEqual(nodes.nodes.map((n) => n.id), [idA]);
   await a.stop();
+});
+
+test('the leader dies before cleaning up after a dead node: the next leader cleans up after both', { skip, timeout: 120000 }, async () => {
+  const tag = tempDir('lead').replace(/[^A-Za-z0-9]/g, '').slice(-10).toLowerCase();
+  const shared = {
+    SIGNALPOST_CASSANDRA_KEYSPACE: `lead_${tag}`,
+    SIGNALPOST_KAFKA_TOPIC_PREFIX: `lead-${tag}.`,
+    SIGNALPOST_KAFKA_GROUP: `lead-${tag}`,
+    SIGNALPOST_ZOOKEEPER_ROOT: `/lead-${tag}`,
+    SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '4000',
+  };
+  const a = await startNode({ env: shared });
+  await waitFor(async () => (await api(a.url, 'GET', '/server/nodes')).body.leader, 20000, 'a leader');
+  const b = await startNode({ env: shared });
+  const c = await startNode({ env: shared });
+  await waitFor(async () => (await api(c.url, 'GET', '/server/nodes')).body.nodes?.length === 3, 20000, 'three nodes');
+  const onA = connect(a.url);
+  const onB = connect(b.url);
+  const [sa, sb] = [await onA.ready, await onB.ready];
+  await waitFor(async () => (await api(c.url, 'GET', `/server/clients/${sb.clientId}`)).body.connected, 10000, 'presence of b\'s client');
+  // b dies, and the leader a right after it, before b's session has even expired.
+  await b.kill();
+  await a.kill();
+  onA.close();
+  onB.close();
+  const died = Date.now();
+  await waitFor(async () => {
+    const [x, y] = await Promise.all([sa, sb].map((s) => api(c.url, 'GET', `/server/clients/${s.clientId}`)));
+    return !x.body.connected && !y.body.connected;
+  }, 40000, 'the new leader cleaned up after both');
+  console.log(`# new leader cleaned up after the old leader and another node ${Date.now() - died} ms after they died`);
+  const nodes = (await api(c.url, 'GET', '/server/nodes')).body;
+  assert.equal(nodes.nodes.length, 1);
+  assert.equal(nodes.leader, nodes.self, 'the survivor leads');
+  await c.stop();
 });

@@ -164,6 +164,9 @@ pub struct Peers {
     /// Address → the peers that want it.
     wanted_by: RwLock<HashMap<Address, Vec<String>>>,
     interests: Mutex<Interests>,
+    /// Wants are sent under the read side, a sweep (which un-announces) under the write side,
+    /// so a sweep never removes an address that a connection is announcing meanwhile.
+    announcing: tokio::sync::RwLock<()>,
 }
 
 impl Peers {
@@ -189,6 +192,7 @@ impl Peers {
             started: Default::default(),
             wanted_by: Default::default(),
             interests: Default::default(),
+            announcing: Default::default(),
         })
     }
 
@@ -223,6 +227,7 @@ impl Peers {
         if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
+        let _announcing = self.announcing.read().await;
         let (links, add) = {
             let mut i = self.interests.lock().unwrap_or_else(|p| p.into_inner());
             let add: Vec<Address> = addresses
@@ -359,6 +364,7 @@ impl Peers {
 
     /// Announces that addresses no local connection wants any more are not wanted.
     async fn sweep(&self) {
+        let _announcing = self.announcing.write().await;
         let wanted: HashSet<Address> = self.router.wanted().into_iter().collect();
         let (links, remove) = {
             let mut i = self.interests.lock().unwrap_or_else(|p| p.into_inner());

@@ -399,11 +399,9 @@ async fn latency(args: &BenchArgs) -> Res<String> {
 
 /// The node's resident memory, from its `/metrics`.
 async fn node_rss(http: &mut Http) -> Res<u64> {
-    let (_, body) = http.call("GET", "/metrics", None).await?;
-    let text = String::from_utf8_lossy(&body);
-    text.lines()
-        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
-        .and_then(|v| v.trim().parse().ok())
+    metric(http, "process_resident_memory_bytes")
+        .await?
+        .map(|v| v as u64)
         .ok_or_else(|| ClientError::Http("no process_resident_memory_bytes in /metrics".into()))
 }
 
@@ -506,24 +504,28 @@ async fn idle(args: &BenchArgs) -> Res<String> {
     ))
 }
 
-/// A counter or summary value from the node's `/metrics`.
-async fn metric(http: &mut Http, name: &str) -> Res<f64> {
+/// A value from the node's `/metrics` (`None` when the node does not report it yet).
+async fn metric(http: &mut Http, name: &str) -> Res<Option<f64>> {
     let (_, body) = http.call("GET", "/metrics", None).await?;
     let text = String::from_utf8_lossy(&body);
     Ok(text
         .lines()
         .filter_map(|l| l.strip_prefix(name))
         .filter_map(|rest| rest.strip_prefix(' '))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum())
+        .find_map(|v| v.trim().parse::<f64>().ok()))
+}
+
+/// A counter from the node's `/metrics`, 0 before its first increment.
+async fn counter(http: &mut Http, name: &str) -> Res<f64> {
+    Ok(metric(http, name).await?.unwrap_or(0.0))
 }
 
 async fn durable(args: &BenchArgs) -> Res<String> {
     let n = args.durable_messages;
     let run = tag();
     let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
-    let appends0 = metric(&mut http, "signalpost_appends_total").await?;
-    let batches0 = metric(&mut http, "signalpost_append_batch_size_count").await?;
+    let appends0 = counter(&mut http, "signalpost_appends_total").await?;
+    let batches0 = counter(&mut http, "signalpost_append_batch_size_count").await?;
     let sent = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let per_conn = n.div_ceil(args.http_connections.max(1));
@@ -560,7 +562,7 @@ async fn durable(args: &BenchArgs) -> Res<String> {
     let mut last_change = Instant::now();
     while appended < n as f64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = metric(&mut http, "signalpost_appends_total").await? - appends0;
+        let now = counter(&mut http, "signalpost_appends_total").await? - appends0;
         if now > appended {
             last_change = Instant::now();
         } else if last_change.elapsed() > Duration::from_secs(30) {
@@ -581,7 +583,7 @@ async fn durable(args: &BenchArgs) -> Res<String> {
     for t in tasks {
         t.await.map_err(|e| ClientError::Http(e.to_string()))??;
     }
-    let batches = metric(&mut http, "signalpost_append_batch_size_count").await? - batches0;
+    let batches = counter(&mut http, "signalpost_append_batch_size_count").await? - batches0;
     let mean_batch = ((n as f64 / batches.max(1.0)).round() as usize).max(1);
     let node_rate = n as f64 / node_secs;
     let mut line = format!(

@@ -3,19 +3,12 @@
 // session timeout plus a few seconds.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BACKEND, startNode, api, connect, tempDir, waitFor } from './lib/harness.mjs';
+import { BACKEND, startNode, api, connect, testCluster, waitFor } from './lib/harness.mjs';
 
 const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
 
 test('two nodes: membership, leader, cluster-wide presence, cleanup after a dead node', { skip, timeout: 120000 }, async () => {
-  const tag = tempDir('two').replace(/[^A-Za-z0-9]/g, '').slice(-10).toLowerCase();
-  const shared = {
-    SIGNALPOST_CASSANDRA_KEYSPACE: `two_${tag}`,
-    SIGNALPOST_KAFKA_TOPIC_PREFIX: `two-${tag}.`,
-    SIGNALPOST_KAFKA_GROUP: `two-${tag}`,
-    SIGNALPOST_ZOOKEEPER_ROOT: `/two-${tag}`,
-    SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '4000',
-  };
+  const shared = testCluster('two');
   const a = await startNode({ env: shared });
   await waitFor(async () => (await api(a.url, 'GET', '/server/nodes')).body.leader, 20000, 'a leader');
   const b = await startNode({ env: shared });
@@ -55,14 +48,7 @@ test('two nodes: membership, leader, cluster-wide presence, cleanup after a dead
 });
 
 test('the leader dies before cleaning up after a dead node: the next leader cleans up after both', { skip, timeout: 120000 }, async () => {
-  const tag = tempDir('lead').replace(/[^A-Za-z0-9]/g, '').slice(-10).toLowerCase();
-  const shared = {
-    SIGNALPOST_CASSANDRA_KEYSPACE: `lead_${tag}`,
-    SIGNALPOST_KAFKA_TOPIC_PREFIX: `lead-${tag}.`,
-    SIGNALPOST_KAFKA_GROUP: `lead-${tag}`,
-    SIGNALPOST_ZOOKEEPER_ROOT: `/lead-${tag}`,
-    SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '4000',
-  };
+  const shared = testCluster('lead');
   const a = await startNode({ env: shared });
   await waitFor(async () => (await api(a.url, 'GET', '/server/nodes')).body.leader, 20000, 'a leader');
   const b = await startNode({ env: shared });

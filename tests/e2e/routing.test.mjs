@@ -4,23 +4,15 @@
 // is killed reconnects to another and resumes with exactly what it missed.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BACKEND, startNode, api, connect, tempDir, waitFor } from './lib/harness.mjs';
+import { BACKEND, startNode, api, connect, testCluster, waitFor } from './lib/harness.mjs';
 
 const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
 
-/** Shared settings of one test cluster. */
+/** Shared settings of one test cluster: six partitions, and one resume secret so that a
+ *  resume token is valid on every node. */
 function cluster(name) {
-  const tag = tempDir(name).replace(/[^A-Za-z0-9]/g, '').slice(-10).toLowerCase();
-  return {
-    SIGNALPOST_CASSANDRA_KEYSPACE: `${name}_${tag}`,
-    SIGNALPOST_KAFKA_TOPIC_PREFIX: `${name}-${tag}.`,
-    SIGNALPOST_KAFKA_GROUP: `${name}-${tag}`,
-    SIGNALPOST_KAFKA_PARTITIONS: '6',
-    SIGNALPOST_ZOOKEEPER_ROOT: `/${name}-${tag}`,
-    SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '4000',
-    // Resume tokens must be valid on every node.
-    SIGNALPOST_RESUME_SECRET: `secret-${tag}`,
-  };
+  const env = testCluster(name, { SIGNALPOST_KAFKA_PARTITIONS: '6' });
+  return { ...env, SIGNALPOST_RESUME_SECRET: `secret-${env.SIGNALPOST_CASSANDRA_KEYSPACE}` };
 }
 
 async function startCluster(env, n) {

@@ -86,16 +86,10 @@ impl Fences {
     pub(super) async fn claim(&self, shard: u32) -> Result<i64, MailboxError> {
         let now = CqlTimestamp(crate::mailbox::now_ms() as i64);
         for _ in 0..CLAIM_ATTEMPTS {
-            let row: Option<(Option<i64>,)> = self
-                .session
-                .execute_unpaged(&self.read_one, (&self.scope, shard as i32))
-                .await
-                .map_err(unavailable)?
-                .into_rows_result()
-                .map_err(st)?
-                .maybe_first_row()
-                .map_err(st)?;
-            let (applied, epoch) = match row.and_then(|r| r.0) {
+            let current =
+                super::one_bigint(&self.session, &self.read_one, (&self.scope, shard as i32))
+                    .await?;
+            let (applied, epoch) = match current {
                 None => {
                     let res = self
                         .session

@@ -258,15 +258,8 @@ impl Inner {
 
     /// The head mark of the highest epoch: (epoch, head), (0, 0) for a new address.
     async fn mark(&self, address: &Address) -> Result<(i64, u64), MailboxError> {
-        let row: Option<(i64, Option<i64>)> = self
-            .session
-            .execute_unpaged(&self.st.mark, (address.as_str(),))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(st)?
-            .maybe_first_row()
-            .map_err(st)?;
+        let row: Option<(i64, Option<i64>)> =
+            first_row(&self.session, &self.st.mark, (address.as_str(),)).await?;
         Ok(row.map_or((0, 0), |(e, h)| (e, h.unwrap_or(0).max(0) as u64)))
     }
 
@@ -412,20 +405,32 @@ fn build(address: &Address, e: &Entry) -> Result<Message, MailboxError> {
     ))
 }
 
-/// The single bigint column of a query's first row (`None` for no row or a null).
-async fn one_bigint(
+/// A query's first row (`None` when there is none).
+async fn first_row<R>(
     session: &Session,
     stmt: &PreparedStatement,
     values: impl SerializeRow,
-) -> Result<Option<i64>, MailboxError> {
-    let row: Option<(Option<i64>,)> = session
+) -> Result<Option<R>, MailboxError>
+where
+    R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+{
+    session
         .execute_unpaged(stmt, values)
         .await
         .map_err(unavailable)?
         .into_rows_result()
         .map_err(st)?
         .maybe_first_row()
-        .map_err(st)?;
+        .map_err(st)
+}
+
+/// The single bigint column of a query's first row (`None` for no row or a null).
+async fn one_bigint(
+    session: &Session,
+    stmt: &PreparedStatement,
+    values: impl SerializeRow,
+) -> Result<Option<i64>, MailboxError> {
+    let row: Option<(Option<i64>,)> = first_row(session, stmt, values).await?;
     Ok(row.and_then(|r| r.0))
 }
 

@@ -39,6 +39,20 @@ function clusterEnv(dataDir) {
   };
 }
 
+/** The settings shared by the nodes of one test cluster (cluster backend): their own keyspace,
+ *  topics, consumer group and ZooKeeper root, and a 4 s ZooKeeper session; `extra` adds to them. */
+export function testCluster(name, extra = {}) {
+  const tag = tempDir(name).replace(/[^A-Za-z0-9]/g, '').slice(-10).toLowerCase();
+  return {
+    SIGNALPOST_CASSANDRA_KEYSPACE: `${name}_${tag}`,
+    SIGNALPOST_KAFKA_TOPIC_PREFIX: `${name}-${tag}.`,
+    SIGNALPOST_KAFKA_GROUP: `${name}-${tag}`,
+    SIGNALPOST_ZOOKEEPER_ROOT: `/${name}-${tag}`,
+    SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '4000',
+    ...extra,
+  };
+}
+
 /** Starts `signalpost serve` on a free port; resolves once it prints where it listens. */
 export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0' } = {}) {
   const proc = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, ...args], {

@@ -17,6 +17,33 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::{Consistency, SerialConsistency};
 use std::time::Duration;
 
+/// How a prepared statement may be retried and at what consistency it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Safe to retry: running it twice changes nothing (plain reads, upserts, deletes).
+    Idempotent,
+    /// Not retried by the driver: a lightweight transaction whose second run could answer
+    /// differently than the first.
+    Once,
+    /// A linearizable read (`SERIAL`: sees every committed lightweight transaction); retried.
+    Serial,
+}
+
+/// Prepares `cql` with the retry and consistency policy of its [`Kind`] — the one place where
+/// the backends' statements get that policy.
+pub async fn prepare(
+    session: &Session,
+    cql: String,
+    kind: Kind,
+) -> Result<scylla::statement::prepared::PreparedStatement, scylla::errors::PrepareError> {
+    let mut p = session.prepare(cql).await?;
+    p.set_is_idempotent(kind != Kind::Once);
+    if kind == Kind::Serial {
+        p.set_consistency(Consistency::Serial);
+    }
+    Ok(p)
+}
+
 /// The schema files, in the order they are applied.
 pub const SCHEMA: &[(&str, &str)] = &[
     (

@@ -72,6 +72,9 @@ pub struct Config {
     pub zookeeper_session_timeout_ms: u64,
     /// The ZooKeeper path under which the nodes register and elect a leader.
     pub zookeeper_root: String,
+    /// How long a node waits for a cluster-wide lock (e.g. the startup lock around topic and
+    /// schema creation) before failing with a clear error.
+    pub zookeeper_lock_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -103,6 +106,7 @@ impl Default for Config {
             zookeeper: "127.0.0.1:2181".into(),
             zookeeper_session_timeout_ms: 6000,
             zookeeper_root: "/signalpost".into(),
+            zookeeper_lock_timeout_ms: 60_000,
         }
     }
 }

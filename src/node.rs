@@ -115,6 +115,37 @@ impl Node {
             .unwrap_or_else(|| format!("http://{addr}"));
         let metrics = Metrics::install();
         let topics = Topics::with_prefix(&config.kafka_topic_prefix);
+        let me = NodeInfo {
+            id: node_id.clone(),
+            url: advertised.clone(),
+            leader: true,
+        };
+        // A cluster node connects to ZooKeeper first and joins (is listed, contends for
+        // leadership, applies operations) once it is built.
+        let zk = (config.backend == Backend::Cluster).then(|| {
+            Arc::new(ZkMembership::connect(
+                &config.zookeeper,
+                Duration::from_millis(config.zookeeper_session_timeout_ms),
+                &config.zookeeper_root,
+                NodeInfo {
+                    leader: false,
+                    ..me.clone()
+                },
+            ))
+        });
+        let membership: Arc<dyn Membership> = match &zk {
+            Some(zk) => zk.clone(),
+            None => Arc::new(Standalone::new(me)),
+        };
+        // Nodes starting together create the topics and the schema one at a time (concurrent
+        // CREATE TABLE on several coordinators can disagree on a table's id).
+        let bootstrap = membership
+            .lock(
+                "bootstrap",
+                Duration::from_millis(config.zookeeper_lock_timeout_ms),
+            )
+            .await
+            .map_err(|e| NodeError::Backend(format!("startup lock: {e}")))?;
         // The mailbox is sharded like the enqueue topic, so the topics come first.
         let shards = match config.backend {
             Backend::Embedded => 1,
@@ -125,6 +156,7 @@ impl Node {
             }
         };
         let stores = open_stores(&config, &node_id, (&topics.enqueue, shards)).await?;
+        drop(bootstrap);
         let router = Arc::new(Router::default());
         let processor = Arc::new(Processor {
             mailbox: stores.mailbox.clone(),
@@ -132,23 +164,6 @@ impl Node {
             router: router.clone(),
             metrics: metrics.clone(),
         });
-        let me = NodeInfo {
-            id: node_id.clone(),
-            url: advertised.clone(),
-            leader: true,
-        };
-        let membership: Arc<dyn Membership> = match config.backend {
-            Backend::Embedded => Arc::new(Standalone::new(me)),
-            Backend::Cluster => Arc::new(ZkMembership::start(
-                &config.zookeeper,
-                Duration::from_millis(config.zookeeper_session_timeout_ms),
-                &config.zookeeper_root,
-                NodeInfo {
-                    leader: false,
-                    ..me
-                },
-            )),
-        };
         let queue: Arc<dyn Queue> = match config.backend {
             Backend::Embedded => Arc::new(LocalQueue::start(processor, config.append_batch)),
             Backend::Cluster => Arc::new(
@@ -215,6 +230,9 @@ impl Node {
         });
         spawn_expiry(svc.clone());
         spawn_cleanup(svc.clone());
+        if let Some(zk) = zk {
+            zk.join();
+        }
         Ok(Self {
             svc,
             listener,

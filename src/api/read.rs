@@ -216,13 +216,16 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": status,
         "node": svc.node_id,
         "backend": svc.config.backend,
         "connections": svc.connections.load(std::sync::atomic::Ordering::SeqCst),
         "backends": backends,
     });
+    if let Some(p) = svc.queue.partitions() {
+        body["partitions"] = json!(p);
+    }
     // Readable from any origin: the page of one node shows every node's health.
     (
         code,

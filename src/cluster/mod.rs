@@ -1,10 +1,15 @@
-//! Cluster membership: which nodes are live and which one leads. [`Standalone`] is the
-//! single-node answer of the embedded default: this node, leading itself; [`zookeeper`] is the
-//! cluster's: ephemeral member entries and a Curator-compatible leader latch.
+//! Cluster membership: which nodes are live and which one leads, and cluster-wide mutexes.
+//! [`Standalone`] is the single-node answer of the embedded default: this node, leading itself,
+//! with in-process mutexes; [`zookeeper`] is the cluster's: ephemeral member entries, a
+//! Curator-compatible leader latch and Curator-compatible locks. [`contract`] is what both pass.
 
+pub mod contract;
 pub mod zookeeper;
 
 use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A live node as the cluster sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -19,6 +24,43 @@ pub struct NodeInfo {
 pub enum ClusterError {
     #[error("cluster coordination is unavailable: {0}")]
     Unavailable(String),
+    #[error("cluster lock {name:?} not acquired within {waited_ms} ms: another node holds it")]
+    LockTimeout { name: String, waited_ms: u64 },
+    #[error("invalid lock name {0:?}: use 1 to 64 of a-z, 0-9, '-' and '_'")]
+    LockName(String),
+}
+
+/// A cluster-wide mutex held by this node; released when dropped (or when the node's
+/// coordination session ends, which also fences the node).
+pub struct ClusterLock {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl ClusterLock {
+    fn new(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+        }
+    }
+}
+
+fn check_lock_name(name: &str) -> Result<(), ClusterError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ClusterError::LockName(name.into()))
+    }
+}
+
+fn lock_timeout(name: &str, timeout: Duration) -> ClusterError {
+    ClusterError::LockTimeout {
+        name: name.into(),
+        waited_ms: timeout.as_millis() as u64,
+    }
 }
 
 /// Membership and leadership.
@@ -31,12 +73,16 @@ pub trait Membership: Send + Sync + 'static {
     /// Whether this node is a member now; false while it is fenced (its coordination session
     /// lost or expiring): it must then neither append nor clean up.
     fn membership(&self) -> tokio::sync::watch::Receiver<bool>;
+    /// Takes the cluster-wide mutex `name`, waiting at most `timeout`
+    /// ([`ClusterError::LockTimeout`] past it). Held until the guard is dropped.
+    async fn lock(&self, name: &str, timeout: Duration) -> Result<ClusterLock, ClusterError>;
 }
 
 /// One node alone: it is the whole cluster and its leader.
 pub struct Standalone {
     pub me: NodeInfo,
     pub member: tokio::sync::watch::Sender<bool>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Standalone {
@@ -44,6 +90,7 @@ impl Standalone {
         Self {
             me,
             member: tokio::sync::watch::Sender::new(true),
+            locks: Default::default(),
         }
     }
 }
@@ -60,5 +107,40 @@ impl Membership for Standalone {
 
     fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
         self.member.subscribe()
+    }
+
+    async fn lock(&self, name: &str, timeout: Duration) -> Result<ClusterLock, ClusterError> {
+        check_lock_name(name)?;
+        let mutex = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        tokio::time::timeout(timeout, mutex.lock_owned())
+            .await
+            .map(ClusterLock::new)
+            .map_err(|_| lock_timeout(name, timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standalone() -> Arc<dyn Membership> {
+        Arc::new(Standalone::new(NodeInfo {
+            id: "n1".into(),
+            url: "http://127.0.0.1:1".into(),
+            leader: true,
+        }))
+    }
+
+    #[tokio::test]
+    async fn standalone_locks_exclude() {
+        // One node: its locks are in-process, so both sides are the same instance.
+        let m = standalone();
+        contract::locks(m.clone(), m).await;
     }
 }

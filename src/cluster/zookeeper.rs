@@ -6,8 +6,13 @@
 //! owner of the lowest sequence leads. When the session expires the entry and the latch go with
 //! it; the node reconnects with a new session, registers again and contends again. A node that
 //! is not connected answers `nodes()` with an error, so `/healthz` and `/server/nodes` say so.
+//!
+//! Cluster-wide mutexes are Curator-compatible locks under `<root>/locks/<name>` (ephemeral
+//! sequential entries: a dead holder's lock goes with its session). A node may connect first and
+//! join later ([`ZkMembership::connect`], [`ZkMembership::join`]): it can take locks (the startup
+//! lock around topic and schema creation) before it is listed as a member.
 
-use super::{ClusterError, Membership, NodeInfo};
+use super::{ClusterError, ClusterLock, Membership, NodeInfo, check_lock_name, lock_timeout};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +34,8 @@ struct Shared {
     /// Whether this node is a member now: registered, and its session connected. False from
     /// the moment the connection is lost (the session may be expiring): the node is fenced.
     member: tokio::sync::watch::Sender<bool>,
+    /// Whether to register and contend (see [`ZkMembership::join`]).
+    joined: tokio::sync::watch::Sender<bool>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ClusterError {
@@ -36,17 +43,31 @@ fn unavailable(e: impl std::fmt::Display) -> ClusterError {
 }
 
 impl ZkMembership {
-    /// Starts registering and contending in the background; `root` is e.g. `/signalpost`.
+    /// Connects, registers and contends in the background; `root` is e.g. `/signalpost`.
     pub fn start(connect: &str, session_timeout: Duration, root: &str, me: NodeInfo) -> Self {
+        let m = Self::connect(connect, session_timeout, root, me);
+        m.join();
+        m
+    }
+
+    /// Connects in the background without registering (locks work, the node is not a member
+    /// and does not contend for leadership) until [`ZkMembership::join`].
+    pub fn connect(connect: &str, session_timeout: Duration, root: &str, me: NodeInfo) -> Self {
         let shared = Arc::new(Shared {
             root: root.trim_end_matches('/').to_string(),
             me,
             client: Mutex::new(None),
             leader: AtomicBool::new(false),
             member: tokio::sync::watch::Sender::new(false),
+            joined: tokio::sync::watch::Sender::new(false),
         });
         let task = tokio::spawn(run(shared.clone(), connect.to_string(), session_timeout));
         Self { shared, task }
+    }
+
+    /// Registers this node and contends for leadership (now, and in every later session).
+    pub fn join(&self) {
+        self.shared.joined.send_replace(true);
     }
 
     /// Leaves the cluster: closes the session, so the entry and the latch go at once.
@@ -102,6 +123,13 @@ async fn session(
     let leader_dir = format!("{}/leader", shared.root);
     client.mkdir(&nodes_dir, &persistent).await?;
     client.mkdir(&leader_dir, &persistent).await?;
+    *shared.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+    let mut states = client.state_watcher();
+    let mut joined = shared.joined.subscribe();
+    tokio::select! {
+        j = joined.wait_for(|j| *j) => { j.map_err(|_| zk::Error::ClientClosed)?; }
+        e = ended(shared, &mut states) => return Err(e),
+    }
     let entry = format!("{nodes_dir}/{}", shared.me.id);
     let data = serde_json::to_vec(&shared.me).unwrap_or_default();
     let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
@@ -120,10 +148,8 @@ async fn session(
         }
         Err(e) => return Err(e),
     }
-    *shared.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
     shared.member.send_replace(true);
     tracing::info!(node = %shared.me.id, "joined the cluster");
-    let mut states = client.state_watcher();
     let prefix = zk::LockPrefix::new_curator(&leader_dir, "latch-")?;
     let options = zk::LockOptions::new(zk::Acls::anyone_all());
     let latch = tokio::select! {
@@ -218,6 +244,43 @@ impl Membership for ZkMembership {
 
     fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
         self.shared.member.subscribe()
+    }
+
+    async fn lock(&self, name: &str, timeout: Duration) -> Result<ClusterLock, ClusterError> {
+        check_lock_name(name)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // A node (re)connecting waits for its session within the same deadline.
+        let client = loop {
+            if let Some(c) = self
+                .shared
+                .client
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                break c;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unavailable("not connected"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let dir = format!("{}/locks/{name}", self.shared.root);
+        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        client.mkdir(&dir, &persistent).await.map_err(unavailable)?;
+        let prefix = zk::LockPrefix::new_curator(&dir, "lock-").map_err(unavailable)?;
+        let options = zk::LockOptions::new(zk::Acls::anyone_all());
+        // Cancellation-safe: a waiter that gives up leaves no entry behind.
+        match tokio::time::timeout_at(
+            deadline,
+            client.lock(prefix, self.shared.me.id.as_bytes(), options),
+        )
+        .await
+        {
+            Ok(Ok(held)) => Ok(ClusterLock::new(held.into_owned())),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(lock_timeout(name, timeout)),
+        }
     }
 }
 

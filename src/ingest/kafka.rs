@@ -31,10 +31,10 @@ use tokio::task::JoinHandle;
 /// their mailbox shards (and claims them anew) before it applies records of them.
 type Consumer_ = StreamConsumer<Rebalances>;
 
-#[derive(Default)]
 struct Rebalances {
-    /// The enqueue partitions assigned now, and a generation that moves at each assignment.
-    assigned: Mutex<(u64, Vec<u32>)>,
+    /// The enqueue partitions assigned now, and a generation that moves at each assignment
+    /// (shared with the [`KafkaQueue`], which reports them in `/healthz`).
+    assigned: Arc<Mutex<(u64, Vec<u32>)>>,
     enqueue: String,
 }
 
@@ -71,7 +71,10 @@ impl rdkafka::consumer::ConsumerContext for Rebalances {
 }
 
 /// A consumer in the group, subscribed to the three operation topics.
-fn subscribe(settings: &KafkaSettings) -> Result<Consumer_, IngestError> {
+fn subscribe(
+    settings: &KafkaSettings,
+    assigned: Arc<Mutex<(u64, Vec<u32>)>>,
+) -> Result<Consumer_, IngestError> {
     let consumer: Consumer_ = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group)
@@ -82,8 +85,8 @@ fn subscribe(settings: &KafkaSettings) -> Result<Consumer_, IngestError> {
         .set("heartbeat.interval.ms", "2000")
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(Rebalances {
+            assigned,
             enqueue: settings.topics.enqueue.clone(),
-            ..Default::default()
         })
         .map_err(kerr)?;
     let t = &settings.topics;
@@ -191,6 +194,8 @@ pub struct KafkaQueue {
     waiters: Arc<Waiters>,
     stop: watch::Sender<bool>,
     task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The consumer's assignment (see [`Rebalances`]).
+    assigned: Arc<Mutex<(u64, Vec<u32>)>>,
 }
 
 fn kerr(e: impl std::fmt::Display) -> IngestError {
@@ -262,7 +267,8 @@ impl KafkaQueue {
             .set("message.timeout.ms", "10000")
             .create()
             .map_err(kerr)?;
-        let consumer = subscribe(&settings)?;
+        let assigned = Arc::new(Mutex::new((0, Vec::new())));
+        let consumer = subscribe(&settings, assigned.clone())?;
         let waiters = Arc::new(Waiters::default());
         let (stop, stopped) = watch::channel(false);
         let worker = Worker {
@@ -282,6 +288,7 @@ impl KafkaQueue {
             waiters,
             stop,
             task: tokio::sync::Mutex::new(Some(task)),
+            assigned,
         })
     }
 
@@ -396,6 +403,20 @@ impl Queue for KafkaQueue {
         }
     }
 
+    fn partitions(&self) -> Option<super::Partitions> {
+        let mut owned = self
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone();
+        owned.sort_unstable();
+        Some(super::Partitions {
+            count: self.settings.partitions,
+            owned,
+        })
+    }
+
     async fn healthy(&self) -> Result<(), IngestError> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || {
@@ -477,8 +498,14 @@ impl Worker {
                 tracing::warn!("fenced by another writer: rejoining the consumer group");
                 drop(batch);
                 self.fresh_from.clear();
-                self.generation = 0;
-                match subscribe(&self.settings) {
+                let assigned = self.consumer.context().assigned.clone();
+                {
+                    // Nothing is ours until the group assigns it again.
+                    let mut a = assigned.lock().unwrap_or_else(|p| p.into_inner());
+                    a.1.clear();
+                    self.generation = a.0;
+                }
+                match subscribe(&self.settings, assigned) {
                     Ok(c) => self.consumer = c,
                     Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),
                 }

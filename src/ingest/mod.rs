@@ -80,6 +80,15 @@ impl From<TopologyError> for IngestError {
     }
 }
 
+/// A partitioned queue's partitions, as seen by one node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Partitions {
+    /// Partitions of the enqueue topic.
+    pub count: u32,
+    /// Those this node's consumer is assigned now, ascending.
+    pub owned: Vec<u32>,
+}
+
 /// The producer side of the ingest queue.
 #[async_trait::async_trait]
 pub trait Queue: Send + Sync + 'static {
@@ -96,6 +105,12 @@ pub trait Queue: Send + Sync + 'static {
     /// Answers a publisher waiting on this node for `ticket` (the operation was applied by
     /// another node). Queues that always apply locally ignore it.
     fn resolve(&self, _ticket: &str, _outcome: &Outcome) {}
+    /// The partitions of the enqueue topic and those this node's consumer owns now, for queues
+    /// that are partitioned (shown in `/healthz`; the benchmark tells local from cross-node
+    /// deliveries by them).
+    fn partitions(&self) -> Option<Partitions> {
+        None
+    }
     async fn healthy(&self) -> Result<(), IngestError>;
 }
 

@@ -4,6 +4,7 @@
 
 use super::{Presence, PresenceError, Seen};
 use crate::address::ClientId;
+use crate::cassandra::Kind;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
@@ -35,13 +36,10 @@ impl CassandraPresence {
             return Err(unavailable(format!("invalid keyspace {keyspace:?}")));
         }
         let ks = keyspace;
-        let prep = |cql: String| {
-            let session = session.clone();
-            async move {
-                let mut p = session.prepare(cql).await.map_err(unavailable)?;
-                p.set_is_idempotent(true);
-                Ok::<_, PresenceError>(p)
-            }
+        let prep = async |cql: String| {
+            crate::cassandra::prepare(&session, cql, Kind::Idempotent)
+                .await
+                .map_err(unavailable)
         };
         Ok(Self(Arc::new(Inner {
             insert: prep(format!(

@@ -38,6 +38,8 @@ const PEER_QUEUE: usize = 4096;
 const TICK: Duration = Duration::from_millis(500);
 /// How long a want may take before its peer is treated as unlinked.
 const WANT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Keep-alive connections kept per peer for wants and heartbeats.
+const IDLE_PER_PEER: usize = 4;
 
 /// `POST /internal/want`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -164,6 +166,8 @@ pub struct Peers {
     /// Address → the peers that want it.
     wanted_by: RwLock<HashMap<Address, Vec<String>>>,
     interests: Mutex<Interests>,
+    /// Keep-alive connections for wants and heartbeats, by peer URL.
+    idle: Mutex<HashMap<String, Vec<Http>>>,
     /// Wants are sent under the read side, a sweep (which un-announces) under the write side,
     /// so a sweep never removes an address that a connection is announcing meanwhile.
     announcing: tokio::sync::RwLock<()>,
@@ -192,6 +196,7 @@ impl Peers {
             started: Default::default(),
             wanted_by: Default::default(),
             interests: Default::default(),
+            idle: Default::default(),
             announcing: Default::default(),
         })
     }
@@ -290,14 +295,41 @@ impl Peers {
     }
 
     async fn post_want(&self, url: &str, want: &Want) -> Result<u16, String> {
-        let body = serde_json::to_vec(want).map_err(|e| e.to_string())?;
+        let body = Bytes::from(serde_json::to_vec(want).map_err(|e| e.to_string())?);
+        // A kept connection first (a client's connect waits on this); the peer may have closed
+        // it meanwhile, so a failure there is retried once on a new connection.
+        let kept = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(url)
+            .and_then(Vec::pop);
+        let (http, status) = match kept {
+            Some(mut h) => match h.call("POST", "/internal/want", Some(body.clone())).await {
+                Ok((status, _)) => (h, status),
+                Err(_) => self.want_on_new(url, body).await?,
+            },
+            None => self.want_on_new(url, body).await?,
+        };
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let kept = idle.entry(url.to_string()).or_default();
+            if kept.len() < IDLE_PER_PEER {
+                kept.push(http);
+            }
+        }
+        Ok(status)
+    }
+
+    async fn want_on_new(&self, url: &str, body: Bytes) -> Result<(Http, u16), String> {
         let mut http = Http::connect(url, self.api_key.clone())
             .await
             .map_err(|e| e.to_string())?;
-        http.call("POST", "/internal/want", Some(Bytes::from(body)))
+        let (status, _) = http
+            .call("POST", "/internal/want", Some(body))
             .await
-            .map(|(s, _)| s)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok((http, status))
     }
 
     /// Links to live nodes not linked yet (snapshot, then repair), heartbeats the others.
@@ -310,6 +342,10 @@ impl Peers {
             .filter(|n| n.id != self.node)
             .map(|n| (n.id, n.url))
             .collect();
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|url, _| live.values().any(|u| u == url));
         let (linked, announced) = {
             let mut i = self.interests.lock().unwrap_or_else(|p| p.into_inner());
             i.linked.retain(|id, _| live.contains_key(id));

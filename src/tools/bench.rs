@@ -69,8 +69,9 @@ pub struct BenchArgs {
     /// The node's keyspace, for the raw baseline
     #[arg(long, default_value = "signalpost")]
     pub keyspace: String,
-    /// Connect the fanout and latency clients to this node instead of `--url` (in a cluster:
-    /// messages then reach them through another node)
+    /// Connect the fanout and latency clients to these nodes instead of `--url`, round-robin
+    /// (comma-separated). In a cluster the latency scenario then reports deliveries on the
+    /// appending node and deliveries through another node apart.
     #[arg(long)]
     pub clients_url: Option<String>,
 }
@@ -228,13 +229,58 @@ async fn enqueue_raw(http: &mut Http, body: String) -> Res<()> {
     Ok(())
 }
 
+/// The nodes clients connect to: `--clients-url` (comma-separated) or `--url`.
+fn client_urls(args: &BenchArgs) -> Vec<String> {
+    let urls: Vec<String> = args
+        .clients_url
+        .as_deref()
+        .unwrap_or(&args.url)
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        vec![args.url.clone()]
+    } else {
+        urls
+    }
+}
+
+/// Which of `urls` owns each partition of the enqueue topic (from each node's `/healthz`), or
+/// None when the nodes are not partitioned (embedded) or a partition has no owner among them.
+async fn owners(urls: &[String], api_key: &Option<String>) -> Res<Option<(u32, Vec<usize>)>> {
+    let mut count = 0;
+    let mut owner: Vec<Option<usize>> = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let mut http = Http::connect(url, api_key.clone()).await?;
+        let (_, body) = http.call("GET", "/healthz", None).await?;
+        let health: Value = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Http(format!("{url}/healthz: {e}")))?;
+        let Some(p) = health.get("partitions") else {
+            return Ok(None);
+        };
+        count = p["count"].as_u64().unwrap_or(0) as u32;
+        owner.resize(count as usize, None);
+        for o in p["owned"].as_array().into_iter().flatten() {
+            if let Some(slot) = o.as_u64().and_then(|o| owner.get_mut(o as usize)) {
+                *slot = Some(i);
+            }
+        }
+    }
+    Ok(owner
+        .into_iter()
+        .collect::<Option<Vec<usize>>>()
+        .map(|o| (count, o)))
+}
+
 /// Connects `n` clients and binds each to `channel` (when given); returns them after `synced`.
 async fn clients(args: &BenchArgs, n: usize, channel: Option<&str>) -> Res<Vec<Socket>> {
     let mut out = Vec::with_capacity(n);
     let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
     let mut pending = Vec::new();
-    for _ in 0..n {
-        let url = args.clients_url.clone().unwrap_or_else(|| args.url.clone());
+    let urls = client_urls(args);
+    for i in 0..n {
+        let url = urls[i % urls.len()].clone();
         pending.push(tokio::spawn(async move {
             let mut s = Socket::connect(&url, &json!({})).await?;
             loop {
@@ -332,6 +378,12 @@ async fn fanout(args: &BenchArgs) -> Res<String> {
 }
 
 async fn latency(args: &BenchArgs) -> Res<String> {
+    let urls = client_urls(args);
+    let mut nodes = urls.clone();
+    if !nodes.contains(&args.url) {
+        nodes.push(args.url.clone());
+    }
+    let before = owners(&nodes, &args.api_key).await?;
     let socks = clients(args, args.clients, None).await?;
     let ids: Vec<String> = socks
         .iter()
@@ -380,21 +432,56 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         enqueue_raw(&mut http, body).await?;
     }
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
+    let mut per_client = Vec::with_capacity(tasks.len());
     for t in tasks {
-        hist.add(t.await.map_err(|e| ClientError::Socket(e.to_string()))??)
-            .ok();
+        let h = t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
+        hist.add(&h).ok();
+        per_client.push(h);
     }
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    Ok(format!(
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let mut line = format!(
         "latency rate={}/s clients={}: enqueue→delivery p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms ({} of {total} delivered)",
         args.rate,
         args.clients,
-        ms(0.5),
-        ms(0.99),
-        ms(0.999),
+        ms(&hist, 0.5),
+        ms(&hist, 0.99),
+        ms(&hist, 0.999),
         hist.max() as f64 / 1000.0,
         received.load(Ordering::Relaxed)
-    ))
+    );
+    // In a cluster: deliveries on the node that appended (its consumer owns the address's
+    // partition) apart from deliveries through another node.
+    let after = owners(&nodes, &args.api_key).await?;
+    if let (Some((count, owner)), Some(after)) = (&before, &after) {
+        let mut same = Histogram::<u64>::new(3).expect("valid histogram");
+        let mut cross = same.clone();
+        for (i, (h, id)) in per_client.iter().zip(&ids).enumerate() {
+            let address = crate::address::Address::parse(&format!("client:{id}"))
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let appender = owner[address.partition(*count) as usize];
+            if appender == i % urls.len() {
+                same.add(h).ok();
+            } else {
+                cross.add(h).ok();
+            }
+        }
+        line.push_str(&format!(
+            "; on the appending node p50 {:.2} ms p99 {:.2} ms ({} deliveries), through another node p50 {:.2} ms p99 {:.2} ms ({}): {:+.2} ms at p99{}",
+            ms(&same, 0.5),
+            ms(&same, 0.99),
+            same.len(),
+            ms(&cross, 0.5),
+            ms(&cross, 0.99),
+            cross.len(),
+            ms(&cross, 0.99) - ms(&same, 0.99),
+            if after.1 == *owner {
+                ""
+            } else {
+                " (partitions moved during the run: split approximate)"
+            }
+        ));
+    }
+    Ok(line)
 }
 
 /// The node's resident memory, from its `/metrics`.

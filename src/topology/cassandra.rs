@@ -14,6 +14,7 @@
 use super::storage_err as st;
 use super::{Binding, Cursors, Topology, TopologyError};
 use crate::address::{Address, ClientId};
+use crate::cassandra::Kind;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
@@ -55,18 +56,15 @@ impl CassandraTopology {
             return Err(st(format!("invalid keyspace {keyspace:?}")));
         }
         let ks = keyspace;
-        let prep = |cql: String, idempotent: bool| {
-            let session = session.clone();
-            async move {
-                let mut p = session.prepare(cql).await.map_err(unavailable)?;
-                p.set_is_idempotent(idempotent);
-                Ok::<_, TopologyError>(p)
-            }
+        let prep = async |cql: String, kind: Kind| {
+            crate::cassandra::prepare(&session, cql, kind)
+                .await
+                .map_err(unavailable)
         };
         let inner = Inner {
             get: prep(
                 format!("SELECT address, since FROM {ks}.client_addresses WHERE client = ?"),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             claim: prep(
@@ -74,48 +72,48 @@ impl CassandraTopology {
                     "INSERT INTO {ks}.client_addresses (client, address, since, bound_at) \
                      VALUES (?, ?, ?, ?) IF NOT EXISTS"
                 ),
-                false,
+                Kind::Once,
             )
             .await?,
             reverse: prep(
                 format!(
                     "INSERT INTO {ks}.address_clients (address, client, since, bound_at) VALUES (?, ?, ?, ?)"
                 ),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             unreverse: prep(
                 format!("DELETE FROM {ks}.address_clients WHERE address = ? AND client = ?"),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             unbind: prep(
                 format!("DELETE FROM {ks}.client_addresses WHERE client = ? AND address = ?"),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             members_first: prep(
                 format!("SELECT client FROM {ks}.address_clients WHERE address = ? LIMIT ?"),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             members_after: prep(
                 format!(
                     "SELECT client FROM {ks}.address_clients WHERE address = ? AND client > ? LIMIT ?"
                 ),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             cursor_save: prep(
                 format!(
                     "INSERT INTO {ks}.cursors (client, address, version) VALUES (?, ?, ?) USING TIMESTAMP ?"
                 ),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             cursor_get: prep(
                 format!("SELECT address, version FROM {ks}.cursors WHERE client = ?"),
-                true,
+                Kind::Idempotent,
             )
             .await?,
             session,

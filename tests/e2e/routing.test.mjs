@@ -4,7 +4,7 @@
 // is killed reconnects to another and resumes with exactly what it missed.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BACKEND, startNode, api, connect, testCluster, waitFor } from './lib/harness.mjs';
+import { BACKEND, startNode, api, connect, testCluster, waitFor, produce } from './lib/harness.mjs';
 
 const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
 
@@ -67,12 +67,25 @@ test('three nodes: every bound client on every node gets every message once, in 
     for (const x of r.body.results) versions.add(x.version);
   }
   assert.equal(versions.size, 300, 'every wait=true answer has its own version');
+  // 60 more produced straight to Kafka by Kafka's own producer (as central infrastructure does),
+  // and a binding through the connect topic: the 7th client, on node 2, joins the channel.
+  const late = connect(nodes[1].url);
+  await late.ready;
+  const topics = env.SIGNALPOST_KAFKA_TOPIC_PREFIX;
+  await produce(`${topics}connect`, [[late.session.clientId, { client: late.session.clientId, addresses: ['channel:shared'] }]]);
+  await late.waitFor((e) => e.event === 'bound' && e.data.address === 'channel:shared', 30000, 'bound through Kafka');
+  await produce(`${topics}enqueue`, Array.from({ length: 60 }, (_, i) => ['channel:shared', { address: 'channel:shared', id: `k-${i}`, payload: { kafka: i } }]));
   for (const [i, { c }] of clients.entries()) {
-    await c.waitCount('channel:shared', 300, 30000);
-    exactlyOnce(c, 'channel:shared', 300, `client ${i}`);
+    await c.waitCount('channel:shared', 360, 30000);
+    exactlyOnce(c, 'channel:shared', 360, `client ${i}`);
+    assert.deepEqual(c.signals('channel:shared').slice(300).map((s) => s.payload.kafka), Array.from({ length: 60 }, (_, k) => k), `client ${i}: Kafka's records in their order`);
   }
+  // The late client's cursor began at the binding: it has what came after, in order.
+  await late.waitCount('channel:shared', 60, 30000);
+  assert.deepEqual(late.signals('channel:shared').map((s) => s.version), Array.from({ length: 60 }, (_, k) => 301 + k), 'bound through Kafka: versions 301..360');
+  late.close();
   const after = await Promise.all(nodes.map((n) => metric(n.url, 'signalpost_from_peers_total')));
-  console.log(`# shared channel, clients on all 3 nodes: messages received from peers per node ${after.map((v, i) => v - before[i]).join(' / ')}`);
+  console.log(`# shared channel (HTTP + Kafka), clients on all 3 nodes: messages received from peers per node ${after.map((v, i) => v - before[i]).join(' / ')}`);
 
   // Interested clients on one node only: the others receive no live traffic for the addresses.
   // Six channels, so that some belong to partitions of the other nodes (their messages are

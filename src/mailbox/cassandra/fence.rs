@@ -8,9 +8,9 @@
 //! holds is in `docs/architecture.md` ("The append fence").
 
 use super::{st, unavailable};
+use crate::cassandra::Kind;
 use crate::mailbox::MailboxError;
 use scylla::client::session::Session;
-use scylla::statement::Consistency;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use std::collections::HashMap;
@@ -37,27 +37,21 @@ impl Fences {
         scope: &str,
         owner: &str,
     ) -> Result<Self, MailboxError> {
-        let prep = |cql: String, serial: bool| {
-            let session = session.clone();
-            async move {
-                let mut p = session.prepare(cql).await.map_err(unavailable)?;
-                if serial {
-                    p.set_consistency(Consistency::Serial);
-                    p.set_is_idempotent(true);
-                }
-                Ok::<_, MailboxError>(p)
-            }
+        let prep = async |cql: String, kind: Kind| {
+            crate::cassandra::prepare(&session, cql, kind)
+                .await
+                .map_err(unavailable)
         };
         let ks = keyspace;
         Ok(Self {
             read_one: prep(
                 format!("SELECT epoch FROM {ks}.mailbox_fences WHERE scope = ? AND shard = ?"),
-                true,
+                Kind::Serial,
             )
             .await?,
             read_all: prep(
                 format!("SELECT shard, epoch FROM {ks}.mailbox_fences WHERE scope = ?"),
-                true,
+                Kind::Serial,
             )
             .await?,
             insert: prep(
@@ -65,7 +59,7 @@ impl Fences {
                     "INSERT INTO {ks}.mailbox_fences (scope, shard, epoch, owner, claimed_at) \
                      VALUES (?, ?, 1, ?, ?) IF NOT EXISTS"
                 ),
-                false,
+                Kind::Once,
             )
             .await?,
             update: prep(
@@ -73,7 +67,7 @@ impl Fences {
                     "UPDATE {ks}.mailbox_fences SET epoch = ?, owner = ?, claimed_at = ? \
                      WHERE scope = ? AND shard = ? IF epoch = ?"
                 ),
-                false,
+                Kind::Once,
             )
             .await?,
             session,

@@ -21,10 +21,10 @@ mod fence;
 use super::storage_err as st;
 use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page};
 use crate::address::{Address, MessageId};
+use crate::cassandra::Kind;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use scylla::client::session::Session;
 use scylla::serialize::row::SerializeRow;
-use scylla::statement::Consistency;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 use serde_json::value::RawValue;
@@ -114,13 +114,10 @@ impl CassandraMailbox {
         if !crate::cassandra::valid_keyspace(ks) {
             return Err(st(format!("invalid keyspace {ks:?}")));
         }
-        let prep = |cql: String| {
-            let session = session.clone();
-            async move {
-                let mut p = session.prepare(cql).await.map_err(unavailable)?;
-                p.set_is_idempotent(true);
-                Ok::<_, MailboxError>(p)
-            }
+        let prep = async |cql: String| {
+            crate::cassandra::prepare(&session, cql, Kind::Idempotent)
+                .await
+                .map_err(unavailable)
         };
         let bucket_size = fixed_config(&session, ks, "bucket_size", s.bucket_size.max(1)).await?;
         let shards = fixed_config(&session, ks, "shards", u64::from(s.shards)).await?;
@@ -217,24 +214,25 @@ async fn fixed_config(
     want: u64,
 ) -> Result<u64, MailboxError> {
     if want > 0 {
-        let insert = session
-            .prepare(format!(
-                "INSERT INTO {ks}.mailbox_config (name, value) VALUES (?, ?) IF NOT EXISTS"
-            ))
-            .await
-            .map_err(unavailable)?;
+        let insert = crate::cassandra::prepare(
+            session,
+            format!("INSERT INTO {ks}.mailbox_config (name, value) VALUES (?, ?) IF NOT EXISTS"),
+            Kind::Once,
+        )
+        .await
+        .map_err(unavailable)?;
         session
             .execute_unpaged(&insert, (name, want as i64))
             .await
             .map_err(unavailable)?;
     }
-    let mut read = session
-        .prepare(format!(
-            "SELECT value FROM {ks}.mailbox_config WHERE name = ?"
-        ))
-        .await
-        .map_err(unavailable)?;
-    read.set_consistency(Consistency::Serial);
+    let read = crate::cassandra::prepare(
+        session,
+        format!("SELECT value FROM {ks}.mailbox_config WHERE name = ?"),
+        Kind::Serial,
+    )
+    .await
+    .map_err(unavailable)?;
     match one_bigint(session, &read, (name,)).await? {
         Some(v) if v > 0 => Ok(v as u64),
         _ => Err(st(format!("mailbox_config has no {name}"))),

@@ -39,6 +39,18 @@ function clusterEnv(dataDir) {
   };
 }
 
+/** Produces records straight to Kafka with Kafka's own console producer (`scripts/stack
+ *  produce`): `records` are [key, value] pairs, values as objects (sent as JSON). */
+export async function produce(topic, records) {
+  const script = join(here, '..', '..', '..', 'scripts', 'stack');
+  const proc = spawn(script, ['produce', topic], { stdio: ['pipe', 'ignore', 'pipe'] });
+  let err = '';
+  proc.stderr.on('data', (d) => { err += d; });
+  proc.stdin.end(records.map(([k, v]) => `${k}\t${JSON.stringify(v)}\n`).join(''));
+  const code = await new Promise((resolve) => proc.on('exit', resolve));
+  if (code !== 0) throw new Error(`scripts/stack produce ${topic} exited with ${code}: ${err}`);
+}
+
 /** The settings shared by the nodes of one test cluster (cluster backend): their own keyspace,
  *  topics, consumer group and ZooKeeper root, and a 4 s ZooKeeper session; `extra` adds to them. */
 export function testCluster(name, extra = {}) {

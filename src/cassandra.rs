@@ -55,6 +55,10 @@ pub const SCHEMA: &[(&str, &str)] = &[
         "003_presence.cql",
         include_str!("../schema/003_presence.cql"),
     ),
+    (
+        "004_presence_nodes.cql",
+        include_str!("../schema/004_presence_nodes.cql"),
+    ),
 ];
 
 /// The default replication map for one local node.

@@ -1,6 +1,8 @@
 //! Presence on Cassandra: `presence` (by client) and `presence_by_node` (by node, for cleanup
 //! after a dead node). Both rows are written when a connection is set up and deleted when it
-//! closes; the leader deletes a dead node's rows (`clear_node`), which is idempotent.
+//! closes; the leader deletes a dead node's rows (`clear_node`), which is idempotent. The nodes
+//! that may have rows are listed in `presence_nodes` (one small partition), so finding dead
+//! nodes never scans the tombstones of closed connections.
 
 use super::{Presence, PresenceError, Seen};
 use crate::address::ClientId;
@@ -8,13 +10,14 @@ use crate::cassandra::Kind;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 fn unavailable(e: impl std::fmt::Display) -> PresenceError {
     PresenceError::Unavailable(format!("cassandra: {e}"))
 }
 
-/// Cluster-wide presence in a Cassandra keyspace (schema `003_presence.cql`).
+/// Cluster-wide presence in a Cassandra keyspace (schema `003_presence.cql`, `004_presence_nodes.cql`).
 #[derive(Clone)]
 pub struct CassandraPresence(Arc<Inner>);
 
@@ -28,6 +31,10 @@ struct Inner {
     of_node: PreparedStatement,
     drop_node: PreparedStatement,
     nodes: PreparedStatement,
+    add_node: PreparedStatement,
+    forget_node: PreparedStatement,
+    /// Nodes this process has listed in `presence_nodes` (written once per node).
+    added: Mutex<HashSet<String>>,
 }
 
 impl CassandraPresence {
@@ -67,7 +74,19 @@ impl CassandraPresence {
             ))
             .await?,
             drop_node: prep(format!("DELETE FROM {ks}.presence_by_node WHERE node = ?")).await?,
-            nodes: prep(format!("SELECT DISTINCT node FROM {ks}.presence_by_node")).await?,
+            nodes: prep(format!(
+                "SELECT node FROM {ks}.presence_nodes WHERE shard = 0"
+            ))
+            .await?,
+            add_node: prep(format!(
+                "INSERT INTO {ks}.presence_nodes (shard, node) VALUES (0, ?)"
+            ))
+            .await?,
+            forget_node: prep(format!(
+                "DELETE FROM {ks}.presence_nodes WHERE shard = 0 AND node = ?"
+            ))
+            .await?,
+            added: Default::default(),
             session,
         })))
     }
@@ -79,7 +98,23 @@ impl Presence for CassandraPresence {
         let i = &self.0;
         let c = client.as_str();
         let (n, conn) = (seen.node.as_str(), seen.connection.as_str());
-        // By node first: a crash in between leaves a row the cleanup can find.
+        // The node is listed first, then the row by node: a crash in between leaves a row the
+        // cleanup can find.
+        let listed = i
+            .added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(n);
+        if !listed {
+            i.session
+                .execute_unpaged(&i.add_node, (n,))
+                .await
+                .map_err(unavailable)?;
+            i.added
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(n.to_string());
+        }
         i.session
             .execute_unpaged(&i.insert_by_node, (n, c, conn))
             .await
@@ -156,6 +191,14 @@ impl Presence for CassandraPresence {
             .execute_unpaged(&i.drop_node, (node,))
             .await
             .map_err(unavailable)?;
+        i.session
+            .execute_unpaged(&i.forget_node, (node,))
+            .await
+            .map_err(unavailable)?;
+        i.added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
         Ok(entries.len() as u64)
     }
 

@@ -44,7 +44,8 @@ pub trait Presence: Send + Sync + 'static {
     async fn lookup(&self, clients: &[ClientId]) -> Result<Vec<Vec<Seen>>, PresenceError>;
     /// Removes every entry of a node (cleanup after it died); returns how many were removed.
     async fn clear_node(&self, node: &str) -> Result<u64, PresenceError>;
-    /// The nodes that have entries (to find the ones left by dead nodes).
+    /// The nodes that may have entries — every node that has some, and perhaps nodes whose
+    /// entries all went, until cleared (to find the ones left by dead nodes).
     async fn nodes(&self) -> Result<Vec<String>, PresenceError>;
 }
 

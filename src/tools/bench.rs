@@ -396,41 +396,60 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         .collect();
     let total = args.rate * args.seconds;
     let received = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for mut s in socks {
-        let received = received.clone();
+        let (received, done) = (received.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
-            loop {
-                match tokio::time::timeout(Duration::from_secs(3), s.next()).await {
+            while !done.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), s.next()).await {
                     Ok(Ok(Event::Signal(raw))) => {
                         if let Some(t) = json_u64(&raw, "t") {
                             hist.record(now_us().saturating_sub(t)).ok();
                             received.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) | Err(_) => {}
                     Ok(Err(e)) => return Err(e),
-                    Err(_) => break,
                 }
             }
             s.close().await;
             Ok::<_, ClientError>(hist)
         }));
     }
-    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    // Open loop: message i is due at i / rate, whatever the answers take; senders on their own
+    // connections, so a slow answer (a Kafka produce) does not hold back the schedule.
+    let ids = Arc::new(ids);
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
-    for i in 0..total {
-        let due = started + interval * i as u32;
-        tokio::time::sleep_until(due.into()).await;
-        let body = format!(
-            "{{\"address\":\"client:{}\",\"payload\":{{\"t\":{}}}}}",
-            ids[i as usize % ids.len()],
-            now_us()
-        );
-        enqueue_raw(&mut http, body).await?;
+    let senders = 16u64;
+    let mut sending = Vec::new();
+    for k in 0..senders {
+        let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+        let ids = ids.clone();
+        sending.push(tokio::spawn(async move {
+            for i in (k..total).step_by(senders as usize) {
+                tokio::time::sleep_until((started + interval * i as u32).into()).await;
+                let body = format!(
+                    "{{\"address\":\"client:{}\",\"payload\":{{\"t\":{}}}}}",
+                    ids[i as usize % ids.len()],
+                    now_us()
+                );
+                enqueue_raw(&mut http, body).await?;
+            }
+            Ok::<_, ClientError>(())
+        }));
     }
+    for t in sending {
+        t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
+    }
+    // Everything sent: wait for the last deliveries (at most 10 s), then stop the clients.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
     let mut per_client = Vec::with_capacity(tasks.len());
     for t in tasks {
@@ -455,7 +474,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     if let (Some((count, owner)), Some(after)) = (&before, &after) {
         let mut same = Histogram::<u64>::new(3).expect("valid histogram");
         let mut cross = same.clone();
-        for (i, (h, id)) in per_client.iter().zip(&ids).enumerate() {
+        for (i, (h, id)) in per_client.iter().zip(ids.iter()).enumerate() {
             let address = crate::address::Address::parse(&format!("client:{id}"))
                 .map_err(|e| ClientError::Http(e.to_string()))?;
             let appender = owner[address.partition(*count) as usize];

@@ -242,8 +242,10 @@ async fn internal_deliver(
     State(svc): State<Arc<Services>>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let frame: crate::routing::peers::Deliver = serde_json::from_slice(&body)
+    let frames: Vec<crate::routing::peers::Deliver> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid delivery: {e}")))?;
-    svc.peers.on_deliver(frame);
+    for frame in frames {
+        svc.peers.on_deliver(frame);
+    }
     Ok(StatusCode::OK)
 }

@@ -170,7 +170,12 @@ impl Processor {
             results[i] = Some(self.apply_binding(c).await);
         }
         if !fresh.is_empty() {
-            self.router.deliver(&fresh);
+            let appended_us = crate::mailbox::now_us();
+            let offered = self.router.deliver(&fresh, appended_us);
+            let took = crate::mailbox::now_us().saturating_sub(appended_us);
+            self.metrics
+                .handoff_local
+                .record_many(took as f64 / 1e6, offered.messages);
             let now = crate::mailbox::now_ms();
             for m in &fresh {
                 self.metrics

@@ -16,7 +16,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 /// Where the router sends what other nodes must know (see [`peers::Peers`]).
 pub trait Remote: Send + Sync + 'static {
-    fn forward(&self, messages: &[Arc<Message>]);
+    /// Messages appended at `appended_us` (wall clock, µs), for the nodes that want them.
+    fn forward(&self, messages: &[Arc<Message>], appended_us: u64);
     fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]);
     fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]);
     /// The answer of a `?wait=true` operation, for the node `node` that waits for it.
@@ -41,6 +42,15 @@ pub trait Subscriber: Send + Sync + 'static {
 }
 
 type Subs = Vec<Arc<dyn Subscriber>>;
+
+/// What a delivery handed to local connections.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Offered {
+    /// Message × connection offers.
+    pub deliveries: u64,
+    /// Messages that had at least one local connection.
+    pub messages: usize,
+}
 
 /// The local routing table. Readers (delivery) take a shared lock; connects, disconnects and
 /// binding changes take it exclusively, briefly.
@@ -129,20 +139,20 @@ impl Router {
         }
     }
 
-    /// Hands a batch of appended messages (in append order) to the local subscribers of each
-    /// address, and to the other nodes that want them. Returns the local deliveries offered.
-    pub fn deliver(&self, messages: &[Arc<Message>]) -> u64 {
+    /// Hands a batch of messages appended at `appended_us` (in append order) to the local
+    /// subscribers of each address, and to the other nodes that want them.
+    pub fn deliver(&self, messages: &[Arc<Message>], appended_us: u64) -> Offered {
         if let Some(r) = self.remote.get() {
-            r.forward(messages);
+            r.forward(messages, appended_us);
         }
         self.deliver_local(messages)
     }
 
     /// [`Router::deliver`] on this node only (for messages forwarded by another node).
-    pub fn deliver_local(&self, messages: &[Arc<Message>]) -> u64 {
+    pub fn deliver_local(&self, messages: &[Arc<Message>]) -> Offered {
         let m = self.by_address.read().unwrap_or_else(|p| p.into_inner());
         if m.is_empty() {
-            return 0;
+            return Offered::default();
         }
         // Group by address, keeping version order within each address.
         let mut groups: HashMap<&Address, Vec<Arc<Message>>> = HashMap::new();
@@ -151,13 +161,14 @@ impl Router {
                 groups.entry(&msg.address).or_default().push(msg.clone());
             }
         }
-        let mut offered = 0;
+        let mut offered = Offered::default();
         for (address, msgs) in groups {
             if let Some(subs) = m.get(address) {
                 for s in subs {
                     s.offer(address, &msgs);
                 }
-                offered += (subs.len() * msgs.len()) as u64;
+                offered.deliveries += (subs.len() * msgs.len()) as u64;
+                offered.messages += msgs.len();
             }
         }
         offered
@@ -277,8 +288,14 @@ mod tests {
         r.register(s2.clone());
         r.subscribe(&s1, &[x.clone(), y.clone()]);
         r.subscribe(&s2, std::slice::from_ref(&y));
-        let offered = r.deliver(&[m(&x, 1), m(&y, 1), m(&x, 2), m(&y, 2)]);
-        assert_eq!(offered, 6);
+        let offered = r.deliver(&[m(&x, 1), m(&y, 1), m(&x, 2), m(&y, 2)], 0);
+        assert_eq!(
+            offered,
+            Offered {
+                deliveries: 6,
+                messages: 4
+            }
+        );
         let g1 = p1.got.lock().unwrap().clone();
         let xs: Vec<u64> = g1
             .iter()
@@ -293,7 +310,7 @@ mod tests {
             &("bound channel:x".to_string(), 2)
         );
         r.unregister(&*s1, &[x.clone(), y.clone()]);
-        assert_eq!(r.deliver(&[m(&x, 3)]), 0);
+        assert_eq!(r.deliver(&[m(&x, 3)], 0), Offered::default());
         assert_eq!(r.addresses(), 1);
     }
 }

@@ -9,8 +9,9 @@
 //!   `409` when the receiver does not know the session (it restarted, or dropped the sender after a
 //!   failed delivery): the sender sends a snapshot again and then **repairs its clients from the
 //!   mailbox**, so whatever was not forwarded meanwhile is delivered by version, never skipped.
-//! - `POST /internal/deliver` — `{signals: [...]}`, `{bound}`, `{unbound}` or `{applied}`, sent
-//!   in order over one keep-alive connection per peer by one task per peer.
+//! - `POST /internal/deliver` — an array of frames, each `{signals: {signals, appended_us}}`,
+//!   `{bound}`, `{unbound}` or `{applied}`, sent in order over one keep-alive connection per peer
+//!   by one task per peer; the frames that queue while a request is in flight go in the next.
 //!
 //! Why no message is lost at a handover: a connection subscribes locally, then [`Peers::want`]
 //! waits until every linked peer acknowledged its addresses, and only then are the heads read
@@ -38,6 +39,8 @@ const PEER_QUEUE: usize = 4096;
 const TICK: Duration = Duration::from_millis(500);
 /// How long a want may take before its peer is treated as unlinked.
 const WANT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Frames sent to a peer in one request at most (those that queued meanwhile).
+const FRAMES_PER_REQUEST: usize = 256;
 /// Keep-alive connections kept per peer for wants and heartbeats.
 const IDLE_PER_PEER: usize = 4;
 
@@ -110,7 +113,13 @@ impl WireOutcome {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Deliver {
-    Signals(Vec<Box<RawValue>>),
+    Signals {
+        signals: Vec<Box<RawValue>>,
+        /// When the sender's append was durable (its wall clock, µs): the receiver measures the
+        /// hop (`signalpost_append_to_handoff_seconds{route="peer"}`).
+        #[serde(default)]
+        appended_us: u64,
+    },
     Bound {
         client: ClientId,
         bindings: Vec<(Address, u64)>,
@@ -515,7 +524,21 @@ impl Peers {
         mut rx: mpsc::Receiver<Bytes>,
     ) {
         let mut http: Option<Http> = None;
-        while let Some(body) = rx.recv().await {
+        let mut queued = Vec::new();
+        while rx.recv_many(&mut queued, FRAMES_PER_REQUEST).await > 0 {
+            // Whatever queued while the previous request was in flight goes in one request:
+            // a JSON array of the frames, in order.
+            let mut body =
+                Vec::with_capacity(queued.iter().map(|f| f.len() + 1).sum::<usize>() + 1);
+            body.push(b'[');
+            for (i, frame) in queued.drain(..).enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(&frame);
+            }
+            body.push(b']');
+            let body = Bytes::from(body);
             if http.is_none() {
                 http = Http::connect(&url, self.api_key.clone()).await.ok();
             }
@@ -554,7 +577,7 @@ impl Peers {
     }
 
     /// Forwards appended messages to the peers that want their addresses: one frame per peer.
-    pub fn forward(&self, messages: &[Arc<Message>]) {
+    pub fn forward(&self, messages: &[Arc<Message>], appended_us: u64) {
         let mut per_peer: HashMap<String, Vec<Box<RawValue>>> = HashMap::new();
         {
             let index = self.wanted_by.read().unwrap_or_else(|p| p.into_inner());
@@ -574,7 +597,13 @@ impl Peers {
         }
         for (peer, signals) in per_peer {
             self.metrics.forwarded.increment(signals.len() as u64);
-            self.send_to(&peer, &Deliver::Signals(signals));
+            self.send_to(
+                &peer,
+                &Deliver::Signals {
+                    signals,
+                    appended_us,
+                },
+            );
         }
     }
 
@@ -608,13 +637,22 @@ impl Peers {
     /// Handles `POST /internal/deliver` (local delivery only: never forwarded again).
     pub fn on_deliver(&self, frame: Deliver) {
         match frame {
-            Deliver::Signals(signals) => {
+            Deliver::Signals {
+                signals,
+                appended_us,
+            } => {
                 let msgs: Vec<Arc<Message>> = signals
                     .into_iter()
                     .filter_map(|s| Message::from_signal(s).map(Arc::new))
                     .collect();
                 self.metrics.from_peers.increment(msgs.len() as u64);
-                self.router.deliver_local(&msgs);
+                let offered = self.router.deliver_local(&msgs);
+                if appended_us > 0 {
+                    let took = crate::mailbox::now_us().saturating_sub(appended_us);
+                    self.metrics
+                        .handoff_peer
+                        .record_many(took as f64 / 1e6, offered.messages);
+                }
             }
             Deliver::Bound { client, bindings } => self.router.bound_local(&client, &bindings),
             Deliver::Unbound { client, removed } => self.router.unbound_local(&client, &removed),
@@ -655,8 +693,8 @@ fn unindex<'a>(
 
 /// Router hooks: what the processor appends or binds is also sent to the peers.
 impl crate::routing::Remote for Peers {
-    fn forward(&self, messages: &[Arc<Message>]) {
-        Peers::forward(self, messages)
+    fn forward(&self, messages: &[Arc<Message>], appended_us: u64) {
+        Peers::forward(self, messages, appended_us)
     }
     fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]) {
         self.broadcast(&Deliver::Bound {
@@ -690,7 +728,10 @@ mod tests {
         let payload = RawValue::from_string(r#"{"k":[1,"é"]}"#.into()).unwrap();
         let m = Message::new(a.clone(), 7, MessageId::parse("m-7").unwrap(), 42, &payload);
         let frames = [
-            Deliver::Signals(vec![m.signal.clone()]),
+            Deliver::Signals {
+                signals: vec![m.signal.clone()],
+                appended_us: 9,
+            },
             Deliver::Applied {
                 ticket: "t".into(),
                 outcome: WireOutcome::Appended {
@@ -707,7 +748,11 @@ mod tests {
             let bytes = serde_json::to_vec(&f).unwrap();
             let back: Deliver = serde_json::from_slice(&bytes).unwrap();
             match back {
-                Deliver::Signals(s) => {
+                Deliver::Signals {
+                    signals: s,
+                    appended_us,
+                } => {
+                    assert_eq!(appended_us, 9);
                     let got = Message::from_signal(s[0].clone()).unwrap();
                     assert_eq!((got.version, got.ts, got.id.as_str()), (7, 42, "m-7"));
                     assert_eq!(got.payload().get(), payload.get());

@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// Messages per second in the latency scenario
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
+    /// HTTP connections the latency scenario sends from (open loop: message i is due at
+    /// i / rate on connection i mod senders)
+    #[arg(long, default_value_t = 4)]
+    pub senders: u64,
     /// Messages a client misses before the replay scenario
     #[arg(long, default_value_t = 100_000)]
     pub replay_messages: usize,
@@ -384,6 +388,8 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         nodes.push(args.url.clone());
     }
     let before = owners(&nodes, &args.api_key).await?;
+    let local_before = handoff_buckets(&nodes, &args.api_key, "local").await?;
+    let peer_before = handoff_buckets(&nodes, &args.api_key, "peer").await?;
     let socks = clients(args, args.clients, None).await?;
     let ids: Vec<String> = socks
         .iter()
@@ -396,22 +402,27 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         .collect();
     let total = args.rate * args.seconds;
     let received = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
+    let (done, _) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for mut s in socks {
-        let (received, done) = (received.clone(), done.clone());
+        let received = received.clone();
+        let mut done = done.subscribe();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
-            while !done.load(Ordering::Relaxed) {
-                match tokio::time::timeout(Duration::from_millis(200), s.next()).await {
-                    Ok(Ok(Event::Signal(raw))) => {
+            loop {
+                let event = tokio::select! {
+                    e = s.next() => e,
+                    _ = done.wait_for(|d| *d) => break,
+                };
+                match event {
+                    Ok(Event::Signal(raw)) => {
                         if let Some(t) = json_u64(&raw, "t") {
                             hist.record(now_us().saturating_sub(t)).ok();
                             received.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Ok(Ok(_)) | Err(_) => {}
-                    Ok(Err(e)) => return Err(e),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
                 }
             }
             s.close().await;
@@ -423,7 +434,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     let ids = Arc::new(ids);
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
-    let senders = 16u64;
+    let senders = args.senders.max(1);
     let mut sending = Vec::new();
     for k in 0..senders {
         let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
@@ -444,12 +455,13 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     for t in sending {
         t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
     }
+    let sent_rate = total as f64 / started.elapsed().as_secs_f64();
     // Everything sent: wait for the last deliveries (at most 10 s), then stop the clients.
     let deadline = Instant::now() + Duration::from_secs(10);
     while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    done.store(true, Ordering::Relaxed);
+    done.send_replace(true);
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
     let mut per_client = Vec::with_capacity(tasks.len());
     for t in tasks {
@@ -459,7 +471,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     }
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let mut line = format!(
-        "latency rate={}/s clients={}: enqueue→delivery p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms ({} of {total} delivered)",
+        "latency rate={}/s (sent {sent_rate:.0}/s) clients={}: enqueue→delivery p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms ({} of {total} delivered)",
         args.rate,
         args.clients,
         ms(&hist, 0.5),
@@ -498,6 +510,21 @@ async fn latency(args: &BenchArgs) -> Res<String> {
             } else {
                 " (partitions moved during the run: split approximate)"
             }
+        ));
+    }
+    // The hop itself, measured by the nodes: append durable → handed to the connections.
+    let local = handoff_buckets(&nodes, &args.api_key, "local").await?;
+    let peer = handoff_buckets(&nodes, &args.api_key, "peer").await?;
+    let q = |b: &[(f64, f64)], a: &[(f64, f64)], q: f64| {
+        bucket_quantile(b, a, q).map_or("-".to_string(), |s| format!("{:.2}", s * 1000.0))
+    };
+    if bucket_quantile(&peer_before, &peer, 0.5).is_some() {
+        line.push_str(&format!(
+            "; nodes' append→hand-off: local p50 {} ms p99 {} ms, through a peer p50 {} ms p99 {} ms",
+            q(&local_before, &local, 0.5),
+            q(&local_before, &local, 0.99),
+            q(&peer_before, &peer, 0.5),
+            q(&peer_before, &peer, 0.99),
         ));
     }
     Ok(line)
@@ -611,6 +638,77 @@ async fn idle(args: &BenchArgs) -> Res<String> {
 }
 
 /// A value from the node's `/metrics` (`None` when the node does not report it yet).
+/// The cumulative buckets `(le, count)` of the hand-off histogram for `route`, summed over
+/// `nodes`' `/metrics`.
+async fn handoff_buckets(
+    nodes: &[String],
+    api_key: &Option<String>,
+    route: &str,
+) -> Res<Vec<(f64, f64)>> {
+    let prefix = format!(
+        "{}_bucket{{route=\"{route}\",le=\"",
+        crate::metrics::HANDOFF
+    );
+    let mut sum: Vec<(f64, f64)> = Vec::new();
+    for url in nodes {
+        let mut http = Http::connect(url, api_key.clone()).await?;
+        let (_, body) = http.call("GET", "/metrics", None).await?;
+        let text = String::from_utf8_lossy(&body);
+        let mut i = 0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            let Some((le, count)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            let count: f64 = count.trim().parse().unwrap_or(0.0);
+            match sum.get_mut(i) {
+                Some(b) => b.1 += count,
+                None => sum.push((le, count)),
+            }
+            i += 1;
+        }
+    }
+    Ok(sum)
+}
+
+/// The `q` quantile of cumulative buckets (the difference of two snapshots), interpolated
+/// linearly within its bucket; None without observations.
+fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .enumerate()
+        .map(|(i, (le, n))| (*le, n - before.get(i).map_or(0.0, |b| b.1)))
+        .collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, n) in &counts {
+        if n >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let within = if n > lower.1 {
+                (rank - lower.1) / (n - lower.1)
+            } else {
+                1.0
+            };
+            return Some(lower.0 + (le - lower.0) * within);
+        }
+        lower = (le, n);
+    }
+    None
+}
+
 async fn metric(http: &mut Http, name: &str) -> Res<Option<f64>> {
     let (_, body) = http.call("GET", "/metrics", None).await?;
     let text = String::from_utf8_lossy(&body);
@@ -758,4 +856,27 @@ async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usiz
     }
     eprintln!();
     Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_quantile;
+
+    #[test]
+    fn quantiles_from_bucket_snapshots() {
+        let before = [(0.001, 10.0), (0.002, 10.0), (f64::INFINITY, 10.0)];
+        // 100 new observations: 50 under 1 ms, 40 in (1, 2] ms, 10 above 2 ms.
+        let after = [(0.001, 60.0), (0.002, 100.0), (f64::INFINITY, 110.0)];
+        let p50 = bucket_quantile(&before, &after, 0.5).unwrap();
+        assert!((p50 - 0.001).abs() < 1e-9, "{p50}");
+        let p70 = bucket_quantile(&before, &after, 0.7).unwrap();
+        assert!((p70 - 0.0015).abs() < 1e-9, "{p70}");
+        // Past the last finite bucket: its bound (a lower limit).
+        assert_eq!(bucket_quantile(&before, &after, 0.99), Some(0.002));
+        assert_eq!(
+            bucket_quantile(&after, &after, 0.5),
+            None,
+            "no observations"
+        );
+    }
 }

@@ -128,7 +128,7 @@ async fn session(
     let mut joined = shared.joined.subscribe();
     tokio::select! {
         j = joined.wait_for(|j| *j) => { j.map_err(|_| zk::Error::ClientClosed)?; }
-        e = ended(shared, &mut states) => return Err(e),
+        e = ended(shared, &mut states, false) => return Err(e),
     }
     let entry = format!("{nodes_dir}/{}", shared.me.id);
     let data = serde_json::to_vec(&shared.me).unwrap_or_default();
@@ -154,25 +154,26 @@ async fn session(
     let options = zk::LockOptions::new(zk::Acls::anyone_all());
     let latch = tokio::select! {
         l = client.lock(prefix, shared.me.id.as_bytes(), options) => Some(l?.into_owned()),
-        e = ended(shared, &mut states) => return Err(e),
+        e = ended(shared, &mut states, true) => return Err(e),
     };
     shared.leader.store(true, Ordering::SeqCst);
     tracing::info!(node = %shared.me.id, "leading the cluster");
-    let e = ended(shared, &mut states).await;
+    let e = ended(shared, &mut states, true).await;
     drop(latch);
     Err(e)
 }
 
 /// Follows the session's state until it is over (expired, closed, or refused): while the
-/// connection is lost the node is not a member (fenced); when it is back, it is again.
-async fn ended(shared: &Shared, states: &mut zk::StateWatcher) -> zk::Error {
+/// connection is lost the node is not a member (fenced); when it is back, it is again — if it
+/// has `registered` (before that, it is no member either way).
+async fn ended(shared: &Shared, states: &mut zk::StateWatcher, registered: bool) -> zk::Error {
     loop {
         let s = states.changed().await;
         if s.is_terminated() {
             shared.member.send_replace(false);
             return zk::Error::SessionExpired;
         }
-        let connected = s == zk::SessionState::SyncConnected;
+        let connected = s == zk::SessionState::SyncConnected && registered;
         if shared.member.send_replace(connected) != connected {
             if connected {
                 tracing::info!(node = %shared.me.id, "zookeeper connection back: unfenced");

@@ -210,7 +210,14 @@ impl Processor {
                 let new: Vec<(Address, u64)> =
                     added.iter().map(|b| (b.address.clone(), b.since)).collect();
                 self.router.bound(&client, &new);
-                // Report every requested binding with its real `since` (existing ones keep theirs).
+                // Report every requested binding with its real `since` (existing ones keep
+                // theirs): when all were new, `added` says it; otherwise read them back.
+                if new.len() == addresses.len() {
+                    return Ok(Outcome::Bound {
+                        added: new.len(),
+                        bindings: new,
+                    });
+                }
                 let all = self.topology.get(&client).await?;
                 let bindings = addresses
                     .iter()

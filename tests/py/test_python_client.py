@@ -68,6 +68,17 @@ class Client:
         self.events = []
         self.cond = threading.Condition()
         self.sio = socketio.Client(reconnection=False)
+        # python-engineio's threaded client runs every message handler on a thread of its own
+        # (engineio/client.py: `_trigger_event('message', ..., run_async=True)`), so two events
+        # can be recorded out of wire order (seen once in CI: versions 10, 9). The test checks
+        # the order the server sent, so message handlers run inline, in arrival order.
+        trigger = self.sio.eio._trigger_event
+
+        def inline(event, *args, **kwargs):
+            kwargs["run_async"] = False
+            return trigger(event, *args, **kwargs)
+
+        self.sio.eio._trigger_event = inline
         for name in ("session", "signal", "synced", "bound", "unbound", "gap"):
             self.sio.on(name, self._recorder(name))
         self.sio.connect(url, auth=auth or {}, transports=["websocket"], wait_timeout=10)

@@ -63,13 +63,15 @@ test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', asy
 });
 
 test('an expired range is sent as gap, then the rest', async () => {
-  const node = await startNode({ env: { SIGNALPOST_RETENTION_SECS: '1', SIGNALPOST_EXPIRY_INTERVAL_MS: '100' } });
+  // 4 s, not 1 s: Cassandra counts a TTL from the write's whole second, so with 1 s the two later
+  // messages could expire (in 0–1 s) before they are read (seen once in CI). They live ≥ 3 s now.
+  const node = await startNode({ env: { SIGNALPOST_RETENTION_SECS: '4', SIGNALPOST_EXPIRY_INTERVAL_MS: '100' } });
   const a = connect(node.url);
   const s = await a.ready;
   a.close();
   const own = `client:${s.clientId}`;
   await fill(node.url, own, 5);
-  await new Promise((r) => setTimeout(r, 2500));
+  await new Promise((r) => setTimeout(r, 4500));
   await fill(node.url, own, 2, { from: 5 });
   await waitFor(async () => (await api(node.url, 'GET', `/server/mailbox/${own}`)).body.low === 6, 5000, 'expiry');
   const b = connect(node.url, { clientId: s.clientId, resumeToken: s.resumeToken });

@@ -10,8 +10,7 @@ use crate::cassandra::Kind;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 fn unavailable(e: impl std::fmt::Display) -> PresenceError {
     PresenceError::Unavailable(format!("cassandra: {e}"))
@@ -33,8 +32,6 @@ struct Inner {
     nodes: PreparedStatement,
     add_node: PreparedStatement,
     forget_node: PreparedStatement,
-    /// Nodes this process has listed in `presence_nodes` (written once per node).
-    added: Mutex<HashSet<String>>,
 }
 
 impl CassandraPresence {
@@ -86,7 +83,6 @@ impl CassandraPresence {
                 "DELETE FROM {ks}.presence_nodes WHERE shard = 0 AND node = ?"
             ))
             .await?,
-            added: Default::default(),
             session,
         })))
     }
@@ -100,21 +96,12 @@ impl Presence for CassandraPresence {
         let (n, conn) = (seen.node.as_str(), seen.connection.as_str());
         // The node is listed first, then the row by node: a crash in between leaves a row the
         // cleanup can find.
-        let listed = i
-            .added
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(n);
-        if !listed {
-            i.session
-                .execute_unpaged(&i.add_node, (n,))
-                .await
-                .map_err(unavailable)?;
-            i.added
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(n.to_string());
-        }
+        // Listed at every connect, not once per process: a node the leader cleared after it
+        // lost its session and that came back must be listed again.
+        i.session
+            .execute_unpaged(&i.add_node, (n,))
+            .await
+            .map_err(unavailable)?;
         i.session
             .execute_unpaged(&i.insert_by_node, (n, c, conn))
             .await
@@ -195,10 +182,6 @@ impl Presence for CassandraPresence {
             .execute_unpaged(&i.forget_node, (node,))
             .await
             .map_err(unavailable)?;
-        i.added
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(node);
         Ok(entries.len() as u64)
     }
 

@@ -59,6 +59,10 @@ pub const SCHEMA: &[(&str, &str)] = &[
         "004_presence_nodes.cql",
         include_str!("../schema/004_presence_nodes.cql"),
     ),
+    (
+        "005_revoked_clients.cql",
+        include_str!("../schema/005_revoked_clients.cql"),
+    ),
 ];
 
 /// The default replication map for one local node.

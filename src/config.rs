@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// Shortest accepted secret (client token, resume and cluster secrets), in bytes.
+pub const MIN_SECRET: usize = 32;
+/// Shortest accepted API key, in bytes.
+pub const MIN_API_KEY: usize = 16;
+
 /// Which backends a node uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -36,10 +41,18 @@ pub struct Config {
     pub retention_secs: u64,
     /// How often the expiry task runs, in milliseconds.
     pub expiry_interval_ms: u64,
-    /// When set, every `/server/*` call needs `Authorization: Bearer <api_key>`.
+    /// When set, every `/server/*` call needs `Authorization: Bearer <api_key>` (at least 16 bytes).
     pub api_key: Option<String>,
-    /// HS256 secret for client JWTs (`auth.token`). When set, tokens that are given are checked.
+    /// Start on a non-loopback `listen` address without an `api_key` (refused otherwise).
+    pub insecure: bool,
+    /// The secret nodes of a cluster prove to each other (HMAC of every node-to-node request);
+    /// required by the cluster backend, at least 32 bytes.
+    pub cluster_secret: Option<String>,
+    /// HS256 secret for client JWTs (`auth.token`), at least 32 bytes. When set, tokens that
+    /// are given are checked.
     pub client_token_secret: Option<String>,
+    /// A PEM file with the RS256 or ES256 public key of client JWTs (instead of the HS256 secret).
+    pub client_token_public_key: Option<PathBuf>,
     /// Refuse connections without a valid client JWT (needs `client_token_secret`).
     pub require_client_token: bool,
     /// Secret for resume tokens (default: generated and kept in the data dir).
@@ -50,6 +63,32 @@ pub struct Config {
     pub max_batch: usize,
     /// Most Socket.IO connections this node accepts.
     pub max_connections: usize,
+    /// Most HTTP connections open at once (Socket.IO connections included); more wait in the
+    /// kernel's accept queue.
+    pub max_http_connections: usize,
+    /// Largest HTTP request body, in bytes (refused with 413 while it is read).
+    pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers, and each chunk of its body.
+    pub http_read_timeout_ms: u64,
+    /// Most bindings one client may hold (a bind past it is refused with the reason).
+    pub max_bindings_per_client: usize,
+    /// Most Socket.IO connections of one user (JWT `sub`) in the cluster; the oldest is kicked
+    /// when one more connects. 0: no quota.
+    pub max_connections_per_user: usize,
+    /// Socket.IO handshakes accepted per client IP address per second (0: no limit).
+    pub connect_rate_per_ip: u32,
+    /// Events a connection may send per second (acks, refresh, …); past it they are refused
+    /// with an `error` event, and a connection that keeps flooding is closed (0: no limit).
+    pub event_rate_per_connection: u32,
+    /// Origins whose pages may connect (CORS on the Socket.IO endpoint): a list, or `["*"]`.
+    pub cors_origins: Vec<String>,
+    /// PEM certificate chain; with `tls_key` the listener speaks HTTPS and WSS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM certificates a node trusts when it calls other nodes over HTTPS (default: `tls_cert`,
+    /// which works when it holds the CA or every node shares it).
+    pub tls_ca: Option<PathBuf>,
     /// Messages read from the mailbox per replay page.
     pub replay_page: usize,
     /// Most messages appended in one storage batch.
@@ -88,12 +127,26 @@ impl Default for Config {
             retention_secs: 30 * 24 * 3600,
             expiry_interval_ms: 60_000,
             api_key: None,
+            insecure: false,
+            cluster_secret: None,
             client_token_secret: None,
+            client_token_public_key: None,
             require_client_token: false,
             resume_secret: None,
             max_payload_bytes: 64 * 1024,
             max_batch: 1000,
             max_connections: 100_000,
+            max_http_connections: 110_000,
+            max_body_bytes: 4 << 20,
+            http_read_timeout_ms: 10_000,
+            max_bindings_per_client: 1000,
+            max_connections_per_user: 0,
+            connect_rate_per_ip: 1000,
+            event_rate_per_connection: 1000,
+            cors_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
             replay_page: 512,
             append_batch: 4096,
             cassandra: "127.0.0.1:9042".into(),
@@ -169,8 +222,62 @@ impl Config {
         if self.retention_secs == 0 {
             return bad("retention_secs must be at least 1");
         }
-        if self.require_client_token && self.client_token_secret.is_none() {
-            return bad("require_client_token needs client_token_secret");
+        if self.require_client_token
+            && self.client_token_secret.is_none()
+            && self.client_token_public_key.is_none()
+        {
+            return bad(
+                "require_client_token needs client_token_secret or client_token_public_key",
+            );
+        }
+        if self.client_token_secret.is_some() && self.client_token_public_key.is_some() {
+            return bad(
+                "set client_token_secret (HS256) or client_token_public_key (RS256/ES256), not both",
+            );
+        }
+        for (name, value, min) in [
+            ("api_key", &self.api_key, MIN_API_KEY),
+            ("client_token_secret", &self.client_token_secret, MIN_SECRET),
+            ("resume_secret", &self.resume_secret, MIN_SECRET),
+            ("cluster_secret", &self.cluster_secret, MIN_SECRET),
+        ] {
+            if let Some(v) = value
+                && v.len() < min
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} is {} bytes; it must be at least {min} (e.g. `openssl rand -hex 32`)",
+                    v.len()
+                )));
+            }
+        }
+        if self.backend == Backend::Cluster && self.cluster_secret.is_none() {
+            return bad(
+                "the cluster backend needs cluster_secret (SIGNALPOST_CLUSTER_SECRET, the same on every node, at least 32 bytes): nodes prove it to each other",
+            );
+        }
+        if !self.listen.ip().is_loopback() && self.api_key.is_none() && !self.insecure {
+            return Err(ConfigError::Invalid(format!(
+                "listening on {} (not a loopback address) without an api_key would let anyone on the network use the server API; set api_key (SIGNALPOST_API_KEY), or insecure = true (SIGNALPOST_INSECURE=true) to do it anyway",
+                self.listen
+            )));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert and tls_key go together");
+        }
+        if self.max_http_connections < 1
+            || self.max_body_bytes < 1024
+            || self.http_read_timeout_ms < 100
+        {
+            return bad(
+                "max_http_connections must be positive, max_body_bytes at least 1024 and http_read_timeout_ms at least 100",
+            );
+        }
+        for o in &self.cors_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "cors_origins: {o:?} is not an origin (scheme://host[:port]) or \"*\""
+                )));
+            }
         }
         if self.max_payload_bytes == 0
             || self.max_batch == 0
@@ -183,9 +290,6 @@ impl Config {
         }
         if !self.zookeeper_root.starts_with('/') || self.zookeeper_root.len() < 2 {
             return bad("zookeeper_root must be an absolute path such as /signalpost");
-        }
-        if self.api_key.as_deref() == Some("") {
-            return bad("api_key must not be empty");
         }
         Ok(())
     }
@@ -205,9 +309,9 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
                 "c.toml",
-                "listen = \"127.0.0.1:1\"\nretention_secs = 5\napi_key = \"file\"\n",
+                "listen = \"127.0.0.1:1\"\nretention_secs = 5\napi_key = \"file-key-0123456789\"\n",
             )?;
-            jail.set_env("SIGNALPOST_API_KEY", "env");
+            jail.set_env("SIGNALPOST_API_KEY", "env-key-0123456789");
             jail.set_env("SIGNALPOST_LISTEN", "127.0.0.1:2");
             jail.set_env("SIGNALPOST_URL", "http://ignored");
             let flags = Overrides {
@@ -216,7 +320,11 @@ mod tests {
             };
             let c = Config::load(Some(Path::new("c.toml")), &flags).unwrap();
             assert_eq!(c.retention_secs, 5, "file beats default");
-            assert_eq!(c.api_key.as_deref(), Some("env"), "env beats file");
+            assert_eq!(
+                c.api_key.as_deref(),
+                Some("env-key-0123456789"),
+                "env beats file"
+            );
             assert_eq!(c.listen.port(), 3, "flag beats env");
             let c = Config::load(Some(Path::new("c.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.listen.port(), 2);
@@ -236,6 +344,38 @@ mod tests {
             jail.set_env("SIGNALPOST_REQUIRE_CLIENT_TOKEN", "true");
             let e = Config::load(None, &Overrides::default()).unwrap_err();
             assert!(e.to_string().contains("client_token_secret"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unsafe_settings_are_refused_with_the_reason() {
+        let refused = |env: &[(&str, &str)], want: &str| {
+            figment::Jail::expect_with(|jail| {
+                for (k, v) in env {
+                    jail.set_env(format!("SIGNALPOST_{k}"), v);
+                }
+                let e = Config::load(None, &Overrides::default())
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(want), "{env:?}: {e}");
+                Ok(())
+            });
+        };
+        refused(&[("API_KEY", "short")], "api_key is 5 bytes");
+        refused(
+            &[("CLIENT_TOKEN_SECRET", "")],
+            "client_token_secret is 0 bytes",
+        );
+        refused(&[("RESUME_SECRET", "x")], "resume_secret is 1 bytes");
+        refused(&[("BACKEND", "cluster")], "needs cluster_secret");
+        refused(&[("LISTEN", "0.0.0.0:0")], "not a loopback address");
+        refused(&[("TLS_CERT", "/x.pem")], "go together");
+        refused(&[("CORS_ORIGINS", "[\"example.com\"]")], "not an origin");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SIGNALPOST_LISTEN", "0.0.0.0:0");
+            jail.set_env("SIGNALPOST_INSECURE", "true");
+            assert!(Config::load(None, &Overrides::default()).is_ok());
             Ok(())
         });
     }

@@ -8,7 +8,7 @@
 //! - [`ingest`]: the operations queue and the processor that applies them;
 //! - [`routing`]: from appended messages to local connections;
 //! - [`gateway`]: Socket.IO (handshake, resume, replay, live delivery, acks);
-//! - [`api`]: the HTTP server API; [`console`]: the page;
+//! - [`api`]: the HTTP server API; [`console`]: the page; [`listener`]: TLS, caps, timeouts;
 //! - [`node`]: builds it all from [`config`] and drains it; [`security`], [`metrics`];
 //! - [`tools`]: the command-line clients (`bench`, …) that drive a node from outside.
 
@@ -20,6 +20,7 @@ pub mod config;
 pub mod console;
 pub mod gateway;
 pub mod ingest;
+pub mod listener;
 pub mod mailbox;
 pub mod metrics;
 pub mod node;

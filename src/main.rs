@@ -123,13 +123,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref(), &flags)?;
     let data_dir = config.data_dir.clone();
     let node = Node::build(config).await?;
-    let addr = node.local_addr();
+    let url = node.url();
     let id = node.services().node_id.clone();
     println!(
-        "signalpost node {id} listening on http://{addr} (data in {})",
+        "signalpost node {id} listening on {url} (data in {})",
         data_dir.display()
     );
-    println!("open http://{addr}/ in a browser to try it");
+    println!("open {url}/ in a browser to try it");
     node.run(shutdown_signal()).await?;
     Ok(())
 }

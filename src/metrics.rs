@@ -53,6 +53,12 @@ pub struct Metrics {
     /// what a hop between nodes costs. One observation per message with local connections.
     pub handoff_local: Histogram,
     pub handoff_peer: Histogram,
+    /// Client events refused for their connection's rate.
+    pub events_refused: Counter,
+    /// Connections closed with `kicked` (kick, quota, token expiry, flood).
+    pub kicked: Counter,
+    /// Node-to-node requests refused (bad signature, replay, not a member).
+    pub peer_refused: Counter,
 }
 
 impl Metrics {
@@ -107,6 +113,9 @@ impl Metrics {
             from_peers: metrics::counter!("signalpost_from_peers_total"),
             handoff_local: metrics::histogram!(HANDOFF, "route" => "local"),
             handoff_peer: metrics::histogram!(HANDOFF, "route" => "peer"),
+            events_refused: metrics::counter!("signalpost_events_refused_total"),
+            kicked: metrics::counter!("signalpost_kicked_total"),
+            peer_refused: metrics::counter!("signalpost_peer_requests_refused_total"),
         }
     }
 

@@ -5,6 +5,7 @@
 use crate::cluster::zookeeper::ZkMembership;
 use crate::cluster::{Membership, NodeInfo, Standalone};
 use crate::config::{Backend, Config};
+use crate::gateway::Gate;
 use crate::gateway::acks::AckWriter;
 use crate::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
 use crate::ingest::local::LocalQueue;
@@ -17,7 +18,7 @@ use crate::presence::cassandra::CassandraPresence;
 use crate::presence::{MemoryPresence, Presence};
 use crate::routing::Router;
 use crate::routing::peers::Peers;
-use crate::security::{Credentials, load_or_create_secret};
+use crate::security::{Credentials, PeerAuth, TokenKey, load_or_create_secret};
 use crate::topology::cassandra::CassandraTopology;
 use crate::topology::embedded::EmbeddedTopology;
 use crate::topology::{Cursors, Topology};
@@ -45,6 +46,10 @@ pub struct Services {
     pub credentials: Credentials,
     pub metrics: Metrics,
     pub acks: Arc<AckWriter>,
+    /// Connections by client and user (kicks, quotas) and the handshake rate per IP.
+    pub gate: Gate,
+    /// Signs and checks node-to-node requests (the cluster secret).
+    pub peer_auth: Arc<PeerAuth>,
     /// Open Socket.IO connections on this node.
     pub connections: AtomicUsize,
     /// Set once shutdown began: new work is refused.
@@ -79,12 +84,17 @@ pub enum NodeError {
     Backend(String),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::listener::TlsError),
+    #[error("client tokens: {0}")]
+    Tokens(String),
 }
 
 /// A built node, listening, not yet serving.
 pub struct Node {
     svc: Arc<Services>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
 }
 
@@ -103,16 +113,42 @@ impl Node {
             Some(id) => id.clone(),
             None => node_id_in(&dir).map_err(data_err)?,
         };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::listener::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let token_key = match (&config.client_token_secret, &config.client_token_public_key) {
+            (Some(s), _) => Some(TokenKey::Secret(s.clone())),
+            (None, Some(path)) => {
+                Some(TokenKey::PublicPem(std::fs::read(path).map_err(|e| {
+                    NodeError::Tokens(format!("reading {}: {e}", path.display()))
+                })?))
+            }
+            (None, None) => None,
+        };
+        let credentials = Credentials::new(
+            &resume_secret,
+            token_key,
+            config.require_client_token,
+            config.retention_ms(),
+        )
+        .map_err(NodeError::Tokens)?;
+        let peer_auth = Arc::new(PeerAuth::new(&match &config.cluster_secret {
+            Some(s) => s.clone().into_bytes(),
+            // A single node serves no node-to-node route; nothing is ever checked with this.
+            None => uuid::Uuid::new_v4().as_bytes().to_vec(),
+        }));
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| NodeError::Listen(config.listen, e))?;
         let addr = listener
             .local_addr()
             .map_err(|e| NodeError::Listen(config.listen, e))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let advertised = config
             .advertise_url
             .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{addr}"));
         let metrics = Metrics::install();
         let topics = Topics::with_prefix(&config.kafka_topic_prefix);
         let me = NodeInfo {
@@ -163,6 +199,7 @@ impl Node {
             topology: stores.topology.clone(),
             router: router.clone(),
             metrics: metrics.clone(),
+            max_bindings: config.max_bindings_per_client,
         });
         let queue: Arc<dyn Queue> = match config.backend {
             Backend::Embedded => Arc::new(LocalQueue::start(processor, config.append_batch)),
@@ -194,9 +231,15 @@ impl Node {
             presence,
         } = stores;
         let peers = Peers::new(
-            &node_id,
-            &advertised,
-            config.api_key.clone(),
+            crate::routing::peers::Me {
+                node: node_id.clone(),
+                url: advertised.clone(),
+                auth: peer_auth.clone(),
+                tls: match config.tls_ca.as_ref().or(config.tls_cert.as_ref()) {
+                    Some(ca) if tls.is_some() => Some(crate::listener::tls_connector(ca)?),
+                    _ => None,
+                },
+            },
             router.clone(),
             mailbox.clone(),
             membership.clone(),
@@ -209,11 +252,9 @@ impl Node {
         }
         let svc = Arc::new(Services {
             peers,
-            credentials: Credentials::new(
-                &resume_secret,
-                config.client_token_secret.as_deref(),
-                config.require_client_token,
-            ),
+            credentials,
+            gate: Gate::new(config.connect_rate_per_ip),
+            peer_auth,
             node_id,
             mailbox,
             topology,
@@ -230,14 +271,22 @@ impl Node {
         });
         spawn_expiry(svc.clone());
         spawn_cleanup(svc.clone());
+        spawn_gate_sweep(svc.clone());
         if let Some(zk) = zk {
             zk.join();
         }
         Ok(Self {
             svc,
             listener,
+            tls,
             addr,
         })
+    }
+
+    /// The URL the node serves at (`https://` with TLS).
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The address the node really listens on (after port 0 was resolved).
@@ -256,12 +305,16 @@ impl Node {
     ) -> Result<(), NodeError> {
         let svc = self.svc.clone();
         let (layer, io) = crate::gateway::build(svc.clone());
-        let app =
-            crate::api::routes(svc.clone())
-                .layer(layer)
-                .layer(axum::middleware::map_request(
-                    crate::gateway::detach_request,
-                ));
+        let app = crate::api::routes(svc.clone())
+            .layer(layer)
+            .layer(axum::middleware::map_request(
+                crate::gateway::detach_request,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::<[String]>::from(svc.config.cors_origins.clone()),
+                crate::gateway::ws_origin_guard,
+            ))
+            .layer(crate::gateway::cors(&svc.config.cors_origins));
         let drain_io = io.clone();
         let svc2 = svc.clone();
         let signal = async move {
@@ -271,8 +324,11 @@ impl Node {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             drain_io.close().await;
         };
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(signal)
+        let limits = crate::listener::Limits {
+            max_connections: svc.config.max_http_connections,
+            read_timeout: Duration::from_millis(svc.config.http_read_timeout_ms),
+        };
+        crate::listener::serve(self.listener, self.tls, limits, app, signal)
             .await
             .map_err(NodeError::Serve)?;
         svc.queue.drain().await;
@@ -397,6 +453,31 @@ fn spawn_cleanup(svc: Arc<Services>) {
                     }
                     Err(e) => tracing::warn!(error = %e, %node, "cleanup failed; will retry"),
                 }
+            }
+        }
+    });
+}
+
+/// Now and then: forgets the handshake allowance of IPs that are quiet again (the per-IP map
+/// would grow), and gives connections open for half the retention a fresh resume token (a
+/// token expires with the retention).
+fn spawn_gate_sweep(svc: Arc<Services>) {
+    let retention = svc.config.retention_ms();
+    let every = Duration::from_millis((retention / 4).clamp(250, 3_600_000));
+    let weak = Arc::downgrade(&svc);
+    drop(svc);
+    tokio::spawn(async move {
+        let mut last_ip_sweep = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(every.min(Duration::from_secs(10))).await;
+            let Some(svc) = weak.upgrade() else { return };
+            if last_ip_sweep.elapsed() >= Duration::from_secs(10) {
+                svc.gate.sweep();
+                last_ip_sweep = std::time::Instant::now();
+            }
+            let now = crate::mailbox::now_ms();
+            for conn in svc.gate.registry.all() {
+                conn.renew_resume_token(now, retention / 2);
             }
         }
     });

@@ -4,6 +4,8 @@
 //! map every failure to a status with `{ "error": "<reason>" }` ([`ApiError`]).
 
 mod errors;
+mod internal;
+pub mod kick;
 mod read;
 
 pub use errors::ApiError;
@@ -28,25 +30,28 @@ use std::time::Duration;
 /// How long `connect`/`disconnect` wait for the bindings to be durable before answering 503.
 const BIND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest request target (path and query) the API takes.
+const MAX_URI: usize = 8 * 1024;
+/// Most bytes of request headers the API takes.
+const MAX_HEADERS: usize = 16 * 1024;
+
 /// The node's HTTP routes (the Socket.IO layer is added by the node).
 pub fn routes(svc: Arc<Services>) -> Router {
-    let limit = svc
-        .config
-        .max_payload_bytes
-        .saturating_mul(svc.config.max_batch)
-        .clamp(1 << 20, 256 << 20);
-    let server = Router::new()
+    let mut server = Router::new()
         .route("/server/enqueue", post(enqueue))
         .route("/server/connect", post(connect))
         .route("/server/disconnect", post(disconnect))
+        .route("/server/kick", post(kick::kick))
         .route("/server/mailbox/{address}", get(read::mailbox))
         .route("/server/clients/{client}", get(read::client))
         .route("/server/presence/{address}", get(read::presence))
         .route("/server/nodes", get(read::nodes))
-        .route("/internal/want", post(internal_want))
-        .route("/internal/deliver", post(internal_deliver))
         .fallback(|| async { ApiError::NotFound("no such /server endpoint".into()) })
         .layer(middleware::from_fn_with_state(svc.clone(), require_api_key));
+    // Node-to-node routes exist only where there are other nodes.
+    if svc.config.backend == crate::config::Backend::Cluster {
+        server = server.merge(internal::routes(svc.clone()));
+    }
     Router::new()
         .merge(server)
         .route("/healthz", get(read::healthz))
@@ -62,8 +67,70 @@ pub fn routes(svc: Arc<Services>) -> Router {
         .route("/", get(crate::console::page))
         .route("/console.js", get(crate::console::script))
         .route("/socket.io.min.js", get(crate::console::socketio_client))
-        .layer(DefaultBodyLimit::max(limit))
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("method not allowed on this endpoint".into())
+        })
+        .layer(DefaultBodyLimit::max(svc.config.max_body_bytes))
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(head_limits))
         .with_state(svc)
+}
+
+/// Refuses request targets and header blocks past the API's limits, with a JSON reason.
+async fn head_limits(req: Request, next: Next) -> Response {
+    let uri = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri > MAX_URI {
+        return ApiError::UriTooLong(format!(
+            "the request target is {uri} bytes, over the limit of {MAX_URI}"
+        ))
+        .into_response();
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > MAX_HEADERS {
+        return ApiError::HeadersTooLarge(format!(
+            "the request headers are {headers} bytes, over the limit of {MAX_HEADERS}"
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Gives every error answer a JSON body `{ "error": "<reason>" }`: the API's own errors have
+/// one already; those of the framework (a rejected extractor, a body over the limit, a body read
+/// that timed out) get their text as the reason.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let reason = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_string()
+    } else {
+        text
+    };
+    let mut res = (status, Json(json!({ "error": reason }))).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            res.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    res
 }
 
 async fn require_api_key(
@@ -136,6 +203,7 @@ async fn enqueue(
     for (id, r) in ids.iter().zip(results) {
         match (r, wait) {
             (Err(e), _) => return Err(e.into()),
+            (Ok(Outcome::Refused(reason)), _) => return Err(ApiError::BadRequest(reason)),
             (Ok(Outcome::Appended(a)), true) => out.push(
                 json!({ "id": id, "address": a.message.address, "version": a.message.version }),
             ),
@@ -199,6 +267,7 @@ async fn change_bindings(
                 .collect();
             Ok(Json(json!({ "client": client, "bound": b })))
         }
+        Some(Ok(Outcome::Refused(reason))) => Err(ApiError::BadRequest(reason)),
         Some(Ok(Outcome::Unbound { removed })) => {
             let u: Vec<&Address> = removed.iter().map(|(a, _)| a).collect();
             Ok(Json(json!({ "client": client, "unbound": u })))
@@ -225,27 +294,4 @@ async fn publish(
             .map_err(|_| IngestError::Timeout(t.as_secs()))?
             .map_err(Into::into),
     }
-}
-
-/// `POST /internal/want`: another node's interests ([`crate::routing::peers`]).
-async fn internal_want(
-    State(svc): State<Arc<Services>>,
-    body: Bytes,
-) -> Result<StatusCode, ApiError> {
-    let want: crate::routing::peers::Want = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid want: {e}")))?;
-    Ok(StatusCode::from_u16(svc.peers.on_want(want)).unwrap_or(StatusCode::CONFLICT))
-}
-
-/// `POST /internal/deliver`: messages, binding changes or an answer from another node.
-async fn internal_deliver(
-    State(svc): State<Arc<Services>>,
-    body: Bytes,
-) -> Result<StatusCode, ApiError> {
-    let frames: Vec<crate::routing::peers::Deliver> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid delivery: {e}")))?;
-    for frame in frames {
-        svc.peers.on_deliver(frame);
-    }
-    Ok(StatusCode::OK)
 }

@@ -17,8 +17,12 @@ use serde_json::json;
 use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
+
+/// How long a kicked connection stays open after `kicked` was queued, for the event to leave.
+const KICK_CLOSE_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -62,8 +66,23 @@ enum Emit {
 
 /// A connection as the router and the gateway see it.
 pub struct Conn {
+    /// A random id of this node's own (never the Engine.IO session id, which lets whoever
+    /// knows it poll the session).
     id: String,
     client: ClientId,
+    /// The user of the JWT it connected with.
+    user: Option<String>,
+    /// When its token expires (ms since epoch; `u64::MAX` without a token); `refresh` moves it.
+    expires_ms: AtomicU64,
+    /// When it connected (ms since epoch).
+    since: u64,
+    /// Events it may send (acks, refresh, …), when limited; and how many were refused.
+    events: Option<governor::DefaultDirectRateLimiter>,
+    refused: AtomicU32,
+    /// When the resume token it holds was issued (ms since epoch).
+    token_issued_ms: AtomicU64,
+    /// Set by the first kick: its events are dropped, and it closes shortly.
+    kicked: std::sync::atomic::AtomicBool,
     svc: Arc<Services>,
     me: Weak<Conn>,
     state: Mutex<State>,
@@ -83,9 +102,12 @@ impl Conn {
     pub fn new(
         svc: Arc<Services>,
         socket: SocketRef,
-        client: ClientId,
+        id: &super::handshake::Identity,
         own_cursor: u64,
     ) -> Arc<Self> {
+        let client = id.client.clone();
+        let events = std::num::NonZeroU32::new(svc.config.event_rate_per_connection)
+            .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
         let own = Address::of_client(&client);
         let mut tracks = HashMap::new();
         tracks.insert(
@@ -96,8 +118,15 @@ impl Conn {
             },
         );
         Arc::new_cyclic(|me| Conn {
-            id: socket.id.to_string(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
             client,
+            user: id.user.as_ref().map(|u| u.id.clone()),
+            expires_ms: AtomicU64::new(id.user.as_ref().map_or(u64::MAX, |u| u.expires_ms)),
+            since: crate::mailbox::now_ms(),
+            events,
+            refused: AtomicU32::new(0),
+            kicked: Default::default(),
+            token_issued_ms: AtomicU64::new(crate::mailbox::now_ms()),
             svc,
             me: me.clone(),
             state: Mutex::new(State {
@@ -114,6 +143,97 @@ impl Conn {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user of the JWT it connected with.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// When it connected (ms since epoch).
+    pub fn since(&self) -> u64 {
+        self.since
+    }
+
+    /// When its token expires (ms since epoch; `u64::MAX` without one).
+    pub fn expires_ms(&self) -> u64 {
+        self.expires_ms.load(Ordering::SeqCst)
+    }
+
+    /// A `refresh` with a valid token for the same user moved the expiry.
+    pub fn refreshed(&self, expires_ms: u64) {
+        self.expires_ms.store(expires_ms, Ordering::SeqCst);
+    }
+
+    /// Whether one more event from the client is within its rate: `Ok`, or `Err(first)` when it
+    /// is refused (`first` for the first refusal, which the client is told about; a flood
+    /// is not answered event by event). A connection that sends a whole second's worth more
+    /// than its rate is closed (`kicked` `flood`).
+    pub fn allow_event(&self) -> Result<(), bool> {
+        if self.kicked.load(Ordering::SeqCst) {
+            return Err(false);
+        }
+        let Some(limiter) = &self.events else {
+            return Ok(());
+        };
+        if limiter.check().is_ok() {
+            return Ok(());
+        }
+        self.svc.metrics.events_refused.increment(1);
+        let refused = self.refused.fetch_add(1, Ordering::SeqCst) + 1;
+        if refused >= self.svc.config.event_rate_per_connection {
+            self.kick("flood: too many events");
+        }
+        Err(refused == 1)
+    }
+
+    /// Sends a fresh resume token (`resumeToken` `{resumeToken}`) when the one the client holds
+    /// was issued more than `older_than_ms` ago, so that a connection that stays open longer
+    /// than the retention can still resume once it drops.
+    pub fn renew_resume_token(&self, now_ms: u64, older_than_ms: u64) {
+        let issued = self.token_issued_ms.load(Ordering::SeqCst);
+        if now_ms.saturating_sub(issued) <= older_than_ms {
+            return;
+        }
+        let socket = {
+            let st = self.lock();
+            if st.phase == Phase::Closed {
+                return;
+            }
+            st.socket.clone()
+        };
+        let Some(socket) = socket else { return };
+        let token = self
+            .svc
+            .credentials
+            .resume_token(&self.client, self.user(), now_ms);
+        if socket
+            .emit("resumeToken", &json!({ "resumeToken": token }))
+            .is_ok()
+        {
+            self.token_issued_ms.store(now_ms, Ordering::SeqCst);
+        }
+    }
+
+    /// Sends `kicked` `{reason}` and closes the connection; false when it was closed or kicked
+    /// already. The close follows the event after a moment ([`KICK_CLOSE_DELAY`]): closing at
+    /// once can drop the event still in the socket's buffer.
+    pub fn kick(&self, reason: &str) -> bool {
+        let socket = {
+            let st = self.lock();
+            if st.phase == Phase::Closed || self.kicked.swap(true, Ordering::SeqCst) {
+                return false;
+            }
+            st.socket.clone()
+        };
+        let Some(socket) = socket else { return false };
+        self.svc.metrics.kicked.increment(1);
+        let _ = socket.emit("kicked", &json!({ "reason": reason }));
+        tokio::spawn(async move {
+            tokio::time::sleep(KICK_CLOSE_DELAY).await;
+            let _ = socket.disconnect();
+        });
+        true
     }
 
     /// Adds the client's bindings found at connect (skipping any unbound meanwhile).

@@ -3,7 +3,7 @@
 //! `connect_error`.
 
 use crate::address::{Address, ClientId};
-use crate::security::{AuthError, Credentials};
+use crate::security::{AuthError, Credentials, User};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -12,14 +12,18 @@ use std::collections::HashMap;
 pub struct Identity {
     pub client: ClientId,
     pub resumed: bool,
-    /// The JWT's `sub`, when a valid token was given.
-    pub user: Option<String>,
+    /// The JWT's user, when a valid token was given.
+    pub user: Option<User>,
     /// `auth.cursors`, validated.
     pub cursors: HashMap<Address, u64>,
 }
 
 /// Parses and checks the `auth` object.
-pub fn identify(auth: Option<&Value>, creds: &Credentials) -> Result<Identity, AuthError> {
+pub fn identify(
+    auth: Option<&Value>,
+    creds: &Credentials,
+    now_ms: u64,
+) -> Result<Identity, AuthError> {
     let empty = serde_json::Map::new();
     let obj = match auth {
         None | Some(Value::Null) => &empty,
@@ -38,7 +42,7 @@ pub fn identify(auth: Option<&Value>, creds: &Credentials) -> Result<Identity, A
         (Some(id), Some(token)) => {
             let id = ClientId::parse(id)
                 .map_err(|e| AuthError::BadAuth(format!("auth.clientId: {e}")))?;
-            creds.check_resume(&id, token)?;
+            creds.check_resume(&id, user.as_ref().map(|u| u.id.as_str()), token, now_ms)?;
             Some(id)
         }
         (Some(_), None) => {
@@ -82,12 +86,12 @@ mod tests {
 
     #[test]
     fn new_and_resumed_clients() {
-        let creds = Credentials::new(b"secret", None, false);
-        let fresh = identify(None, &creds).unwrap();
+        let creds = Credentials::new(b"secret", None, false, 1000).unwrap();
+        let fresh = identify(None, &creds, 0).unwrap();
         assert!(!fresh.resumed);
-        let token = creds.resume_token(&fresh.client);
+        let token = creds.resume_token(&fresh.client, None, 0);
         let auth = json!({"clientId": fresh.client.as_str(), "resumeToken": token, "cursors": {"channel:a": 4}});
-        let back = identify(Some(&auth), &creds).unwrap();
+        let back = identify(Some(&auth), &creds, 0).unwrap();
         assert!(back.resumed);
         assert_eq!(back.client, fresh.client);
         assert_eq!(back.cursors[&Address::parse("channel:a").unwrap()], 4);
@@ -95,7 +99,7 @@ mod tests {
 
     #[test]
     fn refusals_say_why() {
-        let creds = Credentials::new(b"secret", None, false);
+        let creds = Credentials::new(b"secret", None, false, 1000).unwrap();
         let cases = [
             (json!("x"), "auth must be an object"),
             (
@@ -112,7 +116,7 @@ mod tests {
             (json!({"cursors": {"channel:a": -1}}), "non-negative"),
         ];
         for (auth, want) in cases {
-            let e = identify(Some(&auth), &creds).unwrap_err().to_string();
+            let e = identify(Some(&auth), &creds, 0).unwrap_err().to_string();
             assert!(e.contains(want), "{auth}: {e}");
         }
     }

@@ -6,18 +6,25 @@
 
 pub mod acks;
 pub mod conn;
+mod events;
 pub mod handshake;
+mod quota;
+pub mod registry;
 
 use crate::address::Address;
 use crate::node::Services;
 use crate::presence::Seen;
 use crate::routing::Subscriber;
+use crate::security::AuthError;
+use axum::extract::ConnectInfo;
+use axum::response::IntoResponse;
 use conn::Conn;
 use handshake::Identity;
 use serde_json::{Value, json};
 use socketioxide::SocketIo;
 use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -65,6 +72,31 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// What the gateway keeps beside the connections themselves: who is connected (for kicks and
+/// quotas) and the handshakes per client IP.
+pub struct Gate {
+    pub registry: registry::Registry,
+    per_ip: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl Gate {
+    pub fn new(connects_per_ip: u32) -> Self {
+        Self {
+            registry: Default::default(),
+            per_ip: std::num::NonZeroU32::new(connects_per_ip)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_second(n))),
+        }
+    }
+
+    /// Forgets IPs whose allowance is full again (run now and then: the map grows per IP).
+    pub fn sweep(&self) {
+        if let Some(l) = &self.per_ip {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+}
+
 async fn authenticate(
     s: SocketRef,
     TryData(auth): TryData<Value>,
@@ -77,6 +109,17 @@ async fn authenticate(
     if svc.draining.load(Ordering::SeqCst) {
         return refuse("the node is shutting down; connect to another node".into());
     }
+    if let (Some(limiter), Some(ConnectInfo(peer))) = (
+        &svc.gate.per_ip,
+        s.req_parts().extensions.get::<ConnectInfo<SocketAddr>>(),
+    ) && limiter.check_key(&peer.ip()).is_err()
+    {
+        return refuse(format!(
+            "too many connections from {} (limit {} per second); retry later",
+            peer.ip(),
+            svc.config.connect_rate_per_ip
+        ));
+    }
     if svc.connections.load(Ordering::SeqCst) >= svc.config.max_connections {
         return refuse(format!(
             "too many connections on this node (limit {})",
@@ -87,13 +130,19 @@ async fn authenticate(
         Ok(v) => v,
         Err(e) => return refuse(format!("auth must be a JSON object: {e}")),
     };
-    match handshake::identify(Some(&auth), &svc.credentials) {
-        Ok(id) => {
-            s.extensions.insert(id);
-            Ok(())
+    let id = match handshake::identify(Some(&auth), &svc.credentials, crate::mailbox::now_ms()) {
+        Ok(id) => id,
+        Err(e) => return refuse(e.to_string()),
+    };
+    if id.resumed {
+        match svc.topology.revoked(&id.client).await {
+            Ok(false) => {}
+            Ok(true) => return refuse(AuthError::Revoked.to_string()),
+            Err(e) => return refuse(format!("cannot check the client now: {e}")),
         }
-        Err(e) => refuse(e.to_string()),
     }
+    s.extensions.insert(id);
+    Ok(())
 }
 
 async fn on_connect(
@@ -128,11 +177,12 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), 
             .copied()
             .unwrap_or(default)
     };
-    let conn = Conn::new(svc.clone(), s.clone(), id.client.clone(), start(&own, 0));
+    let conn = Conn::new(svc.clone(), s.clone(), id, start(&own, 0));
     let sub: Arc<dyn Subscriber> = conn.clone();
     // Register before reading bindings and heads: whatever changes meanwhile reaches the conn.
     svc.router.register(sub.clone());
     svc.router.subscribe(&sub, std::slice::from_ref(&own));
+    svc.gate.registry.add(&conn);
     {
         let (c1, svc2) = (conn.clone(), svc.clone());
         s.on_disconnect(async move || cleanup(&c1, &svc2).await);
@@ -142,23 +192,7 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), 
         cleanup(&conn, svc).await;
         return Ok(());
     }
-    {
-        let (c, svc2) = (conn.clone(), svc.clone());
-        s.on("ack", async move |s: SocketRef, TryData(data): TryData<Value>| {
-            match parse_ack(data.ok()) {
-                Ok((address, version)) if c.receives(&address) => {
-                    svc2.metrics.acks.increment(1);
-                    svc2.acks.ack(c.client().clone(), address, version);
-                }
-                Ok((address, _)) => {
-                    let _ = s.emit("error", &json!({ "message": format!("ack for {address}, which this client does not receive") }));
-                }
-                Err(m) => {
-                    let _ = s.emit("error", &json!({ "message": m }));
-                }
-            }
-        });
-    }
+    events::listen(s, &conn, svc);
     let bindings = svc
         .topology
         .get(&id.client)
@@ -186,30 +220,38 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), 
     let seen = Seen {
         node: svc.node_id.clone(),
         connection: conn.id().to_string(),
-        since: crate::mailbox::now_ms(),
+        since: conn.since(),
     };
     svc.presence
         .connected(&id.client, seen)
         .await
         .map_err(|e| e.to_string())?;
     let bound: Vec<&Address> = addrs.iter().filter(|a| **a != own).collect();
+    let user = id.user.as_ref().map(|u| u.id.as_str());
     let mut session = json!({
         "clientId": id.client,
-        "resumeToken": svc.credentials.resume_token(&id.client),
+        "resumeToken": svc.credentials.resume_token(&id.client, user, crate::mailbox::now_ms()),
         "node": svc.node_id,
         "addresses": bound,
         "resumed": id.resumed,
     });
-    if let Some(user) = &id.user {
+    if let Some(user) = user {
         session["user"] = json!(user);
     }
     conn.start(&session);
+    if id.user.is_some() {
+        events::expire_at_token_end(&conn);
+        if svc.config.max_connections_per_user > 0 {
+            tokio::spawn(quota::enforce(svc.clone(), conn.clone()));
+        }
+    }
     Ok(())
 }
 
 async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Services>) {
     let Some(addrs) = conn.close() else { return };
     svc.router.unregister(&**conn, &addrs);
+    svc.gate.registry.remove(conn);
     svc.connections.fetch_sub(1, Ordering::SeqCst);
     svc.metrics.connections.decrement(1.0);
     if let Err(e) = svc
@@ -221,11 +263,64 @@ async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Services>) {
     }
 }
 
-fn parse_ack(data: Option<Value>) -> Result<(Address, u64), String> {
-    let bad = || "ack needs { address: string, version: non-negative integer }".to_string();
-    let v = data.ok_or_else(bad)?;
-    let address = v.get("address").and_then(Value::as_str).ok_or_else(bad)?;
-    let version = v.get("version").and_then(Value::as_u64).ok_or_else(bad)?;
-    let address = Address::parse(address).map_err(|e| e.to_string())?;
-    Ok((address, version))
+/// Refuses a WebSocket upgrade of the Socket.IO endpoint whose `Origin` is neither the node's
+/// own nor one of `cors_origins`: browsers apply no CORS to WebSockets, so without this check a
+/// page on any origin could connect with `transports: ["websocket"]`. Clients that are not
+/// browsers send no `Origin` and are not affected.
+pub async fn ws_origin_guard(
+    axum::extract::State(origins): axum::extract::State<Arc<[String]>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let h = req.headers();
+    let upgrade = h
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let origin = h
+        .get(axum::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    if let (true, true, Some(origin)) =
+        (upgrade, req.uri().path().starts_with("/socket.io"), origin)
+    {
+        let host = h
+            .get(axum::http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let same = origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host));
+        let listed = origins
+            .iter()
+            .any(|o| o == "*" || o.trim_end_matches('/') == origin);
+        if !same && !listed {
+            return crate::api::ApiError::Forbidden(format!(
+                "WebSocket from origin {origin} refused: not listed in cors_origins"
+            ))
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// CORS for the Socket.IO endpoint: pages from `origins` (or any, with `"*"`) may connect with
+/// the default transports; no other origin and no other path gets a grant (the server API is
+/// for servers, not pages). Credentials are allowed (the origin is echoed, never `*`), so a
+/// page with `withCredentials: true` keeps a load balancer's sticky-session cookie; signalpost
+/// itself authenticates with the handshake's `auth`, never with cookies.
+pub fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let any = origins.iter().any(|o| o == "*");
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, parts| {
+            parts.uri.path().starts_with("/socket.io") && (any || list.contains(origin))
+        }))
+        .allow_credentials(true)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([axum::http::header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(600))
 }

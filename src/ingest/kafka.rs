@@ -669,10 +669,12 @@ impl Worker {
         }
         let mut commands = Vec::new();
         let mut tickets = Vec::new();
-        for p in &parsed {
+        let mut sources = Vec::new();
+        for (m, p) in batch.iter().zip(&parsed) {
             if let Ok(c) = &p.command {
                 commands.push(c.clone());
                 tickets.push((p.ticket.clone(), p.origin.clone()));
+                sources.push(m);
             }
         }
         if commands.is_empty() {
@@ -698,6 +700,11 @@ impl Worker {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
+            }
+            for (m, r) in sources.iter().zip(&results) {
+                if let Ok(Outcome::Refused(reason)) = r {
+                    self.dead_letter(m, reason).await;
+                }
             }
             for ((ticket, origin), r) in tickets.iter().zip(&results) {
                 if let (Some(t), Ok(outcome)) = (ticket, r) {

@@ -47,6 +47,9 @@ pub enum Outcome {
     },
     /// Durably queued; applied later by a consumer (Kafka, `wait = false`).
     Queued,
+    /// Not applied, for a reason that retrying does not change (e.g. the client holds as many
+    /// bindings as it may): an HTTP 400 with the reason, a dead-letter record for Kafka.
+    Refused(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -121,6 +124,8 @@ pub struct Processor {
     pub topology: Arc<dyn Topology>,
     pub router: Arc<Router>,
     pub metrics: Metrics,
+    /// Most bindings one client may hold.
+    pub max_bindings: usize,
 }
 
 impl Processor {
@@ -192,6 +197,18 @@ impl Processor {
     async fn apply_binding(&self, c: Command) -> Result<Outcome, IngestError> {
         match c {
             Command::Bind { client, addresses } => {
+                let held = self.topology.get(&client).await?;
+                let new = addresses
+                    .iter()
+                    .filter(|a| !held.iter().any(|b| &b.address == *a))
+                    .count();
+                if held.len() + new > self.max_bindings {
+                    return Ok(Outcome::Refused(format!(
+                        "client {client} holds {} bindings; {new} more would pass the limit of {}",
+                        held.len(),
+                        self.max_bindings
+                    )));
+                }
                 let heads = self
                     .mailbox
                     .heads(&addresses)

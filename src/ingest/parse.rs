@@ -29,6 +29,93 @@ pub struct Limits {
     pub max_batch: usize,
 }
 
+/// Deepest nesting of arrays and objects a payload may have.
+pub const MAX_DEPTH: usize = 64;
+
+/// Checks that a payload can be written back as it is read: every string valid Unicode (no lone
+/// surrogate escapes such as `"\ud800"`), every number finite as a double (no `1e999999`), and
+/// nesting no deeper than [`MAX_DEPTH`]. A payload that passes is stored as it came.
+pub fn check_payload(raw: &RawValue) -> Result<(), String> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    Depth(0)
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| {
+            let e = e.to_string();
+            // serde_json names the position in the payload; keep the reason readable.
+            let reason = e.split(" at line ").next().unwrap_or(&e);
+            if reason.contains("surrogate") || reason.contains("hex escape") {
+                format!("a string holds a lone surrogate escape, which is not Unicode ({reason})")
+            } else {
+                reason.to_string()
+            }
+        })
+}
+
+/// A visitor that walks a JSON value, decoding every string and number, at most
+/// [`MAX_DEPTH`] levels deep.
+struct Depth(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Depth {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Depth {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        if v.is_finite() {
+            Ok(())
+        } else {
+            Err(E::custom("a number that is not finite"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.deeper::<A::Error>()?;
+        while seq.next_element_seed(Depth(inner))?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.deeper::<A::Error>()?;
+        while map
+            .next_entry_seed(std::marker::PhantomData::<String>, Depth(inner))?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+impl Depth {
+    fn deeper<E: serde::de::Error>(self) -> Result<usize, E> {
+        if self.0 >= MAX_DEPTH {
+            Err(E::custom(format!("nested deeper than {MAX_DEPTH} levels")))
+        } else {
+            Ok(self.0 + 1)
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct EnqueueIn<'a> {
     #[serde(borrow)]
@@ -67,6 +154,7 @@ fn message(
             limits.max_payload
         )));
     }
+    check_payload(payload).map_err(|e| bad(format!("{at}payload: {e}")))?;
     let (id, minted) = match m.id {
         None => (default_id(), true),
         Some(raw) if raw.get() == "null" => (default_id(), true),
@@ -225,5 +313,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.as_str(), a.len()), ("c", 1), "duplicates are folded");
+    }
+
+    #[test]
+    fn payloads_that_cannot_be_written_back_are_refused() {
+        let big = Limits {
+            max_payload: 1 << 20,
+            max_batch: 2,
+        };
+        let one = |payload: &str| {
+            let body = format!(r#"{{"address":"channel:a","payload":{payload}}}"#);
+            enqueue_one(body.as_bytes(), big, &mut MessageId::generate).map(|m| m.payload)
+        };
+        for (payload, why) in [
+            (r#""\ud800""#, "lone leading surrogate"),
+            (r#"{"k":"x\udc00y"}"#, "lone trailing surrogate"),
+            ("1e999999", "infinite number"),
+            ("-1e400", "infinite number"),
+            (
+                &format!("{}1{}", "[".repeat(65), "]".repeat(65)),
+                "too deep",
+            ),
+            (
+                &format!("{}1{}", "{\"a\":".repeat(65), "}".repeat(65)),
+                "too deep",
+            ),
+        ] {
+            let e = one(payload).unwrap_err().to_string();
+            assert!(e.starts_with("payload: "), "{why}: {e}");
+        }
+        let deepest = format!("{}1{}", "[".repeat(64), "]".repeat(64));
+        for ok in [
+            r#""\ud83d\ude00 fine""#,
+            "1.5e300",
+            r#"{"a":[1,{"b":null}],"c":true}"#,
+            &deepest,
+        ] {
+            let p = one(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            // Accepted means readable: it parses back as a value.
+            serde_json::from_str::<serde_json::Value>(p.get()).unwrap();
+        }
     }
 }

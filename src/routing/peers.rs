@@ -3,7 +3,11 @@
 //! want its address. Binding changes go to every node (the client's node applies them), and the
 //! answer to a `?wait=true` operation goes to the node that waits for it.
 //!
-//! Transport: plain HTTP/1.1 between nodes on their public listener, under the API key:
+//! Transport: HTTP/1.1 between nodes on their public listener, every request signed with the
+//! shared `cluster_secret` ([`crate::security::PeerAuth`]: HMAC over method, path, sender, time,
+//! nonce and body; replays refused). A receiver serves these routes only on the cluster backend,
+//! only to a sender in the membership list, and reaches a sender only at the URL the membership
+//! lists for it — never at a URL a request names.
 //! - `POST /internal/want` — `{node, url, session, snapshot, add, remove}`: the sender's interests
 //!   (a full snapshot under a new session, then changes; an empty change is the heartbeat).
 //!   `409` when the receiver does not know the session (it restarted, or dropped the sender after a
@@ -24,6 +28,7 @@ use crate::cluster::Membership;
 use crate::mailbox::{Mailbox, Message};
 use crate::metrics::Metrics;
 use crate::routing::Router;
+use crate::security::PeerAuth;
 use crate::tools::client::Http;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -41,6 +46,8 @@ const TICK: Duration = Duration::from_millis(500);
 const WANT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Frames sent to a peer in one request at most (those that queued meanwhile).
 const FRAMES_PER_REQUEST: usize = 256;
+/// How long a control call to a peer (kick, a user's connections) may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Keep-alive connections kept per peer for wants and heartbeats.
 const IDLE_PER_PEER: usize = 4;
 
@@ -73,6 +80,9 @@ pub enum WireOutcome {
     Unbound {
         removed: Vec<(Address, u64)>,
     },
+    Refused {
+        reason: String,
+    },
 }
 
 impl WireOutcome {
@@ -90,6 +100,9 @@ impl WireOutcome {
             Outcome::Unbound { removed } => WireOutcome::Unbound {
                 removed: removed.clone(),
             },
+            Outcome::Refused(reason) => WireOutcome::Refused {
+                reason: reason.clone(),
+            },
             Outcome::Queued => return None,
         })
     }
@@ -105,6 +118,7 @@ impl WireOutcome {
             }
             WireOutcome::Bound { bindings, added } => Outcome::Bound { bindings, added },
             WireOutcome::Unbound { removed } => Outcome::Unbound { removed },
+            WireOutcome::Refused { reason } => Outcome::Refused(reason),
         })
     }
 }
@@ -162,7 +176,11 @@ struct Interests {
 pub struct Peers {
     node: String,
     url: String,
-    api_key: Option<String>,
+    auth: Arc<PeerAuth>,
+    /// The roots peers' HTTPS certificates are checked against (when nodes speak TLS).
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// The live members other than this node (id → URL), as last read from the membership.
+    members: RwLock<HashMap<String, String>>,
     router: Arc<Router>,
     mailbox: Arc<dyn Mailbox>,
     membership: Arc<dyn Membership>,
@@ -182,20 +200,31 @@ pub struct Peers {
     announcing: tokio::sync::RwLock<()>,
 }
 
+/// Who this node is to its peers, and how it proves it.
+pub struct Me {
+    pub node: String,
+    /// The URL the membership lists for this node.
+    pub url: String,
+    /// Signs this node's requests with the cluster secret, checks its peers'.
+    pub auth: Arc<PeerAuth>,
+    /// The roots to trust when peers speak HTTPS.
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
 impl Peers {
     pub fn new(
-        node: &str,
-        url: &str,
-        api_key: Option<String>,
+        me: Me,
         router: Arc<Router>,
         mailbox: Arc<dyn Mailbox>,
         membership: Arc<dyn Membership>,
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(Self {
-            node: node.into(),
-            url: url.into(),
-            api_key,
+            node: me.node,
+            url: me.url,
+            auth: me.auth,
+            tls: me.tls,
+            members: Default::default(),
             router,
             mailbox,
             membership,
@@ -330,10 +359,16 @@ impl Peers {
         Ok(status)
     }
 
-    async fn want_on_new(&self, url: &str, body: Bytes) -> Result<(Http, u16), String> {
-        let mut http = Http::connect(url, self.api_key.clone())
+    /// A new connection to a peer, signing as this node.
+    async fn connect(&self, url: &str) -> Result<Http, String> {
+        Http::connect_tls(url, None, self.tls.as_ref())
             .await
-            .map_err(|e| e.to_string())?;
+            .map(|h| h.signed(self.auth.clone(), &self.node))
+            .map_err(|e| e.to_string())
+    }
+
+    async fn want_on_new(&self, url: &str, body: Bytes) -> Result<(Http, u16), String> {
+        let mut http = self.connect(url).await?;
         let (status, _) = http
             .call("POST", "/internal/want", Some(body))
             .await
@@ -351,6 +386,19 @@ impl Peers {
             .filter(|n| n.id != self.node)
             .map(|n| (n.id, n.url))
             .collect();
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = live.clone();
+        // Peers that left the membership get nothing more from this node.
+        let gone: Vec<(String, String)> = self
+            .downstream
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(id, _)| !live.contains_key(*id))
+            .map(|(id, d)| (id.clone(), d.session.clone()))
+            .collect();
+        for (id, session) in gone {
+            self.drop_peer(&id, &session);
+        }
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -460,8 +508,32 @@ impl Peers {
 
     // ---- the receiving side of wants, and forwarding ----
 
-    /// Handles `POST /internal/want`: 200, or 409 when the session is unknown.
-    pub fn on_want(self: &Arc<Self>, want: Want) -> u16 {
+    /// The URL of a live member other than this node, from the membership (read again when
+    /// the node is not among the members last seen: it may have just joined).
+    pub async fn member_url(&self, node: &str) -> Option<String> {
+        if let Some(url) = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+        {
+            return Some(url.clone());
+        }
+        let nodes = self.membership.nodes().await.ok()?;
+        let live: HashMap<String, String> = nodes
+            .into_iter()
+            .filter(|n| n.id != self.node)
+            .map(|n| (n.id, n.url))
+            .collect();
+        let url = live.get(node).cloned();
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = live;
+        url
+    }
+
+    /// Handles `POST /internal/want` from the member `want.node`, reached at `url` (the
+    /// membership's URL of it, never the one in the request): 200, or 409 when the session is
+    /// unknown.
+    pub fn on_want(self: &Arc<Self>, want: Want, url: String) -> u16 {
         let mut down = self.downstream.write().unwrap_or_else(|p| p.into_inner());
         let mut index = self.wanted_by.write().unwrap_or_else(|p| p.into_inner());
         if want.snapshot {
@@ -469,12 +541,10 @@ impl Peers {
                 unindex(&mut index, &want.node, old.wants.iter());
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(self.clone().send_loop(
-                want.node.clone(),
-                want.url.clone(),
-                want.session.clone(),
-                rx,
-            ));
+            tokio::spawn(
+                self.clone()
+                    .send_loop(want.node.clone(), url, want.session.clone(), rx),
+            );
             down.insert(
                 want.node.clone(),
                 Downstream {
@@ -540,7 +610,7 @@ impl Peers {
             body.push(b']');
             let body = Bytes::from(body);
             if http.is_none() {
-                http = Http::connect(&url, self.api_key.clone()).await.ok();
+                http = self.connect(&url).await.ok();
             }
             let ok = match http.as_mut() {
                 Some(h) => matches!(
@@ -673,6 +743,49 @@ impl Peers {
     /// This node's id.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// A signed request to one member (a control call: kick, connections of a user); the answer's
+    /// body when it is 200.
+    pub async fn ask(&self, node: &str, path: &str, body: Bytes) -> Result<Bytes, String> {
+        let url = self
+            .member_url(node)
+            .await
+            .ok_or_else(|| format!("{node} is not a live member"))?;
+        let mut http = self.connect(&url).await?;
+        match tokio::time::timeout(ASK_TIMEOUT, http.call("POST", path, Some(body))).await {
+            Ok(Ok((200, b))) => Ok(b),
+            Ok(Ok((status, b))) => Err(format!("{status}: {}", String::from_utf8_lossy(&b))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
+        }
+    }
+
+    /// [`Peers::ask`] of every live member other than this node, at once. A single node asks
+    /// nobody.
+    pub async fn ask_all(&self, path: &str, body: Bytes) -> Vec<(String, Result<Bytes, String>)> {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let nodes: Vec<String> = match self.membership.nodes().await {
+            Ok(n) => n
+                .into_iter()
+                .map(|n| n.id)
+                .filter(|id| *id != self.node)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "asking the other nodes: membership unavailable");
+                return Vec::new();
+            }
+        };
+        let asks = nodes.into_iter().map(|n| {
+            let body = body.clone();
+            async move {
+                let r = self.ask(&n, path, body).await;
+                (n, r)
+            }
+        });
+        futures_util::future::join_all(asks).await
     }
 }
 

@@ -46,27 +46,77 @@ pub fn authority(url: &str) -> Result<String, ClientError> {
 pub struct Http {
     authority: String,
     api_key: Option<String>,
+    /// Node-to-node requests are signed with the cluster secret, as this node.
+    signer: Option<(std::sync::Arc<crate::security::PeerAuth>, String)>,
     send: SendRequest<Full<Bytes>>,
 }
 
 impl Http {
     pub async fn connect(url: &str, api_key: Option<String>) -> Result<Self, ClientError> {
-        let authority = authority(url)?;
+        Self::connect_tls(url, api_key, None).await
+    }
+
+    /// Connects to `http://host:port`, or to `https://host:port` with `tls` (the roots to trust).
+    pub async fn connect_tls(
+        url: &str,
+        api_key: Option<String>,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<Self, ClientError> {
+        let (authority, https) = match url.strip_prefix("https://") {
+            Some(rest) => (authority(&format!("http://{rest}"))?, true),
+            None => (authority(url)?, false),
+        };
         let tcp = TcpStream::connect(&authority)
             .await
             .map_err(|e| ClientError::Connect(authority.clone(), e.to_string()))?;
         tcp.set_nodelay(true).ok();
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let http = |e: hyper::Error| ClientError::Http(e.to_string());
+        let send = match (https, tls) {
+            (false, _) => {
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(http)?;
+                tokio::spawn(conn);
+                send
+            }
+            (true, None) => {
+                return Err(ClientError::Url(format!(
+                    "{url}: https needs trusted roots (tls_ca)"
+                )));
+            }
+            (true, Some(tls)) => {
+                let host = authority
+                    .rsplit_once(':')
+                    .map_or(authority.as_str(), |(h, _)| h);
+                let name = rustls_pki_types::ServerName::try_from(
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                )
+                .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ClientError::Connect(authority.clone(), e.to_string()))?;
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(http)?;
+                tokio::spawn(conn);
+                send
+            }
+        };
         Ok(Self {
             authority,
             api_key,
+            signer: None,
             send,
         })
+    }
+
+    /// Signs every request as `node` with the cluster secret (node-to-node calls).
+    pub fn signed(mut self, auth: std::sync::Arc<crate::security::PeerAuth>, node: &str) -> Self {
+        self.signer = Some((auth, node.to_string()));
+        self
     }
 
     /// Sends a request; returns the status and body, or an error carrying the server's reason.
@@ -84,8 +134,18 @@ impl Http {
         if let Some(k) = &self.api_key {
             req = req.header("authorization", format!("Bearer {k}"));
         }
+        let body = body.unwrap_or_default();
+        if let Some((auth, node)) = &self.signer {
+            use crate::security::{PEER_NODE, PEER_NONCE, PEER_SIGNATURE, PEER_TIME};
+            let sig = auth.sign(method, path, node, &body, crate::mailbox::now_ms());
+            req = req
+                .header(PEER_NODE, sig.node)
+                .header(PEER_TIME, sig.time)
+                .header(PEER_NONCE, sig.nonce)
+                .header(PEER_SIGNATURE, sig.signature);
+        }
         let req = req
-            .body(Full::new(body.unwrap_or_default()))
+            .body(Full::new(body))
             .map_err(|e| ClientError::Http(e.to_string()))?;
         self.send
             .ready()

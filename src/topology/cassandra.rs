@@ -47,6 +47,8 @@ struct Inner {
     members_after: PreparedStatement,
     cursor_save: PreparedStatement,
     cursor_get: PreparedStatement,
+    revoke: PreparedStatement,
+    revoked: PreparedStatement,
 }
 
 impl CassandraTopology {
@@ -116,6 +118,16 @@ impl CassandraTopology {
                 Kind::Idempotent,
             )
             .await?,
+            revoke: prep(
+                format!("INSERT INTO {ks}.revoked_clients (client, at) VALUES (?, ?)"),
+                Kind::Idempotent,
+            )
+            .await?,
+            revoked: prep(
+                format!("SELECT client FROM {ks}.revoked_clients WHERE client = ?"),
+                Kind::Idempotent,
+            )
+            .await?,
             session,
         };
         Ok(Self(Arc::new(inner)))
@@ -144,6 +156,28 @@ impl CassandraTopology {
 
 #[async_trait::async_trait]
 impl Topology for CassandraTopology {
+    async fn revoke(&self, client: &ClientId) -> Result<(), TopologyError> {
+        let at = CqlTimestamp(crate::mailbox::now_ms() as i64);
+        self.0
+            .session
+            .execute_unpaged(&self.0.revoke, (client.as_str(), at))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn revoked(&self, client: &ClientId) -> Result<bool, TopologyError> {
+        let rows = self
+            .0
+            .session
+            .execute_unpaged(&self.0.revoked, (client.as_str(),))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(st)?;
+        Ok(rows.rows_num() > 0)
+    }
+
     async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
         self.bindings(client).await
     }

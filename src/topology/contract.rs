@@ -9,6 +9,16 @@ fn fresh_client(tag: &str) -> ClientId {
     ClientId::parse(&format!("{tag}-{}", uuid::Uuid::new_v4().simple())).unwrap()
 }
 
+/// A revoked client stays revoked (idempotent); others are not.
+pub async fn revocation(t: Arc<dyn Topology>) {
+    let (a, b) = (fresh_client("rev"), fresh_client("rev"));
+    assert!(!t.revoked(&a).await.unwrap());
+    t.revoke(&a).await.unwrap();
+    t.revoke(&a).await.unwrap();
+    assert!(t.revoked(&a).await.unwrap());
+    assert!(!t.revoked(&b).await.unwrap(), "only the revoked client");
+}
+
 /// add/get/remove/members, idempotence, and the first `since` wins.
 pub async fn bindings(t: Arc<dyn Topology>) {
     let c = fresh_client("topo");

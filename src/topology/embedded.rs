@@ -12,6 +12,8 @@ use std::sync::Arc;
 const BINDINGS: TableDefinition<(&str, &str), u64> = TableDefinition::new("bindings");
 const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
+/// Revoked client → when (ms since epoch).
+const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 
 /// The redb-backed topology and cursors (one file, a cheap clone of a shared handle).
 #[derive(Clone)]
@@ -27,6 +29,7 @@ impl EmbeddedTopology {
             txn.open_table(BINDINGS).map_err(st)?;
             txn.open_table(MEMBERS).map_err(st)?;
             txn.open_table(CURSORS).map_err(st)?;
+            txn.open_table(REVOKED).map_err(st)?;
         }
         txn.commit().map_err(st)?;
         Ok(Self { db: Arc::new(db) })
@@ -45,6 +48,32 @@ impl EmbeddedTopology {
 
 #[async_trait::async_trait]
 impl Topology for EmbeddedTopology {
+    async fn revoke(&self, client: &ClientId) -> Result<(), TopologyError> {
+        let client = client.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(st)?;
+            {
+                let mut t = txn.open_table(REVOKED).map_err(st)?;
+                if t.get(client.as_str()).map_err(st)?.is_none() {
+                    t.insert(client.as_str(), crate::mailbox::now_ms())
+                        .map_err(st)?;
+                }
+            }
+            txn.commit().map_err(st)
+        })
+        .await
+    }
+
+    async fn revoked(&self, client: &ClientId) -> Result<bool, TopologyError> {
+        let client = client.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(st)?;
+            let t = txn.open_table(REVOKED).map_err(st)?;
+            Ok(t.get(client.as_str()).map_err(st)?.is_some())
+        })
+        .await
+    }
+
     async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
         let client = client.clone();
         self.blocking(move |db| {

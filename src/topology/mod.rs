@@ -63,6 +63,10 @@ pub trait Topology: Send + Sync + 'static {
         after: Option<&ClientId>,
         limit: usize,
     ) -> Result<Vec<ClientId>, TopologyError>;
+    /// Revokes a client identity: its resume tokens stop working (idempotent, for good).
+    async fn revoke(&self, client: &ClientId) -> Result<(), TopologyError>;
+    /// Whether a client identity was revoked.
+    async fn revoked(&self, client: &ClientId) -> Result<bool, TopologyError>;
 }
 
 /// The highest version each client acked, per address.

@@ -51,17 +51,17 @@ test('enqueue, bind, unbind, mailbox, client, nodes', async () => {
 });
 
 test('errors print the reason and exit non-zero', async () => {
-  const node = await startNode({ env: { SIGNALPOST_API_KEY: 'cli-key' } });
+  const node = await startNode({ env: { SIGNALPOST_API_KEY: 'cli-key-0123456789abcdef' } });
   let r = run(node.url, ['nodes']);
   assert.equal(r.code, 1);
   assert.match(r.err, /401.*API key/);
-  r = run(node.url, ['enqueue', 'room:x', '1'], { SIGNALPOST_API_KEY: 'cli-key' });
+  r = run(node.url, ['enqueue', 'room:x', '1'], { SIGNALPOST_API_KEY: 'cli-key-0123456789abcdef' });
   assert.equal(r.code, 1);
   assert.match(r.err, /400: invalid address "room:x"/);
-  r = run(node.url, ['enqueue', 'channel:x', '{oops'], { SIGNALPOST_API_KEY: 'cli-key' });
+  r = run(node.url, ['enqueue', 'channel:x', '{oops'], { SIGNALPOST_API_KEY: 'cli-key-0123456789abcdef' });
   assert.equal(r.code, 1);
   assert.match(r.err, /payload is not JSON/);
-  r = run(node.url, ['mailbox', 'channel:bad name'], { SIGNALPOST_API_KEY: 'cli-key' });
+  r = run(node.url, ['mailbox', 'channel:bad name'], { SIGNALPOST_API_KEY: 'cli-key-0123456789abcdef' });
   assert.equal(r.code, 1);
   assert.match(r.err, /invalid address/);
   r = run('http://127.0.0.1:1', ['nodes']);

@@ -2,7 +2,7 @@
 // gap-free; and an expired range is reported with `gap`.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNode, api, connect, fill, waitFor } from './lib/harness.mjs';
+import { startNode, api, connect, fill, waitFor, refusal } from './lib/harness.mjs';
 
 test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', async () => {
   let node = await startNode();
@@ -62,19 +62,25 @@ test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', asy
   await node.stop();
 });
 
-test('an expired range is sent as gap, then the rest', async () => {
+test('an expired range is sent as gap, then the rest; resume tokens expire with the retention and open connections get fresh ones', async () => {
   // 4 s, not 1 s: Cassandra counts a TTL from the write's whole second, so with 1 s the two later
   // messages could expire (in 0–1 s) before they are read (seen once in CI). They live ≥ 3 s now.
   const node = await startNode({ env: { SIGNALPOST_RETENTION_SECS: '4', SIGNALPOST_EXPIRY_INTERVAL_MS: '100' } });
-  const a = connect(node.url);
-  const s = await a.ready;
-  a.close();
+  // A connection of the client stays open: it is sent a fresh resume token (`resumeToken`) while
+  // the first one ages past the retention.
+  const keeper = connect(node.url);
+  const s = await keeper.ready;
   const own = `client:${s.clientId}`;
   await fill(node.url, own, 5);
   await new Promise((r) => setTimeout(r, 4500));
   await fill(node.url, own, 2, { from: 5 });
   await waitFor(async () => (await api(node.url, 'GET', `/server/mailbox/${own}`)).body.low === 6, 5000, 'expiry');
-  const b = connect(node.url, { clientId: s.clientId, resumeToken: s.resumeToken });
+  const renewed = keeper.events.filter((e) => e.event === 'resumeToken').map((e) => e.data.resumeToken);
+  assert.ok(renewed.length >= 1, 'the open connection got a fresh resume token');
+  const old = await refusal(node.url, { clientId: s.clientId, resumeToken: s.resumeToken });
+  assert.match(old.message, /resume token expired/);
+  keeper.close();
+  const b = connect(node.url, { clientId: s.clientId, resumeToken: renewed.at(-1), cursors: { [own]: 0 } });
   await b.ready;
   const synced = await b.waitFor((e) => e.event === 'synced');
   const gap = b.events.find((e) => e.event === 'gap');

@@ -12,7 +12,7 @@ const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TES
  *  resume token is valid on every node. */
 function cluster(name) {
   const env = testCluster(name, { SIGNALPOST_KAFKA_PARTITIONS: '6' });
-  return { ...env, SIGNALPOST_RESUME_SECRET: `secret-${env.SIGNALPOST_CASSANDRA_KEYSPACE}` };
+  return { ...env, SIGNALPOST_RESUME_SECRET: `secret-${env.SIGNALPOST_CASSANDRA_KEYSPACE}-0123456789abcdef0123456789` };
 }
 
 async function startCluster(env, n) {

@@ -38,7 +38,7 @@ test('a forged or foreign resume token is refused and yields nothing', async () 
 });
 
 test('client JWTs are checked when the deployment requires them', async () => {
-  const secret = 'jwt-test-secret';
+  const secret = 'jwt-test-secret-0123456789abcdef0123';
   const node = await startNode({ env: { SIGNALPOST_CLIENT_TOKEN_SECRET: secret, SIGNALPOST_REQUIRE_CLIENT_TOKEN: 'true' } });
   assert.match((await refusal(node.url, {})).message, /token is required/);
   assert.match((await refusal(node.url, { token: 'not.a.jwt' })).message, /invalid client token/);
@@ -52,14 +52,14 @@ test('client JWTs are checked when the deployment requires them', async () => {
 });
 
 test('the API key guards /server/* and nothing else', async () => {
-  const node = await startNode({ env: { SIGNALPOST_API_KEY: 'k3y' } });
+  const node = await startNode({ env: { SIGNALPOST_API_KEY: 'k3y-0123456789abcdef' } });
   const body = { address: 'channel:x', payload: 1 };
   const no = await api(node.url, 'POST', '/server/enqueue', body);
   assert.equal(no.status, 401);
   assert.match(no.body.error, /API key/);
   assert.equal((await api(node.url, 'POST', '/server/enqueue', body, { apiKey: 'wrong' })).status, 401);
   assert.equal((await api(node.url, 'GET', '/server/nodes')).status, 401);
-  assert.equal((await api(node.url, 'POST', '/server/enqueue', body, { apiKey: 'k3y' })).status, 202);
+  assert.equal((await api(node.url, 'POST', '/server/enqueue', body, { apiKey: 'k3y-0123456789abcdef' })).status, 202);
   assert.equal((await api(node.url, 'GET', '/healthz')).status, 200);
   await node.stop();
 });

@@ -66,6 +66,7 @@ fn store() -> Store {
         topology,
         router: Arc::new(Router::default()),
         metrics: Metrics::install(),
+        max_bindings: 1000,
     });
     Store {
         _dir: dir,
@@ -86,6 +87,7 @@ async fn cluster_store(scope: &str) -> Store {
         topology,
         router: Arc::new(Router::default()),
         metrics: Metrics::install(),
+        max_bindings: 1000,
     });
     Store {
         _dir: dir,

@@ -109,6 +109,12 @@ mod embedded_topology {
     }
 
     #[tokio::test]
+    async fn revocation() {
+        let (_d, t) = embedded_topology();
+        topology::contract::revocation(Arc::new(t) as Arc<dyn Topology>).await;
+    }
+
+    #[tokio::test]
     async fn cursors() {
         let (_d, t) = embedded_topology();
         topology::contract::cursors(Arc::new(t) as Arc<dyn Cursors>).await;
@@ -487,6 +493,12 @@ mod cassandra_topology {
     #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
     async fn members_paging() {
         topology::contract::members_paging(Arc::new(topology().await) as Arc<dyn Topology>).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn revocation() {
+        topology::contract::revocation(Arc::new(topology().await) as Arc<dyn Topology>).await;
     }
 
     #[tokio::test]

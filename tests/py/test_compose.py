@@ -23,3 +23,7 @@ def test_compose_names_every_service():
         assert services[n]["command"][services[n]["command"].index("--backend") + 1] == "cluster"
         for var, svc in (("SIGNALPOST_CASSANDRA", "cassandra"), ("SIGNALPOST_KAFKA", "kafka"), ("SIGNALPOST_ZOOKEEPER", "zookeeper")):
             assert svc in env.get(var, ""), f"{n}: {var}={env.get(var)}"
+        # A cluster node refuses to start without a cluster secret, and on 0.0.0.0 without an
+        # API key: the file must give both, long enough (the node checks the same minimums).
+        for var, least in (("SIGNALPOST_CLUSTER_SECRET", 32), ("SIGNALPOST_RESUME_SECRET", 32), ("SIGNALPOST_API_KEY", 16)):
+            assert len(str(env.get(var, ""))) >= least, f"{n}: {var} missing or shorter than {least}"

@@ -31,6 +31,7 @@ def cluster_env(data_dir):
         "SIGNALPOST_KAFKA_GROUP": f"py-{tag}",
         "SIGNALPOST_KAFKA_PARTITIONS": "2",
         "SIGNALPOST_ZOOKEEPER_ROOT": f"/py-{tag}",
+        "SIGNALPOST_CLUSTER_SECRET": "py-cluster-secret-0123456789abcdef",
     }
 
 

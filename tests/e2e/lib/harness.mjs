@@ -36,8 +36,12 @@ function clusterEnv(dataDir) {
     SIGNALPOST_KAFKA_GROUP: `e2e-${tag}`,
     SIGNALPOST_KAFKA_PARTITIONS: '2',
     SIGNALPOST_ZOOKEEPER_ROOT: `/e2e-${tag}`,
+    SIGNALPOST_CLUSTER_SECRET: CLUSTER_SECRET,
   };
 }
+
+/** The node-to-node secret every test cluster shares (at least 32 bytes). */
+export const CLUSTER_SECRET = 'e2e-cluster-secret-0123456789abcdef';
 
 /** Produces records straight to Kafka with Kafka's own console producer (`scripts/stack
  *  produce`): `records` are [key, value] pairs, values as objects (sent as JSON). */
@@ -61,6 +65,7 @@ export function testCluster(name, extra = {}) {
     SIGNALPOST_KAFKA_GROUP: `${name}-${tag}`,
     SIGNALPOST_ZOOKEEPER_ROOT: `/${name}-${tag}`,
     SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '4000',
+    SIGNALPOST_CLUSTER_SECRET: CLUSTER_SECRET,
     ...extra,
   };
 }
@@ -80,7 +85,7 @@ export async function startNode({ dataDir = tempDir(), env = {}, args = [], list
     const timer = setTimeout(() => reject(new Error(`node did not start: ${out} ${err}`)), 60000);
     proc.stdout.on('data', (d) => {
       out += d;
-      const m = out.match(/listening on (http:\/\/[0-9.]+:\d+)/);
+      const m = out.match(/listening on (https?:\/\/[0-9.]+:\d+)/);
       if (m) { clearTimeout(timer); resolve(m[1]); }
     });
     proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`node exited with ${code}: ${err}`)); });

@@ -1,0 +1,135 @@
+//! Node-to-node routes (`/internal/*`), served on the cluster backend only. Every request must
+//! carry a valid signature under the shared `cluster_secret` ([`crate::security::PeerAuth`]) from
+//! a node the membership lists; anything else is refused with 401 before it is parsed, and nothing
+//! it says reaches a client, a mailbox or a binding.
+
+use super::ApiError;
+use crate::gateway::registry::Target;
+use crate::node::Services;
+use crate::routing::peers::{Deliver, Want};
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// The member that signed a request, and where the membership says it is.
+#[derive(Clone)]
+struct Peer {
+    node: String,
+    url: String,
+}
+
+pub fn routes(svc: Arc<Services>) -> Router<Arc<Services>> {
+    Router::new()
+        .route("/internal/want", post(want))
+        .route("/internal/deliver", post(deliver))
+        .route("/internal/kick", post(kick))
+        .route("/internal/connections", post(connections))
+        .layer(middleware::from_fn_with_state(svc, verify))
+}
+
+/// Checks the signature and the membership of the sender.
+async fn verify(State(svc): State<Arc<Services>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, svc.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::TooLarge("request body too large".into()).into_response(),
+    };
+    let header = |n: &'static str| parts.headers.get(n).and_then(|v| v.to_str().ok());
+    let now = crate::mailbox::now_ms();
+    let refused = |m: String| {
+        svc.metrics.peer_refused.increment(1);
+        ApiError::PeerRefused(m).into_response()
+    };
+    let node =
+        match svc
+            .peer_auth
+            .verify(parts.method.as_str(), parts.uri.path(), header, &bytes, now)
+        {
+            Ok(n) => n,
+            Err(e) => return refused(e.to_string()),
+        };
+    let Some(url) = svc.peers.member_url(&node).await else {
+        return refused(format!("{node} is not a live member of this cluster"));
+    };
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(Peer { node, url });
+    next.run(req).await
+}
+
+fn parse<T: for<'a> Deserialize<'a>>(body: &Bytes, what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))
+}
+
+/// `POST /internal/want`: the sender's interests.
+async fn want(
+    State(svc): State<Arc<Services>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let want: Want = parse(&body, "want")?;
+    if want.node != peer.node {
+        return Err(ApiError::PeerRefused(format!(
+            "a want of {} signed by {}",
+            want.node, peer.node
+        )));
+    }
+    match svc.peers.on_want(want, peer.url) {
+        200 => Ok(Json(json!({ "ok": true }))),
+        _ => Err(ApiError::Conflict(
+            "unknown session: send a snapshot first".into(),
+        )),
+    }
+}
+
+/// `POST /internal/deliver`: messages, binding changes or answers from another node.
+async fn deliver(
+    State(svc): State<Arc<Services>>,
+    Extension(_peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let frames: Vec<Deliver> = parse(&body, "delivery")?;
+    for frame in frames {
+        svc.peers.on_deliver(frame);
+    }
+    Ok(Json(json!({ "ok": true })))
+}
+
+#[derive(Deserialize)]
+pub struct KickIn {
+    pub target: Target,
+    pub reason: String,
+    #[serde(default)]
+    pub revoke: bool,
+}
+
+/// `POST /internal/kick`: closes this node's connections of a client, user or connection.
+async fn kick(
+    State(svc): State<Arc<Services>>,
+    Extension(_peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let k: KickIn = parse(&body, "kick")?;
+    let kicked = super::kick::local(&svc, &k.target, &k.reason, k.revoke).await?;
+    Ok(Json(json!({ "kicked": kicked })))
+}
+
+#[derive(Deserialize)]
+struct UserIn {
+    user: String,
+}
+
+/// `POST /internal/connections`: this node's connections of a user (for the per-user quota).
+async fn connections(
+    State(svc): State<Arc<Services>>,
+    Extension(_peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let u: UserIn = parse(&body, "user")?;
+    Ok(Json(json!(svc.gate.registry.of_user(&u.user))))
+}

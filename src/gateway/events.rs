@@ -1,0 +1,128 @@
+//! The events a client sends (`ack`, `refresh`), each within the connection's event rate, and
+//! the end of a connection whose token expired.
+
+use super::conn::Conn;
+use crate::address::Address;
+use crate::node::Services;
+use crate::routing::Subscriber;
+use serde_json::{Value, json};
+use socketioxide::extract::{AckSender, SocketRef, TryData};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Registers the connection's event handlers.
+pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Services>) {
+    {
+        let (c, svc) = (conn.clone(), svc.clone());
+        s.on(
+            "ack",
+            async move |s: SocketRef, TryData(data): TryData<Value>| {
+                if let Err(first) = c.allow_event() {
+                    return refused(&s, &svc, first);
+                }
+                match parse_ack(data.ok()) {
+                    Ok((address, version)) if c.receives(&address) => {
+                        svc.metrics.acks.increment(1);
+                        svc.acks.ack(c.client().clone(), address, version);
+                    }
+                    Ok((address, _)) => error(
+                        &s,
+                        &format!("ack for {address}, which this client does not receive"),
+                    ),
+                    Err(m) => error(&s, &m),
+                }
+            },
+        );
+    }
+    {
+        let (c, svc) = (conn.clone(), svc.clone());
+        s.on(
+            "refresh",
+            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
+                if let Err(first) = c.allow_event() {
+                    return refused(&s, &svc, first);
+                }
+                let token = data
+                    .ok()
+                    .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_owned));
+                let answer = match refresh(&c, &svc, token.as_deref()) {
+                    Ok(expires) => json!({ "ok": true, "expires": expires }),
+                    Err(reason) => {
+                        // The contract: a refresh with a bad token ends the connection.
+                        let _ = ack.send(&json!({ "error": reason }));
+                        c.kick(&format!("refresh refused: {reason}"));
+                        return;
+                    }
+                };
+                let _ = ack.send(&answer);
+            },
+        );
+    }
+}
+
+/// Checks a `refresh`: a valid token of the same user. Returns the new expiry (ms).
+fn refresh(conn: &Conn, svc: &Services, token: Option<&str>) -> Result<u64, String> {
+    let Some(token) = token else {
+        return Err("refresh needs { token }".into());
+    };
+    if !svc.credentials.checks_tokens() {
+        return Err("this deployment does not check client tokens".into());
+    }
+    let user = svc
+        .credentials
+        .check_token(Some(token))
+        .map_err(|e| e.to_string())?
+        .ok_or("no user in the token")?;
+    if Some(user.id.as_str()) != conn.user() {
+        return Err(format!(
+            "the token is for {:?}, not for this connection's user",
+            user.id
+        ));
+    }
+    conn.refreshed(user.expires_ms);
+    Ok(user.expires_ms)
+}
+
+fn error(s: &SocketRef, message: &str) {
+    let _ = s.emit("error", &json!({ "message": message }));
+}
+
+/// Tells the client, once, that its events are being dropped.
+fn refused(s: &SocketRef, svc: &Services, first: bool) {
+    if first {
+        error(
+            s,
+            &format!(
+                "rate limit: at most {} events per second; events past it are dropped, and a connection that keeps sending them is closed",
+                svc.config.event_rate_per_connection
+            ),
+        );
+    }
+}
+
+/// Ends the connection with `kicked` `{reason: "token expired"}` when its token expires without
+/// a `refresh` (one timer per connection with a token; it sleeps until the current expiry).
+pub fn expire_at_token_end(conn: &Arc<Conn>) {
+    let weak: Weak<Conn> = Arc::downgrade(conn);
+    tokio::spawn(async move {
+        loop {
+            let Some(c) = weak.upgrade() else { return };
+            let left = c.expires_ms().saturating_sub(crate::mailbox::now_ms());
+            if left == 0 {
+                c.kick("token expired");
+                return;
+            }
+            drop(c);
+            tokio::time::sleep(Duration::from_millis(left.min(24 * 3600 * 1000))).await;
+        }
+    });
+}
+
+pub fn parse_ack(data: Option<Value>) -> Result<(Address, u64), String> {
+    let bad = || "ack needs { address: string, version: non-negative integer }".to_string();
+    let v = data.ok_or_else(bad)?;
+    let address = v.get("address").and_then(Value::as_str).ok_or_else(bad)?;
+    let version = v.get("version").and_then(Value::as_u64).ok_or_else(bad)?;
+    let address = Address::parse(address).map_err(|e| e.to_string())?;
+    Ok((address, version))
+}

@@ -1,0 +1,203 @@
+//! The node's listener: accepts TCP connections under a cap, speaks TLS when configured, serves
+//! HTTP/1.1 (with upgrades, for WebSocket) with header and body read timeouts, tells handlers
+//! the peer address, and shuts down gracefully.
+//!
+//! Why not `axum::serve`: it has no TLS, no cap on open connections and no read timeouts — a
+//! client that opens many half-sent requests would hold memory and file descriptors forever.
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+/// Largest request head (request line + headers) hyper buffers; larger heads are refused.
+const MAX_HEAD: usize = 64 * 1024;
+/// How long a shutdown waits for open HTTP connections before it goes on.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Listener failures at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{0} holds no certificate")]
+    NoCert(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] tokio_rustls::rustls::Error),
+}
+
+/// Builds the TLS acceptor of `tls_cert` + `tls_key` (PEM).
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let read = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| TlsError::Read {
+            path: path.clone(),
+            source,
+        }
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(read(cert))?
+        .collect::<Result<_, _>>()
+        .map_err(read(cert))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert(cert.display().to_string()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(read(key))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TLS client that trusts the certificates in `ca` (PEM), for node-to-node HTTPS.
+pub fn tls_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    let path = ca.display().to_string();
+    let read = |source| TlsError::Read {
+        path: path.clone(),
+        source,
+    };
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(read)? {
+        roots.add(cert.map_err(read)?)?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCert(path));
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// How the listener treats connections.
+pub struct Limits {
+    /// Most connections open at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// For request heads, each chunk of a body, and a TLS handshake.
+    pub read_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish (up to
+/// a grace period).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: Limits,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let cap = Arc::new(Semaphore::new(limits.max_connections));
+    // Shutdown: `stop` tells every connection to finish its request and close; each connection
+    // task holds a clone of `alive`, so `done` ends when the last one is gone.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let (alive, mut done) = tokio::sync::mpsc::channel::<()>(1);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.read_timeout)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(true);
+    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.read_timeout,
+    ));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = cap.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        tcp.set_nodelay(true).ok();
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req)
+        });
+        let http = http.clone();
+        let tls = tls.clone();
+        let timeout = limits.read_timeout;
+        let (stopping, alive) = (stopping.clone(), alive.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _alive = alive;
+            match tls {
+                None => {
+                    let conn = http
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades();
+                    until_stopped(conn, stopping).await;
+                }
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await
+                    else {
+                        return; // a failed or slow handshake: nothing to answer
+                    };
+                    let conn = http
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    until_stopped(conn, stopping).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    drop(alive);
+    if tokio::time::timeout(SHUTDOWN_GRACE, done.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTP connections were still open after the grace period");
+    }
+    Ok(())
+}
+
+/// Serves one connection; when the node stops, lets its request in flight finish and closes it.
+async fn until_stopped<I, S, B>(
+    conn: hyper::server::conn::http1::UpgradeableConnection<I, S>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let stopped = tokio::select! {
+        _ = conn.as_mut() => false,
+        r = stopping.wait_for(|s| *s) => r.is_ok(),
+    };
+    if stopped {
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+}

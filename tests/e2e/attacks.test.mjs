@@ -1,0 +1,412 @@
+// The attacks of issue 11 ("safe at the edge"), each tried for real against a node: node-to-node
+// routes, session ids in answers, payloads that cannot be written back, oversized and half-sent
+// requests, binding floods, weak secrets, forged and expired tokens, kicks, quotas and floods.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash, createHmac, generateKeyPairSync, randomBytes, sign as cryptoSign } from 'node:crypto';
+import { createServer } from 'node:http';
+import { connect as tcpConnect } from 'node:net';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startNode, api, connect, refusal, waitFor, tempDir, BACKEND, testCluster, CLUSTER_SECRET } from './lib/harness.mjs';
+
+const clusterOnly = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
+const now = () => Math.floor(Date.now() / 1000);
+const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+
+function hs256(secret, claims) {
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+function signed(alg, privateKey, claims) {
+  const body = `${b64({ alg, typ: 'JWT' })}.${b64(claims)}`;
+  const opts = alg === 'ES256' ? { key: privateKey, dsaEncoding: 'ieee-p1363' } : privateKey;
+  return `${body}.${cryptoSign('sha256', Buffer.from(body), opts).toString('base64url')}`;
+}
+
+const JWT_SECRET = 'attack-test-jwt-secret-0123456789abcdef';
+
+/** Signs a node-to-node request the way nodes do (HMAC under the cluster secret). */
+function peerHeaders(secret, method, path, node, body, { time = Date.now(), nonce = randomBytes(16) } = {}) {
+  const mac = createHmac('sha256', secret);
+  mac.update('signalpost-peer-v1\n');
+  for (const part of [method, path, node, String(time), nonce]) {
+    const bytes = Buffer.isBuffer(part) ? part : Buffer.from(part);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(bytes.length);
+    mac.update(len);
+    mac.update(bytes);
+  }
+  mac.update(createHash('sha256').update(body).digest());
+  return {
+    'content-type': 'application/json',
+    'x-signalpost-node': node,
+    'x-signalpost-time': String(time),
+    'x-signalpost-nonce': nonce.toString('base64url'),
+    'x-signalpost-signature': mac.digest('base64url'),
+  };
+}
+
+async function post(url, path, body, headers) {
+  const res = await fetch(url + path, { method: 'POST', headers, body });
+  const text = await res.text();
+  let json;
+  try { json = JSON.parse(text); } catch { json = text; }
+  return { status: res.status, body: json };
+}
+
+/** Starts a node that must refuse to start; resolves with its error output. */
+async function refusesToStart(env, listen) {
+  try {
+    const n = await startNode({ env, listen });
+    await n.stop();
+  } catch (e) {
+    return e.message;
+  }
+  throw new Error('the node started');
+}
+
+test('the embedded node serves no node-to-node route: a forged signal, binding or answer reaches nobody', async () => {
+  const node = await startNode();
+  const c = connect(node.url);
+  const s = await c.ready;
+  await c.waitFor((e) => e.event === 'synced');
+  const own = `client:${s.clientId}`;
+  const forged = JSON.stringify([
+    { signals: { signals: [{ address: own, version: 1, id: 'x', ts: 1, payload: 'forged' }], appended_us: 0 } },
+    { bound: { client: s.clientId, bindings: [['channel:secret', 0]] } },
+  ]);
+  for (const path of ['/internal/deliver', '/internal/want', '/internal/kick']) {
+    const r = await post(node.url, path, forged, { 'content-type': 'application/json' });
+    assert.equal(r.status, 404, path);
+    assert.equal(typeof r.body.error, 'string');
+  }
+  const real = await api(node.url, 'POST', '/server/enqueue?wait=true', { address: own, payload: 'real' });
+  assert.equal(real.body.version, 1);
+  await c.waitCount(own, 1);
+  assert.deepEqual(c.signals().map((m) => m.payload), ['real']);
+  assert.ok(!c.events.some((e) => e.event === 'bound'), 'no forged binding');
+  c.close();
+  await node.stop();
+});
+
+test('answers carry no Engine.IO session id: a reader of /server/clients cannot poll the session', async () => {
+  const node = await startNode();
+  const c = connect(node.url, {}, { transports: ['polling'] });
+  const s = await c.ready;
+  const sid = c.socket.io.engine.id;
+  assert.ok(sid);
+  const info = await api(node.url, 'GET', `/server/clients/${s.clientId}`);
+  assert.equal(info.body.connected, true);
+  const shown = info.body.connections.map((x) => x.connection);
+  assert.equal(shown.length, 1);
+  assert.ok(!shown.includes(sid) && !shown.includes(c.socket.id), `session id shown: ${shown}`);
+  // Polling with the shown id gets nothing of the victim's.
+  const res = await fetch(`${node.url}/socket.io/?EIO=4&transport=polling&sid=${shown[0]}`);
+  assert.notEqual(res.status, 200);
+  c.close();
+  await node.stop();
+});
+
+test('payloads that cannot be written back are refused; what is accepted reads back', async () => {
+  const node = await startNode();
+  const bad = [
+    ['{"address":"channel:p","payload":"\\ud800"}', /surrogate|hex escape/],
+    ['{"address":"channel:p","payload":1e999999}', /number/],
+    [`{"address":"channel:p","payload":${'['.repeat(65)}1${']'.repeat(65)}}`, /deeper than 64/],
+  ];
+  for (const [body, why] of bad) {
+    const r = await api(node.url, 'POST', '/server/enqueue', body, { raw: true });
+    assert.equal(r.status, 400, body.slice(0, 60));
+    assert.match(r.body.error, why);
+  }
+  const ok = `{"address":"channel:p","payload":${'['.repeat(64)}"\\ud83d\\ude00"${']'.repeat(64)}}`;
+  assert.equal((await api(node.url, 'POST', '/server/enqueue?wait=true', ok, { raw: true })).status, 200);
+  const read = await api(node.url, 'GET', '/server/mailbox/channel:p');
+  assert.equal(read.status, 200);
+  assert.equal(read.body.head, 1);
+  let v = read.body.messages[0].payload;
+  for (let i = 0; i < 64; i++) v = v[0];
+  assert.equal(v, '😀');
+  await node.stop();
+});
+
+test('bodies over the limit are refused while read; every error is JSON', async () => {
+  const node = await startNode({ env: { SIGNALPOST_MAX_BODY_BYTES: '100000' } });
+  const big = JSON.stringify([{ address: 'channel:b', payload: 'x'.repeat(200000) }]);
+  const r = await api(node.url, 'POST', '/server/enqueue', big, { raw: true });
+  assert.equal(r.status, 413);
+  assert.match(r.body.error, /too large|limit/);
+  const e405 = await api(node.url, 'DELETE', '/server/enqueue');
+  assert.equal(e405.status, 405);
+  assert.equal(typeof e405.body.error, 'string');
+  const e414 = await api(node.url, 'GET', `/server/mailbox/channel:b?after=${'1'.repeat(9000)}`);
+  assert.equal(e414.status, 414);
+  assert.match(e414.body.error, /request target/);
+  const res = await fetch(`${node.url}/server/nodes`, { headers: { 'x-junk': 'y'.repeat(17000) } });
+  assert.equal(res.status, 431);
+  assert.match((await res.json()).error, /headers/);
+  const badQuery = await api(node.url, 'GET', '/server/mailbox/channel:b?after=minus');
+  assert.equal(badQuery.status, 400);
+  assert.equal(typeof badQuery.body.error, 'string');
+  await node.stop();
+});
+
+test('half-sent requests are cut at the read timeout, and open HTTP connections are capped', async () => {
+  const node = await startNode({ env: { SIGNALPOST_HTTP_READ_TIMEOUT_MS: '1500', SIGNALPOST_MAX_HTTP_CONNECTIONS: '4' } });
+  const { hostname, port } = new URL(node.url);
+  const halfOpen = () => new Promise((resolve) => {
+    const sock = tcpConnect({ host: hostname, port: Number(port) }, () => {
+      sock.write('POST /server/enqueue HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n');
+      resolve(sock);
+    });
+    sock.closedAt = null;
+    sock.on('close', () => { sock.closedAt = Date.now(); });
+    sock.on('error', () => {});
+  });
+  const socks = [];
+  for (let i = 0; i < 4; i++) socks.push(await halfOpen());
+  // The cap is reached: a fifth request waits for a slot...
+  let answered = false;
+  const fifth = api(node.url, 'GET', '/healthz').then((r) => { answered = true; return r; });
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(answered, false, 'a request past the cap was served while 4 connections were held');
+  // ...which the read timeout frees: the server closes the half-sent requests itself.
+  await waitFor(() => socks.every((s) => s.closedAt), 15000, 'the server to close half-sent requests');
+  assert.equal((await fifth).status, 200);
+  await node.stop();
+});
+
+test('a client holds at most max_bindings_per_client bindings', async () => {
+  const node = await startNode({ env: { SIGNALPOST_MAX_BINDINGS_PER_CLIENT: '3' } });
+  const c = connect(node.url);
+  const s = await c.ready;
+  const bind = (addresses) => api(node.url, 'POST', '/server/connect', { client: s.clientId, addresses });
+  assert.equal((await bind(['channel:a', 'channel:b'])).status, 200);
+  assert.equal((await bind(['channel:a', 'channel:c'])).status, 200, 're-binding does not count twice');
+  const over = await bind(['channel:d']);
+  assert.equal(over.status, 400);
+  assert.match(over.body.error, /limit of 3/);
+  const info = await api(node.url, 'GET', `/server/clients/${s.clientId}`);
+  assert.deepEqual(info.body.addresses.sort(), ['channel:a', 'channel:b', 'channel:c']);
+  c.close();
+  await node.stop();
+});
+
+test('weak or missing secrets and an open listen address refuse to start, saying why', async () => {
+  assert.match(await refusesToStart({ SIGNALPOST_API_KEY: 'short' }), /api_key is 5 bytes; it must be at least 16/);
+  assert.match(await refusesToStart({ SIGNALPOST_CLIENT_TOKEN_SECRET: '', SIGNALPOST_REQUIRE_CLIENT_TOKEN: 'true' }), /client_token_secret is 0 bytes/);
+  assert.match(await refusesToStart({ SIGNALPOST_RESUME_SECRET: 'x' }), /resume_secret is 1 bytes/);
+  assert.match(await refusesToStart({ SIGNALPOST_BACKEND: 'cluster', SIGNALPOST_CLUSTER_SECRET: '' }), /cluster_secret/);
+  assert.match(await refusesToStart({}, '0.0.0.0:0'), /not a loopback address.*api_key.*insecure/);
+  const open = await startNode({ listen: '0.0.0.0:0', env: { SIGNALPOST_INSECURE: 'true' } });
+  await open.stop();
+});
+
+test('tokens: nbf, an empty sub, RS256 and ES256 keys, and the user bound to the client identity', async () => {
+  const node = await startNode({ env: { SIGNALPOST_CLIENT_TOKEN_SECRET: JWT_SECRET } });
+  assert.match((await refusal(node.url, { token: hs256(JWT_SECRET, { sub: 'u', exp: now() + 60, nbf: now() + 600 }) })).message, /invalid client token/i);
+  assert.match((await refusal(node.url, { token: hs256(JWT_SECRET, { sub: '', exp: now() + 60 }) })).message, /sub is empty/);
+  const alice = connect(node.url, { token: hs256(JWT_SECRET, { sub: 'alice', exp: now() + 60 }) });
+  const a = await alice.ready;
+  alice.close();
+  // Bob's valid token with Alice's resume token: refused; Alice's own: accepted.
+  const stolen = await refusal(node.url, { token: hs256(JWT_SECRET, { sub: 'bob', exp: now() + 60 }), clientId: a.clientId, resumeToken: a.resumeToken });
+  assert.match(stolen.message, /invalid resume token/);
+  assert.match((await refusal(node.url, { clientId: a.clientId, resumeToken: a.resumeToken })).message, /invalid resume token/);
+  const back = connect(node.url, { token: hs256(JWT_SECRET, { sub: 'alice', exp: now() + 60 }), clientId: a.clientId, resumeToken: a.resumeToken });
+  assert.equal((await back.ready).clientId, a.clientId);
+  back.close();
+  await node.stop();
+
+  for (const [alg, type, opts] of [['RS256', 'rsa', { modulusLength: 2048 }], ['ES256', 'ec', { namedCurve: 'P-256' }]]) {
+    const { publicKey, privateKey } = generateKeyPairSync(type, opts);
+    const file = join(tempDir('key'), 'public.pem');
+    writeFileSync(file, publicKey.export({ type: 'spki', format: 'pem' }));
+    const n = await startNode({ env: { SIGNALPOST_CLIENT_TOKEN_PUBLIC_KEY: file, SIGNALPOST_REQUIRE_CLIENT_TOKEN: 'true' } });
+    const ok = connect(n.url, { token: signed(alg, privateKey, { sub: `user-${alg}`, exp: now() + 60 }) });
+    assert.equal((await ok.ready).user, `user-${alg}`, alg);
+    ok.close();
+    const other = generateKeyPairSync(type, opts).privateKey;
+    assert.match((await refusal(n.url, { token: signed(alg, other, { sub: 'x', exp: now() + 60 }) })).message, /invalid client token/, `${alg}: another key`);
+    assert.match((await refusal(n.url, { token: hs256(JWT_SECRET, { sub: 'x', exp: now() + 60 }) })).message, /invalid client token/, `${alg}: HS256 is not accepted with a public key`);
+    await n.stop();
+  }
+});
+
+test('a connection ends with `kicked` at its token\'s exp unless refreshed; a bad refresh kicks at once', async () => {
+  const node = await startNode({ env: { SIGNALPOST_CLIENT_TOKEN_SECRET: JWT_SECRET } });
+  const short = connect(node.url, { token: hs256(JWT_SECRET, { sub: 'carol', exp: now() + 2 }) });
+  await short.ready;
+  const refreshed = connect(node.url, { token: hs256(JWT_SECRET, { sub: 'carol', exp: now() + 2 }) });
+  await refreshed.ready;
+  const answer = await refreshed.socket.timeout(5000).emitWithAck('refresh', { token: hs256(JWT_SECRET, { sub: 'carol', exp: now() + 120 }) });
+  assert.equal(answer.ok, true);
+  const kicked = await short.waitFor((e) => e.event === 'kicked', 10000, 'kicked at exp');
+  assert.equal(kicked.data.reason, 'token expired');
+  await waitFor(() => !short.socket.connected, 5000, 'the expired connection to close');
+  // Past the first token's exp, the refreshed connection is still up and served.
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(refreshed.socket.connected, true);
+  const own = `client:${refreshed.session.clientId}`;
+  await api(node.url, 'POST', '/server/enqueue?wait=true', { address: own, payload: 'still here' });
+  await refreshed.waitCount(own, 1);
+  // A refresh for another user is refused and ends the connection.
+  const bad = await refreshed.socket.timeout(5000).emitWithAck('refresh', { token: hs256(JWT_SECRET, { sub: 'mallory', exp: now() + 120 }) });
+  assert.match(bad.error, /not for this connection's user/);
+  const k = await refreshed.waitFor((e) => e.event === 'kicked', 5000, 'kicked after a bad refresh');
+  assert.match(k.data.reason, /refresh refused/);
+  await node.stop();
+});
+
+test('POST /server/kick closes a client\'s or a user\'s connections; revoke ends its resume', async () => {
+  const node = await startNode({ env: { SIGNALPOST_CLIENT_TOKEN_SECRET: JWT_SECRET } });
+  const tok = (sub) => hs256(JWT_SECRET, { sub, exp: now() + 600 });
+  const d1 = connect(node.url, { token: tok('dave') });
+  const d2 = connect(node.url, { token: tok('dave') });
+  const e1 = connect(node.url, { token: tok('erin') });
+  await Promise.all([d1.ready, d2.ready, e1.ready]);
+  const byUser = await api(node.url, 'POST', '/server/kick', { user: 'dave', reason: 'maintenance' });
+  assert.deepEqual(byUser.body, { kicked: 2 });
+  for (const c of [d1, d2]) {
+    const k = await c.waitFor((e) => e.event === 'kicked', 2000, 'kicked');
+    assert.equal(k.data.reason, 'maintenance');
+    await waitFor(() => !c.socket.connected, 2000, 'closed');
+  }
+  assert.equal(e1.socket.connected, true, 'another user is untouched');
+  const s = e1.session;
+  const byClient = await api(node.url, 'POST', '/server/kick', { client: s.clientId, revoke: true });
+  assert.deepEqual(byClient.body, { kicked: 1 });
+  await e1.waitFor((e) => e.event === 'kicked', 2000, 'kicked');
+  const again = await refusal(node.url, { token: tok('erin'), clientId: s.clientId, resumeToken: s.resumeToken });
+  assert.match(again.message, /revoked/);
+  for (const bad of [{}, { client: 'a', user: 'b' }, { user: '' }, { client: 'x', revoke: 'yes' }, { client: 'x', nope: 1 }]) {
+    const r = await api(node.url, 'POST', '/server/kick', bad);
+    assert.equal(r.status, 400, JSON.stringify(bad));
+    assert.equal(typeof r.body.error, 'string');
+  }
+  await node.stop();
+});
+
+test('max_connections_per_user kicks the oldest connection with reason quota', async () => {
+  const node = await startNode({ env: { SIGNALPOST_CLIENT_TOKEN_SECRET: JWT_SECRET, SIGNALPOST_MAX_CONNECTIONS_PER_USER: '2' } });
+  const tok = hs256(JWT_SECRET, { sub: 'frank', exp: now() + 600 });
+  const first = connect(node.url, { token: tok });
+  await first.ready;
+  const second = connect(node.url, { token: tok });
+  await second.ready;
+  const third = connect(node.url, { token: tok });
+  await third.ready;
+  const k = await first.waitFor((e) => e.event === 'kicked', 5000, 'the oldest kicked');
+  assert.equal(k.data.reason, 'quota');
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(second.socket.connected, true);
+  assert.equal(third.socket.connected, true);
+  second.close(); third.close();
+  await node.stop();
+});
+
+test('floods meet clear errors: connects per IP, events per connection; others are served meanwhile', async () => {
+  const node = await startNode({ env: { SIGNALPOST_CONNECT_RATE_PER_IP: '5', SIGNALPOST_EVENT_RATE_PER_CONNECTION: '50' } });
+  const results = await Promise.allSettled(Array.from({ length: 15 }, () => {
+    const c = connect(node.url);
+    return c.ready.finally(() => c.close());
+  }));
+  const refused = results.filter((r) => r.status === 'rejected');
+  assert.ok(refused.length >= 5, `only ${refused.length} of 15 refused`);
+  assert.match(refused[0].reason.message, /too many connections from 127\.0\.0\.1/);
+  await new Promise((r) => setTimeout(r, 1200));
+  const calm = connect(node.url);
+  const cs = await calm.ready;
+  const flood = connect(node.url);
+  const fs = await flood.ready;
+  for (let i = 0; i < 400; i++) flood.socket.emit('ack', { address: `client:${fs.clientId}`, version: 0 });
+  const own = `client:${cs.clientId}`;
+  for (let i = 0; i < 20; i++) await api(node.url, 'POST', '/server/enqueue', { address: own, payload: i });
+  await calm.waitCount(own, 20);
+  assert.deepEqual(calm.signals(own).map((m) => m.payload), [...Array(20).keys()]);
+  const err = await flood.waitFor((e) => e.event === 'error' && /rate limit/.test(e.data.message), 5000, 'a rate-limit error');
+  assert.match(err.data.message, /at most 50 events per second/);
+  const k = await flood.waitFor((e) => e.event === 'kicked', 5000, 'the flooder kicked');
+  assert.match(k.data.reason, /flood/);
+  calm.close();
+  await node.stop();
+});
+
+test('node-to-node routes need the cluster secret, a live member and a fresh nonce; a want never redirects traffic', { skip: clusterOnly, timeout: 120000 }, async () => {
+  const env = { ...testCluster('peerauth'), SIGNALPOST_RESUME_SECRET: randomBytes(32).toString('hex') };
+  const a = await startNode({ env });
+  const b = await startNode({ env });
+  const idOf = async (n) => (await api(n.url, 'GET', '/healthz')).body.node;
+  const [idA, idB] = [await idOf(a), await idOf(b)];
+  await waitFor(async () => (await api(b.url, 'GET', '/server/nodes')).body.nodes?.length === 2, 30000, 'two members');
+  // A stranger's server that a forged want would like to receive the messages.
+  const stolen = [];
+  const trap = createServer((req, res) => { let d = ''; req.on('data', (c) => { d += c; }); req.on('end', () => { stolen.push(d); res.end('{}'); }); });
+  await new Promise((r) => trap.listen(0, '127.0.0.1', r));
+  const trapUrl = `http://127.0.0.1:${trap.address().port}`;
+  const want = JSON.stringify({ node: idA, url: trapUrl, session: 'evil', snapshot: true, add: ['channel:loot'], remove: [] });
+  assert.equal((await post(b.url, '/internal/want', want, { 'content-type': 'application/json' })).status, 401, 'unsigned');
+  const wrong = await post(b.url, '/internal/want', want, peerHeaders('not-the-cluster-secret-0123456789', 'POST', '/internal/want', idA, want));
+  assert.equal(wrong.status, 401);
+  assert.match(wrong.body.error, /bad signature/);
+  const stranger = await post(b.url, '/internal/want', want, peerHeaders(CLUSTER_SECRET, 'POST', '/internal/want', 'node-stranger', want));
+  assert.equal(stranger.status, 401);
+  assert.match(stranger.body.error, /not a live member/);
+  const stale = await post(b.url, '/internal/want', want, peerHeaders(CLUSTER_SECRET, 'POST', '/internal/want', idA, want, { time: Date.now() - 120000 }));
+  assert.equal(stale.status, 401);
+  // With the secret (an insider), the URL in a want is still not trusted, and a replay is refused.
+  const headers = peerHeaders(CLUSTER_SECRET, 'POST', '/internal/want', idA, want);
+  assert.equal((await post(b.url, '/internal/want', want, headers)).status, 200);
+  const replay = await post(b.url, '/internal/want', want, headers);
+  assert.equal(replay.status, 401);
+  assert.match(replay.body.error, /replayed/);
+  for (let i = 0; i < 10; i++) await api(b.url, 'POST', '/server/enqueue?wait=true', { address: 'channel:loot', payload: i });
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.deepEqual(stolen, [], 'nothing was sent to the URL a want named');
+  // Forged answers and signals without the secret reach no client.
+  const c = connect(b.url);
+  const s = await c.ready;
+  const own = `client:${s.clientId}`;
+  const frames = JSON.stringify([{ signals: { signals: [{ address: own, version: 1, id: 'f', ts: 1, payload: 'forged' }], appended_us: 0 } }]);
+  assert.equal((await post(b.url, '/internal/deliver', frames, peerHeaders('x'.repeat(40), 'POST', '/internal/deliver', idA, frames))).status, 401);
+  await api(a.url, 'POST', '/server/enqueue?wait=true', { address: own, payload: 'real' });
+  await c.waitCount(own, 1);
+  assert.deepEqual(c.signals(own).map((m) => m.payload), ['real']);
+  c.close();
+  trap.close();
+  void idB;
+  await a.stop();
+  await b.stop();
+});
+
+test('kick and the per-user quota hold across nodes', { skip: clusterOnly, timeout: 120000 }, async () => {
+  const env = { ...testCluster('kick'), SIGNALPOST_RESUME_SECRET: randomBytes(32).toString('hex'), SIGNALPOST_CLIENT_TOKEN_SECRET: JWT_SECRET, SIGNALPOST_MAX_CONNECTIONS_PER_USER: '2' };
+  const a = await startNode({ env });
+  const b = await startNode({ env });
+  await waitFor(async () => (await api(b.url, 'GET', '/server/nodes')).body.nodes?.length === 2, 30000, 'two members');
+  const tok = (sub) => hs256(JWT_SECRET, { sub, exp: now() + 600 });
+  const g1 = connect(a.url, { token: tok('gina') });
+  await g1.ready;
+  const g2 = connect(b.url, { token: tok('gina') });
+  await g2.ready;
+  const g3 = connect(b.url, { token: tok('gina') });
+  await g3.ready;
+  const q = await g1.waitFor((e) => e.event === 'kicked', 5000, 'the oldest (on the other node) kicked for quota');
+  assert.equal(q.data.reason, 'quota');
+  const h = connect(b.url, { token: tok('hank') });
+  const hs = await h.ready;
+  const t0 = Date.now();
+  const r = await api(a.url, 'POST', '/server/kick', { client: hs.clientId, reason: 'bye', revoke: true });
+  assert.equal(r.body.kicked, 1);
+  const k = await h.waitFor((e) => e.event === 'kicked', 1000, 'kicked within 1 s through another node');
+  assert.equal(k.data.reason, 'bye');
+  await waitFor(() => !h.socket.connected, 1000, 'closed within 1 s');
+  const took = Date.now() - t0;
+  assert.match((await refusal(a.url, { token: tok('hank'), clientId: hs.clientId, resumeToken: hs.resumeToken })).message, /revoked/);
+  test.diagnostic?.(`cluster kick took ${took} ms`);
+  g2.close(); g3.close();
+  await a.stop();
+  await b.stop();
+});

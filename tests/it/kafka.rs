@@ -57,6 +57,10 @@ struct Store {
 }
 
 fn store() -> Store {
+    store_with(1000)
+}
+
+fn store_with(max_bindings: usize) -> Store {
     let dir = tempfile::tempdir().unwrap();
     let mailbox: Arc<dyn Mailbox> =
         Arc::new(EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap());
@@ -66,7 +70,7 @@ fn store() -> Store {
         topology,
         router: Arc::new(Router::default()),
         metrics: Metrics::install(),
-        max_bindings: 1000,
+        max_bindings,
     });
     Store {
         _dir: dir,
@@ -162,7 +166,7 @@ async fn versions(m: &dyn Mailbox, address: &Address) -> Vec<String> {
 #[ignore = "needs Kafka: scripts/stack up, then cargo test -- --include-ignored"]
 async fn malformed_records_are_dead_lettered_and_the_rest_applied() {
     let t = topics().await;
-    let s = store();
+    let s = store_with(2);
     let q = KafkaQueue::start(settings(&t, "dl"), s.processor.clone()).unwrap();
     let good = r#"{"address":"channel:dl","payload":{"ok":1},"id":"good-1"}"#;
     let big = format!(
@@ -178,6 +182,10 @@ async fn malformed_records_are_dead_lettered_and_the_rest_applied() {
                 r#"{"address":"room:x","payload":1}"#.into(),
             ),
             ("channel:dl".into(), big),
+            (
+                "channel:dl".into(),
+                r#"{"address":"channel:dl","payload":"\ud800"}"#.into(),
+            ),
             ("channel:dl".into(), good.into()),
             (
                 "channel:dl".into(),
@@ -188,10 +196,17 @@ async fn malformed_records_are_dead_lettered_and_the_rest_applied() {
     .await;
     produce(
         &t.connect,
-        &[(
-            "c1".into(),
-            r#"{"client":"c1","addresses":"channel:dl"}"#.into(),
-        )],
+        &[
+            (
+                "c1".into(),
+                r#"{"client":"c1","addresses":"channel:dl"}"#.into(),
+            ),
+            // Valid, but past the client's binding limit (2): refused when applied.
+            (
+                "c2".into(),
+                r#"{"client":"c2","addresses":["channel:a","channel:b","channel:c"]}"#.into(),
+            ),
+        ],
     )
     .await;
     let a = Address::parse("channel:dl").unwrap();
@@ -230,7 +245,7 @@ async fn malformed_records_are_dead_lettered_and_the_rest_applied() {
         .unwrap();
     c.subscribe(&[&t.deadletter]).unwrap();
     let mut reasons = Vec::new();
-    while reasons.len() < 5 {
+    while reasons.len() < 7 {
         let m = tokio::time::timeout(Duration::from_secs(20), c.recv())
             .await
             .expect("a dead letter")
@@ -249,6 +264,8 @@ async fn malformed_records_are_dead_lettered_and_the_rest_applied() {
         "invalid address \"room:x\"",
         "over the limit of 64",
         "addresses must be an array",
+        "lone surrogate",
+        "would pass the limit of 2",
         &format!("came through partition {wrong}"),
     ] {
         assert!(joined.contains(want), "{want} in {joined}");

@@ -14,6 +14,7 @@
 
 pub mod address;
 pub mod api;
+#[cfg(feature = "cluster")]
 pub mod cassandra;
 pub mod cluster;
 pub mod config;

@@ -2,24 +2,22 @@
 //! and drains in a fixed order on shutdown (stop taking work, close client connections, finish
 //! queued work, write pending acks).
 
-use crate::cluster::zookeeper::ZkMembership;
+#[cfg(feature = "cluster")]
+mod cluster;
+
 use crate::cluster::{Membership, NodeInfo, Standalone};
 use crate::config::{Backend, Config};
 use crate::gateway::Gate;
 use crate::gateway::acks::AckWriter;
-use crate::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
 use crate::ingest::local::LocalQueue;
 use crate::ingest::{Processor, Queue};
 use crate::mailbox::Mailbox;
-use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
 use crate::mailbox::embedded::EmbeddedMailbox;
 use crate::metrics::Metrics;
-use crate::presence::cassandra::CassandraPresence;
 use crate::presence::{MemoryPresence, Presence};
 use crate::routing::Router;
 use crate::routing::peers::Peers;
 use crate::security::{Credentials, PeerAuth, TokenKey, load_or_create_secret};
-use crate::topology::cassandra::CassandraTopology;
 use crate::topology::embedded::EmbeddedTopology;
 use crate::topology::{Cursors, Topology};
 use std::net::SocketAddr;
@@ -150,80 +148,29 @@ impl Node {
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{addr}"));
         let metrics = Metrics::install();
-        let topics = Topics::with_prefix(&config.kafka_topic_prefix);
         let me = NodeInfo {
             id: node_id.clone(),
             url: advertised.clone(),
             leader: true,
         };
-        // A cluster node connects to ZooKeeper first and joins (is listed, contends for
-        // leadership, applies operations) once it is built.
-        let zk = (config.backend == Backend::Cluster).then(|| {
-            Arc::new(ZkMembership::connect(
-                &config.zookeeper,
-                Duration::from_millis(config.zookeeper_session_timeout_ms),
-                &config.zookeeper_root,
-                NodeInfo {
-                    leader: false,
-                    ..me.clone()
-                },
-            ))
-        });
-        let membership: Arc<dyn Membership> = match &zk {
-            Some(zk) => zk.clone(),
-            None => Arc::new(Standalone::new(me)),
-        };
-        // Nodes starting together create the topics and the schema one at a time (concurrent
-        // CREATE TABLE on several coordinators can disagree on a table's id).
-        let bootstrap = membership
-            .lock(
-                "bootstrap",
-                Duration::from_millis(config.zookeeper_lock_timeout_ms),
-            )
-            .await
-            .map_err(|e| NodeError::Backend(format!("startup lock: {e}")))?;
-        // The mailbox is sharded like the enqueue topic, so the topics come first.
-        let shards = match config.backend {
-            Backend::Embedded => 1,
+        let router = Arc::new(Router::default());
+        let parts = match config.backend {
+            Backend::Embedded => embedded_parts(&config, me, &router, &metrics)?,
+            #[cfg(feature = "cluster")]
+            Backend::Cluster => cluster::parts(&config, me, &router, &metrics).await?,
+            #[cfg(not(feature = "cluster"))]
             Backend::Cluster => {
-                KafkaQueue::ensure_topics(&config.kafka, &topics, config.kafka_partitions)
-                    .await
-                    .map_err(|e| NodeError::Backend(e.to_string()))?
+                return Err(NodeError::Backend(
+                    "this binary was built without the cluster backend: build it with `cargo build --release --features cluster`".into(),
+                ));
             }
         };
-        let stores = open_stores(&config, &node_id, (&topics.enqueue, shards)).await?;
-        drop(bootstrap);
-        let router = Arc::new(Router::default());
-        let processor = Arc::new(Processor {
-            mailbox: stores.mailbox.clone(),
-            topology: stores.topology.clone(),
-            router: router.clone(),
-            metrics: metrics.clone(),
-            max_bindings: config.max_bindings_per_client,
-        });
-        let queue: Arc<dyn Queue> = match config.backend {
-            Backend::Embedded => Arc::new(LocalQueue::start(processor, config.append_batch)),
-            Backend::Cluster => Arc::new(
-                KafkaQueue::start(
-                    KafkaSettings {
-                        brokers: config.kafka.clone(),
-                        topics,
-                        group: config.kafka_group.clone(),
-                        limits: crate::ingest::parse::Limits {
-                            max_payload: config.max_payload_bytes,
-                            max_batch: config.max_batch,
-                        },
-                        batch: config.append_batch,
-                        partitions: shards,
-                        node: node_id.clone(),
-                        member: Some(membership.membership()),
-                        never_commit: false,
-                    },
-                    processor,
-                )
-                .map_err(|e| NodeError::Backend(e.to_string()))?,
-            ),
-        };
+        let Parts {
+            stores,
+            queue,
+            membership,
+            join,
+        } = parts;
         let Stores {
             mailbox,
             topology,
@@ -272,8 +219,8 @@ impl Node {
         spawn_expiry(svc.clone());
         spawn_cleanup(svc.clone());
         spawn_gate_sweep(svc.clone());
-        if let Some(zk) = zk {
-            zk.join();
+        if let Some(join) = join {
+            join();
         }
         Ok(Self {
             svc,
@@ -346,67 +293,56 @@ struct Stores {
     presence: Arc<dyn Presence>,
 }
 
-/// Opens the stores of the configured backend: redb files in the data dir, or a Cassandra
-/// keyspace (the schema applied idempotently first).
-async fn open_stores(
+/// What a backend gives a node: its stores, its queue and its membership, and what to call
+/// once the node is built (a cluster node joins the cluster then).
+struct Parts {
+    stores: Stores,
+    queue: Arc<dyn Queue>,
+    membership: Arc<dyn Membership>,
+    join: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// The embedded backend: redb files in the data dir, the in-process queue, a standalone node.
+fn embedded_parts(
     config: &Config,
-    node_id: &str,
-    (scope, shards): (&str, u32),
-) -> Result<Stores, NodeError> {
+    me: NodeInfo,
+    router: &Arc<Router>,
+    metrics: &Metrics,
+) -> Result<Parts, NodeError> {
     let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
-    match config.backend {
-        Backend::Embedded => {
-            let dir = &config.data_dir;
-            let mailbox = EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
-                .map_err(|e| store_err(&e))?;
-            let topo =
-                EmbeddedTopology::open(&dir.join("state.redb")).map_err(|e| store_err(&e))?;
-            Ok(Stores {
-                mailbox: Arc::new(mailbox),
-                topology: Arc::new(topo.clone()),
-                cursors: Arc::new(topo),
-                presence: Arc::new(MemoryPresence::default()),
-            })
-        }
-        Backend::Cluster => {
-            let cc = crate::cassandra::CassandraConfig {
-                contact_points: config.cassandra.clone(),
-                keyspace: config.cassandra_keyspace.clone(),
-                replication: config.cassandra_replication.clone(),
-            };
-            let session = Arc::new(
-                crate::cassandra::open(&cc, node_id)
-                    .await
-                    .map_err(|e| NodeError::Backend(e.to_string()))?,
-            );
-            let ks = &config.cassandra_keyspace;
-            let mailbox = CassandraMailbox::new(
-                session.clone(),
-                &MailboxSettings {
-                    keyspace: ks.clone(),
-                    retention_ms: config.retention_ms(),
-                    bucket_size: DEFAULT_BUCKET_SIZE,
-                    shards,
-                    scope: scope.to_string(),
-                    owner: node_id.to_string(),
-                },
-            )
-            .await
-            .map_err(|e| store_err(&e))?;
-            let topo = CassandraTopology::new(session.clone(), ks)
-                .await
-                .map_err(|e| store_err(&e))?;
-            let presence = CassandraPresence::new(session, ks)
-                .await
-                .map_err(|e| store_err(&e))?;
-            Ok(Stores {
-                mailbox: Arc::new(mailbox),
-                topology: Arc::new(topo.clone()),
-                cursors: Arc::new(topo),
-                presence: Arc::new(presence),
-            })
-        }
-    }
+    let dir = &config.data_dir;
+    let mailbox = EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
+        .map_err(|e| store_err(&e))?;
+    let topo = EmbeddedTopology::open(&dir.join("state.redb")).map_err(|e| store_err(&e))?;
+    let stores = Stores {
+        mailbox: Arc::new(mailbox),
+        topology: Arc::new(topo.clone()),
+        cursors: Arc::new(topo),
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let processor = processor(config, &stores, router, metrics);
+    Ok(Parts {
+        stores,
+        queue: Arc::new(LocalQueue::start(processor, config.append_batch)),
+        membership: Arc::new(Standalone::new(me)),
+        join: None,
+    })
+}
+
+/// The processor that applies operations to `stores` and hands them to `router`.
+fn processor(
+    config: &Config,
+    stores: &Stores,
+    router: &Arc<Router>,
+    metrics: &Metrics,
+) -> Arc<Processor> {
+    Arc::new(Processor {
+        mailbox: stores.mailbox.clone(),
+        topology: stores.topology.clone(),
+        router: router.clone(),
+        metrics: metrics.clone(),
+        max_bindings: config.max_bindings_per_client,
+    })
 }
 
 fn node_id_in(dir: &std::path::Path) -> std::io::Result<String> {

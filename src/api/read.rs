@@ -197,7 +197,11 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     );
     put(
         "queue",
-        svc.queue.healthy().await.map_err(|e| e.to_string()),
+        match svc.queue.healthy().await {
+            Ok(()) => svc.queue.ready(),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| e.to_string()),
     );
     put(
         "topology",

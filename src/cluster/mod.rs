@@ -4,6 +4,7 @@
 //! Curator-compatible leader latch and Curator-compatible locks. [`contract`] is what both pass.
 
 pub mod contract;
+#[cfg(feature = "cluster")]
 pub mod zookeeper;
 
 use serde::Serialize;

@@ -417,6 +417,21 @@ impl Queue for KafkaQueue {
         })
     }
 
+    fn ready(&self) -> Result<(), IngestError> {
+        let generation = self
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        if generation == 0 {
+            return Err(IngestError::Unavailable(
+                "the Kafka consumer has not been given its partitions yet (joining the group)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     async fn healthy(&self) -> Result<(), IngestError> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || {

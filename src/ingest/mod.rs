@@ -6,6 +6,7 @@
 //! in-process queue of the embedded default: its consumer is the processor itself, so a command
 //! is answered once applied (durably appended or bound), which is stronger than queued.
 
+#[cfg(feature = "cluster")]
 pub mod kafka;
 pub mod local;
 pub mod parse;
@@ -115,6 +116,11 @@ pub trait Queue: Send + Sync + 'static {
         None
     }
     async fn healthy(&self) -> Result<(), IngestError>;
+    /// Whether operations published now get applied: a queue with a consumer group is not ready
+    /// until its consumer has been given its partitions (`/healthz` answers 503 before).
+    fn ready(&self) -> Result<(), IngestError> {
+        Ok(())
+    }
 }
 
 /// Applies batches of commands: appends, then binding changes, then hands the appended messages

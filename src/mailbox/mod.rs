@@ -5,6 +5,7 @@
 //! [`Mailbox`] is the trait; [`embedded`] is the default backend (redb on local disk).
 //! [`contract`] is the suite every backend must pass.
 
+#[cfg(feature = "cluster")]
 pub mod cassandra;
 pub mod contract;
 pub mod embedded;

@@ -6,6 +6,7 @@
 //! restart, nobody is connected). [`cassandra`] is the cluster's backend. [`contract`] is the
 //! suite every backend passes.
 
+#[cfg(feature = "cluster")]
 pub mod cassandra;
 
 use crate::address::ClientId;

@@ -790,23 +790,35 @@ async fn durable(args: &BenchArgs) -> Res<String> {
     let batches = counter(&mut http, "signalpost_append_batch_size_count").await? - batches0;
     let mean_batch = ((n as f64 / batches.max(1.0)).round() as usize).max(1);
     let node_rate = n as f64 / node_secs;
+    #[cfg_attr(not(feature = "cluster"), allow(unused_mut))]
     let mut line = format!(
         "durable messages={n} addresses={}: node {node_rate:.0} messages/s durably appended (mean append batch {mean_batch})",
         args.addresses
     );
     if let Some(cp) = &args.cassandra {
-        eprintln!("durable: the same rows straight into Cassandra, batches of {mean_batch} …");
-        let raw_rate = raw_rows(args, cp, &run, mean_batch).await?;
-        line.push_str(&format!(
-            "; raw same rows {raw_rate:.0} messages/s; ratio {:.2}",
-            node_rate / raw_rate
-        ));
+        #[cfg(feature = "cluster")]
+        {
+            eprintln!("durable: the same rows straight into Cassandra, batches of {mean_batch} …");
+            let raw_rate = raw_rows(args, cp, &run, mean_batch).await?;
+            line.push_str(&format!(
+                "; raw same rows {raw_rate:.0} messages/s; ratio {:.2}",
+                node_rate / raw_rate
+            ));
+        }
+        #[cfg(not(feature = "cluster"))]
+        {
+            let _ = (cp, &run);
+            return Err(ClientError::Input(
+                "--cassandra needs a build with the cluster backend (--features cluster)".into(),
+            ));
+        }
     }
     Ok(line)
 }
 
 /// Writes the rows of the durable scenario's messages straight into Cassandra, as the node's
-/// mailbox would, without reads or fence ([`crate::mailbox::cassandra::CassandraMailbox::write_unfenced`]).
+/// mailbox would, without reads or fence (`CassandraMailbox::write_unfenced`).
+#[cfg(feature = "cluster")]
 async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usize) -> Res<f64> {
     use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
     let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));

@@ -6,6 +6,7 @@
 //! Both are durable before a call returns. [`embedded`] keeps them in redb; [`contract`] is the
 //! suite every backend passes.
 
+#[cfg(feature = "cluster")]
 pub mod cassandra;
 pub mod contract;
 pub mod embedded;

@@ -9,7 +9,9 @@ use signalpost::topology::{Cursors, Topology};
 use signalpost::{mailbox, presence, topology};
 use std::sync::Arc;
 
+#[cfg(feature = "cluster")]
 mod kafka;
+#[cfg(feature = "cluster")]
 mod zookeeper;
 
 fn embedded_mailbox(retention_ms: u64) -> (tempfile::TempDir, Arc<dyn Mailbox>) {
@@ -170,6 +172,7 @@ mod memory_presence {
 /// `SIGNALPOST_CASSANDRA` (default 127.0.0.1:9042). All tests share the keyspace
 /// `signalpost_it` (bucket size 100, so the suites cross buckets) and rely on the suites'
 /// fresh addresses and clients, so they run in parallel against one server.
+#[cfg(feature = "cluster")]
 mod cassandra_support {
     use signalpost::cassandra;
     use signalpost::mailbox::cassandra::{CassandraMailbox, MailboxSettings};
@@ -252,6 +255,7 @@ mod cassandra_support {
     }
 }
 
+#[cfg(feature = "cluster")]
 mod cassandra_mailbox {
     use super::cassandra_support::*;
     use super::*;
@@ -464,6 +468,7 @@ mod cassandra_mailbox {
     }
 }
 
+#[cfg(feature = "cluster")]
 mod cassandra_presence {
     use super::cassandra_support::*;
     use super::*;
@@ -479,6 +484,7 @@ mod cassandra_presence {
     }
 }
 
+#[cfg(feature = "cluster")]
 mod cassandra_topology {
     use super::cassandra_support::*;
     use super::*;
@@ -536,6 +542,7 @@ mod cassandra_topology {
 /// `SIGNALPOST_BENCH=1 cargo test --release --test it -- --ignored throughput --nocapture`
 /// (without `SIGNALPOST_BENCH` it returns at once, so `--include-ignored` runs stay quick).
 /// `signalpost bench --scenario cluster-append` measures the same through Kafka and a node.
+#[cfg(feature = "cluster")]
 mod throughput {
     use super::cassandra_support::*;
     use signalpost::mailbox::Mailbox;

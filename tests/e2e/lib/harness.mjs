@@ -71,7 +71,7 @@ export function testCluster(name, extra = {}) {
 }
 
 /** Starts `signalpost serve` on a free port; resolves once it prints where it listens. */
-export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0' } = {}) {
+export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0', ready = true } = {}) {
   const proc = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, ...args], {
     env: { ...process.env, RUST_LOG: process.env.SIGNALPOST_E2E_LOG || 'warn', ...clusterEnv(dataDir), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -91,6 +91,14 @@ export async function startNode({ dataDir = tempDir(), env = {}, args = [], list
     proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`node exited with ${code}: ${err}`)); });
   });
   const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  // Every test starts from a node that says it is ready, as a user (or a load balancer) would
+  // wait: the contract promises that an operation sent then does not time out, and every test's
+  // first operation checks it. (HTTPS nodes are checked by their own tests, with their CA.)
+  if (ready && url.startsWith('http:')) {
+    await waitFor(async () => {
+      try { return (await fetch(`${url}/healthz`)).status === 200; } catch { return false; }
+    }, 60000, `${url}/healthz to answer 200`);
+  }
   return {
     url, dataDir, proc, exited,
     stderr: () => err,

@@ -1,0 +1,115 @@
+//! The cluster backend's parts (feature `cluster`): ZooKeeper membership, Kafka topics and
+//! queue, the Cassandra stores — built in the order that makes concurrent starts safe.
+
+use super::{NodeError, Parts, Stores, processor};
+use crate::cluster::zookeeper::ZkMembership;
+use crate::cluster::{Membership, NodeInfo};
+use crate::config::Config;
+use crate::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
+use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
+use crate::metrics::Metrics;
+use crate::presence::cassandra::CassandraPresence;
+use crate::routing::Router;
+use crate::topology::cassandra::CassandraTopology;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Connects to ZooKeeper, then — under the cluster-wide `bootstrap` lock — creates the Kafka
+/// topics and the Cassandra schema and opens the stores, then starts the Kafka queue. The node
+/// joins (is listed, contends for leadership, applies operations) when `Parts::join` is called,
+/// once it is built.
+pub(super) async fn parts(
+    config: &Config,
+    me: NodeInfo,
+    router: &Arc<Router>,
+    metrics: &Metrics,
+) -> Result<Parts, NodeError> {
+    let backend = |e: &dyn std::fmt::Display| NodeError::Backend(e.to_string());
+    let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
+    let node_id = me.id.clone();
+    let zk = Arc::new(ZkMembership::connect(
+        &config.zookeeper,
+        Duration::from_millis(config.zookeeper_session_timeout_ms),
+        &config.zookeeper_root,
+        NodeInfo {
+            leader: false,
+            ..me
+        },
+    ));
+    let membership: Arc<dyn Membership> = zk.clone();
+    // Nodes starting together create the topics and the schema one at a time (concurrent
+    // CREATE TABLE on several coordinators can disagree on a table's id).
+    let bootstrap = membership
+        .lock(
+            "bootstrap",
+            Duration::from_millis(config.zookeeper_lock_timeout_ms),
+        )
+        .await
+        .map_err(|e| NodeError::Backend(format!("startup lock: {e}")))?;
+    // The mailbox is sharded like the enqueue topic, so the topics come first.
+    let topics = Topics::with_prefix(&config.kafka_topic_prefix);
+    let shards = KafkaQueue::ensure_topics(&config.kafka, &topics, config.kafka_partitions)
+        .await
+        .map_err(|e| backend(&e))?;
+    let cc = crate::cassandra::CassandraConfig {
+        contact_points: config.cassandra.clone(),
+        keyspace: config.cassandra_keyspace.clone(),
+        replication: config.cassandra_replication.clone(),
+    };
+    let session = Arc::new(
+        crate::cassandra::open(&cc, &node_id)
+            .await
+            .map_err(|e| backend(&e))?,
+    );
+    let ks = &config.cassandra_keyspace;
+    let mailbox = CassandraMailbox::new(
+        session.clone(),
+        &MailboxSettings {
+            keyspace: ks.clone(),
+            retention_ms: config.retention_ms(),
+            bucket_size: DEFAULT_BUCKET_SIZE,
+            shards,
+            scope: topics.enqueue.clone(),
+            owner: node_id.clone(),
+        },
+    )
+    .await
+    .map_err(|e| store_err(&e))?;
+    let topo = CassandraTopology::new(session.clone(), ks)
+        .await
+        .map_err(|e| store_err(&e))?;
+    let presence = CassandraPresence::new(session, ks)
+        .await
+        .map_err(|e| store_err(&e))?;
+    drop(bootstrap);
+    let stores = Stores {
+        mailbox: Arc::new(mailbox),
+        topology: Arc::new(topo.clone()),
+        cursors: Arc::new(topo),
+        presence: Arc::new(presence),
+    };
+    let queue = KafkaQueue::start(
+        KafkaSettings {
+            brokers: config.kafka.clone(),
+            topics,
+            group: config.kafka_group.clone(),
+            limits: crate::ingest::parse::Limits {
+                max_payload: config.max_payload_bytes,
+                max_batch: config.max_batch,
+            },
+            batch: config.append_batch,
+            partitions: shards,
+            node: node_id,
+            member: Some(membership.membership()),
+            never_commit: false,
+        },
+        processor(config, &stores, router, metrics),
+    )
+    .map_err(|e| backend(&e))?;
+    Ok(Parts {
+        stores,
+        queue: Arc::new(queue),
+        membership,
+        join: Some(Box::new(move || zk.join())),
+    })
+}

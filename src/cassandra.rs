@@ -203,7 +203,7 @@ pub async fn apply_schema(
                     message: e.to_string(),
                 })?;
         }
-        let now = scylla::value::CqlTimestamp(crate::mailbox::now_ms() as i64);
+        let now = scylla::value::CqlTimestamp(crate::clock::now_ms() as i64);
         session
             .query_unpaged(
                 format!(

@@ -16,6 +16,7 @@ pub mod address;
 pub mod api;
 #[cfg(feature = "cluster")]
 pub mod cassandra;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod console;

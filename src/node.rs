@@ -192,7 +192,8 @@ impl Node {
             membership.clone(),
             metrics.clone(),
         );
-        peers.set_queue(&queue);
+        let replies: Arc<dyn crate::routing::Replies> = queue.clone();
+        peers.set_replies(Arc::downgrade(&replies));
         router.set_remote(peers.clone());
         if config.backend == Backend::Cluster {
             peers.start();
@@ -411,7 +412,7 @@ fn spawn_gate_sweep(svc: Arc<Services>) {
                 svc.gate.sweep();
                 last_ip_sweep = std::time::Instant::now();
             }
-            let now = crate::mailbox::now_ms();
+            let now = crate::clock::now_ms();
             for conn in svc.gate.registry.all() {
                 conn.renew_resume_token(now, retention / 2);
             }
@@ -427,7 +428,7 @@ fn spawn_expiry(svc: Arc<Services>) {
         loop {
             tokio::time::sleep(every).await;
             let Some(svc) = weak.upgrade() else { return };
-            match svc.mailbox.expire(crate::mailbox::now_ms()).await {
+            match svc.mailbox.expire(crate::clock::now_ms()).await {
                 Ok(n) => svc.metrics.expired.increment(n),
                 Err(e) => tracing::warn!(error = %e, "expiry failed"),
             }

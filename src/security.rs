@@ -377,7 +377,7 @@ mod tests {
     }
 
     fn now_s() -> i64 {
-        (crate::mailbox::now_ms() / 1000) as i64
+        (crate::clock::now_ms() / 1000) as i64
     }
 
     fn token_with(secret: &str, claims: serde_json::Value) -> String {
@@ -459,7 +459,7 @@ mod tests {
         let c = creds(b"k", Some(s), true);
         let u = c.check_token(Some(&token(s, "u1", 60))).unwrap().unwrap();
         assert_eq!(u.id, "u1");
-        assert!(u.expires_ms > crate::mailbox::now_ms());
+        assert!(u.expires_ms > crate::clock::now_ms());
         assert_eq!(c.check_token(None), Err(AuthError::TokenMissing));
         let invalid = |t: &str, why: &str| {
             let e = c.check_token(Some(t)).unwrap_err();

@@ -30,6 +30,9 @@ pub enum ApiError {
     PeerRefused(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Waited for an operation to become durable longer than allowed (504).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl From<crate::ingest::parse::Invalid> for ApiError {
@@ -43,7 +46,10 @@ impl From<crate::ingest::parse::Invalid> for ApiError {
 
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
-        ApiError::Unavailable(e.to_string())
+        match e {
+            IngestError::Timeout(_) => ApiError::Timeout(e.to_string()),
+            e => ApiError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -61,6 +67,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PeerRefused(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         };
         (
             status,

@@ -41,7 +41,7 @@ async fn verify(State(svc): State<Arc<Services>>, req: Request, next: Next) -> R
         Err(_) => return ApiError::TooLarge("request body too large".into()).into_response(),
     };
     let header = |n: &'static str| parts.headers.get(n).and_then(|v| v.to_str().ok());
-    let now = crate::mailbox::now_ms();
+    let now = crate::clock::now_ms();
     let refused = |m: String| {
         svc.metrics.peer_refused.increment(1);
         ApiError::PeerRefused(m).into_response()

@@ -258,7 +258,14 @@ async fn change_bindings(
             addresses,
         }
     };
-    let r = publish(svc, vec![command], true, Some(BIND_TIMEOUT)).await?;
+    // The contract: a binding not durable within 5 s answers 503 (not the 504 of other waits).
+    let unavailable = |e: ApiError| match e {
+        ApiError::Timeout(m) => ApiError::Unavailable(m),
+        e => e,
+    };
+    let r = publish(svc, vec![command], true, Some(BIND_TIMEOUT))
+        .await
+        .map_err(unavailable)?;
     match r.into_iter().next() {
         Some(Ok(Outcome::Bound { bindings, .. })) => {
             let b: Vec<Value> = bindings
@@ -272,7 +279,7 @@ async fn change_bindings(
             let u: Vec<&Address> = removed.iter().map(|(a, _)| a).collect();
             Ok(Json(json!({ "client": client, "unbound": u })))
         }
-        Some(Err(e)) => Err(e.into()),
+        Some(Err(e)) => Err(unavailable(e.into())),
         _ => Ok(Json(json!({ "client": client }))),
     }
 }

@@ -1,11 +1,11 @@
-// The signalpost console: cluster view, a live Socket.IO client to try the product, and look-ups.
-// Plain browser JavaScript, no build step; the Socket.IO client comes from /socket.io.min.js (`io`).
-'use strict';
+// The signalpost console: cluster view, a live client to try the product, and look-ups.
+// A browser module, no build step: the client is the project's library (/signalpost-client.js,
+// clients/js/src/client.js), which uses the Socket.IO client of /socket.io.min.js (`io`).
+import { connect, webStorage } from '/signalpost-client.js';
 
 (() => {
   const $ = (id) => document.getElementById(id);
   const KEY_STORE = 'signalpost.apiKey';
-  const SESSION_STORE = 'signalpost.session';
   const FEED_CAP = 200;
   const POLL_MS = 2000;
 
@@ -218,31 +218,14 @@
     }
   }
 
-  // ---------------------------------------------------------------- Try it: the Socket.IO client
+  // ---------------------------------------------------------------- Try it: a signalpost client
+  // The page is a client of its node through the project's client library (signalpost-client):
+  // identity and cursors per tab in sessionStorage, so a reload resumes; acks after each row.
 
-  /** { clientId, resumeToken, cursors: {address: version} }, kept per tab so a reload resumes. */
-  let ident = (() => {
-    try { return JSON.parse(sessionStorage.getItem(SESSION_STORE)) || {}; } catch { return {}; }
-  })();
-  ident.cursors = ident.cursors && typeof ident.cursors === 'object' ? ident.cursors : {};
-  const saveIdent = () => sessionStorage.setItem(SESSION_STORE, json(ident));
-  function advance(address, version) {
-    if (!(ident.cursors[address] >= version)) ident.cursors[address] = version;
-  }
-
+  const client = connect({ urls: [location.origin], storage: webStorage(sessionStorage), name: 'console' });
   let bindings = [];
   let connNo = 0; // counts sessions, so the feed can tell this connection's events from earlier ones
-  let synced = false;
-
-  function authNow() {
-    const auth = {};
-    if (ident.clientId && ident.resumeToken) {
-      auth.clientId = ident.clientId;
-      auth.resumeToken = ident.resumeToken;
-      if (Object.keys(ident.cursors).length) auth.cursors = { ...ident.cursors };
-    }
-    return auth;
-  }
+  let closing = false; // the Disconnect button was pressed
 
   function setState(text, kind) {
     const s = $('conn-state');
@@ -253,18 +236,18 @@
   }
 
   function renderIdentity() {
-    const id = ident.clientId || '–';
-    $('client-id').textContent = id;
-    $('client-id').title = id;
-    $('own-address').textContent = ident.clientId ? `client:${ident.clientId}` : '–';
+    const clientId = client.clientId;
+    $('client-id').textContent = clientId || '–';
+    $('client-id').title = clientId || '–';
+    $('own-address').textContent = clientId ? `client:${clientId}` : '–';
     const chips = [];
-    if (ident.clientId) chips.push(el('span', { class: 'chip own', title: 'always received', text: `client:${ident.clientId}` }));
+    if (clientId) chips.push(el('span', { class: 'chip own', title: 'always received', text: `client:${clientId}` }));
     for (const a of bindings) {
       chips.push(el('span', { class: 'chip', 'data-testid': 'binding', 'data-address': a }, a,
         el('button', { type: 'button', title: `unbind ${a}`, 'aria-label': `unbind ${a}`, onclick: () => unbind(a), text: '×' })));
     }
     $('bindings').replaceChildren(...chips);
-    const options = [ident.clientId ? `client:${ident.clientId}` : null, ...bindings].filter(Boolean);
+    const options = [clientId ? `client:${clientId}` : null, ...bindings].filter(Boolean);
     $('target-list').replaceChildren(...options.map((a) => el('option', { value: a })));
   }
 
@@ -289,107 +272,68 @@
   }
   $('feed-clear').addEventListener('click', () => $('feed').replaceChildren(el('li', { class: 'empty', id: 'feed-empty', text: 'nothing yet' })));
 
-  const socket = io(location.origin, {
-    auth: (cb) => cb(authNow()),
-    reconnectionDelayMax: 5000,
+  const STATES = { connecting: 'warn', replaying: 'warn', live: 'ok', offline: 'bad' };
+  client.on('state', (state, info = {}) => {
+    if (state === 'replaying') setMsg('conn-error', '');
+    if (state === 'offline' && !closing && info.reason && !info.kicked) {
+      addRow('state', { text: `disconnected: ${info.reason}` });
+      setMsg('conn-error', `connection lost (${info.reason}); reconnecting…`, 'error');
+    }
+    const text = { connecting: connNo ? 'reconnecting' : 'connecting', replaying: 'connected, replaying', live: 'live', offline: 'disconnected' }[state];
+    setState(text, STATES[state]);
   });
-
-  socket.on('connect', () => { setState('connected, replaying', 'warn'); setMsg('conn-error', ''); });
-  socket.on('session', (s) => {
+  client.on('session', (s) => {
     connNo += 1;
-    synced = false;
-    const fresh = s.clientId !== ident.clientId;
-    if (fresh) ident = { clientId: s.clientId, resumeToken: s.resumeToken, cursors: {} };
-    ident.resumeToken = s.resumeToken;
-    saveIdent();
+    closing = false;
     bindings = [...(s.addresses || [])];
     $('socket-node').textContent = s.node || '–';
     renderIdentity();
-    addRow('session', { text: `${s.resumed ? 'resumed' : 'new client'} ${s.clientId} on ${s.node}${s.addresses?.length ? `, bound to ${s.addresses.join(', ')}` : ''}` });
+    const how = s.promoted ? 'went on over the spare connection' : s.resumed ? 'resumed' : 'new client';
+    addRow('session', { text: `${how} ${s.clientId} on ${s.node}${s.addresses?.length ? `, bound to ${s.addresses.join(', ')}` : ''}` });
   });
-  socket.on('signal', (m) => {
-    addRow('signal', { address: m.address, version: m.version, id: m.id, text: json(m.payload), replay: !synced, ts: m.ts });
-    advance(m.address, m.version);
-    saveIdent();
-    socket.emit('ack', { address: m.address, version: m.version });
+  client.on('signal', (m, info) => {
+    addRow('signal', { address: m.address, version: m.version, id: m.id, text: json(m.payload), replay: info.replay, ts: m.ts });
   });
-  socket.on('gap', (g) => {
-    addRow('gap', { address: g.address, text: `versions ${g.from}–${g.to} expired before they could be delivered` });
-    advance(g.address, g.to);
-    saveIdent();
-  });
-  socket.on('bound', (b) => {
+  client.on('gap', (g) => addRow('gap', { address: g.address, text: `versions ${g.from}–${g.to} expired before they could be delivered` }));
+  client.on('bound', (b) => {
     if (!bindings.includes(b.address)) bindings.push(b.address);
-    advance(b.address, b.version);
-    saveIdent();
     renderIdentity();
     addRow('bound', { address: b.address, version: b.version, text: `bound at head v${b.version}; what follows arrives live` });
   });
-  socket.on('unbound', (b) => {
+  client.on('unbound', (b) => {
     bindings = bindings.filter((a) => a !== b.address);
-    delete ident.cursors[b.address];
-    saveIdent();
     renderIdentity();
     addRow('unbound', { address: b.address, version: b.version, text: `unbound at v${b.version}` });
   });
-  socket.on('synced', (s) => {
-    synced = true;
-    for (const [a, v] of Object.entries(s.cursors || {})) advance(a, v);
-    saveIdent();
-    addRow('synced', { text: `synced ${json(s.cursors || {})}` });
-    setState('live', 'ok');
+  client.on('synced', (s) => addRow('synced', { text: `synced ${json(s.cursors || {})}` }));
+  client.on('kicked', (k) => {
+    addRow('error', { text: `kicked: ${k.reason} — press Reconnect to connect again` });
+    setMsg('conn-error', `kicked by the server: ${k.reason}`, 'error');
   });
-  socket.on('error', (e) => addRow('error', { text: e && e.message ? e.message : json(e) }));
-  socket.on('disconnect', (reason) => {
-    setState('disconnected', 'bad');
-    addRow('state', { text: reason === 'io client disconnect' ? 'disconnected (Disconnect pressed)' : `disconnected: ${reason}` });
-    if (reason === 'io client disconnect') setMsg('conn-error', '');
-    else setMsg('conn-error', `connection lost (${reason}); reconnecting…`, 'error');
-  });
-  socket.on('connect_error', (err) => {
-    const message = err && err.message ? err.message : String(err);
-    if (/resume|clientId/.test(message) && ident.clientId) {
-      // The stored identity is no longer valid here (e.g. a wiped node): start as a new client.
-      addRow('error', { text: `refused: ${message} — starting as a new client` });
-      ident = { cursors: {} };
-      saveIdent();
-      bindings = [];
-      renderIdentity();
-      socket.connect();
-      return;
-    }
-    if (/^auth\.cursors/.test(message)) {
-      addRow('error', { text: `refused: ${message} — retrying without cursors` });
-      ident.cursors = {};
-      saveIdent();
-      socket.connect();
-      return;
-    }
-    setState(socket.active ? 'reconnecting' : 'refused', socket.active ? 'warn' : 'bad');
-    setMsg('conn-error', `connect error: ${message}`, 'error');
-    if (!socket.active) {
-      // Refused by the node (not a network error), so Socket.IO will not retry by itself. Retry
-      // refusals that pass (a draining or full node); others need the user (e.g. a client token).
-      addRow('error', { text: `refused: ${message}` });
-      if (/shutting down|too many connections/.test(message)) {
-        setTimeout(() => { if (!socket.connected && !socket.active) socket.connect(); }, 3000);
-      }
-    }
-  });
-  socket.io.on('reconnect_attempt', () => setState('reconnecting', 'warn'));
-
-  $('disconnect-button').addEventListener('click', () => socket.disconnect());
-  $('reconnect-button').addEventListener('click', () => {
-    if (socket.connected) socket.disconnect();
-    socket.connect(); // the auth callback sends clientId, resumeToken and the cursors we have
-  });
-  $('forget-button').addEventListener('click', () => {
-    socket.disconnect();
-    ident = { cursors: {} };
-    sessionStorage.removeItem(SESSION_STORE);
+  client.on('reset', (r) => {
+    addRow('error', { text: `refused: ${r.reason} — starting as a new client` });
     bindings = [];
     renderIdentity();
-    socket.connect();
+  });
+  client.on('error', (e) => {
+    addRow('error', { text: e.message });
+    if (e.url) setMsg('conn-error', `connect error: ${e.message}`, 'error');
+  });
+
+  $('disconnect-button').addEventListener('click', () => {
+    closing = true;
+    client.close();
+    addRow('state', { text: 'disconnected (Disconnect pressed)' });
+    setMsg('conn-error', '');
+  });
+  // Resumes with the clientId, resumeToken and cursors kept in sessionStorage.
+  $('reconnect-button').addEventListener('click', () => client.reconnect());
+  $('forget-button').addEventListener('click', async () => {
+    closing = true;
+    await client.close({ forget: true });
+    bindings = [];
+    renderIdentity();
+    client.reconnect();
   });
 
   // Bind / unbind
@@ -400,10 +344,10 @@
   $('bind-form').addEventListener('submit', async (ev) => {
     ev.preventDefault();
     const address = channelOf($('channel-input').value);
-    if (!ident.clientId) { setMsg('bind-result', 'not connected yet: no clientId', 'error'); return; }
+    if (!client.clientId) { setMsg('bind-result', 'not connected yet: no clientId', 'error'); return; }
     setMsg('bind-result', `binding ${address}…`);
     try {
-      const r = await api('POST', '/server/connect', { client: ident.clientId, addresses: [address] });
+      const r = await api('POST', '/server/connect', { client: client.clientId, addresses: [address] });
       const b = (r.bound || []).find((x) => x.address === address);
       setMsg('bind-result', b ? `bound ${address} at version ${b.version}` : `bound ${address}`, 'ok');
       if (!bindings.includes(address)) { bindings.push(address); renderIdentity(); }
@@ -414,7 +358,7 @@
   });
   async function unbind(address) {
     try {
-      await api('POST', '/server/disconnect', { client: ident.clientId, addresses: [address] });
+      await api('POST', '/server/disconnect', { client: client.clientId, addresses: [address] });
       setMsg('bind-result', `unbound ${address}`, 'ok');
     } catch (e) {
       setMsg('bind-result', e.message, 'error');
@@ -439,7 +383,7 @@
     if ($('payload-input').classList.contains('invalid')) parsePayload();
   });
   $('target-me').addEventListener('click', () => {
-    if (ident.clientId) $('target-input').value = `client:${ident.clientId}`;
+    if (client.clientId) $('target-input').value = `client:${client.clientId}`;
   });
   $('send-form').addEventListener('submit', async (ev) => {
     ev.preventDefault();
@@ -496,7 +440,7 @@
   });
 
   $('lookup-me').addEventListener('click', () => {
-    if (ident.clientId) $('lookup-client').value = ident.clientId;
+    if (client.clientId) $('lookup-client').value = client.clientId;
   });
   $('client-form').addEventListener('submit', async (ev) => {
     ev.preventDefault();

@@ -122,11 +122,11 @@ impl Conn {
             client,
             user: id.user.as_ref().map(|u| u.id.clone()),
             expires_ms: AtomicU64::new(id.user.as_ref().map_or(u64::MAX, |u| u.expires_ms)),
-            since: crate::mailbox::now_ms(),
+            since: crate::clock::now_ms(),
             events,
             refused: AtomicU32::new(0),
             kicked: Default::default(),
-            token_issued_ms: AtomicU64::new(crate::mailbox::now_ms()),
+            token_issued_ms: AtomicU64::new(crate::clock::now_ms()),
             svc,
             me: me.clone(),
             state: Mutex::new(State {

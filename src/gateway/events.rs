@@ -107,7 +107,7 @@ pub fn expire_at_token_end(conn: &Arc<Conn>) {
     tokio::spawn(async move {
         loop {
             let Some(c) = weak.upgrade() else { return };
-            let left = c.expires_ms().saturating_sub(crate::mailbox::now_ms());
+            let left = c.expires_ms().saturating_sub(crate::clock::now_ms());
             if left == 0 {
                 c.kick("token expired");
                 return;

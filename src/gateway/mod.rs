@@ -130,7 +130,7 @@ async fn authenticate(
         Ok(v) => v,
         Err(e) => return refuse(format!("auth must be a JSON object: {e}")),
     };
-    let id = match handshake::identify(Some(&auth), &svc.credentials, crate::mailbox::now_ms()) {
+    let id = match handshake::identify(Some(&auth), &svc.credentials, crate::clock::now_ms()) {
         Ok(id) => id,
         Err(e) => return refuse(e.to_string()),
     };
@@ -230,7 +230,7 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), 
     let user = id.user.as_ref().map(|u| u.id.as_str());
     let mut session = json!({
         "clientId": id.client,
-        "resumeToken": svc.credentials.resume_token(&id.client, user, crate::mailbox::now_ms()),
+        "resumeToken": svc.credentials.resume_token(&id.client, user, crate::clock::now_ms()),
         "node": svc.node_id,
         "addresses": bound,
         "resumed": id.resumed,
@@ -293,10 +293,13 @@ pub async fn ws_origin_guard(
             .iter()
             .any(|o| o == "*" || o.trim_end_matches('/') == origin);
         if !same && !listed {
-            return crate::api::ApiError::Forbidden(format!(
-                "WebSocket from origin {origin} refused: not listed in cors_origins"
-            ))
-            .into_response();
+            let reason =
+                format!("WebSocket from origin {origin} refused: not listed in cors_origins");
+            return (
+                axum::http::StatusCode::FORBIDDEN,
+                axum::Json(json!({ "error": reason })),
+            )
+                .into_response();
         }
     }
     next.run(req).await

@@ -327,6 +327,14 @@ impl KafkaQueue {
     }
 }
 
+impl crate::routing::Replies for KafkaQueue {
+    fn resolve_wire(&self, ticket: &str, outcome: &serde_json::value::RawValue) {
+        if let Some(o) = Outcome::from_wire(outcome) {
+            self.waiters.resolve(ticket, &o);
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Queue for KafkaQueue {
     async fn publish(
@@ -392,10 +400,6 @@ impl Queue for KafkaQueue {
         Ok(out)
     }
 
-    fn resolve(&self, ticket: &str, outcome: &Outcome) {
-        self.waiters.resolve(ticket, outcome);
-    }
-
     async fn drain(&self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.task.lock().await.take() {
@@ -418,11 +422,7 @@ impl Queue for KafkaQueue {
     }
 
     fn ready(&self) -> Result<(), IngestError> {
-        let generation = self
-            .assigned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+        let generation = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).0;
         if generation == 0 {
             return Err(IngestError::Unavailable(
                 "the Kafka consumer has not been given its partitions yet (joining the group)"
@@ -726,7 +726,7 @@ impl Worker {
                     // The node that waits, wherever it is.
                     let remote = origin
                         .as_deref()
-                        .is_some_and(|o| self.processor.router.reply(o, t, outcome));
+                        .is_some_and(|o| self.processor.router.reply(o, t, || outcome.to_wire()));
                     if !remote {
                         self.waiters.resolve(t, outcome);
                     }

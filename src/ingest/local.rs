@@ -63,6 +63,11 @@ impl LocalQueue {
     }
 }
 
+/// Every operation is applied where it was published: no answer ever comes from elsewhere.
+impl crate::routing::Replies for LocalQueue {
+    fn resolve_wire(&self, _ticket: &str, _outcome: &serde_json::value::RawValue) {}
+}
+
 #[async_trait::async_trait]
 impl Queue for LocalQueue {
     async fn publish(&self, commands: Vec<Command>, _wait: bool) -> Result<Reply, IngestError> {

@@ -10,6 +10,7 @@
 pub mod kafka;
 pub mod local;
 pub mod parse;
+pub mod wire;
 
 use crate::address::{Address, ClientId};
 use crate::mailbox::{Appended, Mailbox, MailboxError, NewMessage};
@@ -93,9 +94,10 @@ pub struct Partitions {
     pub owned: Vec<u32>,
 }
 
-/// The producer side of the ingest queue.
+/// The producer side of the ingest queue. A queue also takes the answers other nodes send for
+/// its waiting publishers ([`crate::routing::Replies`]).
 #[async_trait::async_trait]
-pub trait Queue: Send + Sync + 'static {
+pub trait Queue: crate::routing::Replies {
     /// Publishes commands; resolves once they are durably queued (`Outcome::Queued`), or, with
     /// `wait`, once they are applied (the real outcome). The local queue always applies them
     /// before answering.
@@ -106,9 +108,6 @@ pub trait Queue: Send + Sync + 'static {
     ) -> Result<Vec<Result<Outcome, IngestError>>, IngestError>;
     /// Stops taking commands and finishes the ones taken.
     async fn drain(&self);
-    /// Answers a publisher waiting on this node for `ticket` (the operation was applied by
-    /// another node). Queues that always apply locally ignore it.
-    fn resolve(&self, _ticket: &str, _outcome: &Outcome) {}
     /// The partitions of the enqueue topic and those this node's consumer owns now, for queues
     /// that are partitioned (shown in `/healthz`; the benchmark tells local from cross-node
     /// deliveries by them).
@@ -181,13 +180,13 @@ impl Processor {
             results[i] = Some(self.apply_binding(c).await);
         }
         if !fresh.is_empty() {
-            let appended_us = crate::mailbox::now_us();
+            let appended_us = crate::clock::now_us();
             let offered = self.router.deliver(&fresh, appended_us);
-            let took = crate::mailbox::now_us().saturating_sub(appended_us);
+            let took = crate::clock::now_us().saturating_sub(appended_us);
             self.metrics
                 .handoff_local
                 .record_many(took as f64 / 1e6, offered.messages);
-            let now = crate::mailbox::now_ms();
+            let now = crate::clock::now_ms();
             for m in &fresh {
                 self.metrics
                     .delivery_seconds

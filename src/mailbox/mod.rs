@@ -178,18 +178,4 @@ pub trait Mailbox: Send + Sync + 'static {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-/// Microseconds since the Unix epoch (timing across nodes: the hand-off histograms).
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::{now_ms, now_us};

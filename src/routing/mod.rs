@@ -20,10 +20,17 @@ pub trait Remote: Send + Sync + 'static {
     fn forward(&self, messages: &[Arc<Message>], appended_us: u64);
     fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]);
     fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]);
-    /// The answer of a `?wait=true` operation, for the node `node` that waits for it.
-    fn reply(&self, node: &str, ticket: &str, outcome: &crate::ingest::Outcome);
+    /// The answer of a `?wait=true` operation (as the ingest side serialized it), for the node
+    /// `node` that waits for it.
+    fn reply(&self, node: &str, ticket: &str, outcome: Box<serde_json::value::RawValue>);
     /// This node's id.
     fn node(&self) -> &str;
+}
+
+/// Where answers of `?wait=true` operations that another node applied are handed (the queue
+/// whose publishers wait): the answer as the ingest side serialized it.
+pub trait Replies: Send + Sync + 'static {
+    fn resolve_wire(&self, ticket: &str, outcome: &serde_json::value::RawValue);
 }
 
 /// Something that receives messages of the addresses it subscribed to.
@@ -109,10 +116,17 @@ impl Router {
 
     /// Sends the answer of a `?wait=true` operation to the node waiting for it; false when that
     /// is this node (or there are no other nodes).
-    pub fn reply(&self, node: &str, ticket: &str, outcome: &crate::ingest::Outcome) -> bool {
+    pub fn reply(
+        &self,
+        node: &str,
+        ticket: &str,
+        outcome: impl FnOnce() -> Option<Box<serde_json::value::RawValue>>,
+    ) -> bool {
         match self.remote.get() {
             Some(r) if r.node() != node => {
-                r.reply(node, ticket, outcome);
+                if let Some(o) = outcome() {
+                    r.reply(node, ticket, o);
+                }
                 true
             }
             _ => false,

@@ -27,6 +27,7 @@ use crate::address::{Address, ClientId};
 use crate::cluster::Membership;
 use crate::mailbox::{Mailbox, Message};
 use crate::metrics::Metrics;
+use crate::routing::Replies;
 use crate::routing::Router;
 use crate::security::PeerAuth;
 use crate::tools::client::Http;
@@ -65,64 +66,6 @@ pub struct Want {
     pub remove: Vec<Address>,
 }
 
-/// The answer to a `?wait=true` operation, as it travels between nodes.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WireOutcome {
-    Appended {
-        signal: Box<RawValue>,
-        duplicate: bool,
-    },
-    Bound {
-        bindings: Vec<(Address, u64)>,
-        added: usize,
-    },
-    Unbound {
-        removed: Vec<(Address, u64)>,
-    },
-    Refused {
-        reason: String,
-    },
-}
-
-impl WireOutcome {
-    pub fn from_outcome(o: &crate::ingest::Outcome) -> Option<Self> {
-        use crate::ingest::Outcome;
-        Some(match o {
-            Outcome::Appended(a) => WireOutcome::Appended {
-                signal: a.message.signal.clone(),
-                duplicate: a.duplicate,
-            },
-            Outcome::Bound { bindings, added } => WireOutcome::Bound {
-                bindings: bindings.clone(),
-                added: *added,
-            },
-            Outcome::Unbound { removed } => WireOutcome::Unbound {
-                removed: removed.clone(),
-            },
-            Outcome::Refused(reason) => WireOutcome::Refused {
-                reason: reason.clone(),
-            },
-            Outcome::Queued => return None,
-        })
-    }
-
-    pub fn into_outcome(self) -> Option<crate::ingest::Outcome> {
-        use crate::ingest::Outcome;
-        Some(match self {
-            WireOutcome::Appended { signal, duplicate } => {
-                Outcome::Appended(crate::mailbox::Appended {
-                    message: Arc::new(Message::from_signal(signal)?),
-                    duplicate,
-                })
-            }
-            WireOutcome::Bound { bindings, added } => Outcome::Bound { bindings, added },
-            WireOutcome::Unbound { removed } => Outcome::Unbound { removed },
-            WireOutcome::Refused { reason } => Outcome::Refused(reason),
-        })
-    }
-}
-
 /// `POST /internal/deliver`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,9 +85,11 @@ pub enum Deliver {
         client: ClientId,
         removed: Vec<(Address, u64)>,
     },
+    /// The answer of a `?wait=true` operation, as the ingest side wrote it
+    /// (`ingest::wire`): opaque here, handed to this node's [`Replies`].
     Applied {
         ticket: String,
-        outcome: WireOutcome,
+        outcome: Box<RawValue>,
     },
 }
 
@@ -184,7 +129,7 @@ pub struct Peers {
     router: Arc<Router>,
     mailbox: Arc<dyn Mailbox>,
     membership: Arc<dyn Membership>,
-    queue: Mutex<Option<Weak<dyn crate::ingest::Queue>>>,
+    replies: Mutex<Option<Weak<dyn Replies>>>,
     metrics: Metrics,
     /// Peers that want messages from this node.
     downstream: RwLock<HashMap<String, Downstream>>,
@@ -228,7 +173,7 @@ impl Peers {
             router,
             mailbox,
             membership,
-            queue: Mutex::new(None),
+            replies: Mutex::new(None),
             metrics,
             downstream: Default::default(),
             started: Default::default(),
@@ -239,9 +184,9 @@ impl Peers {
         })
     }
 
-    /// The queue whose waiting publishers `applied` answers resolve.
-    pub fn set_queue(&self, queue: &Arc<dyn crate::ingest::Queue>) {
-        *self.queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(queue));
+    /// Where `applied` answers go (the queue whose publishers wait for them).
+    pub fn set_replies(&self, replies: Weak<dyn Replies>) {
+        *self.replies.lock().unwrap_or_else(|p| p.into_inner()) = Some(replies);
     }
 
     /// Starts the task that keeps the links to the other live nodes.
@@ -692,16 +637,14 @@ impl Peers {
     }
 
     /// Sends the answer of a `?wait=true` operation to the node waiting for it.
-    pub fn reply(&self, node: &str, ticket: &str, outcome: &crate::ingest::Outcome) {
-        if let Some(outcome) = WireOutcome::from_outcome(outcome) {
-            self.send_to(
-                node,
-                &Deliver::Applied {
-                    ticket: ticket.into(),
-                    outcome,
-                },
-            );
-        }
+    pub fn reply(&self, node: &str, ticket: &str, outcome: Box<RawValue>) {
+        self.send_to(
+            node,
+            &Deliver::Applied {
+                ticket: ticket.into(),
+                outcome,
+            },
+        );
     }
 
     /// Handles `POST /internal/deliver` (local delivery only: never forwarded again).
@@ -718,7 +661,7 @@ impl Peers {
                 self.metrics.from_peers.increment(msgs.len() as u64);
                 let offered = self.router.deliver_local(&msgs);
                 if appended_us > 0 {
-                    let took = crate::mailbox::now_us().saturating_sub(appended_us);
+                    let took = crate::clock::now_us().saturating_sub(appended_us);
                     self.metrics
                         .handoff_peer
                         .record_many(took as f64 / 1e6, offered.messages);
@@ -727,14 +670,14 @@ impl Peers {
             Deliver::Bound { client, bindings } => self.router.bound_local(&client, &bindings),
             Deliver::Unbound { client, removed } => self.router.unbound_local(&client, &removed),
             Deliver::Applied { ticket, outcome } => {
-                let queue = self
-                    .queue
+                let replies = self
+                    .replies
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .as_ref()
                     .and_then(Weak::upgrade);
-                if let (Some(q), Some(o)) = (queue, outcome.into_outcome()) {
-                    q.resolve(&ticket, &o);
+                if let Some(r) = replies {
+                    r.resolve_wire(&ticket, &outcome);
                 }
             }
         }
@@ -821,7 +764,7 @@ impl crate::routing::Remote for Peers {
             removed: removed.to_vec(),
         })
     }
-    fn reply(&self, node: &str, ticket: &str, outcome: &crate::ingest::Outcome) {
+    fn reply(&self, node: &str, ticket: &str, outcome: Box<RawValue>) {
         Peers::reply(self, node, ticket, outcome)
     }
     fn node(&self) -> &str {
@@ -847,10 +790,7 @@ mod tests {
             },
             Deliver::Applied {
                 ticket: "t".into(),
-                outcome: WireOutcome::Appended {
-                    signal: m.signal.clone(),
-                    duplicate: true,
-                },
+                outcome: RawValue::from_string(r#"{"refused":{"reason":"r"}}"#.into()).unwrap(),
             },
             Deliver::Bound {
                 client: ClientId::parse("c").unwrap(),
@@ -872,13 +812,7 @@ mod tests {
                 }
                 Deliver::Applied { ticket, outcome } => {
                     assert_eq!(ticket, "t");
-                    match outcome.into_outcome() {
-                        Some(crate::ingest::Outcome::Appended(x)) => {
-                            assert!(x.duplicate);
-                            assert_eq!(x.message.version, 7);
-                        }
-                        other => panic!("{other:?}"),
-                    }
+                    assert_eq!(outcome.get(), r#"{"refused":{"reason":"r"}}"#);
                 }
                 Deliver::Bound { bindings, .. } => assert_eq!(bindings, vec![(a.clone(), 3)]),
                 Deliver::Unbound { .. } => unreachable!(),

@@ -137,7 +137,7 @@ impl Http {
         let body = body.unwrap_or_default();
         if let Some((auth, node)) = &self.signer {
             use crate::security::{PEER_NODE, PEER_NONCE, PEER_SIGNATURE, PEER_TIME};
-            let sig = auth.sign(method, path, node, &body, crate::mailbox::now_ms());
+            let sig = auth.sign(method, path, node, &body, crate::clock::now_ms());
             req = req
                 .header(PEER_NODE, sig.node)
                 .header(PEER_TIME, sig.time)

@@ -157,7 +157,7 @@ impl CassandraTopology {
 #[async_trait::async_trait]
 impl Topology for CassandraTopology {
     async fn revoke(&self, client: &ClientId) -> Result<(), TopologyError> {
-        let at = CqlTimestamp(crate::mailbox::now_ms() as i64);
+        let at = CqlTimestamp(crate::clock::now_ms() as i64);
         self.0
             .session
             .execute_unpaged(&self.0.revoke, (client.as_str(), at))
@@ -200,7 +200,7 @@ impl Topology for CassandraTopology {
                 wanted.push(b);
             }
         }
-        let now = CqlTimestamp(crate::mailbox::now_ms() as i64);
+        let now = CqlTimestamp(crate::clock::now_ms() as i64);
         let inner = &self.0;
         let futs: Vec<_> = wanted
             .into_iter()

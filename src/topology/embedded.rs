@@ -55,7 +55,7 @@ impl Topology for EmbeddedTopology {
             {
                 let mut t = txn.open_table(REVOKED).map_err(st)?;
                 if t.get(client.as_str()).map_err(st)?.is_none() {
-                    t.insert(client.as_str(), crate::mailbox::now_ms())
+                    t.insert(client.as_str(), crate::clock::now_ms())
                         .map_err(st)?;
                 }
             }

@@ -124,7 +124,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let node = Node::build(config).await?;
     let url = node.url();
-    let id = node.services().node_id.clone();
+    let id = node.id().to_string();
     println!(
         "signalpost node {id} listening on {url} (data in {})",
         data_dir.display()

@@ -5,10 +5,11 @@
 #[cfg(feature = "cluster")]
 mod cluster;
 
+use crate::api::Api;
 use crate::cluster::{Membership, NodeInfo, Standalone};
 use crate::config::{Backend, Config};
-use crate::gateway::Gate;
 use crate::gateway::acks::AckWriter;
+use crate::gateway::{Gate, Gateway};
 use crate::ingest::local::LocalQueue;
 use crate::ingest::{Processor, Queue};
 use crate::mailbox::Mailbox;
@@ -25,49 +26,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 use tokio::net::TcpListener;
-
-/// Everything the gateway and the API share. Each field documents its concurrency: the trait
-/// objects are `Send + Sync` and safe to call concurrently; the atomics are plain counters/flags.
-pub struct Services {
-    pub config: Config,
-    pub node_id: String,
-    pub mailbox: Arc<dyn Mailbox>,
-    pub topology: Arc<dyn Topology>,
-    pub cursors: Arc<dyn Cursors>,
-    pub presence: Arc<dyn Presence>,
-    pub membership: Arc<dyn Membership>,
-    /// Local routing table (internally locked).
-    pub router: Arc<Router>,
-    /// Routing to and from the other nodes.
-    pub peers: Arc<Peers>,
-    pub queue: Arc<dyn Queue>,
-    pub credentials: Credentials,
-    pub metrics: Metrics,
-    pub acks: Arc<AckWriter>,
-    /// Connections by client and user (kicks, quotas) and the handshake rate per IP.
-    pub gate: Gate,
-    /// Signs and checks node-to-node requests (the cluster secret).
-    pub peer_auth: Arc<PeerAuth>,
-    /// Open Socket.IO connections on this node.
-    pub connections: AtomicUsize,
-    /// Set once shutdown began: new work is refused.
-    pub draining: AtomicBool,
-}
-
-impl Services {
-    /// Which implementation backs a part, for `/healthz` and the page.
-    pub fn backend_kind(&self, part: &str) -> &'static str {
-        match (self.config.backend, part) {
-            (Backend::Embedded, "queue") => "in-process",
-            (Backend::Embedded, "membership") => "standalone",
-            (Backend::Embedded, _) => "redb",
-            (Backend::Cluster, "mailbox" | "topology") => "cassandra",
-            (Backend::Cluster, "queue") => "kafka",
-            (Backend::Cluster, "membership") => "zookeeper",
-            (Backend::Cluster, _) => "cassandra",
-        }
-    }
-}
 
 /// Startup failures.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +48,7 @@ pub enum NodeError {
 
 /// A built node, listening, not yet serving.
 pub struct Node {
-    svc: Arc<Services>,
+    api: Arc<Api>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
@@ -198,33 +156,36 @@ impl Node {
         if config.backend == Backend::Cluster {
             peers.start();
         }
-        let svc = Arc::new(Services {
+        let gw = Arc::new(Gateway {
             peers,
             credentials,
             gate: Gate::new(config.connect_rate_per_ip),
-            peer_auth,
             node_id,
             mailbox,
             topology,
             acks: AckWriter::start(cursors.clone()),
             cursors,
             presence,
-            membership,
             router,
-            queue,
             metrics,
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             config,
         });
-        spawn_expiry(svc.clone());
-        spawn_cleanup(svc.clone());
-        spawn_gate_sweep(svc.clone());
+        let api = Arc::new(Api {
+            gw: gw.clone(),
+            queue,
+            membership,
+            peer_auth,
+        });
+        spawn_expiry(gw.clone());
+        spawn_cleanup(&api);
+        spawn_gate_sweep(gw.clone());
         if let Some(join) = join {
             join();
         }
         Ok(Self {
-            svc,
+            api,
             listener,
             tls,
             addr,
@@ -242,8 +203,9 @@ impl Node {
         self.addr
     }
 
-    pub fn services(&self) -> &Arc<Services> {
-        &self.svc
+    /// This node's id in the cluster.
+    pub fn id(&self) -> &str {
+        &self.api.gw.node_id
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
@@ -251,36 +213,37 @@ impl Node {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
-        let svc = self.svc.clone();
-        let (layer, io) = crate::gateway::build(svc.clone());
-        let app = crate::api::routes(svc.clone())
+        let api = self.api.clone();
+        let gw = api.gw.clone();
+        let (layer, io) = crate::gateway::build(gw.clone());
+        let app = crate::api::routes(api.clone())
             .layer(layer)
             .layer(axum::middleware::map_request(
                 crate::gateway::detach_request,
             ))
             .layer(axum::middleware::from_fn_with_state(
-                Arc::<[String]>::from(svc.config.cors_origins.clone()),
+                Arc::<[String]>::from(gw.config.cors_origins.clone()),
                 crate::gateway::ws_origin_guard,
             ))
-            .layer(crate::gateway::cors(&svc.config.cors_origins));
+            .layer(crate::gateway::cors(&gw.config.cors_origins));
         let drain_io = io.clone();
-        let svc2 = svc.clone();
+        let gw2 = gw.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("draining: refusing new work, closing client connections");
-            svc2.draining
+            gw2.draining
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             drain_io.close().await;
         };
         let limits = crate::listener::Limits {
-            max_connections: svc.config.max_http_connections,
-            read_timeout: Duration::from_millis(svc.config.http_read_timeout_ms),
+            max_connections: gw.config.max_http_connections,
+            read_timeout: Duration::from_millis(gw.config.http_read_timeout_ms),
         };
         crate::listener::serve(self.listener, self.tls, limits, app, signal)
             .await
             .map_err(NodeError::Serve)?;
-        svc.queue.drain().await;
-        svc.acks.flush().await;
+        api.queue.drain().await;
+        gw.acks.flush().await;
         tracing::info!("drained");
         Ok(())
     }
@@ -361,21 +324,22 @@ fn node_id_in(dir: &std::path::Path) -> std::io::Result<String> {
 /// The leader's cleanup after dead nodes: presence entries of nodes that are not live any more
 /// are removed. Driven by durable state (the presence rows), so it is idempotent and a new
 /// leader finishes whatever an old one left.
-fn spawn_cleanup(svc: Arc<Services>) {
-    if svc.config.backend != Backend::Cluster {
+fn spawn_cleanup(api: &Arc<Api>) {
+    if api.gw.config.backend != Backend::Cluster {
         return;
     }
-    let weak = Arc::downgrade(&svc);
-    drop(svc);
+    let (membership, presence, metrics) = (
+        api.membership.clone(),
+        api.gw.presence.clone(),
+        api.gw.metrics.clone(),
+    );
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let Some(svc) = weak.upgrade() else { return };
-            if !svc.membership.is_leader() {
+            if !membership.is_leader() {
                 continue;
             }
-            let (Ok(live), Ok(with_entries)) =
-                (svc.membership.nodes().await, svc.presence.nodes().await)
+            let (Ok(live), Ok(with_entries)) = (membership.nodes().await, presence.nodes().await)
             else {
                 continue;
             };
@@ -383,9 +347,9 @@ fn spawn_cleanup(svc: Arc<Services>) {
                 .iter()
                 .filter(|n| !live.iter().any(|l| &l.id == *n))
             {
-                match svc.presence.clear_node(node).await {
+                match presence.clear_node(node).await {
                     Ok(n) => {
-                        svc.metrics.cleaned.increment(n);
+                        metrics.cleaned.increment(n);
                         tracing::info!(%node, entries = n, "cleaned up after a dead node");
                     }
                     Err(e) => tracing::warn!(error = %e, %node, "cleanup failed; will retry"),
@@ -398,7 +362,7 @@ fn spawn_cleanup(svc: Arc<Services>) {
 /// Now and then: forgets the handshake allowance of IPs that are quiet again (the per-IP map
 /// would grow), and gives connections open for half the retention a fresh resume token (a
 /// token expires with the retention).
-fn spawn_gate_sweep(svc: Arc<Services>) {
+fn spawn_gate_sweep(svc: Arc<Gateway>) {
     let retention = svc.config.retention_ms();
     let every = Duration::from_millis((retention / 4).clamp(250, 3_600_000));
     let weak = Arc::downgrade(&svc);
@@ -420,7 +384,7 @@ fn spawn_gate_sweep(svc: Arc<Services>) {
     });
 }
 
-fn spawn_expiry(svc: Arc<Services>) {
+fn spawn_expiry(svc: Arc<Gateway>) {
     let every = Duration::from_millis(svc.config.expiry_interval_ms.max(10));
     let weak = Arc::downgrade(&svc);
     drop(svc);

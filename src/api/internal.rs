@@ -3,9 +3,9 @@
 //! a node the membership lists; anything else is refused with 401 before it is parsed, and nothing
 //! it says reaches a client, a mailbox or a binding.
 
+use super::Api;
 use super::ApiError;
 use crate::gateway::registry::Target;
-use crate::node::Services;
 use crate::routing::peers::{Deliver, Want};
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Request, State};
@@ -24,7 +24,7 @@ struct Peer {
     url: String,
 }
 
-pub fn routes(svc: Arc<Services>) -> Router<Arc<Services>> {
+pub fn routes(svc: Arc<Api>) -> Router<Arc<Api>> {
     Router::new()
         .route("/internal/want", post(want))
         .route("/internal/deliver", post(deliver))
@@ -34,16 +34,16 @@ pub fn routes(svc: Arc<Services>) -> Router<Arc<Services>> {
 }
 
 /// Checks the signature and the membership of the sender.
-async fn verify(State(svc): State<Arc<Services>>, req: Request, next: Next) -> Response {
+async fn verify(State(svc): State<Arc<Api>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, svc.config.max_body_bytes).await {
+    let bytes = match axum::body::to_bytes(body, svc.gw.config.max_body_bytes).await {
         Ok(b) => b,
         Err(_) => return ApiError::TooLarge("request body too large".into()).into_response(),
     };
     let header = |n: &'static str| parts.headers.get(n).and_then(|v| v.to_str().ok());
     let now = crate::clock::now_ms();
     let refused = |m: String| {
-        svc.metrics.peer_refused.increment(1);
+        svc.gw.metrics.peer_refused.increment(1);
         ApiError::PeerRefused(m).into_response()
     };
     let node =
@@ -54,7 +54,7 @@ async fn verify(State(svc): State<Arc<Services>>, req: Request, next: Next) -> R
             Ok(n) => n,
             Err(e) => return refused(e.to_string()),
         };
-    let Some(url) = svc.peers.member_url(&node).await else {
+    let Some(url) = svc.gw.peers.member_url(&node).await else {
         return refused(format!("{node} is not a live member of this cluster"));
     };
     let mut req = Request::from_parts(parts, Body::from(bytes));
@@ -68,7 +68,7 @@ fn parse<T: for<'a> Deserialize<'a>>(body: &Bytes, what: &str) -> Result<T, ApiE
 
 /// `POST /internal/want`: the sender's interests.
 async fn want(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     Extension(peer): Extension<Peer>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -79,7 +79,7 @@ async fn want(
             want.node, peer.node
         )));
     }
-    match svc.peers.on_want(want, peer.url) {
+    match svc.gw.peers.on_want(want, peer.url) {
         200 => Ok(Json(json!({ "ok": true }))),
         _ => Err(ApiError::Conflict(
             "unknown session: send a snapshot first".into(),
@@ -89,13 +89,13 @@ async fn want(
 
 /// `POST /internal/deliver`: messages, binding changes or answers from another node.
 async fn deliver(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     Extension(_peer): Extension<Peer>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let frames: Vec<Deliver> = parse(&body, "delivery")?;
     for frame in frames {
-        svc.peers.on_deliver(frame);
+        svc.gw.peers.on_deliver(frame);
     }
     Ok(Json(json!({ "ok": true })))
 }
@@ -110,7 +110,7 @@ pub struct KickIn {
 
 /// `POST /internal/kick`: closes this node's connections of a client, user or connection.
 async fn kick(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     Extension(_peer): Extension<Peer>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -126,10 +126,10 @@ struct UserIn {
 
 /// `POST /internal/connections`: this node's connections of a user (for the per-user quota).
 async fn connections(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     Extension(_peer): Extension<Peer>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let u: UserIn = parse(&body, "user")?;
-    Ok(Json(json!(svc.gate.registry.of_user(&u.user))))
+    Ok(Json(json!(svc.gw.gate.registry.of_user(&u.user))))
 }

@@ -1,10 +1,10 @@
 //! `POST /server/kick`: closes every connection of a client or a user, on every node, with
 //! `kicked` `{reason}`; with `revoke`, the client's resume tokens stop working.
 
+use super::Api;
 use super::ApiError;
 use crate::address::ClientId;
 use crate::gateway::registry::Target;
-use crate::node::Services;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// Kicks here; with `revoke`, revokes the clients kicked (and a target client even when it is
 /// not connected). Returns the connections closed.
 pub async fn local(
-    svc: &Services,
+    svc: &Api,
     target: &Target,
     reason: &str,
     revoke: bool,
@@ -22,19 +22,19 @@ pub async fn local(
     let unavailable = |e: crate::topology::TopologyError| ApiError::Unavailable(e.to_string());
     if revoke && let Target::Client(c) = target {
         // Before closing: a reconnect racing the kick must already be refused.
-        svc.topology.revoke(c).await.map_err(unavailable)?;
+        svc.gw.topology.revoke(c).await.map_err(unavailable)?;
     }
-    let kicked = svc.gate.registry.kick(target, reason);
+    let kicked = svc.gw.gate.registry.kick(target, reason);
     if revoke && !matches!(target, Target::Client(_)) {
         for c in &kicked {
-            svc.topology.revoke(c).await.map_err(unavailable)?;
+            svc.gw.topology.revoke(c).await.map_err(unavailable)?;
         }
     }
     Ok(kicked.len())
 }
 
 /// `POST /server/kick` `{client | user, reason?, revoke?}` → `{kicked}`.
-pub async fn kick(State(svc): State<Arc<Services>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+pub async fn kick(State(svc): State<Arc<Api>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let Some(o) = v.as_object() else {
@@ -74,7 +74,7 @@ pub async fn kick(State(svc): State<Arc<Services>>, body: Bytes) -> Result<Json<
     let mut kicked = local(&svc, &target, &reason, revoke).await?;
     let body = json!({ "target": target, "reason": reason, "revoke": revoke }).to_string();
     let mut failed = Vec::new();
-    for (node, answer) in svc.peers.ask_all("/internal/kick", body.into()).await {
+    for (node, answer) in svc.gw.peers.ask_all("/internal/kick", body.into()).await {
         match answer.map(|b| serde_json::from_slice::<Value>(&b)) {
             Ok(Ok(v)) => kicked += v["kicked"].as_u64().unwrap_or(0) as usize,
             Ok(Err(e)) => failed.push(format!("{node}: {e}")),

@@ -11,8 +11,8 @@ mod read;
 pub use errors::ApiError;
 
 use crate::address::{Address, MessageId};
+use crate::gateway::Gateway;
 use crate::ingest::{Command, IngestError, Outcome, parse};
-use crate::node::Services;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
@@ -30,13 +30,39 @@ use std::time::Duration;
 /// How long `connect`/`disconnect` wait for the bindings to be durable before answering 503.
 const BIND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the server API uses: the gateway's stores and connections, the queue operations go
+/// through, the membership, and the node-to-node signatures.
+pub struct Api {
+    pub gw: Arc<Gateway>,
+    pub queue: Arc<dyn crate::ingest::Queue>,
+    pub membership: Arc<dyn crate::cluster::Membership>,
+    /// Signs and checks node-to-node requests (the cluster secret).
+    pub peer_auth: Arc<crate::security::PeerAuth>,
+}
+
+impl Api {
+    /// Which implementation backs a part, for `/healthz` and the page.
+    pub fn backend_kind(&self, part: &str) -> &'static str {
+        use crate::config::Backend;
+        match (self.gw.config.backend, part) {
+            (Backend::Embedded, "queue") => "in-process",
+            (Backend::Embedded, "membership") => "standalone",
+            (Backend::Embedded, _) => "redb",
+            (Backend::Cluster, "mailbox" | "topology") => "cassandra",
+            (Backend::Cluster, "queue") => "kafka",
+            (Backend::Cluster, "membership") => "zookeeper",
+            (Backend::Cluster, _) => "cassandra",
+        }
+    }
+}
+
 /// Longest request target (path and query) the API takes.
 const MAX_URI: usize = 8 * 1024;
 /// Most bytes of request headers the API takes.
 const MAX_HEADERS: usize = 16 * 1024;
 
 /// The node's HTTP routes (the Socket.IO layer is added by the node).
-pub fn routes(svc: Arc<Services>) -> Router {
+pub fn routes(svc: Arc<Api>) -> Router {
     let mut server = Router::new()
         .route("/server/enqueue", post(enqueue))
         .route("/server/connect", post(connect))
@@ -49,7 +75,7 @@ pub fn routes(svc: Arc<Services>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such /server endpoint".into()) })
         .layer(middleware::from_fn_with_state(svc.clone(), require_api_key));
     // Node-to-node routes exist only where there are other nodes.
-    if svc.config.backend == crate::config::Backend::Cluster {
+    if svc.gw.config.backend == crate::config::Backend::Cluster {
         server = server.merge(internal::routes(svc.clone()));
     }
     Router::new()
@@ -70,7 +96,7 @@ pub fn routes(svc: Arc<Services>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this endpoint".into())
         })
-        .layer(DefaultBodyLimit::max(svc.config.max_body_bytes))
+        .layer(DefaultBodyLimit::max(svc.gw.config.max_body_bytes))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(head_limits))
         .with_state(svc)
@@ -134,12 +160,12 @@ async fn json_errors(req: Request, next: Next) -> Response {
 }
 
 async fn require_api_key(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     headers: HeaderMap,
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some(key) = &svc.config.api_key {
+    if let Some(key) = &svc.gw.config.api_key {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
@@ -168,10 +194,10 @@ impl WaitQuery {
     }
 }
 
-fn limits(svc: &Services) -> parse::Limits {
+fn limits(svc: &Api) -> parse::Limits {
     parse::Limits {
-        max_payload: svc.config.max_payload_bytes,
-        max_batch: svc.config.max_batch,
+        max_payload: svc.gw.config.max_payload_bytes,
+        max_batch: svc.gw.config.max_batch,
     }
 }
 
@@ -184,7 +210,7 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 
 /// `POST /server/enqueue[?wait=true]`: one message `{address, payload, id?}`, or an array of them.
 async fn enqueue(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     q: Query<WaitQuery>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -225,7 +251,7 @@ async fn enqueue(
 
 /// `POST /server/connect`: binds a client to addresses.
 async fn connect(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     change_bindings(&svc, b, true).await
@@ -233,7 +259,7 @@ async fn connect(
 
 /// `POST /server/disconnect`: unbinds a client from addresses.
 async fn disconnect(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     change_bindings(&svc, b, false).await
@@ -242,7 +268,7 @@ async fn disconnect(
 /// Binds or unbinds, answering once durable: `{client, bound: [{address, version}]}` or
 /// `{client, unbound: [addresses that were bound]}`.
 async fn change_bindings(
-    svc: &Services,
+    svc: &Api,
     b: Result<Bytes, BytesRejection>,
     bind: bool,
 ) -> Result<Json<Value>, ApiError> {
@@ -285,12 +311,12 @@ async fn change_bindings(
 }
 
 async fn publish(
-    svc: &Services,
+    svc: &Api,
     commands: Vec<Command>,
     wait: bool,
     timeout: Option<Duration>,
 ) -> Result<Vec<Result<Outcome, IngestError>>, ApiError> {
-    if svc.draining.load(Ordering::SeqCst) {
+    if svc.gw.draining.load(Ordering::SeqCst) {
         return Err(ApiError::Unavailable("the node is shutting down".into()));
     }
     let fut = svc.queue.publish(commands, wait);

@@ -1,8 +1,8 @@
 //! The read side: mailbox, client, presence, nodes, health.
 
+use super::Api;
 use super::ApiError;
 use crate::address::{Address, ClientId};
-use crate::node::Services;
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -41,7 +41,7 @@ pub struct ReadQuery {
 
 /// `GET /server/mailbox/<address>?after=&limit=`
 pub async fn mailbox(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
@@ -54,6 +54,7 @@ pub async fn mailbox(
         )));
     }
     let page = svc
+        .gw
         .mailbox
         .read(&a, q.after.unwrap_or(0), limit)
         .await
@@ -78,18 +79,20 @@ pub async fn mailbox(
 
 /// `GET /server/clients/<id>`
 pub async fn client(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = path(p)?;
     let client = ClientId::parse(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let unavailable = |e: &dyn std::fmt::Display| ApiError::Unavailable(e.to_string());
     let bindings = svc
+        .gw
         .topology
         .get(&client)
         .await
         .map_err(|e| unavailable(&e))?;
     let cursors: BTreeMap<String, u64> = svc
+        .gw
         .cursors
         .get(&client)
         .await
@@ -98,6 +101,7 @@ pub async fn client(
         .map(|(a, v)| (a.to_string(), v))
         .collect();
     let seen = svc
+        .gw
         .presence
         .lookup(std::slice::from_ref(&client))
         .await
@@ -119,7 +123,7 @@ pub async fn client(
 /// `GET /server/presence/<address>`: the clients bound to it (for a `client:` address, the
 /// client itself) that are connected now, and where.
 pub async fn presence(
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Api>>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let a = address(&path(p)?)?;
@@ -132,6 +136,7 @@ pub async fn presence(
     let mut truncated = false;
     loop {
         let page = svc
+            .gw
             .topology
             .members(&a, after.as_ref(), 1000)
             .await
@@ -149,6 +154,7 @@ pub async fn presence(
     let mut connected = Vec::new();
     for chunk in clients.chunks(1000) {
         let seen = svc
+            .gw
             .presence
             .lookup(chunk)
             .await
@@ -165,7 +171,7 @@ pub async fn presence(
 }
 
 /// `GET /server/nodes`
-pub async fn nodes(State(svc): State<Arc<Services>>) -> Result<Json<Value>, ApiError> {
+pub async fn nodes(State(svc): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
     let nodes = svc
         .membership
         .nodes()
@@ -173,12 +179,12 @@ pub async fn nodes(State(svc): State<Arc<Services>>) -> Result<Json<Value>, ApiE
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let leader = nodes.iter().find(|n| n.leader).map(|n| n.id.clone());
     Ok(Json(
-        json!({ "nodes": nodes, "leader": leader, "self": svc.node_id }),
+        json!({ "nodes": nodes, "leader": leader, "self": svc.gw.node_id }),
     ))
 }
 
 /// `GET /healthz`: 200 when every backend answers, else 503 naming what is down.
-pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
+pub async fn healthz(State(svc): State<Arc<Api>>) -> impl IntoResponse {
     let mut backends = serde_json::Map::new();
     let mut ok = true;
     let mut put = |name: &str, r: Result<(), String>| {
@@ -193,7 +199,7 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     };
     put(
         "mailbox",
-        svc.mailbox.healthy().await.map_err(|e| e.to_string()),
+        svc.gw.mailbox.healthy().await.map_err(|e| e.to_string()),
     );
     put(
         "queue",
@@ -205,7 +211,8 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     );
     put(
         "topology",
-        svc.topology
+        svc.gw
+            .topology
             .get(&ClientId::parse("healthz").expect("valid"))
             .await
             .map(|_| ())
@@ -219,7 +226,7 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
             .map(|_| ())
             .map_err(|e| e.to_string()),
     );
-    let draining = svc.draining.load(std::sync::atomic::Ordering::SeqCst);
+    let draining = svc.gw.draining.load(std::sync::atomic::Ordering::SeqCst);
     let status = if draining {
         "draining"
     } else if ok {
@@ -234,9 +241,9 @@ pub async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     };
     let mut body = json!({
         "status": status,
-        "node": svc.node_id,
-        "backend": svc.config.backend,
-        "connections": svc.connections.load(std::sync::atomic::Ordering::SeqCst),
+        "node": svc.gw.node_id,
+        "backend": svc.gw.config.backend,
+        "connections": svc.gw.connections.load(std::sync::atomic::Ordering::SeqCst),
         "backends": backends,
     });
     if let Some(p) = svc.queue.partitions() {

@@ -9,9 +9,9 @@
 //! stalls the router, and a client never sees a hole or a duplicate. When the repair catches up it
 //! switches back to `Live` (and, the first time, sends `synced`).
 
+use super::Gateway;
 use crate::address::{Address, ClientId};
 use crate::mailbox::Message;
-use crate::node::Services;
 use crate::routing::Subscriber;
 use serde_json::json;
 use socketioxide::extract::SocketRef;
@@ -83,7 +83,7 @@ pub struct Conn {
     token_issued_ms: AtomicU64,
     /// Set by the first kick: its events are dropped, and it closes shortly.
     kicked: std::sync::atomic::AtomicBool,
-    svc: Arc<Services>,
+    svc: Arc<Gateway>,
     me: Weak<Conn>,
     state: Mutex<State>,
 }
@@ -100,7 +100,7 @@ fn emit(socket: &Option<SocketRef>, event: &str, data: &(impl serde::Serialize +
 impl Conn {
     /// A connection in `Setup`, receiving its own address from `own_cursor`.
     pub fn new(
-        svc: Arc<Services>,
+        svc: Arc<Gateway>,
         socket: SocketRef,
         id: &super::handshake::Identity,
         own_cursor: u64,

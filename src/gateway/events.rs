@@ -1,9 +1,9 @@
 //! The events a client sends (`ack`, `refresh`), each within the connection's event rate, and
 //! the end of a connection whose token expired.
 
+use super::Gateway;
 use super::conn::Conn;
 use crate::address::Address;
-use crate::node::Services;
 use crate::routing::Subscriber;
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, SocketRef, TryData};
@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Registers the connection's event handlers.
-pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Services>) {
+pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     {
         let (c, svc) = (conn.clone(), svc.clone());
         s.on(
@@ -61,7 +61,7 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Services>) {
 }
 
 /// Checks a `refresh`: a valid token of the same user. Returns the new expiry (ms).
-fn refresh(conn: &Conn, svc: &Services, token: Option<&str>) -> Result<u64, String> {
+fn refresh(conn: &Conn, svc: &Gateway, token: Option<&str>) -> Result<u64, String> {
     let Some(token) = token else {
         return Err("refresh needs { token }".into());
     };
@@ -88,7 +88,7 @@ fn error(s: &SocketRef, message: &str) {
 }
 
 /// Tells the client, once, that its events are being dropped.
-fn refused(s: &SocketRef, svc: &Services, first: bool) {
+fn refused(s: &SocketRef, svc: &Gateway, first: bool) {
     if first {
         error(
             s,

@@ -12,10 +12,17 @@ mod quota;
 pub mod registry;
 
 use crate::address::Address;
-use crate::node::Services;
+use crate::config::Config;
+use crate::mailbox::Mailbox;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::presence::Seen;
+use crate::routing::Router;
 use crate::routing::Subscriber;
+use crate::routing::peers::Peers;
 use crate::security::AuthError;
+use crate::security::Credentials;
+use crate::topology::{Cursors, Topology};
 use axum::extract::ConnectInfo;
 use axum::response::IntoResponse;
 use conn::Conn;
@@ -29,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Builds the Socket.IO layer for the node.
-pub fn build(svc: Arc<Services>) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
+pub fn build(svc: Arc<Gateway>) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
     let (layer, io) = SocketIo::builder()
         .max_buffer_size(256)
         // Clients send little (acks); a small read buffer keeps idle connections cheap.
@@ -72,6 +79,31 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// Everything the Socket.IO side uses; the node builds it, and the server API reads the same
+/// stores through it. The trait objects are `Send + Sync` and safe to call concurrently; the
+/// atomics are plain counters and flags.
+pub struct Gateway {
+    pub config: Config,
+    pub node_id: String,
+    pub mailbox: Arc<dyn Mailbox>,
+    pub topology: Arc<dyn Topology>,
+    pub cursors: Arc<dyn Cursors>,
+    pub presence: Arc<dyn Presence>,
+    /// Local routing table (internally locked).
+    pub router: Arc<Router>,
+    /// Routing to and from the other nodes.
+    pub peers: Arc<Peers>,
+    pub credentials: Credentials,
+    pub metrics: Metrics,
+    pub acks: Arc<acks::AckWriter>,
+    /// Connections by client and user (kicks, quotas) and the handshake rate per IP.
+    pub gate: Gate,
+    /// Open Socket.IO connections on this node.
+    pub connections: std::sync::atomic::AtomicUsize,
+    /// Set once shutdown began: new work is refused.
+    pub draining: std::sync::atomic::AtomicBool,
+}
+
 /// What the gateway keeps beside the connections themselves: who is connected (for kicks and
 /// quotas) and the handshakes per client IP.
 pub struct Gate {
@@ -100,7 +132,7 @@ impl Gate {
 async fn authenticate(
     s: SocketRef,
     TryData(auth): TryData<Value>,
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Gateway>>,
 ) -> Result<(), Refused> {
     let refuse = |m: String| {
         svc.metrics.refused.increment(1);
@@ -148,7 +180,7 @@ async fn authenticate(
 async fn on_connect(
     s: SocketRef,
     Extension(id): Extension<Identity>,
-    State(svc): State<Arc<Services>>,
+    State(svc): State<Arc<Gateway>>,
 ) {
     svc.connections.fetch_add(1, Ordering::SeqCst);
     svc.metrics.connections.increment(1.0);
@@ -160,7 +192,7 @@ async fn on_connect(
     }
 }
 
-async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), String> {
+async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), String> {
     let own = Address::of_client(&id.client);
     let stored = if id.resumed {
         svc.cursors
@@ -248,7 +280,7 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Services>) -> Result<(), 
     Ok(())
 }
 
-async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Services>) {
+async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     let Some(addrs) = conn.close() else { return };
     svc.router.unregister(&**conn, &addrs);
     svc.gate.registry.remove(conn);

@@ -1,15 +1,15 @@
 //! `max_connections_per_user`: when a user holds more connections than the quota anywhere in
 //! the cluster, the oldest are kicked (`kicked` `{reason: "quota"}`), as MiniPush did.
 
+use super::Gateway;
 use super::conn::Conn;
 use super::registry::{Held, Target};
-use crate::node::Services;
 use crate::routing::Subscriber;
 use std::sync::Arc;
 
 /// Kicks the user's oldest connections past the quota, counting every node's (asked over the
 /// node-to-node link). Run after a connection of the user is set up.
-pub async fn enforce(svc: Arc<Services>, conn: Arc<Conn>) {
+pub async fn enforce(svc: Arc<Gateway>, conn: Arc<Conn>) {
     let Some(user) = conn.user() else { return };
     let quota = svc.config.max_connections_per_user;
     let mut all: Vec<(Option<String>, Held)> = svc

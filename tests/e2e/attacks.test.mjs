@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, createHmac, generateKeyPairSync, randomBytes, sign as cryptoSign } from 'node:crypto';
-import { createServer } from 'node:http';
+import { createServer, get as httpGet } from 'node:http';
 import { connect as tcpConnect } from 'node:net';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -155,8 +155,14 @@ test('bodies over the limit are refused while read; every error is JSON', async 
 });
 
 test('half-sent requests are cut at the read timeout, and open HTTP connections are capped', async () => {
-  const node = await startNode({ env: { SIGNALPOST_HTTP_READ_TIMEOUT_MS: '1500', SIGNALPOST_MAX_HTTP_CONNECTIONS: '4' } });
+  // Not the harness's readiness wait: its fetch would keep one of the four slots open.
+  const node = await startNode({ ready: false, env: { SIGNALPOST_HTTP_READ_TIMEOUT_MS: '1500', SIGNALPOST_MAX_HTTP_CONNECTIONS: '4' } });
   const { hostname, port } = new URL(node.url);
+  // One request per connection, closed after it (nothing kept alive).
+  const once = (path) => new Promise((resolve, reject) => {
+    httpGet({ host: hostname, port: Number(port), path, agent: false }, (res) => { res.resume(); res.on('end', () => resolve(res.statusCode)); }).on('error', reject);
+  });
+  await waitFor(async () => (await once('/healthz')) === 200, 60000, 'ready');
   const halfOpen = () => new Promise((resolve) => {
     const sock = tcpConnect({ host: hostname, port: Number(port) }, () => {
       sock.write('POST /server/enqueue HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n');
@@ -170,12 +176,12 @@ test('half-sent requests are cut at the read timeout, and open HTTP connections 
   for (let i = 0; i < 4; i++) socks.push(await halfOpen());
   // The cap is reached: a fifth request waits for a slot...
   let answered = false;
-  const fifth = api(node.url, 'GET', '/healthz').then((r) => { answered = true; return r; });
+  const fifth = once('/healthz').then((status) => { answered = true; return status; });
   await new Promise((r) => setTimeout(r, 500));
   assert.equal(answered, false, 'a request past the cap was served while 4 connections were held');
   // ...which the read timeout frees: the server closes the half-sent requests itself.
   await waitFor(() => socks.every((s) => s.closedAt), 15000, 'the server to close half-sent requests');
-  assert.equal((await fifth).status, 200);
+  assert.equal(await fifth, 200);
   await node.stop();
 });
 

@@ -93,6 +93,7 @@ pub fn routes(svc: Arc<Api>) -> Router {
         .route("/", get(crate::console::page))
         .route("/console.js", get(crate::console::script))
         .route("/socket.io.min.js", get(crate::console::socketio_client))
+        .route("/signalpost-client.js", get(crate::console::client_library))
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this endpoint".into())
         })

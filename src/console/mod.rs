@@ -27,3 +27,12 @@ pub async fn socketio_client() -> impl IntoResponse {
         include_str!("vendor/socket.io.min.js"),
     )
 }
+
+/// The project's client library (`clients/js/src/client.js`, self-contained ESM), which the page
+/// imports; pages of your own can import it from here too.
+pub async fn client_library() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../clients/js/src/client.js"),
+    )
+}

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "cluster")]
 mod cluster;
+mod datadir;
 
 use crate::api::Api;
 use crate::cluster::{Membership, NodeInfo, Standalone};
@@ -61,6 +62,9 @@ impl Node {
         std::fs::create_dir_all(&dir)
             .map_err(|e| NodeError::DataDir(dir.display().to_string(), e))?;
         let data_err = |e| NodeError::DataDir(dir.display().to_string(), e);
+        if config.backend == Backend::Embedded {
+            datadir::check_or_stamp(&dir, config.resume_secret.is_none())?;
+        }
         let resume_secret = match &config.resume_secret {
             Some(s) => s.clone().into_bytes(),
             None => load_or_create_secret(&dir, "resume.secret").map_err(data_err)?,

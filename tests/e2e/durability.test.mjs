@@ -2,7 +2,9 @@
 // gap-free; and an expired range is reported with `gap`.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNode, api, connect, fill, waitFor, refusal } from './lib/harness.mjs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startNode, api, connect, fill, waitFor, refusal, BACKEND } from './lib/harness.mjs';
 
 test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', async () => {
   let node = await startNode();
@@ -90,4 +92,42 @@ test('an expired range is sent as gap, then the rest; resume tokens expire with 
   assert.equal(synced.data.cursors[own], 7);
   b.close();
   await node.stop();
+});
+
+test('a data dir whose files went missing, empty or foreign refuses to start instead of starting empty', { skip: BACKEND === 'cluster' && 'the embedded store only' }, async () => {
+  const node = await startNode();
+  const dir = node.dataDir;
+  await fill(node.url, 'channel:kept', 3);
+  await node.stop();
+  const save = (f) => readFileSync(join(dir, f));
+  const originals = Object.fromEntries(['mailbox.redb', 'state.redb', 'resume.secret'].map((f) => [f, save(f)]));
+  const refusedWith = async (what) => {
+    await assert.rejects(startNode({ dataDir: dir }), (e) => {
+      assert.match(e.message, what);
+      assert.match(e.message, /refusing to start/);
+      return true;
+    });
+  };
+  rmSync(join(dir, 'mailbox.redb'));
+  await refusedWith(/mailbox\.redb is missing/);
+  writeFileSync(join(dir, 'mailbox.redb'), '');
+  await refusedWith(/mailbox\.redb is empty/);
+  writeFileSync(join(dir, 'mailbox.redb'), originals['mailbox.redb']);
+  rmSync(join(dir, 'state.redb'));
+  await refusedWith(/state\.redb is missing/);
+  writeFileSync(join(dir, 'state.redb'), originals['state.redb']);
+  rmSync(join(dir, 'resume.secret'));
+  await refusedWith(/resume\.secret is missing/);
+  writeFileSync(join(dir, 'resume.secret'), originals['resume.secret']);
+  // Another node's file in its place.
+  const other = await startNode();
+  await other.stop();
+  writeFileSync(join(dir, 'mailbox.redb'), readFileSync(join(other.dataDir, 'mailbox.redb')));
+  await refusedWith(/belongs to store/);
+  // Restored from the backup: it starts, with every version kept (the next is 4, not 1).
+  writeFileSync(join(dir, 'mailbox.redb'), originals['mailbox.redb']);
+  const back = await startNode({ dataDir: dir });
+  const r = await api(back.url, 'POST', '/server/enqueue?wait=true', { address: 'channel:kept', payload: 'next' });
+  assert.equal(r.body.version, 4);
+  await back.stop();
 });

@@ -16,7 +16,6 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { io } from 'socket.io-client';
 import { startNode, api, connect, waitFor, refusal, tempDir, BACKEND, testCluster } from './lib/harness.mjs';
 
 // ---------------------------------------------------------------------------------------------
@@ -358,20 +357,6 @@ function httpsApi(url, method, path, body, { ca, apiKey } = {}) {
   });
 }
 
-/** Like the harness's connect(), with any socket.io-client options (`ca`, `transports`, ...). */
-function connectWith(url, opts = {}) {
-  const socket = io(url, { auth: {}, reconnection: false, forceNew: true, timeout: 10000, ...opts });
-  const rec = { socket, events: [], session: null };
-  socket.onAny((event, data) => rec.events.push({ event, data }));
-  rec.waitFor = (pred, ms = 10000, what = 'event') => waitFor(() => rec.events.find(pred), ms, what);
-  rec.ready = new Promise((resolve, reject) => {
-    socket.on('session', (s) => { rec.session = s; resolve(s); });
-    socket.on('connect_error', (e) => reject(e));
-  });
-  rec.close = () => socket.close();
-  return rec;
-}
-
 /** Everything a connect_error says about its cause (the ws / tls error sits in `description`). */
 function why(e) {
   const d = e?.description;
@@ -395,7 +380,7 @@ test('TLS: HTTPS and WSS only, with the configured certificate', async () => {
     assert.equal(health.body.status, 'ok');
 
     // WebSocket (wss) with the CA: session, bind over HTTPS, a signal enqueued over HTTPS arrives.
-    const ws = connectWith(node.url, { transports: ['websocket'], ca: certs.ca });
+    const ws = connect(node.url, {}, { transports: ['websocket'], ca: certs.ca });
     clients.push(ws);
     const s1 = await ws.ready;
     assert.equal(ws.socket.io.engine.transport.name, 'websocket');
@@ -408,7 +393,7 @@ test('TLS: HTTPS and WSS only, with the configured certificate', async () => {
     assert.deepEqual(sig1.data.payload, { over: 'wss' });
 
     // Long-polling only, over HTTPS with the CA: session and a signal.
-    const poll = connectWith(node.url, { transports: ['polling'], ca: certs.ca });
+    const poll = connect(node.url, {}, { transports: ['polling'], ca: certs.ca });
     clients.push(poll);
     const s2 = await poll.ready;
     assert.equal(poll.socket.io.engine.transport.name, 'polling');
@@ -420,16 +405,16 @@ test('TLS: HTTPS and WSS only, with the configured certificate', async () => {
     assert.deepEqual(sig2.data.payload, { over: 'https polling' });
 
     // Default transports with the CA: polling, then the upgrade to wss.
-    const both = connectWith(node.url, { ca: certs.ca });
+    const both = connect(node.url, {}, { transports: ['polling', 'websocket'], ca: certs.ca });
     clients.push(both);
     await both.ready;
     await waitFor(() => both.socket.io.engine?.transport?.name === 'websocket', 10000, 'upgrade to websocket over TLS');
 
     // Without the CA the certificate is not trusted: the connection is refused for that reason,
     // over WebSocket and over polling, and so is an HTTPS request.
-    const untrustedWs = await refusalWith(node.url, { transports: ['websocket'] });
+    const untrustedWs = await refusal(node.url, {}, { transports: ['websocket'] });
     assert.match(why(untrustedWs), CERT_PROBLEM, `websocket without the CA: ${why(untrustedWs)}`);
-    const untrustedPoll = await refusalWith(node.url, { transports: ['polling'] });
+    const untrustedPoll = await refusal(node.url, {}, { transports: ['polling'] });
     assert.ok(untrustedPoll instanceof Error, 'polling without the CA is refused');
     assert.equal(untrustedPoll.message, 'xhr poll error');
     await assert.rejects(httpsApi(node.url, 'GET', '/healthz'), (e) => {
@@ -459,19 +444,6 @@ test('TLS: HTTPS and WSS only, with the configured certificate', async () => {
   }
 });
 
-/** The error a connection attempt with these options is refused with. */
-async function refusalWith(url, opts) {
-  const rec = connectWith(url, opts);
-  try {
-    await rec.ready;
-    throw new Error('connection was accepted');
-  } catch (e) {
-    return e;
-  } finally {
-    rec.close();
-  }
-}
-
 test('TLS between nodes: a cluster on HTTPS forwards messages over HTTPS, trusting tls_ca', { skip: BACKEND !== 'cluster' && 'needs the cluster backend', timeout: 120000 }, async () => {
   const certs = makeCerts();
   try {
@@ -488,7 +460,7 @@ test('TLS between nodes: a cluster on HTTPS forwards messages over HTTPS, trusti
     await waitFor(async () => (await httpsApi(b.url, 'GET', '/server/nodes', undefined, { ca: certs.ca })).body.nodes?.length === 2, 30000, 'two members');
     const clients = [];
     for (const node of [a, b]) {
-      const c = connectWith(node.url, { transports: ['websocket'], ca: certs.ca });
+      const c = connect(node.url, {}, { transports: ['websocket'], ca: certs.ca });
       const s = await c.ready;
       assert.equal((await httpsApi(node.url, 'POST', '/server/connect', { client: s.clientId, addresses: ['channel:tls'] }, { ca: certs.ca })).status, 200);
       clients.push(c);

@@ -123,9 +123,10 @@ export async function api(url, method, path, body, { apiKey, raw } = {}) {
   return { status: res.status, body: parsed };
 }
 
-/** A connected socket.io-client with a record of everything it received. */
-export function connect(url, auth = {}, { transports = ['websocket'], timeout = 10000 } = {}) {
-  const socket = io(url, { auth, transports, reconnection: false, forceNew: true, timeout });
+/** A connected socket.io-client with a record of everything it received; `more` are further
+ *  socket.io-client options (e.g. `ca`). */
+export function connect(url, auth = {}, { transports = ['websocket'], timeout = 10000, ...more } = {}) {
+  const socket = io(url, { auth, transports, reconnection: false, forceNew: true, timeout, ...more });
   const rec = { socket, events: [], session: null };
   socket.onAny((event, data) => rec.events.push({ event, data }));
   rec.signals = (address) => rec.events.filter((e) => e.event === 'signal' && (!address || e.data.address === address)).map((e) => e.data);

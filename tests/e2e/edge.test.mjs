@@ -374,9 +374,13 @@ test('TLS: HTTPS and WSS only, with the configured certificate', async () => {
     assert.match(node.url, /^https:\/\/127\.0\.0\.1:\d+$/, `the node printed ${node.url}`);
     const port = new URL(node.url).port;
 
-    // The HTTP API over HTTPS, trusting the test CA.
-    const health = await httpsApi(node.url, 'GET', '/healthz', undefined, { ca: certs.ca });
-    assert.equal(health.status, 200, JSON.stringify(health.body));
+    // The HTTP API over HTTPS, trusting the test CA; ready (200) once the node can apply
+    // operations (on the cluster backend, once its Kafka consumer holds its partitions).
+    let health;
+    await waitFor(async () => {
+      health = await httpsApi(node.url, 'GET', '/healthz', undefined, { ca: certs.ca });
+      return health.status === 200;
+    }, 60000, 'healthz 200 over HTTPS');
     assert.equal(health.body.status, 'ok');
 
     // WebSocket (wss) with the CA: session, bind over HTTPS, a signal enqueued over HTTPS arrives.
@@ -458,6 +462,9 @@ test('TLS between nodes: a cluster on HTTPS forwards messages over HTTPS, trusti
     const b = await startNode({ env });
     assert.match(a.url, /^https:/);
     await waitFor(async () => (await httpsApi(b.url, 'GET', '/server/nodes', undefined, { ca: certs.ca })).body.nodes?.length === 2, 30000, 'two members');
+    for (const n of [a, b]) {
+      await waitFor(async () => (await httpsApi(n.url, 'GET', '/healthz', undefined, { ca: certs.ca })).status === 200, 60000, 'ready');
+    }
     const clients = [];
     for (const node of [a, b]) {
       const c = connect(node.url, {}, { transports: ['websocket'], ca: certs.ca });

@@ -182,6 +182,22 @@ function client(url, { transports, reconnection = false, withCredentials = false
   return rec;
 }
 
+/** Six clients through `url` with `options`, each bound to `address` (and told so). */
+async function boundClients(url, address, options) {
+  const clients = [];
+  for (let i = 0; i < 6; i++) {
+    const c = client(url, options);
+    await c.ready;
+    clients.push(c);
+  }
+  for (const c of clients) {
+    const r = await api(url, 'POST', '/server/connect', { client: c.session().clientId, addresses: [address] });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+  }
+  for (const c of clients) await waitFor(() => c.bound.some((b) => b.address === address), 15000, 'bound');
+  return clients;
+}
+
 async function metric(url, name) {
   const text = (await api(url, 'GET', '/metrics')).body;
   const line = String(text).split('\n').find((l) => l.startsWith(`${name} `));
@@ -193,18 +209,8 @@ const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from
 test('HAProxy (deploy/haproxy.cfg): long-polling clients stick to their node, and fail without the cookie', { skip, timeout: 180000 }, async (t) => {
   const { nodes, ids, hap } = await cluster();
   const address = 'channel:hap-poll';
-  const clients = [];
-  for (let i = 0; i < 6; i++) {
-    const c = client(hap.url, { transports: ['polling'], withCredentials: true });
-    await c.ready;
-    clients.push(c);
-  }
   // Bound through HAProxy (balanced to any node: /server/* carries no cookie).
-  for (const c of clients) {
-    const r = await api(hap.url, 'POST', '/server/connect', { client: c.session().clientId, addresses: [address] });
-    assert.equal(r.status, 200, JSON.stringify(r.body));
-  }
-  for (const c of clients) await waitFor(() => c.bound.some((b) => b.address === address), 15000, 'bound');
+  const clients = await boundClients(hap.url, address, { transports: ['polling'], withCredentials: true });
   // 20 messages through HAProxy, one request each, each answered with its version.
   for (let i = 0; i < 20; i++) {
     const r = await api(hap.url, 'POST', '/server/enqueue?wait=true', { address, id: `p-${i}`, payload: i });
@@ -285,17 +291,7 @@ test('HAProxy (deploy/haproxy.cfg): long-polling clients stick to their node, an
 test('HAProxy (deploy/haproxy.cfg): WebSocket clients of a killed node resume through it on another node, every version once', { skip, timeout: 180000 }, async (t) => {
   const { nodes, ids, hap } = await cluster();
   const address = 'channel:hap-ws';
-  const clients = [];
-  for (let i = 0; i < 6; i++) {
-    const c = client(hap.url, { transports: ['websocket'], reconnection: true });
-    await c.ready;
-    clients.push(c);
-  }
-  for (const c of clients) {
-    const r = await api(hap.url, 'POST', '/server/connect', { client: c.session().clientId, addresses: [address] });
-    assert.equal(r.status, 200, JSON.stringify(r.body));
-  }
-  for (const c of clients) await waitFor(() => c.bound.some((b) => b.address === address), 15000, 'bound');
+  const clients = await boundClients(hap.url, address, { transports: ['websocket'], reconnection: true });
   const count = ids.map((id) => clients.filter((c) => c.session().node === id).length);
   const appendsBefore = await Promise.all(nodes.map((n) => metric(n.url, 'signalpost_appends_total')));
 

@@ -28,8 +28,6 @@ pub enum ApiError {
     /// A node-to-node request that does not prove the cluster secret or comes from a non-member.
     #[error("{0}")]
     PeerRefused(String),
-    #[error("{0}")]
-    Forbidden(String),
     /// Waited for an operation to become durable longer than allowed (504).
     #[error("{0}")]
     Timeout(String),
@@ -66,7 +64,6 @@ impl IntoResponse for ApiError {
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PeerRefused(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         };
         (

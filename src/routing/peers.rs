@@ -323,15 +323,9 @@ impl Peers {
 
     /// Links to live nodes not linked yet (snapshot, then repair), heartbeats the others.
     async fn tick(self: &Arc<Self>) {
-        let Ok(nodes) = self.membership.nodes().await else {
+        let Ok(live) = self.refresh_members().await else {
             return;
         };
-        let live: HashMap<String, String> = nodes
-            .into_iter()
-            .filter(|n| n.id != self.node)
-            .map(|n| (n.id, n.url))
-            .collect();
-        *self.members.write().unwrap_or_else(|p| p.into_inner()) = live.clone();
         // Peers that left the membership get nothing more from this node.
         let gone: Vec<(String, String)> = self
             .downstream
@@ -464,15 +458,24 @@ impl Peers {
         {
             return Some(url.clone());
         }
-        let nodes = self.membership.nodes().await.ok()?;
-        let live: HashMap<String, String> = nodes
+        self.refresh_members().await.ok()?.get(node).cloned()
+    }
+
+    /// Reads the live members other than this node (id → URL) from the membership, and keeps
+    /// them as the list [`Peers::member_url`] answers from.
+    async fn refresh_members(
+        &self,
+    ) -> Result<HashMap<String, String>, crate::cluster::ClusterError> {
+        let live: HashMap<String, String> = self
+            .membership
+            .nodes()
+            .await?
             .into_iter()
             .filter(|n| n.id != self.node)
             .map(|n| (n.id, n.url))
             .collect();
-        let url = live.get(node).cloned();
-        *self.members.write().unwrap_or_else(|p| p.into_inner()) = live;
-        url
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = live.clone();
+        Ok(live)
     }
 
     /// Handles `POST /internal/want` from the member `want.node`, reached at `url` (the
@@ -695,7 +698,12 @@ impl Peers {
             .member_url(node)
             .await
             .ok_or_else(|| format!("{node} is not a live member"))?;
-        let mut http = self.connect(&url).await?;
+        self.ask_at(&url, path, body).await
+    }
+
+    /// A signed control request to the member at `url`.
+    async fn ask_at(&self, url: &str, path: &str, body: Bytes) -> Result<Bytes, String> {
+        let mut http = self.connect(url).await?;
         match tokio::time::timeout(ASK_TIMEOUT, http.call("POST", path, Some(body))).await {
             Ok(Ok((200, b))) => Ok(b),
             Ok(Ok((status, b))) => Err(format!("{status}: {}", String::from_utf8_lossy(&b))),
@@ -710,21 +718,17 @@ impl Peers {
         if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
             return Vec::new();
         }
-        let nodes: Vec<String> = match self.membership.nodes().await {
-            Ok(n) => n
-                .into_iter()
-                .map(|n| n.id)
-                .filter(|id| *id != self.node)
-                .collect(),
+        let live = match self.refresh_members().await {
+            Ok(live) => live,
             Err(e) => {
                 tracing::warn!(error = %e, "asking the other nodes: membership unavailable");
                 return Vec::new();
             }
         };
-        let asks = nodes.into_iter().map(|n| {
+        let asks = live.into_iter().map(|(n, url)| {
             let body = body.clone();
             async move {
-                let r = self.ask(&n, path, body).await;
+                let r = self.ask_at(&url, path, body).await;
                 (n, r)
             }
         });

@@ -6,11 +6,14 @@
 //! - [`topology`]: bindings of clients to addresses, and acked cursors;
 //! - [`presence`]: who is connected where; [`cluster`]: live nodes and the leader;
 //! - [`ingest`]: the operations queue and the processor that applies them;
-//! - [`routing`]: from appended messages to local connections;
+//! - [`routing`]: from appended messages to local connections, and the fan-out port;
+//! - [`peers`]: the other nodes of a cluster (interests, forwarding, its transport and routes);
 //! - [`gateway`]: Socket.IO (handshake, resume, replay, live delivery, acks);
 //! - [`api`]: the HTTP server API; [`console`]: the page; [`listener`]: TLS, caps, timeouts;
 //! - [`node`]: builds it all from [`config`] and drains it; [`security`], [`metrics`];
-//! - [`tools`]: the command-line clients (`bench`, …) that drive a node from outside.
+//!
+//! The command-line tools (`bench`, `enqueue`, …) are not part of the library: they live in the
+//! binary (`src/tools/`, `src/main.rs`) and reach a node only through its public interfaces.
 
 pub mod address;
 pub mod api;
@@ -26,8 +29,9 @@ pub mod listener;
 pub mod mailbox;
 pub mod metrics;
 pub mod node;
+pub mod peers;
 pub mod presence;
 pub mod routing;
 pub mod security;
-pub mod tools;
+pub mod tasks;
 pub mod topology;

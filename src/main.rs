@@ -5,8 +5,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use signalpost::config::{Backend, Config, Overrides};
 use signalpost::node::Node;
-use signalpost::tools::cli;
+mod tools;
+
 use std::path::PathBuf;
+use tools::cli;
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +32,7 @@ enum Command {
     /// Drive a running node through HTTP and Socket.IO and print what it sustains.
     ///
     /// Example: signalpost bench --url http://127.0.0.1:8080 --scenario fanout --clients 1000
-    Bench(signalpost::tools::bench::BenchArgs),
+    Bench(tools::bench::BenchArgs),
     /// Send a message (or a file of them) through the server API.
     Enqueue(cli::EnqueueArgs),
     /// Bind a client to addresses.
@@ -81,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(mut args) => {
             args.url = cli.target.url.clone();
             args.api_key = cli.target.api_key.clone();
-            rt.block_on(signalpost::tools::bench::run(args))?;
+            rt.block_on(tools::bench::run(args))?;
             Ok(())
         }
         tool => rt.block_on(run_tool(&cli.target, tool)).map_err(|e| {
@@ -91,10 +93,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run_tool(
-    t: &cli::Target,
-    tool: Command,
-) -> Result<(), signalpost::tools::client::ClientError> {
+async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::ClientError> {
     match tool {
         Command::Enqueue(a) => cli::enqueue(t, a).await,
         Command::Bind(a) => cli::bind(t, a, true).await,

@@ -10,23 +10,27 @@ use crate::api::Api;
 use crate::cluster::{Membership, NodeInfo, Standalone};
 use crate::config::{Backend, Config};
 use crate::gateway::acks::AckWriter;
-use crate::gateway::{Gate, Gateway};
+use crate::gateway::{Gate, Gateway, Slots};
 use crate::ingest::local::LocalQueue;
 use crate::ingest::{Processor, Queue};
 use crate::mailbox::Mailbox;
 use crate::mailbox::embedded::EmbeddedMailbox;
 use crate::metrics::Metrics;
+use crate::peers::Peers;
 use crate::presence::{MemoryPresence, Presence};
-use crate::routing::Router;
-use crate::routing::peers::Peers;
+use crate::routing::{Fanout, Router};
 use crate::security::{Credentials, PeerAuth, TokenKey, load_or_create_secret};
+use crate::tasks::Tasks;
 use crate::topology::embedded::EmbeddedTopology;
 use crate::topology::{Cursors, Topology};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tokio::net::TcpListener;
+
+/// How long a stopping node waits for its background tasks to return.
+const TASKS_GRACE: Duration = Duration::from_secs(10);
 
 /// Startup failures.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,10 @@ pub enum NodeError {
 /// A built node, listening, not yet serving.
 pub struct Node {
     api: Arc<Api>,
+    /// Every background task of the node.
+    tasks: Tasks,
+    /// Stops them when the node is dropped without running.
+    _stop_on_drop: tokio_util::sync::DropGuard,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
@@ -115,11 +123,12 @@ impl Node {
             url: advertised.clone(),
             leader: true,
         };
+        let tasks = Tasks::default();
         let router = Arc::new(Router::default());
         let parts = match config.backend {
-            Backend::Embedded => embedded_parts(&config, me, &router, &metrics)?,
+            Backend::Embedded => embedded_parts(&config, me)?,
             #[cfg(feature = "cluster")]
-            Backend::Cluster => cluster::parts(&config, me, &router, &metrics).await?,
+            Backend::Cluster => cluster::parts(&config, me).await?,
             #[cfg(not(feature = "cluster"))]
             Backend::Cluster => {
                 return Err(NodeError::Backend(
@@ -129,7 +138,7 @@ impl Node {
         };
         let Parts {
             stores,
-            queue,
+            start_queue,
             membership,
             join,
         } = parts;
@@ -139,24 +148,38 @@ impl Node {
             cursors,
             presence,
         } = stores;
+        let transport = crate::peers::transport::HttpTransport::new(
+            &node_id,
+            peer_auth.clone(),
+            match config.tls_ca.as_ref().or(config.tls_cert.as_ref()) {
+                Some(ca) if tls.is_some() => Some(crate::listener::tls_connector(ca)?),
+                _ => None,
+            },
+        );
         let peers = Peers::new(
-            crate::routing::peers::Me {
+            crate::peers::Me {
                 node: node_id.clone(),
                 url: advertised.clone(),
-                auth: peer_auth.clone(),
-                tls: match config.tls_ca.as_ref().or(config.tls_cert.as_ref()) {
-                    Some(ca) if tls.is_some() => Some(crate::listener::tls_connector(ca)?),
-                    _ => None,
-                },
             },
-            router.clone(),
-            mailbox.clone(),
-            membership.clone(),
-            metrics.clone(),
+            crate::peers::Links {
+                transport: Arc::new(transport),
+                router: router.clone(),
+                mailbox: mailbox.clone(),
+                membership: membership.clone(),
+                metrics: metrics.clone(),
+                tasks: tasks.clone(),
+            },
         );
-        let replies: Arc<dyn crate::routing::Replies> = queue.clone();
-        peers.set_replies(Arc::downgrade(&replies));
-        router.set_remote(peers.clone());
+        // Delivery flows one way: the processor hands what it applied to the other nodes
+        // first, then to this node's connections.
+        let processor = Arc::new(Processor {
+            mailbox: mailbox.clone(),
+            topology: topology.clone(),
+            fanout: vec![peers.clone() as Arc<dyn Fanout>, router.clone()],
+            metrics: metrics.clone(),
+            max_bindings: config.max_bindings_per_client,
+        });
+        let queue = start_queue(processor, &tasks)?;
         if config.backend == Backend::Cluster {
             peers.start();
         }
@@ -167,12 +190,12 @@ impl Node {
             node_id,
             mailbox,
             topology,
-            acks: AckWriter::start(cursors.clone()),
+            acks: AckWriter::start(cursors.clone(), &tasks),
             cursors,
             presence,
             router,
             metrics,
-            connections: AtomicUsize::new(0),
+            connections: Slots::new(config.max_connections),
             draining: AtomicBool::new(false),
             config,
         });
@@ -182,14 +205,16 @@ impl Node {
             membership,
             peer_auth,
         });
-        spawn_expiry(gw.clone());
-        spawn_cleanup(&api);
-        spawn_gate_sweep(gw.clone());
+        spawn_expiry(&gw, &tasks);
+        spawn_cleanup(&api, &tasks);
+        spawn_gate_sweep(&gw, &tasks);
         if let Some(join) = join {
             join();
         }
         Ok(Self {
             api,
+            _stop_on_drop: tasks.drop_guard(),
+            tasks,
             listener,
             tls,
             addr,
@@ -246,7 +271,15 @@ impl Node {
         crate::listener::serve(self.listener, self.tls, limits, app, signal)
             .await
             .map_err(NodeError::Serve)?;
+        // Stop = cancel (no new work, no timers) → client connections closed (above) → the queue
+        // drained → acks written → every task returned.
         api.queue.drain().await;
+        if !self.tasks.stop(TASKS_GRACE).await {
+            tracing::warn!(
+                running = self.tasks.running(),
+                "some tasks did not stop within {TASKS_GRACE:?}"
+            );
+        }
         gw.acks.flush().await;
         tracing::info!("drained");
         Ok(())
@@ -265,18 +298,18 @@ struct Stores {
 /// once the node is built (a cluster node joins the cluster then).
 struct Parts {
     stores: Stores,
-    queue: Arc<dyn Queue>,
+    /// Starts the backend's queue in front of the processor (built last: the processor hands
+    /// what it applies to the peers, which need the stores and the membership).
+    start_queue: StartQueue,
     membership: Arc<dyn Membership>,
     join: Option<Box<dyn FnOnce() + Send>>,
 }
 
+type StartQueue =
+    Box<dyn FnOnce(Arc<Processor>, &Tasks) -> Result<Arc<dyn Queue>, NodeError> + Send>;
+
 /// The embedded backend: redb files in the data dir, the in-process queue, a standalone node.
-fn embedded_parts(
-    config: &Config,
-    me: NodeInfo,
-    router: &Arc<Router>,
-    metrics: &Metrics,
-) -> Result<Parts, NodeError> {
+fn embedded_parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
     let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
     let dir = &config.data_dir;
     let mailbox = EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
@@ -288,28 +321,14 @@ fn embedded_parts(
         cursors: Arc::new(topo),
         presence: Arc::new(MemoryPresence::default()),
     };
-    let processor = processor(config, &stores, router, metrics);
+    let batch = config.append_batch;
     Ok(Parts {
         stores,
-        queue: Arc::new(LocalQueue::start(processor, config.append_batch)),
+        start_queue: Box::new(move |processor, tasks| {
+            Ok(Arc::new(LocalQueue::start(processor, batch, tasks)))
+        }),
         membership: Arc::new(Standalone::new(me)),
         join: None,
-    })
-}
-
-/// The processor that applies operations to `stores` and hands them to `router`.
-fn processor(
-    config: &Config,
-    stores: &Stores,
-    router: &Arc<Router>,
-    metrics: &Metrics,
-) -> Arc<Processor> {
-    Arc::new(Processor {
-        mailbox: stores.mailbox.clone(),
-        topology: stores.topology.clone(),
-        router: router.clone(),
-        metrics: metrics.clone(),
-        max_bindings: config.max_bindings_per_client,
     })
 }
 
@@ -328,7 +347,7 @@ fn node_id_in(dir: &std::path::Path) -> std::io::Result<String> {
 /// The leader's cleanup after dead nodes: presence entries of nodes that are not live any more
 /// are removed. Driven by durable state (the presence rows), so it is idempotent and a new
 /// leader finishes whatever an old one left.
-fn spawn_cleanup(api: &Arc<Api>) {
+fn spawn_cleanup(api: &Arc<Api>, tasks: &Tasks) {
     if api.gw.config.backend != Backend::Cluster {
         return;
     }
@@ -337,15 +356,16 @@ fn spawn_cleanup(api: &Arc<Api>) {
         api.gw.presence.clone(),
         api.gw.metrics.clone(),
     );
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+    tasks.every(Duration::from_secs(1), move || {
+        let (membership, presence, metrics) =
+            (membership.clone(), presence.clone(), metrics.clone());
+        async move {
             if !membership.is_leader() {
-                continue;
+                return;
             }
             let (Ok(live), Ok(with_entries)) = (membership.nodes().await, presence.nodes().await)
             else {
-                continue;
+                return;
             };
             for node in with_entries
                 .iter()
@@ -366,16 +386,13 @@ fn spawn_cleanup(api: &Arc<Api>) {
 /// Now and then: forgets the handshake allowance of IPs that are quiet again (the per-IP map
 /// would grow), and gives connections open for half the retention a fresh resume token (a
 /// token expires with the retention).
-fn spawn_gate_sweep(svc: Arc<Gateway>) {
+fn spawn_gate_sweep(svc: &Arc<Gateway>, tasks: &Tasks) {
     let retention = svc.config.retention_ms();
     let every = Duration::from_millis((retention / 4).clamp(250, 3_600_000));
-    let weak = Arc::downgrade(&svc);
-    drop(svc);
-    tokio::spawn(async move {
-        let mut last_ip_sweep = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(every.min(Duration::from_secs(10))).await;
-            let Some(svc) = weak.upgrade() else { return };
+    let weak = Arc::downgrade(svc);
+    let mut last_ip_sweep = std::time::Instant::now();
+    tasks.every(every.min(Duration::from_secs(10)), move || {
+        if let Some(svc) = weak.upgrade() {
             if last_ip_sweep.elapsed() >= Duration::from_secs(10) {
                 svc.gate.sweep();
                 last_ip_sweep = std::time::Instant::now();
@@ -385,19 +402,18 @@ fn spawn_gate_sweep(svc: Arc<Gateway>) {
                 conn.renew_resume_token(now, retention / 2);
             }
         }
+        std::future::ready(())
     });
 }
 
-fn spawn_expiry(svc: Arc<Gateway>) {
+fn spawn_expiry(svc: &Arc<Gateway>, tasks: &Tasks) {
     let every = Duration::from_millis(svc.config.expiry_interval_ms.max(10));
-    let weak = Arc::downgrade(&svc);
-    drop(svc);
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            let Some(svc) = weak.upgrade() else { return };
-            match svc.mailbox.expire(crate::clock::now_ms()).await {
-                Ok(n) => svc.metrics.expired.increment(n),
+    let (mailbox, metrics) = (svc.mailbox.clone(), svc.metrics.clone());
+    tasks.every(every, move || {
+        let (mailbox, metrics) = (mailbox.clone(), metrics.clone());
+        async move {
+            match mailbox.expire(crate::clock::now_ms()).await {
+                Ok(n) => metrics.expired.increment(n),
                 Err(e) => tracing::warn!(error = %e, "expiry failed"),
             }
         }

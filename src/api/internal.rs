@@ -6,7 +6,7 @@
 use super::Api;
 use super::ApiError;
 use crate::gateway::registry::Target;
-use crate::routing::peers::{Deliver, Want};
+use crate::peers::routes::Sender as Peer;
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Request, State};
 use axum::middleware::{self, Next};
@@ -17,17 +17,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-/// The member that signed a request, and where the membership says it is.
-#[derive(Clone)]
-struct Peer {
-    node: String,
-    url: String,
-}
-
 pub fn routes(svc: Arc<Api>) -> Router<Arc<Api>> {
     Router::new()
-        .route("/internal/want", post(want))
-        .route("/internal/deliver", post(deliver))
+        .merge(crate::peers::routes::routes(
+            svc.gw.peers.clone(),
+            svc.queue.clone(),
+        ))
         .route("/internal/kick", post(kick))
         .route("/internal/connections", post(connections))
         .layer(middleware::from_fn_with_state(svc, verify))
@@ -64,40 +59,6 @@ async fn verify(State(svc): State<Arc<Api>>, req: Request, next: Next) -> Respon
 
 fn parse<T: for<'a> Deserialize<'a>>(body: &Bytes, what: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))
-}
-
-/// `POST /internal/want`: the sender's interests.
-async fn want(
-    State(svc): State<Arc<Api>>,
-    Extension(peer): Extension<Peer>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let want: Want = parse(&body, "want")?;
-    if want.node != peer.node {
-        return Err(ApiError::PeerRefused(format!(
-            "a want of {} signed by {}",
-            want.node, peer.node
-        )));
-    }
-    match svc.gw.peers.on_want(want, peer.url) {
-        200 => Ok(Json(json!({ "ok": true }))),
-        _ => Err(ApiError::Conflict(
-            "unknown session: send a snapshot first".into(),
-        )),
-    }
-}
-
-/// `POST /internal/deliver`: messages, binding changes or answers from another node.
-async fn deliver(
-    State(svc): State<Arc<Api>>,
-    Extension(_peer): Extension<Peer>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let frames: Vec<Deliver> = parse(&body, "delivery")?;
-    for frame in frames {
-        svc.gw.peers.on_deliver(frame);
-    }
-    Ok(Json(json!({ "ok": true })))
 }
 
 #[derive(Deserialize)]

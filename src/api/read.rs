@@ -243,7 +243,7 @@ pub async fn healthz(State(svc): State<Arc<Api>>) -> impl IntoResponse {
         "status": status,
         "node": svc.gw.node_id,
         "backend": svc.gw.config.backend,
-        "connections": svc.gw.connections.load(std::sync::atomic::Ordering::SeqCst),
+        "connections": svc.gw.connections.open(),
         "backends": backends,
     });
     if let Some(p) = svc.queue.partitions() {

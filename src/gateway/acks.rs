@@ -22,21 +22,27 @@ pub struct AckWriter {
 }
 
 impl AckWriter {
-    pub fn start(cursors: Arc<dyn Cursors>) -> Arc<Self> {
+    /// Starts the writer; it writes what is pending one last time when the node stops.
+    pub fn start(cursors: Arc<dyn Cursors>, tasks: &crate::tasks::Tasks) -> Arc<Self> {
         let w = Arc::new(Self {
             pending: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             cursors,
         });
-        let weak = Arc::downgrade(&w);
-        tokio::spawn(async move {
+        let writer = w.clone();
+        let stop = tasks.clone();
+        // Not cut short by a stop: a write in progress finishes, then the last one is made.
+        tasks.spawn_to_end(async move {
             loop {
-                let Some(w) = weak.upgrade() else { return };
-                tokio::select! {
-                    _ = w.wake.notified() => {}
-                    _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                let stopping = tokio::select! {
+                    _ = writer.wake.notified() => false,
+                    _ = tokio::time::sleep(FLUSH_EVERY) => false,
+                    _ = stop.stopping() => true,
+                };
+                writer.flush().await;
+                if stopping {
+                    return;
                 }
-                w.flush().await;
             }
         });
         w

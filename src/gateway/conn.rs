@@ -50,6 +50,8 @@ struct State {
     pending: VecDeque<(&'static str, serde_json::Value)>,
     unbound_in_setup: HashSet<Address>,
     socket: Option<SocketRef>,
+    /// This connection's place under the node's connection cap, given back at close.
+    slot: Option<super::Slot>,
 }
 
 enum Step {
@@ -137,6 +139,7 @@ impl Conn {
                 pending: VecDeque::new(),
                 unbound_in_setup: HashSet::new(),
                 socket: Some(socket),
+                slot: None,
             }),
         })
     }
@@ -293,6 +296,14 @@ impl Conn {
         self.repair(&mut st);
     }
 
+    /// Keeps the connection's slot under the cap until it closes.
+    pub fn hold(&self, slot: Option<super::Slot>) {
+        let mut st = self.lock();
+        if st.phase != Phase::Closed {
+            st.slot = slot;
+        }
+    }
+
     /// Stops all delivery; returns the addresses to unsubscribe (`None` when already closed).
     pub fn close(&self) -> Option<Vec<Address>> {
         let mut st = self.lock();
@@ -301,6 +312,7 @@ impl Conn {
         }
         st.phase = Phase::Closed;
         st.socket = None;
+        st.slot = None;
         st.pending.clear();
         Some(st.tracks.keys().cloned().collect())
     }

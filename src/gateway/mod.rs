@@ -15,11 +15,11 @@ use crate::address::Address;
 use crate::config::Config;
 use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
+use crate::peers::Peers;
 use crate::presence::Presence;
 use crate::presence::Seen;
 use crate::routing::Router;
 use crate::routing::Subscriber;
-use crate::routing::peers::Peers;
 use crate::security::AuthError;
 use crate::security::Credentials;
 use crate::topology::{Cursors, Topology};
@@ -98,10 +98,47 @@ pub struct Gateway {
     pub acks: Arc<acks::AckWriter>,
     /// Connections by client and user (kicks, quotas) and the handshake rate per IP.
     pub gate: Gate,
-    /// Open Socket.IO connections on this node.
-    pub connections: std::sync::atomic::AtomicUsize,
+    /// Open Socket.IO connections on this node: one permit each, taken when the handshake is
+    /// accepted and given back when the socket is gone, so the cap holds under a burst.
+    pub connections: Slots,
     /// Set once shutdown began: new work is refused.
     pub draining: std::sync::atomic::AtomicBool,
+}
+
+/// The connection cap of a node: a slot is taken when a handshake is accepted (where the cap
+/// is checked) and given back when the connection closes, so a burst of handshakes cannot pass
+/// the cap between the check and the count.
+pub struct Slots {
+    free: Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+/// One connection's place under the cap.
+#[derive(Clone)]
+pub struct Slot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+impl Slots {
+    pub fn new(max: usize) -> Self {
+        let max = max.min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            free: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A slot, unless every one is taken.
+    pub fn take(&self) -> Option<Slot> {
+        self.free
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| Slot(Arc::new(p)))
+    }
+
+    /// Connections holding a slot now.
+    pub fn open(&self) -> usize {
+        self.max - self.free.available_permits()
+    }
 }
 
 /// What the gateway keeps beside the connections themselves: who is connected (for kicks and
@@ -152,12 +189,12 @@ async fn authenticate(
             svc.config.connect_rate_per_ip
         ));
     }
-    if svc.connections.load(Ordering::SeqCst) >= svc.config.max_connections {
+    let Some(slot) = svc.connections.take() else {
         return refuse(format!(
             "too many connections on this node (limit {})",
             svc.config.max_connections
         ));
-    }
+    };
     let auth = match auth {
         Ok(v) => v,
         Err(e) => return refuse(format!("auth must be a JSON object: {e}")),
@@ -174,6 +211,7 @@ async fn authenticate(
         }
     }
     s.extensions.insert(id);
+    s.extensions.insert(slot);
     Ok(())
 }
 
@@ -182,7 +220,6 @@ async fn on_connect(
     Extension(id): Extension<Identity>,
     State(svc): State<Arc<Gateway>>,
 ) {
-    svc.connections.fetch_add(1, Ordering::SeqCst);
     svc.metrics.connections.increment(1.0);
     svc.metrics.connects.increment(1);
     if let Err(e) = setup(&s, &id, &svc).await {
@@ -210,6 +247,8 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
             .unwrap_or(default)
     };
     let conn = Conn::new(svc.clone(), s.clone(), id, start(&own, 0));
+    // The connection holds its slot until it closes.
+    conn.hold(s.extensions.remove::<Slot>());
     let sub: Arc<dyn Subscriber> = conn.clone();
     // Register before reading bindings and heads: whatever changes meanwhile reaches the conn.
     svc.router.register(sub.clone());
@@ -284,7 +323,6 @@ async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     let Some(addrs) = conn.close() else { return };
     svc.router.unregister(&**conn, &addrs);
     svc.gate.registry.remove(conn);
-    svc.connections.fetch_sub(1, Ordering::SeqCst);
     svc.metrics.connections.decrement(1.0);
     if let Err(e) = svc
         .presence

@@ -25,7 +25,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 
 /// The consumer: records the partitions each rebalance assigns, so that the worker releases
 /// their mailbox shards (and claims them anew) before it applies records of them.
@@ -193,7 +192,8 @@ pub struct KafkaQueue {
     settings: KafkaSettings,
     waiters: Arc<Waiters>,
     stop: watch::Sender<bool>,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Resolves when the consumer task has stopped.
+    done: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// The consumer's assignment (see [`Rebalances`]).
     assigned: Arc<Mutex<(u64, Vec<u32>)>>,
 }
@@ -256,7 +256,11 @@ impl KafkaQueue {
     }
 
     /// Connects the producer and starts the consumer task.
-    pub fn start(settings: KafkaSettings, processor: Arc<Processor>) -> Result<Self, IngestError> {
+    pub fn start(
+        settings: KafkaSettings,
+        processor: Arc<Processor>,
+        tasks: &crate::tasks::Tasks,
+    ) -> Result<Self, IngestError> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
             .set("acks", "all")
@@ -281,13 +285,18 @@ impl KafkaQueue {
             fresh_from: HashMap::new(),
             generation: 0,
         };
-        let task = tokio::spawn(worker.run(stopped));
+        // Stopped by `drain` (which waits for it), not cut short by the node's stop.
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        tasks.spawn_to_end(async move {
+            worker.run(stopped).await;
+            let _ = done_tx.send(());
+        });
         Ok(Self {
             producer,
             settings,
             waiters,
             stop,
-            task: tokio::sync::Mutex::new(Some(task)),
+            done: tokio::sync::Mutex::new(Some(done)),
             assigned,
         })
     }
@@ -402,8 +411,8 @@ impl Queue for KafkaQueue {
 
     async fn drain(&self) {
         let _ = self.stop.send(true);
-        if let Some(t) = self.task.lock().await.take() {
-            let _ = t.await;
+        if let Some(done) = self.done.lock().await.take() {
+            let _ = done.await;
         }
     }
 
@@ -724,9 +733,9 @@ impl Worker {
             for ((ticket, origin), r) in tickets.iter().zip(&results) {
                 if let (Some(t), Ok(outcome)) = (ticket, r) {
                     // The node that waits, wherever it is.
-                    let remote = origin
-                        .as_deref()
-                        .is_some_and(|o| self.processor.router.reply(o, t, || outcome.to_wire()));
+                    let remote = origin.as_deref().is_some_and(|o| {
+                        self.processor.reply_elsewhere(o, t, &|| outcome.to_wire())
+                    });
                     if !remote {
                         self.waiters.resolve(t, outcome);
                     }

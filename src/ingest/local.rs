@@ -4,9 +4,9 @@
 //! (backpressure), and a job is answered only after its batch is durable.
 
 use super::{Command, IngestError, Outcome, Processor, Queue};
+use crate::tasks::Tasks;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 type Reply = Vec<Result<Outcome, IngestError>>;
 
@@ -18,17 +18,20 @@ struct Job {
 /// The in-process queue.
 pub struct LocalQueue {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Resolves when the consumer has applied its last job.
+    done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 /// Jobs that may wait in the channel.
 const CAPACITY: usize = 8192;
 
 impl LocalQueue {
-    /// Starts the consumer task.
-    pub fn start(processor: Arc<Processor>, max_batch: usize) -> Self {
+    /// Starts the consumer task (it ends once [`Queue::drain`] closed the channel and every
+    /// job taken was applied).
+    pub fn start(processor: Arc<Processor>, max_batch: usize, tasks: &Tasks) -> Self {
         let (tx, mut rx) = mpsc::channel::<Job>(CAPACITY);
-        let task = tokio::spawn(async move {
+        let (done_tx, done) = oneshot::channel::<()>();
+        tasks.spawn_to_end(async move {
             while let Some(first) = rx.recv().await {
                 let mut n = first.commands.len();
                 let mut jobs = vec![first];
@@ -55,10 +58,11 @@ impl LocalQueue {
                     let _ = reply.send(std::mem::replace(&mut results, rest));
                 }
             }
+            let _ = done_tx.send(());
         });
         Self {
             tx: Mutex::new(Some(tx)),
-            task: tokio::sync::Mutex::new(Some(task)),
+            done: tokio::sync::Mutex::new(Some(done)),
         }
     }
 }
@@ -86,8 +90,8 @@ impl Queue for LocalQueue {
 
     async fn drain(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = self.task.lock().await.take() {
-            let _ = t.await;
+        if let Some(done) = self.done.lock().await.take() {
+            let _ = done.await;
         }
     }
 

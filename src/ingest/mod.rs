@@ -15,7 +15,7 @@ pub mod wire;
 use crate::address::{Address, ClientId};
 use crate::mailbox::{Appended, Mailbox, MailboxError, NewMessage};
 use crate::metrics::Metrics;
-use crate::routing::Router;
+use crate::routing::{Fanout, Offered};
 use crate::topology::{Binding, Topology, TopologyError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -123,11 +123,11 @@ pub trait Queue: crate::routing::Replies {
 }
 
 /// Applies batches of commands: appends, then binding changes, then hands the appended messages
-/// and binding changes to the router.
+/// and binding changes to each fan-out (the other nodes first, then this node's connections).
 pub struct Processor {
     pub mailbox: Arc<dyn Mailbox>,
     pub topology: Arc<dyn Topology>,
-    pub router: Arc<Router>,
+    pub fanout: Vec<Arc<dyn Fanout>>,
     pub metrics: Metrics,
     /// Most bindings one client may hold.
     pub max_bindings: usize,
@@ -181,7 +181,12 @@ impl Processor {
         }
         if !fresh.is_empty() {
             let appended_us = crate::clock::now_us();
-            let offered = self.router.deliver(&fresh, appended_us);
+            let mut offered = Offered::default();
+            for f in &self.fanout {
+                let o = f.deliver(&fresh, appended_us);
+                offered.deliveries += o.deliveries;
+                offered.messages += o.messages;
+            }
             let took = crate::clock::now_us().saturating_sub(appended_us);
             self.metrics
                 .handoff_local
@@ -197,6 +202,17 @@ impl Processor {
             .into_iter()
             .map(|r| r.expect("every command has a result"))
             .collect()
+    }
+
+    /// Hands the answer of a `?wait=true` operation to the fan-out that reaches the node `node`
+    /// whose publisher waits; false when that node is this one.
+    pub fn reply_elsewhere(
+        &self,
+        node: &str,
+        ticket: &str,
+        outcome: &dyn Fn() -> Option<Box<serde_json::value::RawValue>>,
+    ) -> bool {
+        self.fanout.iter().any(|f| f.reply(node, ticket, outcome))
     }
 
     async fn apply_binding(&self, c: Command) -> Result<Outcome, IngestError> {
@@ -231,7 +247,9 @@ impl Processor {
                 self.metrics.bindings.increment(added.len() as u64);
                 let new: Vec<(Address, u64)> =
                     added.iter().map(|b| (b.address.clone(), b.since)).collect();
-                self.router.bound(&client, &new);
+                for f in &self.fanout {
+                    f.bound(&client, &new);
+                }
                 // Report every requested binding with its real `since` (existing ones keep
                 // theirs): when all were new, `added` says it; otherwise read them back.
                 if new.len() == addresses.len() {
@@ -267,7 +285,9 @@ impl Processor {
                     .map(|(a, h)| (a, h.head))
                     .collect();
                 self.metrics.unbindings.increment(removed.len() as u64);
-                self.router.unbound(&client, &removed);
+                for f in &self.fanout {
+                    f.unbound(&client, &removed);
+                }
                 Ok(Outcome::Unbound { removed })
             }
             Command::Enqueue(_) => unreachable!("appends are applied in bulk"),

@@ -1,15 +1,13 @@
 //! The cluster backend's parts (feature `cluster`): ZooKeeper membership, Kafka topics and
 //! queue, the Cassandra stores — built in the order that makes concurrent starts safe.
 
-use super::{NodeError, Parts, Stores, processor};
+use super::{NodeError, Parts, Stores};
 use crate::cluster::zookeeper::ZkMembership;
 use crate::cluster::{Membership, NodeInfo};
 use crate::config::Config;
 use crate::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
 use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
-use crate::metrics::Metrics;
 use crate::presence::cassandra::CassandraPresence;
-use crate::routing::Router;
 use crate::topology::cassandra::CassandraTopology;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +16,7 @@ use std::time::Duration;
 /// topics and the Cassandra schema and opens the stores, then starts the Kafka queue. The node
 /// joins (is listed, contends for leadership, applies operations) when `Parts::join` is called,
 /// once it is built.
-pub(super) async fn parts(
-    config: &Config,
-    me: NodeInfo,
-    router: &Arc<Router>,
-    metrics: &Metrics,
-) -> Result<Parts, NodeError> {
+pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
     let backend = |e: &dyn std::fmt::Display| NodeError::Backend(e.to_string());
     let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
     let node_id = me.id.clone();
@@ -88,27 +81,26 @@ pub(super) async fn parts(
         cursors: Arc::new(topo),
         presence: Arc::new(presence),
     };
-    let queue = KafkaQueue::start(
-        KafkaSettings {
-            brokers: config.kafka.clone(),
-            topics,
-            group: config.kafka_group.clone(),
-            limits: crate::ingest::parse::Limits {
-                max_payload: config.max_payload_bytes,
-                max_batch: config.max_batch,
-            },
-            batch: config.append_batch,
-            partitions: shards,
-            node: node_id,
-            member: Some(membership.membership()),
-            never_commit: false,
+    let settings = KafkaSettings {
+        brokers: config.kafka.clone(),
+        topics,
+        group: config.kafka_group.clone(),
+        limits: crate::ingest::parse::Limits {
+            max_payload: config.max_payload_bytes,
+            max_batch: config.max_batch,
         },
-        processor(config, &stores, router, metrics),
-    )
-    .map_err(|e| backend(&e))?;
+        batch: config.append_batch,
+        partitions: shards,
+        node: node_id,
+        member: Some(membership.membership()),
+        never_commit: false,
+    };
     Ok(Parts {
         stores,
-        queue: Arc::new(queue),
+        start_queue: Box::new(move |processor, tasks| {
+            let queue = KafkaQueue::start(settings, processor, tasks).map_err(|e| backend(&e))?;
+            Ok(Arc::new(queue))
+        }),
         membership,
         join: Some(Box::new(move || zk.join())),
     })

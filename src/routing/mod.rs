@@ -1,30 +1,38 @@
 //! Routing: from appended messages to the connections that want them, and from binding changes
-//! to the connections of the client concerned — on this node ([`Router`]), and through
-//! [`peers`] to the other nodes of a cluster.
+//! to the connections of the client concerned. [`Fanout`] is where the processor hands what it
+//! applied; this node's [`Router`] is one, the other nodes ([`crate::peers`]) are another. Delivery
+//! flows one way: the processor → each fan-out → subscribers; nothing here calls back.
 //!
 //! The router only knows [`Subscriber`]s; what a connection does with a message (deliver it now,
 //! or note that it must catch up from the mailbox) is the gateway's business. Delivery is called
 //! once per appended batch, in version order per address, so subscribers see versions in order
 //! unless they fall behind (which they detect and repair from the mailbox).
 
-pub mod peers;
-
 use crate::address::{Address, ClientId};
 use crate::mailbox::Message;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
-/// Where the router sends what other nodes must know (see [`peers::Peers`]).
-pub trait Remote: Send + Sync + 'static {
-    /// Messages appended at `appended_us` (wall clock, µs), for the nodes that want them.
-    fn forward(&self, messages: &[Arc<Message>], appended_us: u64);
+/// Where applied operations go: appended messages and binding changes, and the answers of
+/// `?wait=true` operations published on another node.
+pub trait Fanout: Send + Sync + 'static {
+    /// Messages appended at `appended_us` (wall clock, µs), in append order (version order per
+    /// address).
+    fn deliver(&self, messages: &[Arc<Message>], appended_us: u64) -> Offered;
+    /// New bindings of `client`: `(address, since)`.
     fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]);
+    /// Removed bindings of `client`: `(address, head)`.
     fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]);
-    /// The answer of a `?wait=true` operation (as the ingest side serialized it), for the node
-    /// `node` that waits for it.
-    fn reply(&self, node: &str, ticket: &str, outcome: Box<serde_json::value::RawValue>);
-    /// This node's id.
-    fn node(&self) -> &str;
+    /// Takes the answer of a `?wait=true` operation when its publisher waits on the node `node`
+    /// and this fan-out reaches that node (`outcome` serializes the answer); false otherwise.
+    fn reply(
+        &self,
+        _node: &str,
+        _ticket: &str,
+        _outcome: &dyn Fn() -> Option<Box<serde_json::value::RawValue>>,
+    ) -> bool {
+        false
+    }
 }
 
 /// Where answers of `?wait=true` operations that another node applied are handed (the queue
@@ -65,7 +73,6 @@ pub struct Offered {
 pub struct Router {
     by_address: RwLock<HashMap<Address, Subs>>,
     by_client: RwLock<HashMap<ClientId, Subs>>,
-    remote: OnceLock<Arc<dyn Remote>>,
 }
 
 impl Router {
@@ -109,30 +116,6 @@ impl Router {
         }
     }
 
-    /// Connects the router to the other nodes (once).
-    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
-        let _ = self.remote.set(remote);
-    }
-
-    /// Sends the answer of a `?wait=true` operation to the node waiting for it; false when that
-    /// is this node (or there are no other nodes).
-    pub fn reply(
-        &self,
-        node: &str,
-        ticket: &str,
-        outcome: impl FnOnce() -> Option<Box<serde_json::value::RawValue>>,
-    ) -> bool {
-        match self.remote.get() {
-            Some(r) if r.node() != node => {
-                if let Some(o) = outcome() {
-                    r.reply(node, ticket, o);
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// The addresses with at least one local subscriber.
     pub fn wanted(&self) -> Vec<Address> {
         self.by_address
@@ -153,17 +136,8 @@ impl Router {
         }
     }
 
-    /// Hands a batch of messages appended at `appended_us` (in append order) to the local
-    /// subscribers of each address, and to the other nodes that want them.
-    pub fn deliver(&self, messages: &[Arc<Message>], appended_us: u64) -> Offered {
-        if let Some(r) = self.remote.get() {
-            r.forward(messages, appended_us);
-        }
-        self.deliver_local(messages)
-    }
-
-    /// [`Router::deliver`] on this node only (for messages forwarded by another node).
-    pub fn deliver_local(&self, messages: &[Arc<Message>]) -> Offered {
+    /// Hands messages (in append order) to the local subscribers of each address.
+    pub fn deliver(&self, messages: &[Arc<Message>], _appended_us: u64) -> Offered {
         let m = self.by_address.read().unwrap_or_else(|p| p.into_inner());
         if m.is_empty() {
             return Offered::default();
@@ -188,24 +162,8 @@ impl Router {
         offered
     }
 
-    /// Tells the client's connections, on every node, about new bindings.
-    pub fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]) {
-        if let Some(r) = self.remote.get() {
-            r.bound(client, bindings);
-        }
-        self.bound_local(client, bindings);
-    }
-
-    /// Tells the client's connections, on every node, about removed bindings.
-    pub fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]) {
-        if let Some(r) = self.remote.get() {
-            r.unbound(client, removed);
-        }
-        self.unbound_local(client, removed);
-    }
-
     /// Tells the client's local connections about new bindings.
-    pub fn bound_local(&self, client: &ClientId, bindings: &[(Address, u64)]) {
+    pub fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]) {
         for s in self.connections_of(client) {
             for (a, since) in bindings {
                 s.bound(a, *since);
@@ -214,7 +172,7 @@ impl Router {
     }
 
     /// Tells the client's local connections about removed bindings.
-    pub fn unbound_local(&self, client: &ClientId, removed: &[(Address, u64)]) {
+    pub fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]) {
         for s in self.connections_of(client) {
             for (a, head) in removed {
                 s.unbound(a, *head);
@@ -233,6 +191,18 @@ impl Router {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+}
+
+impl Fanout for Router {
+    fn deliver(&self, messages: &[Arc<Message>], appended_us: u64) -> Offered {
+        Router::deliver(self, messages, appended_us)
+    }
+    fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]) {
+        Router::bound(self, client, bindings)
+    }
+    fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]) {
+        Router::unbound(self, client, removed)
     }
 }
 

@@ -487,7 +487,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         let mut same = Histogram::<u64>::new(3).expect("valid histogram");
         let mut cross = same.clone();
         for (i, (h, id)) in per_client.iter().zip(ids.iter()).enumerate() {
-            let address = crate::address::Address::parse(&format!("client:{id}"))
+            let address = signalpost::address::Address::parse(&format!("client:{id}"))
                 .map_err(|e| ClientError::Http(e.to_string()))?;
             let appender = owner[address.partition(*count) as usize];
             if appender == i % urls.len() {
@@ -647,7 +647,7 @@ async fn handoff_buckets(
 ) -> Res<Vec<(f64, f64)>> {
     let prefix = format!(
         "{}_bucket{{route=\"{route}\",le=\"",
-        crate::metrics::HANDOFF
+        signalpost::metrics::HANDOFF
     );
     let mut sum: Vec<(f64, f64)> = Vec::new();
     for url in nodes {
@@ -820,9 +820,9 @@ async fn durable(args: &BenchArgs) -> Res<String> {
 /// mailbox would, without reads or fence (`CassandraMailbox::write_unfenced`).
 #[cfg(feature = "cluster")]
 async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usize) -> Res<f64> {
-    use crate::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
+    use signalpost::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
     let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
-    let session = crate::cassandra::connect(contact_points)
+    let session = signalpost::cassandra::connect(contact_points)
         .await
         .map_err(|e| err(&e))?;
     let m = CassandraMailbox::new(
@@ -846,14 +846,14 @@ async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usiz
         let k = batch.min(n - i);
         let msgs = (i..i + k)
             .map(|j| {
-                let address = crate::address::Address::parse(&format!(
+                let address = signalpost::address::Address::parse(&format!(
                     "channel:raw-{run}-{}",
                     j % args.addresses
                 ))
                 .expect("a valid address");
-                crate::mailbox::NewMessage {
+                signalpost::mailbox::NewMessage {
                     address,
-                    id: crate::address::MessageId::generate(),
+                    id: signalpost::address::MessageId::generate(),
                     payload: serde_json::value::RawValue::from_string(format!("{{\"n\":{j}}}"))
                         .expect("valid JSON"),
                     new_id: true,

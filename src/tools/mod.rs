@@ -1,4 +1,5 @@
-//! Command-line clients that drive a node through its public interfaces.
+//! Command-line clients that drive a node through its public interfaces (part of the binary, not
+//! of the library: the server never imports them).
 
 pub mod bench;
 pub mod cli;

@@ -53,3 +53,19 @@ test('the connection limit refuses with a reason', async () => {
   c.close();
   await node.stop();
 });
+
+test('a burst of handshakes cannot pass the connection limit', async () => {
+  // Every handshake is checked against the cap and takes its slot in the same step: twelve at
+  // once against a cap of three get three sessions and nine refusals, never more sessions.
+  const node = await startNode({ env: { SIGNALPOST_MAX_CONNECTIONS: '3' } });
+  const burst = Array.from({ length: 12 }, () => connect(node.url));
+  const results = await Promise.allSettled(burst.map((c) => c.ready));
+  const accepted = results.filter((r) => r.status === 'fulfilled').length;
+  const refused = results.filter((r) => r.status === 'rejected');
+  assert.equal(accepted, 3, `accepted ${accepted} of 12 under a cap of 3`);
+  for (const r of refused) assert.match(r.reason.message, /too many connections on this node \(limit 3\)/);
+  assert.equal((await api(node.url, 'GET', '/healthz')).body.connections, 3);
+  for (const c of burst) c.close();
+  await waitFor(async () => (await api(node.url, 'GET', '/healthz')).body.connections === 0, 5000, 'every slot to free');
+  await node.stop();
+});

@@ -16,6 +16,7 @@ use signalpost::mailbox::embedded::EmbeddedMailbox;
 use signalpost::mailbox::{Mailbox, NewMessage};
 use signalpost::metrics::Metrics;
 use signalpost::routing::Router;
+use signalpost::tasks::Tasks;
 use signalpost::topology::embedded::EmbeddedTopology;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -68,7 +69,7 @@ fn store_with(max_bindings: usize) -> Store {
     let processor = Arc::new(Processor {
         mailbox: mailbox.clone(),
         topology,
-        router: Arc::new(Router::default()),
+        fanout: vec![Arc::new(Router::default())],
         metrics: Metrics::install(),
         max_bindings,
     });
@@ -89,7 +90,7 @@ async fn cluster_store(scope: &str) -> Store {
     let processor = Arc::new(Processor {
         mailbox: mailbox.clone(),
         topology,
-        router: Arc::new(Router::default()),
+        fanout: vec![Arc::new(Router::default())],
         metrics: Metrics::install(),
         max_bindings: 1000,
     });
@@ -167,7 +168,7 @@ async fn versions(m: &dyn Mailbox, address: &Address) -> Vec<String> {
 async fn malformed_records_are_dead_lettered_and_the_rest_applied() {
     let t = topics().await;
     let s = store_with(2);
-    let q = KafkaQueue::start(settings(&t, "dl"), s.processor.clone()).unwrap();
+    let q = KafkaQueue::start(settings(&t, "dl"), s.processor.clone(), &Tasks::default()).unwrap();
     let good = r#"{"address":"channel:dl","payload":{"ok":1},"id":"good-1"}"#;
     let big = format!(
         r#"{{"address":"channel:dl","payload":"{}"}}"#,
@@ -278,7 +279,7 @@ async fn malformed_records_are_dead_lettered_and_the_rest_applied() {
 async fn publish_answers_queued_or_applied() {
     let t = topics().await;
     let s = store();
-    let q = KafkaQueue::start(settings(&t, "pub"), s.processor.clone()).unwrap();
+    let q = KafkaQueue::start(settings(&t, "pub"), s.processor.clone(), &Tasks::default()).unwrap();
     let a = Address::parse("channel:pub").unwrap();
     let msg = |id: &str| {
         Command::Enqueue(NewMessage {
@@ -338,7 +339,7 @@ async fn a_crash_between_append_and_commit_leaves_no_duplicate_and_no_hole() {
     let a = Address::parse(&format!("channel:crash-{stamp}")).unwrap();
     let mut first = settings(&t, "crash");
     first.never_commit = true;
-    let q1 = KafkaQueue::start(first, s1.processor.clone()).unwrap();
+    let q1 = KafkaQueue::start(first, s1.processor.clone(), &Tasks::default()).unwrap();
     // Once a record is applied, the consumer has its partitions and has claimed their shards.
     produce(
         &t.enqueue,
@@ -368,7 +369,12 @@ async fn a_crash_between_append_and_commit_leaves_no_duplicate_and_no_hole() {
     q1.drain().await;
     drop(q1);
     // A new consumer in the same group reads from the last commit (none): everything again.
-    let q2 = KafkaQueue::start(settings(&t, "crash"), s2.processor.clone()).unwrap();
+    let q2 = KafkaQueue::start(
+        settings(&t, "crash"),
+        s2.processor.clone(),
+        &Tasks::default(),
+    )
+    .unwrap();
     let m = s2.mailbox.clone();
     until("the second consumer's commit", async || {
         committed(&t, "crash").await >= 301
@@ -419,7 +425,12 @@ async fn two_consumers_racing_in_one_group_never_duplicate_a_version() {
     let t = topics().await;
     let scope = format!("race-{}", uuid::Uuid::new_v4().simple());
     let (s1, s2) = (cluster_store(&scope).await, cluster_store(&scope).await);
-    let q1 = KafkaQueue::start(settings(&t, "race"), s1.processor.clone()).unwrap();
+    let q1 = KafkaQueue::start(
+        settings(&t, "race"),
+        s1.processor.clone(),
+        &Tasks::default(),
+    )
+    .unwrap();
     let stamp = uuid::Uuid::new_v4().simple().to_string();
     let addrs: Vec<Address> = (0..10)
         .map(|i| Address::parse(&format!("channel:race-{i}-{stamp}")).unwrap())
@@ -440,7 +451,12 @@ async fn two_consumers_racing_in_one_group_never_duplicate_a_version() {
     let (head, tail) = records.split_at(1000);
     produce(&t.enqueue, head).await;
     // A second consumer joins mid-stream: the group rebalances while records are applied.
-    let q2 = KafkaQueue::start(settings(&t, "race"), s2.processor.clone()).unwrap();
+    let q2 = KafkaQueue::start(
+        settings(&t, "race"),
+        s2.processor.clone(),
+        &Tasks::default(),
+    )
+    .unwrap();
     produce(&t.enqueue, tail).await;
     let reader = cluster_store(&scope).await;
     until("all 2000 committed", async || {

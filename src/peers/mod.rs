@@ -3,11 +3,12 @@
 //! want its address. Binding changes go to every node (the client's node applies them), and the
 //! answer to a `?wait=true` operation goes to the node that waits for it.
 //!
-//! Transport: HTTP/1.1 between nodes on their public listener, every request signed with the
-//! shared `cluster_secret` ([`crate::security::PeerAuth`]: HMAC over method, path, sender, time,
-//! nonce and body; replays refused). A receiver serves these routes only on the cluster backend,
-//! only to a sender in the membership list, and reaches a sender only at the URL the membership
-//! lists for it — never at a URL a request names.
+//! Transport ([`transport`]): HTTP/1.1 between nodes on their public listener, every request
+//! signed with the shared `cluster_secret` ([`crate::security::PeerAuth`]: HMAC over method, path,
+//! sender, time, nonce and body; replays refused). A receiver serves these routes ([`routes`]) only
+//! on the cluster backend, only to a sender in the membership list, and reaches a sender only at
+//! the URL the membership lists for it — never at a URL a request names. The frames are in
+//! [`wire`]; the unit tests link nodes in-process through a transport of their own.
 //! - `POST /internal/want` — `{node, url, session, snapshot, add, remove}`: the sender's interests
 //!   (a full snapshot under a new session, then changes; an empty change is the heartbeat).
 //!   `409` when the receiver does not know the session (it restarted, or dropped the sender after a
@@ -23,75 +24,43 @@
 //! before the heads were read, so the replay has it; after, it is forwarded. A peer not linked
 //! yet gets a snapshot later and the node repairs after it.
 
+pub mod client;
+pub mod routes;
+#[cfg(test)]
+mod tests;
+pub mod transport;
+pub mod wire;
+
 use crate::address::{Address, ClientId};
 use crate::cluster::Membership;
 use crate::mailbox::{Mailbox, Message};
 use crate::metrics::Metrics;
-use crate::routing::Replies;
-use crate::routing::Router;
-use crate::security::PeerAuth;
-use crate::tools::client::Http;
+use crate::routing::{Fanout, Offered, Replies, Router};
+use crate::tasks::Tasks;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use transport::{Transport, TransportError};
+pub use wire::{Deliver, Want};
 
 /// Frames waiting for one peer; past this the peer is dropped (it repairs from the mailbox).
 const PEER_QUEUE: usize = 4096;
 /// How often links are checked (membership, heartbeats, snapshots).
 const TICK: Duration = Duration::from_millis(500);
+/// Every how many ticks addresses no connection wants any more are un-announced.
+const SWEEP_EVERY: u32 = 20;
 /// How long a want may take before its peer is treated as unlinked.
 const WANT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a batch of frames may take to be taken by a peer before it is dropped.
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames sent to a peer in one request at most (those that queued meanwhile).
 const FRAMES_PER_REQUEST: usize = 256;
 /// How long a control call to a peer (kick, a user's connections) may take.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
-/// Keep-alive connections kept per peer for wants and heartbeats.
-const IDLE_PER_PEER: usize = 4;
-
-/// `POST /internal/want`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Want {
-    pub node: String,
-    pub url: String,
-    pub session: String,
-    #[serde(default)]
-    pub snapshot: bool,
-    #[serde(default)]
-    pub add: Vec<Address>,
-    #[serde(default)]
-    pub remove: Vec<Address>,
-}
-
-/// `POST /internal/deliver`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Deliver {
-    Signals {
-        signals: Vec<Box<RawValue>>,
-        /// When the sender's append was durable (its wall clock, µs): the receiver measures the
-        /// hop (`signalpost_append_to_handoff_seconds{route="peer"}`).
-        #[serde(default)]
-        appended_us: u64,
-    },
-    Bound {
-        client: ClientId,
-        bindings: Vec<(Address, u64)>,
-    },
-    Unbound {
-        client: ClientId,
-        removed: Vec<(Address, u64)>,
-    },
-    /// The answer of a `?wait=true` operation, as the ingest side wrote it
-    /// (`ingest::wire`): opaque here, handed to this node's [`Replies`].
-    Applied {
-        ticket: String,
-        outcome: Box<RawValue>,
-    },
-}
 
 /// What this node knows of a peer that wants messages from it.
 struct Downstream {
@@ -117,102 +86,143 @@ struct Interests {
     linked: HashMap<String, Upstream>,
 }
 
+/// Who this node is to its peers.
+pub struct Me {
+    pub node: String,
+    /// The URL the membership lists for this node.
+    pub url: String,
+}
+
 /// Cross-node routing of one node.
 pub struct Peers {
     node: String,
     url: String,
-    auth: Arc<PeerAuth>,
-    /// The roots peers' HTTPS certificates are checked against (when nodes speak TLS).
-    tls: Option<tokio_rustls::TlsConnector>,
+    transport: Arc<dyn Transport>,
     /// The live members other than this node (id → URL), as last read from the membership.
     members: RwLock<HashMap<String, String>>,
+    /// Where messages and binding changes from other nodes are delivered (local only).
     router: Arc<Router>,
+    /// Heads are read from it to repair local connections after a link.
     mailbox: Arc<dyn Mailbox>,
     membership: Arc<dyn Membership>,
-    replies: Mutex<Option<Weak<dyn Replies>>>,
     metrics: Metrics,
+    tasks: Tasks,
     /// Peers that want messages from this node.
     downstream: RwLock<HashMap<String, Downstream>>,
     /// Whether links are kept ([`Peers::start`]); a single node keeps no interests at all.
-    started: std::sync::atomic::AtomicBool,
+    started: AtomicBool,
     /// Address → the peers that want it.
     wanted_by: RwLock<HashMap<Address, Vec<String>>>,
     interests: Mutex<Interests>,
-    /// Keep-alive connections for wants and heartbeats, by peer URL.
-    idle: Mutex<HashMap<String, Vec<Http>>>,
     /// Wants are sent under the read side, a sweep (which un-announces) under the write side,
     /// so a sweep never removes an address that a connection is announcing meanwhile.
     announcing: tokio::sync::RwLock<()>,
 }
 
-/// Who this node is to its peers, and how it proves it.
-pub struct Me {
-    pub node: String,
-    /// The URL the membership lists for this node.
-    pub url: String,
-    /// Signs this node's requests with the cluster secret, checks its peers'.
-    pub auth: Arc<PeerAuth>,
-    /// The roots to trust when peers speak HTTPS.
-    pub tls: Option<tokio_rustls::TlsConnector>,
+/// What a node's peers link needs from the rest of the node.
+pub struct Links {
+    pub transport: Arc<dyn Transport>,
+    pub router: Arc<Router>,
+    pub mailbox: Arc<dyn Mailbox>,
+    pub membership: Arc<dyn Membership>,
+    pub metrics: Metrics,
+    pub tasks: Tasks,
 }
 
 impl Peers {
-    pub fn new(
-        me: Me,
-        router: Arc<Router>,
-        mailbox: Arc<dyn Mailbox>,
-        membership: Arc<dyn Membership>,
-        metrics: Metrics,
-    ) -> Arc<Self> {
+    pub fn new(me: Me, links: Links) -> Arc<Self> {
         Arc::new(Self {
             node: me.node,
             url: me.url,
-            auth: me.auth,
-            tls: me.tls,
+            transport: links.transport,
             members: Default::default(),
-            router,
-            mailbox,
-            membership,
-            replies: Mutex::new(None),
-            metrics,
+            router: links.router,
+            mailbox: links.mailbox,
+            membership: links.membership,
+            metrics: links.metrics,
+            tasks: links.tasks,
             downstream: Default::default(),
             started: Default::default(),
             wanted_by: Default::default(),
             interests: Default::default(),
-            idle: Default::default(),
             announcing: Default::default(),
         })
     }
 
-    /// Where `applied` answers go (the queue whose publishers wait for them).
-    pub fn set_replies(&self, replies: Weak<dyn Replies>) {
-        *self.replies.lock().unwrap_or_else(|p| p.into_inner()) = Some(replies);
-    }
-
-    /// Starts the task that keeps the links to the other live nodes.
+    /// Starts keeping the links to the other live nodes (until the node's tasks stop).
     pub fn start(self: &Arc<Self>) {
-        self.started
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut sweep = 0u32;
-            loop {
-                tokio::time::sleep(TICK).await;
-                let Some(me) = weak.upgrade() else { return };
+        self.started.store(true, Ordering::SeqCst);
+        let me = self.clone();
+        let mut ticks = 0u32;
+        self.tasks.every(TICK, move || {
+            let me = me.clone();
+            ticks = ticks.wrapping_add(1);
+            let sweep = ticks.is_multiple_of(SWEEP_EVERY);
+            async move {
                 me.tick().await;
-                sweep += 1;
-                if sweep.is_multiple_of(20) {
+                if sweep {
                     me.sweep().await;
                 }
             }
         });
     }
 
+    fn started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    fn want_frame(
+        &self,
+        session: &str,
+        snapshot: bool,
+        add: Vec<Address>,
+        remove: Vec<Address>,
+    ) -> Want {
+        Want {
+            node: self.node.clone(),
+            url: self.url.clone(),
+            session: session.to_string(),
+            snapshot,
+            add,
+            remove,
+        }
+    }
+
+    /// A request to `url` that must be answered within `limit`.
+    async fn post(
+        &self,
+        url: &str,
+        path: &str,
+        body: Bytes,
+        limit: Duration,
+    ) -> Result<(u16, Bytes), TransportError> {
+        tokio::time::timeout(limit, self.transport.post(url, path, body))
+            .await
+            .unwrap_or_else(|_| {
+                Err(TransportError::Timeout {
+                    url: url.into(),
+                    ms: limit.as_millis() as u64,
+                })
+            })
+    }
+
+    /// Sends a want; whether the peer took it (200).
+    async fn post_want(&self, url: &str, want: &Want) -> bool {
+        let Ok(body) = serde_json::to_vec(want) else {
+            return false;
+        };
+        matches!(
+            self.post(url, "/internal/want", Bytes::from(body), WANT_TIMEOUT)
+                .await,
+            Ok((200, _))
+        )
+    }
+
     /// Makes sure every linked peer knows this node wants `addresses` (subscribed locally
     /// before). Returns once they acknowledged, or once a peer that did not answer in time was
     /// unlinked (it repairs this node's clients when it links again).
     pub async fn want(&self, addresses: &[Address]) {
-        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.started() {
             return;
         }
         let _announcing = self.announcing.read().await;
@@ -230,20 +240,9 @@ impl Peers {
             (i.linked.clone(), add)
         };
         let sends = links.into_iter().map(|(id, link)| {
-            let add = add.clone();
+            let want = self.want_frame(&link.session, false, add.clone(), Vec::new());
             async move {
-                let want = Want {
-                    node: self.node.clone(),
-                    url: self.url.clone(),
-                    session: link.session.clone(),
-                    snapshot: false,
-                    add,
-                    remove: Vec::new(),
-                };
-                let ok = tokio::time::timeout(WANT_TIMEOUT, self.post_want(&link.url, &want))
-                    .await
-                    .map(|r| r == Ok(200))
-                    .unwrap_or(false);
+                let ok = self.post_want(&link.url, &want).await;
                 (id, link.session, ok)
             }
         });
@@ -267,62 +266,18 @@ impl Peers {
     /// [`Peers::want`], then catch the local connections of `addresses` up from the mailbox (for
     /// a binding made while connected: what was appended before the peers knew is repaired).
     pub fn want_then_catch_up(self: &Arc<Self>, addresses: Vec<Address>) {
-        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.started() {
             return;
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             me.want(&addresses).await;
             me.catch_up(addresses).await;
         });
     }
 
-    async fn post_want(&self, url: &str, want: &Want) -> Result<u16, String> {
-        let body = Bytes::from(serde_json::to_vec(want).map_err(|e| e.to_string())?);
-        // A kept connection first (a client's connect waits on this); the peer may have closed
-        // it meanwhile, so a failure there is retried once on a new connection.
-        let kept = self
-            .idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(url)
-            .and_then(Vec::pop);
-        let (http, status) = match kept {
-            Some(mut h) => match h.call("POST", "/internal/want", Some(body.clone())).await {
-                Ok((status, _)) => (h, status),
-                Err(_) => self.want_on_new(url, body).await?,
-            },
-            None => self.want_on_new(url, body).await?,
-        };
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let kept = idle.entry(url.to_string()).or_default();
-            if kept.len() < IDLE_PER_PEER {
-                kept.push(http);
-            }
-        }
-        Ok(status)
-    }
-
-    /// A new connection to a peer, signing as this node.
-    async fn connect(&self, url: &str) -> Result<Http, String> {
-        Http::connect_tls(url, None, self.tls.as_ref())
-            .await
-            .map(|h| h.signed(self.auth.clone(), &self.node))
-            .map_err(|e| e.to_string())
-    }
-
-    async fn want_on_new(&self, url: &str, body: Bytes) -> Result<(Http, u16), String> {
-        let mut http = self.connect(url).await?;
-        let (status, _) = http
-            .call("POST", "/internal/want", Some(body))
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((http, status))
-    }
-
     /// Links to live nodes not linked yet (snapshot, then repair), heartbeats the others.
-    async fn tick(self: &Arc<Self>) {
+    async fn tick(&self) {
         let Ok(live) = self.refresh_members().await else {
             return;
         };
@@ -338,10 +293,6 @@ impl Peers {
         for (id, session) in gone {
             self.drop_peer(&id, &session);
         }
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|url, _| live.values().any(|u| u == url));
         let (linked, announced) = {
             let mut i = self.interests.lock().unwrap_or_else(|p| p.into_inner());
             i.linked.retain(|id, _| live.contains_key(id));
@@ -350,15 +301,8 @@ impl Peers {
         let mut relinked = false;
         for (id, url) in live {
             if let Some(link) = linked.get(&id) {
-                let beat = Want {
-                    node: self.node.clone(),
-                    url: self.url.clone(),
-                    session: link.session.clone(),
-                    snapshot: false,
-                    add: Vec::new(),
-                    remove: Vec::new(),
-                };
-                if self.post_want(&url, &beat).await == Ok(200) {
+                let beat = self.want_frame(&link.session, false, Vec::new(), Vec::new());
+                if self.post_want(&url, &beat).await {
                     continue;
                 }
                 self.interests
@@ -369,15 +313,13 @@ impl Peers {
             }
             // Link: a snapshot of everything announced, under a new session.
             let session = uuid::Uuid::new_v4().simple().to_string();
-            let snap = Want {
-                node: self.node.clone(),
-                url: self.url.clone(),
-                session: session.clone(),
-                snapshot: true,
-                add: announced.iter().cloned().collect(),
-                remove: Vec::new(),
-            };
-            if self.post_want(&url, &snap).await == Ok(200) {
+            let snap = self.want_frame(
+                &session,
+                true,
+                announced.iter().cloned().collect(),
+                Vec::new(),
+            );
+            if self.post_want(&url, &snap).await {
                 tracing::info!(peer = %id, addresses = snap.add.len(), "linked to peer");
                 self.interests
                     .lock()
@@ -416,15 +358,8 @@ impl Peers {
             return;
         }
         for (_, link) in links {
-            let want = Want {
-                node: self.node.clone(),
-                url: self.url.clone(),
-                session: link.session,
-                snapshot: false,
-                add: Vec::new(),
-                remove: remove.clone(),
-            };
-            let _ = self.post_want(&link.url, &want).await;
+            let want = self.want_frame(&link.session, false, Vec::new(), remove.clone());
+            self.post_want(&link.url, &want).await;
         }
     }
 
@@ -489,10 +424,12 @@ impl Peers {
                 unindex(&mut index, &want.node, old.wants.iter());
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(
-                self.clone()
-                    .send_loop(want.node.clone(), url, want.session.clone(), rx),
-            );
+            self.tasks.spawn(self.clone().send_loop(
+                want.node.clone(),
+                url,
+                want.session.clone(),
+                rx,
+            ));
             down.insert(
                 want.node.clone(),
                 Downstream {
@@ -533,7 +470,7 @@ impl Peers {
         }
     }
 
-    /// Sends one peer's frames in order over one keep-alive connection.
+    /// Sends one peer's frames in order, one request at a time.
     async fn send_loop(
         self: Arc<Self>,
         node: String,
@@ -541,7 +478,6 @@ impl Peers {
         session: String,
         mut rx: mpsc::Receiver<Bytes>,
     ) {
-        let mut http: Option<Http> = None;
         let mut queued = Vec::new();
         while rx.recv_many(&mut queued, FRAMES_PER_REQUEST).await > 0 {
             // Whatever queued while the previous request was in flight goes in one request:
@@ -556,18 +492,15 @@ impl Peers {
                 body.extend_from_slice(&frame);
             }
             body.push(b']');
-            let body = Bytes::from(body);
-            if http.is_none() {
-                http = self.connect(&url).await.ok();
-            }
-            let ok = match http.as_mut() {
-                Some(h) => matches!(
-                    h.call("POST", "/internal/deliver", Some(body)).await,
-                    Ok((200, _))
-                ),
-                None => false,
-            };
-            if !ok {
+            let sent = self
+                .post(
+                    &url,
+                    "/internal/deliver",
+                    Bytes::from(body),
+                    DELIVER_TIMEOUT,
+                )
+                .await;
+            if !matches!(sent, Ok((200, _))) {
                 self.drop_peer(&node, &session);
                 return;
             }
@@ -639,19 +572,9 @@ impl Peers {
         }
     }
 
-    /// Sends the answer of a `?wait=true` operation to the node waiting for it.
-    pub fn reply(&self, node: &str, ticket: &str, outcome: Box<RawValue>) {
-        self.send_to(
-            node,
-            &Deliver::Applied {
-                ticket: ticket.into(),
-                outcome,
-            },
-        );
-    }
-
-    /// Handles `POST /internal/deliver` (local delivery only: never forwarded again).
-    pub fn on_deliver(&self, frame: Deliver) {
+    /// Handles `POST /internal/deliver` (local delivery only: never forwarded again); the
+    /// answers of `?wait=true` operations go to `replies` (this node's queue).
+    pub fn on_deliver(&self, frame: Deliver, replies: &dyn Replies) {
         match frame {
             Deliver::Signals {
                 signals,
@@ -662,7 +585,7 @@ impl Peers {
                     .filter_map(|s| Message::from_signal(s).map(Arc::new))
                     .collect();
                 self.metrics.from_peers.increment(msgs.len() as u64);
-                let offered = self.router.deliver_local(&msgs);
+                let offered = self.router.deliver(&msgs, appended_us);
                 if appended_us > 0 {
                     let took = crate::clock::now_us().saturating_sub(appended_us);
                     self.metrics
@@ -670,19 +593,9 @@ impl Peers {
                         .record_many(took as f64 / 1e6, offered.messages);
                 }
             }
-            Deliver::Bound { client, bindings } => self.router.bound_local(&client, &bindings),
-            Deliver::Unbound { client, removed } => self.router.unbound_local(&client, &removed),
-            Deliver::Applied { ticket, outcome } => {
-                let replies = self
-                    .replies
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .and_then(Weak::upgrade);
-                if let Some(r) = replies {
-                    r.resolve_wire(&ticket, &outcome);
-                }
-            }
+            Deliver::Bound { client, bindings } => self.router.bound(&client, &bindings),
+            Deliver::Unbound { client, removed } => self.router.unbound(&client, &removed),
+            Deliver::Applied { ticket, outcome } => replies.resolve_wire(&ticket, &outcome),
         }
     }
 
@@ -703,19 +616,17 @@ impl Peers {
 
     /// A signed control request to the member at `url`.
     async fn ask_at(&self, url: &str, path: &str, body: Bytes) -> Result<Bytes, String> {
-        let mut http = self.connect(url).await?;
-        match tokio::time::timeout(ASK_TIMEOUT, http.call("POST", path, Some(body))).await {
-            Ok(Ok((200, b))) => Ok(b),
-            Ok(Ok((status, b))) => Err(format!("{status}: {}", String::from_utf8_lossy(&b))),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
+        match self.post(url, path, body, ASK_TIMEOUT).await {
+            Ok((200, b)) => Ok(b),
+            Ok((status, b)) => Err(format!("{status}: {}", String::from_utf8_lossy(&b))),
+            Err(e) => Err(e.to_string()),
         }
     }
 
     /// [`Peers::ask`] of every live member other than this node, at once. A single node asks
     /// nobody.
     pub async fn ask_all(&self, path: &str, body: Bytes) -> Vec<(String, Result<Bytes, String>)> {
-        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.started() {
             return Vec::new();
         }
         let live = match self.refresh_members().await {
@@ -751,10 +662,12 @@ fn unindex<'a>(
     }
 }
 
-/// Router hooks: what the processor appends or binds is also sent to the peers.
-impl crate::routing::Remote for Peers {
-    fn forward(&self, messages: &[Arc<Message>], appended_us: u64) {
-        Peers::forward(self, messages, appended_us)
+/// What the processor appends or binds here also goes to the nodes that want it, and the
+/// answers of operations published on another node go back there.
+impl Fanout for Peers {
+    fn deliver(&self, messages: &[Arc<Message>], appended_us: u64) -> Offered {
+        self.forward(messages, appended_us);
+        Offered::default()
     }
     fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]) {
         self.broadcast(&Deliver::Bound {
@@ -768,59 +681,19 @@ impl crate::routing::Remote for Peers {
             removed: removed.to_vec(),
         })
     }
-    fn reply(&self, node: &str, ticket: &str, outcome: Box<RawValue>) {
-        Peers::reply(self, node, ticket, outcome)
-    }
-    fn node(&self) -> &str {
-        &self.node
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::address::MessageId;
-
-    /// Every frame survives the trip between nodes (raw signals are not re-parsed on the way).
-    #[test]
-    fn frames_round_trip() {
-        let a = Address::parse("channel:x").unwrap();
-        let payload = RawValue::from_string(r#"{"k":[1,"é"]}"#.into()).unwrap();
-        let m = Message::new(a.clone(), 7, MessageId::parse("m-7").unwrap(), 42, &payload);
-        let frames = [
-            Deliver::Signals {
-                signals: vec![m.signal.clone()],
-                appended_us: 9,
-            },
-            Deliver::Applied {
-                ticket: "t".into(),
-                outcome: RawValue::from_string(r#"{"refused":{"reason":"r"}}"#.into()).unwrap(),
-            },
-            Deliver::Bound {
-                client: ClientId::parse("c").unwrap(),
-                bindings: vec![(a.clone(), 3)],
-            },
-        ];
-        for f in frames {
-            let bytes = serde_json::to_vec(&f).unwrap();
-            let back: Deliver = serde_json::from_slice(&bytes).unwrap();
-            match back {
-                Deliver::Signals {
-                    signals: s,
-                    appended_us,
-                } => {
-                    assert_eq!(appended_us, 9);
-                    let got = Message::from_signal(s[0].clone()).unwrap();
-                    assert_eq!((got.version, got.ts, got.id.as_str()), (7, 42, "m-7"));
-                    assert_eq!(got.payload().get(), payload.get());
-                }
-                Deliver::Applied { ticket, outcome } => {
-                    assert_eq!(ticket, "t");
-                    assert_eq!(outcome.get(), r#"{"refused":{"reason":"r"}}"#);
-                }
-                Deliver::Bound { bindings, .. } => assert_eq!(bindings, vec![(a.clone(), 3)]),
-                Deliver::Unbound { .. } => unreachable!(),
-            }
+    fn reply(&self, node: &str, ticket: &str, outcome: &dyn Fn() -> Option<Box<RawValue>>) -> bool {
+        if node == self.node || !self.started() {
+            return false;
         }
+        if let Some(outcome) = outcome() {
+            self.send_to(
+                node,
+                &Deliver::Applied {
+                    ticket: ticket.into(),
+                    outcome,
+                },
+            );
+        }
+        true
     }
 }

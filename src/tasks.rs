@@ -1,0 +1,125 @@
+//! The node's long-lived tasks under one owner: every background task (the queue's consumer, the
+//! ack writer, the peers' links and send loops, expiry, the leader's cleanup, the sweeps) is
+//! spawned through [`Tasks`], which holds one cancellation token and one tracker. Stopping is
+//! one call: cancel, then wait (bounded) until every task has returned, so a node dropped
+//! in-process leaves nothing running.
+
+use std::future::Future;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The owner of a node's background tasks (cheap to clone: clones share the token and tracker).
+#[derive(Clone, Default)]
+pub struct Tasks {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Tasks {
+    /// Runs `task` until it returns or the node stops, whichever comes first.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = task => {}
+            }
+        });
+    }
+
+    /// Runs `task` to its end even when the node stops: for tasks that finish their work when
+    /// their input closes (the queue's consumer, the ack writer), which [`Tasks::stop`] waits for.
+    pub fn spawn_to_end(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(task);
+    }
+
+    /// Calls `tick` every `every` (first after one period) until the node stops.
+    pub fn every<F, Fut>(&self, every: Duration, mut tick: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        self.spawn(async move {
+            let mut clock = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                clock.tick().await;
+                tick().await;
+            }
+        });
+    }
+
+    /// Whether the node is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Resolves when the node starts stopping.
+    pub async fn stopping(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Cancels every task and waits at most `grace` for all of them to return; false when some
+    /// were still running then.
+    pub async fn stop(&self, grace: Duration) -> bool {
+        self.cancel.cancel();
+        self.tracker.close();
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Cancels every task when dropped (for an owner dropped without stopping).
+    pub fn drop_guard(&self) -> tokio_util::sync::DropGuard {
+        self.cancel.clone().drop_guard()
+    }
+
+    /// Tasks still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn stop_ends_every_task_and_waits_for_those_that_finish_their_work() {
+        let tasks = Tasks::default();
+        let ticks = Arc::new(AtomicU32::new(0));
+        let t = ticks.clone();
+        tasks.every(Duration::from_millis(5), move || {
+            let t = t.clone();
+            async move {
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        tasks.spawn(std::future::pending());
+        let finished = Arc::new(AtomicU32::new(0));
+        let f = finished.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(4);
+        tasks.spawn_to_end(async move {
+            while let Some(n) = rx.recv().await {
+                f.fetch_add(n, Ordering::SeqCst);
+            }
+        });
+        tx.send(2).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(ticks.load(Ordering::SeqCst) >= 2);
+        assert_eq!(tasks.running(), 3);
+        // The drain-to-end task is still waiting for input: stop cannot finish until it closes.
+        assert!(!tasks.stop(Duration::from_millis(50)).await);
+        assert_eq!(tasks.running(), 1);
+        drop(tx);
+        assert!(tasks.stop(Duration::from_secs(1)).await);
+        assert_eq!(tasks.running(), 0);
+        assert_eq!(finished.load(Ordering::SeqCst), 2);
+        let after = ticks.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(ticks.load(Ordering::SeqCst), after, "no tick after stop");
+    }
+}

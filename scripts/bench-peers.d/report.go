@@ -99,7 +99,15 @@ func (s *stat) cell(format func(float64) string) string {
 	if len(s.values) > 1 {
 		v := append([]float64(nil), s.values...)
 		sort.Float64s(v)
-		out += fmt.Sprintf(" <sub>(%s – %s)</sub>", format(v[0]), format(v[len(v)-1]))
+		lo, hi := format(v[0]), format(v[len(v)-1])
+		// "(677 k – 972 k)" rather than repeating the unit of the median
+		if i := strings.LastIndexByte(out, ' '); i > 0 {
+			unit := out[i:]
+			if strings.HasSuffix(lo, unit) && strings.HasSuffix(hi, unit) {
+				lo, hi = strings.TrimSuffix(lo, unit), strings.TrimSuffix(hi, unit)
+			}
+		}
+		out += fmt.Sprintf(" <sub>(%s – %s)</sub>", lo, hi)
 	}
 	if s.violations > 0 {
 		out += fmt.Sprintf(" **⚠ %d delivery-check violations**", s.violations)
@@ -275,7 +283,7 @@ func reportCmd(args []string) {
 	fmt.Println(checks)
 
 	if *svg != "" {
-		title := fmt.Sprintf("signalpost vs %s, median of %d run(s)", *version, len(runs))
+		title := fmt.Sprintf("signalpost vs %s, median of %d run(s)%s", *version, len(runs), dated(*machine))
 		if err := os.WriteFile(*svg, []byte(chart(title, bars)), 0o644); err != nil {
 			fatalf("%v", err)
 		}
@@ -316,4 +324,12 @@ func writeSection(path, section string) error {
 		s = strings.TrimRight(s, "\n") + "\n\n## Side by side with Centrifugo\n\n" + section
 	}
 	return os.WriteFile(path, []byte(s), 0o644)
+}
+
+// dated is ", <date>" when the machine line starts with a YYYY-MM-DD date.
+func dated(machine string) string {
+	if len(machine) >= 10 && machine[4] == '-' && machine[7] == '-' {
+		return ", " + machine[:10]
+	}
+	return ""
 }

@@ -1,9 +1,9 @@
 //! Cluster membership: which nodes are live and which one leads, and cluster-wide mutexes.
 //! [`Standalone`] is the single-node answer of the embedded default: this node, leading itself,
 //! with in-process mutexes; [`zookeeper`] is the cluster's: ephemeral member entries, a
-//! Curator-compatible leader latch and Curator-compatible locks. [`contract`] is what both pass.
+//! Curator-compatible leader latch and Curator-compatible locks. The suite both pass is
+//! `tests/it/contract/membership.rs` (compiled only for the tests).
 
-pub mod contract;
 #[cfg(feature = "cluster")]
 pub mod zookeeper;
 
@@ -123,25 +123,5 @@ impl Membership for Standalone {
             .await
             .map(ClusterLock::new)
             .map_err(|_| lock_timeout(name, timeout))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn standalone() -> Arc<dyn Membership> {
-        Arc::new(Standalone::new(NodeInfo {
-            id: "n1".into(),
-            url: "http://127.0.0.1:1".into(),
-            leader: true,
-        }))
-    }
-
-    #[tokio::test]
-    async fn standalone_locks_exclude() {
-        // One node: its locks are in-process, so both sides are the same instance.
-        let m = standalone();
-        contract::locks(m.clone(), m).await;
     }
 }

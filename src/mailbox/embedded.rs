@@ -364,7 +364,16 @@ async fn run_blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailbox::contract::msg;
+    use crate::address::MessageId;
+
+    fn msg(address: &Address, id: &str) -> NewMessage {
+        NewMessage {
+            address: address.clone(),
+            id: MessageId::parse(id).unwrap(),
+            payload: serde_json::value::RawValue::from_string("1".into()).unwrap(),
+            new_id: false,
+        }
+    }
 
     #[tokio::test]
     async fn failed_batch_leaves_no_trace_and_versions_continue() {

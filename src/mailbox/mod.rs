@@ -3,11 +3,11 @@
 //! in pages.
 //!
 //! [`Mailbox`] is the trait; [`embedded`] is the default backend (redb on local disk).
-//! [`contract`] is the suite every backend must pass.
+//! The suite every backend must pass is `tests/it/contract/mailbox.rs` (compiled only for the
+//! tests).
 
 #[cfg(feature = "cluster")]
 pub mod cassandra;
-pub mod contract;
 pub mod embedded;
 
 use crate::address::{Address, MessageId};
@@ -145,7 +145,7 @@ pub enum MailboxError {
 
 /// A store of versioned mailboxes.
 ///
-/// Contract (checked by [`contract`]):
+/// Contract (checked by `tests/it/contract/mailbox.rs`):
 /// - `append` assigns each new message of an address the next version, in batch order, with no gap
 ///   and never twice, also across a crash in the middle of a batch (a batch is all or nothing);
 /// - a message whose `id` was already appended to the same address within the retention period is

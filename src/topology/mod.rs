@@ -3,12 +3,11 @@
 //!
 //! A binding remembers the head of the address when it was made: a client that never acked that
 //! address resumes from there (it gets what came after its binding, not the whole history).
-//! Both are durable before a call returns. [`embedded`] keeps them in redb; [`contract`] is the
-//! suite every backend passes.
+//! Both are durable before a call returns. [`embedded`] keeps them in redb; the suite every backend
+//! passes is `tests/it/contract/topology.rs` (compiled only for the tests).
 
 #[cfg(feature = "cluster")]
 pub mod cassandra;
-pub mod contract;
 pub mod embedded;
 
 use crate::address::{Address, ClientId};
@@ -38,7 +37,7 @@ pub enum TopologyError {
 
 /// Bindings between clients and addresses.
 ///
-/// Contract (checked by [`contract`]): `add` is idempotent and keeps the first `since` of an
+/// Contract (checked by `tests/it/contract/topology.rs`): `add` is idempotent and keeps the first `since` of an
 /// existing binding; `remove` of a missing binding is a no-op; `get` and `members` reflect every
 /// call that returned; everything survives a restart.
 #[async_trait::async_trait]

@@ -12,7 +12,6 @@ use signalpost::address::{Address, ClientId, MessageId};
 use signalpost::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
 use signalpost::ingest::parse::Limits;
 use signalpost::ingest::{Command, Outcome, Processor, Queue};
-use signalpost::mailbox::embedded::EmbeddedMailbox;
 use signalpost::mailbox::{Mailbox, NewMessage};
 use signalpost::metrics::Metrics;
 use signalpost::routing::Router;
@@ -51,33 +50,50 @@ async fn topics() -> Topics {
     t
 }
 
-struct Store {
-    _dir: tempfile::TempDir,
-    mailbox: Arc<dyn Mailbox>,
-    processor: Arc<Processor>,
-}
+use crate::queue::{Store, store as store_with};
 
 fn store() -> Store {
     store_with(1000)
 }
 
-fn store_with(max_bindings: usize) -> Store {
-    let dir = tempfile::tempdir().unwrap();
-    let mailbox: Arc<dyn Mailbox> =
-        Arc::new(EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap());
-    let topology = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
-    let processor = Arc::new(Processor {
-        mailbox: mailbox.clone(),
-        topology,
-        fanout: vec![Arc::new(Router::default())],
-        metrics: Metrics::install(),
-        max_bindings,
-    });
-    Store {
-        _dir: dir,
-        mailbox,
-        processor,
+/// The `Queue` suite on Kafka: fresh topics and group per backend; a second `start` is a
+/// restarted node (same group: it resumes from the committed offsets).
+struct Kafka {
+    store: Store,
+    topics: Topics,
+    group: String,
+}
+
+#[async_trait::async_trait]
+impl crate::contract::queue::Backend for Kafka {
+    async fn start(&self) -> Arc<dyn Queue> {
+        Arc::new(
+            KafkaQueue::start(
+                settings(&self.topics, &self.group),
+                self.store.processor.clone(),
+                &self.store.tasks,
+            )
+            .unwrap(),
+        )
     }
+    fn mailbox(&self) -> Arc<dyn Mailbox> {
+        self.store.mailbox.clone()
+    }
+}
+
+async fn backend() -> Box<dyn crate::contract::queue::Backend> {
+    Box::new(Kafka {
+        store: store(),
+        topics: topics().await,
+        group: format!("suite-{}", uuid::Uuid::new_v4().simple()),
+    })
+}
+
+mod suite {
+    queue_suite!(
+        #[ignore = "needs Kafka: scripts/stack up, then cargo test -- --include-ignored"]
+        backend = super::backend
+    );
 }
 
 /// A node's stores on the cluster backend's mailbox (one Cassandra mailbox per call, as one
@@ -98,6 +114,7 @@ async fn cluster_store(scope: &str) -> Store {
         _dir: dir,
         mailbox,
         processor,
+        tasks: Tasks::default(),
     }
 }
 

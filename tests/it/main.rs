@@ -6,21 +6,24 @@ use signalpost::mailbox::embedded::EmbeddedMailbox;
 use signalpost::presence::{MemoryPresence, Presence};
 use signalpost::topology::embedded::EmbeddedTopology;
 use signalpost::topology::{Cursors, Topology};
-use signalpost::{mailbox, presence, topology};
 use std::sync::Arc;
+
+#[macro_use]
+mod contract;
+mod queue;
 
 #[cfg(feature = "cluster")]
 mod kafka;
 #[cfg(feature = "cluster")]
 mod zookeeper;
 
-fn embedded_mailbox(retention_ms: u64) -> (tempfile::TempDir, Arc<dyn Mailbox>) {
+async fn embedded_mailbox(retention_ms: u64) -> (tempfile::TempDir, Arc<dyn Mailbox>) {
     let dir = tempfile::tempdir().unwrap();
     let m = EmbeddedMailbox::open(&dir.path().join("m.redb"), retention_ms).unwrap();
     (dir, Arc::new(m))
 }
 
-fn embedded_topology() -> (tempfile::TempDir, EmbeddedTopology) {
+async fn embedded_topology() -> (tempfile::TempDir, EmbeddedTopology) {
     let dir = tempfile::tempdir().unwrap();
     let t = EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap();
     (dir, t)
@@ -29,46 +32,18 @@ fn embedded_topology() -> (tempfile::TempDir, EmbeddedTopology) {
 mod embedded_mailbox {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn gap_free() {
-        let (_d, m) = embedded_mailbox(60_000);
-        mailbox::contract::gap_free(m).await;
-    }
-
-    #[tokio::test]
-    async fn idempotent() {
-        let (_d, m) = embedded_mailbox(60_000);
-        mailbox::contract::idempotent(m).await;
-    }
-
-    #[tokio::test]
-    async fn paging() {
-        let (_d, m) = embedded_mailbox(60_000);
-        mailbox::contract::paging(m).await;
-    }
-
-    #[tokio::test]
-    async fn payload_roundtrip() {
-        let (_d, m) = embedded_mailbox(60_000);
-        mailbox::contract::payload_roundtrip(m).await;
-    }
-
-    #[tokio::test]
-    async fn retention() {
-        let (_d, m) = embedded_mailbox(1_000);
-        mailbox::contract::retention(m, 1_000).await;
-    }
+    mailbox_suite!(make = super::embedded_mailbox, retention_ms = 1_000);
 
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.redb");
-        let a = mailbox::contract::fresh_address("channel", "reopen");
+        let a = contract::mailbox::fresh_address("channel", "reopen");
         {
             let m = EmbeddedMailbox::open(&path, 60_000).unwrap();
             m.append(
                 (0..5)
-                    .map(|i| mailbox::contract::msg(&a, &format!("r{i}")))
+                    .map(|i| contract::mailbox::msg(&a, &format!("r{i}")))
                     .collect(),
             )
             .await
@@ -77,8 +52,8 @@ mod embedded_mailbox {
         let m = EmbeddedMailbox::open(&path, 60_000).unwrap();
         let again = m
             .append(vec![
-                mailbox::contract::msg(&a, "r4"),
-                mailbox::contract::msg(&a, "r5"),
+                contract::mailbox::msg(&a, "r4"),
+                contract::mailbox::msg(&a, "r5"),
             ])
             .await
             .unwrap();
@@ -98,42 +73,20 @@ mod embedded_mailbox {
 mod embedded_topology {
     use super::*;
 
-    #[tokio::test]
-    async fn bindings() {
-        let (_d, t) = embedded_topology();
-        topology::contract::bindings(Arc::new(t) as Arc<dyn Topology>).await;
-    }
-
-    #[tokio::test]
-    async fn members_paging() {
-        let (_d, t) = embedded_topology();
-        topology::contract::members_paging(Arc::new(t) as Arc<dyn Topology>).await;
-    }
-
-    #[tokio::test]
-    async fn revocation() {
-        let (_d, t) = embedded_topology();
-        topology::contract::revocation(Arc::new(t) as Arc<dyn Topology>).await;
-    }
-
-    #[tokio::test]
-    async fn cursors() {
-        let (_d, t) = embedded_topology();
-        topology::contract::cursors(Arc::new(t) as Arc<dyn Cursors>).await;
-    }
+    topology_suite!(make = super::embedded_topology);
 
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.redb");
         let c = signalpost::address::ClientId::parse("persist").unwrap();
-        let a = mailbox::contract::fresh_address("channel", "persist");
+        let a = contract::mailbox::fresh_address("channel", "persist");
         {
             let t = EmbeddedTopology::open(&path).unwrap();
             Topology::add(
                 &t,
                 &c,
-                &[topology::Binding {
+                &[signalpost::topology::Binding {
                     address: a.clone(),
                     since: 3,
                 }],
@@ -147,7 +100,7 @@ mod embedded_topology {
         let t = EmbeddedTopology::open(&path).unwrap();
         assert_eq!(
             Topology::get(&t, &c).await.unwrap(),
-            vec![topology::Binding {
+            vec![signalpost::topology::Binding {
                 address: a.clone(),
                 since: 3
             }]
@@ -159,13 +112,48 @@ mod embedded_topology {
 mod memory_presence {
     use super::*;
 
-    #[tokio::test]
-    async fn connect_disconnect_clear() {
-        presence::contract::connect_disconnect_clear(
-            Arc::new(MemoryPresence::default()) as Arc<dyn Presence>
-        )
-        .await;
+    async fn presence() -> Arc<dyn Presence> {
+        Arc::new(MemoryPresence::default())
     }
+
+    presence_suite!(make = presence);
+}
+
+mod standalone_membership {
+    use crate::contract::membership::{Cluster, url_of};
+    use signalpost::cluster::{Membership, NodeInfo, Standalone};
+    use std::sync::{Arc, OnceLock};
+
+    /// One node: the whole cluster, whatever id is asked for.
+    struct One(OnceLock<Arc<dyn Membership>>);
+
+    impl Cluster for One {
+        fn member(&self, id: &str) -> Arc<dyn Membership> {
+            self.0
+                .get_or_init(|| {
+                    Arc::new(Standalone::new(NodeInfo {
+                        id: id.into(),
+                        url: url_of(id),
+                        leader: true,
+                    }))
+                })
+                .clone()
+        }
+        fn leave(&self, _: &str) {}
+        fn many(&self) -> bool {
+            false
+        }
+    }
+
+    async fn cluster() -> Box<dyn Cluster> {
+        Box::new(One(OnceLock::new()))
+    }
+
+    membership_suite!(cluster = cluster);
+}
+
+mod local_queue {
+    queue_suite!(backend = crate::queue::local);
 }
 
 /// The Cassandra backends against a real server (`scripts/stack up`), contact point from
@@ -259,43 +247,20 @@ mod cassandra_support {
 mod cassandra_mailbox {
     use super::cassandra_support::*;
     use super::*;
+    use crate::contract::mailbox::{fresh_address, msg};
     use signalpost::mailbox::MailboxError;
-    use signalpost::mailbox::contract::{fresh_address, msg};
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn gap_free() {
-        mailbox::contract::gap_free(Arc::new(mailbox(60_000).await)).await;
+    async fn make(retention_ms: u64) -> ((), Arc<dyn Mailbox>) {
+        ((), Arc::new(mailbox(retention_ms).await))
     }
 
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn idempotent() {
-        mailbox::contract::idempotent(Arc::new(mailbox(60_000).await)).await;
-    }
+    // Cassandra's TTL counts whole seconds: a 3 s retention leaves room for it.
+    mailbox_suite!(
+        #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+        make = make,
+        retention_ms = 3_000
+    );
 
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn paging() {
-        mailbox::contract::paging(Arc::new(mailbox(60_000).await)).await;
-    }
-
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn payload_roundtrip() {
-        mailbox::contract::payload_roundtrip(Arc::new(mailbox(60_000).await)).await;
-    }
-
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn retention() {
-        // Cassandra's TTL counts from the whole second of the write: a row written at x.999 s
-        // with TTL 1 s lives 1 ms. 3 s guarantees the rows live over 2 s, which the suite's
-        // "nothing expires before the retention" step needs (1 s failed once in CI).
-        mailbox::contract::retention(Arc::new(mailbox(3_000).await), 3_000).await;
-    }
-
-    /// Ids "s{b}-{i}" are sent through both nodes, "n{n}-…" through one.
     fn two_writers_id(n: usize, b: usize, i: usize) -> String {
         if (i / 3).is_multiple_of(2) {
             format!("s{b}-{i}")
@@ -474,14 +439,18 @@ mod cassandra_presence {
     use super::*;
     use signalpost::presence::cassandra::CassandraPresence;
 
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn connect_disconnect_clear() {
-        let p = CassandraPresence::new(session(KEYSPACE).await, KEYSPACE)
-            .await
-            .unwrap();
-        presence::contract::connect_disconnect_clear(Arc::new(p) as Arc<dyn Presence>).await;
+    async fn make() -> Arc<dyn Presence> {
+        Arc::new(
+            CassandraPresence::new(session(KEYSPACE).await, KEYSPACE)
+                .await
+                .unwrap(),
+        )
     }
+
+    presence_suite!(
+        #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+        make = make
+    );
 }
 
 #[cfg(feature = "cluster")]
@@ -489,29 +458,14 @@ mod cassandra_topology {
     use super::cassandra_support::*;
     use super::*;
 
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn bindings() {
-        topology::contract::bindings(Arc::new(topology().await) as Arc<dyn Topology>).await;
+    async fn make() -> ((), signalpost::topology::cassandra::CassandraTopology) {
+        ((), topology().await)
     }
 
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn members_paging() {
-        topology::contract::members_paging(Arc::new(topology().await) as Arc<dyn Topology>).await;
-    }
-
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn revocation() {
-        topology::contract::revocation(Arc::new(topology().await) as Arc<dyn Topology>).await;
-    }
-
-    #[tokio::test]
-    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn cursors() {
-        topology::contract::cursors(Arc::new(topology().await) as Arc<dyn Cursors>).await;
-    }
+    topology_suite!(
+        #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+        make = make
+    );
 
     /// Concurrent saves of one cursor keep the maximum, whatever order they land in.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,7 +475,7 @@ mod cassandra_topology {
         let c =
             signalpost::address::ClientId::parse(&format!("cc-{}", uuid::Uuid::new_v4().simple()))
                 .unwrap();
-        let a = mailbox::contract::fresh_address("channel", "cc");
+        let a = contract::mailbox::fresh_address("channel", "cc");
         let mut tasks = Vec::new();
         for v in (1..=200u64).rev() {
             let (t, c, a) = (t.clone(), c.clone(), a.clone());
@@ -545,9 +499,9 @@ mod cassandra_topology {
 #[cfg(feature = "cluster")]
 mod throughput {
     use super::cassandra_support::*;
+    use crate::contract::mailbox::msg;
     use signalpost::mailbox::Mailbox;
     use signalpost::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE};
-    use signalpost::mailbox::contract::msg;
     use std::time::Instant;
 
     const KS: &str = "signalpost_bench";

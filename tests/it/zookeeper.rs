@@ -1,8 +1,10 @@
 //! Membership and leader election on a real ZooKeeper (`scripts/stack up`).
 
+use crate::contract::membership::{Cluster, url_of};
 use signalpost::cluster::zookeeper::ZkMembership;
 use signalpost::cluster::{Membership, NodeInfo};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn zookeeper() -> String {
@@ -12,7 +14,7 @@ fn zookeeper() -> String {
 fn member(root: &str, id: &str) -> ZkMembership {
     let me = NodeInfo {
         id: id.into(),
-        url: format!("http://{id}.test:8080"),
+        url: url_of(id),
         leader: false,
     };
     ZkMembership::start(&zookeeper(), Duration::from_secs(4), root, me)
@@ -28,50 +30,39 @@ async fn until<F: AsyncFn() -> bool>(what: &str, f: F) {
     panic!("timed out waiting for {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ZooKeeper: scripts/stack up, then cargo test -- --include-ignored"]
-async fn nodes_register_one_leads_and_a_new_leader_follows_the_old() {
-    let root = format!("/it-{}", uuid::Uuid::new_v4().simple());
-    let a = member(&root, "node-a");
-    until("a to lead", async || a.is_leader()).await;
-    let b = member(&root, "node-b");
-    until("both registered", async || {
-        b.nodes().await.map(|n| n.len() == 2).unwrap_or(false)
-    })
-    .await;
-    let seen = b.nodes().await.unwrap();
-    assert_eq!(
-        seen.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
-        vec!["node-a", "node-b"]
-    );
-    assert_eq!(
-        seen.iter()
-            .filter(|n| n.leader)
-            .map(|n| n.id.as_str())
-            .collect::<Vec<_>>(),
-        vec!["node-a"]
-    );
-    assert_eq!(seen[1].url, "http://node-b.test:8080");
-    assert!(!b.is_leader(), "one leader at a time");
-    // The leader leaves: its entry and latch go with its session, and b takes over.
-    a.leave();
-    until("b to lead", async || b.is_leader()).await;
-    until("a gone", async || {
-        b.nodes().await.map(|n| n.len() == 1).unwrap_or(false)
-    })
-    .await;
-    let seen = b.nodes().await.unwrap();
-    assert_eq!((seen[0].id.as_str(), seen[0].leader), ("node-b", true));
+/// Members under a fresh root of the real ZooKeeper.
+struct Zk {
+    root: String,
+    members: Mutex<HashMap<String, Arc<ZkMembership>>>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ZooKeeper: scripts/stack up, then cargo test -- --include-ignored"]
-async fn cluster_locks_exclude_across_sessions() {
-    let root = format!("/it-{}", uuid::Uuid::new_v4().simple());
-    let a: Arc<dyn Membership> = Arc::new(member(&root, "node-a"));
-    let b: Arc<dyn Membership> = Arc::new(member(&root, "node-b"));
-    signalpost::cluster::contract::locks(a, b).await;
+impl Cluster for Zk {
+    fn member(&self, id: &str) -> Arc<dyn Membership> {
+        let m = Arc::new(member(&self.root, id));
+        self.members.lock().unwrap().insert(id.into(), m.clone());
+        m
+    }
+    fn leave(&self, id: &str) {
+        if let Some(m) = self.members.lock().unwrap().get(id) {
+            m.leave();
+        }
+    }
+    fn many(&self) -> bool {
+        true
+    }
 }
+
+async fn cluster() -> Box<dyn Cluster> {
+    Box::new(Zk {
+        root: format!("/it-{}", uuid::Uuid::new_v4().simple()),
+        members: Default::default(),
+    })
+}
+
+membership_suite!(
+    #[ignore = "needs ZooKeeper: scripts/stack up, then cargo test -- --include-ignored"]
+    cluster = cluster
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs ZooKeeper: scripts/stack up, then cargo test -- --include-ignored"]

@@ -2,9 +2,9 @@
 //! with a fresh store (the embedded one in `tests/it`, the Cassandra one against a real server).
 //! Each function panics with a message saying which promise broke.
 
-use super::{Mailbox, NewMessage};
-use crate::address::{Address, MessageId};
 use serde_json::value::RawValue;
+use signalpost::address::{Address, MessageId};
+use signalpost::mailbox::{Mailbox, NewMessage};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -187,7 +187,7 @@ pub async fn retention(m: Arc<dyn Mailbox>, retention_ms: u64) {
     m.append((0..10).map(|i| msg(&a, &format!("old{i}"))).collect())
         .await
         .unwrap();
-    let appended_at = super::now_ms();
+    let appended_at = signalpost::clock::now_ms();
     // Nothing expires before the retention has passed.
     m.expire(appended_at).await.unwrap();
     assert_eq!(m.read(&a, 0, 100).await.unwrap().messages.len(), 10);
@@ -195,7 +195,7 @@ pub async fn retention(m: Arc<dyn Mailbox>, retention_ms: u64) {
     tokio::time::sleep(std::time::Duration::from_millis(retention_ms * 2 + 300)).await;
     let fresh = m.append(vec![msg(&a, "new0")]).await.unwrap();
     assert_eq!(fresh[0].message.version, 11);
-    m.expire(super::now_ms()).await.unwrap();
+    m.expire(signalpost::clock::now_ms()).await.unwrap();
     let page = m.read(&a, 0, 100).await.unwrap();
     assert_eq!(page.head.head, 11, "the head outlives expiry");
     assert_eq!(

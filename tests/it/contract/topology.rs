@@ -1,8 +1,8 @@
 //! The contract suites every [`Topology`] and [`Cursors`] backend must pass.
 
-use super::{Binding, Cursors, Topology};
-use crate::address::ClientId;
-use crate::mailbox::contract::fresh_address;
+use super::mailbox::fresh_address;
+use signalpost::address::ClientId;
+use signalpost::topology::{Binding, Cursors, Topology};
 use std::sync::Arc;
 
 fn fresh_client(tag: &str) -> ClientId {

@@ -166,7 +166,7 @@ fn message_ticket(address: &str, id: &str) -> String {
 }
 
 /// Settings of the Kafka queue.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSettings {
     pub brokers: String,
     pub topics: Topics,
@@ -181,9 +181,32 @@ pub struct KafkaSettings {
     /// Partitions of the enqueue topic: an enqueue record must come through the partition
     /// Kafka's murmur2 partitioner gives its address ([`crate::address::Address::partition`]).
     pub partitions: u32,
+    /// The store's per-shard fences, when it has them (the cluster mailbox).
+    pub claims: Option<Arc<dyn ShardClaims>>,
     /// Test hook: apply batches but never commit their offsets (a consumer that dies between
     /// every append and its commit). Always false outside tests.
     pub never_commit: bool,
+}
+
+/// A store whose writers are fenced per shard of the enqueue topic (the cluster mailbox): the
+/// consumer claims the shards a rebalance gave it before it applies their records, and vouches
+/// for the ids it minted for records that came after the claim ([`NewMessage::new_id`]). This is
+/// the Kafka consumer's notion, not the storage trait's: a store without fences has none.
+///
+/// [`NewMessage::new_id`]: crate::mailbox::NewMessage::new_id
+#[async_trait::async_trait]
+pub trait ShardClaims: Send + Sync + 'static {
+    /// Claims `shards` now, anew, fencing any other writer of them; a shard this writer was
+    /// fenced from may be appended to again.
+    async fn claim(&self, shards: &[u32]) -> Result<(), crate::mailbox::MailboxError>;
+}
+
+/// The cluster mailbox's per-shard fences are what the consumer claims.
+#[async_trait::async_trait]
+impl ShardClaims for crate::mailbox::cassandra::CassandraMailbox {
+    async fn claim(&self, shards: &[u32]) -> Result<(), crate::mailbox::MailboxError> {
+        crate::mailbox::cassandra::CassandraMailbox::claim(self, shards).await
+    }
 }
 
 /// The Kafka-backed queue: a producer for publishers, a consumer task applying records.
@@ -597,7 +620,11 @@ impl Worker {
         for p in &partitions {
             self.fresh_from.remove(&(*p as i32));
         }
-        if let Err(e) = self.processor.mailbox.claim(&partitions).await {
+        let claimed = match &self.settings.claims {
+            Some(c) => c.claim(&partitions).await,
+            None => Ok(()),
+        };
+        if let Err(e) = claimed {
             tracing::warn!(error = %e, "claiming mailbox shards failed; appends will claim them");
             return;
         }

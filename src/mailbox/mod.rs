@@ -168,14 +168,6 @@ pub trait Mailbox: Send + Sync + 'static {
     async fn expire(&self, now_ms: u64) -> Result<u64, MailboxError>;
     /// Whether the backing store answers.
     async fn healthy(&self) -> Result<(), MailboxError>;
-    /// Claims `shards` (partitions of the enqueue topic) now, anew, fencing any other writer of
-    /// them; a shard this writer was fenced from may be appended to again. A Kafka consumer calls
-    /// it for the partitions a rebalance gave it, before applying their records; messages it
-    /// vouches for ([`NewMessage::new_id`]) must be records that came after the claim. Backends
-    /// without fences do nothing.
-    async fn claim(&self, _shards: &[u32]) -> Result<(), MailboxError> {
-        Ok(())
-    }
 }
 
 pub use crate::clock::{now_ms, now_us};

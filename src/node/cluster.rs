@@ -75,8 +75,9 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         .await
         .map_err(|e| store_err(&e))?;
     drop(bootstrap);
+    let mailbox = Arc::new(mailbox);
     let stores = Stores {
-        mailbox: Arc::new(mailbox),
+        mailbox: mailbox.clone(),
         topology: Arc::new(topo.clone()),
         cursors: Arc::new(topo),
         presence: Arc::new(presence),
@@ -93,6 +94,7 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         partitions: shards,
         node: node_id,
         member: Some(membership.membership()),
+        claims: Some(mailbox),
         never_commit: false,
     };
     Ok(Parts {

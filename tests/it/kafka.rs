@@ -9,7 +9,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use signalpost::address::{Address, ClientId, MessageId};
-use signalpost::ingest::kafka::{KafkaQueue, KafkaSettings, Topics};
+use signalpost::ingest::kafka::{KafkaQueue, KafkaSettings, ShardClaims, Topics};
 use signalpost::ingest::parse::Limits;
 use signalpost::ingest::{Command, Outcome, Processor, Queue};
 use signalpost::mailbox::{Mailbox, NewMessage};
@@ -98,10 +98,10 @@ mod suite {
 
 /// A node's stores on the cluster backend's mailbox (one Cassandra mailbox per call, as one
 /// node has it; all of one test share the fence scope), with an embedded topology.
-async fn cluster_store(scope: &str) -> Store {
+async fn cluster_store(scope: &str) -> ClusterStore {
     let dir = tempfile::tempdir().unwrap();
-    let mailbox: Arc<dyn Mailbox> =
-        Arc::new(crate::cassandra_support::mailbox_in(scope, 3_600_000).await);
+    let cassandra = Arc::new(crate::cassandra_support::mailbox_in(scope, 3_600_000).await);
+    let mailbox: Arc<dyn Mailbox> = cassandra.clone();
     let topology = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
     let processor = Arc::new(Processor {
         mailbox: mailbox.clone(),
@@ -110,11 +110,37 @@ async fn cluster_store(scope: &str) -> Store {
         metrics: Metrics::install(),
         max_bindings: 1000,
     });
-    Store {
-        _dir: dir,
-        mailbox,
-        processor,
-        tasks: Tasks::default(),
+    ClusterStore {
+        store: Store {
+            _dir: dir,
+            mailbox,
+            processor,
+            tasks: Tasks::default(),
+        },
+        claims: cassandra,
+    }
+}
+
+/// A store on the Cassandra mailbox, whose fences the consumer claims (as a cluster node's).
+struct ClusterStore {
+    store: Store,
+    claims: Arc<dyn ShardClaims>,
+}
+
+impl std::ops::Deref for ClusterStore {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl ClusterStore {
+    /// Consumer settings that claim this store's shards.
+    fn settings(&self, topics: &Topics, group: &str) -> KafkaSettings {
+        KafkaSettings {
+            claims: Some(self.claims.clone()),
+            ..settings(topics, group)
+        }
     }
 }
 
@@ -131,6 +157,7 @@ fn settings(topics: &Topics, group: &str) -> KafkaSettings {
         partitions: PARTITIONS as u32,
         node: format!("it-{group}-{}", uuid::Uuid::new_v4().simple()),
         member: None,
+        claims: None,
         never_commit: false,
     }
 }
@@ -354,7 +381,7 @@ async fn a_crash_between_append_and_commit_leaves_no_duplicate_and_no_hole() {
     let stamp = uuid::Uuid::new_v4().simple().to_string();
     let warm = Address::parse(&format!("channel:warm-{stamp}")).unwrap();
     let a = Address::parse(&format!("channel:crash-{stamp}")).unwrap();
-    let mut first = settings(&t, "crash");
+    let mut first = s1.settings(&t, "crash");
     first.never_commit = true;
     let q1 = KafkaQueue::start(first, s1.processor.clone(), &Tasks::default()).unwrap();
     // Once a record is applied, the consumer has its partitions and has claimed their shards.
@@ -387,7 +414,7 @@ async fn a_crash_between_append_and_commit_leaves_no_duplicate_and_no_hole() {
     drop(q1);
     // A new consumer in the same group reads from the last commit (none): everything again.
     let q2 = KafkaQueue::start(
-        settings(&t, "crash"),
+        s2.settings(&t, "crash"),
         s2.processor.clone(),
         &Tasks::default(),
     )
@@ -443,7 +470,7 @@ async fn two_consumers_racing_in_one_group_never_duplicate_a_version() {
     let scope = format!("race-{}", uuid::Uuid::new_v4().simple());
     let (s1, s2) = (cluster_store(&scope).await, cluster_store(&scope).await);
     let q1 = KafkaQueue::start(
-        settings(&t, "race"),
+        s1.settings(&t, "race"),
         s1.processor.clone(),
         &Tasks::default(),
     )
@@ -469,7 +496,7 @@ async fn two_consumers_racing_in_one_group_never_duplicate_a_version() {
     produce(&t.enqueue, head).await;
     // A second consumer joins mid-stream: the group rebalances while records are applied.
     let q2 = KafkaQueue::start(
-        settings(&t, "race"),
+        s2.settings(&t, "race"),
         s2.processor.clone(),
         &Tasks::default(),
     )

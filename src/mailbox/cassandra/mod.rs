@@ -107,6 +107,13 @@ type EntryRow<'a> = (
 );
 
 impl CassandraMailbox {
+    /// Claims `shards` of the enqueue topic now, anew, fencing any other writer of them; a shard
+    /// this writer was fenced from may be appended to again (a Kafka consumer calls it for the
+    /// partitions a rebalance gave it, before applying their records).
+    pub async fn claim(&self, shards: &[u32]) -> Result<(), MailboxError> {
+        self.0.claim(shards).await
+    }
+
     /// Prepares the statements and fixes the bucket size and shard count in the keyspace. The
     /// schema must have been applied ([`crate::cassandra::open`]).
     pub async fn new(session: Arc<Session>, s: &MailboxSettings) -> Result<Self, MailboxError> {
@@ -468,9 +475,5 @@ impl Mailbox for CassandraMailbox {
             .await
             .map(|_| ())
             .map_err(unavailable)
-    }
-
-    async fn claim(&self, shards: &[u32]) -> Result<(), MailboxError> {
-        self.0.claim(shards).await
     }
 }

@@ -93,15 +93,8 @@ pub enum CassandraError {
     Request(String),
 }
 
-/// Where and how to connect.
-#[derive(Debug, Clone)]
-pub struct CassandraConfig {
-    /// Comma-separated `host:port` contact points, e.g. `127.0.0.1:9042,host2:9042`.
-    pub contact_points: String,
-    pub keyspace: String,
-    /// A CQL replication map, e.g. [`LOCAL_REPLICATION`].
-    pub replication: String,
-}
+/// Where and how to connect: the configuration's `[cassandra]` section.
+pub use crate::config::CassandraConfig;
 
 impl CassandraConfig {
     /// Contact points as a list (blanks dropped; a missing port means 9042).

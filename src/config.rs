@@ -22,8 +22,12 @@ pub enum Backend {
     Cluster,
 }
 
-/// Everything a node can be configured with. Field names are the TOML keys; the environment
-/// variable is `SIGNALPOST_` + the name in capitals (e.g. `SIGNALPOST_API_KEY`).
+/// Everything a node can be configured with. Field names are the TOML keys, and each backend and
+/// concern has its own section (`[limits]`, `[tls]`, `[cassandra]`, `[kafka]`, `[zookeeper]`).
+/// The environment variable is `SIGNALPOST_` + the key's flat name in capitals (the section's
+/// key, prefixed for the backends): e.g. `SIGNALPOST_API_KEY`, `SIGNALPOST_MAX_CONNECTIONS`
+/// (`limits.max_connections`), `SIGNALPOST_KAFKA` (`kafka.brokers`), `SIGNALPOST_KAFKA_GROUP`
+/// (`kafka.group`), `SIGNALPOST_TLS_CERT` (`tls.cert`); [`ENV_NAMES`] is the whole table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -57,6 +61,28 @@ pub struct Config {
     pub require_client_token: bool,
     /// Secret for resume tokens (default: generated and kept in the data dir).
     pub resume_secret: Option<String>,
+    /// Origins whose pages may connect (CORS on the Socket.IO endpoint): a list, or `["*"]`.
+    pub cors_origins: Vec<String>,
+    /// Messages read from the mailbox per replay page.
+    pub replay_page: usize,
+    /// Most messages appended in one storage batch.
+    pub append_batch: usize,
+    /// What one node, one client and one request may use.
+    pub limits: Limits,
+    /// HTTPS and WSS.
+    pub tls: Tls,
+    /// `--backend cluster`: the Cassandra store.
+    pub cassandra: CassandraConfig,
+    /// `--backend cluster`: the Kafka queue.
+    pub kafka: KafkaConfig,
+    /// `--backend cluster`: membership, leader, locks.
+    pub zookeeper: ZookeeperConfig,
+}
+
+/// `[limits]`: what one node, one client and one request may use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
     /// Largest payload, in bytes of JSON.
     pub max_payload_bytes: usize,
     /// Most messages in one `POST /server/enqueue` batch, and most addresses in one bind.
@@ -80,41 +106,97 @@ pub struct Config {
     /// Events a connection may send per second (acks, refresh, …); past it they are refused
     /// with an `error` event, and a connection that keeps flooding is closed (0: no limit).
     pub event_rate_per_connection: u32,
-    /// Origins whose pages may connect (CORS on the Socket.IO endpoint): a list, or `["*"]`.
-    pub cors_origins: Vec<String>,
-    /// PEM certificate chain; with `tls_key` the listener speaks HTTPS and WSS only.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of `tls_cert`.
-    pub tls_key: Option<PathBuf>,
-    /// PEM certificates a node trusts when it calls other nodes over HTTPS (default: `tls_cert`,
+}
+
+/// `[tls]`: with `cert` and `key` the listener speaks HTTPS and WSS only.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM certificates a node trusts when it calls other nodes over HTTPS (default: `cert`,
     /// which works when it holds the CA or every node shares it).
-    pub tls_ca: Option<PathBuf>,
-    /// Messages read from the mailbox per replay page.
-    pub replay_page: usize,
-    /// Most messages appended in one storage batch.
-    pub append_batch: usize,
-    /// Cassandra contact points, comma-separated (`--backend cluster`).
-    pub cassandra: String,
-    pub cassandra_keyspace: String,
+    pub ca: Option<PathBuf>,
+}
+
+/// `[cassandra]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CassandraConfig {
+    /// Contact points, comma-separated.
+    pub contact_points: String,
+    pub keyspace: String,
     /// CQL replication map, e.g. `{'class': 'SimpleStrategy', 'replication_factor': 1}`.
-    pub cassandra_replication: String,
-    /// Kafka bootstrap servers, comma-separated (`--backend cluster`).
-    pub kafka: String,
-    /// Prefix of the Kafka topic names (`signals.` gives `signals.enqueue`, …).
-    pub kafka_topic_prefix: String,
+    pub replication: String,
+}
+
+/// `[kafka]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// Prefix of the topic names (`signals.` gives `signals.enqueue`, …).
+    pub topic_prefix: String,
     /// The consumer group the nodes share.
-    pub kafka_group: String,
+    pub group: String,
     /// Partitions of the topics a node creates when they are missing.
-    pub kafka_partitions: i32,
-    /// ZooKeeper connect string (`--backend cluster`).
-    pub zookeeper: String,
-    pub zookeeper_session_timeout_ms: u64,
-    /// The ZooKeeper path under which the nodes register and elect a leader.
-    pub zookeeper_root: String,
+    pub partitions: i32,
+}
+
+/// `[zookeeper]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ZookeeperConfig {
+    /// Connect string.
+    pub connect: String,
+    pub session_timeout_ms: u64,
+    /// The path under which the nodes register and elect a leader.
+    pub root: String,
     /// How long a node waits for a cluster-wide lock (e.g. the startup lock around topic and
     /// schema creation) before failing with a clear error.
-    pub zookeeper_lock_timeout_ms: u64,
+    pub lock_timeout_ms: u64,
 }
+
+/// The environment's flat names (after `SIGNALPOST_`, lower case) of the keys in sections.
+/// A key outside a section has its own name (`api_key`).
+pub const ENV_NAMES: &[(&str, &str)] = &[
+    ("max_payload_bytes", "limits.max_payload_bytes"),
+    ("max_batch", "limits.max_batch"),
+    ("max_connections", "limits.max_connections"),
+    ("max_http_connections", "limits.max_http_connections"),
+    ("max_body_bytes", "limits.max_body_bytes"),
+    ("http_read_timeout_ms", "limits.http_read_timeout_ms"),
+    ("max_bindings_per_client", "limits.max_bindings_per_client"),
+    (
+        "max_connections_per_user",
+        "limits.max_connections_per_user",
+    ),
+    ("connect_rate_per_ip", "limits.connect_rate_per_ip"),
+    (
+        "event_rate_per_connection",
+        "limits.event_rate_per_connection",
+    ),
+    ("tls_cert", "tls.cert"),
+    ("tls_key", "tls.key"),
+    ("tls_ca", "tls.ca"),
+    ("cassandra", "cassandra.contact_points"),
+    ("cassandra_keyspace", "cassandra.keyspace"),
+    ("cassandra_replication", "cassandra.replication"),
+    ("kafka", "kafka.brokers"),
+    ("kafka_topic_prefix", "kafka.topic_prefix"),
+    ("kafka_group", "kafka.group"),
+    ("kafka_partitions", "kafka.partitions"),
+    ("zookeeper", "zookeeper.connect"),
+    (
+        "zookeeper_session_timeout_ms",
+        "zookeeper.session_timeout_ms",
+    ),
+    ("zookeeper_root", "zookeeper.root"),
+    ("zookeeper_lock_timeout_ms", "zookeeper.lock_timeout_ms"),
+];
 
 impl Default for Config {
     fn default() -> Self {
@@ -133,6 +215,21 @@ impl Default for Config {
             client_token_public_key: None,
             require_client_token: false,
             resume_secret: None,
+            cors_origins: Vec::new(),
+            replay_page: 512,
+            append_batch: 4096,
+            limits: Limits::default(),
+            tls: Tls::default(),
+            cassandra: CassandraConfig::default(),
+            kafka: KafkaConfig::default(),
+            zookeeper: ZookeeperConfig::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
             max_payload_bytes: 64 * 1024,
             max_batch: 1000,
             max_connections: 100_000,
@@ -143,23 +240,38 @@ impl Default for Config {
             max_connections_per_user: 0,
             connect_rate_per_ip: 1000,
             event_rate_per_connection: 1000,
-            cors_origins: Vec::new(),
-            tls_cert: None,
-            tls_key: None,
-            tls_ca: None,
-            replay_page: 512,
-            append_batch: 4096,
-            cassandra: "127.0.0.1:9042".into(),
-            cassandra_keyspace: "signalpost".into(),
-            cassandra_replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-            kafka: "127.0.0.1:9092".into(),
-            kafka_topic_prefix: "signals.".into(),
-            kafka_group: "signalpost".into(),
-            kafka_partitions: 8,
-            zookeeper: "127.0.0.1:2181".into(),
-            zookeeper_session_timeout_ms: 6000,
-            zookeeper_root: "/signalpost".into(),
-            zookeeper_lock_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for CassandraConfig {
+    fn default() -> Self {
+        Self {
+            contact_points: "127.0.0.1:9042".into(),
+            keyspace: "signalpost".into(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "signals.".into(),
+            group: "signalpost".into(),
+            partitions: 8,
+        }
+    }
+}
+
+impl Default for ZookeeperConfig {
+    fn default() -> Self {
+        Self {
+            connect: "127.0.0.1:2181".into(),
+            session_timeout_ms: 6000,
+            root: "/signalpost".into(),
+            lock_timeout_ms: 60_000,
         }
     }
 }
@@ -205,12 +317,32 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
-        // Only the SIGNALPOST_* variables that name a field; SIGNALPOST_URL and friends belong to the tools.
-        let keys: Vec<String> = serde_json::to_value(Config::default())
+        // Only the SIGNALPOST_* variables that name a setting (SIGNALPOST_URL and friends belong
+        // to the tools); a flat name of a key in a section goes to its section.
+        let top: Vec<String> = serde_json::to_value(Config::default())
             .ok()
-            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+            .and_then(|v| {
+                v.as_object().map(|o| {
+                    o.iter()
+                        .filter(|(_, v)| !v.is_object())
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                })
+            })
             .unwrap_or_default();
-        let env = env.filter(move |k| keys.iter().any(|f| k.as_str().eq_ignore_ascii_case(f)));
+        let env = env
+            .filter(move |k| {
+                top.iter().any(|f| k.as_str().eq_ignore_ascii_case(f))
+                    || ENV_NAMES
+                        .iter()
+                        .any(|(n, _)| k.as_str().eq_ignore_ascii_case(n))
+            })
+            .map(|k| {
+                ENV_NAMES
+                    .iter()
+                    .find(|(n, _)| k.as_str().eq_ignore_ascii_case(n))
+                    .map_or_else(|| k.into(), |(_, path)| (*path).into())
+            });
         fig = fig.merge(env).merge(Serialized::globals(flags));
         let cfg: Config = fig.extract().map_err(Box::new)?;
         cfg.validate()?;
@@ -261,12 +393,14 @@ impl Config {
                 self.listen
             )));
         }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return bad("tls_cert and tls_key go together");
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad(
+                "tls.cert and tls.key (SIGNALPOST_TLS_CERT, SIGNALPOST_TLS_KEY) go together",
+            );
         }
-        if self.max_http_connections < 1
-            || self.max_body_bytes < 1024
-            || self.http_read_timeout_ms < 100
+        if self.limits.max_http_connections < 1
+            || self.limits.max_body_bytes < 1024
+            || self.limits.http_read_timeout_ms < 100
         {
             return bad(
                 "max_http_connections must be positive, max_body_bytes at least 1024 and http_read_timeout_ms at least 100",
@@ -279,8 +413,8 @@ impl Config {
                 )));
             }
         }
-        if self.max_payload_bytes == 0
-            || self.max_batch == 0
+        if self.limits.max_payload_bytes == 0
+            || self.limits.max_batch == 0
             || self.replay_page == 0
             || self.append_batch == 0
         {
@@ -288,8 +422,8 @@ impl Config {
                 "max_payload_bytes, max_batch, replay_page and append_batch must be positive",
             );
         }
-        if !self.zookeeper_root.starts_with('/') || self.zookeeper_root.len() < 2 {
-            return bad("zookeeper_root must be an absolute path such as /signalpost");
+        if !self.zookeeper.root.starts_with('/') || self.zookeeper.root.len() < 2 {
+            return bad("zookeeper.root must be an absolute path such as /signalpost");
         }
         Ok(())
     }
@@ -328,6 +462,38 @@ mod tests {
             assert_eq!(c.listen.port(), 3, "flag beats env");
             let c = Config::load(Some(Path::new("c.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.listen.port(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sections_in_the_file_and_flat_names_in_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[kafka]\nbrokers = \"k1:9092\"\ngroup = \"g-file\"\n[limits]\nmax_connections = 7\n",
+            )?;
+            jail.set_env("SIGNALPOST_KAFKA_GROUP", "g-env");
+            jail.set_env("SIGNALPOST_ZOOKEEPER", "z:2181");
+            jail.set_env("SIGNALPOST_MAX_BATCH", "5");
+            jail.set_env("SIGNALPOST_TLS_CA", "/ca.pem");
+            let c = Config::load(Some(Path::new("c.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.kafka.brokers, "k1:9092", "a section in the file");
+            assert_eq!(
+                c.kafka.group, "g-env",
+                "a flat name in the environment beats the file"
+            );
+            assert_eq!(
+                c.kafka.topic_prefix, "signals.",
+                "the section's defaults stay"
+            );
+            assert_eq!(c.zookeeper.connect, "z:2181");
+            assert_eq!((c.limits.max_connections, c.limits.max_batch), (7, 5));
+            assert_eq!(c.tls.ca.as_deref(), Some(Path::new("/ca.pem")));
+            // A key outside its section is refused with its name.
+            jail.create_file("flat.toml", "max_connections = 3\n")?;
+            let e = Config::load(Some(Path::new("flat.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("max_connections"), "{e}");
             Ok(())
         });
     }

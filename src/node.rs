@@ -39,16 +39,27 @@ pub enum NodeError {
     DataDir(String, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
-    #[error("opening the embedded store: {0}")]
-    Store(String),
+    #[error("opening the store: {0}")]
+    Store(#[source] Cause),
     #[error("backend: {0}")]
     Backend(String),
+    /// A backend service failed at startup (the cause is kept).
+    #[error("{0}: {1}")]
+    Service(&'static str, #[source] Cause),
     #[error("serving: {0}")]
     Serve(std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::listener::TlsError),
     #[error("client tokens: {0}")]
     Tokens(String),
+}
+
+/// The error a startup step failed with.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// A store failed to open.
+fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> NodeError {
+    NodeError::Store(Box::new(e))
 }
 
 /// A built node, listening, not yet serving.
@@ -81,7 +92,7 @@ impl Node {
             Some(id) => id.clone(),
             None => node_id_in(&dir).map_err(data_err)?,
         };
-        let tls = match (&config.tls_cert, &config.tls_key) {
+        let tls = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Some(crate::listener::tls_acceptor(cert, key)?),
             _ => None,
         };
@@ -151,7 +162,7 @@ impl Node {
         let transport = crate::peers::transport::HttpTransport::new(
             &node_id,
             peer_auth.clone(),
-            match config.tls_ca.as_ref().or(config.tls_cert.as_ref()) {
+            match config.tls.ca.as_ref().or(config.tls.cert.as_ref()) {
                 Some(ca) if tls.is_some() => Some(crate::listener::tls_connector(ca)?),
                 _ => None,
             },
@@ -177,7 +188,7 @@ impl Node {
             topology: topology.clone(),
             fanout: vec![peers.clone() as Arc<dyn Fanout>, router.clone()],
             metrics: metrics.clone(),
-            max_bindings: config.max_bindings_per_client,
+            max_bindings: config.limits.max_bindings_per_client,
         });
         let queue = start_queue(processor, &tasks)?;
         if config.backend == Backend::Cluster {
@@ -186,7 +197,7 @@ impl Node {
         let gw = Arc::new(Gateway {
             peers,
             credentials,
-            gate: Gate::new(config.connect_rate_per_ip),
+            gate: Gate::new(config.limits.connect_rate_per_ip),
             node_id,
             mailbox,
             topology,
@@ -195,7 +206,7 @@ impl Node {
             presence,
             router,
             metrics,
-            connections: Slots::new(config.max_connections),
+            connections: Slots::new(config.limits.max_connections),
             draining: AtomicBool::new(false),
             config,
         });
@@ -265,8 +276,8 @@ impl Node {
             drain_io.close().await;
         };
         let limits = crate::listener::Limits {
-            max_connections: gw.config.max_http_connections,
-            read_timeout: Duration::from_millis(gw.config.http_read_timeout_ms),
+            max_connections: gw.config.limits.max_http_connections,
+            read_timeout: Duration::from_millis(gw.config.limits.http_read_timeout_ms),
         };
         crate::listener::serve(self.listener, self.tls, limits, app, signal)
             .await
@@ -310,11 +321,10 @@ type StartQueue =
 
 /// The embedded backend: redb files in the data dir, the in-process queue, a standalone node.
 fn embedded_parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
-    let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
     let dir = &config.data_dir;
     let mailbox = EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
-        .map_err(|e| store_err(&e))?;
-    let topo = EmbeddedTopology::open(&dir.join("state.redb")).map_err(|e| store_err(&e))?;
+        .map_err(store_err)?;
+    let topo = EmbeddedTopology::open(&dir.join("state.redb")).map_err(store_err)?;
     let stores = Stores {
         mailbox: Arc::new(mailbox),
         topology: Arc::new(topo.clone()),

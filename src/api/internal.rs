@@ -31,7 +31,7 @@ pub fn routes(svc: Arc<Api>) -> Router<Arc<Api>> {
 /// Checks the signature and the membership of the sender.
 async fn verify(State(svc): State<Arc<Api>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, svc.gw.config.max_body_bytes).await {
+    let bytes = match axum::body::to_bytes(body, svc.gw.config.limits.max_body_bytes).await {
         Ok(b) => b,
         Err(_) => return ApiError::TooLarge("request body too large".into()).into_response(),
     };

@@ -97,7 +97,7 @@ pub fn routes(svc: Arc<Api>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this endpoint".into())
         })
-        .layer(DefaultBodyLimit::max(svc.gw.config.max_body_bytes))
+        .layer(DefaultBodyLimit::max(svc.gw.config.limits.max_body_bytes))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(head_limits))
         .with_state(svc)
@@ -197,8 +197,8 @@ impl WaitQuery {
 
 fn limits(svc: &Api) -> parse::Limits {
     parse::Limits {
-        max_payload: svc.gw.config.max_payload_bytes,
-        max_batch: svc.gw.config.max_batch,
+        max_payload: svc.gw.config.limits.max_payload_bytes,
+        max_batch: svc.gw.config.limits.max_batch,
     }
 }
 

@@ -108,7 +108,7 @@ impl Conn {
         own_cursor: u64,
     ) -> Arc<Self> {
         let client = id.client.clone();
-        let events = std::num::NonZeroU32::new(svc.config.event_rate_per_connection)
+        let events = std::num::NonZeroU32::new(svc.config.limits.event_rate_per_connection)
             .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
         let own = Address::of_client(&client);
         let mut tracks = HashMap::new();
@@ -184,7 +184,7 @@ impl Conn {
         }
         self.svc.metrics.events_refused.increment(1);
         let refused = self.refused.fetch_add(1, Ordering::SeqCst) + 1;
-        if refused >= self.svc.config.event_rate_per_connection {
+        if refused >= self.svc.config.limits.event_rate_per_connection {
             self.kick("flood: too many events");
         }
         Err(refused == 1)

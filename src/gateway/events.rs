@@ -94,7 +94,7 @@ fn refused(s: &SocketRef, svc: &Gateway, first: bool) {
             s,
             &format!(
                 "rate limit: at most {} events per second; events past it are dropped, and a connection that keeps sending them is closed",
-                svc.config.event_rate_per_connection
+                svc.config.limits.event_rate_per_connection
             ),
         );
     }

@@ -186,13 +186,13 @@ async fn authenticate(
         return refuse(format!(
             "too many connections from {} (limit {} per second); retry later",
             peer.ip(),
-            svc.config.connect_rate_per_ip
+            svc.config.limits.connect_rate_per_ip
         ));
     }
     let Some(slot) = svc.connections.take() else {
         return refuse(format!(
             "too many connections on this node (limit {})",
-            svc.config.max_connections
+            svc.config.limits.max_connections
         ));
     };
     let auth = match auth {
@@ -312,7 +312,7 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
     conn.start(&session);
     if id.user.is_some() {
         events::expire_at_token_end(&conn);
-        if svc.config.max_connections_per_user > 0 {
+        if svc.config.limits.max_connections_per_user > 0 {
             tokio::spawn(quota::enforce(svc.clone(), conn.clone()));
         }
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// node-to-node link). Run after a connection of the user is set up.
 pub async fn enforce(svc: Arc<Gateway>, conn: Arc<Conn>) {
     let Some(user) = conn.user() else { return };
-    let quota = svc.config.max_connections_per_user;
+    let quota = svc.config.limits.max_connections_per_user;
     let mut all: Vec<(Option<String>, Held)> = svc
         .gate
         .registry

@@ -56,32 +56,28 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
-    #[error("{0}")]
-    Mailbox(String),
-    #[error("{0}")]
-    Topology(String),
+    #[error(transparent)]
+    Mailbox(#[from] MailboxError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
     #[error("the queue is closed (the node is shutting down)")]
     Closed,
     #[error("timed out after {0} s waiting for the operation to become durable")]
     Timeout(u64),
     #[error("the queue is unavailable: {0}")]
     Unavailable(String),
-    /// This writer was fenced by another (see [`MailboxError::Fenced`]).
-    #[error("{0}")]
-    Fenced(String),
+    /// This writer was fenced by another ([`MailboxError::Fenced`]): it must not apply more.
+    #[error(transparent)]
+    Fenced(MailboxError),
 }
 
-impl From<&MailboxError> for IngestError {
-    fn from(e: &MailboxError) -> Self {
+impl IngestError {
+    /// A mailbox failure as the processor reports it: fenced, or the store's own failure.
+    fn of_mailbox(e: MailboxError) -> Self {
         match e {
-            MailboxError::Fenced(_) => IngestError::Fenced(e.to_string()),
-            _ => IngestError::Mailbox(e.to_string()),
+            MailboxError::Fenced(_) => IngestError::Fenced(e),
+            e => IngestError::Mailbox(e),
         }
-    }
-}
-impl From<TopologyError> for IngestError {
-    fn from(e: TopologyError) -> Self {
-        IngestError::Topology(e.to_string())
     }
 }
 
@@ -171,7 +167,7 @@ impl Processor {
                 Err(e) => {
                     tracing::warn!(error = %e, "append failed");
                     for slot in slots {
-                        results[slot] = Some(Err(IngestError::from(&e)));
+                        results[slot] = Some(Err(IngestError::of_mailbox(e.clone())));
                     }
                 }
             }
@@ -234,7 +230,7 @@ impl Processor {
                     .mailbox
                     .heads(&addresses)
                     .await
-                    .map_err(|e| IngestError::from(&e))?;
+                    .map_err(IngestError::of_mailbox)?;
                 let want: Vec<Binding> = addresses
                     .iter()
                     .zip(&heads)
@@ -278,7 +274,7 @@ impl Processor {
                     .mailbox
                     .heads(&removed)
                     .await
-                    .map_err(|e| IngestError::from(&e))?;
+                    .map_err(IngestError::of_mailbox)?;
                 let removed: Vec<(Address, u64)> = removed
                     .into_iter()
                     .zip(heads)

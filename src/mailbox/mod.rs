@@ -130,7 +130,7 @@ pub(crate) fn storage_err(e: impl std::fmt::Display) -> MailboxError {
 }
 
 /// Mailbox failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MailboxError {
     #[error("mailbox storage failed: {0}")]
     Storage(String),

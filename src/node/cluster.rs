@@ -17,13 +17,11 @@ use std::time::Duration;
 /// joins (is listed, contends for leadership, applies operations) when `Parts::join` is called,
 /// once it is built.
 pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
-    let backend = |e: &dyn std::fmt::Display| NodeError::Backend(e.to_string());
-    let store_err = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
     let node_id = me.id.clone();
     let zk = Arc::new(ZkMembership::connect(
-        &config.zookeeper,
-        Duration::from_millis(config.zookeeper_session_timeout_ms),
-        &config.zookeeper_root,
+        &config.zookeeper.connect,
+        Duration::from_millis(config.zookeeper.session_timeout_ms),
+        &config.zookeeper.root,
         NodeInfo {
             leader: false,
             ..me
@@ -35,26 +33,22 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
     let bootstrap = membership
         .lock(
             "bootstrap",
-            Duration::from_millis(config.zookeeper_lock_timeout_ms),
+            Duration::from_millis(config.zookeeper.lock_timeout_ms),
         )
         .await
-        .map_err(|e| NodeError::Backend(format!("startup lock: {e}")))?;
+        .map_err(|e| NodeError::Service("startup lock", Box::new(e)))?;
     // The mailbox is sharded like the enqueue topic, so the topics come first.
-    let topics = Topics::with_prefix(&config.kafka_topic_prefix);
-    let shards = KafkaQueue::ensure_topics(&config.kafka, &topics, config.kafka_partitions)
+    let topics = Topics::with_prefix(&config.kafka.topic_prefix);
+    let shards = KafkaQueue::ensure_topics(&config.kafka.brokers, &topics, config.kafka.partitions)
         .await
-        .map_err(|e| backend(&e))?;
-    let cc = crate::cassandra::CassandraConfig {
-        contact_points: config.cassandra.clone(),
-        keyspace: config.cassandra_keyspace.clone(),
-        replication: config.cassandra_replication.clone(),
-    };
+        .map_err(|e| NodeError::Service("Kafka topics", Box::new(e)))?;
+
     let session = Arc::new(
-        crate::cassandra::open(&cc, &node_id)
+        crate::cassandra::open(&config.cassandra, &node_id)
             .await
-            .map_err(|e| backend(&e))?,
+            .map_err(|e| NodeError::Service("Cassandra", Box::new(e)))?,
     );
-    let ks = &config.cassandra_keyspace;
+    let ks = &config.cassandra.keyspace;
     let mailbox = CassandraMailbox::new(
         session.clone(),
         &MailboxSettings {
@@ -67,13 +61,13 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         },
     )
     .await
-    .map_err(|e| store_err(&e))?;
+    .map_err(super::store_err)?;
     let topo = CassandraTopology::new(session.clone(), ks)
         .await
-        .map_err(|e| store_err(&e))?;
+        .map_err(super::store_err)?;
     let presence = CassandraPresence::new(session, ks)
         .await
-        .map_err(|e| store_err(&e))?;
+        .map_err(super::store_err)?;
     drop(bootstrap);
     let mailbox = Arc::new(mailbox);
     let stores = Stores {
@@ -83,12 +77,12 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         presence: Arc::new(presence),
     };
     let settings = KafkaSettings {
-        brokers: config.kafka.clone(),
+        brokers: config.kafka.brokers.clone(),
         topics,
-        group: config.kafka_group.clone(),
+        group: config.kafka.group.clone(),
         limits: crate::ingest::parse::Limits {
-            max_payload: config.max_payload_bytes,
-            max_batch: config.max_batch,
+            max_payload: config.limits.max_payload_bytes,
+            max_batch: config.limits.max_batch,
         },
         batch: config.append_batch,
         partitions: shards,
@@ -100,7 +94,8 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
     Ok(Parts {
         stores,
         start_queue: Box::new(move |processor, tasks| {
-            let queue = KafkaQueue::start(settings, processor, tasks).map_err(|e| backend(&e))?;
+            let queue = KafkaQueue::start(settings, processor, tasks)
+                .map_err(|e| NodeError::Service("Kafka queue", Box::new(e)))?;
             Ok(Arc::new(queue))
         }),
         membership,

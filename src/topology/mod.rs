@@ -27,7 +27,7 @@ pub(crate) fn storage_err(e: impl std::fmt::Display) -> TopologyError {
 }
 
 /// Topology and cursor failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TopologyError {
     #[error("topology storage failed: {0}")]
     Storage(String),

@@ -31,10 +31,23 @@ use tokio::sync::{oneshot, watch};
 type Consumer_ = StreamConsumer<Rebalances>;
 
 struct Rebalances {
-    /// The enqueue partitions assigned now, and a generation that moves at each assignment
-    /// (shared with the [`KafkaQueue`], which reports them in `/healthz`).
-    assigned: Arc<Mutex<(u64, Vec<u32>)>>,
+    /// The enqueue partitions assigned now (shared with the [`KafkaQueue`], which reports them
+    /// in `/healthz`).
+    assigned: Arc<Mutex<Assignment>>,
     enqueue: String,
+}
+
+/// What the group gave this consumer.
+#[derive(Debug, Default)]
+struct Assignment {
+    /// Moves at each assignment (0: none yet, the node is not ready).
+    generation: u64,
+    /// The enqueue partitions owned now.
+    owned: Vec<u32>,
+    /// Those assigned since the worker last claimed: their shards are claimed before their
+    /// records are applied. With cooperative rebalancing a rebalance adds and removes only the
+    /// partitions that move; the others keep their claim and go on without a pause.
+    to_claim: Vec<u32>,
 }
 
 impl rdkafka::ClientContext for Rebalances {}
@@ -54,44 +67,82 @@ impl rdkafka::consumer::ConsumerContext for Rebalances {
                 .collect()
         };
         let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        // Cooperative (incremental) rebalancing: an Assign carries only the partitions added,
+        // a Revoke only those taken away (with the eager protocol a Revoke takes all and the
+        // Assign gives all, which this handles the same way).
         match rebalance {
             Rebalance::Assign(tpl) => {
-                assigned.0 += 1;
-                assigned.1 = ours(tpl);
-                tracing::info!(partitions = ?assigned.1, "kafka assigned enqueue partitions");
+                let added = ours(tpl);
+                assigned.generation += 1;
+                for p in &added {
+                    if !assigned.owned.contains(p) {
+                        assigned.owned.push(*p);
+                    }
+                    if !assigned.to_claim.contains(p) {
+                        assigned.to_claim.push(*p);
+                    }
+                }
+                assigned.owned.sort_unstable();
+                tracing::info!(added = ?added, owned = ?assigned.owned, "kafka assigned enqueue partitions");
             }
             Rebalance::Revoke(tpl) => {
                 let revoked = ours(tpl);
-                assigned.1.retain(|p| !revoked.contains(p));
+                assigned.owned.retain(|p| !revoked.contains(p));
+                assigned.to_claim.retain(|p| !revoked.contains(p));
+                if !revoked.is_empty() {
+                    tracing::info!(revoked = ?revoked, owned = ?assigned.owned, "kafka revoked enqueue partitions");
+                }
             }
             Rebalance::Error(_) => {}
         }
     }
 }
 
-/// A consumer in the group, subscribed to the three operation topics.
+/// Which of a node's two consumers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// The enqueue topic, in the group `group`.
+    Enqueue,
+    /// The connect and disconnect topics, in the group `<group>.bindings`. A group of their
+    /// own: the cooperative-sticky assignor balances the count of partitions per member over
+    /// all the topics of a group, which in one group let one node keep every enqueue partition.
+    Bindings,
+}
+
+/// A consumer of one feed, in its group.
 fn subscribe(
     settings: &KafkaSettings,
-    assigned: Arc<Mutex<(u64, Vec<u32>)>>,
+    assigned: Arc<Mutex<Assignment>>,
+    feed: Feed,
 ) -> Result<Consumer_, IngestError> {
+    let t = &settings.topics;
+    let (group, topics) = match feed {
+        Feed::Enqueue => (settings.group.clone(), vec![t.enqueue.as_str()]),
+        Feed::Bindings => (
+            format!("{}.bindings", settings.group),
+            vec![t.connect.as_str(), t.disconnect.as_str()],
+        ),
+    };
     let consumer: Consumer_ = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
-        .set("group.id", &settings.group)
+        .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // KIP-429: a member joining or leaving moves only the partitions that must move; the
+        // others are neither revoked nor paused (the eager default stops every consumer).
+        .set("partition.assignment.strategy", "cooperative-sticky")
         // A dead consumer's partitions move after 6 s (the broker's minimum by default).
         .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "2000")
+        // Members learn of a rebalance at their next heartbeat: a short one keeps a join or a
+        // leave from pausing the partitions that move for long.
+        .set("heartbeat.interval.ms", "500")
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(Rebalances {
             assigned,
             enqueue: settings.topics.enqueue.clone(),
         })
         .map_err(kerr)?;
-    let t = &settings.topics;
-    consumer
-        .subscribe(&[&t.enqueue, &t.connect, &t.disconnect])
-        .map_err(kerr)?;
+    consumer.subscribe(&topics).map_err(kerr)?;
     Ok(consumer)
 }
 
@@ -217,8 +268,10 @@ pub struct KafkaQueue {
     stop: watch::Sender<bool>,
     /// Resolves when the consumer task has stopped.
     done: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
-    /// The consumer's assignment (see [`Rebalances`]).
-    assigned: Arc<Mutex<(u64, Vec<u32>)>>,
+    /// The enqueue consumer's assignment (see [`Rebalances`]).
+    assigned: Arc<Mutex<Assignment>>,
+    /// The bindings consumer's.
+    bindings_assigned: Arc<Mutex<Assignment>>,
 }
 
 fn kerr(e: impl std::fmt::Display) -> IngestError {
@@ -294,19 +347,21 @@ impl KafkaQueue {
             .set("message.timeout.ms", "10000")
             .create()
             .map_err(kerr)?;
-        let assigned = Arc::new(Mutex::new((0, Vec::new())));
-        let consumer = subscribe(&settings, assigned.clone())?;
+        let assigned = Arc::new(Mutex::new(Assignment::default()));
+        let consumer = subscribe(&settings, assigned.clone(), Feed::Enqueue)?;
+        let bindings_assigned = Arc::new(Mutex::new(Assignment::default()));
+        let bindings = subscribe(&settings, bindings_assigned.clone(), Feed::Bindings)?;
         let waiters = Arc::new(Waiters::default());
         let (stop, stopped) = watch::channel(false);
         let worker = Worker {
             consumer,
+            bindings,
             producer: producer.clone(),
             settings: settings.clone(),
             processor,
             waiters: waiters.clone(),
             never_commit: settings.never_commit,
             fresh_from: HashMap::new(),
-            generation: 0,
         };
         // Stopped by `drain` (which waits for it), not cut short by the node's stop.
         let (done_tx, done) = tokio::sync::oneshot::channel();
@@ -321,6 +376,7 @@ impl KafkaQueue {
             stop,
             done: tokio::sync::Mutex::new(Some(done)),
             assigned,
+            bindings_assigned,
         })
     }
 
@@ -444,7 +500,7 @@ impl Queue for KafkaQueue {
             .assigned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .1
+            .owned
             .clone();
         owned.sort_unstable();
         Some(super::Partitions {
@@ -454,8 +510,9 @@ impl Queue for KafkaQueue {
     }
 
     fn ready(&self) -> Result<(), IngestError> {
-        let generation = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).0;
-        if generation == 0 {
+        let generation =
+            |a: &Mutex<Assignment>| a.lock().unwrap_or_else(|p| p.into_inner()).generation;
+        if generation(&self.assigned) == 0 || generation(&self.bindings_assigned) == 0 {
             return Err(IngestError::Unavailable(
                 "the Kafka consumer has not been given its partitions yet (joining the group)"
                     .into(),
@@ -480,7 +537,10 @@ impl Queue for KafkaQueue {
 }
 
 struct Worker {
+    /// The enqueue feed.
     consumer: Consumer_,
+    /// The bindings feed (connect, disconnect).
+    bindings: Consumer_,
     producer: FutureProducer,
     settings: KafkaSettings,
     processor: Arc<Processor>,
@@ -491,8 +551,6 @@ struct Worker {
     /// from there on are first deliveries, so minted ids among them are vouched for
     /// ([`crate::mailbox::NewMessage::new_id`]).
     fresh_from: HashMap<i32, i64>,
-    /// The assignment generation whose shards were claimed last.
-    generation: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -516,6 +574,7 @@ impl Worker {
         loop {
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
+                m = self.bindings.recv() => m,
                 _ = stopped.changed() => break,
             };
             let first = match first {
@@ -528,7 +587,13 @@ impl Worker {
             };
             let mut batch = vec![first];
             while batch.len() < self.settings.batch {
-                match tokio::time::timeout(Duration::from_millis(1), self.consumer.recv()).await {
+                let next = async {
+                    tokio::select! {
+                        m = self.consumer.recv() => m,
+                        m = self.bindings.recv() => m,
+                    }
+                };
+                match tokio::time::timeout(Duration::from_millis(1), next).await {
                     Ok(Ok(m)) => batch.push(m.detach()),
                     _ => break,
                 }
@@ -549,10 +614,10 @@ impl Worker {
                 {
                     // Nothing is ours until the group assigns it again.
                     let mut a = assigned.lock().unwrap_or_else(|p| p.into_inner());
-                    a.1.clear();
-                    self.generation = a.0;
+                    a.owned.clear();
+                    a.to_claim.clear();
                 }
-                match subscribe(&self.settings, assigned) {
+                match subscribe(&self.settings, assigned, Feed::Enqueue) {
                     Ok(c) => self.consumer = c,
                     Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),
                 }
@@ -569,6 +634,7 @@ impl Worker {
         }
         if !self.never_commit {
             let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+            let _ = self.bindings.commit_consumer_state(CommitMode::Sync);
         }
     }
 
@@ -602,17 +668,13 @@ impl Worker {
     /// can have been appended by an earlier owner whose append became visible).
     async fn claim_assigned(&mut self) {
         let partitions = {
-            let assigned = self
+            let mut assigned = self
                 .consumer
                 .context()
                 .assigned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if assigned.0 == self.generation {
-                return;
-            }
-            self.generation = assigned.0;
-            assigned.1.clone()
+            std::mem::take(&mut assigned.to_claim)
         };
         if partitions.is_empty() {
             return;
@@ -797,17 +859,30 @@ impl Worker {
             let e = next.entry((m.topic(), m.partition())).or_insert(0);
             *e = (*e).max(m.offset() + 1);
         }
-        let mut tpl = TopicPartitionList::with_capacity(next.len());
+        // Each feed's offsets in its own group.
+        let mut enqueue = TopicPartitionList::with_capacity(next.len());
+        let mut bindings = TopicPartitionList::with_capacity(next.len());
         for ((topic, partition), offset) in next {
+            let tpl = if topic == self.settings.topics.enqueue {
+                &mut enqueue
+            } else {
+                &mut bindings
+            };
             if let Err(e) =
                 tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
             {
                 tracing::warn!(error = %e, "building the commit");
             }
         }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-            // Not the owner any more (rebalance): the new owner applies these again, idempotently.
-            tracing::warn!(error = %e, "kafka commit failed");
+        for (consumer, tpl) in [(&self.consumer, enqueue), (&self.bindings, bindings)] {
+            if tpl.count() == 0 {
+                continue;
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                // Not the owner any more (rebalance): the new owner applies these again,
+                // idempotently.
+                tracing::warn!(error = %e, "kafka commit failed");
+            }
         }
     }
 }

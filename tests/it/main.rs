@@ -12,6 +12,8 @@ use std::sync::Arc;
 #[cfg(feature = "cluster")]
 mod kafka;
 #[cfg(feature = "cluster")]
+mod stack;
+#[cfg(feature = "cluster")]
 mod zookeeper;
 
 fn embedded_mailbox(retention_ms: u64) -> (tempfile::TempDir, Arc<dyn Mailbox>) {

@@ -158,6 +158,21 @@ pub async fn connect(contact_points: &str) -> Result<Session, CassandraError> {
         })
 }
 
+/// The server's `release_version` (from `system.local`): a real query, so an answer means the
+/// node serves CQL requests (`signalpost stack probe cassandra`).
+pub async fn release_version(session: &Session) -> Result<String, CassandraError> {
+    let request = |e: &dyn std::fmt::Display| CassandraError::Request(e.to_string());
+    let (version,) = session
+        .query_unpaged("SELECT release_version FROM system.local", ())
+        .await
+        .map_err(|e| request(&e))?
+        .into_rows_result()
+        .map_err(|e| request(&e))?
+        .single_row::<(String,)>()
+        .map_err(|e| request(&e))?;
+    Ok(version)
+}
+
 /// The statements of one schema file with placeholders filled in.
 pub fn statements(text: &str, keyspace: &str, replication: &str) -> Vec<String> {
     let body: String = text

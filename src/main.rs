@@ -54,6 +54,11 @@ enum Command {
     Nodes,
     /// Follow addresses as a Socket.IO client and print signals as JSON lines.
     Tail(cli::TailArgs),
+    /// The protocol side of scripts/stack: readiness probes, Kafka topics, a CQL client
+    /// (needs a build with --features cluster).
+    ///
+    /// Example: signalpost stack probe cassandra
+    Stack(tools::stack::StackArgs),
 }
 
 #[derive(clap::Args, Default)]
@@ -86,6 +91,13 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(tools::bench::run(args))?;
             Ok(())
         }
+        #[cfg(feature = "cluster")]
+        Command::Stack(args) => rt.block_on(tools::stack::run(args)).map_err(|e| {
+            eprintln!("{e}");
+            std::process::exit(1)
+        }),
+        #[cfg(not(feature = "cluster"))]
+        Command::Stack(args) => tools::stack::run(args),
         tool => rt.block_on(run_tool(&cli.target, tool)).map_err(|e| {
             eprintln!("error: {e}");
             std::process::exit(1)
@@ -102,7 +114,9 @@ async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::C
         Command::Client { id } => cli::client(t, &id).await,
         Command::Nodes => cli::get(t, "/server/nodes").await,
         Command::Tail(a) => cli::tail(t, a).await,
-        Command::Serve(_) | Command::Bench(_) => unreachable!("handled in main"),
+        Command::Serve(_) | Command::Bench(_) | Command::Stack(_) => {
+            unreachable!("handled in main")
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers as _, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -278,6 +278,116 @@ fn kerr(e: impl std::fmt::Display) -> IngestError {
     IngestError::Unavailable(format!("kafka: {e}"))
 }
 
+/// A topic as one metadata request saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub partitions: usize,
+    /// The broker's error for the topic, if any (e.g. its leader is not elected yet).
+    pub error: Option<String>,
+}
+
+/// The cluster as one metadata request saw it.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaMetadata {
+    /// Ids of the brokers listed (a KRaft broker is listed once the controller has it unfenced).
+    pub brokers: Vec<i32>,
+    pub topics: BTreeMap<String, TopicInfo>,
+}
+
+/// What creating one topic came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicCreated {
+    Created,
+    /// It existed already (left as it is).
+    Existed,
+}
+
+/// Kafka's internal topics (`org.apache.kafka.common.internals.Topic`): not the user's.
+pub const INTERNAL_TOPICS: &[&str] = &["__consumer_offsets", "__transaction_state"];
+
+/// A Kafka admin connection: creates topics and reads metadata — what a node does at startup
+/// ([`KafkaQueue::ensure_topics`]) and what `signalpost stack` does by hand.
+pub struct KafkaAdmin {
+    admin: Arc<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>>,
+}
+
+impl KafkaAdmin {
+    /// An admin client for `brokers` (`host:port,…`); it connects on its first request.
+    pub fn connect(brokers: &str) -> Result<Self, IngestError> {
+        let admin = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .map_err(kerr)?;
+        Ok(Self {
+            admin: Arc::new(admin),
+        })
+    }
+
+    /// Creates `topics` (name, partitions; replication factor 1), each answered on its own: a
+    /// topic that exists already is [`TopicCreated::Existed`], any other refusal an `Err` with
+    /// Kafka's reason. With `validate_only` the controller checks the request and creates
+    /// nothing (which proves that a controller answers).
+    pub async fn create_topics(
+        &self,
+        topics: &[(&str, i32)],
+        validate_only: bool,
+    ) -> Result<Vec<(String, Result<TopicCreated, String>)>, IngestError> {
+        use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::types::RDKafkaErrorCode;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .collect();
+        let opts = AdminOptions::new()
+            .request_timeout(Some(Duration::from_secs(10)))
+            .validate_only(validate_only);
+        let results = self.admin.create_topics(&new, &opts).await.map_err(kerr)?;
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Ok(name) => (name, Ok(TopicCreated::Created)),
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    (name, Ok(TopicCreated::Existed))
+                }
+                Err((name, e)) => (name, Err(e.to_string())),
+            })
+            .collect())
+    }
+
+    /// One metadata request: every topic, or only `topic`.
+    pub async fn metadata(
+        &self,
+        topic: Option<&str>,
+        timeout: Duration,
+    ) -> Result<KafkaMetadata, IngestError> {
+        let (admin, topic) = (self.admin.clone(), topic.map(str::to_owned));
+        tokio::task::spawn_blocking(move || {
+            let md = admin
+                .inner()
+                .fetch_metadata(topic.as_deref(), timeout)
+                .map_err(kerr)?;
+            Ok(KafkaMetadata {
+                brokers: md.brokers().iter().map(|b| b.id()).collect(),
+                topics: md
+                    .topics()
+                    .iter()
+                    .map(|t| {
+                        let info = TopicInfo {
+                            partitions: t.partitions().len(),
+                            error: t
+                                .error()
+                                .map(|e| rdkafka::types::RDKafkaErrorCode::from(e).to_string()),
+                        };
+                        (t.name().to_owned(), info)
+                    })
+                    .collect(),
+            })
+        })
+        .await
+        .map_err(kerr)?
+    }
+}
+
 impl KafkaQueue {
     /// Creates the topics that do not exist yet (`partitions` each for the three operation
     /// topics, one for dead letters); existing topics are left as they are. Returns the
@@ -287,48 +397,31 @@ impl KafkaQueue {
         topics: &Topics,
         partitions: i32,
     ) -> Result<u32, IngestError> {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        use rdkafka::types::RDKafkaErrorCode;
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()
-            .map_err(kerr)?;
-        let new = [
-            NewTopic::new(&topics.enqueue, partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&topics.connect, partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&topics.disconnect, partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&topics.deadletter, 1, TopicReplication::Fixed(1)),
+        let admin = KafkaAdmin::connect(brokers)?;
+        let wanted = [
+            (topics.enqueue.as_str(), partitions),
+            (topics.connect.as_str(), partitions),
+            (topics.disconnect.as_str(), partitions),
+            (topics.deadletter.as_str(), 1),
         ];
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-        for r in admin.create_topics(&new, &opts).await.map_err(kerr)? {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, e)) => return Err(kerr(format!("creating topic {t}: {e}"))),
+        for (t, r) in admin.create_topics(&wanted, false).await? {
+            if let Err(e) = r {
+                return Err(kerr(format!("creating topic {t}: {e}")));
             }
         }
-        let (brokers, topic) = (brokers.to_string(), topics.enqueue.clone());
-        tokio::task::spawn_blocking(move || {
-            let client: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .create()
-                .map_err(kerr)?;
-            // A topic just created may take a moment to show its partitions.
-            for _ in 0..40 {
-                let md = client
-                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                    .map_err(kerr)?;
-                if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
-                    && !t.partitions().is_empty()
-                    && t.error().is_none()
-                {
-                    return Ok(t.partitions().len() as u32);
-                }
-                std::thread::sleep(Duration::from_millis(250));
+        let topic = &topics.enqueue;
+        // A topic just created may take a moment to show its partitions.
+        for _ in 0..40 {
+            let md = admin.metadata(Some(topic), Duration::from_secs(10)).await?;
+            if let Some(t) = md.topics.get(topic)
+                && t.partitions > 0
+                && t.error.is_none()
+            {
+                return Ok(t.partitions as u32);
             }
-            Err(kerr(format!("topic {topic} shows no partitions")))
-        })
-        .await
-        .map_err(kerr)?
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(kerr(format!("topic {topic} shows no partitions")))
     }
 
     /// Connects the producer and starts the consumer task.

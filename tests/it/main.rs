@@ -15,6 +15,8 @@ mod queue;
 #[cfg(feature = "cluster")]
 mod kafka;
 #[cfg(feature = "cluster")]
+mod stack;
+#[cfg(feature = "cluster")]
 mod zookeeper;
 
 async fn embedded_mailbox(retention_ms: u64) -> (tempfile::TempDir, Arc<dyn Mailbox>) {

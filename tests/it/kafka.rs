@@ -11,12 +11,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use signalpost::address::{Address, ClientId, MessageId};
 use signalpost::ingest::kafka::{KafkaQueue, KafkaSettings, ShardClaims, Topics};
 use signalpost::ingest::parse::Limits;
-use signalpost::ingest::{Command, Outcome, Processor, Queue};
+use signalpost::ingest::{Command, Outcome, Queue};
 use signalpost::mailbox::{Mailbox, NewMessage};
-use signalpost::metrics::Metrics;
-use signalpost::routing::Router;
 use signalpost::tasks::Tasks;
-use signalpost::topology::embedded::EmbeddedTopology;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,22 +98,8 @@ mod suite {
 async fn cluster_store(scope: &str) -> ClusterStore {
     let dir = tempfile::tempdir().unwrap();
     let cassandra = Arc::new(crate::cassandra_support::mailbox_in(scope, 3_600_000).await);
-    let mailbox: Arc<dyn Mailbox> = cassandra.clone();
-    let topology = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
-    let processor = Arc::new(Processor {
-        mailbox: mailbox.clone(),
-        topology,
-        fanout: vec![Arc::new(Router::default())],
-        metrics: Metrics::install(),
-        max_bindings: 1000,
-    });
     ClusterStore {
-        store: Store {
-            _dir: dir,
-            mailbox,
-            processor,
-            tasks: Tasks::default(),
-        },
+        store: crate::queue::store_on(dir, cassandra.clone(), 1000),
         claims: cassandra,
     }
 }

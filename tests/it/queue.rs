@@ -24,6 +24,11 @@ pub fn store(max_bindings: usize) -> Store {
     let dir = tempfile::tempdir().unwrap();
     let mailbox: Arc<dyn Mailbox> =
         Arc::new(EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap());
+    store_on(dir, mailbox, max_bindings)
+}
+
+/// A processor on `mailbox` and an embedded topology in `dir`.
+pub fn store_on(dir: tempfile::TempDir, mailbox: Arc<dyn Mailbox>, max_bindings: usize) -> Store {
     let topology = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
     let processor = Arc::new(Processor {
         mailbox: mailbox.clone(),

@@ -1,6 +1,6 @@
 //! Membership and leader election on a real ZooKeeper (`scripts/stack up`).
 
-use crate::contract::membership::{Cluster, url_of};
+use crate::contract::membership::{Cluster, until, url_of};
 use signalpost::cluster::zookeeper::ZkMembership;
 use signalpost::cluster::{Membership, NodeInfo};
 use std::collections::HashMap;
@@ -18,16 +18,6 @@ fn member(root: &str, id: &str) -> ZkMembership {
         leader: false,
     };
     ZkMembership::start(&zookeeper(), Duration::from_secs(4), root, me)
-}
-
-async fn until<F: AsyncFn() -> bool>(what: &str, f: F) {
-    for _ in 0..300 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Members under a fresh root of the real ZooKeeper.

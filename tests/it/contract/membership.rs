@@ -23,7 +23,8 @@ pub fn url_of(id: &str) -> String {
     format!("http://{id}.test:8080")
 }
 
-async fn until<F: AsyncFn() -> bool>(what: &str, f: F) {
+/// Polls `f` until it holds (15 s at most).
+pub async fn until<F: AsyncFn() -> bool>(what: &str, f: F) {
     for _ in 0..300 {
         if f().await {
             return;

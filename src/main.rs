@@ -121,12 +121,18 @@ async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::C
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,socketioxide=warn,engineioxide=warn".into()),
-        )
-        .with_writer(std::io::stderr)
+    // `RUST_LOG` as a list of `target=level` (or a bare level): the `Targets` filter, which
+    // needs no regex engine (the quick start compiles less).
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    const DEFAULT_LOG: &str = "info,socketioxide=warn,engineioxide=warn";
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| DEFAULT_LOG.parse().expect("a valid default"));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let flags = Overrides {
         listen: args.listen,

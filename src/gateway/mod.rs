@@ -6,7 +6,7 @@
 
 pub mod acks;
 pub mod conn;
-mod events;
+pub mod events;
 pub mod handshake;
 mod quota;
 pub mod registry;

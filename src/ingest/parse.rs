@@ -120,10 +120,16 @@ impl Depth {
 struct EnqueueIn<'a> {
     #[serde(borrow)]
     address: Option<&'a RawValue>,
-    #[serde(borrow)]
+    /// Missing is `None`; `null` is a payload like any other JSON value (a plain
+    /// `Option<&RawValue>` would read `null` as missing).
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 fn json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Invalid> {
@@ -281,6 +287,10 @@ mod tests {
                 .to_string()
         };
         assert!(e(b"nope").contains("invalid JSON"));
+        // `null` is a payload (any JSON value); only a missing one is refused.
+        let null = enqueue_one(br#"{"address":"channel:a","payload":null}"#, L, id).unwrap();
+        assert_eq!(null.payload.get(), "null");
+        assert!(e(br#"{"address":"channel:a"}"#).contains("payload is required"));
         assert!(e(br#"{"address":"x","payload":1}"#).contains("invalid address \"x\""));
         assert!(matches!(
             enqueue_one(

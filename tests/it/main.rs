@@ -1,5 +1,6 @@
-//! Integration tests: every trait's contract suite against every backend available here.
-//! (The cluster backends join this list with the real-stack issue.)
+//! Integration tests: every port's contract suite against every backend (the embedded ones
+//! here, the cluster ones against the real servers `scripts/stack up` starts), the stack tool,
+//! and property tests of the parsers at the edge (`props`).
 
 use signalpost::mailbox::Mailbox;
 use signalpost::mailbox::embedded::EmbeddedMailbox;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 #[macro_use]
 mod contract;
+mod props;
 mod queue;
 
 #[cfg(feature = "cluster")]

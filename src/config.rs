@@ -71,6 +71,8 @@ pub struct Config {
     pub limits: Limits,
     /// HTTPS and WSS.
     pub tls: Tls,
+    /// The embedded backend's store.
+    pub embedded: EmbeddedConfig,
     /// `--backend cluster`: the Cassandra store.
     pub cassandra: CassandraConfig,
     /// `--backend cluster`: the Kafka queue.
@@ -119,6 +121,21 @@ pub struct Tls {
     /// PEM certificates a node trusts when it calls other nodes over HTTPS (default: `cert`,
     /// which works when it holds the CA or every node shares it).
     pub ca: Option<PathBuf>,
+}
+
+/// `[embedded]`: the redb files in the data dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Memory redb may use to cache the mailbox file's pages, in MiB (the state file gets a
+    /// quarter of it): the store's share of the node's memory, whatever the files' size.
+    pub cache_mb: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self { cache_mb: 256 }
+    }
 }
 
 /// `[cassandra]`.
@@ -182,6 +199,7 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("tls_cert", "tls.cert"),
     ("tls_key", "tls.key"),
     ("tls_ca", "tls.ca"),
+    ("store_cache_mb", "embedded.cache_mb"),
     ("cassandra", "cassandra.contact_points"),
     ("cassandra_keyspace", "cassandra.keyspace"),
     ("cassandra_replication", "cassandra.replication"),
@@ -220,6 +238,7 @@ impl Default for Config {
             append_batch: 4096,
             limits: Limits::default(),
             tls: Tls::default(),
+            embedded: EmbeddedConfig::default(),
             cassandra: CassandraConfig::default(),
             kafka: KafkaConfig::default(),
             zookeeper: ZookeeperConfig::default(),
@@ -421,6 +440,9 @@ impl Config {
             return bad(
                 "max_payload_bytes, max_batch, replay_page and append_batch must be positive",
             );
+        }
+        if self.embedded.cache_mb < 8 {
+            return bad("store_cache_mb ([embedded] cache_mb) must be at least 8");
         }
         if !self.zookeeper.root.starts_with('/') || self.zookeeper.root.len() < 2 {
             return bad("zookeeper.root must be an absolute path such as /signalpost");

@@ -39,12 +39,13 @@ pub enum NodeError {
     DataDir(String, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
-    #[error("opening the store: {0}")]
+    /// (The cause follows as the error's source: `Caused by: …`.)
+    #[error("opening the store")]
     Store(#[source] Cause),
     #[error("backend: {0}")]
     Backend(String),
     /// A backend service failed at startup (the cause is kept).
-    #[error("{0}: {1}")]
+    #[error("starting {0}")]
     Service(&'static str, #[source] Cause),
     #[error("serving: {0}")]
     Serve(std::io::Error),
@@ -322,9 +323,12 @@ type StartQueue =
 /// The embedded backend: redb files in the data dir, the in-process queue, a standalone node.
 fn embedded_parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
     let dir = &config.data_dir;
-    let mailbox = EmbeddedMailbox::open(&dir.join("mailbox.redb"), config.retention_ms())
-        .map_err(store_err)?;
-    let topo = EmbeddedTopology::open(&dir.join("state.redb")).map_err(store_err)?;
+    let cache = config.embedded.cache_mb << 20;
+    let mailbox =
+        EmbeddedMailbox::open_with_cache(&dir.join("mailbox.redb"), config.retention_ms(), cache)
+            .map_err(store_err)?;
+    let topo =
+        EmbeddedTopology::open_with_cache(&dir.join("state.redb"), cache / 4).map_err(store_err)?;
     let stores = Stores {
         mailbox: Arc::new(mailbox),
         topology: Arc::new(topo.clone()),

@@ -45,9 +45,22 @@ struct Inner {
 }
 
 impl EmbeddedMailbox {
-    /// Opens (or creates) the mailbox file.
+    /// Opens (or creates) the mailbox file, with redb's default cache (1 GiB).
     pub fn open(path: &Path, retention_ms: u64) -> Result<Self, MailboxError> {
-        let db = Database::create(path).map_err(st)?;
+        Self::open_with_cache(path, retention_ms, 1 << 30)
+    }
+
+    /// Opens (or creates) the mailbox file; redb caches at most `cache_bytes` of its pages in
+    /// memory (the bound on the store's share of the node's memory, whatever the file's size).
+    pub fn open_with_cache(
+        path: &Path,
+        retention_ms: u64,
+        cache_bytes: usize,
+    ) -> Result<Self, MailboxError> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(st)?;
         let txn = db.begin_write().map_err(st)?;
         {
             txn.open_table(MESSAGES).map_err(st)?;

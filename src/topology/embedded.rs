@@ -22,8 +22,17 @@ pub struct EmbeddedTopology {
 }
 
 impl EmbeddedTopology {
+    /// Opens (or creates) the file, with redb's default cache (1 GiB).
     pub fn open(path: &Path) -> Result<Self, TopologyError> {
-        let db = Database::create(path).map_err(st)?;
+        Self::open_with_cache(path, 1 << 30)
+    }
+
+    /// Opens (or creates) the file, caching at most `cache_bytes` of its pages in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, TopologyError> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(st)?;
         let txn = db.begin_write().map_err(st)?;
         {
             txn.open_table(BINDINGS).map_err(st)?;

@@ -41,29 +41,53 @@ pub fn routes<S>(peers: Arc<Peers>, replies: Arc<dyn Replies>) -> Router<S> {
         .with_state(Receiver { peers, replies })
 }
 
+/// What a receiving route answers: 200, or a status and the reason.
+pub type Received = Result<(), (StatusCode, String)>;
+
+/// Takes a want from the member `sender` (the real routes and the tests' in-process transport
+/// both go through here).
+pub fn receive_want(peers: &Arc<Peers>, sender: &Sender, body: &[u8]) -> Received {
+    let want: Want = serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid want: {e}")))?;
+    if want.node != sender.node {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            format!("a want of {} signed by {}", want.node, sender.node),
+        ));
+    }
+    match peers.on_want(want, sender.url.clone()) {
+        200 => Ok(()),
+        _ => Err((
+            StatusCode::CONFLICT,
+            "unknown session: send a snapshot first".into(),
+        )),
+    }
+}
+
+/// Takes a delivery (frames, in order); answers of `?wait=true` operations go to `replies`.
+pub fn receive_deliver(peers: &Peers, replies: &dyn Replies, body: &[u8]) -> Received {
+    let frames: Vec<Deliver> = serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid delivery: {e}")))?;
+    for frame in frames {
+        peers.on_deliver(frame, replies);
+    }
+    Ok(())
+}
+
+fn answer(received: Received) -> Answer {
+    match received {
+        Ok(()) => (StatusCode::OK, Json(json!({ "ok": true }))),
+        Err((status, reason)) => refuse(status, reason),
+    }
+}
+
 /// `POST /internal/want`: the sender's interests.
 async fn want(
     State(r): State<Receiver>,
     Extension(sender): Extension<Sender>,
     body: Bytes,
 ) -> Answer {
-    let want: Want = match serde_json::from_slice(&body) {
-        Ok(w) => w,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("invalid want: {e}")),
-    };
-    if want.node != sender.node {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            format!("a want of {} signed by {}", want.node, sender.node),
-        );
-    }
-    match r.peers.on_want(want, sender.url) {
-        200 => (StatusCode::OK, Json(json!({ "ok": true }))),
-        _ => refuse(
-            StatusCode::CONFLICT,
-            "unknown session: send a snapshot first".into(),
-        ),
-    }
+    answer(receive_want(&r.peers, &sender, &body))
 }
 
 /// `POST /internal/deliver`: messages, binding changes or answers from another node.
@@ -72,12 +96,5 @@ async fn deliver(
     Extension(_sender): Extension<Sender>,
     body: Bytes,
 ) -> Answer {
-    let frames: Vec<Deliver> = match serde_json::from_slice(&body) {
-        Ok(f) => f,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("invalid delivery: {e}")),
-    };
-    for frame in frames {
-        r.peers.on_deliver(frame, &*r.replies);
-    }
-    (StatusCode::OK, Json(json!({ "ok": true })))
+    answer(receive_deliver(&r.peers, &*r.replies, &body))
 }

@@ -19,11 +19,11 @@ struct Net {
     down: StdMutex<HashSet<String>>,
 }
 
-/// One node's way out: every request arrives as coming from `from` (the URL the membership
-/// lists for the sender, as the real guard establishes).
+/// One node's way out: every request arrives as coming from `from` (the sender as the real
+/// guard establishes it) and goes through the same receiving code as the HTTP routes.
 struct Loopback {
     net: Arc<Net>,
-    from: String,
+    from: routes::Sender,
 }
 
 #[async_trait::async_trait]
@@ -48,19 +48,12 @@ impl Transport for Loopback {
             .get(url)
             .cloned()
             .expect("a node");
-        let status = match path {
-            "/internal/want" => {
-                peers.on_want(serde_json::from_slice(&body).unwrap(), self.from.clone())
-            }
-            "/internal/deliver" => {
-                let frames: Vec<Deliver> = serde_json::from_slice(&body).unwrap();
-                for f in frames {
-                    peers.on_deliver(f, &*replies);
-                }
-                200
-            }
-            _ => 404,
+        let received = match path {
+            "/internal/want" => routes::receive_want(&peers, &self.from, &body),
+            "/internal/deliver" => routes::receive_deliver(&peers, &*replies, &body),
+            _ => return Ok((404, Bytes::new())),
         };
+        let status = received.map_or_else(|(status, _)| status.as_u16(), |()| 200);
         Ok((status, Bytes::from_static(b"{}")))
     }
 }
@@ -169,7 +162,10 @@ fn two(net: &Arc<Net>, tasks: &Tasks) -> (Node, Node) {
             Links {
                 transport: Arc::new(Loopback {
                     net: net.clone(),
-                    from: me.url.clone(),
+                    from: routes::Sender {
+                        node: me.id.clone(),
+                        url: me.url.clone(),
+                    },
                 }),
                 router: router.clone(),
                 mailbox: mailbox.clone(),

@@ -13,8 +13,6 @@ import http.client
 import json
 import os
 import random
-import re
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,7 +21,7 @@ import urllib.parse
 import socketio
 import websocket
 
-from test_python_client import BIN, cluster_env
+import test_python_client
 
 SECONDS = float(os.environ.get("SIGNALPOST_FUZZ_SECONDS", "15"))
 SEED = int(os.environ.get("SIGNALPOST_FUZZ_SEED", str(random.randrange(1 << 30))))
@@ -84,23 +82,18 @@ def body(r):
     return json.dumps(value(r)).encode()
 
 
-class Node:
+class Node(test_python_client.Node):
+    """The tests' node, with an API key, no handshake rate limit and its log kept (for panics)."""
+
     def __init__(self):
-        self.data_dir = tempfile.mkdtemp(prefix="signalpost-fuzz-")
-        self.log = open(os.path.join(self.data_dir, "node.log"), "w+")
-        env = {**os.environ, "RUST_LOG": "warn", "SIGNALPOST_API_KEY": API_KEY,
-               "SIGNALPOST_CONNECT_RATE_PER_IP": "0", **cluster_env(self.data_dir)}
-        self.proc = subprocess.Popen([BIN, "serve", "--listen", "127.0.0.1:0", "--data-dir", self.data_dir],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            m = re.search(r"listening on http://([0-9.]+):(\d+)", self.proc.stdout.readline())
-            if m:
-                self.host, self.port = m.group(1), int(m.group(2))
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-                self.wait_ready()
-                return
-        raise RuntimeError("node did not start")
+        data_dir = tempfile.mkdtemp(prefix="signalpost-fuzz-")
+        self.log = open(os.path.join(data_dir, "node.log"), "w+")
+        super().__init__(data_dir, env={"SIGNALPOST_API_KEY": API_KEY, "SIGNALPOST_CONNECT_RATE_PER_IP": "0"},
+                         stderr=self.log)
+        u = urllib.parse.urlsplit(self.url)
+        self.host, self.port = u.hostname, u.port
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self.wait_ready()
 
     def wait_ready(self):
         for _ in range(600):

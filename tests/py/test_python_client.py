@@ -36,12 +36,15 @@ def cluster_env(data_dir):
 
 
 class Node:
-    def __init__(self, data_dir):
+    """A node on `data_dir` (on the backend the tests run on), with extra `env`; its log goes to
+    `stderr` (a file, or nowhere)."""
+
+    def __init__(self, data_dir, env=None, stderr=subprocess.DEVNULL):
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
             [BIN, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "RUST_LOG": "warn", **cluster_env(data_dir)},
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**os.environ, "RUST_LOG": "warn", **cluster_env(data_dir), **(env or {})},
         )
         deadline = time.time() + 60
         while time.time() < deadline:

@@ -65,6 +65,11 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Messages read from the mailbox per replay page.
     pub replay_page: usize,
+    /// How often the node pings each Socket.IO connection (Engine.IO `pingInterval`), in ms.
+    pub ping_interval_ms: u64,
+    /// How long a connection may take to answer a ping before it is closed (`pingTimeout`), in
+    /// ms; shorter than `ping_interval_ms`.
+    pub ping_timeout_ms: u64,
     /// Most messages appended in one storage batch.
     pub append_batch: usize,
     /// What one node, one client and one request may use.
@@ -235,6 +240,8 @@ impl Default for Config {
             resume_secret: None,
             cors_origins: Vec::new(),
             replay_page: 512,
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
             append_batch: 4096,
             limits: Limits::default(),
             tls: Tls::default(),
@@ -440,6 +447,11 @@ impl Config {
             return bad(
                 "max_payload_bytes, max_batch, replay_page and append_batch must be positive",
             );
+        }
+        if self.ping_timeout_ms == 0 || self.ping_timeout_ms >= self.ping_interval_ms {
+            // Engine.IO schedules pings on a fixed clock only while each answer comes within the
+            // interval; the gateway's room for the ping relies on that schedule.
+            return bad("ping_timeout_ms must be positive and shorter than ping_interval_ms");
         }
         if self.embedded.cache_mb < 8 {
             return bad("store_cache_mb ([embedded] cache_mb) must be at least 8");

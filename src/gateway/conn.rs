@@ -7,9 +7,12 @@
 //! `Repairing`, and one repair task pages the missing versions out of the mailbox, waiting for
 //! the socket to drain between emits. So memory per connection stays bounded, a slow client never
 //! stalls the router, and a client never sees a hole or a duplicate. When the repair catches up it
-//! switches back to `Live` (and, the first time, sends `synced`).
+//! switches back to `Live` (and, the first time, sends `synced`). Around each Engine.IO ping a
+//! connection whose buffer was full lately emits nothing, so the ping finds room
+//! ([`super::heartbeat`]).
 
 use super::Gateway;
+use super::heartbeat::PingRoom;
 use crate::address::{Address, ClientId};
 use crate::mailbox::Message;
 use crate::routing::Subscriber;
@@ -19,7 +22,7 @@ use socketioxide::{SendError, SocketError};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a kicked connection stays open after `kicked` was queued, for the event to leave.
 const KICK_CLOSE_DELAY: Duration = Duration::from_millis(100);
@@ -49,7 +52,7 @@ struct State {
     /// Control events (`bound`, `unbound`, `gap`) waiting for room in the socket buffer.
     pending: VecDeque<(&'static str, serde_json::Value)>,
     unbound_in_setup: HashSet<Address>,
-    socket: Option<SocketRef>,
+    out: Outlet,
     /// This connection's place under the node's connection cap, given back at close.
     slot: Option<super::Slot>,
 }
@@ -90,12 +93,30 @@ pub struct Conn {
     state: Mutex<State>,
 }
 
-fn emit(socket: &Option<SocketRef>, event: &str, data: &(impl serde::Serialize + ?Sized)) -> Emit {
-    let Some(s) = socket else { return Emit::Closed };
-    match s.emit(event, data) {
-        Ok(()) => Emit::Sent,
-        Err(SendError::Socket(SocketError::InternalChannelFull)) => Emit::Full,
-        Err(_) => Emit::Closed,
+/// Where a connection's packets go: its socket, and the ping's room in the socket's buffer.
+struct Outlet {
+    socket: Option<SocketRef>,
+    room: PingRoom,
+}
+
+impl Outlet {
+    /// Emits now, or says the buffer is full — also while it is kept free for a ping.
+    fn emit(&mut self, event: &str, data: &(impl serde::Serialize + ?Sized)) -> Emit {
+        let Some(s) = &self.socket else {
+            return Emit::Closed;
+        };
+        let now = Instant::now();
+        if self.room.hold(now) {
+            return Emit::Full;
+        }
+        match s.emit(event, data) {
+            Ok(()) => Emit::Sent,
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                self.room.full(now);
+                Emit::Full
+            }
+            Err(_) => Emit::Closed,
+        }
     }
 }
 
@@ -111,6 +132,7 @@ impl Conn {
         let events = std::num::NonZeroU32::new(svc.config.limits.event_rate_per_connection)
             .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
         let own = Address::of_client(&client);
+        let ping_interval = Duration::from_millis(svc.config.ping_interval_ms);
         let mut tracks = HashMap::new();
         tracks.insert(
             own,
@@ -138,7 +160,10 @@ impl Conn {
                 synced: false,
                 pending: VecDeque::new(),
                 unbound_in_setup: HashSet::new(),
-                socket: Some(socket),
+                out: Outlet {
+                    socket: Some(socket),
+                    room: PingRoom::new(Instant::now(), ping_interval),
+                },
                 slot: None,
             }),
         })
@@ -203,7 +228,7 @@ impl Conn {
             if st.phase == Phase::Closed {
                 return;
             }
-            st.socket.clone()
+            st.out.socket.clone()
         };
         let Some(socket) = socket else { return };
         let token = self
@@ -227,7 +252,7 @@ impl Conn {
             if st.phase == Phase::Closed || self.kicked.swap(true, Ordering::SeqCst) {
                 return false;
             }
-            st.socket.clone()
+            st.out.socket.clone()
         };
         let Some(socket) = socket else { return false };
         self.svc.metrics.kicked.increment(1);
@@ -290,7 +315,7 @@ impl Conn {
             return;
         }
         // The socket buffer is empty right after connect, so this cannot be refused for room.
-        if let Emit::Closed = emit(&st.socket, "session", session) {
+        if let Emit::Closed = st.out.emit("session", session) {
             return;
         }
         self.repair(&mut st);
@@ -311,7 +336,7 @@ impl Conn {
             return None;
         }
         st.phase = Phase::Closed;
-        st.socket = None;
+        st.out.socket = None;
         st.slot = None;
         st.pending.clear();
         Some(st.tracks.keys().cloned().collect())
@@ -333,7 +358,7 @@ impl Conn {
     /// Emits a control event now, or queues it behind a full buffer (the repair task sends it).
     fn control(&self, st: &mut State, event: &'static str, data: serde_json::Value) {
         if st.pending.is_empty() {
-            match emit(&st.socket, event, &data) {
+            match st.out.emit(event, &data) {
                 Emit::Sent | Emit::Closed => return,
                 Emit::Full => {}
             }
@@ -422,7 +447,7 @@ impl Conn {
             return Step::Done;
         }
         while let Some((event, data)) = st.pending.front() {
-            match emit(&st.socket, event, data) {
+            match st.out.emit(event, data) {
                 Emit::Sent => {
                     st.pending.pop_front();
                 }
@@ -445,7 +470,7 @@ impl Conn {
                 .iter()
                 .map(|(a, t)| (a.to_string(), json!(t.delivered)))
                 .collect();
-            match emit(&st.socket, "synced", &json!({ "cursors": cursors })) {
+            match st.out.emit("synced", &json!({ "cursors": cursors })) {
                 Emit::Sent => st.synced = true,
                 Emit::Full => return Step::Wait,
                 Emit::Closed => {
@@ -476,7 +501,7 @@ impl Conn {
                 carry.clear();
                 break;
             }
-            match emit(&st.socket, "signal", &*m.signal) {
+            match st.out.emit("signal", &*m.signal) {
                 Emit::Sent => {
                     if let Some(t) = st.tracks.get_mut(&m.address) {
                         t.delivered = m.version;
@@ -513,7 +538,7 @@ impl Subscriber for Conn {
         let Some(last) = messages.last() else { return };
         let mut st = self.lock();
         let live = st.phase == Phase::Live;
-        let State { tracks, socket, .. } = &mut *st;
+        let State { tracks, out, .. } = &mut *st;
         let Some(t) = tracks.get_mut(address) else {
             return;
         };
@@ -531,7 +556,7 @@ impl Subscriber for Conn {
                 behind = true;
                 break;
             }
-            match emit(socket, "signal", &*m.signal) {
+            match out.emit("signal", &*m.signal) {
                 Emit::Sent => {
                     t.delivered = m.version;
                     sent += 1;

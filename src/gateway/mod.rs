@@ -8,6 +8,7 @@ pub mod acks;
 pub mod conn;
 pub mod events;
 pub mod handshake;
+mod heartbeat;
 mod quota;
 pub mod registry;
 
@@ -34,11 +35,14 @@ use socketioxide::handler::ConnectHandler;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// Builds the Socket.IO layer for the node.
 pub fn build(svc: Arc<Gateway>) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
     let (layer, io) = SocketIo::builder()
         .max_buffer_size(256)
+        .ping_interval(Duration::from_millis(svc.config.ping_interval_ms))
+        .ping_timeout(Duration::from_millis(svc.config.ping_timeout_ms))
         // Clients send little (acks); a small read buffer keeps idle connections cheap.
         .ws_read_buffer_size(1024)
         .with_state(svc)
@@ -395,5 +399,5 @@ pub fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .allow_credentials(true)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers([axum::http::header::CONTENT_TYPE])
-        .max_age(std::time::Duration::from_secs(600))
+        .max_age(Duration::from_secs(600))
 }

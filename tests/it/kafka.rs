@@ -504,3 +504,62 @@ async fn two_consumers_racing_in_one_group_never_duplicate_a_version() {
     q1.drain().await;
     q2.drain().await;
 }
+
+/// Issue 13, finding 2: a member joining the group moves only the partitions that must move. The
+/// partitions the first member keeps are never taken from it, not even for the moment of the
+/// rebalance; the eager protocol (Kafka's default assignors) revoked every partition of every
+/// member at each join or leave, which stopped all ingest until the group agreed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Kafka: scripts/stack up, then cargo test -- --include-ignored"]
+async fn a_member_joining_takes_only_the_partitions_that_move() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let t = topics().await;
+    let group = format!("join-{}", uuid::Uuid::new_v4().simple());
+    let (s1, s2) = (store(), store());
+    let owned = |q: &KafkaQueue| q.partitions().expect("kafka reports partitions").owned;
+    let q1 = Arc::new(
+        KafkaQueue::start(settings(&t, &group), s1.processor.clone(), &s1.tasks).unwrap(),
+    );
+    until("the first member owns every partition", async || {
+        owned(&q1).len() == PARTITIONS as usize
+    })
+    .await;
+    // Watch the first member's partitions, every millisecond, while the second joins.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (q1, stop) = (q1.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                seen.push(owned(&q1));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            seen
+        })
+    };
+    let q2 = KafkaQueue::start(settings(&t, &group), s2.processor.clone(), &s2.tasks).unwrap();
+    until("both members own partitions", async || {
+        let (a, b) = (owned(&q1), owned(&q2));
+        !a.is_empty() && !b.is_empty() && a.len() + b.len() == PARTITIONS as usize
+    })
+    .await;
+    // Cooperative rebalancing takes a second round; let any late move show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let seen = watcher.await.unwrap();
+    let kept = owned(&q1);
+    assert!(!kept.is_empty() && owned(&q2).len() + kept.len() == PARTITIONS as usize);
+    assert!(seen.len() > 100, "watched {} times", seen.len());
+    for (i, s) in seen.iter().enumerate() {
+        for p in &kept {
+            assert!(
+                s.contains(p),
+                "partition {p}, which the first member kept, was taken from it during the \
+                 rebalance (sample {i} of {}: it owned {s:?})",
+                seen.len()
+            );
+        }
+    }
+    q1.drain().await;
+    q2.drain().await;
+}

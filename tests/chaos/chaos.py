@@ -533,6 +533,10 @@ class Client:
     def connect(self):
         url = self.rng.choice(self.run.live_urls())
         sio = socketio.Client(reconnection=False)
+        # python-socketio's threaded client hands each message to a thread of its own, so
+        # handlers can run out of the order the node sent; the checker needs the wire's order.
+        trigger = sio.eio._trigger_event
+        sio.eio._trigger_event = lambda event, *a, **kw: trigger(event, *a, **{**kw, "run_async": False})
         sio.on("signal", self.on_signal)
         sio.on("bound", self.on_bound)
         sio.on("unbound", self.on_unbound)
@@ -612,9 +616,18 @@ class Checker:
         for c in self.run.clients:
             if not c.settle():
                 h.violation(f"client {c.k} could not connect and sync after the faults")
-        mailboxes = {}
-        for a in CHANNELS + [f"client:{c.client_id}" for c in self.run.clients if c.client_id]:
-            mailboxes[a] = self.read_all(a)
+        # Kafka's acknowledgements come before the records are applied: wait until the
+        # mailboxes stop changing and hold every acknowledged id, for 120 s at most.
+        addresses = CHANNELS + [f"client:{c.client_id}" for c in self.run.clients if c.client_id]
+        deadline, heads = time.time() + 120, None
+        while True:
+            mailboxes = {a: self.read_all(a) for a in addresses}
+            present = {m["id"] for _, msgs in mailboxes.values() for m in msgs}
+            now_heads = {a: m[0] for a, m in mailboxes.items()}
+            if (now_heads == heads and all(i in present for i in h.acked)) or time.time() > deadline:
+                break
+            heads = now_heads
+            time.sleep(3)
         where = {}
         for a, (head, msgs) in mailboxes.items():
             versions = [m["version"] for m in msgs]

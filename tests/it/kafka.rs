@@ -517,9 +517,8 @@ async fn a_member_joining_takes_only_the_partitions_that_move() {
     let group = format!("join-{}", uuid::Uuid::new_v4().simple());
     let (s1, s2) = (store(), store());
     let owned = |q: &KafkaQueue| q.partitions().expect("kafka reports partitions").owned;
-    let q1 = Arc::new(
-        KafkaQueue::start(settings(&t, &group), s1.processor.clone(), &s1.tasks).unwrap(),
-    );
+    let q1 =
+        Arc::new(KafkaQueue::start(settings(&t, &group), s1.processor.clone(), &s1.tasks).unwrap());
     until("the first member owns every partition", async || {
         owned(&q1).len() == PARTITIONS as usize
     })

@@ -16,3 +16,13 @@ pub fn now_us() -> u64 {
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
+
+/// The append time of a message: milliseconds since the Unix epoch, never earlier than the one
+/// this process gave before (a wall clock stepped back does not reorder `ts`), so a mailbox's
+/// versions are in time order and history by time can search them (`mailbox::history`).
+pub fn stamp_ms() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ms();
+    now.max(LAST.fetch_max(now, Ordering::Relaxed))
+}

@@ -273,12 +273,17 @@ async fn change_bindings(
     b: Result<Bytes, BytesRejection>,
     bind: bool,
 ) -> Result<Json<Value>, ApiError> {
-    let (client, addresses) = parse::binding(&body(b)?, limits(svc))?;
+    let (client, addresses, rewind) = parse::binding(&body(b)?, limits(svc))?;
     let command = if bind {
         Command::Bind {
             client: client.clone(),
             addresses,
+            rewind,
         }
+    } else if rewind.is_some() {
+        return Err(ApiError::BadRequest(
+            "rewind is for /server/connect (a binding's start), not for disconnect".into(),
+        ));
     } else {
         Command::Unbind {
             client: client.clone(),

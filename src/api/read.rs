@@ -37,9 +37,13 @@ fn address(s: &str) -> Result<Address, ApiError> {
 pub struct ReadQuery {
     after: Option<u64>,
     limit: Option<usize>,
+    /// By append time (ms since the epoch): messages stamped at or after `since`, and at or
+    /// before `until`.
+    since: Option<u64>,
+    until: Option<u64>,
 }
 
-/// `GET /server/mailbox/<address>?after=&limit=`
+/// `GET /server/mailbox/<address>?after=&limit=`, or `?since=&until=&limit=` by append time
 pub async fn mailbox(
     State(svc): State<Arc<Api>>,
     p: Result<Path<String>, PathRejection>,
@@ -53,12 +57,19 @@ pub async fn mailbox(
             "limit must be 1 to {MAX_READ}"
         )));
     }
-    let page = svc
-        .gw
-        .mailbox
-        .read(&a, q.after.unwrap_or(0), limit)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let by_time = q.since.is_some() || q.until.is_some();
+    if by_time && q.after.is_some() {
+        return Err(ApiError::BadRequest(
+            "give after (a version) or since/until (append times), not both".into(),
+        ));
+    }
+    let mailbox = &*svc.gw.mailbox;
+    let page = if by_time {
+        crate::mailbox::history::between(mailbox, &a, q.since, q.until, limit).await
+    } else {
+        mailbox.read(&a, q.after.unwrap_or(0), limit).await
+    }
+    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     // Serialized straight from the stored text (never parsed into a value again), so a read
     // cannot fail on what was stored.
     #[derive(serde::Serialize)]

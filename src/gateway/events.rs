@@ -1,5 +1,5 @@
-//! The events a client sends (`ack`, `refresh`), each within the connection's event rate, and
-//! the end of a connection whose token expired.
+//! The events a client sends (`ack`, `refresh`, `history`), each within the connection's event
+//! rate, and the end of a connection whose token expired.
 
 use super::Gateway;
 use super::conn::Conn;
@@ -58,6 +58,70 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
             },
         );
     }
+    {
+        let (c, svc) = (conn.clone(), svc.clone());
+        s.on(
+            "history",
+            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
+                if let Err(first) = c.allow_event() {
+                    return refused(&s, &svc, first);
+                }
+                let answer = history(&c, &svc, data.ok())
+                    .await
+                    .unwrap_or_else(|e| json!({ "error": e }));
+                let _ = ack.send(&answer);
+            },
+        );
+    }
+}
+
+/// Most messages one `history` answer carries, and how many it carries by default.
+const HISTORY_MAX: u64 = 1000;
+const HISTORY_DEFAULT: u64 = 100;
+
+/// A `history` request: `{address, since?, until?, last?, limit?}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryRequest {
+    address: String,
+    since: Option<u64>,
+    until: Option<u64>,
+    last: Option<u64>,
+    limit: Option<u64>,
+}
+
+/// Answers a `history` request: up to `limit` messages of an address this client receives,
+/// stamped in `since..=until`, or its `last` n; oldest first.
+async fn history(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<Value, String> {
+    let req: HistoryRequest = serde_json::from_value(data.ok_or("history needs an object")?)
+        .map_err(|e| format!("history: {e}"))?;
+    let address = Address::parse(&req.address).map_err(|e| e.to_string())?;
+    if !conn.receives(&address) {
+        return Err(format!(
+            "history of {address}, which this client does not receive"
+        ));
+    }
+    let count = |n: Option<u64>, what: &str| match n {
+        Some(0) => Err(format!("{what} must be 1 to {HISTORY_MAX}")),
+        Some(n) if n > HISTORY_MAX => Err(format!("{what} must be 1 to {HISTORY_MAX}")),
+        n => Ok(n),
+    };
+    let (last, limit) = (count(req.last, "last")?, count(req.limit, "limit")?);
+    let mailbox = &*svc.mailbox;
+    let page = match last {
+        Some(_) if req.since.is_some() || req.until.is_some() || limit.is_some() => {
+            return Err("give last, or since/until/limit, not both".into());
+        }
+        Some(n) => crate::mailbox::history::last(mailbox, &address, n as usize).await,
+        None => {
+            let limit = limit.unwrap_or(HISTORY_DEFAULT) as usize;
+            crate::mailbox::history::between(mailbox, &address, req.since, req.until, limit).await
+        }
+    }
+    .map_err(|e| format!("history unavailable: {e}"))?;
+    let messages: Vec<&serde_json::value::RawValue> =
+        page.messages.iter().map(|m| &*m.signal).collect();
+    Ok(json!({ "messages": messages }))
 }
 
 /// Checks a `refresh`: a valid token of the same user. Returns the new expiry (ms).

@@ -538,17 +538,21 @@ impl Queue for KafkaQueue {
                     json!({ "address": m.address, "payload": m.payload, "id": m.id }).to_string(),
                     message_ticket(m.address.as_str(), m.id.as_str()),
                 ),
-                Command::Bind { client, addresses } | Command::Unbind { client, addresses } => {
+                Command::Bind {
+                    client, addresses, ..
+                }
+                | Command::Unbind { client, addresses } => {
                     let ticket = format!("b\u{0}{}", uuid::Uuid::new_v4());
-                    let topic = if matches!(c, Command::Bind { .. }) {
-                        &t.connect
-                    } else {
-                        &t.disconnect
+                    let (topic, rewind) = match c {
+                        Command::Bind { rewind, .. } => (&t.connect, *rewind),
+                        _ => (&t.disconnect, None),
                     };
-                    let value =
-                        json!({ "client": client, "addresses": addresses, "ticket": ticket })
-                            .to_string();
-                    (topic, client.to_string(), value, ticket)
+                    let mut value =
+                        json!({ "client": client, "addresses": addresses, "ticket": ticket });
+                    if let Some(r) = rewind {
+                        value["rewind"] = r.to_json();
+                    }
+                    (topic, client.to_string(), value.to_string(), ticket)
                 }
             };
             let rx = wait.then(|| self.waiters.register(ticket.clone()));
@@ -843,11 +847,19 @@ impl Worker {
         let ticket = serde_json::from_slice::<serde_json::Value>(bytes)
             .ok()
             .and_then(|v| v.get("ticket").and_then(|t| t.as_str()).map(str::to_string));
-        let command = parse::binding(bytes, limits).map(|(client, addresses)| {
+        let command = parse::binding(bytes, limits).and_then(|(client, addresses, rewind)| {
             if m.topic() == t.connect {
-                Command::Bind { client, addresses }
+                Ok(Command::Bind {
+                    client,
+                    addresses,
+                    rewind,
+                })
+            } else if rewind.is_some() {
+                Err(parse::Invalid::Bad(
+                    "rewind is for connect records, not disconnect".into(),
+                ))
             } else {
-                Command::Unbind { client, addresses }
+                Ok(Command::Unbind { client, addresses })
             }
         });
         Parsed {

@@ -27,11 +27,33 @@ pub enum Command {
     Bind {
         client: ClientId,
         addresses: Vec<Address>,
+        /// Where newly bound addresses start, when not at their head.
+        rewind: Option<Rewind>,
     },
     Unbind {
         client: ClientId,
         addresses: Vec<Address>,
     },
+}
+
+/// How far back a new binding starts: the client receives these earlier messages of each
+/// newly bound address before the live ones (`"rewind": n` or `"rewind": {"since": ms}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewind {
+    /// The last `n` messages.
+    Last(u64),
+    /// The messages stamped at or after this time (ms since the epoch).
+    Since(u64),
+}
+
+impl Rewind {
+    /// As it is written in a bind body or record.
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            Rewind::Last(n) => serde_json::json!(n),
+            Rewind::Since(t) => serde_json::json!({ "since": t }),
+        }
+    }
 }
 
 /// What applying a command did.
@@ -213,7 +235,11 @@ impl Processor {
 
     async fn apply_binding(&self, c: Command) -> Result<Outcome, IngestError> {
         match c {
-            Command::Bind { client, addresses } => {
+            Command::Bind {
+                client,
+                addresses,
+                rewind,
+            } => {
                 let held = self.topology.get(&client).await?;
                 let new = addresses
                     .iter()
@@ -231,14 +257,24 @@ impl Processor {
                     .heads(&addresses)
                     .await
                     .map_err(IngestError::of_mailbox)?;
-                let want: Vec<Binding> = addresses
-                    .iter()
-                    .zip(&heads)
-                    .map(|(a, h)| Binding {
+                let mut want: Vec<Binding> = Vec::with_capacity(addresses.len());
+                for (a, h) in addresses.iter().zip(&heads) {
+                    let kept = h.low.saturating_sub(1);
+                    let since = match rewind {
+                        None => h.head,
+                        Some(Rewind::Last(n)) => h.head.saturating_sub(n).max(kept),
+                        Some(Rewind::Since(t)) => {
+                            crate::mailbox::history::first_since(&*self.mailbox, a, t)
+                                .await
+                                .map_err(IngestError::of_mailbox)?
+                                - 1
+                        }
+                    };
+                    want.push(Binding {
                         address: a.clone(),
-                        since: h.head,
-                    })
-                    .collect();
+                        since,
+                    });
+                }
                 let added = self.topology.add(&client, &want).await?;
                 self.metrics.bindings.increment(added.len() as u64);
                 let new: Vec<(Address, u64)> =

@@ -225,14 +225,32 @@ pub fn enqueue_body(bytes: &[u8], limits: Limits) -> Result<(Vec<NewMessage>, bo
 struct BindIn {
     client: Value,
     addresses: Value,
+    rewind: Option<Value>,
     /// Set by nodes on the records they produce, to match the answer to the waiting request.
     #[serde(default, rename = "ticket")]
     _ticket: Option<String>,
 }
 
-/// `{client, addresses: [..]}` of a bind or unbind.
-pub fn binding(bytes: &[u8], limits: Limits) -> Result<(ClientId, Vec<Address>), Invalid> {
+/// `{client, addresses: [..], rewind?}` of a bind or unbind (`rewind`: a count, or
+/// `{since: <ms>}`).
+pub fn binding(
+    bytes: &[u8],
+    limits: Limits,
+) -> Result<(ClientId, Vec<Address>, Option<super::Rewind>), Invalid> {
     let b: BindIn = json(bytes)?;
+    let rewind = match &b.rewind {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => {
+            Some(super::Rewind::Last(n.as_u64().ok_or_else(|| {
+                bad("rewind must be a count (0 or more) or {since: <ms>}")
+            })?))
+        }
+        Some(Value::Object(o)) if o.len() == 1 => match o.get("since").and_then(Value::as_u64) {
+            Some(t) => Some(super::Rewind::Since(t)),
+            None => return Err(bad("rewind must be a count (0 or more) or {since: <ms>}")),
+        },
+        Some(_) => return Err(bad("rewind must be a count (0 or more) or {since: <ms>}")),
+    };
     let client = b
         .client
         .as_str()
@@ -259,7 +277,7 @@ pub fn binding(bytes: &[u8], limits: Limits) -> Result<(ClientId, Vec<Address>),
             addresses.push(a);
         }
     }
-    Ok((client, addresses))
+    Ok((client, addresses, rewind))
 }
 
 #[cfg(test)]
@@ -317,12 +335,43 @@ mod tests {
                 .to_string()
                 .contains("own address")
         );
-        let (c, a) = binding(
+        let (c, a, r) = binding(
             br#"{"client":"c","addresses":["channel:x","channel:x"]}"#,
             L,
         )
         .unwrap();
-        assert_eq!((c.as_str(), a.len()), ("c", 1), "duplicates are folded");
+        assert_eq!(
+            (c.as_str(), a.len(), r),
+            ("c", 1, None),
+            "duplicates are folded"
+        );
+        let rewind = |body: &str| binding(body.as_bytes(), L).map(|(_, _, r)| r);
+        use super::super::Rewind;
+        assert_eq!(
+            rewind(r#"{"client":"c","addresses":["channel:x"],"rewind":5}"#).unwrap(),
+            Some(Rewind::Last(5))
+        );
+        assert_eq!(
+            rewind(r#"{"client":"c","addresses":["channel:x"],"rewind":{"since":17}}"#).unwrap(),
+            Some(Rewind::Since(17))
+        );
+        for bad in [
+            r#"-1"#,
+            r#"1.5"#,
+            r#""3""#,
+            r#"{"since":-2}"#,
+            r#"{"since":1,"x":2}"#,
+            r#"[]"#,
+        ] {
+            let body = format!(r#"{{"client":"c","addresses":["channel:x"],"rewind":{bad}}}"#);
+            assert!(
+                rewind(&body)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("rewind must be"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

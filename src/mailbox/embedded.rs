@@ -12,7 +12,7 @@
 //! updated only after the commit succeeded. A crash mid-batch leaves the previous commit intact.
 
 use super::storage_err as st;
-use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page, now_ms};
+use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page};
 use crate::address::{Address, MessageId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::value::RawValue;
@@ -90,7 +90,7 @@ impl EmbeddedMailbox {
 impl Inner {
     fn append_blocking(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError> {
         let mut cache = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let now = now_ms();
+        let now = crate::clock::stamp_ms();
         let txn = self.db.begin_write().map_err(st)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut touched: HashMap<Address, u64> = HashMap::new();

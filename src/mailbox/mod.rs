@@ -9,6 +9,7 @@
 #[cfg(feature = "cluster")]
 pub mod cassandra;
 pub mod embedded;
+pub mod history;
 
 use crate::address::{Address, MessageId};
 use serde_json::value::RawValue;

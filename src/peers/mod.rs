@@ -264,14 +264,16 @@ impl Peers {
     }
 
     /// [`Peers::want`], then catch the local connections of `addresses` up from the mailbox (for
-    /// a binding made while connected: what was appended before the peers knew is repaired).
+    /// a binding made while connected: what was appended before the peers knew is repaired, and
+    /// a rewound binding gets the messages before its head). A node without peers only catches
+    /// up.
     pub fn want_then_catch_up(self: &Arc<Self>, addresses: Vec<Address>) {
-        if !self.started() {
-            return;
-        }
         let me = self.clone();
+        let linked = self.started();
         self.tasks.spawn(async move {
-            me.want(&addresses).await;
+            if linked {
+                me.want(&addresses).await;
+            }
             me.catch_up(addresses).await;
         });
     }

@@ -334,6 +334,7 @@ async fn publish_answers_queued_or_applied() {
     let bind = Command::Bind {
         client: ClientId::parse("pc").unwrap(),
         addresses: vec![a.clone()],
+        rewind: None,
     };
     match &q.publish(vec![bind], true).await.unwrap()[0] {
         Ok(Outcome::Bound { bindings, added }) => assert_eq!((bindings[0].1, *added), (2, 1)),

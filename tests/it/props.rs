@@ -196,7 +196,7 @@ proptest! {
     #[test]
     fn bind_bodies_are_refused_clearly_or_valid(body in any_body()) {
         match parse::binding(&body, LIMITS) {
-            Ok((client, addresses)) => {
+            Ok((client, addresses, _rewind)) => {
                 prop_assert!(!addresses.is_empty() && addresses.len() <= LIMITS.max_batch);
                 let own = Address::of_client(&client);
                 for (i, a) in addresses.iter().enumerate() {

@@ -299,7 +299,7 @@ impl Inner {
                 None => true,
             });
         }
-        let now = now_ms();
+        let now = crate::clock::stamp_ms();
         let rows: Vec<NewRow<'_>> = pending
             .iter()
             .enumerate()

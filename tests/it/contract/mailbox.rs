@@ -156,6 +156,86 @@ pub async fn paging(m: Arc<dyn Mailbox>) {
     assert_eq!((h[1].head, h[1].low), (250, 1));
 }
 
+/// Stamps never go back within a mailbox, and history by time finds exactly the messages
+/// stamped in a range, and the last `n`.
+pub async fn history(m: Arc<dyn Mailbox>) {
+    use signalpost::mailbox::history;
+    let a = fresh_address("channel", "hist");
+    // Five batches of 40, each at least 3 ms after the one before.
+    for b in 0..5 {
+        let batch = (0..40).map(|i| msg(&a, &format!("h{b}-{i}"))).collect();
+        m.append(batch).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let all = m.read(&a, 0, 1000).await.unwrap().messages;
+    assert_eq!(all.len(), 200);
+    assert!(
+        all.windows(2).all(|w| w[0].ts <= w[1].ts),
+        "stamps in version order"
+    );
+    let ts: Vec<u64> = all.iter().map(|x| x.ts).collect();
+    let versions =
+        |p: &signalpost::mailbox::Page| p.messages.iter().map(|x| x.version).collect::<Vec<_>>();
+    let stamped = |lo: u64, hi: u64| {
+        all.iter()
+            .filter(|x| x.ts >= lo && x.ts <= hi)
+            .map(|x| x.version)
+            .collect::<Vec<_>>()
+    };
+    // From each batch's first stamp: the messages stamped at or after it, in order.
+    for b in 0..5 {
+        let since = ts[b * 40];
+        let page = history::between(&*m, &a, Some(since), None, 1000)
+            .await
+            .unwrap();
+        assert_eq!(versions(&page), stamped(since, u64::MAX), "since {since}");
+        assert_eq!(page.head.head, 200);
+    }
+    // A closed range, a limit, and ranges before and after everything.
+    let (lo, hi) = (ts[40], ts[119]);
+    let page = history::between(&*m, &a, Some(lo), Some(hi), 1000)
+        .await
+        .unwrap();
+    assert_eq!(versions(&page), stamped(lo, hi));
+    let page = history::between(&*m, &a, Some(lo), Some(hi), 7)
+        .await
+        .unwrap();
+    assert_eq!(versions(&page), stamped(lo, hi)[..7].to_vec());
+    let page = history::between(&*m, &a, None, Some(ts[0].saturating_sub(1)), 10)
+        .await
+        .unwrap();
+    assert!(page.messages.is_empty(), "nothing before the first");
+    let page = history::between(&*m, &a, Some(ts[199] + 1), None, 10)
+        .await
+        .unwrap();
+    assert!(page.messages.is_empty(), "nothing after the last");
+    assert_eq!(
+        history::first_since(&*m, &a, ts[199] + 1).await.unwrap(),
+        201
+    );
+    assert_eq!(history::first_since(&*m, &a, 0).await.unwrap(), 1);
+    // The last n.
+    let page = history::last(&*m, &a, 5).await.unwrap();
+    assert_eq!(versions(&page), (196..=200).collect::<Vec<_>>());
+    let page = history::last(&*m, &a, 500).await.unwrap();
+    assert_eq!(versions(&page).len(), 200);
+    let empty = fresh_address("channel", "hist-none");
+    assert!(
+        history::last(&*m, &empty, 3)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+    assert!(
+        history::between(&*m, &empty, Some(1), None, 3)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+}
+
 /// A payload comes back byte for byte, inside the client-facing signal.
 pub async fn payload_roundtrip(m: Arc<dyn Mailbox>) {
     let a = fresh_address("client", "rt");

@@ -36,6 +36,12 @@ macro_rules! mailbox_suite {
         }
         $(#[$attr])*
         #[tokio::test]
+        async fn history() {
+            let (_keep, m) = $make(60_000).await;
+            crate::contract::mailbox::history(m).await;
+        }
+        $(#[$attr])*
+        #[tokio::test]
         async fn payload_roundtrip() {
             let (_keep, m) = $make(60_000).await;
             crate::contract::mailbox::payload_roundtrip(m).await;

@@ -75,6 +75,7 @@ pub async fn wait_answers_the_applied_outcome(b: &dyn Backend) {
             vec![Command::Bind {
                 client,
                 addresses: vec![a.clone()],
+                rewind: None,
             }],
             true,
         )

@@ -416,15 +416,25 @@ import { connect, webStorage } from '/signalpost-client.js';
     $('mailbox-result').replaceChildren();
     if (!address) { setMsg('mailbox-error', 'enter an address', 'error'); return; }
     const path = `/server/mailbox/${encodeURIComponent(address)}`;
+    const within = Number($('lookup-range').value);
     try {
-      const first = await api('GET', `${path}?after=0&limit=1`);
-      let page = first;
-      if (first.head > 1) page = await api('GET', `${path}?after=${Math.max(0, first.head - 20)}&limit=20`);
+      let page;
+      let showing;
+      if (within) {
+        // History by time: the first 100 appended since then (the node pages by `ts`).
+        const since = Date.now() - within;
+        page = await api('GET', `${path}?since=${since}&limit=100`);
+        showing = `${page.messages.length} appended since ${clock(since)}`;
+      } else {
+        page = await api('GET', `${path}?after=0&limit=1`);
+        if (page.head > 1) page = await api('GET', `${path}?after=${Math.max(0, page.head - 20)}&limit=20`);
+        showing = `${page.messages.length} latest`;
+      }
       const msgs = [...page.messages].reverse();
       const range = msgs.length ? `v${msgs[msgs.length - 1].version}–v${msgs[0].version}` : 'none';
       $('mailbox-result').replaceChildren(
         kv([['address', page.address, 'mailbox-address'], ['head', page.head, 'mailbox-head'],
-          ['low', page.low ?? '–', 'mailbox-low'], ['showing', `${msgs.length} latest (${range})`, 'mailbox-showing']]),
+          ['low', page.low ?? '–', 'mailbox-low'], ['showing', `${showing} (${range})`, 'mailbox-showing']]),
         msgs.length
           ? el('table', {},
             el('thead', {}, el('tr', {}, el('th', { text: 'version' }), el('th', { text: 'time' }), el('th', { text: 'id' }), el('th', { text: 'payload' }))),

@@ -81,7 +81,8 @@ test('the console: bind, send, receive, disconnect, resume with exactly the miss
     await byTestId(page, 'channel-input').fill(channel);
     await byTestId(page, 'bind-button').click();
     await waitFeed(page, (r) => r.kind === 'bound' && r.address === channel && r.version === 0, 'bound');
-    assert.match(await byTestId(page, 'bind-result').textContent(), /bound channel:console-demo at version 0/);
+    // The HTTP answer and the socket's `bound` race each other: wait for the answer too.
+    await waitFor(async () => /bound channel:console-demo at version 0/.test(await byTestId(page, 'bind-result').textContent()), 5000, 'the bind answer');
     const info = await api(node.url, 'GET', `/server/clients/${clientId}`);
     assert.deepEqual(info.body.addresses, [channel]);
 
@@ -145,6 +146,16 @@ test('the console: bind, send, receive, disconnect, resume with exactly the miss
     await byTestId(page, 'lookup-address-button').click();
     await byTestId(page, 'mailbox-head').waitFor();
     assert.equal(await byTestId(page, 'mailbox-head').textContent(), '5');
+    assert.deepEqual(await page.$$eval('[data-testid=mailbox-row]', (rows) => rows.map((r) => Number(r.dataset.version))), [5, 4, 3, 2, 1]);
+    // By time: the page asks the node for what was appended within the last minute.
+    await byTestId(page, 'lookup-range').selectOption('60000');
+    const [byTime] = await Promise.all([
+      page.waitForRequest((r) => /\/server\/mailbox\/.*\?since=\d+&limit=100$/.test(r.url())),
+      byTestId(page, 'lookup-address-button').click(),
+    ]);
+    assert.ok(Number(new URL(byTime.url()).searchParams.get('since')) > Date.now() - 70_000);
+    await waitFor(async () => /appended since/.test(await byTestId(page, 'mailbox-showing').textContent()), 5000, 'a read by time');
+    assert.match(await byTestId(page, 'mailbox-showing').textContent(), /^5 appended since .* \(v1–v5\)$/);
     assert.deepEqual(await page.$$eval('[data-testid=mailbox-row]', (rows) => rows.map((r) => Number(r.dataset.version))), [5, 4, 3, 2, 1]);
     await byTestId(page, 'lookup-me').click();
     await byTestId(page, 'lookup-client-button').click();

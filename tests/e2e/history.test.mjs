@@ -3,7 +3,9 @@
 // `rewind` on `POST /server/connect` (a count or `{since}`), on both backends.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNode, api, connect, fill } from './lib/harness.mjs';
+import { startNode, api, connect, fill, waitFor } from './lib/harness.mjs';
+import { io } from 'socket.io-client';
+import { connect as library, memoryStorage } from '../../clients/js/src/client.js';
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -111,6 +113,18 @@ test('history by time, the history event and rewind on bind', async () => {
   await d2.ready;
   await d2.waitFor((e) => e.event === 'synced');
   assert.deepEqual(d2.signals(channel).map((s) => s.version), [31, 32]);
+  // The client library's history(): the same answers, a refusal as a rejection.
+  const lib = library({ io, urls: [node.url], storage: memoryStorage(), socketOptions: { transports: ['websocket'] } });
+  await waitFor(() => lib.state === 'live', 10000, 'the library live');
+  await assert.rejects(lib.history(channel, { last: 2 }), /does not receive/);
+  r = await api(node.url, 'POST', '/server/connect', { client: lib.clientId, addresses: [channel] });
+  assert.equal(r.status, 200);
+  let got;
+  await waitFor(async () => { got = await lib.history(channel, { last: 3 }).catch(() => null); return got; }, 10000, 'history once bound');
+  assert.deepEqual(got.map((m) => m.version), [30, 31, 32]);
+  got = await lib.history(channel, { since: ts[10], until: ts[19] });
+  assert.deepEqual(got.map((m) => m.version), stamped(ts[10], ts[19]));
+  await lib.close({ forget: true });
   for (const x of [a, b, c, d2]) x.close();
   assert.equal((await node.stop()).code, 0);
 });

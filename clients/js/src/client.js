@@ -17,7 +17,7 @@ const DEFAULTS = {
   maxDelay: 10000, // ms: the longest wait between attempts
   connectTimeout: 10000, // ms for one connection attempt
   refreshBefore: 30000, // ms before the token's exp to fetch a new one (at most half its life)
-  requestTimeout: 10000, // ms to wait for the answer to `refresh`
+  requestTimeout: 10000, // ms to wait for the answer to `refresh` or `history`
 };
 
 // ------------------------------------------------------------------------------------ storage
@@ -166,6 +166,21 @@ export class SignalpostClient {
     const a = answers[0];
     if (a && !a.ok) throw new Error(a.error || 'refresh refused');
     return a || { ok: true, expires: tokenExpiry(token), pending: true };
+  }
+
+  /** Reads an address's history on the main connection (the server's `history`): the messages
+   *  stamped in `since..=until` (ms; `limit`, default 100), or the `last` n, oldest first.
+   *  Only for an address this client receives. Resolves with the messages; they are not
+   *  handed to the `signal` handlers and move no cursor. Rejects with the server's reason. */
+  async history(address, { since, until, last, limit } = {}) {
+    await this._ready;
+    const conn = this._main;
+    if (!conn || !conn.session || conn.closed) throw new Error('not connected');
+    const req = { address };
+    for (const [k, v] of Object.entries({ since, until, last, limit })) if (v !== undefined) req[k] = v;
+    const a = await this._request(conn, 'history', req);
+    if (!a || !Array.isArray(a.messages)) throw new Error((a && a.error) || 'history refused');
+    return a.messages;
   }
 
   /** Stops: acks what was processed, closes every connection, keeps the stored identity

@@ -97,7 +97,7 @@ export interface ConnectOptions {
   connectTimeout?: number;
   /** ms before exp to refresh a token from the callback (at most half its life). Default 30000. */
   refreshBefore?: number;
-  /** ms to wait for the answer to `refresh`. Default 10000. */
+  /** ms to wait for the answer to `refresh` or `history`. Default 10000. */
   requestTimeout?: number;
 }
 
@@ -115,6 +115,10 @@ export declare class SignalpostClient {
   on<E extends keyof Events>(event: E, handler: Events[E]): () => void;
   off<E extends keyof Events>(event: E, handler: Events[E]): void;
   refresh(token: string): Promise<RefreshAnswer>;
+  /** The messages of an address this client receives, stamped in `since..=until` (ms since the
+   *  epoch; at most `limit`, default 100), or the `last` n; oldest first. Not delivered to the
+   *  handlers; no cursor moves. */
+  history<P = unknown>(address: string, range?: { since?: number; until?: number; last?: number; limit?: number }): Promise<Signal<P>[]>;
   close(options?: { forget?: boolean }): Promise<void>;
   reconnect(): void;
 }

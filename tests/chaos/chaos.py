@@ -697,29 +697,31 @@ class Checker:
 
 
 def plot(result, path):
-    """Acknowledged messages per second, with the faults as bands below (SVG)."""
-    tp = result["throughput"]
+    """Acknowledged messages per second, with the faults as bands below, one lane per kind (SVG)."""
+    per_sec = dict(result["throughput"])
     faults = result["fault_timeline"]
-    end = max([t for t, _ in tp] + [f["end"] for f in faults] + [1])
-    top = max([n for _, n in tp] + [1])
-    w, h, lane = 900, 220, 14
+    end = max(list(per_sec) + [f["end"] for f in faults] + [1])
+    top = max(list(per_sec.values()) + [1])
+    left, w, h, lane = 130, 900, 220, 14
     kinds = sorted({" ".join(f["kind"].split(" ")[:2]) for f in faults})
     colors = ["#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
               "#bcbd22", "#7f7f7f", "#1f77b4"]
-    x = lambda t: 50 + (w - 60) * t / end  # noqa: E731
-    y = lambda n: 20 + (h - 40) * (1 - n / top)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 40 + lane * len(kinds)}"'
+    x = lambda t: left + (w - left - 10) * t / end  # noqa: E731
+    y = lambda n: 24 + (h - 44) * (1 - n / top)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 30 + lane * len(kinds)}"'
            ' font-family="sans-serif" font-size="11">',
-           f'<text x="50" y="14">acknowledged messages per second (max {top}); faults below'
-           f' — seed {result["seed"]}</text>',
-           f'<line x1="50" y1="{h - 20}" x2="{w - 10}" y2="{h - 20}" stroke="#999"/>']
-    pts = " ".join(f"{x(t):.1f},{y(n):.1f}" for t, n in tp)
+           '<rect width="100%" height="100%" fill="#fff"/>',
+           f'<text x="{left}" y="14">acknowledged messages per second (0 to {top}) under'
+           f' {len(faults)} faults — seed {result["seed"]}, {result["messages_in_mailboxes"]}'
+           f' messages, {result["lost"]} lost</text>',
+           f'<line x1="{left}" y1="{h - 20}" x2="{w - 10}" y2="{h - 20}" stroke="#999"/>']
+    pts = " ".join(f"{x(t):.1f},{y(per_sec.get(t, 0)):.1f}" for t in range(0, int(end) + 1))
     out.append(f'<polyline fill="none" stroke="#1f77b4" points="{pts}"/>')
     for k, kind in enumerate(kinds):
         yy = h + 4 + lane * k
-        out.append(f'<text x="{w - 8}" y="{yy + 10}" text-anchor="end">{kind}</text>')
+        out.append(f'<text x="{left - 6}" y="{yy + 10}" text-anchor="end">{kind}</text>')
         for f in faults:
-            if f["kind"].startswith(kind):
+            if " ".join(f["kind"].split(" ")[:2]) == kind:
                 out.append(f'<rect x="{x(f["start"]):.1f}" y="{yy}" '
                            f'width="{max(2, x(f["end"]) - x(f["start"])):.1f}" height="{lane - 3}" '
                            f'fill="{colors[k % len(colors)]}"><title>{f["kind"]} {f["target"]}'

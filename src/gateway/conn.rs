@@ -105,14 +105,15 @@ impl Outlet {
         let Some(s) = &self.socket else {
             return Emit::Closed;
         };
-        let now = Instant::now();
-        if self.room.hold(now) {
+        // (The clock is read only for a connection whose buffer has been full: the fan-out's
+        // path to a connection that keeps up stays as it was.)
+        if self.room.was_full() && self.room.hold(Instant::now()) {
             return Emit::Full;
         }
         match s.emit(event, data) {
             Ok(()) => Emit::Sent,
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                self.room.full(now);
+                self.room.full(Instant::now());
                 Emit::Full
             }
             Err(_) => Emit::Closed,

@@ -49,6 +49,12 @@ impl PingRoom {
         self.full_at = Some(now);
     }
 
+    /// Whether the buffer was ever found full (else [`PingRoom::hold`] is false whatever the
+    /// time).
+    pub fn was_full(&self) -> bool {
+        self.full_at.is_some()
+    }
+
     /// Whether to emit nothing at `now`: a ping is due within `before` (or was due less than
     /// `after` ago) and the buffer was full within the last interval.
     pub fn hold(&self, now: Instant) -> bool {

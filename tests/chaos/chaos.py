@@ -371,10 +371,20 @@ class Run:
         if r.returncode != 0:
             log(f"scripts/stack {' '.join(args)} failed: {r.stderr[-500:]}")
 
+    def stack_pid(self, server):
+        try:
+            with open(os.path.join(os.environ.get("SIGNALPOST_STACK_DIR", os.path.join(ROOT, ".stack")),
+                                   "run", f"{server}.pid")) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            log(f"no pid for {server}")
+            return None
+
     def one_fault(self, rng):
         n = rng.choice(self.nodes)
         kinds = ["kill", "pause", "peer-net", "zk-net", "peer-net", "kill", "pause",
-                 "restart-kafka", "restart-zookeeper", "restart-cassandra", "rolling"]
+                 "restart-kafka", "restart-zookeeper", "restart-cassandra", "rolling",
+                 "freeze-kafka", "freeze-cassandra", "freeze-zookeeper"]
         kind = rng.choice(kinds)
         if kind == "kill":
             self.fault("SIGKILL node", n.i, lambda: n.signal(signal.SIGKILL),
@@ -393,6 +403,14 @@ class Run:
             server = kind.split("-", 1)[1]
             self.fault(f"restart {server}", server, lambda: self.stack("down", server),
                        lambda: self.stack("up", server), rng.uniform(0, 3))
+        elif kind.startswith("freeze-"):
+            # SIGSTOP of a server: its connections stay open and nothing answers — a blackhole
+            # between every node and it (their clients learn the servers' own addresses, so a
+            # proxy could not stand in between).
+            server = kind.split("-", 1)[1]
+            pid = self.stack_pid(server)
+            self.fault(f"SIGSTOP {server}", server, lambda: pid and os.kill(pid, signal.SIGSTOP),
+                       lambda: pid and os.kill(pid, signal.SIGCONT), rng.uniform(2, 8))
         elif kind == "rolling":
             def roll():
                 for m in self.nodes:
@@ -444,6 +462,13 @@ class Run:
         log("faults over: healing")
         for name in self.proxies.all:
             self.proxies.set(name, "pass")
+        for server in ("cassandra", "kafka", "zookeeper"):
+            pid = self.stack_pid(server)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
         self.stack("up")
         for n in self.nodes:
             n.signal(signal.SIGCONT)

@@ -63,6 +63,10 @@ pub const SCHEMA: &[(&str, &str)] = &[
         "005_revoked_clients.cql",
         include_str!("../schema/005_revoked_clients.cql"),
     ),
+    (
+        "006_read_marks.cql",
+        include_str!("../schema/006_read_marks.cql"),
+    ),
 ];
 
 /// The default replication map for one local node.

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub bindings: Counter,
     pub unbindings: Counter,
     pub acks: Counter,
+    /// `read` events stored.
+    pub reads: Counter,
     pub lagged: Counter,
     pub append_seconds: Histogram,
     pub append_batch: Histogram,
@@ -103,6 +105,7 @@ impl Metrics {
             bindings: metrics::counter!("signalpost_bindings_total"),
             unbindings: metrics::counter!("signalpost_unbindings_total"),
             acks: metrics::counter!("signalpost_acks_total"),
+            reads: metrics::counter!("signalpost_reads_total"),
             lagged: metrics::counter!("signalpost_lagged_total"),
             append_seconds: metrics::histogram!("signalpost_append_seconds"),
             append_batch: metrics::histogram!("signalpost_append_batch_size"),

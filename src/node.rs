@@ -22,7 +22,7 @@ use crate::routing::{Fanout, Router};
 use crate::security::{Credentials, PeerAuth, TokenKey, load_or_create_secret};
 use crate::tasks::Tasks;
 use crate::topology::embedded::EmbeddedTopology;
-use crate::topology::{Cursors, Topology};
+use crate::topology::{Cursors, ReadMarks, Topology};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -158,6 +158,7 @@ impl Node {
             mailbox,
             topology,
             cursors,
+            reads,
             presence,
         } = stores;
         let transport = crate::peers::transport::HttpTransport::new(
@@ -204,6 +205,7 @@ impl Node {
             topology,
             acks: AckWriter::start(cursors.clone(), &tasks),
             cursors,
+            reads,
             presence,
             router,
             metrics,
@@ -303,6 +305,7 @@ struct Stores {
     mailbox: Arc<dyn Mailbox>,
     topology: Arc<dyn Topology>,
     cursors: Arc<dyn Cursors>,
+    reads: Arc<dyn ReadMarks>,
     presence: Arc<dyn Presence>,
 }
 
@@ -332,7 +335,8 @@ fn embedded_parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
     let stores = Stores {
         mailbox: Arc::new(mailbox),
         topology: Arc::new(topo.clone()),
-        cursors: Arc::new(topo),
+        cursors: Arc::new(topo.clone()),
+        reads: Arc::new(topo),
         presence: Arc::new(MemoryPresence::default()),
     };
     let batch = config.append_batch;

@@ -70,6 +70,10 @@ pub fn routes(svc: Arc<Api>) -> Router {
         .route("/server/kick", post(kick::kick))
         .route("/server/mailbox/{address}", get(read::mailbox))
         .route("/server/clients/{client}", get(read::client))
+        .route(
+            "/server/clients/{client}/read/{address}",
+            get(read::read_state),
+        )
         .route("/server/presence/{address}", get(read::presence))
         .route("/server/nodes", get(read::nodes))
         .fallback(|| async { ApiError::NotFound("no such /server endpoint".into()) })

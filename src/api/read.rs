@@ -88,6 +88,50 @@ pub async fn mailbox(
     .into_response())
 }
 
+/// `GET /server/clients/<id>/read/<address>` → `{address, head, unread, read: [[from, to], ..],
+/// bytes}`: what the client marked read (`read`) among the versions kept, as ranges; `unread`
+/// counts the kept versions not marked; `bytes` (an extra) is what the marks take stored.
+pub async fn read_state(
+    State(svc): State<Arc<Api>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (client, a) = p
+        .map(|Path(x)| x)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let client = ClientId::parse(&client).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let a = address(&a)?;
+    let unavailable = |e: &dyn std::fmt::Display| ApiError::Unavailable(e.to_string());
+    let head = svc
+        .gw
+        .mailbox
+        .heads(std::slice::from_ref(&a))
+        .await
+        .map_err(|e| unavailable(&e))?[0];
+    let (marks, bytes) = svc
+        .gw
+        .reads
+        .marks(&client, &a)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut ranges: Vec<[u64; 2]> = Vec::new();
+    let mut read = 0u64;
+    for v in marks.iter().filter(|v| *v >= head.low && *v <= head.head) {
+        read += 1;
+        match ranges.last_mut() {
+            Some(r) if r[1] + 1 == v => r[1] = v,
+            _ => ranges.push([v, v]),
+        }
+    }
+    let kept = (head.head + 1).saturating_sub(head.low);
+    Ok(Json(json!({
+        "address": a,
+        "head": head.head,
+        "unread": kept - read,
+        "read": ranges,
+        "bytes": bytes,
+    })))
+}
+
 /// `GET /server/clients/<id>`
 pub async fn client(
     State(svc): State<Arc<Api>>,

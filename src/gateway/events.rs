@@ -1,5 +1,5 @@
-//! The events a client sends (`ack`, `refresh`, `history`), each within the connection's event
-//! rate, and the end of a connection whose token expired.
+//! The events a client sends (`ack`, `refresh`, `history`, `read`), each within the
+//! connection's event rate, and the end of a connection whose token expired.
 
 use super::Gateway;
 use super::conn::Conn;
@@ -73,6 +73,29 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
             },
         );
     }
+    {
+        let (c, svc) = (conn.clone(), svc.clone());
+        s.on(
+            "read",
+            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
+                if let Err(first) = c.allow_event() {
+                    return refused(&s, &svc, first);
+                }
+                // A refusal comes as an `error` event, as for `ack`; an acknowledgement callback
+                // (an extra) also gets the outcome.
+                match read(&c, &svc, data.ok()).await {
+                    Ok(bytes) => {
+                        svc.metrics.reads.increment(1);
+                        let _ = ack.send(&json!({ "ok": true, "bytes": bytes }));
+                    }
+                    Err(e) => {
+                        error(&s, &e);
+                        let _ = ack.send(&json!({ "error": e }));
+                    }
+                }
+            },
+        );
+    }
 }
 
 /// Most messages one `history` answer carries, and how many it carries by default.
@@ -122,6 +145,49 @@ async fn history(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<Valu
     let messages: Vec<&serde_json::value::RawValue> =
         page.messages.iter().map(|m| &*m.signal).collect();
     Ok(json!({ "messages": messages }))
+}
+
+/// Most versions one `read` event may mark.
+const READ_MAX: usize = 1000;
+
+/// A `read` request: `{address, versions: [..]}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadRequest {
+    address: String,
+    versions: Vec<u64>,
+}
+
+/// Marks single messages read (`read`), for an address this client receives, up to its head.
+/// Returns the bytes the client's read marks of that address take.
+async fn read(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<usize, String> {
+    let req: ReadRequest = serde_json::from_value(data.ok_or("read needs an object")?)
+        .map_err(|e| format!("read: {e}"))?;
+    let address = Address::parse(&req.address).map_err(|e| e.to_string())?;
+    if !conn.receives(&address) {
+        return Err(format!(
+            "read of {address}, which this client does not receive"
+        ));
+    }
+    if req.versions.is_empty() || req.versions.len() > READ_MAX {
+        return Err(format!("versions must hold 1 to {READ_MAX} versions"));
+    }
+    let head = svc
+        .mailbox
+        .heads(std::slice::from_ref(&address))
+        .await
+        .map_err(|e| format!("read unavailable: {e}"))?[0];
+    if let Some(v) = req.versions.iter().find(|v| **v == 0 || **v > head.head) {
+        return Err(format!(
+            "version {v} of {address} does not exist (versions are 1 to the head, {})",
+            head.head
+        ));
+    }
+    let ttl = (svc.config.retention_secs).min(u32::MAX as u64) as u32;
+    svc.reads
+        .mark(conn.client(), &address, &req.versions, head.low, ttl)
+        .await
+        .map_err(|e| format!("read unavailable: {e}"))
 }
 
 /// Checks a `refresh`: a valid token of the same user. Returns the new expiry (ms).

@@ -23,7 +23,7 @@ use crate::routing::Router;
 use crate::routing::Subscriber;
 use crate::security::AuthError;
 use crate::security::Credentials;
-use crate::topology::{Cursors, Topology};
+use crate::topology::{Cursors, ReadMarks, Topology};
 use axum::extract::ConnectInfo;
 use axum::response::IntoResponse;
 use conn::Conn;
@@ -92,6 +92,8 @@ pub struct Gateway {
     pub mailbox: Arc<dyn Mailbox>,
     pub topology: Arc<dyn Topology>,
     pub cursors: Arc<dyn Cursors>,
+    /// Which single messages each client marked read (`read`).
+    pub reads: Arc<dyn ReadMarks>,
     pub presence: Arc<dyn Presence>,
     /// Local routing table (internally locked).
     pub router: Arc<Router>,

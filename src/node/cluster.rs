@@ -73,7 +73,8 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
     let stores = Stores {
         mailbox: mailbox.clone(),
         topology: Arc::new(topo.clone()),
-        cursors: Arc::new(topo),
+        cursors: Arc::new(topo.clone()),
+        reads: Arc::new(topo),
         presence: Arc::new(presence),
     };
     let settings = KafkaSettings {

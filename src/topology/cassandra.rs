@@ -12,7 +12,7 @@
 //! no lightweight transaction.
 
 use super::storage_err as st;
-use super::{Binding, Cursors, Topology, TopologyError};
+use super::{Binding, Cursors, ReadMarks, Topology, TopologyError};
 use crate::address::{Address, ClientId};
 use crate::cassandra::Kind;
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -49,6 +49,10 @@ struct Inner {
     cursor_get: PreparedStatement,
     revoke: PreparedStatement,
     revoked: PreparedStatement,
+    marks_serial: PreparedStatement,
+    marks_get: PreparedStatement,
+    marks_insert: PreparedStatement,
+    marks_update: PreparedStatement,
 }
 
 impl CassandraTopology {
@@ -126,6 +130,32 @@ impl CassandraTopology {
             revoked: prep(
                 format!("SELECT client FROM {ks}.revoked_clients WHERE client = ?"),
                 Kind::Idempotent,
+            )
+            .await?,
+            marks_serial: prep(
+                format!("SELECT marks, rev FROM {ks}.read_marks WHERE client = ? AND address = ?"),
+                Kind::Serial,
+            )
+            .await?,
+            marks_get: prep(
+                format!("SELECT marks, rev FROM {ks}.read_marks WHERE client = ? AND address = ?"),
+                Kind::Idempotent,
+            )
+            .await?,
+            marks_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.read_marks (client, address, marks, rev) VALUES (?, ?, ?, 1) \
+                     IF NOT EXISTS USING TTL ?"
+                ),
+                Kind::Once,
+            )
+            .await?,
+            marks_update: prep(
+                format!(
+                    "UPDATE {ks}.read_marks USING TTL ? SET marks = ?, rev = ? \
+                     WHERE client = ? AND address = ? IF rev = ?"
+                ),
+                Kind::Once,
             )
             .await?,
             session,
@@ -344,6 +374,102 @@ fn claim_outcome(
         })
         .unwrap_or(0);
     Ok(Some(since))
+}
+
+/// How many times a mark retries its compare-and-set before it answers unavailable.
+const MARK_ATTEMPTS: usize = 20;
+
+impl CassandraTopology {
+    async fn marks_row(
+        &self,
+        serial: bool,
+        client: &ClientId,
+        address: &Address,
+    ) -> Result<Option<(Vec<u8>, i64)>, TopologyError> {
+        let stmt = if serial {
+            &self.0.marks_serial
+        } else {
+            &self.0.marks_get
+        };
+        let res = self
+            .0
+            .session
+            .execute_unpaged(stmt, (client.as_str(), address.as_str()))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(st)?;
+        let row = res
+            .maybe_first_row::<(Option<Vec<u8>>, Option<i64>)>()
+            .map_err(st)?;
+        Ok(row.map(|(m, r)| (m.unwrap_or_default(), r.unwrap_or(0))))
+    }
+}
+
+/// Compare-and-set on `rev` (a lightweight transaction per mark): a mark that raced another
+/// reads again and merges again, so neither is lost.
+#[async_trait::async_trait]
+impl ReadMarks for CassandraTopology {
+    async fn mark(
+        &self,
+        client: &ClientId,
+        address: &Address,
+        versions: &[u64],
+        low: u64,
+        ttl_secs: u32,
+    ) -> Result<usize, TopologyError> {
+        let ttl = ttl_secs.clamp(1, i32::MAX as u32) as i32;
+        for _ in 0..MARK_ATTEMPTS {
+            let current = self.marks_row(true, client, address).await?;
+            let merged =
+                super::merge_marks(current.as_ref().map(|(m, _)| m.as_slice()), versions, low)?;
+            let res = match current {
+                None => self
+                    .0
+                    .session
+                    .execute_unpaged(
+                        &self.0.marks_insert,
+                        (client.as_str(), address.as_str(), &merged, ttl),
+                    )
+                    .await
+                    .map_err(unavailable)?,
+                Some((_, rev)) => self
+                    .0
+                    .session
+                    .execute_unpaged(
+                        &self.0.marks_update,
+                        (
+                            ttl,
+                            &merged,
+                            rev + 1,
+                            client.as_str(),
+                            address.as_str(),
+                            rev,
+                        ),
+                    )
+                    .await
+                    .map_err(unavailable)?,
+            };
+            // (`claim_outcome` is None when the conditional write was applied.)
+            if claim_outcome(res)?.is_none() {
+                return Ok(merged.len());
+            }
+        }
+        Err(TopologyError::Unavailable(format!(
+            "read marks of {client} on {address}: {MARK_ATTEMPTS} conflicting writes in a row"
+        )))
+    }
+
+    async fn marks(
+        &self,
+        client: &ClientId,
+        address: &Address,
+    ) -> Result<(roaring::RoaringTreemap, usize), TopologyError> {
+        match self.marks_row(false, client, address).await? {
+            Some((m, _)) if !m.is_empty() => Ok((super::decode_marks(&m)?, m.len())),
+            _ => Ok((roaring::RoaringTreemap::new(), 0)),
+        }
+    }
 }
 
 #[async_trait::async_trait]

@@ -2,7 +2,7 @@
 //! (address, client), and `cursors` (client, address) → version. Each call is one transaction.
 
 use super::storage_err as st;
-use super::{Binding, Cursors, Topology, TopologyError};
+use super::{Binding, Cursors, ReadMarks, Topology, TopologyError};
 use crate::address::{Address, ClientId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
@@ -12,6 +12,8 @@ use std::sync::Arc;
 const BINDINGS: TableDefinition<(&str, &str), u64> = TableDefinition::new("bindings");
 const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
+/// (client, address) → the versions read, a roaring bitmap ([`super::encode_marks`]).
+const READS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("reads");
 /// Revoked client → when (ms since epoch).
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 
@@ -39,6 +41,7 @@ impl EmbeddedTopology {
             txn.open_table(MEMBERS).map_err(st)?;
             txn.open_table(CURSORS).map_err(st)?;
             txn.open_table(REVOKED).map_err(st)?;
+            txn.open_table(READS).map_err(st)?;
         }
         txn.commit().map_err(st)?;
         Ok(Self { db: Arc::new(db) })
@@ -189,6 +192,54 @@ impl Topology for EmbeddedTopology {
                 out.push(ClientId::parse(c).map_err(st)?);
             }
             Ok(out)
+        })
+        .await
+    }
+}
+
+/// One writer at a time (redb's write transaction), so a read-modify-write loses nothing. The
+/// ttl is the cluster's concern: here, marks below `low` go at the next mark.
+#[async_trait::async_trait]
+impl ReadMarks for EmbeddedTopology {
+    async fn mark(
+        &self,
+        client: &ClientId,
+        address: &Address,
+        versions: &[u64],
+        low: u64,
+        _ttl_secs: u32,
+    ) -> Result<usize, TopologyError> {
+        let (client, address, versions) = (client.clone(), address.clone(), versions.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(st)?;
+            let size;
+            {
+                let mut t = txn.open_table(READS).map_err(st)?;
+                let key = (client.as_str(), address.as_str());
+                let stored = t.get(key).map_err(st)?.map(|g| g.value().to_vec());
+                let merged = super::merge_marks(stored.as_deref(), &versions, low)?;
+                size = merged.len();
+                t.insert(key, merged.as_slice()).map_err(st)?;
+            }
+            txn.commit().map_err(st)?;
+            Ok(size)
+        })
+        .await
+    }
+
+    async fn marks(
+        &self,
+        client: &ClientId,
+        address: &Address,
+    ) -> Result<(roaring::RoaringTreemap, usize), TopologyError> {
+        let (client, address) = (client.clone(), address.clone());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(st)?;
+            let t = txn.open_table(READS).map_err(st)?;
+            match t.get((client.as_str(), address.as_str())).map_err(st)? {
+                Some(g) => Ok((super::decode_marks(g.value())?, g.value().len())),
+                None => Ok((roaring::RoaringTreemap::new(), 0)),
+            }
         })
         .await
     }

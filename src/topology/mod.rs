@@ -69,6 +69,61 @@ pub trait Topology: Send + Sync + 'static {
     async fn revoked(&self, client: &ClientId) -> Result<bool, TopologyError>;
 }
 
+/// Which single messages each client has read, per address (the `read` event), apart from the
+/// ack cursor: a compressed bitmap of versions (roaring) per client and address.
+///
+/// Contract: `mark` adds versions and never loses one that another `mark` added, also when
+/// two nodes mark for one client at once; versions below `low` (expired with their messages)
+/// are dropped; `marks` reflects every `mark` that returned, across restarts.
+#[async_trait::async_trait]
+pub trait ReadMarks: Send + Sync + 'static {
+    /// Adds `versions` to what `client` has read of `address` and drops those below `low`;
+    /// the row lives `ttl_secs` after the last mark. Returns the bytes stored.
+    async fn mark(
+        &self,
+        client: &ClientId,
+        address: &Address,
+        versions: &[u64],
+        low: u64,
+        ttl_secs: u32,
+    ) -> Result<usize, TopologyError>;
+    /// What `client` has read of `address`, and the bytes it takes.
+    async fn marks(
+        &self,
+        client: &ClientId,
+        address: &Address,
+    ) -> Result<(roaring::RoaringTreemap, usize), TopologyError>;
+}
+
+/// A read-marks bitmap as stored (roaring's portable format).
+pub fn encode_marks(marks: &roaring::RoaringTreemap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(marks.serialized_size());
+    marks
+        .serialize_into(&mut out)
+        .expect("writing to a Vec cannot fail");
+    out
+}
+
+/// A stored read-marks bitmap.
+pub fn decode_marks(bytes: &[u8]) -> Result<roaring::RoaringTreemap, TopologyError> {
+    roaring::RoaringTreemap::deserialize_from(bytes).map_err(storage_err)
+}
+
+/// `stored` with `versions` added and what is below `low` dropped.
+pub fn merge_marks(
+    stored: Option<&[u8]>,
+    versions: &[u64],
+    low: u64,
+) -> Result<Vec<u8>, TopologyError> {
+    let mut marks = match stored {
+        Some(b) => decode_marks(b)?,
+        None => roaring::RoaringTreemap::new(),
+    };
+    marks.extend(versions.iter().copied().filter(|v| *v >= low));
+    marks.remove_range(..low);
+    Ok(encode_marks(&marks))
+}
+
 /// The highest version each client acked, per address.
 ///
 /// Contract: `save` keeps the maximum (an older ack never lowers a cursor); `get` reflects every

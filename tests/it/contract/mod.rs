@@ -82,6 +82,12 @@ macro_rules! topology_suite {
             let (_keep, t) = $make().await;
             crate::contract::topology::cursors(std::sync::Arc::new(t)).await;
         }
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn read_marks() {
+            let (_keep, t) = $make().await;
+            crate::contract::topology::read_marks(std::sync::Arc::new(t)).await;
+        }
     };
 }
 

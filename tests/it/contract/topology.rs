@@ -1,7 +1,7 @@
-//! The contract suites every [`Topology`] and [`Cursors`] backend must pass.
+//! The contract suites every [`Topology`], [`Cursors`] and read-marks backend must pass.
 
 use super::mailbox::fresh_address;
-use signalpost::address::ClientId;
+use signalpost::address::{Address, ClientId};
 use signalpost::topology::{Binding, Cursors, Topology};
 use std::sync::Arc;
 
@@ -147,4 +147,52 @@ pub async fn cursors(c: Arc<dyn Cursors>) {
         c.get(&fresh_client("other")).await.unwrap().is_empty(),
         "cursors are per client"
     );
+}
+
+/// Read marks: added, never lost to a concurrent mark, dropped below `low`, compressed.
+pub async fn read_marks(r: Arc<dyn signalpost::topology::ReadMarks>) {
+    let client = ClientId::parse(&format!("rm-{}", uuid::Uuid::new_v4().simple())).unwrap();
+    let a = Address::parse(&format!("channel:rm-{}", uuid::Uuid::new_v4().simple())).unwrap();
+    let got = |m: roaring::RoaringTreemap| m.iter().collect::<Vec<u64>>();
+    assert_eq!(
+        r.marks(&client, &a).await.unwrap().1,
+        0,
+        "nothing marked yet"
+    );
+    r.mark(&client, &a, &[5, 1, 3], 1, 3600).await.unwrap();
+    r.mark(&client, &a, &[3, 7], 1, 3600).await.unwrap();
+    assert_eq!(got(r.marks(&client, &a).await.unwrap().0), vec![1, 3, 5, 7]);
+    // Versions below `low` expired with their messages: dropped, also those marked now.
+    r.mark(&client, &a, &[2, 9], 4, 3600).await.unwrap();
+    assert_eq!(got(r.marks(&client, &a).await.unwrap().0), vec![5, 7, 9]);
+    // Eight marks at once (as from two nodes): none is lost.
+    let b = Address::parse(&format!("channel:rm2-{}", uuid::Uuid::new_v4().simple())).unwrap();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|k| {
+            let (r, client, b) = (r.clone(), client.clone(), b.clone());
+            tokio::spawn(async move {
+                for round in 0..5u64 {
+                    let vs: Vec<u64> = (0..10).map(|i| 1 + k + 8 * (round * 10 + i)).collect();
+                    r.mark(&client, &b, &vs, 1, 3600).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        got(r.marks(&client, &b).await.unwrap().0),
+        (1..=400).collect::<Vec<u64>>()
+    );
+    // Every other message of 100 000: stored compressed.
+    let c = Address::parse(&format!("channel:rm3-{}", uuid::Uuid::new_v4().simple())).unwrap();
+    let odd: Vec<u64> = (1..=100_000).step_by(2).collect();
+    let mut size = 0;
+    for chunk in odd.chunks(1000) {
+        size = r.mark(&client, &c, chunk, 1, 3600).await.unwrap();
+    }
+    let (marks, stored) = r.marks(&client, &c).await.unwrap();
+    assert_eq!((marks.len(), stored), (50_000, size));
+    assert!(size < 20_000, "50 000 marks in {size} bytes");
 }

@@ -98,6 +98,17 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     }
 }
 
+/// The address a `history` or `read` request names, when this client receives it.
+fn received(conn: &Conn, event: &str, address: &str) -> Result<Address, String> {
+    let address = Address::parse(address).map_err(|e| e.to_string())?;
+    if !conn.receives(&address) {
+        return Err(format!(
+            "{event} of {address}, which this client does not receive"
+        ));
+    }
+    Ok(address)
+}
+
 /// Most messages one `history` answer carries, and how many it carries by default.
 const HISTORY_MAX: u64 = 1000;
 const HISTORY_DEFAULT: u64 = 100;
@@ -118,12 +129,7 @@ struct HistoryRequest {
 async fn history(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<Value, String> {
     let req: HistoryRequest = serde_json::from_value(data.ok_or("history needs an object")?)
         .map_err(|e| format!("history: {e}"))?;
-    let address = Address::parse(&req.address).map_err(|e| e.to_string())?;
-    if !conn.receives(&address) {
-        return Err(format!(
-            "history of {address}, which this client does not receive"
-        ));
-    }
+    let address = received(conn, "history", &req.address)?;
     let count = |n: Option<u64>, what: &str| match n {
         Some(0) => Err(format!("{what} must be 1 to {HISTORY_MAX}")),
         Some(n) if n > HISTORY_MAX => Err(format!("{what} must be 1 to {HISTORY_MAX}")),
@@ -163,12 +169,7 @@ struct ReadRequest {
 async fn read(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<usize, String> {
     let req: ReadRequest = serde_json::from_value(data.ok_or("read needs an object")?)
         .map_err(|e| format!("read: {e}"))?;
-    let address = Address::parse(&req.address).map_err(|e| e.to_string())?;
-    if !conn.receives(&address) {
-        return Err(format!(
-            "read of {address}, which this client does not receive"
-        ));
-    }
+    let address = received(conn, "read", &req.address)?;
     if req.versions.is_empty() || req.versions.len() > READ_MAX {
         return Err(format!("versions must hold 1 to {READ_MAX} versions"));
     }

@@ -264,7 +264,7 @@ impl Processor {
                         None => h.head,
                         Some(Rewind::Last(n)) => h.head.saturating_sub(n).max(kept),
                         Some(Rewind::Since(t)) => {
-                            crate::mailbox::history::first_since(&*self.mailbox, a, t)
+                            crate::mailbox::history::first_since(&*self.mailbox, a, *h, t)
                                 .await
                                 .map_err(IngestError::of_mailbox)?
                                 - 1

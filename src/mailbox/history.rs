@@ -7,16 +7,22 @@
 //! (20 for a million messages), whatever the mailbox's size. On the cluster backend the order
 //! holds per writer; when a shard changes writer, two nodes' clocks may differ by their skew.
 
-use super::{Mailbox, MailboxError, Page};
+use super::{Head, Mailbox, MailboxError, Page};
 use crate::address::Address;
 
-/// The first version of `address` stamped at or after `since` (`head + 1` when there is none).
+/// The head of one address.
+async fn head(m: &dyn Mailbox, address: &Address) -> Result<Head, MailboxError> {
+    Ok(m.heads(std::slice::from_ref(address)).await?[0])
+}
+
+/// The first version of `address` stamped at or after `since` (`head.head + 1` when there is
+/// none), searching the versions its `head` (read by the caller) holds.
 pub async fn first_since(
     m: &dyn Mailbox,
     address: &Address,
+    head: Head,
     since: u64,
 ) -> Result<u64, MailboxError> {
-    let head = m.read(address, 0, 1).await?.head;
     // The answer lies in lo..=hi; hi = head + 1 stands for "none".
     let (mut lo, mut hi) = (head.low.max(1), head.head + 1);
     while lo < hi {
@@ -42,7 +48,7 @@ pub async fn between(
     limit: usize,
 ) -> Result<Page, MailboxError> {
     let after = match since {
-        Some(t) => first_since(m, address, t).await? - 1,
+        Some(t) => first_since(m, address, head(m, address).await?, t).await? - 1,
         None => 0,
     };
     let mut page = m.read(address, after, limit).await?;
@@ -54,6 +60,6 @@ pub async fn between(
 
 /// The last `n` messages (fewer when fewer are kept), oldest first.
 pub async fn last(m: &dyn Mailbox, address: &Address, n: usize) -> Result<Page, MailboxError> {
-    let head = m.read(address, 0, 1).await?.head;
+    let head = head(m, address).await?;
     m.read(address, head.head.saturating_sub(n as u64), n).await
 }

@@ -15,7 +15,7 @@ pub const MAX_ID_LEN: usize = 200;
 /// Why a piece of input was not a valid address, client id or message id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
-    #[error("invalid address {0:?}: expected kind:name with kind client or channel")]
+    #[error("invalid address {0:?}: expected kind:name with kind client, channel or presence")]
     Kind(String),
     #[error("invalid address {0:?}: name must be 1-200 bytes of [A-Za-z0-9._~@+=-]")]
     Name(String),
@@ -25,13 +25,16 @@ pub enum AddressError {
     MessageId(String),
 }
 
-/// The two kinds of address.
+/// The kinds of address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// One client identity, which outlives its connections.
     Client,
     /// A named group that clients are bound to.
     Channel,
+    /// A channel whose connected bound clients are its *members*: they are told who joins and
+    /// leaves ([`crate::presence`]).
+    Presence,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -52,7 +55,7 @@ impl Address {
         let (kind, name) = s
             .split_once(':')
             .ok_or_else(|| AddressError::Kind(s.into()))?;
-        if kind != "client" && kind != "channel" {
+        if !matches!(kind, "client" | "channel" | "presence") {
             return Err(AddressError::Kind(s.into()));
         }
         if !valid_name(name) {
@@ -73,6 +76,8 @@ impl Address {
     pub fn kind(&self) -> Kind {
         if self.0.starts_with("client:") {
             Kind::Client
+        } else if self.0.starts_with("presence:") {
+            Kind::Presence
         } else {
             Kind::Channel
         }
@@ -209,6 +214,8 @@ mod tests {
         let c = Address::parse("client:abc").unwrap();
         assert_eq!(c.client().unwrap().as_str(), "abc");
         assert_eq!(Address::of_client(&ClientId::parse("abc").unwrap()), c);
+        let p = Address::parse("presence:room-1").unwrap();
+        assert_eq!((p.kind(), p.client()), (Kind::Presence, None));
     }
 
     #[test]
@@ -220,6 +227,8 @@ mod tests {
             "channel:a b",
             "channel:ä",
             "client:a/b",
+            "presences:x",
+            "Presence:x",
         ] {
             let e = Address::parse(bad).unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");

@@ -67,7 +67,26 @@ pub const SCHEMA: &[(&str, &str)] = &[
         "006_read_marks.cql",
         include_str!("../schema/006_read_marks.cql"),
     ),
+    (
+        "007_presence_members.cql",
+        include_str!("../schema/007_presence_members.cql"),
+    ),
 ];
+
+/// Whether a lightweight transaction (`… IF …`) was applied: its `[applied]` column.
+pub fn applied(res: scylla::response::query_result::QueryResult) -> Result<bool, String> {
+    let rows = res.into_rows_result().map_err(|e| e.to_string())?;
+    let at = rows
+        .column_specs()
+        .get_by_name("[applied]")
+        .map(|(i, _)| i)
+        .ok_or("a conditional write answered without [applied]")?;
+    let row: scylla::value::Row = rows.first_row().map_err(|e| e.to_string())?;
+    Ok(matches!(
+        row.columns.get(at),
+        Some(Some(scylla::value::CqlValue::Boolean(true)))
+    ))
+}
 
 /// The default replication map for one local node.
 pub const LOCAL_REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";

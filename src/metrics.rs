@@ -40,6 +40,8 @@ pub struct Metrics {
     pub acks: Counter,
     /// `read` events stored.
     pub reads: Counter,
+    /// Clients that became or stopped being members of presence addresses (announced).
+    pub presence_changes: Counter,
     pub lagged: Counter,
     pub append_seconds: Histogram,
     pub append_batch: Histogram,
@@ -106,6 +108,7 @@ impl Metrics {
             unbindings: metrics::counter!("signalpost_unbindings_total"),
             acks: metrics::counter!("signalpost_acks_total"),
             reads: metrics::counter!("signalpost_reads_total"),
+            presence_changes: metrics::counter!("signalpost_presence_changes_total"),
             lagged: metrics::counter!("signalpost_lagged_total"),
             append_seconds: metrics::histogram!("signalpost_append_seconds"),
             append_batch: metrics::histogram!("signalpost_append_batch_size"),

@@ -369,19 +369,15 @@ fn spawn_cleanup(api: &Arc<Api>, tasks: &Tasks) {
     if api.gw.config.backend != Backend::Cluster {
         return;
     }
-    let (membership, presence, metrics) = (
-        api.membership.clone(),
-        api.gw.presence.clone(),
-        api.gw.metrics.clone(),
-    );
+    let (membership, gw) = (api.membership.clone(), api.gw.clone());
     tasks.every(Duration::from_secs(1), move || {
-        let (membership, presence, metrics) =
-            (membership.clone(), presence.clone(), metrics.clone());
+        let (membership, gw) = (membership.clone(), gw.clone());
         async move {
             if !membership.is_leader() {
                 return;
             }
-            let (Ok(live), Ok(with_entries)) = (membership.nodes().await, presence.nodes().await)
+            let (Ok(live), Ok(with_entries)) =
+                (membership.nodes().await, gw.presence.nodes().await)
             else {
                 return;
             };
@@ -389,10 +385,19 @@ fn spawn_cleanup(api: &Arc<Api>, tasks: &Tasks) {
                 .iter()
                 .filter(|n| !live.iter().any(|l| &l.id == *n))
             {
-                match presence.clear_node(node).await {
-                    Ok(n) => {
-                        metrics.cleaned.increment(n);
-                        tracing::info!(%node, entries = n, "cleaned up after a dead node");
+                match gw.presence.clear_node(node).await {
+                    Ok(cleared) => {
+                        gw.metrics.cleaned.increment(cleared.connections);
+                        // The members of presence addresses it held alone have left.
+                        for change in &cleared.left {
+                            gw.announce(change);
+                        }
+                        tracing::info!(
+                            %node,
+                            entries = cleared.connections,
+                            left = cleared.left.len(),
+                            "cleaned up after a dead node"
+                        );
                     }
                     Err(e) => tracing::warn!(error = %e, %node, "cleanup failed; will retry"),
                 }

@@ -2,7 +2,7 @@
 
 use super::Api;
 use super::ApiError;
-use crate::address::{Address, ClientId};
+use crate::address::{Address, ClientId, Kind};
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Most messages one mailbox read returns.
@@ -176,13 +176,34 @@ pub async fn client(
 }
 
 /// `GET /server/presence/<address>`: the clients bound to it (for a `client:` address, the
-/// client itself) that are connected now, and where.
+/// client itself) that are connected now, and where. For a `presence:` address: its members
+/// (`?after=<client>` for the next page).
 pub async fn presence(
     State(svc): State<Arc<Api>>,
     p: Result<Path<String>, PathRejection>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let a = address(&path(p)?)?;
+    let q = query(q)?;
     let unavailable = |e: &dyn std::fmt::Display| ApiError::Unavailable(e.to_string());
+    if a.kind() == Kind::Presence {
+        let after = q
+            .get("after")
+            .map(|c| ClientId::parse(c))
+            .transpose()
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut members = svc
+            .gw
+            .presence
+            .members(&a, after.as_ref(), MAX_PRESENCE + 1)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let truncated = members.len() > MAX_PRESENCE;
+        members.truncate(MAX_PRESENCE);
+        return Ok(Json(
+            json!({ "address": a, "members": members, "truncated": truncated }),
+        ));
+    }
     let mut clients: Vec<ClientId> = Vec::new();
     if let Some(c) = a.client() {
         clients.push(c);

@@ -13,8 +13,9 @@
 
 use super::Gateway;
 use super::heartbeat::PingRoom;
-use crate::address::{Address, ClientId};
+use crate::address::{Address, ClientId, Kind};
 use crate::mailbox::Message;
+use crate::presence::{Change, Member};
 use crate::routing::Subscriber;
 use serde_json::json;
 use socketioxide::extract::SocketRef;
@@ -91,6 +92,9 @@ pub struct Conn {
     svc: Arc<Gateway>,
     me: Weak<Conn>,
     state: Mutex<State>,
+    /// The presence addresses this connection is a member of; the lock orders its joins and
+    /// leaves (see [`Conn::sync_presence`]).
+    memberships: tokio::sync::Mutex<HashSet<Address>>,
 }
 
 /// Where a connection's packets go: its socket, and the ping's room in the socket's buffer.
@@ -167,6 +171,7 @@ impl Conn {
                 },
                 slot: None,
             }),
+            memberships: Default::default(),
         })
     }
 
@@ -320,6 +325,75 @@ impl Conn {
             return;
         }
         self.repair(&mut st);
+    }
+
+    /// Brings this connection's membership of each presence address in line with what it is
+    /// now: a member while it is open and receives the address. Called after anything that may
+    /// change that (setup, `bound`, `unbound`, close), in any order: each call reads the state
+    /// when it runs, under the connection's membership lock, so the last one settles it. Joins
+    /// and leaves that start or end the client's membership are announced to the members.
+    pub async fn sync_presence(&self, addresses: &[Address]) {
+        let mut held = self.memberships.lock().await;
+        for a in addresses {
+            let want = {
+                let st = self.lock();
+                st.phase != Phase::Closed && st.tracks.contains_key(a)
+            };
+            if want == held.contains(a) {
+                continue;
+            }
+            let svc = &self.svc;
+            let (node, conn) = (svc.node_id.as_str(), self.id.as_str());
+            let change = if want {
+                let member = Member {
+                    client: self.client.clone(),
+                    user: self.user.clone(),
+                };
+                match svc.presence.join(a, &member, node, conn).await {
+                    Ok(first) => {
+                        held.insert(a.clone());
+                        first.then_some(Change {
+                            address: a.clone(),
+                            member,
+                            joined: true,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, address = %a, "presence join failed");
+                        None
+                    }
+                }
+            } else {
+                match svc.presence.leave(a, &self.client, node, conn).await {
+                    Ok(last) => {
+                        held.remove(a);
+                        last.map(|member| Change {
+                            address: a.clone(),
+                            member,
+                            joined: false,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, address = %a, "presence leave failed");
+                        None
+                    }
+                }
+            };
+            if let Some(change) = change {
+                svc.announce(&change);
+            }
+        }
+    }
+
+    /// Syncs this connection's membership of a presence address in the background.
+    fn spawn_sync_presence(&self, address: &Address) {
+        if address.kind() != Kind::Presence {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            let a = address.clone();
+            tokio::spawn(async move { me.sync_presence(&[a]).await });
+        }
     }
 
     /// Keeps the connection's slot under the cap until it closes.
@@ -606,6 +680,7 @@ impl Subscriber for Conn {
             // then catch up from the mailbox on whatever they appended before they knew.
             self.svc.peers.want_then_catch_up(vec![address.clone()]);
         }
+        self.spawn_sync_presence(address);
     }
 
     fn known(&self, address: &Address, head: u64) {
@@ -644,5 +719,15 @@ impl Subscriber for Conn {
         self.svc
             .router
             .unsubscribe(&self.id, std::slice::from_ref(address));
+        self.spawn_sync_presence(address);
+    }
+
+    fn presence(&self, change: &Change) {
+        let mut st = self.lock();
+        if matches!(st.phase, Phase::Live | Phase::Repairing)
+            && st.tracks.contains_key(&change.address)
+        {
+            self.control(&mut st, change.event(), change.data());
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The events a client sends (`ack`, `refresh`, `history`, `read`), each within the
+//! The events a client sends (`ack`, `refresh`, `history`, `read`, `members`), each within the
 //! connection's event rate, and the end of a connection whose token expired.
 
 use super::Gateway;
@@ -67,6 +67,21 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
                     return refused(&s, &svc, first);
                 }
                 let answer = history(&c, &svc, data.ok())
+                    .await
+                    .unwrap_or_else(|e| json!({ "error": e }));
+                let _ = ack.send(&answer);
+            },
+        );
+    }
+    {
+        let (c, svc) = (conn.clone(), svc.clone());
+        s.on(
+            "members",
+            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
+                if let Err(first) = c.allow_event() {
+                    return refused(&s, &svc, first);
+                }
+                let answer = members(&c, &svc, data.ok())
                     .await
                     .unwrap_or_else(|e| json!({ "error": e }));
                 let _ = ack.send(&answer);
@@ -151,6 +166,44 @@ async fn history(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<Valu
     let messages: Vec<&serde_json::value::RawValue> =
         page.messages.iter().map(|m| &*m.signal).collect();
     Ok(json!({ "messages": messages }))
+}
+
+/// Most members one `members` answer lists (more: `truncated`, and the next page `after` the
+/// last one).
+pub const MEMBERS_MAX: usize = 10_000;
+
+/// A `members` request: `{address, after?}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembersRequest {
+    address: String,
+    after: Option<String>,
+}
+
+/// Answers `members`: the members of a presence address this client receives, by client id.
+async fn members(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<Value, String> {
+    let req: MembersRequest = serde_json::from_value(data.ok_or("members needs an object")?)
+        .map_err(|e| format!("members: {e}"))?;
+    let address = received(conn, "members", &req.address)?;
+    if address.kind() != crate::address::Kind::Presence {
+        return Err(format!(
+            "{address} has no members: only presence: addresses do"
+        ));
+    }
+    let after = req
+        .after
+        .as_deref()
+        .map(crate::address::ClientId::parse)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mut list = svc
+        .presence
+        .members(&address, after.as_ref(), MEMBERS_MAX + 1)
+        .await
+        .map_err(|e| format!("members unavailable: {e}"))?;
+    let truncated = list.len() > MEMBERS_MAX;
+    list.truncate(MEMBERS_MAX);
+    Ok(json!({ "members": list, "truncated": truncated }))
 }
 
 /// Most versions one `read` event may mark.

@@ -12,7 +12,7 @@ mod heartbeat;
 mod quota;
 pub mod registry;
 
-use crate::address::Address;
+use crate::address::{Address, Kind};
 use crate::config::Config;
 use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
@@ -109,6 +109,17 @@ pub struct Gateway {
     pub connections: Slots,
     /// Set once shutdown began: new work is refused.
     pub draining: std::sync::atomic::AtomicBool,
+}
+
+impl Gateway {
+    /// Tells the members of a presence address, on this node and the others, who joined or
+    /// left.
+    pub fn announce(&self, change: &crate::presence::Change) {
+        use crate::routing::Fanout;
+        self.metrics.presence_changes.increment(1);
+        self.router.presence(change);
+        Fanout::presence(&*self.peers, change);
+    }
 }
 
 /// The connection cap of a node: a slot is taken when a handshake is accepted (where the cap
@@ -316,6 +327,14 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
         session["user"] = json!(user);
     }
     conn.start(&session);
+    let presence: Vec<Address> = addrs
+        .iter()
+        .filter(|a| a.kind() == Kind::Presence)
+        .cloned()
+        .collect();
+    if !presence.is_empty() {
+        conn.sync_presence(&presence).await;
+    }
     if id.user.is_some() {
         events::expire_at_token_end(&conn);
         if svc.config.limits.max_connections_per_user > 0 {
@@ -328,6 +347,13 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
 async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     let Some(addrs) = conn.close() else { return };
     svc.router.unregister(&**conn, &addrs);
+    let presence: Vec<Address> = addrs
+        .into_iter()
+        .filter(|a| a.kind() == Kind::Presence)
+        .collect();
+    if !presence.is_empty() {
+        conn.sync_presence(&presence).await;
+    }
     svc.gate.registry.remove(conn);
     svc.metrics.connections.decrement(1.0);
     if let Err(e) = svc

@@ -35,6 +35,7 @@ use crate::address::{Address, ClientId};
 use crate::cluster::Membership;
 use crate::mailbox::{Mailbox, Message};
 use crate::metrics::Metrics;
+use crate::presence::{Change, Member};
 use crate::routing::{Fanout, Offered, Replies, Router};
 use crate::tasks::Tasks;
 use bytes::Bytes;
@@ -597,6 +598,16 @@ impl Peers {
             }
             Deliver::Bound { client, bindings } => self.router.bound(&client, &bindings),
             Deliver::Unbound { client, removed } => self.router.unbound(&client, &removed),
+            Deliver::Presence {
+                address,
+                client,
+                user,
+                joined,
+            } => self.router.presence(&Change {
+                address,
+                member: Member { client, user },
+                joined,
+            }),
             Deliver::Applied { ticket, outcome } => replies.resolve_wire(&ticket, &outcome),
         }
     }
@@ -682,6 +693,25 @@ impl Fanout for Peers {
             client: client.clone(),
             removed: removed.to_vec(),
         })
+    }
+    /// To the nodes that want the address (where its members are connected).
+    fn presence(&self, change: &Change) {
+        let peers: Vec<String> = {
+            let index = self.wanted_by.read().unwrap_or_else(|p| p.into_inner());
+            index.get(&change.address).cloned().unwrap_or_default()
+        };
+        if peers.is_empty() {
+            return;
+        }
+        let frame = Deliver::Presence {
+            address: change.address.clone(),
+            client: change.member.client.clone(),
+            user: change.member.user.clone(),
+            joined: change.joined,
+        };
+        for p in peers {
+            self.send_to(&p, &frame);
+        }
     }
     fn reply(&self, node: &str, ticket: &str, outcome: &dyn Fn() -> Option<Box<RawValue>>) -> bool {
         if node == self.node || !self.started() {

@@ -38,6 +38,14 @@ pub enum Deliver {
         client: ClientId,
         removed: Vec<(Address, u64)>,
     },
+    /// A client became (`joined`) or stopped being a member of a presence address.
+    Presence {
+        address: Address,
+        client: ClientId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        joined: bool,
+    },
     /// The answer of a `?wait=true` operation, as the ingest side wrote it
     /// (`ingest::wire`): opaque here, handed to the receiving node's [`crate::routing::Replies`].
     Applied {
@@ -71,6 +79,12 @@ mod tests {
                 client: ClientId::parse("c").unwrap(),
                 bindings: vec![(a.clone(), 3)],
             },
+            Deliver::Presence {
+                address: Address::parse("presence:p").unwrap(),
+                client: ClientId::parse("c").unwrap(),
+                user: Some("u".into()),
+                joined: false,
+            },
         ];
         for f in frames {
             let bytes = serde_json::to_vec(&f).unwrap();
@@ -90,6 +104,15 @@ mod tests {
                     assert_eq!(outcome.get(), r#"{"refused":{"reason":"r"}}"#);
                 }
                 Deliver::Bound { bindings, .. } => assert_eq!(bindings, vec![(a.clone(), 3)]),
+                Deliver::Presence {
+                    address,
+                    user,
+                    joined,
+                    ..
+                } => assert_eq!(
+                    (address.as_str(), user.as_deref(), joined),
+                    ("presence:p", Some("u"), false)
+                ),
                 Deliver::Unbound { .. } => unreachable!(),
             }
         }

@@ -3,9 +3,14 @@
 //! closes; the leader deletes a dead node's rows (`clear_node`), which is idempotent. The nodes
 //! that may have rows are listed in `presence_nodes` (one small partition), so finding dead
 //! nodes never scans the tombstones of closed connections.
+//!
+//! Members of presence addresses (schema `007_presence_members.cql`): a join or leave is one
+//! compare-and-set on the `(address, client)` row of the connections holding the membership,
+//! plus a write of the member list when the client became or stopped being a member, plus the
+//! row by node — it never reads the member list.
 
-use super::{Presence, PresenceError, Seen};
-use crate::address::ClientId;
+use super::{Change, Cleared, Member, Presence, PresenceError, Seen};
+use crate::address::{Address, ClientId};
 use crate::cassandra::Kind;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
@@ -32,6 +37,29 @@ struct Inner {
     nodes: PreparedStatement,
     add_node: PreparedStatement,
     forget_node: PreparedStatement,
+    holders: PreparedStatement,
+    holders_insert: PreparedStatement,
+    holders_update: PreparedStatement,
+    member_add: PreparedStatement,
+    member_remove: PreparedStatement,
+    members: PreparedStatement,
+    held_insert: PreparedStatement,
+    held_delete: PreparedStatement,
+    held_of_node: PreparedStatement,
+    held_drop_node: PreparedStatement,
+}
+
+/// How many times a join or leave retries its compare-and-set before it answers unavailable.
+const CAS_ATTEMPTS: usize = 20;
+
+/// How long (s) a membership row with no connections is kept.
+const EMPTY_HOLDERS_TTL: i32 = 86_400;
+
+/// The connections holding one membership, and the row's revision.
+struct Holders {
+    connections: Vec<String>,
+    user: Option<String>,
+    rev: i64,
 }
 
 impl CassandraPresence {
@@ -40,11 +68,12 @@ impl CassandraPresence {
             return Err(unavailable(format!("invalid keyspace {keyspace:?}")));
         }
         let ks = keyspace;
-        let prep = async |cql: String| {
-            crate::cassandra::prepare(&session, cql, Kind::Idempotent)
+        let prep_as = async |cql: String, kind: Kind| {
+            crate::cassandra::prepare(&session, cql, kind)
                 .await
                 .map_err(unavailable)
         };
+        let prep = async |cql: String| prep_as(cql, Kind::Idempotent).await;
         Ok(Self(Arc::new(Inner {
             insert: prep(format!(
                 "INSERT INTO {ks}.presence (client, node, connection, since) VALUES (?, ?, ?, ?)"
@@ -81,6 +110,65 @@ impl CassandraPresence {
             .await?,
             forget_node: prep(format!(
                 "DELETE FROM {ks}.presence_nodes WHERE shard = 0 AND node = ?"
+            ))
+            .await?,
+            holders: prep_as(
+                format!(
+                    "SELECT connections, user, rev FROM {ks}.presence_holders \
+                     WHERE address = ? AND client = ?"
+                ),
+                Kind::Serial,
+            )
+            .await?,
+            holders_insert: prep_as(
+                format!(
+                    "INSERT INTO {ks}.presence_holders (address, client, connections, user, rev) \
+                     VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
+                ),
+                Kind::Once,
+            )
+            .await?,
+            holders_update: prep_as(
+                format!(
+                    "UPDATE {ks}.presence_holders USING TTL ? \
+                     SET connections = ?, user = ?, rev = ? \
+                     WHERE address = ? AND client = ? IF rev = ?"
+                ),
+                Kind::Once,
+            )
+            .await?,
+            member_add: prep(format!(
+                "INSERT INTO {ks}.presence_members (address, client, user) VALUES (?, ?, ?) \
+                 USING TIMESTAMP ?"
+            ))
+            .await?,
+            member_remove: prep(format!(
+                "DELETE FROM {ks}.presence_members USING TIMESTAMP ? \
+                 WHERE address = ? AND client = ?"
+            ))
+            .await?,
+            members: prep(format!(
+                "SELECT client, user FROM {ks}.presence_members \
+                 WHERE address = ? AND client > ? LIMIT ?"
+            ))
+            .await?,
+            held_insert: prep(format!(
+                "INSERT INTO {ks}.presence_members_by_node (node, address, client, connection) \
+                 VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            held_delete: prep(format!(
+                "DELETE FROM {ks}.presence_members_by_node \
+                 WHERE node = ? AND address = ? AND client = ? AND connection = ?"
+            ))
+            .await?,
+            held_of_node: prep(format!(
+                "SELECT address, client, connection FROM {ks}.presence_members_by_node \
+                 WHERE node = ?"
+            ))
+            .await?,
+            held_drop_node: prep(format!(
+                "DELETE FROM {ks}.presence_members_by_node WHERE node = ?"
             ))
             .await?,
             session,
@@ -155,8 +243,40 @@ impl Presence for CassandraPresence {
         .await
     }
 
-    async fn clear_node(&self, node: &str) -> Result<u64, PresenceError> {
+    async fn clear_node(&self, node: &str) -> Result<Cleared, PresenceError> {
         let i = &self.0;
+        // Memberships first: their rows by node are what finds them.
+        let res = i
+            .session
+            .execute_unpaged(&i.held_of_node, (node,))
+            .await
+            .map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(unavailable)?;
+        let mut held = Vec::new();
+        for r in rows
+            .rows::<(String, String, String)>()
+            .map_err(unavailable)?
+        {
+            held.push(r.map_err(unavailable)?);
+        }
+        let mut left = Vec::new();
+        for (address, client, conn) in &held {
+            let (Ok(address), Ok(client)) = (Address::parse(address), ClientId::parse(client))
+            else {
+                continue;
+            };
+            if let Some(member) = self.release(&address, &client, node, conn).await? {
+                left.push(Change {
+                    address,
+                    member,
+                    joined: false,
+                });
+            }
+        }
+        i.session
+            .execute_unpaged(&i.held_drop_node, (node,))
+            .await
+            .map_err(unavailable)?;
         let res = i
             .session
             .execute_unpaged(&i.of_node, (node,))
@@ -182,7 +302,122 @@ impl Presence for CassandraPresence {
             .execute_unpaged(&i.forget_node, (node,))
             .await
             .map_err(unavailable)?;
-        Ok(entries.len() as u64)
+        Ok(Cleared {
+            connections: entries.len() as u64,
+            left,
+        })
+    }
+
+    async fn join(
+        &self,
+        address: &Address,
+        member: &Member,
+        node: &str,
+        connection: &str,
+    ) -> Result<bool, PresenceError> {
+        let i = &self.0;
+        let (a, c) = (address.as_str(), member.client.as_str());
+        // The row by node first: a node that dies after the transaction leaves it for the
+        // cleanup to find.
+        i.session
+            .execute_unpaged(&i.held_insert, (node, a, c, connection))
+            .await
+            .map_err(unavailable)?;
+        let key = format!("{node}/{connection}");
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.holders(address, &member.client).await?;
+            // Some(first) once the transaction applied.
+            let outcome = match current {
+                Some(h) if h.connections.contains(&key) => return Ok(false),
+                None => {
+                    let rev = next_rev(0);
+                    let res = i
+                        .session
+                        .execute_unpaged(
+                            &i.holders_insert,
+                            (a, c, key.as_str(), member.user.as_deref(), rev),
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    applied(res)?.then_some(Some(rev))
+                }
+                Some(h) => {
+                    let first = h.connections.is_empty();
+                    let mut connections = h.connections;
+                    connections.push(key.clone());
+                    let user = if first { member.user.clone() } else { h.user };
+                    let rev = next_rev(h.rev);
+                    let res = i
+                        .session
+                        .execute_unpaged(
+                            &i.holders_update,
+                            (0i32, connections.join(" "), user, rev, a, c, h.rev),
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    applied(res)?.then_some(first.then_some(rev))
+                }
+            };
+            match outcome {
+                None => continue,
+                Some(None) => return Ok(false),
+                Some(Some(rev)) => {
+                    i.session
+                        .execute_unpaged(&i.member_add, (a, c, member.user.as_deref(), rev))
+                        .await
+                        .map_err(unavailable)?;
+                    return Ok(true);
+                }
+            }
+        }
+        Err(contended(address, &member.client))
+    }
+
+    async fn leave(
+        &self,
+        address: &Address,
+        client: &ClientId,
+        node: &str,
+        connection: &str,
+    ) -> Result<Option<Member>, PresenceError> {
+        let left = self.release(address, client, node, connection).await?;
+        let i = &self.0;
+        i.session
+            .execute_unpaged(
+                &i.held_delete,
+                (node, address.as_str(), client.as_str(), connection),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(left)
+    }
+
+    async fn members(
+        &self,
+        address: &Address,
+        after: Option<&ClientId>,
+        limit: usize,
+    ) -> Result<Vec<Member>, PresenceError> {
+        let i = &self.0;
+        let limit = limit.clamp(1, i32::MAX as usize) as i32;
+        let after = after.map_or("", ClientId::as_str);
+        let res = i
+            .session
+            .execute_unpaged(&i.members, (address.as_str(), after, limit))
+            .await
+            .map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(unavailable)?;
+        let mut out = Vec::new();
+        for r in rows
+            .rows::<(String, Option<String>)>()
+            .map_err(unavailable)?
+        {
+            let (client, user) = r.map_err(unavailable)?;
+            if let Ok(client) = ClientId::parse(&client) {
+                out.push(Member { client, user });
+            }
+        }
+        Ok(out)
     }
 
     async fn nodes(&self) -> Result<Vec<String>, PresenceError> {
@@ -199,5 +434,109 @@ impl Presence for CassandraPresence {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+/// A revision that is later than `prev` and, where the clock allows, the time now (µs): the
+/// member list's writes use it as their timestamp.
+fn next_rev(prev: i64) -> i64 {
+    (crate::clock::now_us() as i64).max(prev + 1)
+}
+
+fn applied(res: scylla::response::query_result::QueryResult) -> Result<bool, PresenceError> {
+    crate::cassandra::applied(res).map_err(unavailable)
+}
+
+fn contended(address: &Address, client: &ClientId) -> PresenceError {
+    PresenceError::Unavailable(format!(
+        "membership of {client} in {address}: {CAS_ATTEMPTS} conflicting writes in a row"
+    ))
+}
+
+impl CassandraPresence {
+    async fn holders(
+        &self,
+        address: &Address,
+        client: &ClientId,
+    ) -> Result<Option<Holders>, PresenceError> {
+        let i = &self.0;
+        let res = i
+            .session
+            .execute_unpaged(&i.holders, (address.as_str(), client.as_str()))
+            .await
+            .map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(unavailable)?;
+        let row = rows
+            .maybe_first_row::<(Option<String>, Option<String>, Option<i64>)>()
+            .map_err(unavailable)?;
+        Ok(row.map(|(connections, user, rev)| Holders {
+            connections: connections
+                .unwrap_or_default()
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            user,
+            rev: rev.unwrap_or(0),
+        }))
+    }
+
+    /// Removes a connection from a membership (compare-and-set); the member when it was the
+    /// last one, after taking the member off the list.
+    async fn release(
+        &self,
+        address: &Address,
+        client: &ClientId,
+        node: &str,
+        connection: &str,
+    ) -> Result<Option<Member>, PresenceError> {
+        let i = &self.0;
+        let (a, c) = (address.as_str(), client.as_str());
+        let key = format!("{node}/{connection}");
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(h) = self.holders(address, client).await? else {
+                return Ok(None);
+            };
+            if !h.connections.contains(&key) {
+                return Ok(None);
+            }
+            let rest: Vec<&str> = h
+                .connections
+                .iter()
+                .filter(|k| **k != key)
+                .map(String::as_str)
+                .collect();
+            let rev = next_rev(h.rev);
+            // A row whose last connection left stays a day (longer than any clock skew between
+            // nodes), so the next join's revision is later than this removal's.
+            let ttl: i32 = if rest.is_empty() {
+                EMPTY_HOLDERS_TTL
+            } else {
+                0
+            };
+            let res = i
+                .session
+                .execute_unpaged(
+                    &i.holders_update,
+                    (ttl, rest.join(" "), h.user.as_deref(), rev, a, c, h.rev),
+                )
+                .await
+                .map_err(unavailable)?;
+            if !applied(res)? {
+                continue;
+            }
+            if !rest.is_empty() {
+                return Ok(None);
+            }
+            i.session
+                .execute_unpaged(&i.member_remove, (rev, a, c))
+                .await
+                .map_err(unavailable)?;
+            return Ok(Some(Member {
+                client: client.clone(),
+                user: h.user,
+            }));
+        }
+        Err(contended(address, client))
     }
 }

@@ -10,6 +10,7 @@
 
 use crate::address::{Address, ClientId};
 use crate::mailbox::Message;
+use crate::presence::Change;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -23,6 +24,8 @@ pub trait Fanout: Send + Sync + 'static {
     fn bound(&self, client: &ClientId, bindings: &[(Address, u64)]);
     /// Removed bindings of `client`: `(address, head)`.
     fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]);
+    /// A client became or stopped being a member of a presence address: to its members.
+    fn presence(&self, change: &Change);
     /// Takes the answer of a `?wait=true` operation when its publisher waits on the node `node`
     /// and this fan-out reaches that node (`outcome` serializes the answer); false otherwise.
     fn reply(
@@ -54,6 +57,8 @@ pub trait Subscriber: Send + Sync + 'static {
     fn unbound(&self, address: &Address, head: u64);
     /// `address` has at least `head` (read from the mailbox): catch up to it if behind.
     fn known(&self, _address: &Address, _head: u64) {}
+    /// Membership of a presence address this subscriber receives changed.
+    fn presence(&self, _change: &Change) {}
 }
 
 type Subs = Vec<Arc<dyn Subscriber>>;
@@ -180,6 +185,14 @@ impl Router {
         }
     }
 
+    /// Tells the local subscribers of a presence address who joined or left.
+    pub fn presence(&self, change: &Change) {
+        let m = self.by_address.read().unwrap_or_else(|p| p.into_inner());
+        for s in m.get(&change.address).into_iter().flatten() {
+            s.presence(change);
+        }
+    }
+
     pub fn connections_of(&self, client: &ClientId) -> Subs {
         let m = self.by_client.read().unwrap_or_else(|p| p.into_inner());
         m.get(client).cloned().unwrap_or_default()
@@ -203,6 +216,9 @@ impl Fanout for Router {
     }
     fn unbound(&self, client: &ClientId, removed: &[(Address, u64)]) {
         Router::unbound(self, client, removed)
+    }
+    fn presence(&self, change: &Change) {
+        Router::presence(self, change)
     }
 }
 

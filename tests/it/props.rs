@@ -115,7 +115,8 @@ proptest! {
                 prop_assert_eq!(serde_json::from_str::<Address>(&json).unwrap(), a.clone());
                 match a.kind() {
                     Kind::Client => prop_assert!(a.client().is_some()),
-                    Kind::Channel => prop_assert!(a.client().is_none()),
+                    Kind::Channel => prop_assert!(a.client().is_none() && s.starts_with("channel:")),
+                    Kind::Presence => prop_assert!(a.client().is_none() && s.starts_with("presence:")),
                 }
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),
@@ -123,7 +124,7 @@ proptest! {
     }
 
     #[test]
-    fn valid_addresses_are_accepted(kind in "client|channel", name in "[A-Za-z0-9._~@+=-]{1,200}") {
+    fn valid_addresses_are_accepted(kind in "client|channel|presence", name in "[A-Za-z0-9._~@+=-]{1,200}") {
         let s = format!("{kind}:{name}");
         prop_assert!(Address::parse(&s).is_ok(), "{s}");
         let a = Address::parse(&s).unwrap();

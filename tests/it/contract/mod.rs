@@ -99,6 +99,21 @@ macro_rules! presence_suite {
         async fn connect_disconnect_clear() {
             crate::contract::presence::connect_disconnect_clear($make().await).await;
         }
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn members_join_and_leave_once() {
+            crate::contract::presence::members_join_and_leave_once($make().await).await;
+        }
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn racing_connections_announce_once() {
+            crate::contract::presence::racing_connections_announce_once($make().await).await;
+        }
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_dead_nodes_members_leave() {
+            crate::contract::presence::a_dead_nodes_members_leave($make().await).await;
+        }
     };
 }
 

@@ -1,0 +1,145 @@
+// Presence addresses (issue 16) with the official socket.io-client: the connected clients bound
+// to `presence:<name>` are its members; members are told `joined` and `left`, also when a node
+// dies; the `members` event and `GET /server/presence/<address>` list them. On the cluster
+// backend the members are on two nodes.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHmac } from 'node:crypto';
+import { BACKEND, startNode, api, connect, testCluster, waitFor } from './lib/harness.mjs';
+
+const cluster = BACKEND === 'cluster';
+const secret = 'presence-test-secret-0123456789abcdef';
+const jwt = (sub) => {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + 600 })}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+};
+const members = (c, req) => new Promise((resolve) => c.socket.emit('members', req, resolve));
+/** The `joined`/`left` events a client received, as "joined <client>". */
+const changes = (c, room) => c.events
+  .filter((e) => (e.event === 'joined' || e.event === 'left') && e.data.address === room)
+  .map((e) => `${e.event} ${e.data.client}`);
+
+/** Two nodes of one cluster on the cluster backend; one node twice on the embedded one. */
+async function nodes(name) {
+  // One resume secret for both nodes: a client may come back on either.
+  const env = { SIGNALPOST_CLIENT_TOKEN_SECRET: secret, SIGNALPOST_RESUME_SECRET: `resume-${secret}` };
+  if (!cluster) {
+    const n = await startNode({ env });
+    return [n, n];
+  }
+  const shared = testCluster(name, env);
+  const a = await startNode({ env: shared });
+  await waitFor(async () => (await api(a.url, 'GET', '/server/nodes')).body.leader, 20000, 'a leader');
+  const b = await startNode({ env: shared });
+  await waitFor(async () => (await api(b.url, 'GET', '/server/nodes')).body.nodes?.length === 2, 20000, 'two nodes');
+  return [a, b];
+}
+
+/** Connects `auth` to `url` and binds its client to `room`; resolves once bound. */
+async function member(url, apiUrl, room, auth = {}) {
+  const c = connect(url, auth);
+  const s = await c.ready;
+  await c.waitFor((e) => e.event === 'synced');
+  const r = await api(apiUrl, 'POST', '/server/connect?wait=true', { client: s.clientId, addresses: [room] });
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  await c.waitFor((e) => e.event === 'bound' && e.data.address === room);
+  return { c, id: s.clientId, s };
+}
+
+test('members join and leave once each, whatever their connections; members and the API list them', { timeout: 120000 }, async () => {
+  const [a, b] = await nodes('pres');
+  const room = `presence:room-${Date.now()}`;
+  const alice = await member(a.url, a.url, room, { token: jwt('alice') });
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === alice.id, 10000, 'alice sees herself join');
+  assert.deepEqual(alice.c.events.find((e) => e.event === 'joined').data, { address: room, client: alice.id, user: 'alice' });
+
+  // Bob, on the other node, without a token (no user).
+  const bob = await member(b.url, a.url, room);
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === bob.id, 10000, 'alice sees bob join');
+  await bob.c.waitFor((e) => e.event === 'joined' && e.data.client === bob.id, 10000, 'bob sees himself join');
+  assert.deepEqual(alice.c.events.find((e) => e.event === 'joined' && e.data.client === bob.id).data, { address: room, client: bob.id });
+
+  const sorted = [{ client: alice.id, user: 'alice' }, { client: bob.id }].sort((x, y) => (x.client < y.client ? -1 : 1));
+  assert.deepEqual(await members(alice.c, { address: room }), { members: sorted, truncated: false });
+  assert.deepEqual(await members(bob.c, { address: room }), { members: sorted, truncated: false });
+  for (const n of [a, b]) {
+    const r = await api(n.url, 'GET', `/server/presence/${room}`);
+    assert.deepEqual(r.body, { address: room, members: sorted, truncated: false });
+  }
+  const page = await api(a.url, 'GET', `/server/presence/${room}?after=${sorted[0].client}`);
+  assert.deepEqual(page.body.members, [sorted[1]]);
+
+  // A presence address delivers messages like a channel.
+  assert.equal((await api(a.url, 'POST', '/server/enqueue?wait=true', { address: room, payload: 'hi' })).status, 200);
+  await alice.c.waitCount(room, 1);
+  await bob.c.waitCount(room, 1);
+
+  // Bob connects a second time (on the first node): still one member, nobody is told.
+  const bob2 = connect(a.url, { clientId: bob.id, resumeToken: bob.s.resumeToken });
+  await bob2.ready;
+  await bob2.waitFor((e) => e.event === 'synced');
+  // His first connection goes: he is still a member (the second one holds it).
+  bob.c.close();
+  // Carol joins and leaves: a marker that everything before it was announced.
+  const carol = await member(b.url, a.url, room);
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === carol.id, 10000, 'carol joins');
+  carol.c.close();
+  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === carol.id, 10000, 'carol leaves');
+  assert.deepEqual(changes(alice.c, room), [`joined ${alice.id}`, `joined ${bob.id}`, `joined ${carol.id}`, `left ${carol.id}`],
+    'a second connection and the end of one of two are not announced');
+  assert.equal((await members(alice.c, { address: room })).members.length, 2);
+
+  // His last connection goes: he left.
+  bob2.close();
+  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === bob.id, 10000, 'bob leaves');
+  assert.deepEqual((await members(alice.c, { address: room })).members, [{ client: alice.id, user: 'alice' }]);
+
+  // Unbound while connected: left; bound again: joined.
+  const dave = await member(b.url, a.url, room);
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === dave.id, 10000, 'dave joins');
+  assert.equal((await api(a.url, 'POST', '/server/disconnect?wait=true', { client: dave.id, addresses: [room] })).status, 200);
+  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === dave.id, 10000, 'dave unbound: left');
+  await dave.c.waitFor((e) => e.event === 'unbound');
+  const r = await members(dave.c, { address: room });
+  assert.match(r.error, /does not receive/, 'an unbound client cannot list the members');
+  assert.equal((await api(a.url, 'GET', `/server/presence/${room}`)).body.members.length, 1);
+
+  // Refusals.
+  const chan = `channel:plain-${Date.now()}`;
+  await api(a.url, 'POST', '/server/connect?wait=true', { client: alice.id, addresses: [chan] });
+  await alice.c.waitFor((e) => e.event === 'bound' && e.data.address === chan);
+  for (const [req, why] of [
+    [{ address: chan }, /only presence: addresses/],
+    [{ address: 'presence:elsewhere' }, /does not receive/],
+    [{ address: 'nope' }, /invalid address/],
+    [{ address: room, after: 'a b' }, /invalid client id/],
+    [{ address: room, extra: 1 }, /unknown field/],
+    [null, /members/],
+  ]) {
+    assert.match((await members(alice.c, req)).error, why, JSON.stringify(req));
+  }
+  assert.equal((await api(a.url, 'GET', `/server/presence/${room}?after=${encodeURIComponent('a b')}`)).status, 400);
+
+  alice.c.close();
+  dave.c.close();
+  await a.stop();
+  if (b !== a) await b.stop();
+});
+
+test('a dead node\'s members leave after the leader\'s cleanup', { skip: !cluster && 'needs the cluster backend', timeout: 120000 }, async () => {
+  const [a, b] = await nodes('presdead');
+  const room = `presence:dead-${Date.now()}`;
+  const alice = await member(a.url, a.url, room);
+  const bob = await member(b.url, a.url, room, { token: jwt('bob') });
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === bob.id, 10000, 'bob joins');
+  const died = Date.now();
+  await b.kill();
+  bob.c.close();
+  const left = await alice.c.waitFor((e) => e.event === 'left' && e.data.client === bob.id, 30000, 'bob left with his node');
+  console.log(`# left announced ${Date.now() - died} ms after SIGKILL (ZooKeeper session 4000 ms)`);
+  assert.deepEqual(left.data, { address: room, client: bob.id, user: 'bob' });
+  assert.deepEqual((await api(a.url, 'GET', `/server/presence/${room}`)).body.members, [{ client: alice.id }]);
+  alice.c.close();
+  await a.stop();
+});

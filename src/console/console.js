@@ -306,6 +306,12 @@ import { connect, webStorage } from '/signalpost-client.js';
     addRow('unbound', { address: b.address, version: b.version, text: `unbound at v${b.version}` });
   });
   client.on('synced', (s) => addRow('synced', { text: `synced ${json(s.cursors || {})}` }));
+  for (const kind of ['joined', 'left']) {
+    client.on(kind, (m) => addRow(kind, {
+      address: m.address,
+      text: `${m.client === client.clientId ? 'this client' : m.client}${m.user ? ` (user ${m.user})` : ''} ${kind === 'joined' ? 'became a member' : 'is no longer a member'}`,
+    }));
+  }
   client.on('kicked', (k) => {
     addRow('error', { text: `kicked: ${k.reason} — press Reconnect to connect again` });
     setMsg('conn-error', `kicked by the server: ${k.reason}`, 'error');
@@ -432,6 +438,20 @@ import { connect, webStorage } from '/signalpost-client.js';
       }
       const msgs = [...page.messages].reverse();
       const range = msgs.length ? `v${msgs[msgs.length - 1].version}–v${msgs[0].version}` : 'none';
+      // A presence address: its members too (the connected clients bound to it).
+      let members = null;
+      if (address.startsWith('presence:')) {
+        const p = await api('GET', `/server/presence/${encodeURIComponent(address)}`);
+        members = [
+          el('h3', { text: `members (${p.members.length}${p.truncated ? '+' : ''})` }),
+          p.members.length
+            ? el('ul', { class: 'members', 'data-testid': 'mailbox-members' }, p.members.map((m) => el('li', {
+              class: 'mono', 'data-testid': 'mailbox-member', 'data-client': m.client,
+              text: `${m.client}${m.user ? ` (user ${m.user})` : ''}${m.client === client.clientId ? ' — this page' : ''}`,
+            })))
+            : el('div', { class: 'muted', text: 'nobody connected is bound to it' }),
+        ];
+      }
       $('mailbox-result').replaceChildren(
         kv([['address', page.address, 'mailbox-address'], ['head', page.head, 'mailbox-head'],
           ['low', page.low ?? '–', 'mailbox-low'], ['showing', `${showing} (${range})`, 'mailbox-showing']]),
@@ -443,7 +463,8 @@ import { connect, webStorage } from '/signalpost-client.js';
               el('td', { class: 'mono', text: clock(m.ts) }),
               el('td', { class: 'mono', title: m.id, text: m.id.length > 14 ? `${m.id.slice(0, 13)}…` : m.id }),
               el('td', { class: 'payload', text: json(m.payload) })))))
-          : el('div', { class: 'muted', text: 'no messages kept at this address' }));
+          : el('div', { class: 'muted', text: 'no messages kept at this address' }),
+        ...(members || []));
     } catch (e) {
       setMsg('mailbox-error', e.message, 'error');
     }

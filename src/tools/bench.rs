@@ -12,6 +12,9 @@
 //!   queue (Kafka on `--backend cluster`), appended and committed, counted from the node's
 //!   `/metrics` — and, with `--cassandra`, the raw rate of writing the same rows batched the same
 //!   way straight into the same Cassandra (the limit the node is held to), and their ratio.
+//! - `presence` (not in `all`; cluster backend, `--cassandra`): what joining and leaving one
+//!   presence address costs in Cassandra as it grows to `--members` members — the join and leave
+//!   latency of the first and the last 10 000, and reading the whole member list.
 
 use super::client::{ClientError, Event, Http, Socket, json_u64};
 use bytes::Bytes;
@@ -70,9 +73,12 @@ pub struct BenchArgs {
     /// Cassandra contact points for the durable scenario's raw baseline (cluster backend)
     #[arg(long)]
     pub cassandra: Option<String>,
-    /// The node's keyspace, for the raw baseline
+    /// The node's keyspace, for the raw baseline and the presence scenario
     #[arg(long, default_value = "signalpost")]
     pub keyspace: String,
+    /// Members the presence scenario joins to one presence address
+    #[arg(long, default_value_t = 100_000)]
+    pub members: usize,
     /// Connect the fanout and latency clients to these nodes instead of `--url`, round-robin
     /// (comma-separated). In a cluster the latency scenario then reports deliveries on the
     /// appending node and deliveries through another node apart.
@@ -102,7 +108,7 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
         report.push(line);
     };
     let known = [
-        "all", "append", "fanout", "latency", "replay", "idle", "durable",
+        "all", "append", "fanout", "latency", "replay", "idle", "durable", "presence",
     ];
     if !known.contains(&args.scenario.as_str()) {
         return Err(ClientError::Http(format!(
@@ -136,6 +142,10 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
     if all || args.scenario == "idle" {
         eprintln!("idle: opening {} connections …", args.idle_connections);
         push(idle(&args).await?);
+    }
+    if args.scenario == "presence" {
+        eprintln!("presence: {} members joining one address …", args.members);
+        push(presence(&args).await?);
     }
     if args.scenario == "durable" {
         eprintln!(
@@ -868,6 +878,140 @@ async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usiz
     }
     eprintln!();
     Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Joins `--members` clients (one connection each, 64 at a time) to one presence address of the
+/// node's keyspace, straight through the node's own Cassandra presence code, then reads the
+/// member list and makes them all leave.
+async fn presence(args: &BenchArgs) -> Res<String> {
+    let Some(cp) = &args.cassandra else {
+        return Err(ClientError::Input(
+            "the presence scenario needs --cassandra <contact points>".into(),
+        ));
+    };
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = cp;
+        Err(ClientError::Input(
+            "the presence scenario needs a build with the cluster backend (--features cluster)"
+                .into(),
+        ))
+    }
+    #[cfg(feature = "cluster")]
+    {
+        use futures_util::StreamExt;
+        use signalpost::address::{Address, ClientId};
+        use signalpost::presence::{Member, Presence, cassandra::CassandraPresence};
+        let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
+        let session = Arc::new(
+            signalpost::cassandra::connect(cp)
+                .await
+                .map_err(|e| err(&e))?,
+        );
+        let p = Arc::new(
+            CassandraPresence::new(session, &args.keyspace)
+                .await
+                .map_err(|e| err(&e))?,
+        );
+        let run = tag();
+        let room = Address::parse(&format!("presence:bench-{run}")).expect("a valid address");
+        let n = args.members;
+        let block = 10_000.min(n);
+        // Each op's latency (µs), by op index.
+        async fn each<F, Fut>(n: usize, f: F) -> Res<Vec<u64>>
+        where
+            F: Fn(usize) -> Fut,
+            Fut: std::future::Future<Output = Res<()>>,
+        {
+            let mut lat = vec![0u64; n];
+            let mut ops = futures_util::stream::iter(0..n)
+                .map(|i| {
+                    let fut = f(i);
+                    async move {
+                        let t = Instant::now();
+                        fut.await?;
+                        Ok::<_, ClientError>((i, t.elapsed().as_micros() as u64))
+                    }
+                })
+                .buffer_unordered(64);
+            let mut done = 0;
+            while let Some(r) = ops.next().await {
+                let (i, us) = r?;
+                lat[i] = us;
+                done += 1;
+                if done % 1000 == 0 {
+                    eprint!("\r  {done:>8}");
+                }
+            }
+            eprintln!();
+            Ok(lat)
+        }
+        let client = |i: usize| ClientId::parse(&format!("m{i:07}-{run}")).expect("a valid id");
+        let started = Instant::now();
+        let joins = each(n, |i| {
+            let (p, room) = (p.clone(), room.clone());
+            async move {
+                let m = Member {
+                    client: client(i),
+                    user: None,
+                };
+                match p.join(&room, &m, "bench", &format!("c{i}")).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ClientError::Http(format!("join {i} was not the first"))),
+                    Err(e) => Err(err(&e)),
+                }
+            }
+        })
+        .await?;
+        let join_rate = n as f64 / started.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut listed = 0;
+        let mut after: Option<ClientId> = None;
+        loop {
+            let page = p
+                .members(&room, after.as_ref(), 10_000)
+                .await
+                .map_err(|e| err(&e))?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.client.clone());
+            listed += page.len();
+        }
+        let list_ms = t.elapsed().as_secs_f64() * 1000.0;
+        if listed != n {
+            return Err(ClientError::Http(format!("listed {listed} of {n} members")));
+        }
+        let leaves = each(n, |i| {
+            let (p, room) = (p.clone(), room.clone());
+            async move {
+                match p.leave(&room, &client(i), "bench", &format!("c{i}")).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(ClientError::Http(format!("leave {i} was not the last"))),
+                    Err(e) => Err(err(&e)),
+                }
+            }
+        })
+        .await?;
+        let q = |lat: &[u64], q: f64| {
+            let mut h = Histogram::<u64>::new(3).expect("a histogram");
+            for v in lat {
+                let _ = h.record(*v);
+            }
+            h.value_at_quantile(q) as f64 / 1000.0
+        };
+        let (first, last) = (&joins[..block], &joins[n - block..]);
+        let (lfirst, llast) = (&leaves[..block], &leaves[n - block..]);
+        Ok(format!(
+            "presence members={n}: {join_rate:.0} joins/s (64 at a time); join p50/p99 first {block} {:.2}/{:.2} ms, last {block} {:.2}/{:.2} ms; leave p50/p99 first {:.2}/{:.2} ms, last {:.2}/{:.2} ms; the whole member list read in {list_ms:.0} ms",
+            q(first, 0.5),
+            q(first, 0.99),
+            q(last, 0.5),
+            q(last, 0.99),
+            q(lfirst, 0.5),
+            q(lfirst, 0.99),
+            q(llast, 0.5),
+            q(llast, 0.99),
+        ))
+    }
 }
 
 #[cfg(test)]

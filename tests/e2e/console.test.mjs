@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startNode, api, waitFor } from './lib/harness.mjs';
+import { startNode, api, waitFor, connect as connectOther } from './lib/harness.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '..', '..');
@@ -163,6 +163,26 @@ test('the console: bind, send, receive, disconnect, resume with exactly the miss
     assert.equal(await byTestId(page, 'client-bindings').textContent(), channel);
     assert.match(await byTestId(page, 'client-connected').textContent(), /^connected/);
     await waitFor(async () => JSON.parse(await byTestId(page, 'client-cursors').textContent())[channel] >= 1, 5000, 'cursors shown');
+
+    // A presence address: the page hears itself join, and the look-up lists the members.
+    const room = 'presence:console-room';
+    await byTestId(page, 'lookup-range').selectOption('');
+    await byTestId(page, 'channel-input').fill(room);
+    await byTestId(page, 'bind-button').click();
+    const joined = await waitFeed(page, (r) => r.kind === 'joined' && r.address === room, 'joined');
+    assert.match(joined.text, /this client became a member/);
+    await byTestId(page, 'lookup-address').fill(room);
+    await byTestId(page, 'lookup-address-button').click();
+    await waitFor(async () => (await page.locator('[data-testid=mailbox-member]').count()) === 1, 5000, 'members listed');
+    assert.equal(await page.locator('[data-testid=mailbox-member]').first().getAttribute('data-client'), clientId);
+    // Somebody else joins and leaves: the page is told.
+    const other = connectOther(node.url);
+    const os = await other.ready;
+    await api(node.url, 'POST', '/server/connect?wait=true', { client: os.clientId, addresses: [room] });
+    await waitFeed(page, (r) => r.kind === 'joined' && r.text.includes(os.clientId), 'the other joined');
+    other.close();
+    await waitFeed(page, (r) => r.kind === 'left' && r.text.includes(os.clientId), 'the other left');
+    assert.equal((await api(node.url, 'POST', '/server/disconnect?wait=true', { client: clientId, addresses: [room] })).status, 200);
 
     // Rates from /metrics show up after two polls.
     await waitFor(async () => (await byTestId(page, 'rate-appends').getAttribute('data-rate')) !== null, 8000, 'rates');

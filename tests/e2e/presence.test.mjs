@@ -6,6 +6,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { BACKEND, startNode, api, connect, testCluster, waitFor } from './lib/harness.mjs';
+import { io } from 'socket.io-client';
+import { connect as library, memoryStorage } from '../../clients/js/src/client.js';
 
 const cluster = BACKEND === 'cluster';
 const secret = 'presence-test-secret-0123456789abcdef';
@@ -142,4 +144,34 @@ test('a dead node\'s members leave after the leader\'s cleanup', { skip: !cluste
   assert.deepEqual((await api(a.url, 'GET', `/server/presence/${room}`)).body.members, [{ client: alice.id }]);
   alice.c.close();
   await a.stop();
+});
+
+test('the client library: joined and left handlers, members()', { timeout: 120000 }, async () => {
+  const [a, b] = await nodes('preslib');
+  const room = `presence:lib-${Date.now()}`;
+  const open = (url) => {
+    const lib = library({ io, urls: [url], storage: memoryStorage(), socketOptions: { transports: ['websocket'] } });
+    const seen = [];
+    lib.on('joined', (m) => seen.push(`joined ${m.client}`));
+    lib.on('left', (m) => seen.push(`left ${m.client}`));
+    return { lib, seen };
+  };
+  const x = open(a.url);
+  const y = open(b.url);
+  await waitFor(() => x.lib.state === 'live' && y.lib.state === 'live', 10000, 'both live');
+  await assert.rejects(x.lib.members(room), /does not receive/);
+  for (const c of [x, y]) {
+    assert.equal((await api(a.url, 'POST', '/server/connect?wait=true', { client: c.lib.clientId, addresses: [room] })).status, 200);
+    await waitFor(() => c.seen.includes(`joined ${c.lib.clientId}`), 10000, 'joined itself');
+  }
+  await waitFor(() => x.seen.includes(`joined ${y.lib.clientId}`), 10000, 'x sees y join');
+  const ids = [x.lib.clientId, y.lib.clientId].sort();
+  assert.deepEqual((await x.lib.members(room)).map((m) => m.client), ids);
+  assert.deepEqual(await y.lib.members(room, { after: ids[0], page: true }), { members: [{ client: ids[1] }], truncated: false });
+  await y.lib.close();
+  await waitFor(() => x.seen.includes(`left ${y.lib.clientId}`), 10000, 'x sees y leave');
+  assert.deepEqual((await x.lib.members(room)).map((m) => m.client), [x.lib.clientId]);
+  await x.lib.close({ forget: true });
+  await a.stop();
+  if (b !== a) await b.stop();
 });

@@ -3,7 +3,9 @@
 // unread, stored compressed; on both backends.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNode, api, connect, fill } from './lib/harness.mjs';
+import { startNode, api, connect, fill, waitFor } from './lib/harness.mjs';
+import { io } from 'socket.io-client';
+import { connect as library, memoryStorage } from '../../clients/js/src/client.js';
 
 /** Sends `read` with an acknowledgement callback; resolves with the answer. */
 const read = (c, req) => new Promise((resolve) => c.socket.emit('read', req, resolve));
@@ -84,6 +86,20 @@ test('read marks single messages; the server API answers ranges and unread, comp
   assert.deepEqual(st.read.slice(0, 2), [[1, 1], [3, 3]]);
   console.log(`every other message of 100 000 read: ${st.bytes} bytes stored`);
   assert.ok(st.bytes < 20_000, `${st.bytes} bytes`);
+
+  // The client library's read(): marks, and a refusal as a rejection.
+  const lib = library({ io, urls: [node.url], storage: memoryStorage(), socketOptions: { transports: ['websocket'] } });
+  await waitFor(() => lib.state === 'live', 10000, 'the library live');
+  await assert.rejects(lib.read(channel, [1]), /does not receive/);
+  assert.equal((await api(node.url, 'POST', '/server/connect?wait=true', { client: lib.clientId, addresses: [channel] })).status, 200);
+  let answer;
+  await waitFor(async () => { answer = await lib.read(channel, [4, 6]).catch(() => null); return answer; }, 10000, 'read once bound');
+  assert.equal(answer.ok, true);
+  assert.ok(answer.bytes > 0);
+  await assert.rejects(lib.read(channel, [99]), /does not exist/);
+  const mine = (await api(node.url, 'GET', `/server/clients/${lib.clientId}/read/${channel}`)).body;
+  assert.deepEqual(mine.read, [[4, 4], [6, 6]]);
+  await lib.close({ forget: true });
   a.close();
   assert.equal((await node.stop()).code, 0);
 });

@@ -17,7 +17,7 @@ const DEFAULTS = {
   maxDelay: 10000, // ms: the longest wait between attempts
   connectTimeout: 10000, // ms for one connection attempt
   refreshBefore: 30000, // ms before the token's exp to fetch a new one (at most half its life)
-  requestTimeout: 10000, // ms to wait for the answer to `refresh` or `history`
+  requestTimeout: 10000, // ms to wait for the answer to `refresh`, `history`, `read` or `members`
 };
 
 // ------------------------------------------------------------------------------------ storage
@@ -173,14 +173,40 @@ export class SignalpostClient {
    *  Only for an address this client receives. Resolves with the messages; they are not
    *  handed to the `signal` handlers and move no cursor. Rejects with the server's reason. */
   async history(address, { since, until, last, limit } = {}) {
+    const req = { address };
+    for (const [k, v] of Object.entries({ since, until, last, limit })) if (v !== undefined) req[k] = v;
+    const a = await this._ask('history', req);
+    if (!a || !Array.isArray(a.messages)) throw new Error((a && a.error) || 'history refused');
+    return a.messages;
+  }
+
+  /** Marks single messages read (the server's `read`; apart from the ack cursor): `versions`
+   *  of an address this client receives, 1–1000 at a time. Resolves with `{ ok, bytes }`,
+   *  rejects with the server's reason. */
+  async read(address, versions) {
+    const a = await this._ask('read', { address, versions: Array.isArray(versions) ? versions : [versions] });
+    if (!a || !a.ok) throw new Error((a && a.error) || 'read refused');
+    return a;
+  }
+
+  /** The members of a presence address this client receives (the server's `members`), by
+   *  client id: resolves with `[{ client, user? }]`. Over 10 000 members come a page at a time:
+   *  pass `{ after: <last client> }` for the next (the answer of `{ page: true }` calls is
+   *  `{ members, truncated }`). Rejects with the server's reason. */
+  async members(address, { after, page = false } = {}) {
+    const req = { address };
+    if (after !== undefined) req.after = after;
+    const a = await this._ask('members', req);
+    if (!a || !Array.isArray(a.members)) throw new Error((a && a.error) || 'members refused');
+    return page ? a : a.members;
+  }
+
+  /** A request with an answer on the main connection, once it is connected. */
+  async _ask(event, req) {
     await this._ready;
     const conn = this._main;
     if (!conn || !conn.session || conn.closed) throw new Error('not connected');
-    const req = { address };
-    for (const [k, v] of Object.entries({ since, until, last, limit })) if (v !== undefined) req[k] = v;
-    const a = await this._request(conn, 'history', req);
-    if (!a || !Array.isArray(a.messages)) throw new Error((a && a.error) || 'history refused');
-    return a.messages;
+    return this._request(conn, event, req);
   }
 
   /** Stops: acks what was processed, closes every connection, keeps the stored identity

@@ -28,7 +28,10 @@ export interface Session {
 }
 export interface Synced { cursors: Record<string, number>; }
 export interface Kicked { reason: string; }
+/** `joined` / `left`: a client became or stopped being a member of a presence address. */
 export interface Member { address: string; client: string; user?: string; }
+/** One entry of a member list. */
+export interface Listed { client: string; user?: string; }
 export interface Reset { reason: string; }
 
 export type State = 'connecting' | 'replaying' | 'live' | 'offline';
@@ -97,7 +100,7 @@ export interface ConnectOptions {
   connectTimeout?: number;
   /** ms before exp to refresh a token from the callback (at most half its life). Default 30000. */
   refreshBefore?: number;
-  /** ms to wait for the answer to `refresh` or `history`. Default 10000. */
+  /** ms to wait for the answer to `refresh`, `history`, `read` or `members`. Default 10000. */
   requestTimeout?: number;
 }
 
@@ -119,6 +122,13 @@ export declare class SignalpostClient {
    *  epoch; at most `limit`, default 100), or the `last` n; oldest first. Not delivered to the
    *  handlers; no cursor moves. */
   history<P = unknown>(address: string, range?: { since?: number; until?: number; last?: number; limit?: number }): Promise<Signal<P>[]>;
+  /** Marks single messages read (apart from the ack cursor); 1–1000 versions of an address this
+   *  client receives. Resolves with the bytes the client's read state of the address takes. */
+  read(address: string, versions: number | number[]): Promise<{ ok: true; bytes: number }>;
+  /** The members of a presence address this client receives, by client id (10 000 at most;
+   *  `after` pages on, `page: true` resolves with `{ members, truncated }`). */
+  members(address: string, options?: { after?: string }): Promise<Listed[]>;
+  members(address: string, options: { after?: string; page: true }): Promise<{ members: Listed[]; truncated: boolean }>;
   close(options?: { forget?: boolean }): Promise<void>;
   reconnect(): void;
 }

@@ -15,7 +15,9 @@ pub const MAX_ID_LEN: usize = 200;
 /// Why a piece of input was not a valid address, client id or message id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
-    #[error("invalid address {0:?}: expected kind:name with kind client, channel or presence")]
+    #[error(
+        "invalid address {0:?}: expected kind:name with kind client, channel, presence or work"
+    )]
     Kind(String),
     #[error("invalid address {0:?}: name must be 1-200 bytes of [A-Za-z0-9._~@+=-]")]
     Name(String),
@@ -35,6 +37,8 @@ pub enum Kind {
     /// A channel whose connected bound clients are its *members*: they are told who joins and
     /// leaves ([`crate::presence`]).
     Presence,
+    /// Each message goes to one of the connected bound clients ([`crate::work`]).
+    Work,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -55,7 +59,7 @@ impl Address {
         let (kind, name) = s
             .split_once(':')
             .ok_or_else(|| AddressError::Kind(s.into()))?;
-        if !matches!(kind, "client" | "channel" | "presence") {
+        if !matches!(kind, "client" | "channel" | "presence" | "work") {
             return Err(AddressError::Kind(s.into()));
         }
         if !valid_name(name) {
@@ -78,6 +82,8 @@ impl Address {
             Kind::Client
         } else if self.0.starts_with("presence:") {
             Kind::Presence
+        } else if self.0.starts_with("work:") {
+            Kind::Work
         } else {
             Kind::Channel
         }
@@ -135,6 +141,13 @@ impl ClientId {
         } else {
             Err(AddressError::ClientId(s.into()))
         }
+    }
+
+    /// A name for the node's own records kept beside clients' (e.g. the done set of a work
+    /// address, kept as read marks): it must hold a character no client id may have.
+    pub(crate) fn reserved(name: &'static str) -> Self {
+        debug_assert!(!valid_name(name));
+        Self(name.into())
     }
 
     /// A fresh random client id.
@@ -216,6 +229,7 @@ mod tests {
         assert_eq!(Address::of_client(&ClientId::parse("abc").unwrap()), c);
         let p = Address::parse("presence:room-1").unwrap();
         assert_eq!((p.kind(), p.client()), (Kind::Presence, None));
+        assert_eq!(Address::parse("work:jobs").unwrap().kind(), Kind::Work);
     }
 
     #[test]

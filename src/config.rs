@@ -70,6 +70,12 @@ pub struct Config {
     /// How long a connection may take to answer a ping before it is closed (`pingTimeout`), in
     /// ms; shorter than `ping_interval_ms`.
     pub ping_timeout_ms: u64,
+    /// How long a client may hold a message of a `work:` address without acking it before it
+    /// goes to another client, in ms.
+    pub work_ack_timeout_ms: u64,
+    /// Most messages of one `work:` address one client holds (sent, not acked) at once, per
+    /// unit of its binding's weight.
+    pub work_in_flight: usize,
     /// Most messages appended in one storage batch.
     pub append_batch: usize,
     /// What one node, one client and one request may use.
@@ -242,6 +248,8 @@ impl Default for Config {
             replay_page: 512,
             ping_interval_ms: 25_000,
             ping_timeout_ms: 20_000,
+            work_ack_timeout_ms: 30_000,
+            work_in_flight: 32,
             append_batch: 4096,
             limits: Limits::default(),
             tls: Tls::default(),
@@ -452,6 +460,9 @@ impl Config {
             // Engine.IO schedules pings on a fixed clock only while each answer comes within the
             // interval; the gateway's room for the ping relies on that schedule.
             return bad("ping_timeout_ms must be positive and shorter than ping_interval_ms");
+        }
+        if self.work_ack_timeout_ms == 0 || self.work_in_flight == 0 {
+            return bad("work_ack_timeout_ms and work_in_flight must be positive");
         }
         if self.embedded.cache_mb < 8 {
             return bad("store_cache_mb ([embedded] cache_mb) must be at least 8");

@@ -7,6 +7,7 @@
 //! - [`presence`]: who is connected where; [`cluster`]: live nodes and the leader;
 //! - [`ingest`]: the operations queue and the processor that applies them;
 //! - [`routing`]: from appended messages to local connections, and the fan-out port;
+//! - [`work`]: work addresses — each message to one connected client, by weight, until acked;
 //! - [`peers`]: the other nodes of a cluster (interests, forwarding, its transport and routes);
 //! - [`gateway`]: Socket.IO (handshake, resume, replay, live delivery, acks);
 //! - [`api`]: the HTTP server API; [`console`]: the page; [`listener`]: TLS, caps, timeouts;
@@ -35,3 +36,4 @@ pub mod routing;
 pub mod security;
 pub mod tasks;
 pub mod topology;
+pub mod work;

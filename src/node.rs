@@ -183,12 +183,26 @@ impl Node {
                 tasks: tasks.clone(),
             },
         );
+        let work = crate::work::Dispatcher::new(
+            mailbox.clone(),
+            topology.clone(),
+            reads.clone(),
+            crate::work::Settings {
+                ack_timeout: Duration::from_millis(config.work_ack_timeout_ms),
+                in_flight: config.work_in_flight,
+                retention_secs: config.retention_secs,
+            },
+        );
         // Delivery flows one way: the processor hands what it applied to the other nodes
-        // first, then to this node's connections.
+        // first, then to this node's connections and its work addresses.
         let processor = Arc::new(Processor {
             mailbox: mailbox.clone(),
             topology: topology.clone(),
-            fanout: vec![peers.clone() as Arc<dyn Fanout>, router.clone()],
+            fanout: vec![
+                peers.clone() as Arc<dyn Fanout>,
+                router.clone(),
+                work.clone(),
+            ],
             metrics: metrics.clone(),
             max_bindings: config.limits.max_bindings_per_client,
         });
@@ -208,6 +222,7 @@ impl Node {
             reads,
             presence,
             router,
+            work,
             metrics,
             connections: Slots::new(config.limits.max_connections),
             draining: AtomicBool::new(false),
@@ -220,6 +235,7 @@ impl Node {
             peer_auth,
         });
         spawn_expiry(&gw, &tasks);
+        spawn_work(&gw, &tasks);
         spawn_cleanup(&api, &tasks);
         spawn_gate_sweep(&gw, &tasks);
         if let Some(join) = join {
@@ -286,7 +302,7 @@ impl Node {
             .await
             .map_err(NodeError::Serve)?;
         // Stop = cancel (no new work, no timers) → client connections closed (above) → the queue
-        // drained → acks written → every task returned.
+        // drained → every task returned → acks and done work messages written.
         api.queue.drain().await;
         if !self.tasks.stop(TASKS_GRACE).await {
             tracing::warn!(
@@ -295,6 +311,7 @@ impl Node {
             );
         }
         gw.acks.flush().await;
+        gw.work.flush().await;
         tracing::info!("drained");
         Ok(())
     }
@@ -403,6 +420,22 @@ fn spawn_cleanup(api: &Arc<Api>, tasks: &Tasks) {
                 }
             }
         }
+    });
+}
+
+/// The work addresses' timers: acked versions are stored every 20 ms, and messages held past
+/// the ack timeout go to another client (checked 4 times per timeout, at most every second).
+fn spawn_work(svc: &Arc<Gateway>, tasks: &Tasks) {
+    let work = svc.work.clone();
+    tasks.every(Duration::from_millis(20), move || {
+        let work = work.clone();
+        async move { work.flush().await }
+    });
+    let work = svc.work.clone();
+    let every = Duration::from_millis((svc.config.work_ack_timeout_ms / 4).clamp(10, 1000));
+    tasks.every(every, move || {
+        let work = work.clone();
+        async move { work.expire(std::time::Instant::now()).await }
     });
 }
 

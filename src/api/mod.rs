@@ -203,6 +203,7 @@ fn limits(svc: &Api) -> parse::Limits {
     parse::Limits {
         max_payload: svc.gw.config.limits.max_payload_bytes,
         max_batch: svc.gw.config.limits.max_batch,
+        work: svc.gw.config.backend == crate::config::Backend::Embedded,
     }
 }
 
@@ -277,23 +278,9 @@ async fn change_bindings(
     b: Result<Bytes, BytesRejection>,
     bind: bool,
 ) -> Result<Json<Value>, ApiError> {
-    let (client, addresses, rewind) = parse::binding(&body(b)?, limits(svc))?;
-    let command = if bind {
-        Command::Bind {
-            client: client.clone(),
-            addresses,
-            rewind,
-        }
-    } else if rewind.is_some() {
-        return Err(ApiError::BadRequest(
-            "rewind is for /server/connect (a binding's start), not for disconnect".into(),
-        ));
-    } else {
-        Command::Unbind {
-            client: client.clone(),
-            addresses,
-        }
-    };
+    let request = parse::binding(&body(b)?, limits(svc))?;
+    let client = request.client.clone();
+    let command = request.into_command(bind)?;
     // The contract: a binding not durable within 5 s answers 503 (not the 504 of other waits).
     let unavailable = |e: ApiError| match e {
         ApiError::Timeout(m) => ApiError::Unavailable(m),

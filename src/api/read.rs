@@ -70,6 +70,32 @@ pub async fn mailbox(
         mailbox.read(&a, q.after.unwrap_or(0), limit).await
     }
     .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if a.kind() == Kind::Work {
+        // Each message with its state: waiting, assigned (to a client) or done.
+        let versions: Vec<u64> = page.messages.iter().map(|m| m.version).collect();
+        let states = svc
+            .gw
+            .work
+            .states(&a, &versions)
+            .await
+            .map_err(ApiError::Unavailable)?;
+        let mut messages = Vec::with_capacity(versions.len());
+        for (m, st) in page.messages.iter().zip(states) {
+            let mut v: Value = serde_json::from_str(m.signal.get())
+                .map_err(|e| ApiError::Unavailable(format!("a stored message: {e}")))?;
+            if let (Some(o), Value::Object(f)) = (v.as_object_mut(), st.fields()) {
+                o.extend(f);
+            }
+            messages.push(v);
+        }
+        return Ok(Json(json!({
+            "address": a,
+            "head": page.head.head,
+            "low": page.head.low,
+            "messages": messages,
+        }))
+        .into_response());
+    }
     // Serialized straight from the stored text (never parsed into a value again), so a read
     // cannot fail on what was stored.
     #[derive(serde::Serialize)]

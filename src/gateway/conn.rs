@@ -45,6 +45,22 @@ struct Track {
     known: u64,
 }
 
+impl Track {
+    /// A track delivered up to `start`. A work address's is never behind: its messages are
+    /// dealt out by the dispatcher ([`crate::work`]), not replayed or offered by the router.
+    fn starting(address: &Address, start: u64) -> Self {
+        let start = if address.kind() == Kind::Work {
+            u64::MAX
+        } else {
+            start
+        };
+        Track {
+            delivered: start,
+            known: start,
+        }
+    }
+}
+
 struct State {
     phase: Phase,
     tracks: HashMap<Address, Track>,
@@ -279,13 +295,7 @@ impl Conn {
             if st.unbound_in_setup.contains(&a) || st.tracks.contains_key(&a) {
                 continue;
             }
-            st.tracks.insert(
-                a.clone(),
-                Track {
-                    delivered: start,
-                    known: start,
-                },
-            );
+            st.tracks.insert(a.clone(), Track::starting(&a, start));
             added.push(a);
         }
         added
@@ -394,6 +404,10 @@ impl Conn {
             let a = address.clone();
             tokio::spawn(async move { me.sync_presence(&[a]).await });
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().phase == Phase::Closed
     }
 
     /// Keeps the connection's slot under the cap until it closes.
@@ -540,9 +554,11 @@ impl Conn {
             return Step::Read(a.clone(), t.delivered);
         }
         if !st.synced {
+            // (A work address has no cursor: its messages are dealt out, not replayed.)
             let cursors: serde_json::Map<String, serde_json::Value> = st
                 .tracks
                 .iter()
+                .filter(|(a, _)| a.kind() != Kind::Work)
                 .map(|(a, t)| (a.to_string(), json!(t.delivered)))
                 .collect();
             match st.out.emit("synced", &json!({ "cursors": cursors })) {
@@ -656,13 +672,8 @@ impl Subscriber for Conn {
             return;
         }
         st.unbound_in_setup.remove(address);
-        st.tracks.insert(
-            address.clone(),
-            Track {
-                delivered: since,
-                known: since,
-            },
-        );
+        st.tracks
+            .insert(address.clone(), Track::starting(address, since));
         if st.phase != Phase::Setup {
             self.control(
                 &mut st,
@@ -681,6 +692,17 @@ impl Subscriber for Conn {
             self.svc.peers.want_then_catch_up(vec![address.clone()]);
         }
         self.spawn_sync_presence(address);
+        if address.kind() == Kind::Work
+            && let Some(me) = self.me.upgrade()
+        {
+            let a = address.clone();
+            tokio::spawn(async move {
+                let work = me.svc.work.clone();
+                if me.receives(&a) && !me.is_closed() {
+                    work.join(&a, me, None).await;
+                }
+            });
+        }
     }
 
     fn known(&self, address: &Address, head: u64) {
@@ -720,6 +742,10 @@ impl Subscriber for Conn {
             .router
             .unsubscribe(&self.id, std::slice::from_ref(address));
         self.spawn_sync_presence(address);
+        if address.kind() == Kind::Work {
+            let (work, a, id) = (self.svc.work.clone(), address.clone(), self.id.clone());
+            tokio::spawn(async move { work.leave(&a, &id).await });
+        }
     }
 
     fn presence(&self, change: &Change) {
@@ -728,6 +754,43 @@ impl Subscriber for Conn {
             && st.tracks.contains_key(&change.address)
         {
             self.control(&mut st, change.event(), change.data());
+        }
+    }
+}
+
+/// The dispatcher deals messages of work addresses to connections one by one.
+impl crate::work::Worker for Conn {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn client(&self) -> &ClientId {
+        &self.client
+    }
+
+    fn give(&self, address: &Address, message: &Arc<Message>) -> bool {
+        let mut st = self.lock();
+        if st.phase == Phase::Closed || !st.tracks.contains_key(address) {
+            return false;
+        }
+        if st.pending.is_empty() {
+            match st.out.emit("signal", &*message.signal) {
+                Emit::Sent => {
+                    self.svc.metrics.deliveries.increment(1);
+                    return true;
+                }
+                Emit::Closed => return false,
+                Emit::Full => {}
+            }
+        }
+        // Behind a full buffer: queued like a control event, sent by the repair task.
+        match serde_json::from_str(message.signal.get()) {
+            Ok(v) => {
+                st.pending.push_back(("signal", v));
+                self.repair(&mut st);
+                true
+            }
+            Err(_) => false,
         }
     }
 }

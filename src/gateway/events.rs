@@ -21,6 +21,15 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
                     return refused(&s, &svc, first);
                 }
                 match parse_ack(data.ok()) {
+                    // A work address's ack says one message is done.
+                    Ok((address, version))
+                        if address.kind() == crate::address::Kind::Work && c.receives(&address) =>
+                    {
+                        svc.metrics.acks.increment(1);
+                        if let Err(e) = svc.work.ack(&address, c.client(), version).await {
+                            error(&s, &e.to_string());
+                        }
+                    }
                     Ok((address, version)) if c.receives(&address) => {
                         svc.metrics.acks.increment(1);
                         svc.acks.ack(c.client().clone(), address, version);

@@ -97,6 +97,8 @@ pub struct Gateway {
     pub presence: Arc<dyn Presence>,
     /// Local routing table (internally locked).
     pub router: Arc<Router>,
+    /// The work addresses: which connection holds which message.
+    pub work: Arc<crate::work::Dispatcher>,
     /// Routing to and from the other nodes.
     pub peers: Arc<Peers>,
     pub credentials: Credentials,
@@ -292,6 +294,12 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
             .map(|b| (b.address.clone(), start(&b.address, b.since)))
             .collect(),
     );
+    // Work addresses take no replay: their messages are dealt out once the session is out.
+    let work: Vec<(Address, u32)> = bindings
+        .iter()
+        .filter(|b| b.address.kind() == Kind::Work && added.contains(&b.address))
+        .map(|b| (b.address.clone(), crate::work::weight_of(b.since)))
+        .collect();
     svc.router.subscribe(&sub, &added);
     let addrs: Vec<Address> = conn.cursors().into_iter().map(|(a, _)| a).collect();
     // The other nodes forward these addresses here from now on; what they appended before is
@@ -335,6 +343,9 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
     if !presence.is_empty() {
         conn.sync_presence(&presence).await;
     }
+    for (a, weight) in work {
+        svc.work.join(&a, conn.clone(), Some(weight)).await;
+    }
     if id.user.is_some() {
         events::expire_at_token_end(&conn);
         if svc.config.limits.max_connections_per_user > 0 {
@@ -347,6 +358,9 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
 async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     let Some(addrs) = conn.close() else { return };
     svc.router.unregister(&**conn, &addrs);
+    for a in addrs.iter().filter(|a| a.kind() == Kind::Work) {
+        svc.work.leave(a, conn.id()).await;
+    }
     let presence: Vec<Address> = addrs
         .into_iter()
         .filter(|a| a.kind() == Kind::Presence)

@@ -543,14 +543,17 @@ impl Queue for KafkaQueue {
                 }
                 | Command::Unbind { client, addresses } => {
                     let ticket = format!("b\u{0}{}", uuid::Uuid::new_v4());
-                    let (topic, rewind) = match c {
-                        Command::Bind { rewind, .. } => (&t.connect, *rewind),
-                        _ => (&t.disconnect, None),
+                    let (topic, rewind, weight) = match c {
+                        Command::Bind { rewind, weight, .. } => (&t.connect, *rewind, *weight),
+                        _ => (&t.disconnect, None, None),
                     };
                     let mut value =
                         json!({ "client": client, "addresses": addresses, "ticket": ticket });
                     if let Some(r) = rewind {
                         value["rewind"] = r.to_json();
+                    }
+                    if let Some(w) = weight {
+                        value["weight"] = json!(w);
                     }
                     (topic, client.to_string(), value.to_string(), ticket)
                 }
@@ -847,21 +850,8 @@ impl Worker {
         let ticket = serde_json::from_slice::<serde_json::Value>(bytes)
             .ok()
             .and_then(|v| v.get("ticket").and_then(|t| t.as_str()).map(str::to_string));
-        let command = parse::binding(bytes, limits).and_then(|(client, addresses, rewind)| {
-            if m.topic() == t.connect {
-                Ok(Command::Bind {
-                    client,
-                    addresses,
-                    rewind,
-                })
-            } else if rewind.is_some() {
-                Err(parse::Invalid::Bad(
-                    "rewind is for connect records, not disconnect".into(),
-                ))
-            } else {
-                Ok(Command::Unbind { client, addresses })
-            }
-        });
+        let command =
+            parse::binding(bytes, limits).and_then(|b| b.into_command(m.topic() == t.connect));
         Parsed {
             command,
             ticket,

@@ -29,6 +29,8 @@ pub enum Command {
         addresses: Vec<Address>,
         /// Where newly bound addresses start, when not at their head.
         rewind: Option<Rewind>,
+        /// The share of the work of its `work:` addresses (default 1).
+        weight: Option<u32>,
     },
     Unbind {
         client: ClientId,
@@ -239,6 +241,7 @@ impl Processor {
                 client,
                 addresses,
                 rewind,
+                weight,
             } => {
                 let held = self.topology.get(&client).await?;
                 let new = addresses
@@ -261,6 +264,8 @@ impl Processor {
                 for (a, h) in addresses.iter().zip(&heads) {
                     let kept = h.low.saturating_sub(1);
                     let since = match rewind {
+                        // A work address has no cursor: its binding keeps the weight there.
+                        _ if a.kind() == crate::address::Kind::Work => weight.unwrap_or(1) as u64,
                         None => h.head,
                         Some(Rewind::Last(n)) => h.head.saturating_sub(n).max(kept),
                         Some(Rewind::Since(t)) => {
@@ -277,8 +282,19 @@ impl Processor {
                 }
                 let added = self.topology.add(&client, &want).await?;
                 self.metrics.bindings.increment(added.len() as u64);
-                let new: Vec<(Address, u64)> =
-                    added.iter().map(|b| (b.address.clone(), b.since)).collect();
+                // What is reported is the head, also for a work address (whose `since` is its
+                // weight).
+                let head_of = |a: &Address, since: u64| match a.kind() {
+                    crate::address::Kind::Work => addresses
+                        .iter()
+                        .position(|x| x == a)
+                        .map_or(0, |i| heads[i].head),
+                    _ => since,
+                };
+                let new: Vec<(Address, u64)> = added
+                    .iter()
+                    .map(|b| (b.address.clone(), head_of(&b.address, b.since)))
+                    .collect();
                 for f in &self.fanout {
                     f.bound(&client, &new);
                 }
@@ -296,7 +312,7 @@ impl Processor {
                     .filter_map(|a| {
                         all.iter()
                             .find(|b| &b.address == a)
-                            .map(|b| (a.clone(), b.since))
+                            .map(|b| (a.clone(), head_of(a, b.since)))
                     })
                     .collect();
                 Ok(Outcome::Bound {

@@ -27,6 +27,16 @@ fn bad(m: impl Into<String>) -> Invalid {
 pub struct Limits {
     pub max_payload: usize,
     pub max_batch: usize,
+    /// Whether this backend serves `work:` addresses (the embedded one does; the cluster
+    /// backend refuses them until its dispatcher is cluster-wide).
+    pub work: bool,
+}
+
+/// The refusal of a `work:` address on a backend that does not serve them.
+fn work_refused(a: &Address) -> Invalid {
+    bad(format!(
+        "{a}: work addresses are served by the embedded backend only, not yet by the cluster backend"
+    ))
 }
 
 /// Deepest nesting of arrays and objects a payload may have.
@@ -150,6 +160,9 @@ fn message(
     let address: String = serde_json::from_str(address.get())
         .map_err(|_| bad(format!("{at}address must be a string")))?;
     let address = Address::parse(&address).map_err(|e| bad(format!("{at}{e}")))?;
+    if address.kind() == crate::address::Kind::Work && !limits.work {
+        return Err(bad(format!("{at}{}", work_refused(&address))));
+    }
     let payload = m
         .payload
         .ok_or_else(|| bad(format!("{at}payload is required")))?;
@@ -226,18 +239,59 @@ struct BindIn {
     client: Value,
     addresses: Value,
     rewind: Option<Value>,
+    weight: Option<Value>,
     /// Set by nodes on the records they produce, to match the answer to the waiting request.
     #[serde(default, rename = "ticket")]
     _ticket: Option<String>,
 }
 
-/// `{client, addresses: [..], rewind?}` of a bind or unbind (`rewind`: a count, or
-/// `{since: <ms>}`).
-pub fn binding(
-    bytes: &[u8],
-    limits: Limits,
-) -> Result<(ClientId, Vec<Address>, Option<super::Rewind>), Invalid> {
+/// A parsed bind or unbind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindRequest {
+    pub client: ClientId,
+    pub addresses: Vec<Address>,
+    pub rewind: Option<super::Rewind>,
+    /// For the `work:` addresses of a bind: their share of the work (1–1000).
+    pub weight: Option<u32>,
+}
+
+impl BindRequest {
+    /// The command: a bind, or an unbind (which takes neither `rewind` nor `weight`).
+    pub fn into_command(self, bind: bool) -> Result<super::Command, Invalid> {
+        let BindRequest {
+            client,
+            addresses,
+            rewind,
+            weight,
+        } = self;
+        if bind {
+            return Ok(super::Command::Bind {
+                client,
+                addresses,
+                rewind,
+                weight,
+            });
+        }
+        if rewind.is_some() || weight.is_some() {
+            return Err(bad(
+                "rewind and weight belong to a bind (connect), not to an unbind (disconnect)",
+            ));
+        }
+        Ok(super::Command::Unbind { client, addresses })
+    }
+}
+
+/// `{client, addresses: [..], rewind?, weight?}` of a bind or unbind (`rewind`: a count, or
+/// `{since: <ms>}`; `weight`: 1–1000, for `work:` addresses).
+pub fn binding(bytes: &[u8], limits: Limits) -> Result<BindRequest, Invalid> {
     let b: BindIn = json(bytes)?;
+    let weight = match &b.weight {
+        None | Some(Value::Null) => None,
+        Some(w) => match w.as_u64() {
+            Some(w @ 1..=1000) => Some(w as u32),
+            _ => return Err(bad("weight must be a whole number from 1 to 1000")),
+        },
+    };
     let rewind = match &b.rewind {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => {
@@ -268,6 +322,9 @@ pub fn binding(
     for a in list {
         let s = a.as_str().ok_or_else(|| bad("addresses must be strings"))?;
         let a = Address::parse(s).map_err(|e| bad(e.to_string()))?;
+        if a.kind() == crate::address::Kind::Work && !limits.work {
+            return Err(work_refused(&a));
+        }
         if a.client().as_ref() == Some(&client) {
             return Err(bad(format!(
                 "{a} is the client's own address; it always receives it"
@@ -277,7 +334,12 @@ pub fn binding(
             addresses.push(a);
         }
     }
-    Ok((client, addresses, rewind))
+    Ok(BindRequest {
+        client,
+        addresses,
+        rewind,
+        weight,
+    })
 }
 
 #[cfg(test)]
@@ -287,6 +349,7 @@ mod tests {
     const L: Limits = Limits {
         max_payload: 16,
         max_batch: 2,
+        work: true,
     };
 
     #[test]
@@ -335,17 +398,41 @@ mod tests {
                 .to_string()
                 .contains("own address")
         );
-        let (c, a, r) = binding(
+        let b = binding(
             br#"{"client":"c","addresses":["channel:x","channel:x"]}"#,
             L,
         )
         .unwrap();
         assert_eq!(
-            (c.as_str(), a.len(), r),
-            ("c", 1, None),
+            (b.client.as_str(), b.addresses.len(), b.rewind, b.weight),
+            ("c", 1, None, None),
             "duplicates are folded"
         );
-        let rewind = |body: &str| binding(body.as_bytes(), L).map(|(_, _, r)| r);
+        // A weight, for work addresses; a backend without them refuses them, naming them.
+        let weight = |body: &str, l: Limits| binding(body.as_bytes(), l).map(|b| b.weight);
+        let body = r#"{"client":"c","addresses":["work:w"],"weight":3}"#;
+        assert_eq!(weight(body, L).unwrap(), Some(3));
+        for bad in ["0", "1001", "2.5", "\"3\""] {
+            let body = format!(r#"{{"client":"c","addresses":["work:w"],"weight":{bad}}}"#);
+            assert!(
+                weight(&body, L)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("weight must be")
+            );
+        }
+        let no_work = Limits { work: false, ..L };
+        let e = weight(body, no_work).unwrap_err().to_string();
+        assert!(
+            e.contains("work:w") && e.contains("embedded backend only"),
+            "{e}"
+        );
+        let unbind = binding(body.as_bytes(), L).unwrap().into_command(false);
+        assert!(unbind.unwrap_err().to_string().contains("not to an unbind"));
+        let id = &mut || MessageId::parse("m").unwrap();
+        let e = enqueue_one(br#"{"address":"work:w","payload":1}"#, no_work, id).unwrap_err();
+        assert!(e.to_string().contains("embedded backend only"));
+        let rewind = |body: &str| binding(body.as_bytes(), L).map(|b| b.rewind);
         use super::super::Rewind;
         assert_eq!(
             rewind(r#"{"client":"c","addresses":["channel:x"],"rewind":5}"#).unwrap(),
@@ -379,6 +466,7 @@ mod tests {
         let big = Limits {
             max_payload: 1 << 20,
             max_batch: 2,
+            work: true,
         };
         let one = |payload: &str| {
             let body = format!(r#"{{"address":"channel:a","payload":{payload}}}"#);

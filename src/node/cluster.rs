@@ -84,6 +84,7 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         limits: crate::ingest::parse::Limits {
             max_payload: config.limits.max_payload_bytes,
             max_batch: config.limits.max_batch,
+            work: false,
         },
         batch: config.append_batch,
         partitions: shards,

@@ -135,6 +135,7 @@ fn settings(topics: &Topics, group: &str) -> KafkaSettings {
         limits: Limits {
             max_payload: 64,
             max_batch: 100,
+            work: false,
         },
         batch: 500,
         partitions: PARTITIONS as u32,
@@ -335,6 +336,7 @@ async fn publish_answers_queued_or_applied() {
         client: ClientId::parse("pc").unwrap(),
         addresses: vec![a.clone()],
         rewind: None,
+        weight: None,
     };
     match &q.publish(vec![bind], true).await.unwrap()[0] {
         Ok(Outcome::Bound { bindings, added }) => assert_eq!((bindings[0].1, *added), (2, 1)),

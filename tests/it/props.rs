@@ -15,6 +15,7 @@ use signalpost::security::Credentials;
 const LIMITS: Limits = Limits {
     max_payload: 4096,
     max_batch: 50,
+    work: true,
 };
 
 /// Any JSON value: nested, with unicode, big and odd numbers, empty keys.
@@ -117,6 +118,7 @@ proptest! {
                     Kind::Client => prop_assert!(a.client().is_some()),
                     Kind::Channel => prop_assert!(a.client().is_none() && s.starts_with("channel:")),
                     Kind::Presence => prop_assert!(a.client().is_none() && s.starts_with("presence:")),
+                    Kind::Work => prop_assert!(a.client().is_none() && s.starts_with("work:")),
                 }
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),
@@ -197,7 +199,8 @@ proptest! {
     #[test]
     fn bind_bodies_are_refused_clearly_or_valid(body in any_body()) {
         match parse::binding(&body, LIMITS) {
-            Ok((client, addresses, _rewind)) => {
+            Ok(parse::BindRequest { client, addresses, weight, .. }) => {
+                prop_assert!(weight.is_none_or(|w| (1..=1000).contains(&w)));
                 prop_assert!(!addresses.is_empty() && addresses.len() <= LIMITS.max_batch);
                 let own = Address::of_client(&client);
                 for (i, a) in addresses.iter().enumerate() {

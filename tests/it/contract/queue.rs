@@ -76,6 +76,7 @@ pub async fn wait_answers_the_applied_outcome(b: &dyn Backend) {
                 client,
                 addresses: vec![a.clone()],
                 rewind: None,
+                weight: None,
             }],
             true,
         )

@@ -1,0 +1,155 @@
+// Work addresses (issue 16) with the official socket.io-client: each message of `work:<name>`
+// goes to exactly one connected bound client, in proportion to its binding's weight; an ack means
+// done; a message not acked in time, or whose client dies first, goes to another; with nobody
+// connected, messages wait; the mailbox read shows each message's state. Embedded backend (the
+// cluster backend refuses work addresses for now: tested too).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { BACKEND, startNode, api, connect, waitFor } from './lib/harness.mjs';
+
+const embedded = BACKEND !== 'cluster';
+const skip = !embedded && 'work addresses are served by the embedded backend only (for now)';
+
+/** A connected client bound to `work` with `weight`; acks every signal of it when `acks`. */
+async function worker(url, work, { weight, acks = true } = {}) {
+  const c = connect(url);
+  const s = await c.ready;
+  await c.waitFor((e) => e.event === 'synced');
+  const body = { client: s.clientId, addresses: [work] };
+  if (weight !== undefined) body.weight = weight;
+  const r = await api(url, 'POST', '/server/connect?wait=true', body);
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  await c.waitFor((e) => e.event === 'bound' && e.data.address === work);
+  if (acks) c.socket.on('signal', (m) => { if (m.address === work) c.socket.emit('ack', { address: work, version: m.version }); });
+  return { c, id: s.clientId, s, versions: () => c.signals(work).map((m) => m.version) };
+}
+
+/** Every message of the mailbox with its state. */
+async function states(url, work) {
+  const out = [];
+  for (let after = 0; ;) {
+    const r = await api(url, 'GET', `/server/mailbox/${work}?after=${after}&limit=1000`);
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    if (!r.body.messages.length) return out;
+    out.push(...r.body.messages);
+    after = r.body.messages[r.body.messages.length - 1].version;
+  }
+}
+
+async function send(url, work, n, from = 0) {
+  for (let i = 0; i < n; i += 500) {
+    const batch = Array.from({ length: Math.min(500, n - i) }, (_, j) => ({ address: work, payload: { n: from + i + j } }));
+    const r = await api(url, 'POST', '/server/enqueue?wait=true', batch);
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+  }
+}
+
+test('weights 1 and 3 split 4 000 messages 1:3 (±5 %), each to exactly one client, all done', { skip, timeout: 120000 }, async () => {
+  // Every ack is a client event, and these clients ack 4 000 messages within a few seconds: more
+  // than the default of 1 000 events per second per connection.
+  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000' } });
+  const work = `work:split-${Date.now()}`;
+  const a = await worker(node.url, work, { weight: 1 });
+  const b = await worker(node.url, work, { weight: 3 });
+  await send(node.url, work, 4000);
+  await waitFor(() => a.versions().length + b.versions().length >= 4000, 30000, '4 000 deliveries').catch(async (e) => { console.log('#', a.versions().length, b.versions().length, JSON.stringify((await states(node.url, work)).filter((m) => m.state !== 'done').slice(0, 3))); throw e; });
+  await new Promise((r) => setTimeout(r, 200));
+  const [va, vb] = [a.versions(), b.versions()];
+  assert.equal(va.length + vb.length, 4000, 'nothing twice');
+  assert.deepEqual([...va, ...vb].sort((x, y) => x - y), Array.from({ length: 4000 }, (_, i) => i + 1), 'every message once');
+  console.log(`# weight 1: ${va.length}, weight 3: ${vb.length}`);
+  assert.ok(Math.abs(va.length - 1000) <= 50, `weight 1 took ${va.length} of 4000 (1000 ± 5 %)`);
+  // Each client sees its own versions in increasing order.
+  for (const v of [va, vb]) assert.deepEqual(v, [...v].sort((x, y) => x - y));
+  // All done, stored: the mailbox read says so.
+  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+  // An ack of a message the client does not hold is refused with an error event.
+  a.c.socket.emit('ack', { address: work, version: vb[0] });
+  const err = await a.c.waitFor((e) => e.event === 'error');
+  assert.match(err.data.message, /is not held by this client/);
+  // A weight out of range is refused.
+  for (const weight of [0, 1001, 'x', 1.5]) {
+    const r = await api(node.url, 'POST', '/server/connect', { client: a.id, addresses: [work], weight });
+    assert.equal(r.status, 400, JSON.stringify(weight));
+    assert.match(r.body.error, /weight must be a whole number from 1 to 1000/);
+  }
+  const r = await api(node.url, 'POST', '/server/disconnect', { client: a.id, addresses: [work], weight: 2 });
+  assert.equal(r.status, 400);
+  a.c.close();
+  b.c.close();
+  assert.equal((await node.stop()).code, 0);
+});
+
+test('waiting with nobody connected; a killed client\'s messages go to another, none done twice, none lost; timeouts; restart', { skip, timeout: 120000 }, async () => {
+  const node = await startNode({ env: { SIGNALPOST_WORK_ACK_TIMEOUT_MS: '1500' } });
+  const work = `work:jobs-${Date.now()}`;
+  await send(node.url, work, 20);
+  let st = await states(node.url, work);
+  assert.deepEqual(new Set(st.map((m) => m.state)), new Set(['waiting']), 'nobody bound: they wait');
+
+  // A client in a child process takes messages and never acks; then it is killed.
+  const script = fileURLToPath(new URL('./lib/work-holder.mjs', import.meta.url));
+  const child = spawn(process.execPath, [script, node.url, work], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (d) => { out += d; });
+  const held = await waitFor(() => {
+    const lines = out.split('\n').filter(Boolean).map((l) => JSON.parse(l));
+    const got = lines.filter((l) => l.version).map((l) => l.version);
+    return got.length >= 20 ? { client: lines[0].clientId, got } : null;
+  }, 15000, 'the holder took the 20 waiting messages');
+  assert.deepEqual(held.got, Array.from({ length: 20 }, (_, i) => i + 1));
+  st = await states(node.url, work);
+  assert.ok(st.every((m) => m.state === 'assigned' && m.client === held.client), JSON.stringify(st.slice(0, 2)));
+
+  // Another client, acking; it gets nothing while the holder holds everything.
+  const b = await worker(node.url, work);
+  child.kill('SIGKILL');
+  await waitFor(() => b.versions().length >= 20, 15000, 'the killed client\'s messages went to the other');
+  assert.deepEqual(b.versions(), held.got, 'each once, in order');
+  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+
+  // A client that does not ack: after the timeout its message goes to another.
+  const slow = await worker(node.url, work, { acks: false });
+  b.c.close();
+  await waitFor(async () => !(await api(node.url, 'GET', `/server/clients/${b.id}`)).body.connected, 5000, 'b gone');
+  await send(node.url, work, 1, 100);
+  const first = await slow.c.waitFor((e) => e.event === 'signal' && e.data.version === 21, 5000, 'the slow one has 21');
+  assert.equal(first.data.payload.n, 100);
+  st = await states(node.url, work);
+  assert.deepEqual([st[20].state, st[20].client], ['assigned', slow.id]);
+  const c = await worker(node.url, work);
+  await waitFor(() => c.versions().includes(21), 10000, 'after the timeout, 21 went to c');
+  await waitFor(async () => (await states(node.url, work))[20].state === 'done', 5000, '21 done');
+  // The slow one's late ack is refused: the message is no longer its.
+  slow.c.socket.emit('ack', { address: work, version: 21 });
+  await slow.c.waitFor((e) => e.event === 'error', 5000, 'a late ack refused');
+
+  // Restart: done stays done, and what was not done waits again.
+  await send(node.url, work, 1, 200);
+  await waitFor(async () => (await states(node.url, work))[21]?.state === 'done', 5000, '22 done');
+  slow.c.close();
+  c.c.close();
+  assert.equal((await node.stop()).code, 0);
+  const again = await startNode({ dataDir: node.dataDir, env: { SIGNALPOST_WORK_ACK_TIMEOUT_MS: '1500' } });
+  await send(again.url, work, 1, 300);
+  st = await states(again.url, work);
+  assert.deepEqual(st.map((m) => m.state), [...Array(22).fill('done'), 'waiting']);
+  const d = await worker(again.url, work);
+  await waitFor(() => d.versions().length === 1, 5000, 'the waiting one delivered');
+  assert.deepEqual(d.versions(), [23]);
+  d.c.close();
+  assert.equal((await again.stop()).code, 0);
+});
+
+test('the cluster backend refuses work addresses with a reason', { skip: embedded && 'cluster backend only', timeout: 60000 }, async () => {
+  const node = await startNode();
+  let r = await api(node.url, 'POST', '/server/enqueue', { address: 'work:x', payload: 1 });
+  assert.equal(r.status, 400);
+  assert.match(r.body.error, /work addresses are served by the embedded backend only/);
+  r = await api(node.url, 'POST', '/server/connect', { client: 'c1', addresses: ['work:x'] });
+  assert.equal(r.status, 400);
+  assert.match(r.body.error, /work:x: work addresses are served by the embedded backend only/);
+  await node.stop();
+});

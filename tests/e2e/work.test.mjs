@@ -153,3 +153,31 @@ test('the cluster backend refuses work addresses with a reason', { skip: embedde
   assert.match(r.body.error, /work:x: work addresses are served by the embedded backend only/);
   await node.stop();
 });
+
+test('the client library takes work: its handler runs once per message, and each is acked (done)', { skip, timeout: 60000 }, async () => {
+  const { io } = await import('socket.io-client');
+  const { connect: library, memoryStorage } = await import('../../clients/js/src/client.js');
+  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000' } });
+  const work = `work:lib-${Date.now()}`;
+  const open = () => {
+    const lib = library({ io, urls: [node.url], storage: memoryStorage(), socketOptions: { transports: ['websocket'] } });
+    const got = [];
+    lib.on('signal', (m) => { if (m.address === work) got.push(m.version); });
+    return { lib, got };
+  };
+  const [x, y] = [open(), open()];
+  await waitFor(() => x.lib.state === 'live' && y.lib.state === 'live', 10000, 'both live');
+  for (const c of [x, y]) {
+    const r = await api(node.url, 'POST', '/server/connect?wait=true', { client: c.lib.clientId, addresses: [work], weight: 2 });
+    assert.equal(r.status, 200);
+  }
+  await new Promise((r) => setTimeout(r, 100));
+  await send(node.url, work, 300);
+  await waitFor(() => x.got.length + y.got.length >= 300, 15000, '300 handled');
+  assert.deepEqual([...x.got, ...y.got].sort((a, b) => a - b), Array.from({ length: 300 }, (_, i) => i + 1), 'each once');
+  assert.ok(x.got.length > 100 && y.got.length > 100, `${x.got.length} / ${y.got.length}`);
+  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+  await x.lib.close({ forget: true });
+  await y.lib.close({ forget: true });
+  assert.equal((await node.stop()).code, 0);
+});

@@ -10,6 +10,9 @@
 
 export const VERSION = '0.1.0';
 
+/** Whether an address is a work address (each message dealt to one client; `ack` = done). */
+const isWork = (address) => typeof address === 'string' && address.startsWith('work:');
+
 const DEFAULTS = {
   ackInterval: 50, // ms: one ack per address per interval, with the highest processed version
   holdMs: 3000, // ms a version that skips ahead may wait for the missing ones before a repair
@@ -288,7 +291,11 @@ export class SignalpostClient {
     on('connect_error', (err) => this._onConnectError(conn, err));
     on('disconnect', (reason) => this._lost(conn, reason));
     on('session', (s) => this._onSession(conn, s));
-    on('signal', (m) => this._offer(conn, m.address, m.version, m.version, { kind: 'signal', data: m }));
+    on('signal', (m) => {
+      // A work address deals each message to one client: no order across versions, no cursor.
+      if (isWork(m.address)) return this._push({ kind: 'signal', data: m, app: true, conn, address: m.address, version: m.version, work: true });
+      this._offer(conn, m.address, m.version, m.version, { kind: 'signal', data: m });
+    });
     on('gap', (g) => this._offer(conn, g.address, g.from, g.to, { kind: 'gap', data: g }));
     on('bound', (b) => this._onBound(conn, b));
     on('unbound', (b) => this._onUnbound(conn, b));
@@ -488,7 +495,8 @@ export class SignalpostClient {
   }
 
   _onBound(conn, b) {
-    const fresh = !conn.view.has(b.address);
+    // (A work address has no cursor to start.)
+    const fresh = !conn.view.has(b.address) && !isWork(b.address);
     conn.view.set(b.address, b.version);
     if (fresh) {
       // Nothing at or before the binding's head will come for this binding.
@@ -561,6 +569,13 @@ export class SignalpostClient {
   _after(it) {
     switch (it.kind) {
       case 'signal':
+        if (it.work) {
+          // Done once the handler returned: acked at once, each version on its own.
+          const c = it.conn && !it.conn.closed ? it.conn : this._main;
+          if (c && c.socket && !this._stopped) c.socket.emit('ack', { address: it.address, version: it.version });
+          break;
+        }
+      // falls through
       case 'gap':
         this._advance(it.address, it.version);
         if (!this._stopped) {

@@ -128,3 +128,16 @@ test('bound and unbound: the cursor starts at the binding head; each reaches the
   assert.deepEqual(t.versions('channel:n'), [11, 12]);
   assert.equal(t.client.cursors['channel:n'], undefined, 'forgotten once no connection receives it');
 });
+
+test('a work address: each message handed as it comes, acked on its own once handled, no cursor', async () => {
+  const t = start();
+  const handled = [];
+  t.client.on('signal', (m) => { if (m.address === 'work:w') handled.push(m.version); });
+  const s = await live(t, { addresses: ['work:w'], cursors: {} });
+  for (const v of [5, 2, 9]) s.signal('work:w', v);
+  await until(() => handled.length === 3);
+  assert.deepEqual(handled, [5, 2, 9], 'dealt out, not held back for the versions between');
+  await until(() => s.acks().length === 3);
+  assert.deepEqual(s.acks(), [5, 2, 9].map((version) => ({ address: 'work:w', version })), 'one ack per message');
+  assert.equal(t.client.cursors['work:w'], undefined, 'no cursor');
+});

@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+/// How many times (a second apart) a failed presence join or leave is tried again.
+const PRESENCE_RETRIES: usize = 60;
+
 /// How long a kicked connection stays open after `kicked` was queued, for the event to leave.
 const KICK_CLOSE_DELAY: Duration = Duration::from_millis(100);
 
@@ -105,6 +108,9 @@ pub struct Conn {
     token_issued_ms: AtomicU64,
     /// Set by the first kick: its events are dropped, and it closes shortly.
     kicked: std::sync::atomic::AtomicBool,
+    /// Set while a `history` or `members` request of this connection is being answered: one
+    /// at a time, so a connection cannot turn its event allowance into many store reads at once.
+    asking: std::sync::atomic::AtomicBool,
     svc: Arc<Gateway>,
     me: Weak<Conn>,
     state: Mutex<State>,
@@ -171,6 +177,7 @@ impl Conn {
             events,
             refused: AtomicU32::new(0),
             kicked: Default::default(),
+            asking: Default::default(),
             token_issued_ms: AtomicU64::new(crate::clock::now_ms()),
             svc,
             me: me.clone(),
@@ -342,7 +349,30 @@ impl Conn {
     /// change that (setup, `bound`, `unbound`, close), in any order: each call reads the state
     /// when it runs, under the connection's membership lock, so the last one settles it. Joins
     /// and leaves that start or end the client's membership are announced to the members.
+    /// A join or leave the store refused is tried again every second, up to a minute.
     pub async fn sync_presence(&self, addresses: &[Address]) {
+        let failed = self.sync_presence_once(addresses).await;
+        if failed.is_empty() {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            tokio::spawn(async move {
+                let mut failed = failed;
+                for _ in 0..PRESENCE_RETRIES {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    failed = me.sync_presence_once(&failed).await;
+                    if failed.is_empty() {
+                        return;
+                    }
+                }
+                tracing::warn!(addresses = ?failed, "presence: gave up syncing membership");
+            });
+        }
+    }
+
+    /// One pass of [`Conn::sync_presence`]; the addresses whose join or leave failed.
+    async fn sync_presence_once(&self, addresses: &[Address]) -> Vec<Address> {
+        let mut failed = Vec::new();
         let mut held = self.memberships.lock().await;
         for a in addresses {
             let want = {
@@ -369,7 +399,8 @@ impl Conn {
                         })
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, address = %a, "presence join failed");
+                        tracing::warn!(error = %e, address = %a, "presence join failed; retrying");
+                        failed.push(a.clone());
                         None
                     }
                 }
@@ -384,7 +415,8 @@ impl Conn {
                         })
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, address = %a, "presence leave failed");
+                        tracing::warn!(error = %e, address = %a, "presence leave failed; retrying");
+                        failed.push(a.clone());
                         None
                     }
                 }
@@ -393,6 +425,7 @@ impl Conn {
                 svc.announce(&change);
             }
         }
+        failed
     }
 
     /// Syncs this connection's membership of a presence address in the background.
@@ -404,6 +437,15 @@ impl Conn {
             let a = address.clone();
             tokio::spawn(async move { me.sync_presence(&[a]).await });
         }
+    }
+
+    /// Takes the connection's one slot for a read request (`history`, `members`); None while
+    /// another is being answered. The slot is given back when the guard drops.
+    pub fn ask(&self) -> Option<Asking<'_>> {
+        self.asking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Asking(&self.asking))
     }
 
     fn is_closed(&self) -> bool {
@@ -755,6 +797,15 @@ impl Subscriber for Conn {
         {
             self.control(&mut st, change.event(), change.data());
         }
+    }
+}
+
+/// A connection's read request being answered ([`Conn::ask`]).
+pub struct Asking<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -75,9 +75,12 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
                 if let Err(first) = c.allow_event() {
                     return refused(&s, &svc, first);
                 }
-                let answer = history(&c, &svc, data.ok())
-                    .await
-                    .unwrap_or_else(|e| json!({ "error": e }));
+                let answer = match c.ask() {
+                    Some(_one) => history(&c, &svc, data.ok())
+                        .await
+                        .unwrap_or_else(|e| json!({ "error": e })),
+                    None => json!({ "error": ONE_AT_A_TIME }),
+                };
                 let _ = ack.send(&answer);
             },
         );
@@ -90,9 +93,12 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
                 if let Err(first) = c.allow_event() {
                     return refused(&s, &svc, first);
                 }
-                let answer = members(&c, &svc, data.ok())
-                    .await
-                    .unwrap_or_else(|e| json!({ "error": e }));
+                let answer = match c.ask() {
+                    Some(_one) => members(&c, &svc, data.ok())
+                        .await
+                        .unwrap_or_else(|e| json!({ "error": e })),
+                    None => json!({ "error": ONE_AT_A_TIME }),
+                };
                 let _ = ack.send(&answer);
             },
         );
@@ -121,6 +127,10 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
         );
     }
 }
+
+/// The answer to a `history` or `members` request sent while another is being answered.
+const ONE_AT_A_TIME: &str =
+    "one history or members request at a time per connection: wait for the answer to the last";
 
 /// The address a `history` or `read` request names, when this client receives it.
 fn received(conn: &Conn, event: &str, address: &str) -> Result<Address, String> {

@@ -125,6 +125,14 @@ test('history by time, the history event and rewind on bind', async () => {
   got = await lib.history(channel, { since: ts[10], until: ts[19] });
   assert.deepEqual(got.map((m) => m.version), stamped(ts[10], ts[19]));
   await lib.close({ forget: true });
+
+  // One history (or members) request at a time per connection: twenty sent at once, some are
+  // refused with a reason; once answered, the next is served again.
+  const burst = await Promise.all(Array.from({ length: 20 }, () => history(a, { address: channel, since: ts[5] })));
+  const refused = burst.filter((r) => r.error);
+  assert.ok(refused.length > 0 && refused.length < 20, `${refused.length} of 20 refused`);
+  for (const r of refused) assert.match(r.error, /one history or members request at a time/);
+  assert.ok((await history(a, { address: channel, last: 1 })).messages, 'served again');
   for (const x of [a, b, c, d2]) x.close();
   assert.equal((await node.stop()).code, 0);
 });

@@ -67,36 +67,20 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
             },
         );
     }
-    {
+    for (event, kind) in [("history", Ask::History), ("members", Ask::Members)] {
         let (c, svc) = (conn.clone(), svc.clone());
         s.on(
-            "history",
+            event,
             async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
                 if let Err(first) = c.allow_event() {
                     return refused(&s, &svc, first);
                 }
                 let answer = match c.ask() {
-                    Some(_one) => history(&c, &svc, data.ok())
-                        .await
-                        .unwrap_or_else(|e| json!({ "error": e })),
-                    None => json!({ "error": ONE_AT_A_TIME }),
-                };
-                let _ = ack.send(&answer);
-            },
-        );
-    }
-    {
-        let (c, svc) = (conn.clone(), svc.clone());
-        s.on(
-            "members",
-            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
-                if let Err(first) = c.allow_event() {
-                    return refused(&s, &svc, first);
-                }
-                let answer = match c.ask() {
-                    Some(_one) => members(&c, &svc, data.ok())
-                        .await
-                        .unwrap_or_else(|e| json!({ "error": e })),
+                    Some(_one) => match kind {
+                        Ask::History => history(&c, &svc, data.ok()).await,
+                        Ask::Members => members(&c, &svc, data.ok()).await,
+                    }
+                    .unwrap_or_else(|e| json!({ "error": e })),
                     None => json!({ "error": ONE_AT_A_TIME }),
                 };
                 let _ = ack.send(&answer);
@@ -126,6 +110,13 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
             },
         );
     }
+}
+
+/// The read requests a client sends with an acknowledgement callback, one at a time.
+#[derive(Clone, Copy)]
+enum Ask {
+    History,
+    Members,
 }
 
 /// The answer to a `history` or `members` request sent while another is being answered.

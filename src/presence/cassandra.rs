@@ -246,19 +246,7 @@ impl Presence for CassandraPresence {
     async fn clear_node(&self, node: &str) -> Result<Cleared, PresenceError> {
         let i = &self.0;
         // Memberships first: their rows by node are what finds them.
-        let res = i
-            .session
-            .execute_unpaged(&i.held_of_node, (node,))
-            .await
-            .map_err(unavailable)?;
-        let rows = res.into_rows_result().map_err(unavailable)?;
-        let mut held = Vec::new();
-        for r in rows
-            .rows::<(String, String, String)>()
-            .map_err(unavailable)?
-        {
-            held.push(r.map_err(unavailable)?);
-        }
+        let held: Vec<(String, String, String)> = self.rows(&i.held_of_node, (node,)).await?;
         let mut left = Vec::new();
         for (address, client, conn) in &held {
             let (Ok(address), Ok(client)) = (Address::parse(address), ClientId::parse(client))
@@ -277,16 +265,7 @@ impl Presence for CassandraPresence {
             .execute_unpaged(&i.held_drop_node, (node,))
             .await
             .map_err(unavailable)?;
-        let res = i
-            .session
-            .execute_unpaged(&i.of_node, (node,))
-            .await
-            .map_err(unavailable)?;
-        let rows = res.into_rows_result().map_err(unavailable)?;
-        let mut entries = Vec::new();
-        for r in rows.rows::<(String, String)>().map_err(unavailable)? {
-            entries.push(r.map_err(unavailable)?);
-        }
+        let entries: Vec<(String, String)> = self.rows(&i.of_node, (node,)).await?;
         try_join_all(entries.iter().map(|(client, conn)| async move {
             i.session
                 .execute_unpaged(&i.delete, (client.as_str(), node, conn.as_str()))
@@ -401,18 +380,11 @@ impl Presence for CassandraPresence {
         let i = &self.0;
         let limit = limit.clamp(1, i32::MAX as usize) as i32;
         let after = after.map_or("", ClientId::as_str);
-        let res = i
-            .session
-            .execute_unpaged(&i.members, (address.as_str(), after, limit))
-            .await
-            .map_err(unavailable)?;
-        let rows = res.into_rows_result().map_err(unavailable)?;
+        let rows: Vec<(String, Option<String>)> = self
+            .rows(&i.members, (address.as_str(), after, limit))
+            .await?;
         let mut out = Vec::new();
-        for r in rows
-            .rows::<(String, Option<String>)>()
-            .map_err(unavailable)?
-        {
-            let (client, user) = r.map_err(unavailable)?;
+        for (client, user) in rows {
             if let Ok(client) = ClientId::parse(&client) {
                 out.push(Member { client, user });
             }
@@ -421,17 +393,8 @@ impl Presence for CassandraPresence {
     }
 
     async fn nodes(&self) -> Result<Vec<String>, PresenceError> {
-        let i = &self.0;
-        let res = i
-            .session
-            .execute_unpaged(&i.nodes, ())
-            .await
-            .map_err(unavailable)?;
-        let rows = res.into_rows_result().map_err(unavailable)?;
-        let mut out = Vec::new();
-        for r in rows.rows::<(String,)>().map_err(unavailable)? {
-            out.push(r.map_err(unavailable)?.0);
-        }
+        let rows: Vec<(String,)> = self.rows(&self.0.nodes, ()).await?;
+        let mut out: Vec<String> = rows.into_iter().map(|(n,)| n).collect();
         out.sort();
         Ok(out)
     }
@@ -454,6 +417,28 @@ fn contended(address: &Address, client: &ClientId) -> PresenceError {
 }
 
 impl CassandraPresence {
+    /// Every row a statement answers.
+    async fn rows<T>(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<Vec<T>, PresenceError>
+    where
+        T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let res = self
+            .0
+            .session
+            .execute_unpaged(stmt, values)
+            .await
+            .map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(unavailable)?;
+        rows.rows::<T>()
+            .map_err(unavailable)?
+            .map(|r| r.map_err(unavailable))
+            .collect()
+    }
+
     async fn holders(
         &self,
         address: &Address,

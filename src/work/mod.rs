@@ -102,8 +102,9 @@ struct Queue {
     recent: HashMap<u64, Arc<Message>>,
 }
 
-/// Most appended messages a queue keeps at hand; older ones are read back from the mailbox.
-const RECENT_CAP: usize = 10_000;
+/// Most appended messages a queue keeps at hand (payloads may be 64 KiB each); the rest are read
+/// back from the mailbox when dealt.
+const RECENT_CAP: usize = 1024;
 
 impl Queue {
     /// Picks the next taker, by smooth weighted round robin over every connected taker (each
@@ -330,6 +331,9 @@ impl Dispatcher {
                 t.conns.retain(|c| c.id() != conn);
             }
             q.takers.retain(|t| !t.conns.is_empty());
+            if q.takers.is_empty() {
+                q.recent.clear();
+            }
             let lost: Vec<u64> = q
                 .held
                 .iter()
@@ -555,7 +559,9 @@ impl Fanout for Dispatcher {
                 if q.loaded && !q.done.contains(msg.version) && !q.held.contains_key(&msg.version) {
                     q.waiting.insert(msg.version);
                 }
-                if q.recent.len() < RECENT_CAP {
+                // Kept at hand only while someone may take it soon: a queue nobody takes from
+                // holds no payloads in memory.
+                if !q.takers.is_empty() && q.recent.len() < RECENT_CAP {
                     q.recent.insert(msg.version, msg.clone());
                 }
                 if !touched.contains(&msg.address) {

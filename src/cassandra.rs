@@ -73,19 +73,32 @@ pub const SCHEMA: &[(&str, &str)] = &[
     ),
 ];
 
-/// Whether a lightweight transaction (`… IF …`) was applied: its `[applied]` column.
-pub fn applied(res: scylla::response::query_result::QueryResult) -> Result<bool, String> {
+/// The outcome of a lightweight transaction (`… IF …`): `Ok(())` when it was applied, else the
+/// current value of `column` that the answer carries (None when it has no such column or value).
+pub fn conditional(
+    res: scylla::response::query_result::QueryResult,
+    column: Option<&str>,
+) -> Result<Result<(), Option<scylla::value::CqlValue>>, String> {
     let rows = res.into_rows_result().map_err(|e| e.to_string())?;
-    let at = rows
-        .column_specs()
+    let specs = rows.column_specs();
+    let at = specs
         .get_by_name("[applied]")
         .map(|(i, _)| i)
         .ok_or("a conditional write answered without [applied]")?;
-    let row: scylla::value::Row = rows.first_row().map_err(|e| e.to_string())?;
-    Ok(matches!(
+    let current = column.and_then(|c| specs.get_by_name(c)).map(|(i, _)| i);
+    let mut row: scylla::value::Row = rows.first_row().map_err(|e| e.to_string())?;
+    if matches!(
         row.columns.get(at),
         Some(Some(scylla::value::CqlValue::Boolean(true)))
-    ))
+    ) {
+        return Ok(Ok(()));
+    }
+    Ok(Err(current.and_then(|i| row.columns.get_mut(i)?.take())))
+}
+
+/// Whether a lightweight transaction was applied ([`conditional`]).
+pub fn applied(res: scylla::response::query_result::QueryResult) -> Result<bool, String> {
+    Ok(conditional(res, None)?.is_ok())
 }
 
 /// The default replication map for one local node.

@@ -218,14 +218,10 @@ pub async fn presence(
             .map(|c| ClientId::parse(c))
             .transpose()
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let mut members = svc
-            .gw
-            .presence
-            .members(&a, after.as_ref(), MAX_PRESENCE + 1)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let truncated = members.len() > MAX_PRESENCE;
-        members.truncate(MAX_PRESENCE);
+        let (members, truncated) =
+            crate::presence::members_page(&*svc.gw.presence, &a, after.as_ref())
+                .await
+                .map_err(|e| unavailable(&e))?;
         return Ok(Json(
             json!({ "address": a, "members": members, "truncated": truncated }),
         ));

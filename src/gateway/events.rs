@@ -178,10 +178,6 @@ async fn history(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<Valu
     Ok(json!({ "messages": messages }))
 }
 
-/// Most members one `members` answer lists (more: `truncated`, and the next page `after` the
-/// last one).
-pub const MEMBERS_MAX: usize = 10_000;
-
 /// A `members` request: `{address, after?}`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,13 +202,10 @@ async fn members(conn: &Conn, svc: &Gateway, data: Option<Value>) -> Result<Valu
         .map(crate::address::ClientId::parse)
         .transpose()
         .map_err(|e| e.to_string())?;
-    let mut list = svc
-        .presence
-        .members(&address, after.as_ref(), MEMBERS_MAX + 1)
+    // (More than a page: `truncated`, and the next page comes `after` the last one.)
+    let (list, truncated) = crate::presence::members_page(&*svc.presence, &address, after.as_ref())
         .await
         .map_err(|e| format!("members unavailable: {e}"))?;
-    let truncated = list.len() > MEMBERS_MAX;
-    list.truncate(MEMBERS_MAX);
     Ok(json!({ "members": list, "truncated": truncated }))
 }
 

@@ -123,6 +123,21 @@ pub trait Presence: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<String>, PresenceError>;
 }
 
+/// Most members one answer lists (`members`, `GET /server/presence/<presence address>`).
+pub const MEMBERS_PAGE: usize = 10_000;
+
+/// One page of the members of `address` after `after`, and whether more follow.
+pub async fn members_page(
+    presence: &dyn Presence,
+    address: &Address,
+    after: Option<&ClientId>,
+) -> Result<(Vec<Member>, bool), PresenceError> {
+    let mut list = presence.members(address, after, MEMBERS_PAGE + 1).await?;
+    let truncated = list.len() > MEMBERS_PAGE;
+    list.truncate(MEMBERS_PAGE);
+    Ok((list, truncated))
+}
+
 /// In-memory presence for a single node.
 #[derive(Default)]
 pub struct MemoryPresence {

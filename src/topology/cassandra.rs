@@ -352,28 +352,13 @@ impl Topology for CassandraTopology {
 fn claim_outcome(
     res: scylla::response::query_result::QueryResult,
 ) -> Result<Option<u64>, TopologyError> {
-    let rows = res.into_rows_result().map_err(st)?;
-    let specs = rows.column_specs();
-    let applied_at = specs
-        .get_by_name("[applied]")
-        .map(|(i, _)| i)
-        .ok_or_else(|| st("conditional insert answered without [applied]"))?;
-    let since_at = specs.get_by_name("since").map(|(i, _)| i);
-    let row: scylla::value::Row = rows.first_row().map_err(st)?;
-    if matches!(
-        row.columns.get(applied_at),
-        Some(Some(CqlValue::Boolean(true)))
-    ) {
-        return Ok(None);
-    }
-    let since = since_at
-        .and_then(|i| row.columns.get(i))
-        .and_then(|v| match v {
-            Some(CqlValue::BigInt(s)) => Some((*s).max(0) as u64),
-            _ => None,
-        })
-        .unwrap_or(0);
-    Ok(Some(since))
+    Ok(
+        match crate::cassandra::conditional(res, Some("since")).map_err(st)? {
+            Ok(()) => None,
+            Err(Some(CqlValue::BigInt(since))) => Some(since.max(0) as u64),
+            Err(_) => Some(0),
+        },
+    )
 }
 
 /// How many times a mark retries its compare-and-set before it answers unavailable.
@@ -450,8 +435,7 @@ impl ReadMarks for CassandraTopology {
                     .await
                     .map_err(unavailable)?,
             };
-            // (`claim_outcome` is None when the conditional write was applied.)
-            if claim_outcome(res)?.is_none() {
+            if crate::cassandra::applied(res).map_err(st)? {
                 return Ok(merged.len());
             }
         }

@@ -174,12 +174,18 @@ impl Queue {
         out
     }
 
+    /// Ends a version's holding, counting it off its holder's share; the holder's taker.
+    fn unhold(&mut self, v: u64) -> Option<&mut Taker> {
+        let h = self.held.remove(&v)?;
+        let t = self.takers.iter_mut().find(|t| t.client == h.client)?;
+        t.held = t.held.saturating_sub(1);
+        Some(t)
+    }
+
     /// Takes a version back from its holder: it waits again.
     fn release(&mut self, v: u64) {
-        if let Some(h) = self.held.remove(&v) {
-            if let Some(t) = self.takers.iter_mut().find(|t| t.client == h.client) {
-                t.held = t.held.saturating_sub(1);
-            }
+        if self.held.contains_key(&v) {
+            self.unhold(v);
             if !self.done.contains(v) {
                 self.waiting.insert(v);
             }
@@ -364,9 +370,7 @@ impl Dispatcher {
                     version,
                 });
             };
-            q.held.remove(&version);
-            if let Some(t) = q.takers.iter_mut().find(|t| &t.client == client) {
-                t.held = t.held.saturating_sub(1);
+            if let Some(t) = q.unhold(version) {
                 t.active = Instant::now();
             }
             q.done.insert(version);
@@ -519,11 +523,7 @@ impl Dispatcher {
                     if retry {
                         q.release(v);
                     } else {
-                        if let Some(h) = q.held.remove(&v)
-                            && let Some(t) = q.takers.iter_mut().find(|t| t.client == h.client)
-                        {
-                            t.held = t.held.saturating_sub(1);
-                        }
+                        q.unhold(v);
                         q.waiting.remove(v);
                     }
                 }

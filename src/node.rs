@@ -153,6 +153,7 @@ impl Node {
             start_queue,
             membership,
             join,
+            owned,
         } = parts;
         let Stores {
             mailbox,
@@ -161,6 +162,26 @@ impl Node {
             reads,
             presence,
         } = stores;
+        // The work dispatcher deals only the work addresses of the shards this node's consumer
+        // owns (all of them on a single node) and reaches the other nodes through the peers.
+        let (work_out, work_rx) = tokio::sync::mpsc::unbounded_channel();
+        let work = crate::work::Dispatcher::new(
+            &node_id,
+            crate::work::Stores {
+                mailbox: mailbox.clone(),
+                topology: topology.clone(),
+                done: reads.clone(),
+            },
+            crate::work::Settings {
+                ack_timeout: Duration::from_millis(config.work_ack_timeout_ms),
+                in_flight: config.work_in_flight,
+                retention_secs: config.retention_secs,
+            },
+            owned.map(|owned| crate::work::Link {
+                owned,
+                out: work_out,
+            }),
+        );
         let transport = crate::peers::transport::HttpTransport::new(
             &node_id,
             peer_auth.clone(),
@@ -179,20 +200,13 @@ impl Node {
                 router: router.clone(),
                 mailbox: mailbox.clone(),
                 membership: membership.clone(),
+                work: Some(work.clone()),
                 metrics: metrics.clone(),
                 tasks: tasks.clone(),
             },
         );
-        let work = crate::work::Dispatcher::new(
-            mailbox.clone(),
-            topology.clone(),
-            reads.clone(),
-            crate::work::Settings {
-                ack_timeout: Duration::from_millis(config.work_ack_timeout_ms),
-                in_flight: config.work_in_flight,
-                retention_secs: config.retention_secs,
-            },
-        );
+        work.start(&tasks);
+        spawn_work_link(&peers, work_rx, &tasks);
         // Delivery flows one way: the processor hands what it applied to the other nodes
         // first, then to this node's connections and its work addresses.
         let processor = Arc::new(Processor {
@@ -335,6 +349,9 @@ struct Parts {
     start_queue: StartQueue,
     membership: Arc<dyn Membership>,
     join: Option<Box<dyn FnOnce() + Send>>,
+    /// The shards this node's consumer owns now, on a backend that shards its queue (the work
+    /// dispatcher deals only their addresses); None: every address is this node's.
+    owned: Option<crate::ingest::Owned>,
 }
 
 type StartQueue =
@@ -364,6 +381,7 @@ fn embedded_parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
         }),
         membership: Arc::new(Standalone::new(me)),
         join: None,
+        owned: None,
     })
 }
 
@@ -436,6 +454,49 @@ fn spawn_work(svc: &Arc<Gateway>, tasks: &Tasks) {
     tasks.every(every, move || {
         let work = work.clone();
         async move { work.expire(std::time::Instant::now()).await }
+    });
+}
+
+/// What the work dispatcher sends other nodes goes through the peers; its questions (what the
+/// connections of every node hold) are asked of every live member.
+fn spawn_work_link(
+    peers: &Arc<Peers>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::work::Out>,
+    tasks: &Tasks,
+) {
+    use crate::peers::Deliver;
+    use crate::work::{Holder, Out};
+    let peers = peers.clone();
+    tasks.spawn(async move {
+        while let Some(out) = rx.recv().await {
+            match out {
+                Out::To(node, frame) => peers.send_to(&node, &Deliver::Work(frame)),
+                Out::All(frame) => peers.broadcast(&Deliver::Work(frame)),
+                Out::Held { request, answer } => {
+                    let peers = peers.clone();
+                    tokio::spawn(async move {
+                        let body = serde_json::to_vec(&request).unwrap_or_default();
+                        let mut all = Vec::new();
+                        let mut failed = None;
+                        for (node, got) in peers.ask_all("/internal/work/held", body.into()).await {
+                            match got.and_then(|b| {
+                                serde_json::from_slice::<Vec<Holder>>(&b).map_err(|e| e.to_string())
+                            }) {
+                                Ok(held) => all.extend(held.into_iter().map(|h| Holder {
+                                    node: node.clone(),
+                                    ..h
+                                })),
+                                Err(e) => failed = Some(format!("{node}: {e}")),
+                            }
+                        }
+                        let _ = answer.send(match failed {
+                            Some(e) => Err(format!("what the connections of {e} hold is unknown")),
+                            None => Ok(all),
+                        });
+                    });
+                }
+            }
+        }
     });
 }
 

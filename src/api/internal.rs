@@ -25,6 +25,7 @@ pub fn routes(svc: Arc<Api>) -> Router<Arc<Api>> {
         ))
         .route("/internal/kick", post(kick))
         .route("/internal/connections", post(connections))
+        .route("/internal/work/held", post(work_held))
         .layer(middleware::from_fn_with_state(svc, verify))
 }
 
@@ -93,4 +94,16 @@ async fn connections(
 ) -> Result<Json<Value>, ApiError> {
     let u: UserIn = parse(&body, "user")?;
     Ok(Json(json!(svc.gw.gate.registry.of_user(&u.user))))
+}
+
+/// `POST /internal/work/held` `{address, adopt}`: what this node's connections hold of a work
+/// address; with `adopt`, the sender deals it now and their acks go to it.
+async fn work_held(
+    State(svc): State<Arc<Api>>,
+    Extension(sender): Extension<Peer>,
+    body: Bytes,
+) -> Result<Json<Vec<crate::work::Holder>>, ApiError> {
+    let req: crate::work::HeldRequest = parse(&body, "work question")?;
+    let dealer = req.adopt.then_some(sender.node.as_str());
+    Ok(Json(svc.gw.work.held_here(&req.address, dealer)))
 }

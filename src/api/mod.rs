@@ -203,7 +203,6 @@ fn limits(svc: &Api) -> parse::Limits {
     parse::Limits {
         max_payload: svc.gw.config.limits.max_payload_bytes,
         max_batch: svc.gw.config.limits.max_batch,
-        work: svc.gw.config.backend == crate::config::Backend::Embedded,
     }
 }
 

@@ -35,6 +35,8 @@ struct Rebalances {
     /// in `/healthz`).
     assigned: Arc<Mutex<Assignment>>,
     enqueue: String,
+    /// The enqueue consumer's: where the owned partitions are published to the node.
+    owned: Option<(super::Owned, u32)>,
 }
 
 /// What the group gave this consumer.
@@ -95,6 +97,9 @@ impl rdkafka::consumer::ConsumerContext for Rebalances {
             }
             Rebalance::Error(_) => {}
         }
+        if let Some((owned, count)) = &self.owned {
+            owned.set(*count, &assigned.owned);
+        }
     }
 }
 
@@ -140,6 +145,7 @@ fn subscribe(
         .create_with_context(Rebalances {
             assigned,
             enqueue: settings.topics.enqueue.clone(),
+            owned: (feed == Feed::Enqueue).then(|| (settings.owned.clone(), settings.partitions)),
         })
         .map_err(kerr)?;
     consumer.subscribe(&topics).map_err(kerr)?;
@@ -234,6 +240,8 @@ pub struct KafkaSettings {
     pub partitions: u32,
     /// The store's per-shard fences, when it has them (the cluster mailbox).
     pub claims: Option<Arc<dyn ShardClaims>>,
+    /// Where the enqueue partitions owned now are published (for the work dispatcher).
+    pub owned: super::Owned,
     /// Test hook: apply batches but never commit their offsets (a consumer that dies between
     /// every append and its commit). Always false outside tests.
     pub never_commit: bool,
@@ -717,6 +725,7 @@ impl Worker {
                     a.owned.clear();
                     a.to_claim.clear();
                 }
+                self.settings.owned.set(self.settings.partitions, &[]);
                 match subscribe(&self.settings, assigned, Feed::Enqueue) {
                     Ok(c) => self.consumer = c,
                     Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),

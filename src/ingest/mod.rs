@@ -105,6 +105,25 @@ impl IngestError {
     }
 }
 
+/// The enqueue partitions (mailbox shards) this node's consumer owns now. The Kafka queue sets
+/// them at each rebalance; the work dispatcher ([`crate::work`]) deals out only the `work:`
+/// addresses of the shards owned here, so each has one dispatcher at a time.
+#[derive(Clone, Default)]
+pub struct Owned(Arc<std::sync::RwLock<(u32, Vec<u32>)>>);
+
+impl Owned {
+    /// Now `owned` of `count` partitions.
+    pub fn set(&self, count: u32, owned: &[u32]) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = (count, owned.to_vec());
+    }
+
+    /// Whether the partition of `address` is owned here (none is before the first assignment).
+    pub fn owns(&self, address: &Address) -> bool {
+        let g = self.0.read().unwrap_or_else(|p| p.into_inner());
+        g.0 > 0 && g.1.contains(&address.partition(g.0))
+    }
+}
+
 /// A partitioned queue's partitions, as seen by one node.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Partitions {

@@ -27,16 +27,6 @@ fn bad(m: impl Into<String>) -> Invalid {
 pub struct Limits {
     pub max_payload: usize,
     pub max_batch: usize,
-    /// Whether this backend serves `work:` addresses (the embedded one does; the cluster
-    /// backend refuses them until its dispatcher is cluster-wide).
-    pub work: bool,
-}
-
-/// The refusal of a `work:` address on a backend that does not serve them.
-fn work_refused(a: &Address) -> Invalid {
-    bad(format!(
-        "{a}: work addresses are served by the embedded backend only, not yet by the cluster backend"
-    ))
 }
 
 /// Deepest nesting of arrays and objects a payload may have.
@@ -160,9 +150,6 @@ fn message(
     let address: String = serde_json::from_str(address.get())
         .map_err(|_| bad(format!("{at}address must be a string")))?;
     let address = Address::parse(&address).map_err(|e| bad(format!("{at}{e}")))?;
-    if address.kind() == crate::address::Kind::Work && !limits.work {
-        return Err(bad(format!("{at}{}", work_refused(&address))));
-    }
     let payload = m
         .payload
         .ok_or_else(|| bad(format!("{at}payload is required")))?;
@@ -322,9 +309,6 @@ pub fn binding(bytes: &[u8], limits: Limits) -> Result<BindRequest, Invalid> {
     for a in list {
         let s = a.as_str().ok_or_else(|| bad("addresses must be strings"))?;
         let a = Address::parse(s).map_err(|e| bad(e.to_string()))?;
-        if a.kind() == crate::address::Kind::Work && !limits.work {
-            return Err(work_refused(&a));
-        }
         if a.client().as_ref() == Some(&client) {
             return Err(bad(format!(
                 "{a} is the client's own address; it always receives it"
@@ -349,7 +333,6 @@ mod tests {
     const L: Limits = Limits {
         max_payload: 16,
         max_batch: 2,
-        work: true,
     };
 
     #[test]
@@ -408,7 +391,7 @@ mod tests {
             ("c", 1, None, None),
             "duplicates are folded"
         );
-        // A weight, for work addresses; a backend without them refuses them, naming them.
+        // A weight, for work addresses.
         let weight = |body: &str, l: Limits| binding(body.as_bytes(), l).map(|b| b.weight);
         let body = r#"{"client":"c","addresses":["work:w"],"weight":3}"#;
         assert_eq!(weight(body, L).unwrap(), Some(3));
@@ -421,17 +404,8 @@ mod tests {
                     .contains("weight must be")
             );
         }
-        let no_work = Limits { work: false, ..L };
-        let e = weight(body, no_work).unwrap_err().to_string();
-        assert!(
-            e.contains("work:w") && e.contains("embedded backend only"),
-            "{e}"
-        );
         let unbind = binding(body.as_bytes(), L).unwrap().into_command(false);
         assert!(unbind.unwrap_err().to_string().contains("not to an unbind"));
-        let id = &mut || MessageId::parse("m").unwrap();
-        let e = enqueue_one(br#"{"address":"work:w","payload":1}"#, no_work, id).unwrap_err();
-        assert!(e.to_string().contains("embedded backend only"));
         let rewind = |body: &str| binding(body.as_bytes(), L).map(|b| b.rewind);
         use super::super::Rewind;
         assert_eq!(
@@ -466,7 +440,6 @@ mod tests {
         let big = Limits {
             max_payload: 1 << 20,
             max_batch: 2,
-            work: true,
         };
         let one = |payload: &str| {
             let body = format!(r#"{{"address":"channel:a","payload":{payload}}}"#);

@@ -77,6 +77,7 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         reads: Arc::new(topo),
         presence: Arc::new(presence),
     };
+    let owned = crate::ingest::Owned::default();
     let settings = KafkaSettings {
         brokers: config.kafka.brokers.clone(),
         topics,
@@ -84,7 +85,6 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         limits: crate::ingest::parse::Limits {
             max_payload: config.limits.max_payload_bytes,
             max_batch: config.limits.max_batch,
-            work: false,
         },
         batch: config.append_batch,
         partitions: shards,
@@ -92,6 +92,7 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         member: Some(membership.membership()),
         claims: Some(mailbox),
         never_commit: false,
+        owned: owned.clone(),
     };
     Ok(Parts {
         stores,
@@ -102,5 +103,6 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         }),
         membership,
         join: Some(Box::new(move || zk.join())),
+        owned: Some(owned),
     })
 }

@@ -15,7 +15,7 @@
 //!   failed delivery): the sender sends a snapshot again and then **repairs its clients from the
 //!   mailbox**, so whatever was not forwarded meanwhile is delivered by version, never skipped.
 //! - `POST /internal/deliver` — an array of frames, each `{signals: {signals, appended_us}}`,
-//!   `{bound}`, `{unbound}` or `{applied}`, sent in order over one keep-alive connection per peer
+//!   `{bound}`, `{unbound}`, `{presence}`, `{work}` (between work dispatchers) or `{applied}`, sent in order over one keep-alive connection per peer
 //!   by one task per peer; the frames that queue while a request is in flight go in the next.
 //!
 //! Why no message is lost at a handover: a connection subscribes locally, then [`Peers::want`]
@@ -38,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::presence::{Change, Member};
 use crate::routing::{Fanout, Offered, Replies, Router};
 use crate::tasks::Tasks;
+use crate::work::Dispatcher;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
@@ -106,6 +107,8 @@ pub struct Peers {
     /// Heads are read from it to repair local connections after a link.
     mailbox: Arc<dyn Mailbox>,
     membership: Arc<dyn Membership>,
+    /// The work dispatcher, told of peers linked and lost and given their work frames.
+    work: Option<Arc<Dispatcher>>,
     metrics: Metrics,
     tasks: Tasks,
     /// Peers that want messages from this node.
@@ -126,6 +129,7 @@ pub struct Links {
     pub router: Arc<Router>,
     pub mailbox: Arc<dyn Mailbox>,
     pub membership: Arc<dyn Membership>,
+    pub work: Option<Arc<Dispatcher>>,
     pub metrics: Metrics,
     pub tasks: Tasks,
 }
@@ -140,6 +144,7 @@ impl Peers {
             router: links.router,
             mailbox: links.mailbox,
             membership: links.membership,
+            work: links.work,
             metrics: links.metrics,
             tasks: links.tasks,
             downstream: Default::default(),
@@ -281,9 +286,23 @@ impl Peers {
 
     /// Links to live nodes not linked yet (snapshot, then repair), heartbeats the others.
     async fn tick(&self) {
+        let before: HashSet<String> = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         let Ok(live) = self.refresh_members().await else {
             return;
         };
+        if let Some(work) = &self.work {
+            // A node that left the membership is dead to its work: what its connections held
+            // goes to others.
+            for gone in before.iter().filter(|n| !live.contains_key(*n)) {
+                work.peer_lost(gone, true).await;
+            }
+        }
         // Peers that left the membership get nothing more from this node.
         let gone: Vec<(String, String)> = self
             .downstream
@@ -314,7 +333,11 @@ impl Peers {
                     .linked
                     .remove(&id);
             }
-            // Link: a snapshot of everything announced, under a new session.
+            // Link: a snapshot of everything announced, under a new session. The peer tells
+            // this node its work takers again once it has the snapshot.
+            if let Some(work) = &self.work {
+                work.peer_lost(&id, false).await;
+            }
             let session = uuid::Uuid::new_v4().simple().to_string();
             let snap = self.want_frame(
                 &session,
@@ -441,6 +464,9 @@ impl Peers {
                     tx,
                 },
             );
+            if let Some(work) = &self.work {
+                work.peer_linked(&want.node);
+            }
         }
         let Some(d) = down.get_mut(&want.node) else {
             return 409;
@@ -510,7 +536,8 @@ impl Peers {
         }
     }
 
-    fn send_to(&self, node: &str, frame: &Deliver) {
+    /// Queues a frame for one peer (dropped if the peer is not linked to this node).
+    pub fn send_to(&self, node: &str, frame: &Deliver) {
         let Ok(body) = serde_json::to_vec(frame) else {
             return;
         };
@@ -575,9 +602,10 @@ impl Peers {
         }
     }
 
-    /// Handles `POST /internal/deliver` (local delivery only: never forwarded again); the
-    /// answers of `?wait=true` operations go to `replies` (this node's queue).
-    pub fn on_deliver(&self, frame: Deliver, replies: &dyn Replies) {
+    /// Handles `POST /internal/deliver` from the member `sender` (local delivery only: never
+    /// forwarded again); the answers of `?wait=true` operations go to `replies` (this node's
+    /// queue).
+    pub fn on_deliver(&self, sender: &str, frame: Deliver, replies: &dyn Replies) {
         match frame {
             Deliver::Signals {
                 signals,
@@ -608,6 +636,11 @@ impl Peers {
                 member: Member { client, user },
                 joined,
             }),
+            Deliver::Work(frame) => {
+                if let Some(work) = &self.work {
+                    work.receive(sender, frame);
+                }
+            }
             Deliver::Applied { ticket, outcome } => replies.resolve_wire(&ticket, &outcome),
         }
     }

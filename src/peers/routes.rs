@@ -64,12 +64,18 @@ pub fn receive_want(peers: &Arc<Peers>, sender: &Sender, body: &[u8]) -> Receive
     }
 }
 
-/// Takes a delivery (frames, in order); answers of `?wait=true` operations go to `replies`.
-pub fn receive_deliver(peers: &Peers, replies: &dyn Replies, body: &[u8]) -> Received {
+/// Takes a delivery from the member `sender` (frames, in order); answers of `?wait=true`
+/// operations go to `replies`.
+pub fn receive_deliver(
+    peers: &Peers,
+    replies: &dyn Replies,
+    sender: &Sender,
+    body: &[u8],
+) -> Received {
     let frames: Vec<Deliver> = serde_json::from_slice(body)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid delivery: {e}")))?;
     for frame in frames {
-        peers.on_deliver(frame, replies);
+        peers.on_deliver(&sender.node, frame, replies);
     }
     Ok(())
 }
@@ -93,8 +99,8 @@ async fn want(
 /// `POST /internal/deliver`: messages, binding changes or answers from another node.
 async fn deliver(
     State(r): State<Receiver>,
-    Extension(_sender): Extension<Sender>,
+    Extension(sender): Extension<Sender>,
     body: Bytes,
 ) -> Answer {
-    answer(receive_deliver(&r.peers, &*r.replies, &body))
+    answer(receive_deliver(&r.peers, &*r.replies, &sender, &body))
 }

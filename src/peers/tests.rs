@@ -50,7 +50,7 @@ impl Transport for Loopback {
             .expect("a node");
         let received = match path {
             "/internal/want" => routes::receive_want(&peers, &self.from, &body),
-            "/internal/deliver" => routes::receive_deliver(&peers, &*replies, &body),
+            "/internal/deliver" => routes::receive_deliver(&peers, &*replies, &self.from, &body),
             _ => return Ok((404, Bytes::new())),
         };
         let status = received.map_or_else(|(status, _)| status.as_u16(), |()| 200);
@@ -170,6 +170,7 @@ fn two(net: &Arc<Net>, tasks: &Tasks) -> (Node, Node) {
                 router: router.clone(),
                 mailbox: mailbox.clone(),
                 membership: members.clone(),
+                work: None,
                 metrics: Metrics::install(),
                 tasks: tasks.clone(),
             },

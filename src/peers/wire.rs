@@ -46,6 +46,8 @@ pub enum Deliver {
         user: Option<String>,
         joined: bool,
     },
+    /// Between the work dispatchers ([`crate::work::cluster`]).
+    Work(crate::work::Frame),
     /// The answer of a `?wait=true` operation, as the ingest side wrote it
     /// (`ingest::wire`): opaque here, handed to the receiving node's [`crate::routing::Replies`].
     Applied {
@@ -113,7 +115,7 @@ mod tests {
                     (address.as_str(), user.as_deref(), joined),
                     ("presence:p", Some("u"), false)
                 ),
-                Deliver::Unbound { .. } => unreachable!(),
+                Deliver::Unbound { .. } | Deliver::Work(_) => unreachable!(),
             }
         }
     }

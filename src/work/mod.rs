@@ -13,6 +13,8 @@
 //! connections. The argument for why this holds, and what the cluster needs beyond it, is in
 //! `docs/architecture.md` ("Work addresses").
 
+pub mod cluster;
+
 use crate::address::{Address, ClientId, Kind};
 use crate::mailbox::{Mailbox, Message};
 use crate::presence::Change;
@@ -22,6 +24,10 @@ use roaring::RoaringTreemap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+pub use cluster::{Frame, HeldRequest, Holder, Link, Out};
+use cluster::{Holding, RemoteConn};
 
 /// A connection that takes work: the gateway's connection.
 pub trait Worker: Send + Sync + 'static {
@@ -30,6 +36,10 @@ pub trait Worker: Send + Sync + 'static {
     fn client(&self) -> &ClientId;
     /// Sends the message to the client as a `signal`; false when the connection is closed.
     fn give(&self, address: &Address, message: &Arc<Message>) -> bool;
+    /// The node the connection is on, when it is not this one.
+    fn node(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A work message's state, as `GET /server/mailbox/work:<name>` shows it.
@@ -85,6 +95,8 @@ struct Taker {
 struct Held {
     client: ClientId,
     conn: String,
+    /// The node of the connection, when it is not this one.
+    node: Option<String>,
     deadline: Instant,
 }
 
@@ -166,6 +178,7 @@ impl Queue {
                 Held {
                     client: t.client.clone(),
                     conn: conn.id().to_string(),
+                    node: conn.node().map(str::to_string),
                     deadline: now + s.ack_timeout,
                 },
             );
@@ -189,6 +202,19 @@ impl Queue {
             if !self.done.contains(v) {
                 self.waiting.insert(v);
             }
+        }
+    }
+
+    /// The address is dealt by another node now: its state is dropped (loaded again, with what
+    /// every node's connections hold, if it comes back).
+    fn disown(&mut self) {
+        self.loaded = false;
+        self.waiting.clear();
+        self.held.clear();
+        self.done.clear();
+        self.recent.clear();
+        for t in &mut self.takers {
+            t.held = 0;
         }
     }
 
@@ -216,31 +242,50 @@ pub struct NotHeld {
 /// The work addresses of this node.
 pub struct Dispatcher {
     me: std::sync::Weak<Dispatcher>,
+    /// This node's id (the dealer named in [`Holding`]s).
+    node: String,
     queues: Mutex<HashMap<Address, Queue>>,
     mailbox: Arc<dyn Mailbox>,
     topology: Arc<dyn Topology>,
     done_store: Arc<dyn ReadMarks>,
     settings: Settings,
+    /// On the cluster backend: which addresses are dealt here, and the way to the other nodes.
+    link: Option<Link>,
+    /// What this node's connections hold, from which dealer: `(address, version)` → holding.
+    holdings: Mutex<HashMap<(Address, u64), Holding>>,
     /// Done versions not stored yet, per address (written by [`Dispatcher::flush`]).
     unsaved: Mutex<HashMap<Address, Vec<u64>>>,
     /// Held by one dispatch at a time, so messages leave in the order they were assigned.
     dispatching: tokio::sync::Mutex<()>,
+    /// Frames from other nodes, handled in order by [`Dispatcher::start`]'s task.
+    inbox: mpsc::UnboundedSender<(String, Frame)>,
+    inbox_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, Frame)>>>,
+}
+
+/// What a dispatcher reads and writes.
+pub struct Stores {
+    pub mailbox: Arc<dyn Mailbox>,
+    pub topology: Arc<dyn Topology>,
+    /// The done sets are stored as read marks ([`done_key`]).
+    pub done: Arc<dyn ReadMarks>,
 }
 
 impl Dispatcher {
-    pub fn new(
-        mailbox: Arc<dyn Mailbox>,
-        topology: Arc<dyn Topology>,
-        done_store: Arc<dyn ReadMarks>,
-        settings: Settings,
-    ) -> Arc<Self> {
+    /// `link`: the cluster's, or None for a node that deals every work address itself.
+    pub fn new(node: &str, stores: Stores, settings: Settings, link: Option<Link>) -> Arc<Self> {
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
         Arc::new_cyclic(|me| Self {
+            inbox,
+            inbox_rx: Mutex::new(Some(inbox_rx)),
             me: me.clone(),
+            node: node.to_string(),
             queues: Default::default(),
-            mailbox,
-            topology,
-            done_store,
+            mailbox: stores.mailbox,
+            topology: stores.topology,
+            done_store: stores.done,
             settings,
+            link,
+            holdings: Default::default(),
             unsaved: Default::default(),
             dispatching: Default::default(),
         })
@@ -254,11 +299,69 @@ impl Dispatcher {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Loads a queue's state from the stores once: every kept version not done waits.
+    fn holdings(&self) -> MutexGuard<'_, HashMap<(Address, u64), Holding>> {
+        self.holdings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this node deals `address` now.
+    fn owns(&self, address: &Address) -> bool {
+        self.link.as_ref().is_none_or(|l| l.owned.owns(address))
+    }
+
+    fn send(&self, out: Out) {
+        if let Some(l) = &self.link {
+            let _ = l.out.send(out);
+        }
+    }
+
+    /// Asks the other nodes what their connections hold of `address` (none on a single node);
+    /// this node's own are added.
+    async fn ask_held(&self, address: &Address, adopt: bool) -> Result<Vec<Holder>, String> {
+        let mut all = self.held_here(address, adopt.then_some(self.node.as_str()));
+        if let Some(l) = &self.link {
+            let (answer, got) = tokio::sync::oneshot::channel();
+            let request = HeldRequest {
+                address: address.clone(),
+                adopt,
+            };
+            l.out
+                .send(Out::Held { request, answer })
+                .map_err(|_| "the node is stopping".to_string())?;
+            all.extend(
+                got.await
+                    .map_err(|_| "the node is stopping".to_string())??,
+            );
+        }
+        Ok(all)
+    }
+
+    /// What this node's connections hold of `address`; with `dealer`, their acks go to it now.
+    pub fn held_here(&self, address: &Address, dealer: Option<&str>) -> Vec<Holder> {
+        let mut h = self.holdings();
+        h.iter_mut()
+            .filter(|((a, _), _)| a == address)
+            .map(|((_, v), hold)| {
+                if let Some(d) = dealer {
+                    hold.from = d.to_string();
+                }
+                Holder {
+                    version: *v,
+                    client: hold.client.clone(),
+                    conn: hold.conn.clone(),
+                    node: self.node.clone(),
+                    acked: hold.acked,
+                }
+            })
+            .collect()
+    }
+
+    /// Loads a queue's state once, when this node starts dealing it: every kept version not
+    /// done waits, except those a connection holds (on the cluster, asked of every node first).
     async fn load(&self, address: &Address) -> Result<(), String> {
         if self.lock().get(address).is_some_and(|q| q.loaded) {
             return Ok(());
         }
+        let holders = self.ask_held(address, true).await?;
         let (done, _) = self
             .done_store
             .marks(&done_key(), address)
@@ -280,13 +383,51 @@ impl Dispatcher {
             q.waiting.insert_range(h.low..=q.head);
         }
         q.done |= done;
+        let deadline = Instant::now() + self.settings.ack_timeout;
+        let mut acked = Vec::new();
+        for h in holders {
+            if h.acked {
+                // Acked while its dealer was going: done (its ack may never have arrived).
+                q.done.insert(h.version);
+                q.held.remove(&h.version);
+                acked.push(h.version);
+                continue;
+            }
+            if q.done.contains(h.version) || q.held.contains_key(&h.version) {
+                continue;
+            }
+            if let Some(t) = q.takers.iter_mut().find(|t| t.client == h.client) {
+                t.held += 1;
+            }
+            q.held.insert(
+                h.version,
+                Held {
+                    client: h.client,
+                    conn: h.conn,
+                    node: (h.node != self.node).then_some(h.node),
+                    deadline,
+                },
+            );
+        }
         q.waiting -= &q.done;
+        for v in q.held.keys() {
+            q.waiting.remove(*v);
+        }
         q.loaded = true;
+        drop(m);
+        if !acked.is_empty() {
+            self.unsaved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(address.clone())
+                .or_default()
+                .extend(acked);
+        }
         Ok(())
     }
 
-    /// A connection of a client bound to `address` is up (set-up or bound): it takes work.
-    /// `weight` is its binding's, when the caller has it (else it is read).
+    /// A connection of this node, of a client bound to `address`, is up (set-up or bound): it
+    /// takes work. `weight` is its binding's, when the caller has it (else it is read).
     pub async fn join(&self, address: &Address, conn: Arc<dyn Worker>, weight: Option<u32>) {
         let weight = match weight {
             Some(w) => w,
@@ -301,45 +442,73 @@ impl Dispatcher {
                 }
             },
         };
-        if let Err(e) = self.load(address).await {
-            tracing::warn!(error = %e, %address, "work: loading the queue failed");
-        }
-        {
-            let mut m = self.lock();
-            let q = m.entry(address.clone()).or_default();
-            match q.takers.iter_mut().find(|t| &t.client == conn.client()) {
-                Some(t) => {
-                    t.weight = weight;
-                    if !t.conns.iter().any(|c| c.id() == conn.id()) {
-                        t.conns.push(conn);
-                    }
+        self.send(Out::All(Frame::Taker {
+            address: address.clone(),
+            client: conn.client().clone(),
+            conn: conn.id().to_string(),
+            weight,
+            joined: true,
+        }));
+        self.add_taker(address, conn, weight);
+        self.dispatch(address).await;
+    }
+
+    fn add_taker(&self, address: &Address, conn: Arc<dyn Worker>, weight: u32) {
+        let mut m = self.lock();
+        let q = m.entry(address.clone()).or_default();
+        match q.takers.iter_mut().find(|t| &t.client == conn.client()) {
+            Some(t) => {
+                t.weight = weight;
+                if !t.conns.iter().any(|c| c.id() == conn.id()) {
+                    t.conns.push(conn);
                 }
-                None => q.takers.push(Taker {
-                    client: conn.client().clone(),
-                    weight,
-                    conns: vec![conn],
-                    current: 0,
-                    held: 0,
-                    active: Instant::now(),
-                }),
             }
+            None => q.takers.push(Taker {
+                client: conn.client().clone(),
+                weight,
+                conns: vec![conn],
+                current: 0,
+                held: 0,
+                active: Instant::now(),
+            }),
+        }
+    }
+
+    /// A connection of this node stops taking work of `address` (closed, or unbound): what it
+    /// was sent and has not acked waits again, and goes to another.
+    pub async fn leave(&self, address: &Address, conn: &str) {
+        let client = self.drop_conn(address, conn, true);
+        self.holdings()
+            .retain(|(a, _), h| !(a == address && h.conn == conn));
+        if let Some(client) = client {
+            self.send(Out::All(Frame::Taker {
+                address: address.clone(),
+                client,
+                conn: conn.to_string(),
+                weight: 0,
+                joined: false,
+            }));
         }
         self.dispatch(address).await;
     }
 
-    /// A connection stops taking work of `address` (closed, or unbound): what it was sent and
-    /// has not acked waits again, and goes to another.
-    pub async fn leave(&self, address: &Address, conn: &str) {
-        {
-            let mut m = self.lock();
-            let Some(q) = m.get_mut(address) else { return };
-            for t in &mut q.takers {
+    /// Takes a connection off a queue's takers; with `release`, what it holds waits again.
+    /// The client, when the connection was a taker.
+    fn drop_conn(&self, address: &Address, conn: &str, release: bool) -> Option<ClientId> {
+        let mut m = self.lock();
+        let q = m.get_mut(address)?;
+        let mut client = None;
+        for t in &mut q.takers {
+            if t.conns.iter().any(|c| c.id() == conn) {
+                client = Some(t.client.clone());
                 t.conns.retain(|c| c.id() != conn);
             }
-            q.takers.retain(|t| !t.conns.is_empty());
-            if q.takers.is_empty() {
-                q.recent.clear();
-            }
+        }
+        q.takers.retain(|t| !t.conns.is_empty());
+        if q.takers.is_empty() {
+            q.recent.clear();
+        }
+        if release {
             let lost: Vec<u64> = q
                 .held
                 .iter()
@@ -350,30 +519,72 @@ impl Dispatcher {
                 q.release(v);
             }
         }
-        self.dispatch(address).await;
+        client
     }
 
-    /// `ack` of a work message: done, if this client holds it.
+    /// `ack` of a work message from a connection of this node: done, if this client holds it
+    /// (told to its dealer when that is another node).
     pub async fn ack(
         &self,
         address: &Address,
         client: &ClientId,
         version: u64,
     ) -> Result<(), NotHeld> {
+        let refused = || NotHeld {
+            address: address.clone(),
+            version,
+        };
+        let key = (address.clone(), version);
+        let from = {
+            let mut h = self.holdings();
+            match h.get_mut(&key) {
+                Some(hold) if &hold.client == client && !hold.acked => {
+                    if hold.from == self.node {
+                        h.remove(&key).map(|h| h.from)
+                    } else {
+                        // Kept (acked) until its deadline: if its dealer goes before the ack
+                        // reaches it, the next dealer learns it from here.
+                        hold.acked = true;
+                        Some(hold.from.clone())
+                    }
+                }
+                _ => None,
+            }
+        }
+        .ok_or_else(refused)?;
+        if from == self.node {
+            return self
+                .done(address, client, version)
+                .await
+                .map_err(|_| refused());
+        }
+        self.send(Out::To(
+            from,
+            Frame::Ack {
+                address: address.clone(),
+                client: client.clone(),
+                version,
+            },
+        ));
+        Ok(())
+    }
+
+    /// A version is done, if `client` holds it here (or, while the queue is not loaded, on its
+    /// node's word: the load that follows skips it).
+    async fn done(&self, address: &Address, client: &ClientId, version: u64) -> Result<(), ()> {
         {
             let mut m = self.lock();
-            let q = m.get_mut(address);
-            let Some(q) = q.filter(|q| q.held.get(&version).is_some_and(|h| &h.client == client))
-            else {
-                return Err(NotHeld {
-                    address: address.clone(),
-                    version,
-                });
-            };
-            if let Some(t) = q.unhold(version) {
-                t.active = Instant::now();
+            let q = m.entry(address.clone()).or_default();
+            if q.loaded {
+                if q.held.get(&version).is_none_or(|h| &h.client != client) {
+                    return Err(());
+                }
+                if let Some(t) = q.unhold(version) {
+                    t.active = Instant::now();
+                }
             }
             q.done.insert(version);
+            q.waiting.remove(version);
             q.recent.remove(&version);
             self.unsaved
                 .lock()
@@ -384,6 +595,178 @@ impl Dispatcher {
         }
         self.dispatch(address).await;
         Ok(())
+    }
+
+    /// Takes a frame from the dispatcher of another node (`from`), handled in order.
+    pub fn receive(&self, from: &str, frame: Frame) {
+        let _ = self.inbox.send((from.to_string(), frame));
+    }
+
+    /// Starts handling frames from other nodes, in the order they came, until the node stops.
+    pub fn start(self: &Arc<Self>, tasks: &crate::tasks::Tasks) {
+        let Some(mut rx) = self
+            .inbox_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        tasks.spawn(async move {
+            while let Some((from, frame)) = rx.recv().await {
+                let Some(me) = me.upgrade() else { return };
+                me.on_frame(&from, frame).await;
+            }
+        });
+    }
+
+    /// A frame from the dispatcher of another node (`from`).
+    async fn on_frame(&self, from: &str, frame: Frame) {
+        match frame {
+            Frame::Taker {
+                address,
+                client,
+                conn,
+                weight,
+                joined,
+            } => {
+                if joined {
+                    let Some(out) = self.link.as_ref().map(|l| l.out.clone()) else {
+                        return;
+                    };
+                    let remote = RemoteConn {
+                        id: conn,
+                        client,
+                        node: from.to_string(),
+                        out,
+                    };
+                    self.add_taker(&address, Arc::new(remote), weight_of(weight as u64));
+                } else {
+                    self.drop_conn(&address, &conn, true);
+                }
+                self.dispatch(&address).await;
+            }
+            Frame::Give {
+                address,
+                conn,
+                version,
+                signal,
+            } => {
+                let local = self.lock().get(&address).and_then(|q| {
+                    q.takers
+                        .iter()
+                        .flat_map(|t| t.conns.iter())
+                        .find(|c| c.id() == conn && c.node().is_none())
+                        .cloned()
+                });
+                let given = match (local, Message::from_signal(signal)) {
+                    (Some(c), Some(m)) => {
+                        // Noted before it is sent: the client may ack at once.
+                        self.holdings().insert(
+                            (address.clone(), version),
+                            Holding {
+                                conn: conn.clone(),
+                                client: c.client().clone(),
+                                from: from.to_string(),
+                                deadline: Instant::now() + self.settings.ack_timeout + GRACE,
+                                acked: false,
+                            },
+                        );
+                        c.give(&address, &Arc::new(m))
+                    }
+                    _ => false,
+                };
+                if !given {
+                    self.holdings().remove(&(address.clone(), version));
+                    self.send(Out::To(from.to_string(), Frame::Gone { address, conn }));
+                }
+            }
+            Frame::Revoke {
+                address,
+                conn,
+                version,
+            } => {
+                let key = (address, version);
+                let mut h = self.holdings();
+                if h.get(&key).is_some_and(|h| h.conn == conn) {
+                    h.remove(&key);
+                }
+            }
+            Frame::Ack {
+                address,
+                client,
+                version,
+            } => {
+                if self.done(&address, &client, version).await.is_err() {
+                    tracing::debug!(%address, version, %client, "work: a late ack from another node");
+                }
+            }
+            Frame::Gone { address, conn } => {
+                self.drop_conn(&address, &conn, true);
+                self.dispatch(&address).await;
+            }
+        }
+    }
+
+    /// A peer linked to this node (it can be sent frames now): it is told every connection of
+    /// this node that takes work.
+    pub fn peer_linked(&self, node: &str) {
+        let m = self.lock();
+        for (address, q) in m.iter() {
+            for t in &q.takers {
+                for c in t.conns.iter().filter(|c| c.node().is_none()) {
+                    self.send(Out::To(
+                        node.to_string(),
+                        Frame::Taker {
+                            address: address.clone(),
+                            client: t.client.clone(),
+                            conn: c.id().to_string(),
+                            weight: t.weight,
+                            joined: true,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The link to `node` is made anew: its takers are forgotten (it tells them again), what
+    /// they hold stays held until acked or timed out. With `dead` (it left the membership),
+    /// what they hold waits again.
+    pub async fn peer_lost(&self, node: &str, dead: bool) {
+        let touched: Vec<Address> = {
+            let mut m = self.lock();
+            let mut touched = Vec::new();
+            for (a, q) in m.iter_mut() {
+                let before = q.takers.iter().map(|t| t.conns.len()).sum::<usize>();
+                for t in &mut q.takers {
+                    t.conns.retain(|c| c.node() != Some(node));
+                }
+                q.takers.retain(|t| !t.conns.is_empty());
+                let after = q.takers.iter().map(|t| t.conns.len()).sum::<usize>();
+                let mut changed = before != after;
+                if dead {
+                    let lost: Vec<u64> = q
+                        .held
+                        .iter()
+                        .filter(|(_, h)| h.node.as_deref() == Some(node))
+                        .map(|(v, _)| *v)
+                        .collect();
+                    changed |= !lost.is_empty();
+                    for v in lost {
+                        q.release(v);
+                    }
+                }
+                if changed {
+                    touched.push(a.clone());
+                }
+            }
+            touched
+        };
+        for a in touched {
+            self.dispatch(&a).await;
+        }
     }
 
     /// Stores the done versions acked since the last call (run every few ms).
@@ -413,20 +796,54 @@ impl Dispatcher {
         }
     }
 
-    /// Messages held past the ack timeout wait again (run every second or so).
+    /// Run every second or so: messages held past the ack timeout wait again (their holders'
+    /// nodes are told); a queue whose shard moved away stops being dealt here, one whose shard
+    /// came here with takers starts.
     pub async fn expire(&self, now: Instant) {
         let touched: Vec<Address> = {
             let mut m = self.lock();
             let mut touched = Vec::new();
             for (a, q) in m.iter_mut() {
+                if !self.owns(a) {
+                    if q.loaded {
+                        // Dealt elsewhere now: what is held is known where it is held.
+                        tracing::info!(address = %a, "work: no longer dealt here");
+                        q.disown();
+                    }
+                    continue;
+                }
+                if !q.loaded {
+                    if !q.takers.is_empty() {
+                        touched.push(a.clone());
+                    }
+                    continue;
+                }
                 let late: Vec<u64> = q
                     .held
                     .iter()
                     .filter(|(_, h)| h.deadline <= now)
                     .map(|(v, _)| *v)
                     .collect();
+                if late.is_empty() && !q.waiting.is_empty() && !q.takers.is_empty() {
+                    // Waiting for a full taker whose turn it was: past the stall, its turn goes
+                    // to one with room.
+                    touched.push(a.clone());
+                }
                 if !late.is_empty() {
                     for v in late {
+                        if let Some(h) = q.held.get(&v) {
+                            let revoke = Frame::Revoke {
+                                address: a.clone(),
+                                conn: h.conn.clone(),
+                                version: v,
+                            };
+                            match &h.node {
+                                Some(n) => self.send(Out::To(n.clone(), revoke)),
+                                None => {
+                                    self.holdings().remove(&(a.clone(), v));
+                                }
+                            }
+                        }
                         q.release(v);
                     }
                     touched.push(a.clone());
@@ -434,22 +851,57 @@ impl Dispatcher {
             }
             touched
         };
+        self.holdings().retain(|_, h| h.deadline > now);
         for a in touched {
             self.dispatch(&a).await;
         }
     }
 
-    /// The states of some versions of a work address.
+    /// The states of some versions of a work address: from its queue where it is dealt, else
+    /// from the stored done set and what the connections of every node hold.
     pub async fn states(&self, address: &Address, versions: &[u64]) -> Result<Vec<State>, String> {
-        self.load(address).await?;
-        let m = self.lock();
-        let q = m.get(address).ok_or("no such queue")?;
-        Ok(versions.iter().map(|v| q.state(*v)).collect())
+        if self.owns(address) {
+            self.load(address).await?;
+            let m = self.lock();
+            let q = m.get(address).ok_or("no such queue")?;
+            return Ok(versions.iter().map(|v| q.state(*v)).collect());
+        }
+        let mut held: HashMap<u64, ClientId> = HashMap::new();
+        let mut acked = RoaringTreemap::new();
+        for h in self.ask_held(address, false).await? {
+            if h.acked {
+                acked.insert(h.version);
+            } else {
+                held.insert(h.version, h.client);
+            }
+        }
+        let (mut done, _) = self
+            .done_store
+            .marks(&done_key(), address)
+            .await
+            .map_err(|e| e.to_string())?;
+        done |= acked;
+        Ok(versions
+            .iter()
+            .map(|v| match held.get(v) {
+                _ if done.contains(*v) => State::Done,
+                Some(c) => State::Assigned(c.clone()),
+                None => State::Waiting,
+            })
+            .collect())
     }
 
     /// Hands waiting messages to takers with room, reading from the mailbox those not at hand.
+    /// Only where the address is dealt; its queue is loaded first.
     async fn dispatch(&self, address: &Address) {
+        if !self.owns(address) {
+            return;
+        }
         let _one_at_a_time = self.dispatching.lock().await;
+        if let Err(e) = self.load(address).await {
+            tracing::warn!(error = %e, %address, "work: loading the queue failed; retrying");
+            return;
+        }
         loop {
             let (sends, mut at_hand) = {
                 let mut m = self.lock();
@@ -496,15 +948,26 @@ impl Dispatcher {
             let mut failed = Vec::new();
             let mut closed: Vec<String> = Vec::new();
             for (conn, v) in &sends {
-                let given = match at_hand.get(v) {
-                    Some(m) => conn.give(address, m),
+                let Some(m) = at_hand.get(v) else {
                     // Expired meanwhile (or unreadable): not sendable; it stops waiting.
-                    None => {
-                        failed.push((*v, false));
-                        continue;
-                    }
+                    failed.push((*v, false));
+                    continue;
                 };
-                if !given {
+                if conn.node().is_none() {
+                    // Noted before it is sent: the client may ack at once.
+                    self.holdings().insert(
+                        (address.clone(), *v),
+                        Holding {
+                            conn: conn.id().to_string(),
+                            client: conn.client().clone(),
+                            from: self.node.clone(),
+                            deadline: Instant::now() + self.settings.ack_timeout + GRACE,
+                            acked: false,
+                        },
+                    );
+                }
+                if !conn.give(address, m) {
+                    self.holdings().remove(&(address.clone(), *v));
                     failed.push((*v, true));
                     closed.push(conn.id().to_string());
                 }
@@ -533,6 +996,10 @@ impl Dispatcher {
         }
     }
 }
+
+/// How long past its ack timeout a holding is remembered where the connection is (the dealer's
+/// revoke normally ends it first).
+const GRACE: Duration = Duration::from_secs(1);
 
 /// The weight a work binding stores: a work address has no cursor and no replay, so its
 /// binding's `since` holds the weight (1–1000; 0, from before, counts as 1).

@@ -6,31 +6,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { io } from 'socket.io-client';
 import { connect, memoryStorage } from '../../clients/js/src/client.js';
-import { BACKEND, startNode, api, testCluster, waitFor } from './lib/harness.mjs';
+import { BACKEND, startNode, api, testCluster, waitFor, partition, ownedPartitions } from './lib/harness.mjs';
 
 const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
 const PARTITIONS = 6;
 
-/** Kafka's murmur2 partitioner (as src/address.rs), to pick a channel a given node appends. */
-function partition(address) {
-  const data = Buffer.from(address);
-  const M = 0x5bd1e995;
-  let h = (0x9747b28c ^ data.length) >>> 0;
-  let i = 0;
-  for (; i + 4 <= data.length; i += 4) {
-    let k = Math.imul(data.readUInt32LE(i), M) >>> 0;
-    k = Math.imul((k ^ (k >>> 24)) >>> 0, M) >>> 0;
-    h = (Math.imul(h, M) ^ k) >>> 0;
-  }
-  const rest = data.length - i;
-  if (rest >= 3) h = (h ^ (data[i + 2] << 16)) >>> 0;
-  if (rest >= 2) h = (h ^ (data[i + 1] << 8)) >>> 0;
-  if (rest >= 1) h = Math.imul((h ^ data[i]) >>> 0, M) >>> 0;
-  h = Math.imul((h ^ (h >>> 13)) >>> 0, M) >>> 0;
-  return ((h ^ (h >>> 15)) & 0x7fffffff) % PARTITIONS;
-}
-
-const owned = async (node) => (await api(node.url, 'GET', '/healthz')).body.partitions?.owned || [];
+const owned = (node) => ownedPartitions(node.url);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function libClient(urls, spare) {
@@ -55,7 +36,7 @@ test('3 nodes: the main node killed under load, with and without a spare: every 
   }, 60000, 'partitions shared by the 3 nodes');
   // A channel that node a appends, so that killing b stops no append: what is measured is the client.
   const mine = await owned(a);
-  const ch = Array.from({ length: 100 }, (_, i) => `channel:libfo-${i}`).find((x) => mine.includes(partition(x)));
+  const ch = Array.from({ length: 100 }, (_, i) => `channel:libfo-${i}`).find((x) => mine.includes(partition(x, PARTITIONS)));
 
   // Six clients whose main connection is on b: three with a spare (on c), three without.
   const urls = [b.url, c.url, a.url];

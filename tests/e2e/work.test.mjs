@@ -1,16 +1,17 @@
 // Work addresses (issue 16) with the official socket.io-client: each message of `work:<name>`
 // goes to exactly one connected bound client, in proportion to its binding's weight; an ack means
 // done; a message not acked in time, or whose client dies first, goes to another; with nobody
-// connected, messages wait; the mailbox read shows each message's state. Embedded backend (the
-// cluster backend refuses work addresses for now: tested too).
+// connected, messages wait; the mailbox read shows each message's state. Both backends; on the
+// cluster backend also 3 nodes with takers on every node, and the death of a taker's node and of
+// the node that deals the address out.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { BACKEND, startNode, api, connect, waitFor } from './lib/harness.mjs';
+import { BACKEND, startNode, api, connect, waitFor, testCluster, partition, ownedPartitions } from './lib/harness.mjs';
 
 const embedded = BACKEND !== 'cluster';
-const skip = !embedded && 'work addresses are served by the embedded backend only (for now)';
+const skip = false;
 
 /** A connected client bound to `work` with `weight`; acks every signal of it when `acks`. */
 async function worker(url, work, { weight, acks = true } = {}) {
@@ -143,15 +144,89 @@ test('waiting with nobody connected; a killed client\'s messages go to another, 
   assert.equal((await again.stop()).code, 0);
 });
 
-test('the cluster backend refuses work addresses with a reason', { skip: embedded && 'cluster backend only', timeout: 60000 }, async () => {
-  const node = await startNode();
-  let r = await api(node.url, 'POST', '/server/enqueue', { address: 'work:x', payload: 1 });
-  assert.equal(r.status, 400);
-  assert.match(r.body.error, /work addresses are served by the embedded backend only/);
-  r = await api(node.url, 'POST', '/server/connect', { client: 'c1', addresses: ['work:x'] });
-  assert.equal(r.status, 400);
-  assert.match(r.body.error, /work:x: work addresses are served by the embedded backend only/);
-  await node.stop();
+test('3 nodes: takers on every node share by weight; a taker\'s node and the dealing node die; none lost, none twice', { skip: embedded && 'cluster backend only', timeout: 240000 }, async () => {
+  const PARTITIONS = 6;
+  const env = testCluster('work3', {
+    SIGNALPOST_KAFKA_PARTITIONS: String(PARTITIONS),
+    SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000',
+    SIGNALPOST_WORK_ACK_TIMEOUT_MS: '60000',
+  });
+  const nodes = [];
+  for (let i = 0; i < 3; i++) nodes.push(await startNode({ env }));
+  await waitFor(async () => {
+    const lists = await Promise.all(nodes.map((n) => ownedPartitions(n.url)));
+    return lists.every((l) => l.length > 0) && lists.flat().length === PARTITIONS && new Set(lists.flat()).size === PARTITIONS;
+  }, 60000, 'partitions shared by the 3 nodes');
+  // A work address that node a deals out (its consumer owns the address's partition).
+  const [a, b, c] = nodes;
+  const mine = await ownedPartitions(a.url);
+  const work = Array.from({ length: 200 }, (_, i) => `work:w3-${Date.now()}-${i}`).find((x) => mine.includes(partition(x, PARTITIONS)));
+
+  // One taker on each node, weights 1, 1, 2; the messages are sent through b.
+  const wa = await worker(a.url, work, { weight: 1 });
+  const wb = await worker(b.url, work, { weight: 1 });
+  const wc = await worker(c.url, work, { weight: 2 });
+  await new Promise((r) => setTimeout(r, 500));
+  await send(b.url, work, 2000);
+  const all = () => [...wa.versions(), ...wb.versions(), ...wc.versions()];
+  await waitFor(() => all().length >= 2000, 30000, '2 000 deliveries');
+  await new Promise((r) => setTimeout(r, 300));
+  const counts = [wa, wb, wc].map((w) => w.versions().length);
+  console.log(`# weights 1/1/2 on nodes a/b/c: ${counts.join(' / ')}`);
+  assert.deepEqual(all().sort((x, y) => x - y), Array.from({ length: 2000 }, (_, i) => i + 1), 'every message once, on one node');
+  for (const [n, want] of [[counts[0], 500], [counts[1], 500], [counts[2], 1000]]) assert.ok(Math.abs(n - want) <= 100, `${counts} (500/500/1000 ± 5 % of 2 000)`);
+  // Done, as any node reads it (c does not deal this address: it asks the others).
+  await waitFor(async () => (await states(c.url, work)).every((m) => m.state === 'done'), 10000, 'all done, read on c');
+
+  // A taker's node dies while its client holds messages: they go to the others.
+  wc.c.close();
+  const script = fileURLToPath(new URL('./lib/work-holder.mjs', import.meta.url));
+  const child = spawn(process.execPath, [script, c.url, work], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (d) => { out += d; });
+  await waitFor(() => out.includes('clientId'), 10000, 'the holder connected');
+  await new Promise((r) => setTimeout(r, 500));
+  await send(b.url, work, 300, 2000);
+  const held = await waitFor(() => {
+    const got = out.split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((l) => l.version).map((l) => l.version);
+    return got.length > 0 && all().length + got.length >= 2300 ? got : null;
+  }, 15000, 'the 300 dealt, some to the holder on c').catch((e) => { console.log('#', all().length, out.split('\n').length); throw e; });
+  let st = await states(a.url, work);
+  assert.ok(held.every((v) => st[v - 1].state === 'assigned'), 'the holder\'s are assigned');
+  const before = new Set(all());
+  await c.kill();
+  child.kill('SIGKILL');
+  await waitFor(() => held.every((v) => wa.versions().includes(v) || wb.versions().includes(v)), 30000, 'the dead node\'s held messages went to a and b');
+  assert.ok(held.every((v) => !before.has(v)), 'none of them had gone to another before');
+  const got = [...wa.versions(), ...wb.versions(), ...wc.versions()];
+  assert.equal(got.length, new Set(got).size, 'none twice');
+  await waitFor(async () => (await states(a.url, work)).every((m) => m.state === 'done'), 10000, 'all 2 300 done');
+
+  // The dealing node dies while a client on b holds messages: b deals now, and keeps them
+  // that client's until it acks them (the ack timeout is a minute): none goes to another.
+  const hb = await worker(b.url, work, { acks: false });
+  await new Promise((r) => setTimeout(r, 500));
+  await send(b.url, work, 40, 3000);
+  await waitFor(() => all().length + hb.versions().length >= 2340, 10000, 'the 40 dealt');
+  const kept = hb.versions();
+  assert.ok(kept.length > 0, 'the holder on b got some');
+  // Every other message acked and its ack stored, so that a's death loses no ack.
+  await waitFor(async () => (await states(a.url, work)).every((m) => m.state === 'done' || kept.includes(m.version)), 10000, 'the others done');
+  await a.kill();
+  // b takes a's partition (after a's Kafka session ends) and deals from there on.
+  await waitFor(async () => (await ownedPartitions(b.url)).length === PARTITIONS, 60000, 'b owns every partition');
+  await send(b.url, work, 40, 4000);
+  await waitFor(() => all().length + hb.versions().length >= 2380, 20000, 'the next 40 dealt by b');
+  assert.ok(kept.every((v) => !all().includes(v)), 'what the holder held went to nobody else');
+  for (const v of kept) hb.c.socket.emit('ack', { address: work, version: v });
+  await waitFor(async () => (await states(b.url, work)).every((m) => m.state === 'done' || hb.versions().includes(m.version)), 10000, 'acked: done');
+  for (const v of hb.versions().filter((v) => !kept.includes(v))) hb.c.socket.emit('ack', { address: work, version: v });
+  await waitFor(async () => (await states(b.url, work)).every((m) => m.state === 'done'), 10000, 'all 2 380 done');
+  const last = [...all(), ...hb.versions()];
+  assert.equal(last.length, new Set(last).size, 'none twice');
+  assert.equal(last.length, 2380, 'none lost');
+  for (const w of [wa, wb, hb]) w.c.close();
+  await b.stop();
 });
 
 test('the client library takes work: its handler runs once per message, and each is acked (done)', { skip, timeout: 60000 }, async () => {

@@ -135,7 +135,6 @@ fn settings(topics: &Topics, group: &str) -> KafkaSettings {
         limits: Limits {
             max_payload: 64,
             max_batch: 100,
-            work: false,
         },
         batch: 500,
         partitions: PARTITIONS as u32,
@@ -143,6 +142,7 @@ fn settings(topics: &Topics, group: &str) -> KafkaSettings {
         member: None,
         claims: None,
         never_commit: false,
+        owned: Default::default(),
     }
 }
 

@@ -15,7 +15,6 @@ use signalpost::security::Credentials;
 const LIMITS: Limits = Limits {
     max_payload: 4096,
     max_batch: 50,
-    work: true,
 };
 
 /// Any JSON value: nested, with unicode, big and odd numbers, empty keys.

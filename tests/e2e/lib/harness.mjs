@@ -176,3 +176,29 @@ export async function fill(url, address, n, { from = 0, apiKey } = {}) {
   }
   return versions;
 }
+
+/** The partition (of `partitions`) Kafka's murmur2 partitioner gives a record keyed by
+ *  `address` (as src/address.rs): which node's consumer appends it, and deals it out when it is
+ *  a work address. */
+export function partition(address, partitions) {
+  const data = Buffer.from(address);
+  const M = 0x5bd1e995;
+  let h = (0x9747b28c ^ data.length) >>> 0;
+  let i = 0;
+  for (; i + 4 <= data.length; i += 4) {
+    let k = Math.imul(data.readUInt32LE(i), M) >>> 0;
+    k = Math.imul((k ^ (k >>> 24)) >>> 0, M) >>> 0;
+    h = (Math.imul(h, M) ^ k) >>> 0;
+  }
+  const rest = data.length - i;
+  if (rest >= 3) h = (h ^ (data[i + 2] << 16)) >>> 0;
+  if (rest >= 2) h = (h ^ (data[i + 1] << 8)) >>> 0;
+  if (rest >= 1) h = Math.imul((h ^ data[i]) >>> 0, M) >>> 0;
+  h = Math.imul((h ^ (h >>> 13)) >>> 0, M) >>> 0;
+  return ((h ^ (h >>> 15)) & 0x7fffffff) % partitions;
+}
+
+/** The enqueue partitions a cluster node's consumer owns now (from its `/healthz`). */
+export async function ownedPartitions(url) {
+  return (await api(url, 'GET', '/healthz')).body.partitions?.owned || [];
+}

@@ -195,4 +195,165 @@ mod tests {
             }
         }
     }
+
+    mod handover {
+        use super::super::super::{Dispatcher, Settings, State, Stores, Worker};
+        use super::super::*;
+        use crate::address::MessageId;
+        use crate::ingest::Owned;
+        use crate::mailbox::embedded::EmbeddedMailbox;
+        use crate::mailbox::{Mailbox, NewMessage};
+        use crate::routing::Fanout;
+        use crate::topology::embedded::EmbeddedTopology;
+        use std::sync::Mutex;
+        use std::time::Duration;
+
+        /// A connection that records what it is given.
+        struct Sink {
+            id: String,
+            client: ClientId,
+            got: Mutex<Vec<u64>>,
+        }
+        impl Worker for Sink {
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn client(&self) -> &ClientId {
+                &self.client
+            }
+            fn give(&self, _: &Address, m: &Arc<Message>) -> bool {
+                self.got.lock().unwrap().push(m.version);
+                true
+            }
+        }
+        fn sink(id: &str, client: &str) -> Arc<Sink> {
+            Arc::new(Sink {
+                id: id.into(),
+                client: ClientId::parse(client).unwrap(),
+                got: Mutex::new(Vec::new()),
+            })
+        }
+
+        /// Carries one node's [`Out`] to the other node, as the peers would (in order).
+        fn wire(
+            from: &'static str,
+            mut rx: mpsc::UnboundedReceiver<Out>,
+            to: Arc<Dispatcher>,
+        ) -> tokio::task::JoinHandle<()> {
+            tokio::spawn(async move {
+                while let Some(out) = rx.recv().await {
+                    match out {
+                        Out::To(_, f) | Out::All(f) => to.receive(from, f),
+                        Out::Held { request, answer } => {
+                            let dealer = request.adopt.then_some(from);
+                            let held = to
+                                .held_here(&request.address, dealer)
+                                .into_iter()
+                                .map(|h| Holder {
+                                    node: if from == "a" { "b" } else { "a" }.into(),
+                                    ..h
+                                })
+                                .collect();
+                            let _ = answer.send(Ok(held));
+                        }
+                    }
+                }
+            })
+        }
+
+        async fn settle() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        /// Node a deals `work:w` to a connection on node b; the shard moves to b: b keeps
+        /// what that connection holds (it goes to nobody else), learns what it acked, and deals
+        /// the rest.
+        #[tokio::test]
+        async fn a_new_dealer_keeps_what_is_held_and_learns_what_was_acked() {
+            let dir = tempfile::tempdir().unwrap();
+            let mailbox =
+                Arc::new(EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap());
+            let topo = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
+            let stores = || Stores {
+                mailbox: mailbox.clone(),
+                topology: topo.clone(),
+                done: topo.clone(),
+            };
+            let settings = Settings {
+                ack_timeout: Duration::from_secs(60),
+                in_flight: 4,
+                retention_secs: 3600,
+            };
+            let (owned_a, owned_b) = (Owned::default(), Owned::default());
+            owned_a.set(1, &[0]);
+            owned_b.set(1, &[]);
+            let (tx_a, rx_a) = mpsc::unbounded_channel();
+            let (tx_b, rx_b) = mpsc::unbounded_channel();
+            let link = |owned, out| Some(Link { owned, out });
+            let a = Dispatcher::new("a", stores(), settings, link(owned_a.clone(), tx_a));
+            let b = Dispatcher::new("b", stores(), settings, link(owned_b.clone(), tx_b));
+            let tasks = crate::tasks::Tasks::default();
+            a.start(&tasks);
+            b.start(&tasks);
+            let _wires = (wire("a", rx_a, b.clone()), wire("b", rx_b, a.clone()));
+
+            let w = Address::parse("work:w").unwrap();
+            let appended = mailbox
+                .append(
+                    (1..=6)
+                        .map(|i| NewMessage {
+                            address: w.clone(),
+                            id: MessageId::parse(&format!("m{i}")).unwrap(),
+                            payload: RawValue::from_string("1".into()).unwrap(),
+                            new_id: false,
+                        })
+                        .collect(),
+                )
+                .await
+                .unwrap();
+            let msgs: Vec<_> = appended.into_iter().map(|x| x.message).collect();
+            a.deliver(&msgs, 0);
+            // A connection on b takes work: a deals it 4 (its in-flight cap), b notes them.
+            let k = sink("k", "c1");
+            b.join(&w, k.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(*k.got.lock().unwrap(), vec![1, 2, 3, 4]);
+            assert_eq!(b.held_here(&w, None).len(), 4);
+            // It acks 1 (a hears it) and 2; the ack of 2 is lost on the way (a never hears it).
+            b.ack(&w, &k.client, 1).await.unwrap();
+            settle().await;
+            a.flush().await;
+            assert_eq!(a.states(&w, &[1]).await.unwrap(), vec![State::Done]);
+            let k2 = ClientId::parse("c2").unwrap();
+            assert!(b.ack(&w, &k2, 2).await.is_err(), "only its holder acks it");
+            // The shard moves to b before a hears of the ack of 2.
+            owned_a.set(1, &[]);
+            b.holdings().get_mut(&(w.clone(), 2)).unwrap().acked = true;
+            owned_b.set(1, &[0]);
+            a.expire(std::time::Instant::now()).await;
+            // A second connection on b, then b deals: 3 and 4 stay k's, 2 is done, 5 and 6 go.
+            let j = sink("j", "c2");
+            b.join(&w, j.clone(), Some(1)).await;
+            settle().await;
+            let got_j = j.got.lock().unwrap().clone();
+            let got_k = k.got.lock().unwrap().clone();
+            assert!(
+                got_j.iter().all(|v| *v >= 5)
+                    && got_k.iter().filter(|v| **v >= 5).count() + got_j.len() == 2,
+                "held ones go to nobody else: k {got_k:?}, j {got_j:?}"
+            );
+            let st = b.states(&w, &[1, 2, 3, 4]).await.unwrap();
+            let held = State::Assigned(k.client.clone());
+            assert_eq!(st, vec![State::Done, State::Done, held.clone(), held]);
+            // k acks 3 and 4 to its new dealer, b; a (no longer dealing) reads the states by
+            // asking b.
+            b.ack(&w, &k.client, 3).await.unwrap();
+            b.ack(&w, &k.client, 4).await.unwrap();
+            assert!(b.ack(&w, &k.client, 4).await.is_err(), "acked twice");
+            b.flush().await;
+            let st = a.states(&w, &[1, 2, 3, 4]).await.unwrap();
+            assert!(st.iter().all(|s| *s == State::Done), "{st:?}");
+            tasks.stop(Duration::from_secs(1)).await;
+        }
+    }
 }

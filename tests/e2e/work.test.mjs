@@ -184,7 +184,8 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
   const child = spawn(process.execPath, [script, c.url, work], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   child.stdout.on('data', (d) => { out += d; });
-  await waitFor(() => out.includes('clientId'), 10000, 'the holder connected');
+  const holder = await waitFor(() => out.includes('clientId') && JSON.parse(out.split('\n')[0]).clientId, 10000, 'the holder connected');
+  await waitFor(async () => (await api(c.url, 'GET', `/server/clients/${holder}`)).body.addresses?.includes(work), 10000, 'the holder bound');
   await new Promise((r) => setTimeout(r, 500));
   await send(b.url, work, 300, 2000);
   const held = await waitFor(() => {

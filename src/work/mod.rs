@@ -415,14 +415,7 @@ impl Dispatcher {
         }
         q.loaded = true;
         drop(m);
-        if !acked.is_empty() {
-            self.unsaved
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(address.clone())
-                .or_default()
-                .extend(acked);
-        }
+        self.unsaved(address, acked);
         Ok(())
     }
 
@@ -586,13 +579,8 @@ impl Dispatcher {
             q.done.insert(version);
             q.waiting.remove(version);
             q.recent.remove(&version);
-            self.unsaved
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(address.clone())
-                .or_default()
-                .push(version);
         }
+        self.unsaved(address, [version]);
         self.dispatch(address).await;
         Ok(())
     }
@@ -769,6 +757,19 @@ impl Dispatcher {
         }
     }
 
+    /// Done versions for the next [`Dispatcher::flush`] to store.
+    fn unsaved(&self, address: &Address, versions: impl IntoIterator<Item = u64>) {
+        let mut versions = versions.into_iter().peekable();
+        if versions.peek().is_some() {
+            self.unsaved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(address.clone())
+                .or_default()
+                .extend(versions);
+        }
+    }
+
     /// Stores the done versions acked since the last call (run every few ms).
     pub async fn flush(&self) {
         let unsaved = std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
@@ -785,12 +786,7 @@ impl Dispatcher {
                     .await
                 {
                     tracing::warn!(error = %e, %address, "work: storing done versions failed; retrying");
-                    self.unsaved
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(address.clone())
-                        .or_default()
-                        .extend_from_slice(chunk);
+                    self.unsaved(&address, chunk.iter().copied());
                 }
             }
         }

@@ -230,6 +230,35 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
   await b.stop();
 });
 
+test('2 nodes: a client connected on both is one taker (its weight counts once); each message goes to one of its connections', { skip: embedded && 'cluster backend only', timeout: 120000 }, async () => {
+  const env = testCluster('work2', { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000' });
+  env.SIGNALPOST_RESUME_SECRET = `secret-${env.SIGNALPOST_CASSANDRA_KEYSPACE}-0123456789abcdef0123456789`;
+  const a = await startNode({ env });
+  const b = await startNode({ env });
+  const work = `work:twice-${Date.now()}`;
+  const one = await worker(a.url, work, { weight: 1 });
+  const two = await worker(a.url, work, { weight: 1 });
+  // `two` connects a second time, on node b (the library's spare connection, or a second tab).
+  const again = connect(b.url, { clientId: two.id, resumeToken: two.s.resumeToken });
+  await again.ready;
+  await again.waitFor((e) => e.event === 'synced');
+  again.socket.on('signal', (m) => { if (m.address === work) again.socket.emit('ack', { address: work, version: m.version }); });
+  await waitFor(async () => (await api(a.url, 'GET', `/server/clients/${two.id}`)).body.connections?.length === 2, 10000, 'two connections');
+  await new Promise((r) => setTimeout(r, 500));
+  await send(a.url, work, 1000);
+  const twos = () => [...two.versions(), ...again.signals(work).map((m) => m.version)];
+  await waitFor(() => one.versions().length + twos().length >= 1000, 30000, '1 000 deliveries');
+  await new Promise((r) => setTimeout(r, 300));
+  const all = [...one.versions(), ...twos()].sort((x, y) => x - y);
+  assert.deepEqual(all, Array.from({ length: 1000 }, (_, i) => i + 1), 'each message once, over the three connections');
+  console.log(`# one: ${one.versions().length}; two: ${two.versions().length} on a + ${again.signals(work).length} on b`);
+  assert.ok(Math.abs(one.versions().length - 500) <= 50, `weight 1 each: ${one.versions().length} / ${twos().length}`);
+  await waitFor(async () => (await states(b.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+  for (const c of [one.c, two.c, again]) c.close();
+  await a.stop();
+  await b.stop();
+});
+
 test('the client library takes work: its handler runs once per message, and each is acked (done)', { skip, timeout: 60000 }, async () => {
   const { io } = await import('socket.io-client');
   const { connect: library, memoryStorage } = await import('../../clients/js/src/client.js');

@@ -130,6 +130,8 @@ fn subscribe(
     };
     let consumer: Consumer_ = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
+        // Small requests go out at once (Nagle's algorithm would hold one behind an unacked one).
+        .set("socket.nagle.disable", "true")
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -280,6 +282,8 @@ pub struct KafkaQueue {
     assigned: Arc<Mutex<Assignment>>,
     /// The bindings consumer's.
     bindings_assigned: Arc<Mutex<Assignment>>,
+    /// `signalpost_kafka_produce_seconds`: a publish's produce, until Kafka acknowledged it.
+    produce_seconds: metrics::Histogram,
 }
 
 fn kerr(e: impl std::fmt::Display) -> IngestError {
@@ -440,6 +444,7 @@ impl KafkaQueue {
     ) -> Result<Self, IngestError> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
+            .set("socket.nagle.disable", "true")
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
@@ -463,6 +468,7 @@ impl KafkaQueue {
             waiters: waiters.clone(),
             never_commit: settings.never_commit,
             fresh_from: HashMap::new(),
+            wait_seconds: metrics::histogram!("signalpost_kafka_wait_seconds"),
         };
         // Stopped by `drain` (which waits for it), not cut short by the node's stop.
         let (done_tx, done) = tokio::sync::oneshot::channel();
@@ -478,6 +484,7 @@ impl KafkaQueue {
             done: tokio::sync::Mutex::new(Some(done)),
             assigned,
             bindings_assigned,
+            produce_seconds: metrics::histogram!("signalpost_kafka_produce_seconds"),
         })
     }
 
@@ -508,11 +515,10 @@ impl KafkaQueue {
             }
             record = record.headers(h);
         }
-        self.producer
-            .send(record, PRODUCE_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| kerr(e))
+        let start = std::time::Instant::now();
+        let sent = self.producer.send(record, PRODUCE_TIMEOUT).await;
+        self.produce_seconds.record(start.elapsed().as_secs_f64());
+        sent.map(|_| ()).map_err(|(e, _)| kerr(e))
     }
 }
 
@@ -659,6 +665,9 @@ struct Worker {
     /// from there on are first deliveries, so minted ids among them are vouched for
     /// ([`crate::mailbox::NewMessage::new_id`]).
     fresh_from: HashMap<i32, i64>,
+    /// `signalpost_kafka_wait_seconds`: from a record's produce (its create time) to the start
+    /// of the batch that applies it — the time in Kafka and in the consumer's queue.
+    wait_seconds: metrics::Histogram,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -878,6 +887,13 @@ impl Worker {
 
     /// Applies a batch until it is durable (or the queue is stopped, or this consumer is fenced).
     async fn handle(&self, batch: &[OwnedMessage], stopped: &watch::Receiver<bool>) -> Handled {
+        let now = crate::clock::now_ms() as i64;
+        for m in batch {
+            if let Some(created) = m.timestamp().to_millis() {
+                self.wait_seconds
+                    .record(now.saturating_sub(created).max(0) as f64 / 1000.0);
+            }
+        }
         let parsed: Vec<Parsed> = batch.iter().map(|m| self.parse(m)).collect();
         for (m, p) in batch.iter().zip(&parsed) {
             if let Err(reason) = &p.command {

@@ -15,8 +15,9 @@
 //!   failed delivery): the sender sends a snapshot again and then **repairs its clients from the
 //!   mailbox**, so whatever was not forwarded meanwhile is delivered by version, never skipped.
 //! - `POST /internal/deliver` — an array of frames, each `{signals: {signals, appended_us}}`,
-//!   `{bound}`, `{unbound}`, `{presence}`, `{work}` (between work dispatchers) or `{applied}`, sent in order over one keep-alive connection per peer
-//!   by one task per peer; the frames that queue while a request is in flight go in the next.
+//!   `{bound}`, `{unbound}`, `{presence}`, `{work}` (between work dispatchers) or `{applied}`,
+//!   sent in order over one keep-alive connection per peer by one task per peer; the frames that
+//!   queue while a request is in flight go in the next.
 //!
 //! Why no message is lost at a handover: a connection subscribes locally, then [`Peers::want`]
 //! waits until every linked peer acknowledged its addresses, and only then are the heads read

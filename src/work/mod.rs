@@ -205,6 +205,38 @@ impl Queue {
         }
     }
 
+    /// Takes the connections `gone` picks off the takers (a taker left with none is dropped, and
+    /// with no taker left nothing is kept at hand). The clients whose connections they were.
+    fn drop_conns(&mut self, gone: impl Fn(&dyn Worker) -> bool) -> Vec<ClientId> {
+        let mut clients = Vec::new();
+        for t in &mut self.takers {
+            let before = t.conns.len();
+            t.conns.retain(|c| !gone(c.as_ref()));
+            if t.conns.len() != before {
+                clients.push(t.client.clone());
+            }
+        }
+        self.takers.retain(|t| !t.conns.is_empty());
+        if self.takers.is_empty() {
+            self.recent.clear();
+        }
+        clients
+    }
+
+    /// The held versions `lost` picks wait again; whether there were any.
+    fn release_where(&mut self, lost: impl Fn(&Held) -> bool) -> bool {
+        let versions: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, h)| lost(h))
+            .map(|(v, _)| *v)
+            .collect();
+        for v in &versions {
+            self.release(*v);
+        }
+        !versions.is_empty()
+    }
+
     /// The address is dealt by another node now: its state is dropped (loaded again, with what
     /// every node's connections hold, if it comes back).
     fn disown(&mut self) {
@@ -470,7 +502,7 @@ impl Dispatcher {
     /// A connection of this node stops taking work of `address` (closed, or unbound): what it
     /// was sent and has not acked waits again, and goes to another.
     pub async fn leave(&self, address: &Address, conn: &str) {
-        let client = self.drop_conn(address, conn, true);
+        let client = self.drop_conn(address, conn);
         self.holdings()
             .retain(|(a, _), h| !(a == address && h.conn == conn));
         if let Some(client) = client {
@@ -485,33 +517,13 @@ impl Dispatcher {
         self.dispatch(address).await;
     }
 
-    /// Takes a connection off a queue's takers; with `release`, what it holds waits again.
-    /// The client, when the connection was a taker.
-    fn drop_conn(&self, address: &Address, conn: &str, release: bool) -> Option<ClientId> {
+    /// Takes a connection off a queue's takers; what it holds waits again. The client, when
+    /// the connection was a taker.
+    fn drop_conn(&self, address: &Address, conn: &str) -> Option<ClientId> {
         let mut m = self.lock();
         let q = m.get_mut(address)?;
-        let mut client = None;
-        for t in &mut q.takers {
-            if t.conns.iter().any(|c| c.id() == conn) {
-                client = Some(t.client.clone());
-                t.conns.retain(|c| c.id() != conn);
-            }
-        }
-        q.takers.retain(|t| !t.conns.is_empty());
-        if q.takers.is_empty() {
-            q.recent.clear();
-        }
-        if release {
-            let lost: Vec<u64> = q
-                .held
-                .iter()
-                .filter(|(_, h)| h.conn == conn)
-                .map(|(v, _)| *v)
-                .collect();
-            for v in lost {
-                q.release(v);
-            }
-        }
+        let client = q.drop_conns(|c| c.id() == conn).pop();
+        q.release_where(|h| h.conn == conn);
         client
     }
 
@@ -617,22 +629,28 @@ impl Dispatcher {
                 client,
                 conn,
                 weight,
-                joined,
+                joined: true,
             } => {
-                if joined {
-                    let Some(out) = self.link.as_ref().map(|l| l.out.clone()) else {
-                        return;
-                    };
-                    let remote = RemoteConn {
-                        id: conn,
-                        client,
-                        node: from.to_string(),
-                        out,
-                    };
-                    self.add_taker(&address, Arc::new(remote), weight_of(weight as u64));
-                } else {
-                    self.drop_conn(&address, &conn, true);
-                }
+                let Some(out) = self.link.as_ref().map(|l| l.out.clone()) else {
+                    return;
+                };
+                let remote = RemoteConn {
+                    id: conn,
+                    client,
+                    node: from.to_string(),
+                    out,
+                };
+                self.add_taker(&address, Arc::new(remote), weight_of(weight as u64));
+                self.dispatch(&address).await;
+            }
+            Frame::Taker {
+                address,
+                conn,
+                joined: false,
+                ..
+            }
+            | Frame::Gone { address, conn } => {
+                self.drop_conn(&address, &conn);
                 self.dispatch(&address).await;
             }
             Frame::Give {
@@ -690,10 +708,6 @@ impl Dispatcher {
                     tracing::debug!(%address, version, %client, "work: a late ack from another node");
                 }
             }
-            Frame::Gone { address, conn } => {
-                self.drop_conn(&address, &conn, true);
-                self.dispatch(&address).await;
-            }
         }
     }
 
@@ -727,24 +741,9 @@ impl Dispatcher {
             let mut m = self.lock();
             let mut touched = Vec::new();
             for (a, q) in m.iter_mut() {
-                let before = q.takers.iter().map(|t| t.conns.len()).sum::<usize>();
-                for t in &mut q.takers {
-                    t.conns.retain(|c| c.node() != Some(node));
-                }
-                q.takers.retain(|t| !t.conns.is_empty());
-                let after = q.takers.iter().map(|t| t.conns.len()).sum::<usize>();
-                let mut changed = before != after;
+                let mut changed = !q.drop_conns(|c| c.node() == Some(node)).is_empty();
                 if dead {
-                    let lost: Vec<u64> = q
-                        .held
-                        .iter()
-                        .filter(|(_, h)| h.node.as_deref() == Some(node))
-                        .map(|(v, _)| *v)
-                        .collect();
-                    changed |= !lost.is_empty();
-                    for v in lost {
-                        q.release(v);
-                    }
+                    changed |= q.release_where(|h| h.node.as_deref() == Some(node));
                 }
                 if changed {
                     touched.push(a.clone());

@@ -8,6 +8,7 @@ use signalpost::node::Node;
 mod tools;
 
 use std::path::PathBuf;
+#[cfg(feature = "tools")]
 use tools::cli;
 
 #[derive(Parser)]
@@ -16,9 +17,17 @@ use tools::cli;
     version,
     about = "A clustered signal delivery server"
 )]
+#[cfg_attr(
+    not(feature = "tools"),
+    command(
+        after_help = "The tools (bench, tail, enqueue, bind, mailbox, client, nodes) are left out of \
+                      this build: cargo build --release --features tools"
+    )
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[cfg(feature = "tools")]
     #[command(flatten)]
     target: cli::Target,
 }
@@ -29,18 +38,24 @@ enum Command {
     ///
     /// Example: signalpost serve --listen 127.0.0.1:0 --data-dir /tmp/sp
     Serve(ServeArgs),
+    #[cfg(feature = "tools")]
     /// Drive a running node through HTTP and Socket.IO and print what it sustains.
     ///
     /// Example: signalpost bench --url http://127.0.0.1:8080 --scenario fanout --clients 1000
     Bench(tools::bench::BenchArgs),
+    #[cfg(feature = "tools")]
     /// Send a message (or a file of them) through the server API.
     Enqueue(cli::EnqueueArgs),
+    #[cfg(feature = "tools")]
     /// Bind a client to addresses.
     Bind(cli::BindArgs),
+    #[cfg(feature = "tools")]
     /// Unbind a client from addresses.
     Unbind(cli::BindArgs),
+    #[cfg(feature = "tools")]
     /// Read an address's mailbox.
     Mailbox(cli::MailboxArgs),
+    #[cfg(feature = "tools")]
     /// Show a client: bindings, cursors, presence.
     ///
     /// Example: signalpost client 3f2a9c…
@@ -48,10 +63,12 @@ enum Command {
         /// The client id
         id: String,
     },
+    #[cfg(feature = "tools")]
     /// List the live nodes and the leader.
     ///
     /// Example: signalpost nodes --url http://127.0.0.1:8081
     Nodes,
+    #[cfg(feature = "tools")]
     /// Follow addresses as a Socket.IO client and print signals as JSON lines.
     Tail(cli::TailArgs),
     /// The protocol side of scripts/stack: readiness probes, Kafka topics, a CQL client
@@ -59,6 +76,10 @@ enum Command {
     ///
     /// Example: signalpost stack probe cassandra
     Stack(tools::stack::StackArgs),
+    /// Without the tools feature: any tool's name, answered with how to get the tools.
+    #[cfg(not(feature = "tools"))]
+    #[command(external_subcommand)]
+    Tool(Vec<String>),
 }
 
 #[derive(clap::Args, Default)]
@@ -85,6 +106,16 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => rt.block_on(serve(args)),
+        #[cfg(not(feature = "tools"))]
+        Command::Tool(args) => {
+            eprintln!(
+                "signalpost {} is one of the tools, and this binary was built without them: \
+                 cargo build --release --features tools",
+                args.first().map_or("", String::as_str)
+            );
+            std::process::exit(2)
+        }
+        #[cfg(feature = "tools")]
         Command::Bench(mut args) => {
             args.url = cli.target.url.clone();
             args.api_key = cli.target.api_key.clone();
@@ -98,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         }),
         #[cfg(not(feature = "cluster"))]
         Command::Stack(args) => tools::stack::run(args),
+        #[cfg(feature = "tools")]
         tool => rt.block_on(run_tool(&cli.target, tool)).map_err(|e| {
             eprintln!("error: {e}");
             std::process::exit(1)
@@ -105,6 +137,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "tools")]
 async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::ClientError> {
     match tool {
         Command::Enqueue(a) => cli::enqueue(t, a).await,

@@ -9,6 +9,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::path::Path;
 
+pub mod jwt;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Why a credential was refused. The text is what the client sees in `connect_error`.
@@ -76,6 +78,7 @@ impl Credentials {
         resume_ttl_ms: u64,
     ) -> Result<Self, String> {
         use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+        jwt::install();
         let jwt = match key {
             None => None,
             Some(TokenKey::Secret(s)) => Some((
@@ -381,6 +384,7 @@ mod tests {
     }
 
     fn token_with(secret: &str, claims: serde_json::Value) -> String {
+        jwt::install();
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
             &claims,

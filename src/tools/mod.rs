@@ -1,9 +1,12 @@
 //! Command-line clients that drive a node through its public interfaces, and `stack`, the
 //! protocol side of `scripts/stack` (part of the binary, not of the library: the server never
-//! imports them).
+//! imports them). The clients are the cargo feature `tools` (which `cluster` includes).
 
+#[cfg(feature = "tools")]
 pub mod bench;
+#[cfg(feature = "tools")]
 pub mod cli;
+#[cfg(feature = "tools")]
 pub mod client;
 #[cfg(feature = "cluster")]
 pub mod stack;

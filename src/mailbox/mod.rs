@@ -10,6 +10,7 @@
 pub mod cassandra;
 pub mod embedded;
 pub mod history;
+mod wal;
 
 use crate::address::{Address, MessageId};
 use serde_json::value::RawValue;

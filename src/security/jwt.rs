@@ -75,7 +75,10 @@ fn signer(alg: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>, Erro
     if key.family() != AlgorithmFamily::Hmac {
         return Err(ErrorKind::InvalidKeyFormat.into());
     }
-    Ok(Box::new(HmacSigner(*alg, hmac::Key::new(h, key.as_bytes()))))
+    Ok(Box::new(HmacSigner(
+        *alg,
+        hmac::Key::new(h, key.as_bytes()),
+    )))
 }
 
 enum Check {
@@ -92,8 +95,12 @@ impl signature::Verifier<Vec<u8>> for Verifier {
     fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), signature::Error> {
         let ok = match &self.1 {
             Check::Hmac(k) => hmac::verify(k, msg, signature),
-            Check::Public(alg, key) => sig::UnparsedPublicKey::new(*alg, key).verify(msg, signature),
-            Check::Rsa(alg, n, e) => sig::RsaPublicKeyComponents { n, e }.verify(alg, msg, signature),
+            Check::Public(alg, key) => {
+                sig::UnparsedPublicKey::new(*alg, key).verify(msg, signature)
+            }
+            Check::Rsa(alg, n, e) => {
+                sig::RsaPublicKeyComponents { n, e }.verify(alg, msg, signature)
+            }
         };
         ok.map_err(|_| signature::Error::new())
     }
@@ -123,9 +130,10 @@ fn verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, 
         (DecodingKeyKind::SecretOrDer(bytes), Algorithm::EdDSA) => {
             Check::Public(&sig::ED25519, bytes.clone())
         }
-        (DecodingKeyKind::SecretOrDer(bytes), a) => {
-            Check::Public(rsa_alg(a).ok_or(ErrorKind::InvalidAlgorithm)?, bytes.clone())
-        }
+        (DecodingKeyKind::SecretOrDer(bytes), a) => Check::Public(
+            rsa_alg(a).ok_or(ErrorKind::InvalidAlgorithm)?,
+            bytes.clone(),
+        ),
         (DecodingKeyKind::RsaModulusExponent { n, e }, a) => Check::Rsa(
             rsa_alg(a).ok_or(ErrorKind::InvalidAlgorithm)?,
             n.clone(),

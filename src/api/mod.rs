@@ -16,7 +16,7 @@ use crate::ingest::{Command, IngestError, Outcome, parse};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -164,14 +164,11 @@ async fn json_errors(req: Request, next: Next) -> Response {
     res
 }
 
-async fn require_api_key(
-    State(svc): State<Arc<Api>>,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn require_api_key(State(svc): State<Arc<Api>>, req: Request, next: Next) -> Response {
     if let Some(key) = &svc.gw.config.api_key {
-        let given = headers
+        // From the request itself: a `HeaderMap` extractor would copy every header.
+        let given = req
+            .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         if !crate::security::api_key_matches(given, key) {
@@ -235,10 +232,11 @@ async fn enqueue(
         match (r, wait) {
             (Err(e), _) => return Err(e.into()),
             (Ok(Outcome::Refused(reason)), _) => return Err(ApiError::BadRequest(reason)),
-            (Ok(Outcome::Appended(a)), true) => out.push(
-                json!({ "id": id, "address": a.message.address, "version": a.message.version }),
-            ),
-            (Ok(_), _) => out.push(json!({ "id": id })),
+            (Ok(Outcome::Appended(a)), true) => out.push(Enqueued {
+                id,
+                appended: Some(a.message),
+            }),
+            (Ok(_), _) => out.push(Enqueued { id, appended: None }),
         }
     }
     let status = if wait {
@@ -246,12 +244,36 @@ async fn enqueue(
     } else {
         StatusCode::ACCEPTED
     };
-    let body = if many {
-        json!({ "results": out })
+    // Serialized straight from these structs (no `serde_json::Value` built per message).
+    if many {
+        Ok((status, Json(EnqueuedMany { results: out })).into_response())
     } else {
-        out.pop().unwrap_or(Value::Null)
-    };
-    Ok((status, Json(body)).into_response())
+        Ok((status, Json(out.pop())).into_response())
+    }
+}
+
+/// One message's answer: `{id}`, or with `wait=true` `{id, address, version}`.
+struct Enqueued<'a> {
+    id: &'a MessageId,
+    appended: Option<Arc<crate::mailbox::Message>>,
+}
+
+impl serde::Serialize for Enqueued<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", self.id)?;
+        if let Some(a) = &self.appended {
+            m.serialize_entry("address", &a.address)?;
+            m.serialize_entry("version", &a.version)?;
+        }
+        m.end()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct EnqueuedMany<'a> {
+    results: Vec<Enqueued<'a>>,
 }
 
 /// `POST /server/connect`: binds a client to addresses.

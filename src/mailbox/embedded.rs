@@ -1,5 +1,5 @@
-//! The embedded mailbox: redb tables in one file under the data dir, and a write-ahead log beside
-//! it ([`super::wal`]).
+//! The embedded mailbox: redb tables in one file under the data dir, a write-ahead log beside it
+//! ([`super::wal`]), and the messages of the last few milliseconds in memory.
 //!
 //! Tables:
 //! - `messages`: (address, version) → ts, id and the signal JSON;
@@ -9,15 +9,19 @@
 //!   task finds old messages without scanning every address;
 //! - `log`: the log generation to replay after a crash (`node::datadir` keeps its own `meta`).
 //!
-//! One writer: appends are serialized by a mutex (redb allows one write transaction anyway), a
-//! batch is one transaction, and versions are assigned in memory from a cache of heads that is
-//! updated only after the commit succeeded. A crash mid-batch leaves the previous commit intact.
+//! **An append** (one writer: a mutex) assigns versions from a cache of heads, writes the batch's
+//! new messages to the log as one record and `fdatasync`s it, then puts them in memory
+//! ([`Pending`]), where reads find them at once, and answers. It never waits for redb.
 //!
-//! Durability: a batch is written to the log (one record, one `fdatasync`) *before* its redb
-//! transaction commits, non-durably; nothing is visible to a reader before it is in the log. At a
-//! checkpoint (every [`CHECKPOINT_BYTES`] of log or [`CHECKPOINT_AGE`], whichever first) the
-//! batch's own commit is durable instead, records the next log generation, and the log starts
-//! over. Opening the mailbox replays the log's records past each address's durable head.
+//! **The applier** (a thread of the mailbox) writes what is pending to redb in large
+//! transactions, non-durably, and then drops it from memory; reads look at memory first and
+//! redb second, so a message is always in one or the other. Every [`CHECKPOINT_BYTES`] of log or
+//! [`CHECKPOINT_AGE`] it makes a checkpoint: the writer moves to the other of two log files under
+//! the next generation, and the applier's next transaction is durable and records that
+//! generation, so the older file is free to be written over.
+//!
+//! **Opening** replays the log files of the generation redb names and of the next one, each
+//! message past its address's durable head, in one durable commit.
 
 use super::storage_err as st;
 use super::wal::Wal;
@@ -25,10 +29,10 @@ use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page};
 use crate::address::{Address, MessageId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
 use serde_json::value::RawValue;
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
@@ -36,47 +40,98 @@ const HEADS: TableDefinition<&str, u64> = TableDefinition::new("heads");
 const IDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("ids");
 const EXPIRY: TableDefinition<(u64, &str), u64> = TableDefinition::new("expiry");
 const LOG_TABLE: TableDefinition<&str, u64> = TableDefinition::new("log");
-/// The `meta` key of the log generation that holds what redb's durable state may lack.
+/// The `log` key of the generation whose log file holds what redb's durable state may lack.
 const LOG_GENERATION: &str = "log_generation";
 
-/// Log bytes after which the next batch commits durably and the log starts over.
+/// Log bytes after which the applier makes a checkpoint.
 pub const CHECKPOINT_BYTES: u64 = 8 << 20;
-/// Time after which the next batch commits durably (bounds the redb pages not yet synced, and
-/// the work of a replay).
-pub const CHECKPOINT_AGE: Duration = Duration::from_secs(1);
-/// A batch whose log record would be larger than this commits durably instead of being logged.
-const MAX_RECORD: usize = 32 << 20;
-
+/// Time after which the applier makes a checkpoint (bounds what a replay has to do, and redb's
+/// pages not yet synced).
+pub const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
+/// Bytes of messages in memory, not yet in redb, past which appends wait for the applier.
+const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Largest number of cached heads before the cache is dropped and refilled from disk.
 const HEAD_CACHE_MAX: usize = 1 << 20;
 /// Most expiry buckets handled in one expiry transaction.
 const EXPIRE_BATCH: usize = 4096;
 
+/// The redb-backed mailbox (a cheap clone of a shared handle; the last clone dropped stops the
+/// applier after it stored everything, durably).
+#[derive(Clone)]
+pub struct EmbeddedMailbox(Arc<Handle>);
+
+struct Handle {
+    inner: Arc<Inner>,
+    applier: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+        if let Some(t) = self
+            .applier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Inner {
+    db: Database,
+    retention_ms: u64,
+    bucket_ms: u64,
+    /// The single writer.
+    writer: Mutex<Writer>,
+    /// Appended and not yet in redb.
+    pending: Mutex<Pending>,
+    /// Wakes the applier (something pending, or stop) and appends waiting for room.
+    wake: Condvar,
+    /// Bytes in the log file being written (read by the applier for its checkpoint rule).
+    log_bytes: AtomicU64,
+    /// Why appends are refused until a restart replays the log: a log write failed (the log may
+    /// hold a record the heads in memory do not), or the applier could not store.
+    broken: Mutex<Option<String>>,
+    stop: AtomicBool,
+    #[cfg(test)]
+    fail_after: std::sync::atomic::AtomicUsize,
+}
+
 struct Writer {
+    /// The last version given out per address (pending or stored).
     heads: HashMap<Address, u64>,
-    log: Wal,
-    /// The generation the log writes; redb's `meta` says the same.
+    /// The two log files; the one of `generation % 2` is written.
+    logs: [Wal; 2],
     generation: u64,
-    last_checkpoint: Instant,
     /// The record being built (kept to reuse its allocation).
     record: Vec<u8>,
 }
 
-/// The redb-backed mailbox (a cheap clone of a shared handle).
-#[derive(Clone)]
-pub struct EmbeddedMailbox(Arc<Inner>);
+/// Messages appended (in the log) and not yet in redb.
+#[derive(Default)]
+struct Pending {
+    /// Not yet taken by the applier, in append order.
+    fresh: Vec<Arc<Message>>,
+    /// Every pending message per address, in version order (taken by the applier or not).
+    by_address: HashMap<Address, VecDeque<Arc<Message>>>,
+    ids: HashMap<(Address, MessageId), u64>,
+    bytes: usize,
+}
 
-struct Inner {
-    db: Arc<Database>,
-    retention_ms: u64,
-    bucket_ms: u64,
-    /// The single writer: heads known to be committed, and the log.
-    writer: Mutex<Writer>,
-    /// A batch reached the log but not redb: the heads in memory are no longer known to be
-    /// right, so appends are refused until a restart replays the log.
-    broken: AtomicBool,
-    #[cfg(test)]
-    fail_after: std::sync::atomic::AtomicUsize,
+impl Pending {
+    fn last(&self, address: &Address) -> Option<u64> {
+        self.by_address
+            .get(address)
+            .and_then(|q| q.back())
+            .map(|m| m.version)
+    }
+}
+
+fn log_path(path: &Path, generation: u64) -> PathBuf {
+    path.with_extension(format!("wal-{}", generation % 2))
 }
 
 impl EmbeddedMailbox {
@@ -85,8 +140,9 @@ impl EmbeddedMailbox {
         Self::open_with_cache(path, retention_ms, 1 << 30)
     }
 
-    /// Opens (or creates) the mailbox file; redb caches at most `cache_bytes` of its pages in
-    /// memory (the bound on the store's share of the node's memory, whatever the file's size).
+    /// Opens (or creates) the mailbox file and replays its log; redb caches at most
+    /// `cache_bytes` of its pages in memory (the bound on the store's share of the node's
+    /// memory, whatever the file's size).
     pub fn open_with_cache(
         path: &Path,
         retention_ms: u64,
@@ -97,153 +153,95 @@ impl EmbeddedMailbox {
             .create(path)
             .map_err(st)?;
         let txn = db.begin_write().map_err(st)?;
-        let (log, generation) = {
-            let mut messages = txn.open_table(MESSAGES).map_err(st)?;
-            let mut heads = txn.open_table(HEADS).map_err(st)?;
-            let mut ids = txn.open_table(IDS).map_err(st)?;
-            let mut expiry = txn.open_table(EXPIRY).map_err(st)?;
-            let mut meta = txn.open_table(LOG_TABLE).map_err(st)?;
-            let generation = meta
-                .get(LOG_GENERATION)
-                .map_err(st)?
-                .map_or(0, |g| g.value());
-            let (log, records) = Wal::open(&path.with_extension("wal"), generation).map_err(st)?;
-            let bucket_ms = bucket_ms(retention_ms);
-            let mut tables = Tables {
-                messages: &mut messages,
-                heads: &mut heads,
-                ids: &mut ids,
-                expiry: &mut expiry,
-            };
-            let (mut replayed, mut skipped) = (0, 0);
-            for r in &records {
-                let (n, k) = tables.replay(r, bucket_ms)?;
-                replayed += n;
-                skipped += k;
-            }
-            if !records.is_empty() {
-                tracing::info!(
-                    records = records.len(),
-                    replayed,
-                    already_stored = skipped,
-                    "mailbox log replayed"
-                );
-            }
-            meta.insert(LOG_GENERATION, generation + 1).map_err(st)?;
-            (log, generation + 1)
+        let generation = {
+            txn.open_table(MESSAGES).map_err(st)?;
+            txn.open_table(HEADS).map_err(st)?;
+            txn.open_table(IDS).map_err(st)?;
+            txn.open_table(EXPIRY).map_err(st)?;
+            let t = txn.open_table(LOG_TABLE).map_err(st)?;
+            t.get(LOG_GENERATION).map_err(st)?.map_or(0, |g| g.value())
         };
-        // Durable (the default): the replayed messages and the new generation.
         txn.commit().map_err(st)?;
-        let mut log = log;
-        log.restart(generation);
-        Ok(Self(Arc::new(Inner {
-            db: Arc::new(db),
+        // What redb's durable state may lack: the log of its generation, then the next one's
+        // (written after a checkpoint began and before it was durable).
+        let (log_a, replay_a) = Wal::open(&log_path(path, generation), generation).map_err(st)?;
+        let (log_b, replay_b) =
+            Wal::open(&log_path(path, generation + 1), generation + 1).map_err(st)?;
+        let mut messages = Vec::new();
+        for record in replay_a.iter().chain(&replay_b) {
+            for entry in LogEntries(record) {
+                let (address, version, value) = entry?;
+                let address = Address::parse(address).map_err(st)?;
+                messages.push(Arc::new(decode(&address, version, value)?));
+            }
+        }
+        let mut inner = Inner {
+            db,
             retention_ms,
-            bucket_ms: bucket_ms(retention_ms),
+            bucket_ms: (retention_ms / 16).clamp(100, 60_000),
             writer: Mutex::new(Writer {
                 heads: HashMap::new(),
-                log,
-                generation,
-                last_checkpoint: Instant::now(),
+                // logs[g % 2] is the file of generation g.
+                logs: if generation % 2 == 0 {
+                    [log_a, log_b]
+                } else {
+                    [log_b, log_a]
+                },
+                generation: generation + 2,
                 record: Vec::new(),
             }),
-            broken: AtomicBool::new(false),
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            log_bytes: AtomicU64::new(0),
+            broken: Mutex::new(None),
+            stop: AtomicBool::new(false),
             #[cfg(test)]
             fail_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        };
+        // Durable: the replayed messages, and the generation after both files (so both are
+        // free: the one written next starts over).
+        let (applied, stored) = inner.store(&messages, Some(generation + 2))?;
+        if !messages.is_empty() {
+            tracing::info!(
+                records = replay_a.len() + replay_b.len(),
+                replayed = applied,
+                already_stored = stored,
+                "mailbox log replayed"
+            );
+        }
+        {
+            let w = inner.writer.get_mut().unwrap_or_else(|p| p.into_inner());
+            // Both files are free now; the one of the new generation is written from its start.
+            let g = w.generation;
+            w.logs[(g % 2) as usize].restart(g);
+        }
+        let inner = Arc::new(inner);
+        let worker = inner.clone();
+        let applier = std::thread::Builder::new()
+            .name("mailbox-applier".into())
+            .spawn(move || worker.apply_loop())
+            .map_err(st)?;
+        Ok(Self(Arc::new(Handle {
+            inner,
+            applier: Mutex::new(Some(applier)),
         })))
     }
 
     #[cfg(test)]
     fn fail_after(&self, n: usize) {
         self.0
+            .inner
             .fail_after
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-fn bucket_ms(retention_ms: u64) -> u64 {
-    (retention_ms / 16).clamp(100, 60_000)
-}
-
-/// The tables an append writes.
+/// The tables a store writes.
 struct Tables<'a, 't> {
     messages: &'a mut Table<'t, (&'static str, u64), &'static [u8]>,
     heads: &'a mut Table<'t, &'static str, u64>,
     ids: &'a mut Table<'t, (&'static str, &'static str), u64>,
     expiry: &'a mut Table<'t, (u64, &'static str), u64>,
-}
-
-impl Tables<'_, '_> {
-    fn head(&self, address: &str) -> Result<u64, MailboxError> {
-        Ok(self
-            .heads
-            .get(address)
-            .map_err(st)?
-            .map_or(0, |g| g.value()))
-    }
-
-    /// Writes one message row (`value` as [`encode`] made it) and its id.
-    fn insert(
-        &mut self,
-        address: &str,
-        version: u64,
-        id: &str,
-        value: &[u8],
-    ) -> Result<(), MailboxError> {
-        self.messages
-            .insert((address, version), value)
-            .map_err(st)?;
-        self.ids.insert((address, id), version).map_err(st)?;
-        Ok(())
-    }
-
-    /// Moves the heads (and their expiry bucket) to what a batch appended.
-    fn set_heads(
-        &mut self,
-        touched: &HashMap<Address, u64>,
-        bucket: u64,
-    ) -> Result<(), MailboxError> {
-        for (address, head) in touched {
-            self.heads.insert(address.as_str(), *head).map_err(st)?;
-            self.expiry
-                .insert((bucket, address.as_str()), *head)
-                .map_err(st)?;
-        }
-        Ok(())
-    }
-
-    /// Applies one log record: each message past its address's stored head. Returns (applied,
-    /// already stored).
-    fn replay(&mut self, record: &[u8], bucket_ms: u64) -> Result<(u64, u64), MailboxError> {
-        let (mut applied, mut skipped) = (0, 0);
-        let mut touched: HashMap<Address, u64> = HashMap::new();
-        let mut ts = 0;
-        for entry in LogEntries(record) {
-            let (address, version, value) = entry?;
-            let head = match touched.get(address) {
-                Some(h) => *h,
-                None => self.head(address)?,
-            };
-            if version <= head {
-                skipped += 1;
-                continue;
-            }
-            if version != head + 1 {
-                return Err(MailboxError::Storage(format!(
-                    "the mailbox log has {address} version {version} after head {head}"
-                )));
-            }
-            let (t, id, _) = split(value)?;
-            ts = t;
-            self.insert(address, version, id, value)?;
-            let address = Address::parse(address).map_err(st)?;
-            touched.insert(address, version);
-            applied += 1;
-        }
-        // One batch, one stamp: its messages share `ts` and so the expiry bucket.
-        self.set_heads(&touched, ts / bucket_ms)?;
-        Ok((applied, skipped))
-    }
 }
 
 /// A log record's entries: `address length u16 | address | version u64 | value length u32 | value`.
@@ -284,43 +282,38 @@ fn log_entry(out: &mut Vec<u8>, address: &str, version: u64, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Inner {
+    fn refused(&self) -> Option<MailboxError> {
+        lock(&self.broken).as_ref().map(|why| {
+            MailboxError::Storage(format!(
+                "{why}: appends stop until a restart replays the mailbox log"
+            ))
+        })
+    }
+
     fn append_blocking(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(MailboxError::Storage(
-                "an earlier batch was logged but not stored: restart the node to replay the log"
-                    .into(),
-            ));
+        let mut w = lock(&self.writer);
+        if let Some(e) = self.refused() {
+            return Err(e);
         }
         let w = &mut *w;
-        let size: usize = batch
-            .iter()
-            .map(|m| m.address.as_str().len() + m.id.as_str().len() + m.payload.get().len() + 128)
-            .sum();
-        // This batch's commit is durable (a checkpoint) or logged.
-        let checkpoint = w.log.written() >= CHECKPOINT_BYTES
-            || w.last_checkpoint.elapsed() >= CHECKPOINT_AGE
-            || size > MAX_RECORD;
         let now = crate::clock::stamp_ms();
-        let mut txn = self.db.begin_write().map_err(st)?;
-        if !checkpoint {
-            txn.set_durability(Durability::None).map_err(st)?;
-        }
         let mut out = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<Arc<Message>> = Vec::with_capacity(batch.len());
         let mut touched: HashMap<Address, u64> = HashMap::new();
         w.record.clear();
         {
-            let mut messages = txn.open_table(MESSAGES).map_err(st)?;
-            let mut heads = txn.open_table(HEADS).map_err(st)?;
-            let mut ids = txn.open_table(IDS).map_err(st)?;
-            let mut expiry = txn.open_table(EXPIRY).map_err(st)?;
-            let mut tables = Tables {
-                messages: &mut messages,
-                heads: &mut heads,
-                ids: &mut ids,
-                expiry: &mut expiry,
-            };
+            // Held while deciding: the applier drops a message from memory only after it is in
+            // redb, and not while this is held, so each message is seen in one place or the other.
+            let pending = lock(&self.pending);
+            let txn = self.db.begin_read().map_err(st)?;
+            let messages = txn.open_table(MESSAGES).map_err(st)?;
+            let heads = txn.open_table(HEADS).map_err(st)?;
+            let ids = txn.open_table(IDS).map_err(st)?;
             let mut in_batch: HashMap<(Address, MessageId), Arc<Message>> = HashMap::new();
             let mut buf = Vec::new();
             for m in batch {
@@ -336,24 +329,39 @@ impl Inner {
                     });
                     continue;
                 }
-                let existing = tables
-                    .ids
+                if let Some(v) = pending.ids.get(&key)
+                    && let Some(orig) = pending.by_address[&m.address]
+                        .iter()
+                        .find(|x| x.version == *v)
+                {
+                    out.push(Appended {
+                        message: orig.clone(),
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let existing = ids
                     .get((m.address.as_str(), m.id.as_str()))
                     .map_err(st)?
                     .map(|g| g.value());
                 if let Some(v) = existing
-                    && let Some(raw) = tables.messages.get((m.address.as_str(), v)).map_err(st)?
+                    && let Some(raw) = messages.get((m.address.as_str(), v)).map_err(st)?
                 {
-                    let orig = Arc::new(decode(&m.address, v, raw.value())?);
                     out.push(Appended {
-                        message: orig,
+                        message: Arc::new(decode(&m.address, v, raw.value())?),
                         duplicate: true,
                     });
                     continue;
                 }
                 let head = match touched.get(&m.address).or_else(|| w.heads.get(&m.address)) {
                     Some(h) => *h,
-                    None => tables.head(m.address.as_str())?,
+                    None => match pending.last(&m.address) {
+                        Some(h) => h,
+                        None => heads
+                            .get(m.address.as_str())
+                            .map_err(st)?
+                            .map_or(0, |g| g.value()),
+                    },
                 };
                 let version = head + 1;
                 let msg = Arc::new(Message::new(
@@ -364,41 +372,48 @@ impl Inner {
                     &m.payload,
                 ));
                 encode(&msg, &mut buf);
-                tables.insert(msg.address.as_str(), version, msg.id.as_str(), &buf)?;
-                if !checkpoint {
-                    log_entry(&mut w.record, msg.address.as_str(), version, &buf);
-                }
+                log_entry(&mut w.record, msg.address.as_str(), version, &buf);
                 touched.insert(msg.address.clone(), version);
                 in_batch.insert(key, msg.clone());
+                fresh.push(msg.clone());
                 out.push(Appended {
                     message: msg,
                     duplicate: false,
                 });
             }
-            tables.set_heads(&touched, now / self.bucket_ms)?;
-            if checkpoint {
-                let mut meta = txn.open_table(LOG_TABLE).map_err(st)?;
-                meta.insert(LOG_GENERATION, w.generation + 1).map_err(st)?;
-            }
         }
-        if !checkpoint && !w.record.is_empty() {
-            // In the log before it is visible: a reader never sees what a crash could take back.
-            if let Err(e) = w.log.append(&w.record) {
-                let _ = txn.abort();
-                return Err(st(format_args!("writing the mailbox log: {e}")));
-            }
+        if fresh.is_empty() {
+            return Ok(out);
         }
-        if let Err(e) = txn.commit() {
-            if !checkpoint && !w.record.is_empty() {
-                self.broken.store(true, Ordering::SeqCst);
-                tracing::error!(error = %e, "a logged batch was not stored; appends stop until a restart replays the log");
-            }
-            return Err(st(e));
+        // In the log before anyone can see it: a reader never sees what a crash could take back.
+        let g = (w.generation % 2) as usize;
+        if let Err(e) = w.logs[g].append(&w.record) {
+            let why = format!("writing the mailbox log failed ({e})");
+            tracing::error!("{why}");
+            *lock(&self.broken) = Some(why);
+            return Err(st(format_args!("writing the mailbox log: {e}")));
         }
-        if checkpoint {
-            w.generation += 1;
-            w.log.restart(w.generation);
-            w.last_checkpoint = Instant::now();
+        self.log_bytes.store(w.logs[g].written(), Ordering::Relaxed);
+        {
+            let mut p = lock(&self.pending);
+            for m in &fresh {
+                p.bytes += m.signal.get().len();
+                p.ids.insert((m.address.clone(), m.id.clone()), m.version);
+                p.by_address
+                    .entry(m.address.clone())
+                    .or_default()
+                    .push_back(m.clone());
+            }
+            p.fresh.extend(fresh);
+            self.wake.notify_all();
+            // Backpressure: the applier is behind by too much.
+            while p.bytes > MAX_PENDING_BYTES && !self.stop.load(Ordering::SeqCst) {
+                p = self
+                    .wake
+                    .wait_timeout(p, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
         }
         if w.heads.len() + touched.len() > HEAD_CACHE_MAX {
             w.heads.clear();
@@ -407,16 +422,201 @@ impl Inner {
         Ok(out)
     }
 
+    /// Writes messages to redb in one transaction: each one past its address's stored head
+    /// (so a replay may include what is stored already). Non-durable, unless `checkpoint` names
+    /// the log generation to record, durably. Returns (stored now, stored before).
+    fn store(
+        &self,
+        msgs: &[Arc<Message>],
+        checkpoint: Option<u64>,
+    ) -> Result<(u64, u64), MailboxError> {
+        let mut txn = self.db.begin_write().map_err(st)?;
+        if checkpoint.is_none() {
+            txn.set_durability(Durability::None).map_err(st)?;
+        }
+        let (mut applied, mut skipped) = (0, 0);
+        {
+            let mut messages = txn.open_table(MESSAGES).map_err(st)?;
+            let mut heads = txn.open_table(HEADS).map_err(st)?;
+            let mut ids = txn.open_table(IDS).map_err(st)?;
+            let mut expiry = txn.open_table(EXPIRY).map_err(st)?;
+            let t = Tables {
+                messages: &mut messages,
+                heads: &mut heads,
+                ids: &mut ids,
+                expiry: &mut expiry,
+            };
+            let mut touched: HashMap<&Address, u64> = HashMap::new();
+            let mut buckets: HashMap<(u64, &Address), u64> = HashMap::new();
+            let mut buf = Vec::new();
+            for m in msgs {
+                let head = match touched.get(&m.address) {
+                    Some(h) => *h,
+                    None => t
+                        .heads
+                        .get(m.address.as_str())
+                        .map_err(st)?
+                        .map_or(0, |g| g.value()),
+                };
+                if m.version <= head {
+                    skipped += 1;
+                    continue;
+                }
+                if m.version != head + 1 {
+                    return Err(MailboxError::Storage(format!(
+                        "{} version {} does not follow the stored head {head}",
+                        m.address, m.version
+                    )));
+                }
+                encode(m, &mut buf);
+                t.messages
+                    .insert((m.address.as_str(), m.version), buf.as_slice())
+                    .map_err(st)?;
+                t.ids
+                    .insert((m.address.as_str(), m.id.as_str()), m.version)
+                    .map_err(st)?;
+                touched.insert(&m.address, m.version);
+                let b = buckets
+                    .entry((m.ts / self.bucket_ms, &m.address))
+                    .or_default();
+                *b = (*b).max(m.version);
+                applied += 1;
+            }
+            for (address, head) in touched {
+                t.heads.insert(address.as_str(), head).map_err(st)?;
+            }
+            for ((bucket, address), version) in buckets {
+                let old = t
+                    .expiry
+                    .get((bucket, address.as_str()))
+                    .map_err(st)?
+                    .map_or(0, |g| g.value());
+                t.expiry
+                    .insert((bucket, address.as_str()), version.max(old))
+                    .map_err(st)?;
+            }
+        }
+        if let Some(g) = checkpoint {
+            let mut t = txn.open_table(LOG_TABLE).map_err(st)?;
+            t.insert(LOG_GENERATION, g).map_err(st)?;
+        }
+        txn.commit().map_err(st)?;
+        Ok((applied, skipped))
+    }
+
+    /// The applier thread: stores what is pending, checkpoints, and at stop stores the rest
+    /// durably.
+    fn apply_loop(&self) {
+        let mut last_checkpoint = Instant::now();
+        let mut dirty = false;
+        loop {
+            let stopping = self.stop.load(Ordering::SeqCst);
+            let due = dirty
+                && (stopping
+                    || last_checkpoint.elapsed() >= CHECKPOINT_AGE
+                    || self.log_bytes.load(Ordering::Relaxed) >= CHECKPOINT_BYTES);
+            if lock(&self.broken).is_some() {
+                if stopping {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let next = if due {
+                // Later appends go to the other file, under the next generation; everything in
+                // this one is pending or stored, and the durable commit below covers it.
+                let mut w = lock(&self.writer);
+                w.generation += 1;
+                let g = w.generation;
+                w.logs[(g % 2) as usize].restart(g);
+                self.log_bytes.store(0, Ordering::Relaxed);
+                Some(g)
+            } else {
+                None
+            };
+            let batch = {
+                let mut p = lock(&self.pending);
+                if p.fresh.is_empty() && next.is_none() {
+                    if stopping {
+                        return;
+                    }
+                    p = self
+                        .wake
+                        .wait_timeout(p, Duration::from_millis(50))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                std::mem::take(&mut p.fresh)
+            };
+            if batch.is_empty() && next.is_none() {
+                continue;
+            }
+            match self.store(&batch, next) {
+                Ok(_) => {
+                    dirty = next.is_none();
+                    if next.is_some() {
+                        last_checkpoint = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    let why = format!("storing appended messages failed ({e})");
+                    tracing::error!("{why}");
+                    *lock(&self.broken) = Some(why);
+                    // They stay in memory (readable); a restart stores them from the log.
+                    continue;
+                }
+            }
+            // Stored: drop them from memory (each address's oldest pending are these).
+            let mut p = lock(&self.pending);
+            for m in &batch {
+                if let Some(q) = p.by_address.get_mut(&m.address) {
+                    if q.front().is_some_and(|x| x.version == m.version) {
+                        q.pop_front();
+                    }
+                    if q.is_empty() {
+                        p.by_address.remove(&m.address);
+                    }
+                }
+                p.ids.remove(&(m.address.clone(), m.id.clone()));
+                p.bytes -= m.signal.get().len();
+            }
+            self.wake.notify_all();
+        }
+    }
+
+    /// This address's pending messages after `after` (at most `limit`), and its pending head.
+    fn pending_after(
+        &self,
+        address: &Address,
+        after: u64,
+        limit: usize,
+    ) -> (Vec<Arc<Message>>, Option<u64>) {
+        let p = lock(&self.pending);
+        match p.by_address.get(address) {
+            None => (Vec::new(), None),
+            Some(q) => (
+                q.iter()
+                    .filter(|m| m.version > after)
+                    .take(limit)
+                    .cloned()
+                    .collect(),
+                q.back().map(|m| m.version),
+            ),
+        }
+    }
+
     fn read_blocking(
         &self,
         address: &Address,
         after: u64,
         limit: usize,
     ) -> Result<Page, MailboxError> {
+        // Memory first, then redb: a message leaves memory only once it is in redb.
+        let (pending, pending_head) = self.pending_after(address, after, limit);
         let txn = self.db.begin_read().map_err(st)?;
         let messages = txn.open_table(MESSAGES).map_err(st)?;
         let heads = txn.open_table(HEADS).map_err(st)?;
-        let head = head_in(&heads, &messages, address)?;
+        let mut head = head_in(&heads, &messages, address)?;
         let start = after.saturating_add(1).max(head.low);
         let mut out = Vec::with_capacity(limit.min(1024));
         if limit > 0 && start <= head.head {
@@ -431,6 +631,18 @@ impl Inner {
                 }
             }
         }
+        let last = out.last().map_or(start.saturating_sub(1), |m| m.version);
+        for m in pending {
+            if out.len() >= limit {
+                break;
+            }
+            if m.version > last {
+                out.push(m);
+            }
+        }
+        if let Some(h) = pending_head {
+            head.head = head.head.max(h);
+        }
         Ok(Page {
             head,
             messages: out,
@@ -438,12 +650,23 @@ impl Inner {
     }
 
     fn heads_blocking(&self, addresses: &[Address]) -> Result<Vec<Head>, MailboxError> {
+        let pending: Vec<Option<u64>> = {
+            let p = lock(&self.pending);
+            addresses.iter().map(|a| p.last(a)).collect()
+        };
         let txn = self.db.begin_read().map_err(st)?;
         let messages = txn.open_table(MESSAGES).map_err(st)?;
         let heads = txn.open_table(HEADS).map_err(st)?;
         addresses
             .iter()
-            .map(|a| head_in(&heads, &messages, a))
+            .zip(pending)
+            .map(|(a, p)| {
+                let mut h = head_in(&heads, &messages, a)?;
+                if let Some(p) = p {
+                    h.head = h.head.max(p);
+                }
+                Ok(h)
+            })
             .collect()
     }
 
@@ -571,7 +794,7 @@ impl Mailbox for EmbeddedMailbox {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let this = self.0.clone();
+        let this = self.0.inner.clone();
         run_blocking(move || this.append_blocking(batch)).await
     }
 
@@ -581,29 +804,27 @@ impl Mailbox for EmbeddedMailbox {
         after: u64,
         limit: usize,
     ) -> Result<Page, MailboxError> {
-        let this = self.0.clone();
+        let this = self.0.inner.clone();
         let address = address.clone();
         run_blocking(move || this.read_blocking(&address, after, limit)).await
     }
 
     async fn heads(&self, addresses: &[Address]) -> Result<Vec<Head>, MailboxError> {
-        let this = self.0.clone();
+        let this = self.0.inner.clone();
         let addresses = addresses.to_vec();
         run_blocking(move || this.heads_blocking(&addresses)).await
     }
 
     async fn expire(&self, now_ms: u64) -> Result<u64, MailboxError> {
-        let this = self.0.clone();
+        let this = self.0.inner.clone();
         run_blocking(move || this.expire_blocking(now_ms)).await
     }
 
     async fn healthy(&self) -> Result<(), MailboxError> {
-        if self.0.broken.load(Ordering::SeqCst) {
-            return Err(MailboxError::Storage(
-                "a logged batch was not stored: restart the node to replay the mailbox log".into(),
-            ));
+        if let Some(e) = self.0.inner.refused() {
+            return Err(e);
         }
-        self.0.db.begin_read().map(|_| ()).map_err(st)
+        self.0.inner.db.begin_read().map(|_| ()).map_err(st)
     }
 }
 
@@ -630,7 +851,7 @@ mod tests {
     /// What a crash (SIGKILL, power loss) leaves on disk: the files as written so far, copied
     /// while the mailbox is open. redb's non-durable commits are not in its file's header.
     fn crash_image(from: &Path, to: &Path) {
-        for ext in ["redb", "wal"] {
+        for ext in ["redb", "wal-0", "wal-1"] {
             std::fs::copy(from.with_extension(ext), to.with_extension(ext)).unwrap();
         }
     }
@@ -695,9 +916,9 @@ mod tests {
         m.append((0..50).map(|i| msg(&a, &format!("x{i}"))).collect())
             .await
             .unwrap();
-        tokio::time::sleep(CHECKPOINT_AGE + Duration::from_millis(100)).await;
-        // This batch is the checkpoint (durable, next generation); the next one is logged from
-        // the start of the log, over the older generation's records.
+        // The applier checkpoints (durable, next generation, the other log file); the next
+        // batches are logged there.
+        tokio::time::sleep(CHECKPOINT_AGE + Duration::from_millis(200)).await;
         m.append(vec![msg(&a, "y0")]).await.unwrap();
         m.append(vec![msg(&a, "z0"), msg(&a, "z1")]).await.unwrap();
         crash_image(&live, &copy);
@@ -706,7 +927,7 @@ mod tests {
         let bare = EmbeddedMailbox::open(&dir.path().join("bare.redb"), 3_600_000).unwrap();
         assert_eq!(
             bare.heads(std::slice::from_ref(&a)).await.unwrap()[0].head,
-            51
+            50
         );
         let r = EmbeddedMailbox::open(&copy, 3_600_000).unwrap();
         let got = versions(&r, &a).await;
@@ -717,6 +938,86 @@ mod tests {
         );
         assert_eq!(got[50].1, "y0");
         assert_eq!(got[52].1, "z1");
+    }
+
+    /// A crash after the writer moved to the next log file and before the checkpoint that
+    /// frees the older one was durable: both files are replayed, older first.
+    #[tokio::test]
+    async fn both_log_files_are_replayed_when_a_checkpoint_did_not_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, copy) = (dir.path().join("live.redb"), dir.path().join("copy.redb"));
+        let a = Address::parse("channel:a").unwrap();
+        let m = EmbeddedMailbox::open(&live, 3_600_000).unwrap();
+        m.append((0..3).map(|i| msg(&a, &format!("old{i}"))).collect())
+            .await
+            .unwrap();
+        crash_image(&live, &copy);
+        drop(m);
+        // In the image, the writer had moved on: versions 4 and 5 in the next generation's file.
+        let generation = {
+            let db = Database::open(&copy).unwrap();
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(LOG_TABLE).unwrap();
+            t.get(LOG_GENERATION).unwrap().unwrap().value()
+        };
+        let (mut next, old) = Wal::open(&log_path(&copy, generation + 1), generation + 1).unwrap();
+        assert!(old.is_empty());
+        let mut record = Vec::new();
+        let mut buf = Vec::new();
+        for v in [4u64, 5] {
+            let id = MessageId::parse(&format!("new{v}")).unwrap();
+            let payload = RawValue::from_string("2".into()).unwrap();
+            let m = Message::new(a.clone(), v, id, crate::clock::now_ms(), &payload);
+            encode(&m, &mut buf);
+            log_entry(&mut record, a.as_str(), v, &buf);
+        }
+        next.append(&record).unwrap();
+        drop(next);
+        let r = EmbeddedMailbox::open(&copy, 3_600_000).unwrap();
+        let got = versions(&r, &a).await;
+        let ids: Vec<&str> = got.iter().map(|x| x.1.as_str()).collect();
+        assert_eq!(ids, ["old0", "old1", "old2", "new4", "new5"]);
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        // And the next append continues after them.
+        let out = r.append(vec![msg(&a, "after")]).await.unwrap();
+        assert_eq!(out[0].message.version, 6);
+    }
+
+    /// Reads while the applier moves messages from memory to redb: every page is whole and in
+    /// order, up to its head, and no head goes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_see_every_message_while_it_moves_to_redb() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap();
+        let a = Address::parse("channel:a").unwrap();
+        let writer = {
+            let (m, a) = (m.clone(), a.clone());
+            tokio::spawn(async move {
+                for round in 0..200 {
+                    m.append((0..10).map(|i| msg(&a, &format!("{round}-{i}"))).collect())
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let mut last_head = 0;
+        let mut reads = 0;
+        while last_head < 2000 {
+            let page = m.read(&a, 0, 5000).await.unwrap();
+            let v: Vec<u64> = page.messages.iter().map(|x| x.version).collect();
+            assert_eq!(
+                v,
+                (1..=page.head.head).collect::<Vec<_>>(),
+                "every message up to the head"
+            );
+            assert!(page.head.head >= last_head, "the head never goes back");
+            let h = m.heads(std::slice::from_ref(&a)).await.unwrap()[0].head;
+            assert!(h >= page.head.head, "heads agree with reads");
+            last_head = page.head.head;
+            reads += 1;
+        }
+        writer.await.unwrap();
+        assert!(reads > 1);
     }
 
     #[tokio::test]

@@ -856,6 +856,14 @@ mod tests {
         }
     }
 
+    /// The head of `a` in a crash image's redb file opened without its log files.
+    async fn redb_alone_head(image: &Path, a: &Address) -> u64 {
+        let bare = image.with_extension("bare.redb");
+        std::fs::copy(image, &bare).unwrap();
+        let m = EmbeddedMailbox::open(&bare, 3_600_000).unwrap();
+        m.heads(std::slice::from_ref(a)).await.unwrap()[0].head
+    }
+
     async fn versions(m: &EmbeddedMailbox, a: &Address) -> Vec<(u64, String)> {
         let page = m.read(a, 0, 1000).await.unwrap();
         page.messages
@@ -884,12 +892,7 @@ mod tests {
         assert_eq!(expected_a.len() + expected_b.len(), 100);
         crash_image(&live, &copy);
         // Without the log, redb alone lost them (so the log is what keeps them).
-        std::fs::copy(&copy, dir.path().join("bare.redb")).unwrap();
-        let bare = EmbeddedMailbox::open(&dir.path().join("bare.redb"), 3_600_000).unwrap();
-        assert_eq!(
-            bare.heads(std::slice::from_ref(&a)).await.unwrap()[0].head,
-            0
-        );
+        assert_eq!(redb_alone_head(&copy, &a).await, 0);
         // With it, every message is back at its version, ids still deduplicate, and versions go on.
         let r = EmbeddedMailbox::open(&copy, 3_600_000).unwrap();
         assert_eq!(versions(&r, &a).await, expected_a);
@@ -923,12 +926,7 @@ mod tests {
         m.append(vec![msg(&a, "z0"), msg(&a, "z1")]).await.unwrap();
         crash_image(&live, &copy);
         // redb alone holds up to the checkpoint.
-        std::fs::copy(&copy, dir.path().join("bare.redb")).unwrap();
-        let bare = EmbeddedMailbox::open(&dir.path().join("bare.redb"), 3_600_000).unwrap();
-        assert_eq!(
-            bare.heads(std::slice::from_ref(&a)).await.unwrap()[0].head,
-            50
-        );
+        assert_eq!(redb_alone_head(&copy, &a).await, 50);
         let r = EmbeddedMailbox::open(&copy, 3_600_000).unwrap();
         let got = versions(&r, &a).await;
         assert_eq!(got.len(), 53);

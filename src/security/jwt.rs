@@ -168,6 +168,13 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
     }
 
+    fn p256() -> sig::EcdsaKeyPair {
+        let rng = SystemRandom::new();
+        let alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = sig::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        sig::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap()
+    }
+
     /// A token signed outside `jsonwebtoken` (ring's ECDSA signer), as a customer's server would.
     fn es256_token(pair: &sig::EcdsaKeyPair, header_alg: &str) -> String {
         let head = b64(format!(r#"{{"alg":"{header_alg}","typ":"JWT"}}"#).as_bytes());
@@ -201,10 +208,7 @@ mod tests {
     #[test]
     fn es256_verifies_a_good_signature_and_refuses_a_tampered_one() {
         install();
-        let rng = SystemRandom::new();
-        let alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
-        let pkcs8 = sig::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
-        let pair = sig::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let pair = p256();
         let key = DecodingKey::from_ec_der(pair.public_key().as_ref());
         let v = Validation::new(Algorithm::ES256);
         let good = es256_token(&pair, "ES256");
@@ -223,10 +227,7 @@ mod tests {
     #[test]
     fn a_public_key_is_never_an_hmac_secret() {
         install();
-        let rng = SystemRandom::new();
-        let alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
-        let pkcs8 = sig::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
-        let pair = sig::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let pair = p256();
         let public = pair.public_key().as_ref().to_vec();
         // The attacker signs HS256 with the (public) key bytes as the secret.
         let t = encode(

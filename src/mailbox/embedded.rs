@@ -27,7 +27,7 @@ use super::storage_err as st;
 use super::wal::Wal;
 use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page};
 use crate::address::{Address, MessageId};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -69,12 +69,7 @@ impl Drop for Handle {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::SeqCst);
         self.inner.wake.notify_all();
-        if let Some(t) = self
-            .applier
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(t) = lock(&self.applier).take() {
             let _ = t.join();
         }
     }
@@ -117,7 +112,7 @@ struct Pending {
     fresh: Vec<Arc<Message>>,
     /// Every pending message per address, in version order (taken by the applier or not).
     by_address: HashMap<Address, VecDeque<Arc<Message>>>,
-    ids: HashMap<(Address, MessageId), u64>,
+    ids: HashMap<(Address, MessageId), Arc<Message>>,
     bytes: usize,
 }
 
@@ -236,14 +231,6 @@ impl EmbeddedMailbox {
     }
 }
 
-/// The tables a store writes.
-struct Tables<'a, 't> {
-    messages: &'a mut Table<'t, (&'static str, u64), &'static [u8]>,
-    heads: &'a mut Table<'t, &'static str, u64>,
-    ids: &'a mut Table<'t, (&'static str, &'static str), u64>,
-    expiry: &'a mut Table<'t, (u64, &'static str), u64>,
-}
-
 /// A log record's entries: `address length u16 | address | version u64 | value length u32 | value`.
 struct LogEntries<'a>(&'a [u8]);
 
@@ -329,11 +316,7 @@ impl Inner {
                     });
                     continue;
                 }
-                if let Some(v) = pending.ids.get(&key)
-                    && let Some(orig) = pending.by_address[&m.address]
-                        .iter()
-                        .find(|x| x.version == *v)
-                {
+                if let Some(orig) = pending.ids.get(&key) {
                     out.push(Appended {
                         message: orig.clone(),
                         duplicate: true,
@@ -398,7 +381,7 @@ impl Inner {
             let mut p = lock(&self.pending);
             for m in &fresh {
                 p.bytes += m.signal.get().len();
-                p.ids.insert((m.address.clone(), m.id.clone()), m.version);
+                p.ids.insert((m.address.clone(), m.id.clone()), m.clone());
                 p.by_address
                     .entry(m.address.clone())
                     .or_default()
@@ -440,20 +423,13 @@ impl Inner {
             let mut heads = txn.open_table(HEADS).map_err(st)?;
             let mut ids = txn.open_table(IDS).map_err(st)?;
             let mut expiry = txn.open_table(EXPIRY).map_err(st)?;
-            let t = Tables {
-                messages: &mut messages,
-                heads: &mut heads,
-                ids: &mut ids,
-                expiry: &mut expiry,
-            };
             let mut touched: HashMap<&Address, u64> = HashMap::new();
             let mut buckets: HashMap<(u64, &Address), u64> = HashMap::new();
             let mut buf = Vec::new();
             for m in msgs {
                 let head = match touched.get(&m.address) {
                     Some(h) => *h,
-                    None => t
-                        .heads
+                    None => heads
                         .get(m.address.as_str())
                         .map_err(st)?
                         .map_or(0, |g| g.value()),
@@ -469,11 +445,10 @@ impl Inner {
                     )));
                 }
                 encode(m, &mut buf);
-                t.messages
+                messages
                     .insert((m.address.as_str(), m.version), buf.as_slice())
                     .map_err(st)?;
-                t.ids
-                    .insert((m.address.as_str(), m.id.as_str()), m.version)
+                ids.insert((m.address.as_str(), m.id.as_str()), m.version)
                     .map_err(st)?;
                 touched.insert(&m.address, m.version);
                 let b = buckets
@@ -483,16 +458,13 @@ impl Inner {
                 applied += 1;
             }
             for (address, head) in touched {
-                t.heads.insert(address.as_str(), head).map_err(st)?;
+                heads.insert(address.as_str(), head).map_err(st)?;
             }
+            // An entry already there for (bucket, address) has a version at most the stored
+            // head, so below these: they replace it.
             for ((bucket, address), version) in buckets {
-                let old = t
-                    .expiry
-                    .get((bucket, address.as_str()))
-                    .map_err(st)?
-                    .map_or(0, |g| g.value());
-                t.expiry
-                    .insert((bucket, address.as_str()), version.max(old))
+                expiry
+                    .insert((bucket, address.as_str()), version)
                     .map_err(st)?;
             }
         }

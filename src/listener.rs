@@ -5,12 +5,14 @@
 //! Why not `axum::serve`: it has no TLS, no cap on open connections and no read timeouts — a
 //! client that opens many half-sent requests would hold memory and file descriptors forever.
 
-use axum::Router;
-use axum::extract::ConnectInfo;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
 
 /// Largest request head (request line + headers) hyper buffers; larger heads are refused.
 const MAX_HEAD: usize = 64 * 1024;
@@ -97,13 +100,21 @@ pub struct Limits {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish (up to
 /// a grace period).
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: Limits,
-    app: Router,
+    app: S,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let cap = Arc::new(Semaphore::new(limits.max_connections));
     // Shutdown: `stop` tells every connection to finish its request and close; each connection
     // task holds a clone of `alive`, so `done` ends when the last one is gone.
@@ -114,9 +125,6 @@ pub async fn serve(
         .header_read_timeout(limits.read_timeout)
         .max_buf_size(MAX_HEAD)
         .keep_alive(true);
-    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.read_timeout,
-    ));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -137,7 +145,10 @@ pub async fn serve(
         };
         tcp.set_nodelay(true).ok();
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let read_timeout = limits.read_timeout;
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            // Each chunk of a body must arrive within the read timeout.
+            let mut req = req.map(|b| Body::new(TimeoutBody::new(read_timeout, b)));
             req.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(req)
         });

@@ -289,16 +289,7 @@ impl Node {
         let api = self.api.clone();
         let gw = api.gw.clone();
         let (layer, io) = crate::gateway::build(gw.clone());
-        let app = crate::api::routes(api.clone())
-            .layer(layer)
-            .layer(axum::middleware::map_request(
-                crate::gateway::detach_request,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                Arc::<[String]>::from(gw.config.cors_origins.clone()),
-                crate::gateway::ws_origin_guard,
-            ))
-            .layer(crate::gateway::cors(&gw.config.cors_origins));
+        let app = crate::api::edge::service(&api, crate::api::routes(api.clone()), layer);
         let drain_io = io.clone();
         let gw2 = gw.clone();
         let signal = async move {

@@ -3,6 +3,7 @@
 //! Thin handlers: parse and validate the body into [`Command`]s, publish them to the queue, and
 //! map every failure to a status with `{ "error": "<reason>" }` ([`ApiError`]).
 
+pub mod edge;
 mod errors;
 mod internal;
 pub mod kick;
@@ -15,9 +16,8 @@ use crate::gateway::Gateway;
 use crate::ingest::{Command, IngestError, Outcome, parse};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -56,14 +56,11 @@ impl Api {
     }
 }
 
-/// Longest request target (path and query) the API takes.
-const MAX_URI: usize = 8 * 1024;
-/// Most bytes of request headers the API takes.
-const MAX_HEADERS: usize = 16 * 1024;
-
-/// The node's HTTP routes (the Socket.IO layer is added by the node).
+/// The node's HTTP routes: the server API, health, metrics and the page. The guards every
+/// request meets first (head limits, the API key, JSON error bodies, body limits) are the
+/// [`edge`]'s, once per request rather than once per route.
 pub fn routes(svc: Arc<Api>) -> Router {
-    let mut server = Router::new()
+    let mut router = Router::new()
         .route("/server/enqueue", post(enqueue))
         .route("/server/connect", post(connect))
         .route("/server/disconnect", post(disconnect))
@@ -75,15 +72,12 @@ pub fn routes(svc: Arc<Api>) -> Router {
             get(read::read_state),
         )
         .route("/server/presence/{address}", get(read::presence))
-        .route("/server/nodes", get(read::nodes))
-        .fallback(|| async { ApiError::NotFound("no such /server endpoint".into()) })
-        .layer(middleware::from_fn_with_state(svc.clone(), require_api_key));
+        .route("/server/nodes", get(read::nodes));
     // Node-to-node routes exist only where there are other nodes.
     if svc.gw.config.backend == crate::config::Backend::Cluster {
-        server = server.merge(internal::routes(svc.clone()));
+        router = router.merge(internal::routes(svc.clone()));
     }
-    Router::new()
-        .merge(server)
+    router
         .route("/healthz", get(read::healthz))
         .route(
             "/metrics",
@@ -98,84 +92,11 @@ pub fn routes(svc: Arc<Api>) -> Router {
         .route("/console.js", get(crate::console::script))
         .route("/socket.io.min.js", get(crate::console::socketio_client))
         .route("/signalpost-client.js", get(crate::console::client_library))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this endpoint".into())
         })
-        .layer(DefaultBodyLimit::max(svc.gw.config.limits.max_body_bytes))
-        .layer(middleware::from_fn(json_errors))
-        .layer(middleware::from_fn(head_limits))
         .with_state(svc)
-}
-
-/// Refuses request targets and header blocks past the API's limits, with a JSON reason.
-async fn head_limits(req: Request, next: Next) -> Response {
-    let uri = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
-    if uri > MAX_URI {
-        return ApiError::UriTooLong(format!(
-            "the request target is {uri} bytes, over the limit of {MAX_URI}"
-        ))
-        .into_response();
-    }
-    let headers: usize = req
-        .headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    if headers > MAX_HEADERS {
-        return ApiError::HeadersTooLarge(format!(
-            "the request headers are {headers} bytes, over the limit of {MAX_HEADERS}"
-        ))
-        .into_response();
-    }
-    next.run(req).await
-}
-
-/// Gives every error answer a JSON body `{ "error": "<reason>" }`: the API's own errors have
-/// one already; those of the framework (a rejected extractor, a body over the limit, a body read
-/// that timed out) get their text as the reason.
-async fn json_errors(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
-    let status = res.status();
-    let is_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return res;
-    }
-    let (parts, body) = res.into_parts();
-    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
-    let text = String::from_utf8_lossy(&text).trim().to_string();
-    let reason = if text.is_empty() {
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("error")
-            .to_string()
-    } else {
-        text
-    };
-    let mut res = (status, Json(json!({ "error": reason }))).into_response();
-    for (k, v) in parts.headers.iter() {
-        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
-            res.headers_mut().insert(k.clone(), v.clone());
-        }
-    }
-    res
-}
-
-async fn require_api_key(State(svc): State<Arc<Api>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &svc.gw.config.api_key {
-        // From the request itself: a `HeaderMap` extractor would copy every header.
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if !crate::security::api_key_matches(given, key) {
-            return ApiError::Unauthorized.into_response();
-        }
-    }
-    next.run(req).await
 }
 
 #[derive(Deserialize)]

@@ -57,10 +57,7 @@ pub fn build(svc: Arc<Gateway>) -> (socketioxide::layer::SocketIoLayer, SocketIo
 /// and socketioxide keeps every socket's request parts for the socket's lifetime, so without
 /// this each idle connection pinned that whole buffer. Copying the few header bytes lets the
 /// buffer go once the connection is upgraded (measured: see docs/benchmarks.md, `idle`).
-pub async fn detach_request(req: axum::extract::Request) -> axum::extract::Request {
-    if !req.uri().path().starts_with("/socket.io") {
-        return req;
-    }
+pub fn detach_request(req: axum::extract::Request) -> axum::extract::Request {
     let (mut parts, body) = req.into_parts();
     let mut headers = axum::http::HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
@@ -379,15 +376,14 @@ async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     }
 }
 
-/// Refuses a WebSocket upgrade of the Socket.IO endpoint whose `Origin` is neither the node's
-/// own nor one of `cors_origins`: browsers apply no CORS to WebSockets, so without this check a
-/// page on any origin could connect with `transports: ["websocket"]`. Clients that are not
-/// browsers send no `Origin` and are not affected.
-pub async fn ws_origin_guard(
-    axum::extract::State(origins): axum::extract::State<Arc<[String]>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+/// The refusal of a WebSocket upgrade of the Socket.IO endpoint whose `Origin` is neither the
+/// node's own nor one of `cors_origins`: browsers apply no CORS to WebSockets, so without this
+/// check a page on any origin could connect with `transports: ["websocket"]`. Clients that are
+/// not browsers send no `Origin` and are not affected.
+pub fn ws_origin_refusal(
+    origins: &[String],
+    req: &axum::extract::Request,
+) -> Option<axum::response::Response> {
     let h = req.headers();
     let upgrade = h
         .get(axum::http::header::UPGRADE)
@@ -395,35 +391,35 @@ pub async fn ws_origin_guard(
     let origin = h
         .get(axum::http::header::ORIGIN)
         .and_then(|v| v.to_str().ok());
-    if let (true, true, Some(origin)) =
-        (upgrade, req.uri().path().starts_with("/socket.io"), origin)
-    {
-        let host = h
-            .get(axum::http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let same = origin
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host));
-        let listed = origins
-            .iter()
-            .any(|o| o == "*" || o.trim_end_matches('/') == origin);
-        if !same && !listed {
-            let reason =
-                format!("WebSocket from origin {origin} refused: not listed in cors_origins");
-            return (
-                axum::http::StatusCode::FORBIDDEN,
-                axum::Json(json!({ "error": reason })),
-            )
-                .into_response();
-        }
+    let (true, Some(origin)) = (upgrade, origin) else {
+        return None;
+    };
+    let host = h
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let same = origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host));
+    let listed = origins
+        .iter()
+        .any(|o| o == "*" || o.trim_end_matches('/') == origin);
+    if same || listed {
+        return None;
     }
-    next.run(req).await
+    let reason = format!("WebSocket from origin {origin} refused: not listed in cors_origins");
+    Some(
+        (
+            axum::http::StatusCode::FORBIDDEN,
+            axum::Json(json!({ "error": reason })),
+        )
+            .into_response(),
+    )
 }
 
-/// CORS for the Socket.IO endpoint: pages from `origins` (or any, with `"*"`) may connect with
-/// the default transports; no other origin and no other path gets a grant (the server API is
-/// for servers, not pages). Credentials are allowed (the origin is echoed, never `*`), so a
+/// CORS for the Socket.IO endpoint (the node's edge applies it there only): pages from `origins`
+/// (or any, with `"*"`) may connect with the default transports; no other origin and no other
+/// path gets a grant (the server API is for servers, not pages). Credentials are allowed (the origin is echoed, never `*`), so a
 /// page with `withCredentials: true` keeps a load balancer's sticky-session cookie; signalpost
 /// itself authenticates with the handshake's `auth`, never with cookies.
 pub fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
@@ -435,8 +431,8 @@ pub fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
         .collect();
     CorsLayer::new()
-        .allow_origin(AllowOrigin::predicate(move |origin, parts| {
-            parts.uri.path().starts_with("/socket.io") && (any || list.contains(origin))
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            any || list.contains(origin)
         }))
         .allow_credentials(true)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])

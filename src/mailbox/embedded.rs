@@ -50,6 +50,20 @@ pub const CHECKPOINT_BYTES: u64 = 8 << 20;
 pub const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
 /// Bytes of messages in memory, not yet in redb, past which appends wait for the applier.
 const MAX_PENDING_BYTES: usize = 16 << 20;
+/// How long the applier lets appended messages gather before it stores them when many come:
+/// one redb transaction per window, not per append, so each B-tree page a window touches is
+/// copied, checksummed and written once for all its messages (readers find the pending ones in
+/// memory meanwhile). Under single publishes to 1 000 addresses, a 20 ms window left the applier
+/// 30 % of the node's CPU, 250 ms 20 %, 1 s 13 %.
+const APPLY_WINDOW: Duration = Duration::from_millis(250);
+/// The window when at most [`APPLY_FEW`] messages are pending: a large store in one go delays
+/// the appends of its moment (at 1 000 msg/s, the p99 of an append went from 1.4 ms with 20 ms
+/// windows to 1.6–2.0 ms with 500 ms ones), while a small one costs little whenever it comes.
+const APPLY_WINDOW_FEW: Duration = Duration::from_millis(20);
+const APPLY_FEW: usize = 128;
+/// Pending messages (or a quarter of [`MAX_PENDING_BYTES`] of them) at which the applier
+/// stores them without waiting for the window to end.
+const APPLY_MAX_MESSAGES: usize = 65536;
 /// Largest number of cached heads before the cache is dropped and refilled from disk.
 const HEAD_CACHE_MAX: usize = 1 << 20;
 /// Most expiry buckets handled in one expiry transaction.
@@ -323,10 +337,14 @@ impl Inner {
                     });
                     continue;
                 }
-                let existing = ids
-                    .get((m.address.as_str(), m.id.as_str()))
-                    .map_err(st)?
-                    .map(|g| g.value());
+                // A minted id was never sent before (the in-process queue delivers once).
+                let existing = if m.new_id {
+                    None
+                } else {
+                    ids.get((m.address.as_str(), m.id.as_str()))
+                        .map_err(st)?
+                        .map(|g| g.value())
+                };
                 if let Some(v) = existing
                     && let Some(raw) = messages.get((m.address.as_str(), v)).map_err(st)?
                 {
@@ -387,8 +405,15 @@ impl Inner {
                     .or_default()
                     .push_back(m.clone());
             }
+            // The applier waits for its window to end, for stop, or for this: the first
+            // message after it went idle, or memory filling up.
+            let wake = p.fresh.is_empty()
+                || p.fresh.len() + fresh.len() >= APPLY_MAX_MESSAGES
+                || p.bytes >= MAX_PENDING_BYTES / 4;
             p.fresh.extend(fresh);
-            self.wake.notify_all();
+            if wake {
+                self.wake.notify_all();
+            }
             // Backpressure: the applier is behind by too much.
             while p.bytes > MAX_PENDING_BYTES && !self.stop.load(Ordering::SeqCst) {
                 p = self
@@ -480,6 +505,7 @@ impl Inner {
     /// durably.
     fn apply_loop(&self) {
         let mut last_checkpoint = Instant::now();
+        let mut last_store = Instant::now();
         let mut dirty = false;
         loop {
             let stopping = self.stop.load(Ordering::SeqCst);
@@ -508,22 +534,39 @@ impl Inner {
             };
             let batch = {
                 let mut p = lock(&self.pending);
-                if p.fresh.is_empty() && next.is_none() {
-                    if stopping {
-                        return;
+                if next.is_none() {
+                    if p.fresh.is_empty() {
+                        if stopping {
+                            return;
+                        }
+                        let _ = self.wake.wait_timeout(p, Duration::from_millis(50));
+                        continue;
                     }
-                    p = self
-                        .wake
-                        .wait_timeout(p, Duration::from_millis(50))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    // Let appends gather (a short window when few come, a long one when many
+                    // do), unless stopping or memory fills.
+                    let window = if p.fresh.len() <= APPLY_FEW {
+                        APPLY_WINDOW_FEW
+                    } else {
+                        APPLY_WINDOW
+                    };
+                    let age = last_store.elapsed();
+                    if !stopping
+                        && age < window
+                        && p.fresh.len() < APPLY_MAX_MESSAGES
+                        && p.bytes < MAX_PENDING_BYTES / 4
+                    {
+                        let _ = self.wake.wait_timeout(p, window - age);
+                        continue;
+                    }
                 }
                 std::mem::take(&mut p.fresh)
             };
             if batch.is_empty() && next.is_none() {
                 continue;
             }
-            match self.store(&batch, next) {
+            let result = self.store(&batch, next);
+            last_store = Instant::now();
+            match result {
                 Ok(_) => {
                     dirty = next.is_none();
                     if next.is_some() {
@@ -842,6 +885,42 @@ mod tests {
             .iter()
             .map(|x| (x.version, x.id.as_str().to_owned()))
             .collect()
+    }
+
+    /// A minted id skips the lookup on its first append, but is indexed like any other: sent
+    /// again (by whoever learned it from the answer), while pending and once stored, it is a
+    /// duplicate with its first version.
+    #[tokio::test]
+    async fn a_minted_id_sent_again_is_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let a = Address::parse("channel:a").unwrap();
+        let minted = |id: &MessageId| NewMessage {
+            id: id.clone(),
+            new_id: true,
+            ..msg(&a, "x")
+        };
+        let (first, second) = (MessageId::generate(), MessageId::generate());
+        assert!(
+            first < second,
+            "minted ids sort in the order they were made"
+        );
+        let m = EmbeddedMailbox::open(&path, 3_600_000).unwrap();
+        let r = m
+            .append(vec![minted(&first), minted(&second)])
+            .await
+            .unwrap();
+        assert_eq!((r[0].message.version, r[1].message.version), (1, 2));
+        let again = m.append(vec![msg(&a, second.as_str())]).await.unwrap();
+        assert!(again[0].duplicate);
+        assert_eq!(again[0].message.version, 2);
+        drop(m);
+        // Stored in redb now (a clean stop stores everything).
+        let m = EmbeddedMailbox::open(&path, 3_600_000).unwrap();
+        let again = m.append(vec![msg(&a, first.as_str())]).await.unwrap();
+        assert!(again[0].duplicate);
+        assert_eq!(again[0].message.version, 1);
+        assert_eq!(m.heads(std::slice::from_ref(&a)).await.unwrap()[0].head, 2);
     }
 
     #[tokio::test]

@@ -3,8 +3,8 @@
 //!
 //! A redb commit that is durable writes every B-tree page the batch touched and fsyncs them: with
 //! one message per request that was about half of a publish's cost. With the log, a batch is
-//! written here as **one sequential record and one `fdatasync`** (into blocks the file already
-//! has, so the file system has no metadata to commit), and its redb commit is non-durable. Every
+//! written here as **one sequential record in one synchronous write** (`O_DSYNC`, into blocks the
+//! file already has, so the file system has no metadata to commit), and its redb commit is non-durable. Every
 //! so often (a *checkpoint*) one redb commit is durable, which makes every earlier one durable
 //! too; the log then starts again from its beginning under the next *generation*.
 //!
@@ -20,7 +20,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 const MAGIC: u32 = 0x5350_574c; // "SPWL"
@@ -44,11 +44,15 @@ impl Wal {
     /// Opens (or creates) the log and reads the payloads of its records of `generation`, in
     /// order. Appends go after them until [`Wal::restart`].
     pub fn open(path: &Path, generation: u64) -> io::Result<(Self, Vec<Vec<u8>>)> {
+        // O_DSYNC: each write returns once its data is on disk, one system call where `pwrite`
+        // and `fdatasync` were two (measured on this machine's disk: p50 0.115 ms against
+        // 0.133, p99 0.184 against 0.224).
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_DSYNC)
             .open(path)?;
         let len = file.metadata()?.len();
         let mut records = Vec::new();
@@ -104,7 +108,6 @@ impl Wal {
             self.grow(end)?;
         }
         self.file.write_all_at(&self.buf, self.pos)?;
-        self.file.sync_data()?;
         self.pos = end;
         Ok(())
     }

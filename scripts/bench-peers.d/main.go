@@ -100,6 +100,7 @@ func runCmd(args []string) {
 	secret := fs.String("token-secret", "", "the HS256 secret of client tokens")
 	run := fs.Int("run", 1, "run number (for the results file)")
 	quick := fs.Bool("quick", false, "smaller scenarios for a short run")
+	idleClients := fs.Int("idle-clients", 0, "clients of the idle scenario (default 10 000; 2 000 with --quick)")
 	out := fs.String("out", "", "append the result as a JSON line to this file")
 	fs.Parse(args)
 	if *server == "" || *url == "" || *scenario == "" || *pid == 0 {
@@ -112,6 +113,9 @@ func runCmd(args []string) {
 	p := fullParams()
 	if *quick {
 		p = quickParams()
+	}
+	if *idleClients > 0 {
+		p.IdleClients = *idleClients
 	}
 	var t Target
 	switch *server {

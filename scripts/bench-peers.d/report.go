@@ -208,6 +208,9 @@ func reportCmd(args []string) {
 	if quick {
 		p = quickParams()
 	}
+	if c := stats["signalpost/idle/clients"]; c != nil && len(c.values) > 0 {
+		p.IdleClients = int(c.values[0]) // as run (--idle-clients)
+	}
 	get := func(server string, r row) *stat { return stats[server+"/"+r.scenario+"/"+r.metric] }
 
 	var t strings.Builder

@@ -59,7 +59,15 @@ test('the API key guards /server/* and nothing else', async () => {
   assert.match(no.body.error, /API key/);
   assert.equal((await api(node.url, 'POST', '/server/enqueue', body, { apiKey: 'wrong' })).status, 401);
   assert.equal((await api(node.url, 'GET', '/server/nodes')).status, 401);
+  // Every /server path, an unknown one too, needs the key before anything else is said.
+  assert.equal((await api(node.url, 'GET', '/server/nothing')).status, 401);
+  assert.equal((await api(node.url, 'GET', '/server')).status, 401);
   assert.equal((await api(node.url, 'POST', '/server/enqueue', body, { apiKey: 'k3y-0123456789abcdef' })).status, 202);
   assert.equal((await api(node.url, 'GET', '/healthz')).status, 200);
+  // A path that is no endpoint is simply not there, key or not.
+  const nothing = await api(node.url, 'GET', '/nothing');
+  assert.equal(nothing.status, 404);
+  assert.match(nothing.body.error, /no such endpoint/);
+  assert.equal((await api(node.url, 'GET', '/serverless')).status, 404);
   await node.stop();
 });

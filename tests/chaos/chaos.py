@@ -31,6 +31,7 @@ import os
 import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -160,6 +161,16 @@ class Node:
         self.proc = None
 
     def start(self):
+        # A port another process listens on would let that process answer for this node (its
+        # /healthz, its API) while this one fails to bind: say so instead.
+        probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", self.port))
+        except OSError as e:
+            raise RuntimeError(f"node {self.i}: port {self.port} is taken by another process ({e})")
+        finally:
+            probe.close()
         logf = open(os.path.join(self.dir, "node.log"), "a")
         self.proc = subprocess.Popen(
             [BIN, "serve", "--backend", "cluster", "--listen", f"127.0.0.1:{self.port}",

@@ -419,9 +419,10 @@ pub fn ws_origin_refusal(
 
 /// CORS for the Socket.IO endpoint (the node's edge applies it there only): pages from `origins`
 /// (or any, with `"*"`) may connect with the default transports; no other origin and no other
-/// path gets a grant (the server API is for servers, not pages). Credentials are allowed (the origin is echoed, never `*`), so a
-/// page with `withCredentials: true` keeps a load balancer's sticky-session cookie; signalpost
-/// itself authenticates with the handshake's `auth`, never with cookies.
+/// path gets a grant (the server API is for servers, not pages). Credentials are allowed (the
+/// origin is echoed, never `*`), so a page with `withCredentials: true` keeps a load balancer's
+/// sticky-session cookie; signalpost itself authenticates with the handshake's `auth`, never
+/// with cookies.
 pub fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     use axum::http::{HeaderValue, Method};
     use tower_http::cors::{AllowOrigin, CorsLayer};

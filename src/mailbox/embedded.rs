@@ -10,7 +10,7 @@
 //! - `log`: the log generation to replay after a crash (`node::datadir` keeps its own `meta`).
 //!
 //! **An append** (one writer: a mutex) assigns versions from a cache of heads, writes the batch's
-//! new messages to the log as one record and `fdatasync`s it, then puts them in memory
+//! new messages to the log as one record in one synchronous write, then puts them in memory
 //! ([`Pending`]), where reads find them at once, and answers. It never waits for redb.
 //!
 //! **The applier** (a thread of the mailbox) writes what is pending to redb in large
@@ -67,7 +67,7 @@ const APPLY_WINDOW: Duration = Duration::from_millis(250);
 const APPLY_WINDOW_FEW: Duration = Duration::from_millis(20);
 const APPLY_FEW: usize = 128;
 /// Pending messages (or a quarter of [`MAX_PENDING_BYTES`] of them) at which the applier
-/// stores them without waiting for the window to end.
+/// stores them without waiting for the window to end ([`Pending::full`]).
 const APPLY_MAX_MESSAGES: usize = 65536;
 /// Largest number of cached heads before the cache is dropped and refilled from disk.
 const HEAD_CACHE_MAX: usize = 1 << 20;
@@ -136,6 +136,12 @@ struct Pending {
 }
 
 impl Pending {
+    /// Whether the applier should store now rather than let more gather: enough messages, or
+    /// enough bytes, are waiting.
+    fn full(&self) -> bool {
+        self.fresh.len() >= APPLY_MAX_MESSAGES || self.bytes >= MAX_PENDING_BYTES / 4
+    }
+
     fn last(&self, address: &Address) -> Option<u64> {
         self.by_address
             .get(address)
@@ -412,11 +418,9 @@ impl Inner {
             }
             // The applier waits for its window to end, for stop, or for this: the first
             // message after it went idle, or memory filling up.
-            let wake = p.fresh.is_empty()
-                || p.fresh.len() + fresh.len() >= APPLY_MAX_MESSAGES
-                || p.bytes >= MAX_PENDING_BYTES / 4;
+            let idle = p.fresh.is_empty();
             p.fresh.extend(fresh);
-            if wake {
+            if idle || p.full() {
                 self.wake.notify_all();
             }
             // Backpressure: the applier is behind by too much.
@@ -558,11 +562,7 @@ impl Inner {
                         APPLY_WINDOW
                     };
                     let age = last_store.elapsed();
-                    if !stopping
-                        && age < window
-                        && p.fresh.len() < APPLY_MAX_MESSAGES
-                        && p.bytes < MAX_PENDING_BYTES / 4
-                    {
+                    if !stopping && age < window && !p.full() {
                         let _ = self.wake.wait_timeout(p, window - age);
                         continue;
                     }
@@ -700,7 +700,7 @@ impl Inner {
         let Some(last_bucket) = last_bucket else {
             return Ok(0);
         };
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = lock(&self.writer);
         let mut removed = 0;
         loop {
             let txn = self.db.begin_write().map_err(st)?;

@@ -120,7 +120,7 @@ impl Wal {
     }
 
     /// Extends the file with zeros past `end` and syncs it (data and length) once, so that later
-    /// appends below the new length need only `fdatasync` their own blocks.
+    /// appends below the new length need only flush their own blocks.
     fn grow(&mut self, end: u64) -> io::Result<()> {
         let new_len = end.div_ceil(GROW) * GROW;
         let zeros = vec![0u8; (new_len - self.len) as usize];

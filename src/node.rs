@@ -436,7 +436,7 @@ fn spawn_cleanup(api: &Arc<Api>, tasks: &Tasks) {
 /// the ack timeout go to another client (checked 4 times per timeout, at most every second).
 fn spawn_work(svc: &Arc<Gateway>, tasks: &Tasks) {
     let work = svc.work.clone();
-    tasks.every(Duration::from_millis(20), move || {
+    tasks.every_to_end(Duration::from_millis(20), move || {
         let work = work.clone();
         async move { work.flush().await }
     });

@@ -34,20 +34,43 @@ impl Tasks {
         self.tracker.spawn(task);
     }
 
-    /// Calls `tick` every `every` (first after one period) until the node stops.
-    pub fn every<F, Fut>(&self, every: Duration, mut tick: F)
+    /// Calls `tick` every `every` (first after one period) until the node stops, cutting off a
+    /// tick under way then (a sweep or a probe that is simply not finished).
+    pub fn every<F, Fut>(&self, every: Duration, tick: F)
     where
         F: FnMut() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send,
+        Fut: Future<Output = ()> + Send + 'static,
     {
-        self.spawn(async move {
-            let mut clock = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                clock.tick().await;
-                tick().await;
+        self.spawn(Self::ticking(every, tick, CancellationToken::new()));
+    }
+
+    /// Like [`Tasks::every`], but a tick under way when the node stops runs to its end, and
+    /// [`Tasks::stop`] waits for it: for a flush, which must write the batch it took.
+    pub fn every_to_end<F, Fut>(&self, every: Duration, tick: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker
+            .spawn(Self::ticking(every, tick, self.cancel.clone()));
+    }
+
+    /// Ticks until `cancel` fires between two ticks.
+    async fn ticking<F, Fut>(every: Duration, mut tick: F, cancel: CancellationToken)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut clock = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = clock.tick() => {}
             }
-        });
+            tick().await;
+        }
     }
 
     /// Whether the node is stopping.
@@ -121,5 +144,30 @@ mod tests {
         let after = ticks.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(ticks.load(Ordering::SeqCst), after, "no tick after stop");
+    }
+
+    /// A flush taken in one tick and cut off half-way would lose what it took (a work address's
+    /// done versions were lost that way when a node stopped mid-write).
+    #[tokio::test]
+    async fn a_flush_under_way_when_the_node_stops_runs_to_its_end() {
+        let tasks = Tasks::default();
+        let (started, mut began) = tokio::sync::mpsc::channel::<()>(1);
+        let ended = Arc::new(AtomicU32::new(0));
+        let e = ended.clone();
+        tasks.every_to_end(Duration::from_millis(1), move || {
+            let (started, e) = (started.clone(), e.clone());
+            async move {
+                let _ = started.try_send(());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                e.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        began.recv().await.unwrap();
+        assert!(tasks.stop(Duration::from_secs(5)).await);
+        assert_eq!(
+            ended.load(Ordering::SeqCst),
+            1,
+            "the tick finished, and no other began"
+        );
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! The consumer takes what is waiting, up to the batch size, validates each record with the same
 //! code as HTTP ([`super::parse`]) — a malformed record goes to `signals.deadletter` with the reason
-//! — applies the batch through the [`Processor`], and commits the offsets only after the effect is
-//! durable. If applying fails (the store is down) it retries the same batch with backoff and reads
+//! — applies the batch through the [`Processor`], and stores the offsets only after the effect is
+//! durable (librdkafka commits what is stored every [`COMMIT_EVERY_MS`]). If applying fails (the store is down) it retries the same batch with backoff and reads
 //! nothing more meanwhile (backpressure: the records wait in Kafka, not in memory). A record
 //! applied but not committed (a crash in between) is applied again after a restart or rebalance;
 //! that is harmless because appends are idempotent on message id (a record without an id gets the
@@ -14,6 +14,7 @@
 use super::parse::{self, Invalid, Limits};
 use super::{Command, IngestError, Outcome, Processor, Queue};
 use crate::address::MessageId;
+use futures_util::FutureExt as _;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::TopicPartitionList;
@@ -133,7 +134,11 @@ fn subscribe(
         // Small requests go out at once (Nagle's algorithm would hold one behind an unacked one).
         .set("socket.nagle.disable", "true")
         .set("group.id", &group)
-        .set("enable.auto.commit", "false")
+        // Offsets are stored after a batch is applied ([`Worker::store_offsets`]) and
+        // committed by librdkafka in the background: one commit per interval, not per batch.
+        .set("enable.auto.commit", if settings.never_commit { "false" } else { "true" })
+        .set("auto.commit.interval.ms", &COMMIT_EVERY_MS.to_string())
+        .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // KIP-429: a member joining or leaving moves only the partitions that must move; the
         // others are neither revoked nor paused (the eager default stops every consumer).
@@ -153,6 +158,11 @@ fn subscribe(
     consumer.subscribe(&topics).map_err(kerr)?;
     Ok(consumer)
 }
+
+/// How often applied offsets are committed. A node that dies applies again, after its
+/// partitions move, at most this much more than it had committed (appends are idempotent). A
+/// commit per batch cost Kafka an offset write per batch: ~300/s at 1 000 msg/s.
+const COMMIT_EVERY_MS: u64 = 100;
 
 /// Header of an enqueue record whose id the HTTP API minted (the sender gave none).
 const MINTED_HEADER: &str = "signalpost-minted";
@@ -702,6 +712,10 @@ impl Worker {
                     continue;
                 }
             };
+            // The batch is what is waiting now: no wait for more. (Waiting 1 ms for each next
+            // record kept a batch open while a slow stream trickled in, and delayed its first
+            // record by all of it: p50 at 1 000 msg/s 20 ms against 8 without the wait.) Under
+            // load batches still grow, with what arrives while the one before is applied.
             let mut batch = vec![first];
             while batch.len() < self.settings.batch {
                 let next = async {
@@ -710,8 +724,8 @@ impl Worker {
                         m = self.bindings.recv() => m,
                     }
                 };
-                match tokio::time::timeout(Duration::from_millis(1), next).await {
-                    Ok(Ok(m)) => batch.push(m.detach()),
+                match next.now_or_never() {
+                    Some(Ok(m)) => batch.push(m.detach()),
                     _ => break,
                 }
             }
@@ -748,7 +762,7 @@ impl Worker {
             if self.never_commit {
                 continue;
             }
-            self.commit(&batch);
+            self.store_offsets(&batch);
         }
         if !self.never_commit {
             let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
@@ -973,7 +987,11 @@ impl Worker {
         }
     }
 
-    fn commit(&self, batch: &[OwnedMessage]) {
+    /// Marks a batch's records as applied: librdkafka commits the stored offsets every
+    /// [`COMMIT_EVERY_MS`], and those of partitions a rebalance takes away before it lets them
+    /// go. A partition no longer assigned refuses the store: its new owner applies those
+    /// records again, idempotently.
+    fn store_offsets(&self, batch: &[OwnedMessage]) {
         let mut next: HashMap<(&str, i32), i64> = HashMap::new();
         for m in batch {
             let e = next.entry((m.topic(), m.partition())).or_insert(0);
@@ -998,10 +1016,8 @@ impl Worker {
             if tpl.count() == 0 {
                 continue;
             }
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                // Not the owner any more (rebalance): the new owner applies these again,
-                // idempotently.
-                tracing::warn!(error = %e, "kafka commit failed");
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                tracing::debug!(error = %e, "storing offsets refused (partition moved)");
             }
         }
     }

@@ -136,8 +136,15 @@ fn subscribe(
         .set("group.id", &group)
         // Offsets are stored after a batch is applied ([`Worker::store_offsets`]) and
         // committed by librdkafka in the background: one commit per interval, not per batch.
-        .set("enable.auto.commit", if settings.never_commit { "false" } else { "true" })
-        .set("auto.commit.interval.ms", &COMMIT_EVERY_MS.to_string())
+        .set(
+            "enable.auto.commit",
+            if settings.never_commit {
+                "false"
+            } else {
+                "true"
+            },
+        )
+        .set("auto.commit.interval.ms", COMMIT_EVERY_MS.to_string())
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // KIP-429: a member joining or leaving moves only the partitions that must move; the

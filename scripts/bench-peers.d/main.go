@@ -101,6 +101,7 @@ func runCmd(args []string) {
 	run := fs.Int("run", 1, "run number (for the results file)")
 	quick := fs.Bool("quick", false, "smaller scenarios for a short run")
 	idleClients := fs.Int("idle-clients", 0, "clients of the idle scenario (default 10 000; 2 000 with --quick)")
+	latencyRate := fs.Int("latency-rate", 0, "messages per second of the latency scenario (default 1 000)")
 	out := fs.String("out", "", "append the result as a JSON line to this file")
 	fs.Parse(args)
 	if *server == "" || *url == "" || *scenario == "" || *pid == 0 {
@@ -116,6 +117,9 @@ func runCmd(args []string) {
 	}
 	if *idleClients > 0 {
 		p.IdleClients = *idleClients
+	}
+	if *latencyRate > 0 {
+		p.LatencyRate = *latencyRate
 	}
 	var t Target
 	switch *server {

@@ -211,6 +211,9 @@ func reportCmd(args []string) {
 	if c := stats["signalpost/idle/clients"]; c != nil && len(c.values) > 0 {
 		p.IdleClients = int(c.values[0]) // as run (--idle-clients)
 	}
+	if c := stats["signalpost/latency/rate"]; c != nil && len(c.values) > 0 {
+		p.LatencyRate = int(c.values[0]) // as run (--latency-rate)
+	}
 	get := func(server string, r row) *stat { return stats[server+"/"+r.scenario+"/"+r.metric] }
 
 	var t strings.Builder

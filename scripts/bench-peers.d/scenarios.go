@@ -265,7 +265,7 @@ func latency(e *Env) (Result, error) {
 	return Result{
 		Metrics: map[string]float64{
 			"p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": maxMs,
-			"cpu_s": cpu, "sent_rate": sentRate, "messages": float64(total),
+			"cpu_s": cpu, "sent_rate": sentRate, "messages": float64(total), "rate": float64(e.P.LatencyRate),
 			"sender_late_max_ms": float64(lateMax.Load()) / 1000,
 			"request_p50_ms":     reqP50, "request_p99_ms": reqP99,
 		},

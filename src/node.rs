@@ -31,6 +31,8 @@ use tokio::net::TcpListener;
 
 /// How long a stopping node waits for its background tasks to return.
 const TASKS_GRACE: Duration = Duration::from_secs(10);
+/// Tries of the last flush of acks and done work messages (waiting 0.1, 0.2, 0.4 … s between).
+const FINAL_FLUSH_TRIES: u32 = 5;
 
 /// Startup failures.
 #[derive(Debug, thiserror::Error)]
@@ -315,8 +317,21 @@ impl Node {
                 "some tasks did not stop within {TASKS_GRACE:?}"
             );
         }
-        gw.acks.flush().await;
-        gw.work.flush().await;
+        // The last writes, tried again while the store blips: acks and done work messages
+        // were acknowledged to clients.
+        let mut wait = Duration::from_millis(100);
+        for attempt in 1..=FINAL_FLUSH_TRIES {
+            let (acks, work) = (gw.acks.flush().await, gw.work.flush().await);
+            if acks && work {
+                break;
+            }
+            if attempt == FINAL_FLUSH_TRIES {
+                tracing::error!("acks or done work messages could not be stored before stopping");
+            } else {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
         tracing::info!("drained");
         Ok(())
     }
@@ -438,7 +453,9 @@ fn spawn_work(svc: &Arc<Gateway>, tasks: &Tasks) {
     let work = svc.work.clone();
     tasks.every_to_end(Duration::from_millis(20), move || {
         let work = work.clone();
-        async move { work.flush().await }
+        async move {
+            let _ = work.flush().await;
+        }
     });
     let work = svc.work.clone();
     let every = Duration::from_millis((svc.config.work_ack_timeout_ms / 4).clamp(10, 1000));

@@ -39,7 +39,7 @@ impl AckWriter {
                     _ = tokio::time::sleep(FLUSH_EVERY) => false,
                     _ = stop.stopping() => true,
                 };
-                writer.flush().await;
+                let _ = writer.flush().await;
                 if stopping {
                     return;
                 }
@@ -57,14 +57,15 @@ impl AckWriter {
         }
     }
 
-    /// Writes what is pending; on failure the acks are put back for the next try.
-    pub async fn flush(&self) {
+    /// Writes what is pending; on failure the acks are put back for the next try. False when
+    /// the write failed (the node's last flush tries again).
+    pub async fn flush(&self) -> bool {
         let batch: Vec<(ClientId, Address, u64)> = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             p.drain().map(|((c, a), v)| (c, a, v)).collect()
         };
         if batch.is_empty() {
-            return;
+            return true;
         }
         if let Err(e) = self.cursors.save(&batch).await {
             tracing::warn!(error = %e, "saving cursors failed; will retry");
@@ -73,6 +74,62 @@ impl AckWriter {
                 let cur = p.entry((c, a)).or_insert(0);
                 *cur = (*cur).max(v);
             }
+            return false;
         }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::TopologyError;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Cursors whose first `fail` saves fail.
+    #[derive(Default)]
+    struct Flaky {
+        fail: AtomicU32,
+        saved: Mutex<Vec<(ClientId, Address, u64)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Cursors for Flaky {
+        async fn save(&self, acks: &[(ClientId, Address, u64)]) -> Result<(), TopologyError> {
+            if self.fail.load(Ordering::SeqCst) > 0 {
+                self.fail.fetch_sub(1, Ordering::SeqCst);
+                return Err(TopologyError::Unavailable("down".into()));
+            }
+            self.saved.lock().unwrap().extend_from_slice(acks);
+            Ok(())
+        }
+        async fn get(&self, _: &ClientId) -> Result<HashMap<Address, u64>, TopologyError> {
+            Ok(HashMap::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_says_so_and_keeps_the_acks_for_the_next() {
+        let cursors = Arc::new(Flaky::default());
+        cursors.fail.store(1, Ordering::SeqCst);
+        let tasks = crate::tasks::Tasks::default();
+        let w = AckWriter::start(cursors.clone(), &tasks);
+        assert!(tasks.stop(Duration::from_secs(1)).await, "the writer stops");
+        let (c, a) = (
+            ClientId::parse("c1").unwrap(),
+            Address::parse("client:c1").unwrap(),
+        );
+        w.ack(c.clone(), a.clone(), 3);
+        w.ack(c.clone(), a.clone(), 5);
+        assert!(!w.flush().await, "the store refused it");
+        assert!(cursors.saved.lock().unwrap().is_empty());
+        w.ack(c.clone(), a.clone(), 4);
+        assert!(w.flush().await);
+        assert_eq!(
+            *cursors.saved.lock().unwrap(),
+            vec![(c, a, 5)],
+            "the highest, once"
+        );
+        assert!(w.flush().await, "nothing left");
     }
 }

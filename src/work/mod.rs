@@ -769,8 +769,10 @@ impl Dispatcher {
         }
     }
 
-    /// Stores the done versions acked since the last call (run every few ms).
-    pub async fn flush(&self) {
+    /// Stores the done versions acked since the last call (run every few ms). False when some
+    /// could not be stored (they are kept for the next call).
+    pub async fn flush(&self) -> bool {
+        let mut stored = true;
         let unsaved = std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
         let ttl = self.settings.retention_secs.min(u32::MAX as u64) as u32;
         for (address, versions) in unsaved {
@@ -786,9 +788,11 @@ impl Dispatcher {
                 {
                     tracing::warn!(error = %e, %address, "work: storing done versions failed; retrying");
                     self.unsaved(&address, chunk.iter().copied());
+                    stored = false;
                 }
             }
         }
+        stored
     }
 
     /// Run every second or so: messages held past the ack timeout wait again (their holders'

@@ -31,8 +31,10 @@ use tokio::net::TcpListener;
 
 /// How long a stopping node waits for its background tasks to return.
 const TASKS_GRACE: Duration = Duration::from_secs(10);
-/// Tries of the last flush of acks and done work messages (waiting 0.1, 0.2, 0.4 … s between).
+/// Tries of the last flush of acks and done work messages (waiting 0.1, 0.2, 0.4 … s between),
+/// all within `FINAL_FLUSH_WITHIN`.
 const FINAL_FLUSH_TRIES: u32 = 5;
+const FINAL_FLUSH_WITHIN: Duration = Duration::from_secs(5);
 
 /// Startup failures.
 #[derive(Debug, thiserror::Error)]
@@ -317,20 +319,25 @@ impl Node {
                 "some tasks did not stop within {TASKS_GRACE:?}"
             );
         }
-        // The last writes, tried again while the store blips: acks and done work messages
-        // were acknowledged to clients.
-        let mut wait = Duration::from_millis(100);
-        for attempt in 1..=FINAL_FLUSH_TRIES {
-            let (acks, work) = (gw.acks.flush().await, gw.work.flush().await);
-            if acks && work {
-                break;
-            }
-            if attempt == FINAL_FLUSH_TRIES {
-                tracing::error!("acks or done work messages could not be stored before stopping");
-            } else {
+        // The last writes, tried again while the store blips (acks and done work messages
+        // were acknowledged to clients), but not for longer than FINAL_FLUSH_WITHIN: a store
+        // that is down must not hold the stop.
+        let last_flush = async {
+            let mut wait = Duration::from_millis(100);
+            for _ in 1..FINAL_FLUSH_TRIES {
+                if gw.acks.flush().await & gw.work.flush().await {
+                    return true;
+                }
                 tokio::time::sleep(wait).await;
                 wait *= 2;
             }
+            gw.acks.flush().await & gw.work.flush().await
+        };
+        if !tokio::time::timeout(FINAL_FLUSH_WITHIN, last_flush)
+            .await
+            .unwrap_or(false)
+        {
+            tracing::error!("acks or done work messages could not be stored before stopping");
         }
         tracing::info!("drained");
         Ok(())

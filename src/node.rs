@@ -324,14 +324,16 @@ impl Node {
         // that is down must not hold the stop.
         let last_flush = async {
             let mut wait = Duration::from_millis(100);
-            for _ in 1..FINAL_FLUSH_TRIES {
+            for attempt in 1..=FINAL_FLUSH_TRIES {
                 if gw.acks.flush().await & gw.work.flush().await {
                     return true;
                 }
-                tokio::time::sleep(wait).await;
-                wait *= 2;
+                if attempt < FINAL_FLUSH_TRIES {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
             }
-            gw.acks.flush().await & gw.work.flush().await
+            false
         };
         if !tokio::time::timeout(FINAL_FLUSH_WITHIN, last_flush)
             .await

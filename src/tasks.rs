@@ -41,7 +41,7 @@ impl Tasks {
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.spawn(Self::ticking(every, tick, CancellationToken::new()));
+        self.spawn(Self::ticking(every, tick, self.cancel.clone()));
     }
 
     /// Like [`Tasks::every`], but a tick under way when the node stops runs to its end, and

@@ -5,11 +5,12 @@
 //! The consumer takes what is waiting, up to the batch size, validates each record with the same
 //! code as HTTP ([`super::parse`]) — a malformed record goes to `signals.deadletter` with the reason
 //! — applies the batch through the [`Processor`], and stores the offsets only after the effect is
-//! durable (librdkafka commits what is stored every [`COMMIT_EVERY_MS`]). If applying fails (the store is down) it retries the same batch with backoff and reads
-//! nothing more meanwhile (backpressure: the records wait in Kafka, not in memory). A record
-//! applied but not committed (a crash in between) is applied again after a restart or rebalance;
-//! that is harmless because appends are idempotent on message id (a record without an id gets the
-//! deterministic id `kafka-<topic>-<partition>-<offset>`) and bindings are idempotent.
+//! durable (librdkafka commits what is stored every [`COMMIT_EVERY_MS`]). If applying fails (the
+//! store is down) it retries the same batch with backoff and reads nothing more meanwhile
+//! (backpressure: the records wait in Kafka, not in memory). A record applied but not committed (a
+//! crash in between) is applied again after a restart or rebalance; that is harmless because
+//! appends are idempotent on message id (a record without an id gets the deterministic id
+//! `kafka-<topic>-<partition>-<offset>`) and bindings are idempotent.
 
 use super::parse::{self, Invalid, Limits};
 use super::{Command, IngestError, Outcome, Processor, Queue};

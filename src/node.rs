@@ -256,6 +256,10 @@ impl Node {
         spawn_work(&gw, &tasks);
         spawn_cleanup(&api, &tasks);
         spawn_gate_sweep(&gw, &tasks);
+        {
+            let deadlines = gw.gate.deadlines.clone();
+            tasks.spawn(async move { deadlines.run().await });
+        }
         if let Some(join) = join {
             join();
         }

@@ -62,6 +62,7 @@ pub fn service(
             tower::ServiceBuilder::new()
                 .map_response(IntoResponse::into_response)
                 .layer(crate::gateway::cors(&config.cors_origins))
+                .map_request(crate::gateway::detach_request)
                 .layer(sockets)
                 .service(tower::service_fn(|_: Request| async {
                     Ok::<_, Infallible>(
@@ -95,7 +96,6 @@ async fn edge_fn(State(edge): State<Arc<Edge>>, req: Request, next: Next) -> Res
         if let Some(refused) = crate::gateway::ws_origin_refusal(&edge.cors_origins, &req) {
             return refused;
         }
-        let req = crate::gateway::detach_request(req);
         let Ok(res) = edge.sockets.clone().oneshot(req).await;
         return res;
     }

@@ -119,6 +119,21 @@ pub struct Conn {
     memberships: tokio::sync::Mutex<HashSet<Address>>,
 }
 
+/// A connection's deadline is its token's expiry; past it, it is kicked ("token expired").
+impl super::deadlines::Due for Conn {
+    fn due_ms(&self) -> u64 {
+        self.expires_ms()
+    }
+
+    fn set_due_ms(&self, ms: u64) {
+        self.expires_ms.store(ms, Ordering::SeqCst);
+    }
+
+    fn expire(&self) {
+        self.kick("token expired");
+    }
+}
+
 /// Where a connection's packets go: its socket, and the ping's room in the socket's buffer.
 struct Outlet {
     socket: Option<SocketRef>,
@@ -215,11 +230,6 @@ impl Conn {
     /// When its token expires (ms since epoch; `u64::MAX` without one).
     pub fn expires_ms(&self) -> u64 {
         self.expires_ms.load(Ordering::SeqCst)
-    }
-
-    /// A `refresh` with a valid token for the same user moved the expiry.
-    pub fn refreshed(&self, expires_ms: u64) {
-        self.expires_ms.store(expires_ms, Ordering::SeqCst);
     }
 
     /// Whether one more event from the client is within its rate: `Ok`, or `Err(first)` when it
@@ -448,7 +458,7 @@ impl Conn {
             .map(|_| Asking(&self.asking))
     }
 
-    fn is_closed(&self) -> bool {
+    pub fn is_closed(&self) -> bool {
         self.lock().phase == Phase::Closed
     }
 

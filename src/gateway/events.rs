@@ -1,115 +1,120 @@
 //! The events a client sends (`ack`, `refresh`, `history`, `read`, `members`), each within the
-//! connection's event rate, and the end of a connection whose token expired.
+//! connection's event rate. (A token's end is [`super::deadlines`].)
 
 use super::Gateway;
 use super::conn::Conn;
 use crate::address::Address;
 use crate::routing::Subscriber;
 use serde_json::{Value, json};
-use socketioxide::extract::{AckSender, SocketRef, TryData};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+use std::sync::Arc;
 
-/// Registers the connection's event handlers.
+/// Registers the connection's event handler: one for all its events (a handler per event cost
+/// every idle connection a map of boxed handlers, ~340 bytes). Events the contract does not
+/// name are ignored, as Socket.IO does for events without a handler.
 pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
-    {
-        let (c, svc) = (conn.clone(), svc.clone());
-        s.on(
-            "ack",
-            async move |s: SocketRef, TryData(data): TryData<Value>| {
-                if let Err(first) = c.allow_event() {
-                    return refused(&s, &svc, first);
+    let (c, svc) = (conn.clone(), svc.clone());
+    s.on_fallback(
+        async move |s: SocketRef,
+                    Event(event): Event,
+                    TryData(data): TryData<Value>,
+                    ack: AckSender| {
+            let Some(kind) = Kind::of(&event) else { return };
+            if let Err(first) = c.allow_event() {
+                return refused(&s, &svc, first);
+            }
+            match kind {
+                Kind::Ack => on_ack(&s, &c, &svc, data.ok()).await,
+                Kind::Refresh => on_refresh(&c, &svc, data.ok(), ack),
+                Kind::Ask(kind) => {
+                    let answer = match c.ask() {
+                        Some(_one) => match kind {
+                            Ask::History => history(&c, &svc, data.ok()).await,
+                            Ask::Members => members(&c, &svc, data.ok()).await,
+                        }
+                        .unwrap_or_else(|e| json!({ "error": e })),
+                        None => json!({ "error": ONE_AT_A_TIME }),
+                    };
+                    let _ = ack.send(&answer);
                 }
-                match parse_ack(data.ok()) {
-                    // A work address's ack says one message is done.
-                    Ok((address, version))
-                        if address.kind() == crate::address::Kind::Work && c.receives(&address) =>
-                    {
-                        svc.metrics.acks.increment(1);
-                        if let Err(e) = svc.work.ack(&address, c.client(), version).await {
-                            error(&s, &e.to_string());
+                Kind::Read => {
+                    // A refusal comes as an `error` event, as for `ack`; an acknowledgement
+                    // callback (an extra) also gets the outcome.
+                    match read(&c, &svc, data.ok()).await {
+                        Ok(bytes) => {
+                            svc.metrics.reads.increment(1);
+                            let _ = ack.send(&json!({ "ok": true, "bytes": bytes }));
+                        }
+                        Err(e) => {
+                            error(&s, &e);
+                            let _ = ack.send(&json!({ "error": e }));
                         }
                     }
-                    Ok((address, version)) if c.receives(&address) => {
-                        svc.metrics.acks.increment(1);
-                        svc.acks.ack(c.client().clone(), address, version);
-                    }
-                    Ok((address, _)) => error(
-                        &s,
-                        &format!("ack for {address}, which this client does not receive"),
-                    ),
-                    Err(m) => error(&s, &m),
                 }
-            },
-        );
+            }
+        },
+    );
+}
+
+/// The events a client may send.
+#[derive(Clone, Copy)]
+enum Kind {
+    Ack,
+    Refresh,
+    Ask(Ask),
+    Read,
+}
+
+impl Kind {
+    fn of(event: &str) -> Option<Self> {
+        Some(match event {
+            "ack" => Kind::Ack,
+            "refresh" => Kind::Refresh,
+            "history" => Kind::Ask(Ask::History),
+            "members" => Kind::Ask(Ask::Members),
+            "read" => Kind::Read,
+            _ => return None,
+        })
     }
-    {
-        let (c, svc) = (conn.clone(), svc.clone());
-        s.on(
-            "refresh",
-            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
-                if let Err(first) = c.allow_event() {
-                    return refused(&s, &svc, first);
-                }
-                let token = data
-                    .ok()
-                    .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_owned));
-                let answer = match refresh(&c, &svc, token.as_deref()) {
-                    Ok(expires) => json!({ "ok": true, "expires": expires }),
-                    Err(reason) => {
-                        // The contract: a refresh with a bad token ends the connection.
-                        let _ = ack.send(&json!({ "error": reason }));
-                        c.kick(&format!("refresh refused: {reason}"));
-                        return;
-                    }
-                };
-                let _ = ack.send(&answer);
-            },
-        );
+}
+
+/// `ack`: stores a cursor, or says a work message is done.
+async fn on_ack(s: &SocketRef, c: &Conn, svc: &Gateway, data: Option<Value>) {
+    match parse_ack(data) {
+        // A work address's ack says one message is done.
+        Ok((address, version))
+            if address.kind() == crate::address::Kind::Work && c.receives(&address) =>
+        {
+            svc.metrics.acks.increment(1);
+            if let Err(e) = svc.work.ack(&address, c.client(), version).await {
+                error(s, &e.to_string());
+            }
+        }
+        Ok((address, version)) if c.receives(&address) => {
+            svc.metrics.acks.increment(1);
+            svc.acks.ack(c.client().clone(), address, version);
+        }
+        Ok((address, _)) => error(
+            s,
+            &format!("ack for {address}, which this client does not receive"),
+        ),
+        Err(m) => error(s, &m),
     }
-    for (event, kind) in [("history", Ask::History), ("members", Ask::Members)] {
-        let (c, svc) = (conn.clone(), svc.clone());
-        s.on(
-            event,
-            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
-                if let Err(first) = c.allow_event() {
-                    return refused(&s, &svc, first);
-                }
-                let answer = match c.ask() {
-                    Some(_one) => match kind {
-                        Ask::History => history(&c, &svc, data.ok()).await,
-                        Ask::Members => members(&c, &svc, data.ok()).await,
-                    }
-                    .unwrap_or_else(|e| json!({ "error": e })),
-                    None => json!({ "error": ONE_AT_A_TIME }),
-                };
-                let _ = ack.send(&answer);
-            },
-        );
-    }
-    {
-        let (c, svc) = (conn.clone(), svc.clone());
-        s.on(
-            "read",
-            async move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| {
-                if let Err(first) = c.allow_event() {
-                    return refused(&s, &svc, first);
-                }
-                // A refusal comes as an `error` event, as for `ack`; an acknowledgement callback
-                // (an extra) also gets the outcome.
-                match read(&c, &svc, data.ok()).await {
-                    Ok(bytes) => {
-                        svc.metrics.reads.increment(1);
-                        let _ = ack.send(&json!({ "ok": true, "bytes": bytes }));
-                    }
-                    Err(e) => {
-                        error(&s, &e);
-                        let _ = ack.send(&json!({ "error": e }));
-                    }
-                }
-            },
-        );
-    }
+}
+
+/// `refresh`: a new token moves the connection's expiry; a bad one ends the connection.
+fn on_refresh(c: &Conn, svc: &Gateway, data: Option<Value>, ack: AckSender) {
+    let token = data.and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_owned));
+    let answer = match refresh(c, svc, token.as_deref()) {
+        Ok(expires) => json!({ "ok": true, "expires": expires }),
+        Err(reason) => {
+            // The contract: a refresh with a bad token ends the connection.
+            let _ = ack.send(&json!({ "error": reason }));
+            c.kick(&format!("refresh refused: {reason}"));
+            return;
+        }
+    };
+    let _ = ack.send(&answer);
 }
 
 /// The read requests a client sends with an acknowledgement callback, one at a time.
@@ -266,7 +271,7 @@ fn refresh(conn: &Conn, svc: &Gateway, token: Option<&str>) -> Result<u64, Strin
             user.id
         ));
     }
-    conn.refreshed(user.expires_ms);
+    svc.gate.deadlines.moved(conn, user.expires_ms);
     Ok(user.expires_ms)
 }
 
@@ -285,24 +290,6 @@ fn refused(s: &SocketRef, svc: &Gateway, first: bool) {
             ),
         );
     }
-}
-
-/// Ends the connection with `kicked` `{reason: "token expired"}` when its token expires without
-/// a `refresh` (one timer per connection with a token; it sleeps until the current expiry).
-pub fn expire_at_token_end(conn: &Arc<Conn>) {
-    let weak: Weak<Conn> = Arc::downgrade(conn);
-    tokio::spawn(async move {
-        loop {
-            let Some(c) = weak.upgrade() else { return };
-            let left = c.expires_ms().saturating_sub(crate::clock::now_ms());
-            if left == 0 {
-                c.kick("token expired");
-                return;
-            }
-            drop(c);
-            tokio::time::sleep(Duration::from_millis(left.min(24 * 3600 * 1000))).await;
-        }
-    });
 }
 
 pub fn parse_ack(data: Option<Value>) -> Result<(Address, u64), String> {

@@ -6,6 +6,7 @@
 
 pub mod acks;
 pub mod conn;
+pub mod deadlines;
 pub mod events;
 pub mod handshake;
 mod heartbeat;
@@ -51,18 +52,30 @@ pub fn build(svc: Arc<Gateway>) -> (socketioxide::layer::SocketIoLayer, SocketIo
     (layer, io)
 }
 
-/// Copies a Socket.IO request's URI and header values out of hyper's read buffer.
+/// The headers the Socket.IO engine reads from a request, past the CORS layer: the WebSocket
+/// key of an upgrade and the content type of a polling POST.
+const ENGINE_HEADERS: [axum::http::HeaderName; 2] = [
+    axum::http::header::SEC_WEBSOCKET_KEY,
+    axum::http::header::CONTENT_TYPE,
+];
+
+/// Copies out of hyper's read buffer the URI and the few headers the Socket.IO engine reads,
+/// and drops the rest (it runs after the CORS layer, which needs `Origin`).
 ///
 /// hyper parses headers as slices of its connection read buffer (16 KiB after the first read),
 /// and socketioxide keeps every socket's request parts for the socket's lifetime, so without
 /// this each idle connection pinned that whole buffer. Copying the few header bytes lets the
-/// buffer go once the connection is upgraded (measured: see docs/benchmarks.md, `idle`).
+/// buffer go once the connection is upgraded, and keeping only the engine's own headers saves
+/// what a browser sends besides (cookies, user agent, languages: often a kilobyte or more)
+/// (measured: see docs/benchmarks.md, `idle`).
 pub fn detach_request(req: axum::extract::Request) -> axum::extract::Request {
     let (mut parts, body) = req.into_parts();
-    let mut headers = axum::http::HeaderMap::with_capacity(parts.headers.len());
-    for (name, value) in &parts.headers {
-        if let Ok(v) = axum::http::HeaderValue::from_bytes(value.as_bytes()) {
-            headers.append(name.clone(), v);
+    let mut headers = axum::http::HeaderMap::with_capacity(ENGINE_HEADERS.len());
+    for name in ENGINE_HEADERS {
+        if let Some(v) = parts.headers.get(&name)
+            && let Ok(v) = axum::http::HeaderValue::from_bytes(v.as_bytes())
+        {
+            headers.insert(name, v);
         }
     }
     parts.headers = headers;
@@ -161,6 +174,8 @@ impl Slots {
 /// quotas) and the handshakes per client IP.
 pub struct Gate {
     pub registry: registry::Registry,
+    /// When the connections' client tokens expire (the node runs [`deadlines::Deadlines::run`]).
+    pub deadlines: Arc<deadlines::Deadlines<Conn>>,
     per_ip: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
 }
 
@@ -168,6 +183,7 @@ impl Gate {
     pub fn new(connects_per_ip: u32) -> Self {
         Self {
             registry: Default::default(),
+            deadlines: Default::default(),
             per_ip: std::num::NonZeroU32::new(connects_per_ip)
                 .map(|n| governor::RateLimiter::keyed(governor::Quota::per_second(n))),
         }
@@ -344,7 +360,11 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
         svc.work.join(&a, conn.clone(), Some(weight)).await;
     }
     if id.user.is_some() {
-        events::expire_at_token_end(&conn);
+        svc.gate.deadlines.watch(&conn);
+        if conn.is_closed() {
+            // Closed during the setup, and `cleanup` may have run before the entry was made.
+            svc.gate.deadlines.forget(&conn);
+        }
         if svc.config.limits.max_connections_per_user > 0 {
             tokio::spawn(quota::enforce(svc.clone(), conn.clone()));
         }
@@ -366,6 +386,7 @@ async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {
         conn.sync_presence(&presence).await;
     }
     svc.gate.registry.remove(conn);
+    svc.gate.deadlines.forget(conn);
     svc.metrics.connections.decrement(1.0);
     if let Err(e) = svc
         .presence

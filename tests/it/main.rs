@@ -362,6 +362,135 @@ mod cassandra_mailbox {
         }
     }
 
+    /// Two writers, each with three appends in flight at once (the Kafka consumer's pipeline),
+    /// most of them of vouched-for new ids (no lookup, so they overlap), some with ids both
+    /// writers send; each writer takes the shards back when fenced. An append either fails (fenced,
+    /// or behind one that failed) or is exactly what the mailbox holds; versions stay gap-free
+    /// and unique; every message is there once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn overlapping_appends_of_two_writers() {
+        const TASKS: usize = 3;
+        const BATCHES: usize = 6;
+        const PER_BATCH: usize = 20;
+        let scope = settings(0).scope;
+        let nodes = [
+            mailbox_in(&scope, 60_000).await,
+            mailbox_in(&scope, 60_000).await,
+        ];
+        let addrs: Vec<_> = (0..3)
+            .map(|i| fresh_address("channel", &format!("ov{i}")))
+            .collect();
+        let mut shards: Vec<u32> = addrs.iter().map(|a| a.partition(SHARDS)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        // Messages both writers send have the same id; the others are each writer's own.
+        let id = |n: usize, t: usize, b: usize, i: usize| {
+            if b.is_multiple_of(3) && i.is_multiple_of(4) {
+                (format!("s{t}-{b}-{i}"), false)
+            } else {
+                (format!("n{n}-{t}-{b}-{i}"), true)
+            }
+        };
+        let mut tasks = Vec::new();
+        for (n, m) in nodes.iter().enumerate() {
+            m.claim(&shards).await.expect("claim");
+            let generation = Arc::new(tokio::sync::Mutex::new(0u64));
+            for t in 0..TASKS {
+                let (m, addrs, shards) = (m.clone(), addrs.clone(), shards.clone());
+                let generation = generation.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (mut got, mut failed) = (Vec::new(), 0);
+                    for b in 0..BATCHES {
+                        let mut batch: Vec<_> = (0..PER_BATCH)
+                            .map(|i| {
+                                let (id, minted) = id(n, t, b, i);
+                                let mut x = msg(&addrs[i % addrs.len()], &id);
+                                x.new_id = minted;
+                                x
+                            })
+                            .collect();
+                        loop {
+                            let seen = *generation.lock().await;
+                            match m.append(batch.clone()).await {
+                                Ok(out) => {
+                                    got.extend(out.into_iter().map(|a| {
+                                        let x = &a.message;
+                                        (x.address.clone(), x.version, x.id.clone())
+                                    }));
+                                    break;
+                                }
+                                Err(e) => {
+                                    failed += 1;
+                                    assert!(failed < 5_000, "append keeps failing: {e}");
+                                    if let MailboxError::Fenced(_) = e {
+                                        // The writer takes the shards back once per fence (as
+                                        // its consumer does on a rebalance), not once per task.
+                                        let mut g = generation.lock().await;
+                                        if *g == seen {
+                                            m.claim(&shards).await.expect("claim");
+                                            *g += 1;
+                                        }
+                                    } else {
+                                        assert!(matches!(e, MailboxError::Unavailable(_)), "{e}");
+                                        tokio::time::sleep(std::time::Duration::from_millis(20))
+                                            .await;
+                                    }
+                                    // A retry is not a first delivery.
+                                    for x in &mut batch {
+                                        x.new_id = false;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    (got, failed)
+                }));
+            }
+        }
+        let mut by_version = std::collections::HashMap::new();
+        let mut failed = 0;
+        for t in tasks {
+            let (got, f) = t.await.unwrap();
+            failed += f;
+            for (a, v, id) in got {
+                if let Some(prev) = by_version.insert((a.clone(), v), id.clone()) {
+                    assert_eq!(prev, id, "{a} version {v} given to two messages");
+                }
+            }
+        }
+        eprintln!("overlapping appends: {failed} failed and retried");
+        let reader = mailbox(60_000).await;
+        for a in &addrs {
+            let page = reader.read(a, 0, 10_000).await.unwrap();
+            let versions: Vec<u64> = page.messages.iter().map(|m| m.version).collect();
+            assert_eq!(
+                versions,
+                (1..=page.head.head).collect::<Vec<_>>(),
+                "gap-free"
+            );
+            for m in &page.messages {
+                if let Some(id) = by_version.get(&(a.clone(), m.version)) {
+                    assert_eq!(id, &m.id, "{a} v{} is what the append answered", m.version);
+                }
+            }
+            let mut ids: Vec<_> = page.messages.iter().map(|m| m.id.to_string()).collect();
+            let n = ids.len();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), n, "every id appended once to {a}");
+            let sent: std::collections::HashSet<String> = (0..2)
+                .flat_map(|n| (0..TASKS).map(move |t| (n, t)))
+                .flat_map(|(n, t)| (0..BATCHES).map(move |b| (n, t, b)))
+                .flat_map(|(n, t, b)| (0..PER_BATCH).map(move |i| (n, t, b, i)))
+                .filter(|&(_, _, _, i)| &addrs[i % addrs.len()] == a)
+                .map(|(n, t, b, i)| id(n, t, b, i).0)
+                .collect();
+            let stored: std::collections::HashSet<String> = ids.into_iter().collect();
+            assert_eq!(stored, sent, "every message sent to {a} is there, once");
+        }
+    }
+
     /// A zombie writer (its shard claimed by another since) is fenced: its append fails, nothing
     /// of it becomes visible, it stays fenced until released, and once released it claims the
     /// shard back and continues after the other writer's messages.

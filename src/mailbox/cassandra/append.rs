@@ -1,18 +1,32 @@
 //! Appending to the Cassandra mailbox under the per-shard fence.
 //!
-//! One `append` call at a time holds the writer state (claims and known heads):
+//! An append has two parts. Under the writer lock (claims and known heads), briefly:
 //! 1. every shard the batch touches is claimed, unless this writer already holds it;
 //! 2. per address (concurrently): the head is known, or adopted (the highest-epoch mark, plus
 //!    any rows written past it by an earlier writer, copied into this epoch); ids already
-//!    appended are answered as duplicates; the rest get the next versions and are written —
-//!    message rows and id candidates — as one unlogged batch;
-//! 3. one SERIAL read of the fences: if another writer claimed one of the shards meanwhile,
+//!    appended are answered as duplicates; the rest get the next versions, and the head this
+//!    writer knows moves past them at once, so the next append can reserve its own;
+//!    the append takes its turn, behind the one before.
+//!
+//! Then, outside the lock and beside the appends before and after it:
+//! 3. the message rows and id candidates are written, one unlogged batch per address;
+//! 4. one SERIAL read of the fences: if another writer claimed one of the shards meanwhile,
 //!    the append fails with [`MailboxError::Fenced`] and nothing of it becomes visible;
-//! 4. the head marks move, and only then does `append` answer.
+//! 5. it waits for the turn before it to end, and fails if that one failed (its versions
+//!    follow that one's);
+//! 6. the head marks move, and only then does `append` answer and end its turn.
+//!
+//! So the marks move in the order versions were reserved, while the rows and the fence reads of
+//! consecutive appends overlap. A failed append records what it leaves unknown ([`Failed`]);
+//! the next append to take the lock waits until every append in flight has ended, then forgets
+//! the heads and claims concerned ([`Inner::settle`]) — an append in flight never races one
+//! that reserves versions afresh. A batch with ids that must be looked up waits the same way, so
+//! the lookup sees every earlier row.
 
 use super::{ADDRESS_CONCURRENCY, CACHE_MAX, Entry, Inner, st, unavailable};
 use crate::address::{Address, MessageId};
 use crate::mailbox::{Appended, MailboxError, Message, NewMessage, now_ms};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use scylla::serialize::SerializationError;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
@@ -21,6 +35,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use tokio::sync::oneshot;
 
 /// Messages (each a message row and an id candidate) in one unlogged batch, and their payload
 /// bytes (Cassandra refuses batches over `batch_size_fail_threshold`, 1 MiB here).
@@ -41,14 +56,21 @@ struct Claim {
     trust_new_ids: bool,
 }
 
+/// The end of an append's turn: true when the append was made visible. It resolves only after
+/// the turn before it has, so the last one's end means that no append is in flight.
+type Turn = Shared<BoxFuture<'static, bool>>;
+
 /// What the writer holds between appends.
 #[derive(Default)]
 pub(super) struct WriterState {
     claims: HashMap<u32, Claim>,
     /// Shards another writer claimed from this one: refused until released.
     fenced: HashSet<u32>,
-    /// Address → its head, as marked by this writer under its current claim.
+    /// Address → its head, as reserved by this writer under its current claim (marked, or
+    /// being marked by an append in flight).
     heads: HashMap<Address, u64>,
+    /// The turn of the last append that reserved versions.
+    tail: Option<Turn>,
 }
 
 impl WriterState {
@@ -61,6 +83,47 @@ impl WriterState {
                 c.trust_new_ids = false;
             }
         }
+    }
+
+    /// Whether an append may still be writing.
+    fn in_flight(&self) -> bool {
+        self.tail.as_ref().is_some_and(|t| t.peek().is_none())
+    }
+}
+
+/// What appends that failed outside the writer lock leave for the next one to settle.
+#[derive(Default)]
+pub(super) struct Failed {
+    /// Shards whose appends' outcome is unknown.
+    unknown: HashSet<u32>,
+    /// Shards another writer claimed.
+    lost: HashSet<u32>,
+}
+
+impl Failed {
+    fn is_empty(&self) -> bool {
+        self.unknown.is_empty() && self.lost.is_empty()
+    }
+}
+
+/// One address's part of an append, reserved under the writer lock.
+struct Reserved {
+    address: Address,
+    /// The head as marked before this append (what needs no new mark).
+    marked: u64,
+    /// The head before this append's new messages (after adopting, if any).
+    base: u64,
+    /// The new messages, to take the versions after `base`, and their slots.
+    fresh: Vec<Pending>,
+    /// The new messages' time stamp (ms since the epoch).
+    ts: u64,
+    /// The answers: duplicates, and the new messages as they will be stored.
+    out: Vec<(usize, Appended)>,
+}
+
+impl Reserved {
+    fn head(&self) -> u64 {
+        self.base + self.fresh.len() as u64
     }
 }
 
@@ -103,15 +166,15 @@ struct Pending {
     slots: Vec<usize>,
 }
 
-/// What step 2 did for one address.
-struct Written {
+/// What step 2 found for one address.
+struct Found {
     address: Address,
-    /// The head as marked before this append (what needs no new mark).
     marked: u64,
-    /// The head after this append.
     head: u64,
     /// Whether rows of an earlier writer were adopted.
     adopted: bool,
+    fresh: Vec<Pending>,
+    ts: u64,
     out: Vec<(usize, Appended)>,
 }
 
@@ -124,8 +187,18 @@ impl Inner {
             return Ok(Vec::new());
         }
         let n = batch.len();
+        let lookups = batch.iter().any(|m| !m.new_id);
         let groups = group(batch);
+
         let mut state = self.writer.lock().await;
+        let failed = !self.failed().is_empty();
+        let crowded = state.heads.len() + groups.len() > CACHE_MAX;
+        if failed || crowded || (lookups && state.in_flight()) {
+            self.settle(&mut state).await;
+            if crowded {
+                state.heads.clear();
+            }
+        }
 
         // 1. Claims.
         let mut claims: HashMap<u32, Claim> = HashMap::new();
@@ -156,83 +229,65 @@ impl Inner {
         }
         let epochs: HashMap<u32, i64> = claims.iter().map(|(s, c)| (*s, c.epoch)).collect();
 
-        // 2. Rows.
-        let writes: Vec<_> = groups
+        // 2. Versions.
+        let finds: Vec<_> = groups
             .into_iter()
             .map(|(address, items)| {
                 let known = state.heads.get(&address).copied();
                 let claim = claims[&self.shard(&address)];
-                self.write_address(address, items, known, claim)
+                self.find(address, items, known, claim)
             })
             .collect();
-        let written: Vec<Result<Written, MailboxError>> = stream::iter(writes)
+        let found: Vec<Result<Found, MailboxError>> = stream::iter(finds)
             .buffer_unordered(ADDRESS_CONCURRENCY)
             .collect()
             .await;
-        let written = match written.into_iter().collect::<Result<Vec<_>, _>>() {
-            Ok(w) => w,
+        let found = match found.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(f) => f,
             Err(e) => {
-                state.unknown_outcome(epochs.keys());
+                // Nothing was reserved, but adopting may have copied rows: the heads are learnt
+                // again once the appends in flight have ended.
+                self.failed().unknown.extend(epochs.keys().copied());
                 return Err(e);
             }
         };
-
-        // Adopting an earlier writer's rows ends the trust in vouched ids for the shard: those
-        // rows may be records that are delivered again, vouched for, later.
-        for w in written.iter().filter(|w| w.adopted) {
-            if let Some(c) = state.claims.get_mut(&self.shard(&w.address)) {
+        let mut reserved = Vec::with_capacity(found.len());
+        for f in found {
+            // Adopting an earlier writer's rows ends the trust in vouched ids for the shard:
+            // those rows may be records that are delivered again, vouched for, later.
+            if f.adopted
+                && let Some(c) = state.claims.get_mut(&self.shard(&f.address))
+            {
                 c.trust_new_ids = false;
             }
+            let r = Reserved {
+                address: f.address,
+                marked: f.marked,
+                base: f.head,
+                fresh: f.fresh,
+                ts: f.ts,
+                out: f.out,
+            };
+            state.heads.insert(r.address.clone(), r.head());
+            reserved.push(r);
         }
+        let (end, before) = take_turn(&mut state);
+        drop(state);
 
-        // 3. The fence.
-        let current = self.fences.current().await?;
-        let lost: Vec<u32> = epochs
-            .iter()
-            .filter(|(s, e)| current.get(s) != Some(e))
-            .map(|(s, _)| *s)
-            .collect();
-        if !lost.is_empty() {
-            for s in &lost {
-                state.claims.remove(s);
-                state.fenced.insert(*s);
+        match self.commit(&reserved, &epochs, before).await {
+            Ok(()) => {
+                let _ = end.send(true);
             }
-            state.heads.retain(|a, _| !lost.contains(&self.shard(a)));
-            tracing::warn!(shards = ?lost, "fenced: another writer claimed these shards");
-            return Err(MailboxError::Fenced(format!(
-                "another writer claimed shard(s) {lost:?} of the enqueue topic; this batch was \
-                 not made visible"
-            )));
-        }
-
-        // 4. Heads.
-        let marks: Vec<_> = written
-            .iter()
-            .filter(|w| w.head != w.marked)
-            .map(|w| {
-                let epoch = epochs[&self.shard(&w.address)];
-                self.session.execute_unpaged(
-                    &self.st.set_mark,
-                    (w.address.as_str(), epoch, w.head as i64, w.head as i64),
-                )
-            })
-            .collect();
-        let marked = stream::iter(marks)
-            .buffer_unordered(ADDRESS_CONCURRENCY)
-            .map_err(unavailable)
-            .try_for_each(|_| async { Ok(()) })
-            .await;
-        if let Err(e) = marked {
-            state.unknown_outcome(epochs.keys());
-            return Err(e);
-        }
-        if state.heads.len() + written.len() > CACHE_MAX {
-            state.heads.clear();
+            Err(e) => {
+                // (A fenced append has also recorded the shards it lost.)
+                self.failed().unknown.extend(epochs.keys().copied());
+                let _ = end.send(false);
+                return Err(e);
+            }
         }
         let mut out: Vec<Option<Appended>> = (0..n).map(|_| None).collect();
-        for w in written {
-            state.heads.insert(w.address, w.head);
-            for (slot, a) in w.out {
+        for r in reserved {
+            for (slot, a) in r.out {
                 out[slot] = Some(a);
             }
         }
@@ -241,16 +296,119 @@ impl Inner {
             .collect()
     }
 
-    /// Step 2 for one address: learn the head, answer duplicates, write the new rows.
-    async fn write_address(
+    /// Steps 3 to 6 of an append whose versions are reserved: rows, fence, the turn before,
+    /// marks. Fills in the answers of the new messages.
+    async fn commit(
+        &self,
+        reserved: &[Reserved],
+        epochs: &HashMap<u32, i64>,
+        before: Option<Turn>,
+    ) -> Result<(), MailboxError> {
+        let writes: Vec<_> = reserved
+            .iter()
+            .filter(|r| !r.fresh.is_empty())
+            .map(|r| async move {
+                let rows: Vec<NewRow<'_>> = r
+                    .fresh
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| NewRow {
+                        version: r.base + 1 + i as u64,
+                        id: p.msg.id.as_str(),
+                        payload: p.msg.payload.get(),
+                        ts: r.ts as i64,
+                    })
+                    .collect();
+                self.write_rows(&r.address, &rows, epochs[&self.shard(&r.address)])
+                    .await
+            })
+            .collect();
+        stream::iter(writes)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+
+        // 4. The fence.
+        let current = self.fences.current().await?;
+        let lost: Vec<u32> = epochs
+            .iter()
+            .filter(|(s, e)| current.get(s) != Some(e))
+            .map(|(s, _)| *s)
+            .collect();
+        if !lost.is_empty() {
+            self.failed().lost.extend(lost.iter().copied());
+            tracing::warn!(shards = ?lost, "fenced: another writer claimed these shards");
+            return Err(MailboxError::Fenced(format!(
+                "another writer claimed shard(s) {lost:?} of the enqueue topic; this batch was \
+                 not made visible"
+            )));
+        }
+
+        // 5. The turn before.
+        if let Some(before) = before
+            && !before.await
+        {
+            return Err(MailboxError::Unavailable(
+                "an earlier append of this writer failed, and this one's versions follow it: \
+                 not made visible (its outcome is unknown; appending it again is safe)"
+                    .into(),
+            ));
+        }
+
+        // 6. Heads.
+        let marks: Vec<_> = reserved
+            .iter()
+            .filter(|r| r.head() != r.marked)
+            .map(|r| {
+                let epoch = epochs[&self.shard(&r.address)];
+                let head = r.head() as i64;
+                self.session
+                    .execute_unpaged(&self.st.set_mark, (r.address.as_str(), epoch, head, head))
+            })
+            .collect();
+        stream::iter(marks)
+            .buffer_unordered(ADDRESS_CONCURRENCY)
+            .map_err(unavailable)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+    }
+
+    /// Waits (holding the writer lock, so that no append starts) until no append is in flight,
+    /// then forgets what failed appends left unknown: the heads, the trust in vouched ids of
+    /// their shards, and the claims other writers took.
+    async fn settle(&self, state: &mut WriterState) {
+        if let Some(tail) = state.tail.take() {
+            tail.await;
+        }
+        let failed = std::mem::take(&mut *self.failed());
+        if !failed.unknown.is_empty() {
+            state.unknown_outcome(failed.unknown.iter());
+        }
+        if !failed.lost.is_empty() {
+            for s in &failed.lost {
+                state.claims.remove(s);
+                state.fenced.insert(*s);
+            }
+            state
+                .heads
+                .retain(|a, _| !failed.lost.contains(&self.shard(a)));
+        }
+    }
+
+    fn failed(&self) -> std::sync::MutexGuard<'_, Failed> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Step 2 for one address: learn the head, answer duplicates, keep the new messages.
+    async fn find(
         &self,
         address: Address,
         items: Vec<(usize, NewMessage)>,
         known: Option<u64>,
         claim: Claim,
-    ) -> Result<Written, MailboxError> {
+    ) -> Result<Found, MailboxError> {
         let epoch = claim.epoch;
-        let (marked, mut head) = match known {
+        let (marked, head) = match known {
             Some(h) => (h, h),
             None => self.adopt(&address, epoch).await?,
         };
@@ -272,17 +430,6 @@ impl Inner {
             }
         }
         let mut out = Vec::with_capacity(total);
-        let push = |out: &mut Vec<(usize, Appended)>, slots: &[usize], m: &Arc<Message>, dup| {
-            for (k, &slot) in slots.iter().enumerate() {
-                out.push((
-                    slot,
-                    Appended {
-                        message: m.clone(),
-                        duplicate: dup || k > 0,
-                    },
-                ));
-            }
-        };
         let trust = claim.trust_new_ids && !adopted;
         let ids: Vec<&str> = pending
             .iter()
@@ -293,24 +440,14 @@ impl Inner {
         if !found.is_empty() {
             pending.retain(|p| match found.get(p.msg.id.as_str()) {
                 Some(m) => {
-                    push(&mut out, &p.slots, m, true);
+                    answer(&mut out, &p.slots, m, true);
                     false
                 }
                 None => true,
             });
         }
+        // The new messages' answers, with the versions they will have.
         let now = crate::clock::stamp_ms();
-        let rows: Vec<NewRow<'_>> = pending
-            .iter()
-            .enumerate()
-            .map(|(i, p)| NewRow {
-                version: head + 1 + i as u64,
-                id: p.msg.id.as_str(),
-                payload: p.msg.payload.get(),
-                ts: now as i64,
-            })
-            .collect();
-        self.write_rows(&address, &rows, epoch).await?;
         for (i, p) in pending.iter().enumerate() {
             let m = Arc::new(Message::new(
                 address.clone(),
@@ -319,14 +456,15 @@ impl Inner {
                 now,
                 &p.msg.payload,
             ));
-            push(&mut out, &p.slots, &m, false);
+            answer(&mut out, &p.slots, &m, false);
         }
-        head += pending.len() as u64;
-        Ok(Written {
+        Ok(Found {
             address,
             marked,
             head,
             adopted,
+            fresh: pending,
+            ts: now,
             out,
         })
     }
@@ -530,6 +668,7 @@ impl Inner {
     /// Claims `shards` anew (see [`crate::mailbox::Mailbox::claim`]).
     pub(super) async fn claim(&self, shards: &[u32]) -> Result<(), MailboxError> {
         let mut state = self.writer.lock().await;
+        self.settle(&mut state).await;
         for s in shards {
             state.claims.remove(s);
             state.fenced.remove(s);
@@ -594,6 +733,37 @@ impl Inner {
             .await?;
         Ok(n)
     }
+}
+
+/// Answers `slots` with `m` (all but the first a duplicate of it).
+fn answer(out: &mut Vec<(usize, Appended)>, slots: &[usize], m: &Arc<Message>, dup: bool) {
+    for (k, &slot) in slots.iter().enumerate() {
+        out.push((
+            slot,
+            Appended {
+                message: m.clone(),
+                duplicate: dup || k > 0,
+            },
+        ));
+    }
+}
+
+/// Takes the next turn: its end (to send) and the turn before it (to wait for).
+fn take_turn(state: &mut WriterState) -> (oneshot::Sender<bool>, Option<Turn>) {
+    let (end, ended) = oneshot::channel::<bool>();
+    let before = state.tail.take();
+    let chained = before.clone();
+    let turn: Turn = async move {
+        let earlier = match chained {
+            Some(t) => t.await,
+            None => true,
+        };
+        ended.await.unwrap_or(false) && earlier
+    }
+    .boxed()
+    .shared();
+    state.tail = Some(turn);
+    (end, before)
 }
 
 /// Groups a batch by address, in order of first appearance, keeping each message's position.

@@ -70,8 +70,10 @@ struct Inner {
     shards: u32,
     st: Statements,
     fences: fence::Fences,
-    /// The writer's claims and known heads; one append at a time holds it.
+    /// The writer's claims and known heads; an append holds it while it reserves versions.
     writer: tokio::sync::Mutex<append::WriterState>,
+    /// What failed appends left for the next one to settle.
+    failed: Mutex<append::Failed>,
     /// Per address: the lowest bucket that may still hold a live row (only ever grows).
     low_buckets: Mutex<HashMap<Address, u64>>,
 }
@@ -190,6 +192,7 @@ impl CassandraMailbox {
             st,
             fences,
             writer: Default::default(),
+            failed: Default::default(),
             low_buckets: Mutex::new(HashMap::new()),
         })))
     }

@@ -20,7 +20,13 @@ macro_rules! mailbox_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn gap_free() {
             let (_keep, m) = $make(60_000).await;
-            crate::contract::mailbox::gap_free(m).await;
+            crate::contract::mailbox::gap_free(m, false).await;
+        }
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn gap_free_minted() {
+            let (_keep, m) = $make(60_000).await;
+            crate::contract::mailbox::gap_free(m, true).await;
         }
         $(#[$attr])*
         #[tokio::test]

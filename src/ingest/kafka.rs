@@ -5,9 +5,11 @@
 //! The consumer takes what is waiting, up to the batch size, validates each record with the same
 //! code as HTTP ([`super::parse`]) — a malformed record goes to `signals.deadletter` with the reason
 //! — applies the batch through the [`Processor`], and stores the offsets only after the effect is
-//! durable (librdkafka commits what is stored every [`COMMIT_EVERY_MS`]). If applying fails (the
-//! store is down) it retries the same batch with backoff and reads nothing more meanwhile
-//! (backpressure: the records wait in Kafka, not in memory). A record applied but not committed (a
+//! durable (librdkafka commits what is stored every [`COMMIT_EVERY_MS`]). On the cluster mailbox
+//! up to [`IN_FLIGHT`] batches are under way at once, finished in order. If applying fails (the
+//! store is down) the batches behind it fail too, and it applies them again in order with
+//! backoff, reading nothing more meanwhile (backpressure: the records wait in Kafka, not in
+//! memory). A record applied but not committed (a
 //! crash in between) is applied again after a restart or rebalance; that is harmless because
 //! appends are idempotent on message id (a record without an id gets the deterministic id
 //! `kafka-<topic>-<partition>-<offset>`) and bindings are idempotent.
@@ -15,7 +17,8 @@
 use super::parse::{self, Invalid, Limits};
 use super::{Command, IngestError, Outcome, Processor, Queue};
 use crate::address::MessageId;
-use futures_util::FutureExt as _;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt as _, StreamExt as _};
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::TopicPartitionList;
@@ -486,6 +489,7 @@ impl KafkaQueue {
             producer: producer.clone(),
             settings: settings.clone(),
             processor,
+            run: Default::default(),
             waiters: waiters.clone(),
             never_commit: settings.never_commit,
             fresh_from: HashMap::new(),
@@ -679,6 +683,8 @@ struct Worker {
     producer: FutureProducer,
     settings: KafkaSettings,
     processor: Arc<Processor>,
+    /// The consumer's appends, kept in order while several batches are under way.
+    run: Arc<crate::mailbox::Run>,
     waiters: Arc<Waiters>,
     /// Test hook: apply batches but never commit (a consumer that dies before every commit).
     never_commit: bool,
@@ -689,6 +695,32 @@ struct Worker {
     /// `signalpost_kafka_wait_seconds`: from a record's produce (its create time) to the start
     /// of the batch that applies it — the time in Kafka and in the consumer's queue.
     wait_seconds: metrics::Histogram,
+}
+
+/// Batches the consumer has under way at once: the next batch's appends start while the one
+/// before is being made visible (the cluster mailbox keeps their order; see
+/// `src/mailbox/cassandra/append.rs`). They are finished — handed out, answered, their offsets
+/// stored — in order.
+const IN_FLIGHT: usize = 4;
+
+/// The batches under way, oldest first.
+type Flight = FuturesOrdered<std::pin::Pin<Box<dyn std::future::Future<Output = Launched> + Send>>>;
+
+/// A batch under way: its records, its commands, and what applying them durably did (`None`
+/// when it had no valid command).
+struct Launched {
+    batch: Vec<OwnedMessage>,
+    prepared: Prepared,
+    persisted: Option<super::Persisted>,
+}
+
+/// A batch's valid commands, with the ticket and origin of each and the record it came from.
+#[derive(Default)]
+struct Prepared {
+    commands: Vec<Command>,
+    tickets: Vec<(Option<String>, Option<String>)>,
+    /// The position in the batch of each command's record.
+    sources: Vec<usize>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -709,11 +741,43 @@ struct Parsed {
 
 impl Worker {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        // Only a store that keeps overlapping appends in order (the cluster mailbox) gets more
+        // than one batch at a time.
+        let depth = if self.settings.claims.is_some() {
+            IN_FLIGHT
+        } else {
+            1
+        };
+        let mut flight: Flight = FuturesOrdered::new();
+        // The last batch launched, until its versions are reserved: the next one waits for it,
+        // so that the run's appends reserve in order.
+        let mut begun: Option<oneshot::Receiver<()>> = None;
         loop {
+            let room = flight.len() < depth && begun.is_none();
             let first = tokio::select! {
-                m = self.consumer.recv() => m,
-                m = self.bindings.recv() => m,
+                biased;
                 _ = stopped.changed() => break,
+                Some(done) = flight.next(), if !flight.is_empty() => {
+                    let handled = self.finish(done, &mut flight, &stopped).await;
+                    if flight.is_empty() {
+                        begun = None;
+                    }
+                    match handled {
+                        Handled::Done => continue,
+                        Handled::Fenced => {
+                            begun = None;
+                            self.rejoin(&mut flight);
+                            continue;
+                        }
+                        Handled::Abandoned => return,
+                    }
+                }
+                _ = async { begun.as_mut().expect("checked").await }, if begun.is_some() => {
+                    begun = None;
+                    continue;
+                }
+                m = self.consumer.recv(), if room => m,
+                m = self.bindings.recv(), if room => m,
             };
             let first = match first {
                 Ok(m) => m.detach(),
@@ -726,7 +790,7 @@ impl Worker {
             // The batch is what is waiting now: no wait for more. (Waiting 1 ms for each next
             // record kept a batch open while a slow stream trickled in, and delayed its first
             // record by all of it: p50 at 1 000 msg/s 20 ms against 8 without the wait.) Under
-            // load batches still grow, with what arrives while the one before is applied.
+            // load batches still grow, with what arrives while the ones before are applied.
             let mut batch = vec![first];
             while batch.len() < self.settings.batch {
                 let next = async {
@@ -740,45 +804,101 @@ impl Worker {
                     _ => break,
                 }
             }
+            // Binding changes read heads, a claim resets the writer, and a node that is no
+            // member applies nothing: each waits until no batch is under way.
+            let bindings = batch
+                .iter()
+                .any(|m| m.topic() != self.settings.topics.enqueue);
+            if bindings || !self.is_member() || self.has_to_claim() {
+                match self.finish_all(&mut flight, &stopped).await {
+                    Handled::Done => {}
+                    Handled::Fenced => {
+                        drop(batch);
+                        self.rejoin(&mut flight);
+                        continue;
+                    }
+                    Handled::Abandoned => return,
+                }
+            }
             if !self.wait_until_member(&mut stopped).await {
                 return; // stopping while fenced: nothing applied, nothing committed
             }
             self.claim_assigned().await;
-            let handled = self.handle(&batch, &stopped).await;
-            if handled == Handled::Fenced {
-                // Another consumer owns some of these partitions now (this one missed the
-                // rebalance): drop the batch uncommitted, leave the group and join it again,
-                // so that it continues from the committed offsets of what it is given.
-                tracing::warn!("fenced by another writer: rejoining the consumer group");
-                drop(batch);
-                self.fresh_from.clear();
-                let assigned = self.consumer.context().assigned.clone();
-                {
-                    // Nothing is ours until the group assigns it again.
-                    let mut a = assigned.lock().unwrap_or_else(|p| p.into_inner());
-                    a.owned.clear();
-                    a.to_claim.clear();
+            let prepared = self.prepare(&batch).await;
+            let (processor, run) = (self.processor.clone(), self.run.clone());
+            let (told, told_rx) = oneshot::channel();
+            begun = Some(told_rx);
+            flight.push_back(Box::pin(async move {
+                let persisted = match prepared.commands.is_empty() {
+                    true => None,
+                    false => Some(
+                        processor
+                            .persist(prepared.commands.clone(), Some((&run, told)))
+                            .await,
+                    ),
+                };
+                Launched {
+                    batch,
+                    prepared,
+                    persisted,
                 }
-                self.settings.owned.set(self.settings.partitions, &[]);
-                match subscribe(&self.settings, assigned, Feed::Enqueue) {
-                    Ok(c) => self.consumer = c,
-                    Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),
-                }
-                continue;
-            }
-            if handled == Handled::Abandoned {
-                // Stopping with a batch not applied: commit nothing, it is applied again later.
-                return;
-            }
-            if self.never_commit {
-                continue;
-            }
-            self.store_offsets(&batch);
+            }));
         }
-        if !self.never_commit {
+        // Stopping: what is under way is finished (delivered and its offsets stored), then the
+        // offsets are committed.
+        if self.finish_all(&mut flight, &stopped).await == Handled::Done && !self.never_commit {
             let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
             let _ = self.bindings.commit_consumer_state(CommitMode::Sync);
         }
+    }
+
+    /// Another consumer owns some of these partitions now (this one missed the rebalance): drop
+    /// what is under way uncommitted, leave the group and join it again, so that it continues
+    /// from the committed offsets of what it is given.
+    fn rejoin(&mut self, flight: &mut Flight) {
+        tracing::warn!("fenced by another writer: rejoining the consumer group");
+        *flight = FuturesOrdered::new();
+        self.fresh_from.clear();
+        let assigned = self.consumer.context().assigned.clone();
+        {
+            // Nothing is ours until the group assigns it again.
+            let mut a = assigned.lock().unwrap_or_else(|p| p.into_inner());
+            a.owned.clear();
+            a.to_claim.clear();
+        }
+        self.settings.owned.set(self.settings.partitions, &[]);
+        match subscribe(&self.settings, assigned, Feed::Enqueue) {
+            Ok(c) => self.consumer = c,
+            Err(e) => tracing::error!(error = %e, "could not rejoin the consumer group"),
+        }
+    }
+
+    /// Finishes every batch under way, in order.
+    async fn finish_all(&self, flight: &mut Flight, stopped: &watch::Receiver<bool>) -> Handled {
+        while let Some(done) = flight.next().await {
+            let h = self.finish(done, flight, stopped).await;
+            if h != Handled::Done {
+                return h;
+            }
+        }
+        Handled::Done
+    }
+
+    /// Whether the node is a cluster member now (always, without membership).
+    fn is_member(&self) -> bool {
+        self.settings.member.as_ref().is_none_or(|m| *m.borrow())
+    }
+
+    /// Whether a rebalance gave partitions whose shards are not claimed yet.
+    fn has_to_claim(&self) -> bool {
+        !self
+            .consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_claim
+            .is_empty()
     }
 
     /// Waits while the node is fenced (not a cluster member); false if the queue stops meanwhile.
@@ -910,8 +1030,9 @@ impl Worker {
         (node != self.settings.node).then_some(node)
     }
 
-    /// Applies a batch until it is durable (or the queue is stopped, or this consumer is fenced).
-    async fn handle(&self, batch: &[OwnedMessage], stopped: &watch::Receiver<bool>) -> Handled {
+    /// Turns a batch into commands: records the time its records waited, and dead-letters
+    /// those that are not valid.
+    async fn prepare(&self, batch: &[OwnedMessage]) -> Prepared {
         let now = crate::clock::now_ms() as i64;
         for m in batch {
             if let Some(created) = m.timestamp().to_millis() {
@@ -920,62 +1041,139 @@ impl Worker {
             }
         }
         let parsed: Vec<Parsed> = batch.iter().map(|m| self.parse(m)).collect();
-        for (m, p) in batch.iter().zip(&parsed) {
-            if let Err(reason) = &p.command {
-                self.dead_letter(m, &reason.to_string()).await;
+        let mut prepared = Prepared::default();
+        for (i, (m, p)) in batch.iter().zip(parsed).enumerate() {
+            match p.command {
+                Ok(c) => {
+                    prepared.commands.push(c);
+                    prepared.tickets.push((p.ticket, p.origin));
+                    prepared.sources.push(i);
+                }
+                Err(reason) => self.dead_letter(m, &reason.to_string()).await,
             }
         }
-        let mut commands = Vec::new();
-        let mut tickets = Vec::new();
-        let mut sources = Vec::new();
-        for (m, p) in batch.iter().zip(&parsed) {
-            if let Ok(c) = &p.command {
-                commands.push(c.clone());
-                tickets.push((p.ticket.clone(), p.origin.clone()));
-                sources.push(m);
+        prepared
+    }
+
+    /// Finishes the oldest batch under way: hands its messages out, dead-letters what was
+    /// refused, answers whoever waits, and stores its offsets. A batch that failed is applied
+    /// again alone, with backoff, until it is durable (or the queue stops, or this consumer
+    /// is fenced); so are the ones under way behind it, in order.
+    async fn finish(
+        &self,
+        done: Launched,
+        flight: &mut Flight,
+        stopped: &watch::Receiver<bool>,
+    ) -> Handled {
+        let Launched {
+            batch,
+            prepared,
+            persisted,
+        } = done;
+        let results = match persisted {
+            None => Vec::new(),
+            Some(p) if p.results().iter().all(Result::is_ok) => self.processor.deliver(p),
+            Some(p) => {
+                if p.results()
+                    .iter()
+                    .any(|r| matches!(r, Err(IngestError::Fenced(_))))
+                {
+                    return Handled::Fenced;
+                }
+                if let Some(Err(e)) = p.results().iter().find(|r| r.is_err()) {
+                    tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
+                }
+                // The batches under way behind it failed too, or were refused (the run had
+                // failed): once all have ended, the run restarts and each is applied again,
+                // in order.
+                let behind: Vec<Launched> = flight.collect().await;
+                self.run.restart();
+                let mut again = vec![(batch, prepared, None)];
+                again.extend(
+                    behind
+                        .into_iter()
+                        .map(|l| (l.batch, l.prepared, l.persisted)),
+                );
+                for (batch, prepared, persisted) in again {
+                    let results = match persisted {
+                        Some(p) if p.results().iter().all(Result::is_ok) => {
+                            self.processor.deliver(p)
+                        }
+                        _ => match self.retry(&prepared.commands, stopped).await {
+                            Ok(r) => r,
+                            Err(h) => return h,
+                        },
+                    };
+                    self.conclude(&batch, &prepared, &results).await;
+                }
+                return Handled::Done;
             }
-        }
-        if commands.is_empty() {
-            return Handled::Done;
+        };
+        self.conclude(&batch, &prepared, &results).await;
+        Handled::Done
+    }
+
+    /// Applies commands again until they are durable: `Err` when the queue stops meanwhile or
+    /// this consumer is fenced.
+    async fn retry(
+        &self,
+        commands: &[Command],
+        stopped: &watch::Receiver<bool>,
+    ) -> Result<Vec<Result<Outcome, IngestError>>, Handled> {
+        let mut commands = commands.to_vec();
+        // A retry is not a first delivery.
+        for c in &mut commands {
+            if let Command::Enqueue(m) = c {
+                m.new_id = false;
+            }
         }
         let mut backoff = Duration::from_millis(100);
         loop {
+            if commands.is_empty() {
+                return Ok(Vec::new());
+            }
             let results = self.processor.apply(commands.clone()).await;
-            // A retry is not a first delivery.
-            for c in &mut commands {
-                if let Command::Enqueue(m) = c {
-                    m.new_id = false;
+            let Some(Err(e)) = results.iter().find(|r| r.is_err()) else {
+                return Ok(results);
+            };
+            if matches!(e, IngestError::Fenced(_)) {
+                return Err(Handled::Fenced);
+            }
+            tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
+            if *stopped.borrow() {
+                return Err(Handled::Abandoned); // not committed: applied again after a restart
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The end of a batch applied: refused commands are dead-lettered, waiting publishers get
+    /// their outcome, and the offsets are stored.
+    async fn conclude(
+        &self,
+        batch: &[OwnedMessage],
+        prepared: &Prepared,
+        results: &[Result<Outcome, IngestError>],
+    ) {
+        for (&i, r) in prepared.sources.iter().zip(results) {
+            if let Ok(Outcome::Refused(reason)) = r {
+                self.dead_letter(&batch[i], reason).await;
+            }
+        }
+        for ((ticket, origin), r) in prepared.tickets.iter().zip(results) {
+            if let (Some(t), Ok(outcome)) = (ticket, r) {
+                // The node that waits, wherever it is.
+                let remote = origin
+                    .as_deref()
+                    .is_some_and(|o| self.processor.reply_elsewhere(o, t, &|| outcome.to_wire()));
+                if !remote {
+                    self.waiters.resolve(t, outcome);
                 }
             }
-            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-                if matches!(e, IngestError::Fenced(_)) {
-                    return Handled::Fenced;
-                }
-                tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
-                if *stopped.borrow() {
-                    return Handled::Abandoned; // not committed: applied again after a restart
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            for (m, r) in sources.iter().zip(&results) {
-                if let Ok(Outcome::Refused(reason)) = r {
-                    self.dead_letter(m, reason).await;
-                }
-            }
-            for ((ticket, origin), r) in tickets.iter().zip(&results) {
-                if let (Some(t), Ok(outcome)) = (ticket, r) {
-                    // The node that waits, wherever it is.
-                    let remote = origin.as_deref().is_some_and(|o| {
-                        self.processor.reply_elsewhere(o, t, &|| outcome.to_wire())
-                    });
-                    if !remote {
-                        self.waiters.resolve(t, outcome);
-                    }
-                }
-            }
-            return Handled::Done;
+        }
+        if !self.never_commit {
+            self.store_offsets(batch);
         }
     }
 

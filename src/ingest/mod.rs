@@ -13,7 +13,7 @@ pub mod parse;
 pub mod wire;
 
 use crate::address::{Address, ClientId};
-use crate::mailbox::{Appended, Mailbox, MailboxError, NewMessage};
+use crate::mailbox::{Appended, Mailbox, MailboxError, NewMessage, Run};
 use crate::metrics::Metrics;
 use crate::routing::{Fanout, Offered};
 use crate::topology::{Binding, Topology, TopologyError};
@@ -161,6 +161,19 @@ pub trait Queue: crate::routing::Replies {
     }
 }
 
+/// A batch applied durably, its new messages not yet handed out ([`Processor::persist`]).
+pub struct Persisted {
+    results: Vec<Result<Outcome, IngestError>>,
+    fresh: Vec<Arc<crate::mailbox::Message>>,
+}
+
+impl Persisted {
+    /// One result per command, in order.
+    pub fn results(&self) -> &[Result<Outcome, IngestError>] {
+        &self.results
+    }
+}
+
 /// Applies batches of commands: appends, then binding changes, then hands the appended messages
 /// and binding changes to each fan-out (the other nodes first, then this node's connections).
 pub struct Processor {
@@ -175,6 +188,21 @@ pub struct Processor {
 impl Processor {
     /// Applies a batch; one result per command, in order. Every `Ok` is durable.
     pub async fn apply(&self, commands: Vec<Command>) -> Vec<Result<Outcome, IngestError>> {
+        let persisted = self.persist(commands, None).await;
+        self.deliver(persisted)
+    }
+
+    /// The durable part of [`Processor::apply`]: appends the batch's messages, then applies its
+    /// binding changes (each handed to the fan-outs as it applies). [`Processor::deliver`] hands
+    /// the new messages out; a caller with several batches under way delivers them in order,
+    /// and appends them as one [`Run`] (`begun`: see [`Mailbox::append_in`]).
+    ///
+    /// [`Mailbox::append_in`]: crate::mailbox::Mailbox::append_in
+    pub async fn persist(
+        &self,
+        commands: Vec<Command>,
+        run: Option<(&Run, tokio::sync::oneshot::Sender<()>)>,
+    ) -> Persisted {
         let mut results: Vec<Option<Result<Outcome, IngestError>>> = vec![None; commands.len()];
         let mut appends = Vec::new();
         let mut slots = Vec::new();
@@ -192,7 +220,11 @@ impl Processor {
         if !appends.is_empty() {
             let started = Instant::now();
             self.metrics.append_batch.record(appends.len() as f64);
-            match self.mailbox.append(appends).await {
+            let appended = match run {
+                Some((run, begun)) => self.mailbox.append_in(run, appends, begun).await,
+                None => self.mailbox.append(appends).await,
+            };
+            match appended {
                 Ok(out) => {
                     self.metrics
                         .append_seconds
@@ -218,6 +250,18 @@ impl Processor {
         for (i, c) in others {
             results[i] = Some(self.apply_binding(c).await);
         }
+        Persisted {
+            results: results
+                .into_iter()
+                .map(|r| r.expect("every command has a result"))
+                .collect(),
+            fresh,
+        }
+    }
+
+    /// Hands a persisted batch's new messages to each fan-out; returns the batch's results.
+    pub fn deliver(&self, persisted: Persisted) -> Vec<Result<Outcome, IngestError>> {
+        let Persisted { results, fresh } = persisted;
         if !fresh.is_empty() {
             let appended_us = crate::clock::now_us();
             let mut offered = Offered::default();
@@ -238,9 +282,6 @@ impl Processor {
             }
         }
         results
-            .into_iter()
-            .map(|r| r.expect("every command has a result"))
-            .collect()
     }
 
     /// Hands the answer of a `?wait=true` operation to the fan-out that reaches the node `node`

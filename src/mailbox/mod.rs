@@ -126,6 +126,43 @@ pub struct Page {
     pub messages: Vec<Arc<Message>>,
 }
 
+/// A run of appends that keep their order while several are under way (a Kafka consumer's
+/// batches): each starts once the one before has begun ([`Mailbox::append_in`]), and once one
+/// fails, every later one fails too, so that none is made visible before the failed one is
+/// appended again — until the run [`Run::restart`]s (the caller, before it appends the failed
+/// one again).
+#[derive(Debug, Default)]
+pub struct Run {
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Run {
+    /// Whether an append of the run failed since it (re)started.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Marks the run failed.
+    pub fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets appends go again (after the caller has seen the failure).
+    pub fn restart(&self) {
+        self.failed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The error of an append refused because an earlier one of its run failed.
+    pub fn refusal() -> MailboxError {
+        MailboxError::Unavailable(
+            "an earlier append of this run failed: this one waits until that one is appended \
+             again (nothing of it was appended)"
+                .into(),
+        )
+    }
+}
+
 /// Maps a backend's own error to [`MailboxError::Storage`] (shared by every backend).
 pub(crate) fn storage_err(e: impl std::fmt::Display) -> MailboxError {
     MailboxError::Storage(e.to_string())
@@ -161,6 +198,25 @@ pub enum MailboxError {
 pub trait Mailbox: Send + Sync + 'static {
     /// Appends a batch; results are in the order of the batch.
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError>;
+    /// Appends a batch as the next append of `run` (see [`Run`]). `begun` is told (or dropped)
+    /// once the next append of the run may start: for a backend that overlaps appends, when
+    /// this one's versions are reserved; by default, when it is done.
+    async fn append_in(
+        &self,
+        run: &Run,
+        batch: Vec<NewMessage>,
+        begun: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<Vec<Appended>, MailboxError> {
+        if run.failed() {
+            return Err(Run::refusal());
+        }
+        let out = self.append(batch).await;
+        if out.is_err() {
+            run.fail();
+        }
+        drop(begun);
+        out
+    }
     /// Reads up to `limit` messages with version > `after`.
     async fn read(&self, address: &Address, after: u64, limit: usize)
     -> Result<Page, MailboxError>;

@@ -491,6 +491,69 @@ mod cassandra_mailbox {
         }
     }
 
+    /// A run of overlapping appends (the Kafka consumer's pipeline) keeps its order across a
+    /// failure: the writer's shard is claimed by another, so its first append is fenced; the two
+    /// started behind it (each once the one before had begun) fail too, and none of the three
+    /// is visible. Until the run restarts, its appends are refused without being appended;
+    /// after it, the three are appended again in their order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn a_run_keeps_its_order_across_a_failure() {
+        use signalpost::mailbox::Run;
+        let scope = settings(0).scope;
+        let writer = Arc::new(mailbox_in(&scope, 60_000).await);
+        let other = mailbox_in(&scope, 60_000).await;
+        let a = fresh_address("channel", "run");
+        let shard = a.partition(SHARDS);
+        let batch = |p: &str| -> Vec<_> { (0..4).map(|i| msg(&a, &format!("{p}{i}"))).collect() };
+        writer.append(batch("w")).await.unwrap();
+        other.claim(&[shard]).await.unwrap(); // the writer is a zombie from here on
+        let run = Arc::new(Run::default());
+        let mut under_way = Vec::new();
+        for p in ["k", "l", "m"] {
+            let (begun, begun_rx) = tokio::sync::oneshot::channel();
+            let (w, run, b) = (writer.clone(), run.clone(), batch(p));
+            under_way.push(tokio::spawn(
+                async move { w.append_in(&run, b, begun).await },
+            ));
+            let _ = begun_rx.await;
+        }
+        for t in under_way {
+            assert!(
+                t.await.unwrap().is_err(),
+                "every append behind the fenced one fails"
+            );
+        }
+        assert!(run.failed());
+        let reader = mailbox(60_000).await;
+        let ids = |page: signalpost::mailbox::Page| -> Vec<String> {
+            page.messages.iter().map(|m| m.id.to_string()).collect()
+        };
+        assert_eq!(
+            ids(reader.read(&a, 0, 100).await.unwrap()),
+            ["w0", "w1", "w2", "w3"],
+            "nothing of the failed run is visible"
+        );
+        // Refused, not appended, until the run restarts.
+        writer.claim(&[shard]).await.unwrap();
+        let (begun, _) = tokio::sync::oneshot::channel();
+        assert!(writer.append_in(&run, batch("x"), begun).await.is_err());
+        run.restart();
+        for p in ["k", "l", "m"] {
+            let (begun, _) = tokio::sync::oneshot::channel();
+            writer.append_in(&run, batch(p), begun).await.unwrap();
+        }
+        let got = ids(reader.read(&a, 0, 100).await.unwrap());
+        let want: Vec<String> = ["w", "k", "l", "m"]
+            .iter()
+            .flat_map(|p| (0..4).map(move |i| format!("{p}{i}")))
+            .collect();
+        assert_eq!(
+            got, want,
+            "appended again in the run's order, nothing twice, no x"
+        );
+    }
+
     /// A zombie writer (its shard claimed by another since) is fenced: its append fails, nothing
     /// of it becomes visible, it stays fenced until released, and once released it claims the
     /// shard back and continues after the other writer's messages.

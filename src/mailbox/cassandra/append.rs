@@ -22,10 +22,14 @@
 //! the heads and claims concerned ([`Inner::settle`]) — an append in flight never races one
 //! that reserves versions afresh. A batch with ids that must be looked up waits the same way, so
 //! the lookup sees every earlier row.
+//!
+//! Appends of a [`Run`] (the Kafka consumer's batches) start one after another's reservation,
+//! and once one fails the run refuses the rest until its owner restarts it: none is made visible
+//! before the failed one is appended again, so the order of versions is the order of the run.
 
 use super::{ADDRESS_CONCURRENCY, CACHE_MAX, Entry, Inner, st, unavailable};
 use crate::address::{Address, MessageId};
-use crate::mailbox::{Appended, MailboxError, Message, NewMessage, now_ms};
+use crate::mailbox::{Appended, MailboxError, Message, NewMessage, Run, now_ms};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use scylla::serialize::SerializationError;
@@ -179,9 +183,29 @@ struct Found {
 }
 
 impl Inner {
+    /// Appends `batch`; with a run ([`crate::mailbox::Run`]), as its next append: refused if
+    /// the run failed, `begun` told once the versions are reserved, and the run failed if this
+    /// append fails.
     pub(super) async fn append(
         &self,
         batch: Vec<NewMessage>,
+        run: Option<(&Run, oneshot::Sender<()>)>,
+    ) -> Result<Vec<Appended>, MailboxError> {
+        let (run, begun) = run.unzip();
+        let out = self.append_reserved(batch, run, begun).await;
+        if out.is_err()
+            && let Some(run) = run
+        {
+            run.fail();
+        }
+        out
+    }
+
+    async fn append_reserved(
+        &self,
+        batch: Vec<NewMessage>,
+        run: Option<&Run>,
+        begun: Option<oneshot::Sender<()>>,
     ) -> Result<Vec<Appended>, MailboxError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -198,6 +222,11 @@ impl Inner {
             if crowded {
                 state.heads.clear();
             }
+        }
+        // (After settling: every append before this one has ended, and a failed one has failed
+        // the run.)
+        if run.is_some_and(Run::failed) {
+            return Err(Run::refusal());
         }
 
         // 1. Claims.
@@ -273,6 +302,9 @@ impl Inner {
         }
         let (end, before) = take_turn(&mut state);
         drop(state);
+        if let Some(begun) = begun {
+            let _ = begun.send(());
+        }
 
         match self.commit(&reserved, &epochs, before).await {
             Ok(()) => {
@@ -281,6 +313,11 @@ impl Inner {
             Err(e) => {
                 // (A fenced append has also recorded the shards it lost.)
                 self.failed().unknown.extend(epochs.keys().copied());
+                // The run fails before the turn ends, so that an append that waits for the
+                // turns before it sees the failure.
+                if let Some(run) = run {
+                    run.fail();
+                }
                 let _ = end.send(false);
                 return Err(e);
             }

@@ -445,7 +445,16 @@ async fn one_bigint(
 #[async_trait::async_trait]
 impl Mailbox for CassandraMailbox {
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError> {
-        self.0.append(batch).await
+        self.0.append(batch, None).await
+    }
+
+    async fn append_in(
+        &self,
+        run: &super::Run,
+        batch: Vec<NewMessage>,
+        begun: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<Vec<Appended>, MailboxError> {
+        self.0.append(batch, Some((run, begun))).await
     }
 
     async fn read(

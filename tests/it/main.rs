@@ -265,6 +265,48 @@ mod cassandra_mailbox {
         retention_ms = 3_000
     );
 
+    /// Checks what writers' appends answered (address, version, id) against what the mailbox
+    /// holds: no version given to two messages, every address's versions gap-free, each answer
+    /// what is stored, every id once, and exactly the messages sent to it (`sent`).
+    async fn check_answers(
+        addrs: &[signalpost::address::Address],
+        answered: Vec<(
+            signalpost::address::Address,
+            u64,
+            signalpost::address::MessageId,
+        )>,
+        sent: impl Fn(&signalpost::address::Address) -> std::collections::HashSet<String>,
+    ) {
+        let mut by_version = std::collections::HashMap::new();
+        for (a, v, id) in answered {
+            if let Some(prev) = by_version.insert((a.clone(), v), id.clone()) {
+                assert_eq!(prev, id, "{a} version {v} given to two messages");
+            }
+        }
+        let reader = mailbox(60_000).await;
+        for a in addrs {
+            let page = reader.read(a, 0, 10_000).await.unwrap();
+            let versions: Vec<u64> = page.messages.iter().map(|m| m.version).collect();
+            assert_eq!(
+                versions,
+                (1..=page.head.head).collect::<Vec<_>>(),
+                "gap-free"
+            );
+            for m in &page.messages {
+                if let Some(id) = by_version.get(&(a.clone(), m.version)) {
+                    assert_eq!(id, &m.id, "{a} v{} is what the append answered", m.version);
+                }
+            }
+            let mut ids: Vec<String> = page.messages.iter().map(|m| m.id.to_string()).collect();
+            let n = ids.len();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), n, "every id appended once to {a}");
+            let stored: std::collections::HashSet<String> = ids.into_iter().collect();
+            assert_eq!(stored, sent(a), "every message sent to {a} is there, once");
+        }
+    }
+
     fn two_writers_id(n: usize, b: usize, i: usize) -> String {
         if (i / 3).is_multiple_of(2) {
             format!("s{b}-{i}")
@@ -322,44 +364,22 @@ mod cassandra_mailbox {
                 (got, fenced)
             }));
         }
-        let mut by_version = std::collections::HashMap::new();
+        let mut answered = Vec::new();
         let mut fenced = 0;
         for t in tasks {
             let (got, f) = t.await.unwrap();
             fenced += f;
-            for (a, v, id) in got {
-                if let Some(prev) = by_version.insert((a.clone(), v), id.clone()) {
-                    assert_eq!(prev, id, "{a} version {v} given to two messages");
-                }
-            }
+            answered.extend(got);
         }
         eprintln!("two_writers: {fenced} appends fenced and retried");
-        let reader = mailbox(60_000).await;
-        for a in &addrs {
-            let page = reader.read(a, 0, 10_000).await.unwrap();
-            let versions: Vec<u64> = page.messages.iter().map(|m| m.version).collect();
-            assert_eq!(
-                versions,
-                (1..=page.head.head).collect::<Vec<_>>(),
-                "gap-free"
-            );
-            for m in &page.messages {
-                if let Some(id) = by_version.get(&(a.clone(), m.version)) {
-                    assert_eq!(id, &m.id, "{a} v{} is what the append answered", m.version);
-                }
-            }
-            let mut ids: Vec<_> = page.messages.iter().map(|m| m.id.clone()).collect();
-            let n = ids.len();
-            ids.sort();
-            ids.dedup();
-            assert_eq!(ids.len(), n, "every id appended once to {a}");
-            let sent: std::collections::HashSet<String> = (0..2)
+        check_answers(&addrs, answered, |a| {
+            (0..2)
                 .flat_map(|n| (0..8).flat_map(move |b| (0..30).map(move |i| (n, b, i))))
                 .filter(|(_, _, i)| &addrs[i % addrs.len()] == a)
                 .map(|(n, b, i)| two_writers_id(n, b, i))
-                .collect();
-            assert_eq!(n, sent.len(), "every message sent to {a} is there");
-        }
+                .collect()
+        })
+        .await;
     }
 
     /// Two writers, each with three appends in flight at once (the Kafka consumer's pipeline),
@@ -448,47 +468,24 @@ mod cassandra_mailbox {
                 }));
             }
         }
-        let mut by_version = std::collections::HashMap::new();
+        let mut answered = Vec::new();
         let mut failed = 0;
         for t in tasks {
             let (got, f) = t.await.unwrap();
             failed += f;
-            for (a, v, id) in got {
-                if let Some(prev) = by_version.insert((a.clone(), v), id.clone()) {
-                    assert_eq!(prev, id, "{a} version {v} given to two messages");
-                }
-            }
+            answered.extend(got);
         }
         eprintln!("overlapping appends: {failed} failed and retried");
-        let reader = mailbox(60_000).await;
-        for a in &addrs {
-            let page = reader.read(a, 0, 10_000).await.unwrap();
-            let versions: Vec<u64> = page.messages.iter().map(|m| m.version).collect();
-            assert_eq!(
-                versions,
-                (1..=page.head.head).collect::<Vec<_>>(),
-                "gap-free"
-            );
-            for m in &page.messages {
-                if let Some(id) = by_version.get(&(a.clone(), m.version)) {
-                    assert_eq!(id, &m.id, "{a} v{} is what the append answered", m.version);
-                }
-            }
-            let mut ids: Vec<_> = page.messages.iter().map(|m| m.id.to_string()).collect();
-            let n = ids.len();
-            ids.sort();
-            ids.dedup();
-            assert_eq!(ids.len(), n, "every id appended once to {a}");
-            let sent: std::collections::HashSet<String> = (0..2)
+        check_answers(&addrs, answered, |a| {
+            (0..2)
                 .flat_map(|n| (0..TASKS).map(move |t| (n, t)))
                 .flat_map(|(n, t)| (0..BATCHES).map(move |b| (n, t, b)))
                 .flat_map(|(n, t, b)| (0..PER_BATCH).map(move |i| (n, t, b, i)))
                 .filter(|&(_, _, _, i)| &addrs[i % addrs.len()] == a)
                 .map(|(n, t, b, i)| id(n, t, b, i).0)
-                .collect();
-            let stored: std::collections::HashSet<String> = ids.into_iter().collect();
-            assert_eq!(stored, sent, "every message sent to {a} is there, once");
-        }
+                .collect()
+        })
+        .await;
     }
 
     /// A run of overlapping appends (the Kafka consumer's pipeline) keeps its order across a

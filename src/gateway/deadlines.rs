@@ -58,9 +58,17 @@ impl<T: Due> Deadlines<T> {
         if due == u64::MAX {
             return;
         }
-        let mut map = self.lock();
-        map.insert(key(&**entry, due), std::sync::Arc::downgrade(entry));
-        if map.first_key_value().is_some_and(|(k, _)| k.0 == due) {
+        self.enter(
+            &mut self.lock(),
+            key(&**entry, due),
+            std::sync::Arc::downgrade(entry),
+        );
+    }
+
+    /// Puts an entry in the map, waking [`Deadlines::run`] when it is now the earliest.
+    fn enter(&self, map: &mut BTreeMap<(u64, usize), Weak<T>>, at: (u64, usize), entry: Weak<T>) {
+        map.insert(at, entry);
+        if map.first_key_value().is_some_and(|(k, _)| *k == at) {
             self.earlier.notify_one();
         }
     }
@@ -73,10 +81,7 @@ impl<T: Due> Deadlines<T> {
         if let Some(w) = weak
             && ms != u64::MAX
         {
-            map.insert(key(entry, ms), w);
-            if map.first_key_value().is_some_and(|(k, _)| k.0 == ms) {
-                self.earlier.notify_one();
-            }
+            self.enter(&mut map, key(entry, ms), w);
         }
     }
 

@@ -9,10 +9,10 @@
 //! up to [`IN_FLIGHT`] batches are under way at once, finished in order. If applying fails (the
 //! store is down) the batches behind it fail too, and it applies them again in order with
 //! backoff, reading nothing more meanwhile (backpressure: the records wait in Kafka, not in
-//! memory). A record applied but not committed (a
-//! crash in between) is applied again after a restart or rebalance; that is harmless because
-//! appends are idempotent on message id (a record without an id gets the deterministic id
-//! `kafka-<topic>-<partition>-<offset>`) and bindings are idempotent.
+//! memory). A record applied but not committed (a crash in between) is applied again after a
+//! restart or rebalance; that is harmless because appends are idempotent on message id (a
+//! record without an id gets the deterministic id `kafka-<topic>-<partition>-<offset>`) and
+//! bindings are idempotent.
 
 use super::parse::{self, Invalid, Limits};
 use super::{Command, IngestError, Outcome, Processor, Queue};
@@ -758,20 +758,16 @@ impl Worker {
                 biased;
                 _ = stopped.changed() => break,
                 Some(done) = flight.next(), if !flight.is_empty() => {
-                    let handled = self.finish(done, &mut flight, &stopped).await;
-                    if flight.is_empty() {
-                        begun = None;
-                    }
-                    match handled {
+                    match self.finish(done, &mut flight, &stopped).await {
                         Handled::Done => continue,
                         Handled::Fenced => {
-                            begun = None;
                             self.rejoin(&mut flight);
                             continue;
                         }
                         Handled::Abandoned => return,
                     }
                 }
+                // (Told, or its batch ended — finished, or dropped by a rejoin.)
                 _ = async { begun.as_mut().expect("checked").await }, if begun.is_some() => {
                     begun = None;
                     continue;
@@ -1065,51 +1061,44 @@ impl Worker {
         flight: &mut Flight,
         stopped: &watch::Receiver<bool>,
     ) -> Handled {
-        let Launched {
-            batch,
-            prepared,
-            persisted,
-        } = done;
-        let results = match persisted {
+        let Some(results) = done.persisted.as_ref().map(super::Persisted::results) else {
+            return self.conclude_one(done, stopped).await;
+        };
+        let Some(Err(e)) = results.iter().find(|r| r.is_err()) else {
+            return self.conclude_one(done, stopped).await;
+        };
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(IngestError::Fenced(_))))
+        {
+            return Handled::Fenced;
+        }
+        tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
+        // The batches under way behind it failed too, or were refused (the run had failed):
+        // once all have ended, the run restarts and each is applied again, in order.
+        let behind: Vec<Launched> = flight.collect().await;
+        self.run.restart();
+        for l in std::iter::once(done).chain(behind) {
+            let h = self.conclude_one(l, stopped).await;
+            if h != Handled::Done {
+                return h;
+            }
+        }
+        Handled::Done
+    }
+
+    /// Ends one batch: hands out what it appended, or applies it again until it is durable if
+    /// it failed, then concludes it.
+    async fn conclude_one(&self, l: Launched, stopped: &watch::Receiver<bool>) -> Handled {
+        let results = match l.persisted {
             None => Vec::new(),
             Some(p) if p.results().iter().all(Result::is_ok) => self.processor.deliver(p),
-            Some(p) => {
-                if p.results()
-                    .iter()
-                    .any(|r| matches!(r, Err(IngestError::Fenced(_))))
-                {
-                    return Handled::Fenced;
-                }
-                if let Some(Err(e)) = p.results().iter().find(|r| r.is_err()) {
-                    tracing::warn!(error = %e, "applying a Kafka batch failed; retrying");
-                }
-                // The batches under way behind it failed too, or were refused (the run had
-                // failed): once all have ended, the run restarts and each is applied again,
-                // in order.
-                let behind: Vec<Launched> = flight.collect().await;
-                self.run.restart();
-                let mut again = vec![(batch, prepared, None)];
-                again.extend(
-                    behind
-                        .into_iter()
-                        .map(|l| (l.batch, l.prepared, l.persisted)),
-                );
-                for (batch, prepared, persisted) in again {
-                    let results = match persisted {
-                        Some(p) if p.results().iter().all(Result::is_ok) => {
-                            self.processor.deliver(p)
-                        }
-                        _ => match self.retry(&prepared.commands, stopped).await {
-                            Ok(r) => r,
-                            Err(h) => return h,
-                        },
-                    };
-                    self.conclude(&batch, &prepared, &results).await;
-                }
-                return Handled::Done;
-            }
+            Some(_) => match self.retry(&l.prepared.commands, stopped).await {
+                Ok(r) => r,
+                Err(h) => return h,
+            },
         };
-        self.conclude(&batch, &prepared, &results).await;
+        self.conclude(&l.batch, &l.prepared, &results).await;
         Handled::Done
     }
 
@@ -1129,9 +1118,6 @@ impl Worker {
         }
         let mut backoff = Duration::from_millis(100);
         loop {
-            if commands.is_empty() {
-                return Ok(Vec::new());
-            }
             let results = self.processor.apply(commands.clone()).await;
             let Some(Err(e)) = results.iter().find(|r| r.is_err()) else {
                 return Ok(results);

@@ -170,18 +170,6 @@ struct Pending {
     slots: Vec<usize>,
 }
 
-/// What step 2 found for one address.
-struct Found {
-    address: Address,
-    marked: u64,
-    head: u64,
-    /// Whether rows of an earlier writer were adopted.
-    adopted: bool,
-    fresh: Vec<Pending>,
-    ts: u64,
-    out: Vec<(usize, Appended)>,
-}
-
 impl Inner {
     /// Appends `batch`; with a run ([`crate::mailbox::Run`]), as its next append: refused if
     /// the run failed, `begun` told once the versions are reserved, and the run failed if this
@@ -267,7 +255,7 @@ impl Inner {
                 self.find(address, items, known, claim)
             })
             .collect();
-        let found: Vec<Result<Found, MailboxError>> = stream::iter(finds)
+        let found: Vec<Result<(Reserved, bool), MailboxError>> = stream::iter(finds)
             .buffer_unordered(ADDRESS_CONCURRENCY)
             .collect()
             .await;
@@ -281,22 +269,12 @@ impl Inner {
             }
         };
         let mut reserved = Vec::with_capacity(found.len());
-        for f in found {
+        for (r, adopted) in found {
             // Adopting an earlier writer's rows ends the trust in vouched ids for the shard:
             // those rows may be records that are delivered again, vouched for, later.
-            if f.adopted
-                && let Some(c) = state.claims.get_mut(&self.shard(&f.address))
-            {
+            if adopted && let Some(c) = state.claims.get_mut(&self.shard(&r.address)) {
                 c.trust_new_ids = false;
             }
-            let r = Reserved {
-                address: f.address,
-                marked: f.marked,
-                base: f.head,
-                fresh: f.fresh,
-                ts: f.ts,
-                out: f.out,
-            };
             state.heads.insert(r.address.clone(), r.head());
             reserved.push(r);
         }
@@ -334,7 +312,7 @@ impl Inner {
     }
 
     /// Steps 3 to 6 of an append whose versions are reserved: rows, fence, the turn before,
-    /// marks. Fills in the answers of the new messages.
+    /// marks.
     async fn commit(
         &self,
         reserved: &[Reserved],
@@ -436,14 +414,15 @@ impl Inner {
         self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Step 2 for one address: learn the head, answer duplicates, keep the new messages.
+    /// Step 2 for one address: learn the head, answer duplicates, keep the new messages. Also
+    /// says whether rows of an earlier writer were adopted.
     async fn find(
         &self,
         address: Address,
         items: Vec<(usize, NewMessage)>,
         known: Option<u64>,
         claim: Claim,
-    ) -> Result<Found, MailboxError> {
+    ) -> Result<(Reserved, bool), MailboxError> {
         let epoch = claim.epoch;
         let (marked, head) = match known {
             Some(h) => (h, h),
@@ -495,15 +474,15 @@ impl Inner {
             ));
             answer(&mut out, &p.slots, &m, false);
         }
-        Ok(Found {
+        let reserved = Reserved {
             address,
             marked,
-            head,
-            adopted,
+            base: head,
             fresh: pending,
             ts: now,
             out,
-        })
+        };
+        Ok((reserved, adopted))
     }
 
     /// The head of an address this writer does not know: the highest-epoch mark, then the rows

@@ -171,8 +171,13 @@ impl Conn {
         own_cursor: u64,
     ) -> Arc<Self> {
         let client = id.client.clone();
-        let events = std::num::NonZeroU32::new(svc.config.limits.event_rate_per_connection)
-            .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+        let events =
+            std::num::NonZeroU32::new(svc.config.limits.event_rate_per_connection).map(|n| {
+                governor::RateLimiter::direct_with_clock(
+                    governor::Quota::per_second(n),
+                    svc.gate.clock.clone(),
+                )
+            });
         let own = Address::of_client(&client);
         let ping_interval = Duration::from_millis(svc.config.ping_interval_ms);
         let mut tracks = HashMap::new();

@@ -514,37 +514,87 @@ impl KafkaQueue {
     }
 
     /// Produces one record; resolves once Kafka has it (acks=all).
-    async fn produce(
-        &self,
-        topic: &str,
-        key: &str,
-        value: &str,
-        minted: bool,
-        wait: bool,
-    ) -> Result<(), IngestError> {
+    /// The record of one outgoing command, with the headers the consumer reads.
+    fn record<'a>(&'a self, o: &'a Outgoing<'a>, wait: bool) -> FutureRecord<'a, str, str> {
         use rdkafka::message::{Header, OwnedHeaders};
-        let mut record = FutureRecord::to(topic).key(key).payload(value);
-        if minted || wait {
-            let mut h = OwnedHeaders::new();
-            if minted {
-                h = h.insert(Header {
-                    key: MINTED_HEADER,
-                    value: Some("1"),
-                });
-            }
-            if wait {
-                h = h.insert(Header {
-                    key: ORIGIN_HEADER,
-                    value: Some(self.settings.node.as_str()),
-                });
-            }
-            record = record.headers(h);
+        let record = FutureRecord::to(o.topic)
+            .key(o.key.as_ref())
+            .payload(o.value.as_str());
+        if !o.minted && !wait {
+            return record;
         }
-        let start = std::time::Instant::now();
-        let sent = self.producer.send(record, PRODUCE_TIMEOUT).await;
-        self.produce_seconds.record(start.elapsed().as_secs_f64());
-        sent.map(|_| ()).map_err(|(e, _)| kerr(e))
+        let mut h = OwnedHeaders::new_with_capacity(2);
+        if o.minted {
+            h = h.insert(Header {
+                key: MINTED_HEADER,
+                value: Some("1"),
+            });
+        }
+        if wait {
+            h = h.insert(Header {
+                key: ORIGIN_HEADER,
+                value: Some(self.settings.node.as_str()),
+            });
+        }
+        record.headers(h)
     }
+
+    /// Produces a request's records: hands them all to librdkafka at once, then waits for
+    /// their deliveries in order (one task and one future per record, no combinator polling a
+    /// hundred futures). A full producer queue waits for room, as a single send does.
+    async fn produce_all(
+        &self,
+        records: &[Outgoing<'_>],
+        wait: bool,
+    ) -> Vec<Result<(), IngestError>> {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let start = std::time::Instant::now();
+        let mut queued = Vec::with_capacity(records.len());
+        for o in records {
+            queued.push(match self.producer.send_result(self.record(o, wait)) {
+                Ok(delivery) => Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                    Err(self
+                        .producer
+                        .send(record, PRODUCE_TIMEOUT)
+                        .await
+                        .map(|_| ())
+                        .map_err(|(e, _)| kerr(e)))
+                }
+                Err((e, _)) => Err(Err(kerr(e))),
+            });
+        }
+        let mut out = Vec::with_capacity(records.len());
+        for q in queued {
+            out.push(match q {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(kerr(e)),
+                    Err(_) => Err(IngestError::Closed), // the producer went away
+                },
+                Err(sent) => sent,
+            });
+            self.produce_seconds.record(start.elapsed().as_secs_f64());
+        }
+        out
+    }
+}
+
+/// One command as a record to produce.
+struct Outgoing<'a> {
+    topic: &'a str,
+    key: std::borrow::Cow<'a, str>,
+    value: String,
+    /// An enqueue whose id the API minted (the consumer may skip the id lookup).
+    minted: bool,
+}
+
+/// An enqueue record's value, serialized straight from the command.
+#[derive(serde::Serialize)]
+struct EnqueueRecord<'a> {
+    address: &'a crate::address::Address,
+    payload: &'a serde_json::value::RawValue,
+    id: &'a MessageId,
 }
 
 impl crate::routing::Replies for KafkaQueue {
@@ -569,14 +619,25 @@ impl Queue for KafkaQueue {
         let mut sends = Vec::with_capacity(commands.len());
         let mut tickets = Vec::with_capacity(commands.len());
         for c in &commands {
-            let minted = matches!(c, Command::Enqueue(m) if m.new_id);
-            let (topic, key, value, ticket) = match c {
-                Command::Enqueue(m) => (
-                    &t.enqueue,
-                    m.address.to_string(),
-                    json!({ "address": m.address, "payload": m.payload, "id": m.id }).to_string(),
-                    message_ticket(m.address.as_str(), m.id.as_str()),
-                ),
+            let (out, ticket) = match c {
+                Command::Enqueue(m) => {
+                    let value = EnqueueRecord {
+                        address: &m.address,
+                        payload: &m.payload,
+                        id: &m.id,
+                    };
+                    let out = Outgoing {
+                        topic: &t.enqueue,
+                        key: m.address.as_str().into(),
+                        value: serde_json::to_string(&value).expect("serializable"),
+                        minted: m.new_id,
+                    };
+                    // Only a waiting publisher needs the ticket (the consumer derives it too).
+                    (
+                        out,
+                        wait.then(|| message_ticket(m.address.as_str(), m.id.as_str())),
+                    )
+                }
                 Command::Bind {
                     client, addresses, ..
                 }
@@ -594,34 +655,41 @@ impl Queue for KafkaQueue {
                     if let Some(w) = weight {
                         value["weight"] = json!(w);
                     }
-                    (topic, client.to_string(), value.to_string(), ticket)
+                    let out = Outgoing {
+                        topic,
+                        key: client.to_string().into(),
+                        value: value.to_string(),
+                        minted: false,
+                    };
+                    (out, wait.then_some(ticket))
                 }
             };
-            let rx = wait.then(|| self.waiters.register(ticket.clone()));
-            tickets.push((ticket, rx));
-            sends.push((topic.clone(), key, value, minted));
+            tickets.push(ticket.map(|t| {
+                let rx = self.waiters.register(t.clone());
+                (t, rx)
+            }));
+            sends.push(out);
         }
-        let produced = futures_util::future::join_all(
-            sends
-                .iter()
-                .map(|(topic, key, value, minted)| self.produce(topic, key, value, *minted, wait)),
-        )
-        .await;
+        let produced = self.produce_all(&sends, wait).await;
         let mut out = Vec::with_capacity(commands.len());
-        for ((ticket, rx), p) in tickets.into_iter().zip(produced) {
-            out.push(match (p, rx) {
-                (Err(e), _) => {
-                    self.waiters.forget(&ticket);
+        for (waiter, p) in tickets.into_iter().zip(produced) {
+            out.push(match (p, waiter) {
+                (Err(e), waiter) => {
+                    if let Some((ticket, _)) = waiter {
+                        self.waiters.forget(&ticket);
+                    }
                     Err(e)
                 }
                 (Ok(()), None) => Ok(Outcome::Queued),
-                (Ok(()), Some(rx)) => match tokio::time::timeout(WAIT_TIMEOUT, rx).await {
-                    Ok(Ok(outcome)) => Ok(outcome),
-                    _ => {
-                        self.waiters.forget(&ticket);
-                        Err(IngestError::Timeout(WAIT_TIMEOUT.as_secs()))
+                (Ok(()), Some((ticket, rx))) => {
+                    match tokio::time::timeout(WAIT_TIMEOUT, rx).await {
+                        Ok(Ok(outcome)) => Ok(outcome),
+                        _ => {
+                            self.waiters.forget(&ticket);
+                            Err(IngestError::Timeout(WAIT_TIMEOUT.as_secs()))
+                        }
                     }
-                },
+                }
             });
         }
         Ok(out)
@@ -968,7 +1036,7 @@ impl Worker {
         let bytes = m.payload().unwrap_or_default();
         let limits = self.settings.limits;
         if m.topic() == t.enqueue {
-            let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
+            let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
             let mut default_id = || {
                 MessageId::parse(&format!("kafka-{topic}-{partition}-{offset}"))
                     .expect("a valid id")
@@ -996,10 +1064,17 @@ impl Worker {
                     )))
                 }
             });
-            let ticket = command.as_ref().ok().map(|c| match c {
-                Command::Enqueue(n) => message_ticket(n.address.as_str(), n.id.as_str()),
-                _ => unreachable!(),
-            });
+            // Only a record produced for a waiting publisher carries its node: the others need
+            // no ticket.
+            let awaited = m
+                .headers()
+                .is_some_and(|h| h.iter().any(|x| x.key == ORIGIN_HEADER));
+            let ticket = match &command {
+                Ok(Command::Enqueue(n)) if awaited => {
+                    Some(message_ticket(n.address.as_str(), n.id.as_str()))
+                }
+                _ => None,
+            };
             return Parsed {
                 command,
                 ticket,

@@ -241,6 +241,12 @@ impl Waiters {
     }
 }
 
+/// The node of the publisher waiting for a record, as the record names it (a record produced
+/// without `?wait=true` names none).
+fn origin_header(m: &OwnedMessage) -> Option<&[u8]> {
+    m.headers()?.iter().find(|x| x.key == ORIGIN_HEADER)?.value
+}
+
 fn message_ticket(address: &str, id: &str) -> String {
     format!("m\u{0}{address}\u{0}{id}")
 }
@@ -513,7 +519,6 @@ impl KafkaQueue {
         })
     }
 
-    /// Produces one record; resolves once Kafka has it (acks=all).
     /// The record of one outgoing command, with the headers the consumer reads.
     fn record<'a>(&'a self, o: &'a Outgoing<'a>, wait: bool) -> FutureRecord<'a, str, str> {
         use rdkafka::message::{Header, OwnedHeaders};
@@ -1035,6 +1040,7 @@ impl Worker {
         let t = &self.settings.topics;
         let bytes = m.payload().unwrap_or_default();
         let limits = self.settings.limits;
+        let origin = origin_header(m);
         if m.topic() == t.enqueue {
             let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
             let mut default_id = || {
@@ -1064,13 +1070,10 @@ impl Worker {
                     )))
                 }
             });
-            // Only a record produced for a waiting publisher carries its node: the others need
+            // Only a record produced for a waiting publisher names its node: the others need
             // no ticket.
-            let awaited = m
-                .headers()
-                .is_some_and(|h| h.iter().any(|x| x.key == ORIGIN_HEADER));
             let ticket = match &command {
-                Ok(Command::Enqueue(n)) if awaited => {
+                Ok(Command::Enqueue(n)) if origin.is_some() => {
                     Some(message_ticket(n.address.as_str(), n.id.as_str()))
                 }
                 _ => None,
@@ -1078,7 +1081,7 @@ impl Worker {
             return Parsed {
                 command,
                 ticket,
-                origin: self.origin(m),
+                origin: self.elsewhere(origin),
             };
         }
         let ticket = serde_json::from_slice::<serde_json::Value>(bytes)
@@ -1089,15 +1092,13 @@ impl Worker {
         Parsed {
             command,
             ticket,
-            origin: self.origin(m),
+            origin: self.elsewhere(origin),
         }
     }
 
-    /// The waiting node named by a record, when it is not this one.
-    fn origin(&self, m: &OwnedMessage) -> Option<String> {
-        let h = m.headers()?;
-        let v = h.iter().find(|x| x.key == ORIGIN_HEADER)?.value?;
-        let node = String::from_utf8_lossy(v).into_owned();
+    /// The waiting node a record names, when it is not this one.
+    fn elsewhere(&self, origin: Option<&[u8]>) -> Option<String> {
+        let node = String::from_utf8_lossy(origin?).into_owned();
         (node != self.settings.node).then_some(node)
     }
 

@@ -57,6 +57,9 @@ impl LocalQueue {
                     let rest = results.split_off(size);
                     let _ = reply.send(std::mem::replace(&mut results, rest));
                 }
+                // The batch's deliveries and answers were handed to tasks of this thread; let
+                // them run before the next batch's append, which may write on this thread.
+                tokio::task::yield_now().await;
             }
             let _ = done_tx.send(());
         });

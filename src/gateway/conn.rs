@@ -138,6 +138,8 @@ impl super::deadlines::Due for Conn {
 struct Outlet {
     socket: Option<SocketRef>,
     room: PingRoom,
+    /// Events emitted so far (the repair loop's measure of progress).
+    sent: u64,
 }
 
 impl Outlet {
@@ -152,7 +154,10 @@ impl Outlet {
             return Emit::Full;
         }
         match s.emit(event, data) {
-            Ok(()) => Emit::Sent,
+            Ok(()) => {
+                self.sent += 1;
+                Emit::Sent
+            }
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
                 self.room.full(Instant::now());
                 Emit::Full
@@ -211,6 +216,7 @@ impl Conn {
                 out: Outlet {
                     socket: Some(socket),
                     room: PingRoom::new(Instant::now(), ping_interval),
+                    sent: 0,
                 },
                 slot: None,
             }),
@@ -520,16 +526,29 @@ impl Conn {
         let page_size = svc.config.replay_page;
         let mut carry: VecDeque<Arc<Message>> = VecDeque::new();
         let mut backoff = Duration::from_micros(500);
+        // Events emitted when the buffer was last found full.
+        let mut sent_at_wait = None;
         loop {
-            let next = {
+            let (next, sent) = {
                 let mut st = self.lock();
-                self.step(&mut st, &mut carry)
+                let next = self.step(&mut st, &mut carry);
+                (next, st.out.sent)
             };
             let (address, after) = match next {
                 Step::Done => return,
                 Step::Read(a, v) => (a, v),
+                Step::Wait if sent_at_wait != Some(sent) => {
+                    // The buffer filled after taking more: most often the socket's writer task
+                    // has not run since these emits woke it (on this thread). Let it run; it
+                    // drains the whole buffer into the socket at once.
+                    sent_at_wait = Some(sent);
+                    backoff = Duration::from_micros(500);
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Step::Wait => {
-                    // The socket buffer is full: wait for the client to read.
+                    // Still full with nothing taken since: the client reads slowly (or the
+                    // buffer is kept for a ping). Wait for it, longer each time.
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                     continue;

@@ -26,7 +26,7 @@
 use super::storage_err as st;
 use super::wal::Wal;
 use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page};
-use crate::address::{Address, MessageId};
+use crate::address::{Address, MAX_ID_LEN, MAX_NAME_LEN, MessageId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
@@ -58,6 +58,10 @@ const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Payload bytes up to which a batch is appended on the calling task's thread instead of a
 /// thread of tokio's blocking pool (see [`Inner::inline`]).
 const INLINE_BYTES: usize = 256 << 10;
+/// The most a message's signal (what [`Pending`] counts) adds to its payload: 128 bytes for the
+/// field names, the address's kind, the two numbers and the punctuation, the longest name, and
+/// the longest id with every byte escaped (`\u00XX`, 6 bytes).
+const SIGNAL_ENVELOPE_MAX: usize = 128 + MAX_NAME_LEN + 6 * MAX_ID_LEN;
 /// How long the applier lets appended messages gather before it stores them when many come:
 /// one redb transaction per window, not per append, so each B-tree page a window touches is
 /// copied, checksummed and written once for all its messages (readers find the pending ones in
@@ -311,8 +315,10 @@ impl Inner {
     /// waits long. The embedded queue appends one batch at a time, so this holds at most one
     /// of the runtime's threads.
     fn inline(&self, batch: &[NewMessage]) -> bool {
-        let bytes: usize = batch.iter().map(|m| m.payload.get().len()).sum();
-        bytes <= INLINE_BYTES && lock(&self.pending).bytes + bytes <= MAX_PENDING_BYTES
+        let payload: usize = batch.iter().map(|m| m.payload.get().len()).sum();
+        // Memory counts signals, not payloads: bound what this batch can add.
+        let most = payload + batch.len() * SIGNAL_ENVELOPE_MAX;
+        payload <= INLINE_BYTES && lock(&self.pending).bytes + most <= MAX_PENDING_BYTES
     }
 
     fn refused(&self) -> Option<MailboxError> {
@@ -890,8 +896,9 @@ mod tests {
         }
     }
 
-    /// A batch too large to append on the calling thread goes to the blocking pool; either
-    /// way versions continue without a gap and a resent id is a duplicate of its first append.
+    /// A batch too large to append on the calling thread, or one that could have to wait for
+    /// the applier, goes to the blocking pool; either way versions continue without a gap and a
+    /// resent id is a duplicate of its first append.
     #[tokio::test]
     async fn large_batches_take_the_pool_and_versions_continue_across_both_paths() {
         let dir = tempfile::tempdir().unwrap();
@@ -905,6 +912,15 @@ mod tests {
             .unwrap(),
             ..msg(&a, id)
         };
+        // Near the backpressure limit even one small message goes to the pool: its signal
+        // could take memory past the limit, and waiting for the applier must not hold a
+        // runtime thread. (Set before any append, while the applier has nothing to change.)
+        let one = [msg(&a, "n")];
+        lock(&m.0.inner.pending).bytes = MAX_PENDING_BYTES - SIGNAL_ENVELOPE_MAX;
+        assert!(!m.0.inner.inline(&one));
+        lock(&m.0.inner.pending).bytes = MAX_PENDING_BYTES - SIGNAL_ENVELOPE_MAX - 1;
+        assert!(m.0.inner.inline(&one));
+        lock(&m.0.inner.pending).bytes = 0;
         let small = vec![msg(&a, "s1"), msg(&a, "s2")];
         assert!(m.0.inner.inline(&small));
         let r = m.append(small).await.unwrap();

@@ -53,8 +53,16 @@ pub const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// Time after which the applier makes a checkpoint (bounds what a replay has to do, and redb's
 /// pages not yet synced).
 pub const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
-/// Bytes of messages in memory, not yet in redb, past which appends wait for the applier.
-const MAX_PENDING_BYTES: usize = 16 << 20;
+/// Bytes of messages in memory, not yet in redb, past which appends wait for the applier: an
+/// eighth of the store's cache ([`EmbeddedMailbox::open_with_cache`]; 32 MiB with the node's
+/// default), within these bounds. The applier stores when a quarter of it is pending
+/// ([`Pending::full`]), so a larger budget gives larger transactions, each B-tree page copied
+/// and written once for more messages. Under batched publishes to 1 000 addresses, 16 MiB (a
+/// store every ~0.2 s) against 32 MiB with 1 s windows: 137–140 k against 145–155 k msg/s, peak
+/// RSS 380 against 464 MiB; 64 MiB gained nothing more for another 110 MiB (docs/benchmarks.md,
+/// fifteenth session).
+const PENDING_BYTES_MIN: usize = 4 << 20;
+const PENDING_BYTES_MAX: usize = 64 << 20;
 /// Payload bytes up to which a batch is appended on the calling task's thread instead of a
 /// thread of tokio's blocking pool (see [`Inner::inline`]).
 const INLINE_BYTES: usize = 256 << 10;
@@ -67,15 +75,15 @@ const SIGNAL_ENVELOPE_MAX: usize = 128 + MAX_NAME_LEN + 6 * MAX_ID_LEN;
 /// copied, checksummed and written once for all its messages (readers find the pending ones in
 /// memory meanwhile). Under single publishes to 1 000 addresses, a 20 ms window left the applier
 /// 30 % of the node's CPU, 250 ms 20 %, 1 s 13 %.
-const APPLY_WINDOW: Duration = Duration::from_millis(250);
+const APPLY_WINDOW: Duration = Duration::from_millis(1000);
 /// The window when at most [`APPLY_FEW`] messages are pending: a large store in one go delays
 /// the appends of its moment (at 1 000 msg/s, the p99 of an append went from 1.4 ms with 20 ms
 /// windows to 1.6–2.0 ms with 500 ms ones), while a small one costs little whenever it comes.
 const APPLY_WINDOW_FEW: Duration = Duration::from_millis(20);
 const APPLY_FEW: usize = 128;
-/// Pending messages (or a quarter of [`MAX_PENDING_BYTES`] of them) at which the applier
-/// stores them without waiting for the window to end ([`Pending::full`]).
-const APPLY_MAX_MESSAGES: usize = 65536;
+/// Pending messages (or a quarter of the pending budget in bytes) at which the applier stores
+/// them without waiting for the window to end ([`Pending::full`]).
+const APPLY_MAX_MESSAGES: usize = 262_144;
 /// Largest number of cached heads before the cache is dropped and refilled from disk.
 const HEAD_CACHE_MAX: usize = 1 << 20;
 /// Most expiry buckets handled in one expiry transaction.
@@ -132,7 +140,6 @@ struct Writer {
 }
 
 /// Messages appended (in the log) and not yet in redb.
-#[derive(Default)]
 struct Pending {
     /// Not yet taken by the applier, in append order.
     fresh: Vec<Arc<Message>>,
@@ -140,13 +147,15 @@ struct Pending {
     by_address: HashMap<Address, VecDeque<Arc<Message>>>,
     ids: HashMap<(Address, MessageId), Arc<Message>>,
     bytes: usize,
+    /// The budget: appends wait while more than this is pending.
+    max_bytes: usize,
 }
 
 impl Pending {
     /// Whether the applier should store now rather than let more gather: enough messages, or
     /// enough bytes, are waiting.
     fn full(&self) -> bool {
-        self.fresh.len() >= APPLY_MAX_MESSAGES || self.bytes >= MAX_PENDING_BYTES / 4
+        self.fresh.len() >= APPLY_MAX_MESSAGES || self.bytes >= self.max_bytes / 4
     }
 
     fn last(&self, address: &Address) -> Option<u64> {
@@ -217,7 +226,13 @@ impl EmbeddedMailbox {
                 generation: generation + 2,
                 record: Vec::new(),
             }),
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending {
+                fresh: Vec::new(),
+                by_address: HashMap::default(),
+                ids: HashMap::default(),
+                bytes: 0,
+                max_bytes: (cache_bytes / 8).clamp(PENDING_BYTES_MIN, PENDING_BYTES_MAX),
+            }),
             wake: Condvar::new(),
             log_bytes: AtomicU64::new(0),
             broken: Mutex::new(None),
@@ -318,7 +333,8 @@ impl Inner {
         let payload: usize = batch.iter().map(|m| m.payload.get().len()).sum();
         // Memory counts signals, not payloads: bound what this batch can add.
         let most = payload + batch.len() * SIGNAL_ENVELOPE_MAX;
-        payload <= INLINE_BYTES && lock(&self.pending).bytes + most <= MAX_PENDING_BYTES
+        let p = lock(&self.pending);
+        payload <= INLINE_BYTES && p.bytes + most <= p.max_bytes
     }
 
     fn refused(&self) -> Option<MailboxError> {
@@ -446,7 +462,7 @@ impl Inner {
                 self.wake.notify_all();
             }
             // Backpressure: the applier is behind by too much.
-            while p.bytes > MAX_PENDING_BYTES && !self.stop.load(Ordering::SeqCst) {
+            while p.bytes > p.max_bytes && !self.stop.load(Ordering::SeqCst) {
                 p = self
                     .wake
                     .wait_timeout(p, Duration::from_millis(100))
@@ -896,6 +912,31 @@ mod tests {
         }
     }
 
+    /// The memory messages may wait in for the applier is an eighth of the store's cache,
+    /// between 4 and 64 MiB; the applier stores when a quarter of that is pending.
+    #[test]
+    fn the_pending_budget_follows_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (cache_mb, budget_mb)) in [(8, 4), (16, 4), (128, 16), (256, 32), (1024, 64)]
+            .into_iter()
+            .enumerate()
+        {
+            let m = EmbeddedMailbox::open_with_cache(
+                &dir.path().join(format!("m{i}.redb")),
+                3_600_000,
+                cache_mb << 20,
+            )
+            .unwrap();
+            let mut p = lock(&m.0.inner.pending);
+            assert_eq!(p.max_bytes, budget_mb << 20, "cache {cache_mb} MiB");
+            p.bytes = p.max_bytes / 4 - 1;
+            assert!(!p.full());
+            p.bytes += 1;
+            assert!(p.full());
+            p.bytes = 0;
+        }
+    }
+
     /// A batch too large to append on the calling thread, or one that could have to wait for
     /// the applier, goes to the blocking pool; either way versions continue without a gap and a
     /// resent id is a duplicate of its first append.
@@ -916,9 +957,10 @@ mod tests {
         // could take memory past the limit, and waiting for the applier must not hold a
         // runtime thread. (Set before any append, while the applier has nothing to change.)
         let one = [msg(&a, "n")];
-        lock(&m.0.inner.pending).bytes = MAX_PENDING_BYTES - SIGNAL_ENVELOPE_MAX;
+        let max = lock(&m.0.inner.pending).max_bytes;
+        lock(&m.0.inner.pending).bytes = max - SIGNAL_ENVELOPE_MAX;
         assert!(!m.0.inner.inline(&one));
-        lock(&m.0.inner.pending).bytes = MAX_PENDING_BYTES - SIGNAL_ENVELOPE_MAX - 1;
+        lock(&m.0.inner.pending).bytes = max - SIGNAL_ENVELOPE_MAX - 1;
         assert!(m.0.inner.inline(&one));
         lock(&m.0.inner.pending).bytes = 0;
         let small = vec![msg(&a, "s1"), msg(&a, "s2")];

@@ -47,6 +47,17 @@ impl EmbeddedTopology {
         Ok(Self { db: Arc::new(db) })
     }
 
+    /// A small read (one key or one client's short range) runs on the calling thread: redb
+    /// answers it from its page cache in microseconds, where the hop to tokio's blocking pool
+    /// and back (waking a pool thread, parking it, waking the task) cost more CPU than the read.
+    /// Writes (a synchronous commit) and reads that grow with the data (`members`) take the pool.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, TopologyError>,
+    ) -> Result<T, TopologyError> {
+        f(&self.db)
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, TopologyError> + Send + 'static,
@@ -77,18 +88,15 @@ impl Topology for EmbeddedTopology {
     }
 
     async fn revoked(&self, client: &ClientId) -> Result<bool, TopologyError> {
-        let client = client.clone();
-        self.blocking(move |db| {
+        self.read(|db| {
             let txn = db.begin_read().map_err(st)?;
             let t = txn.open_table(REVOKED).map_err(st)?;
             Ok(t.get(client.as_str()).map_err(st)?.is_some())
         })
-        .await
     }
 
     async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
-        let client = client.clone();
-        self.blocking(move |db| {
+        self.read(|db| {
             let txn = db.begin_read().map_err(st)?;
             let t = txn.open_table(BINDINGS).map_err(st)?;
             let mut out = Vec::new();
@@ -105,7 +113,6 @@ impl Topology for EmbeddedTopology {
             }
             Ok(out)
         })
-        .await
     }
 
     async fn add(
@@ -270,8 +277,7 @@ impl Cursors for EmbeddedTopology {
     }
 
     async fn get(&self, client: &ClientId) -> Result<HashMap<Address, u64>, TopologyError> {
-        let client = client.clone();
-        self.blocking(move |db| {
+        self.read(|db| {
             let txn = db.begin_read().map_err(st)?;
             let t = txn.open_table(CURSORS).map_err(st)?;
             let mut out = HashMap::new();
@@ -285,6 +291,5 @@ impl Cursors for EmbeddedTopology {
             }
             Ok(out)
         })
-        .await
     }
 }

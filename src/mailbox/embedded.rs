@@ -84,6 +84,8 @@ const APPLY_FEW: usize = 128;
 /// Pending messages (or a quarter of the pending budget in bytes) at which the applier stores
 /// them without waiting for the window to end ([`Pending::full`]).
 const APPLY_MAX_MESSAGES: usize = 262_144;
+/// Most addresses whose heads are read on the calling thread rather than in the blocking pool.
+const INLINE_HEADS: usize = 16;
 /// Largest number of cached heads before the cache is dropped and refilled from disk.
 const HEAD_CACHE_MAX: usize = 1 << 20;
 /// Most expiry buckets handled in one expiry transaction.
@@ -874,6 +876,12 @@ impl Mailbox for EmbeddedMailbox {
     }
 
     async fn heads(&self, addresses: &[Address]) -> Result<Vec<Head>, MailboxError> {
+        // A few point reads (a connection's own addresses, one bind) are answered from redb's
+        // page cache in microseconds, less than a hop to the blocking pool and back costs;
+        // many take the pool.
+        if addresses.len() <= INLINE_HEADS {
+            return self.0.inner.heads_blocking(addresses);
+        }
         let this = self.0.inner.clone();
         let addresses = addresses.to_vec();
         run_blocking(move || this.heads_blocking(&addresses)).await
@@ -910,6 +918,33 @@ mod tests {
             payload: serde_json::value::RawValue::from_string("1".into()).unwrap(),
             new_id: false,
         }
+    }
+
+    /// Heads of a few addresses are read on the calling thread, of many in the pool: the same
+    /// answers either way, pending messages included.
+    #[tokio::test]
+    async fn heads_are_the_same_inline_and_in_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap();
+        let all: Vec<Address> = (0..INLINE_HEADS + 4)
+            .map(|i| Address::parse(&format!("channel:h{i}")).unwrap())
+            .collect();
+        for (i, a) in all.iter().enumerate() {
+            let batch = (0..=i).map(|j| msg(a, &format!("m{j}"))).collect();
+            m.append(batch).await.unwrap();
+        }
+        let many: Vec<u64> = m
+            .heads(&all)
+            .await
+            .unwrap()
+            .iter()
+            .map(|h| h.head)
+            .collect();
+        let expected: Vec<u64> = (1..=all.len() as u64).collect();
+        assert_eq!(many, expected);
+        let few = &all[all.len() - 3..];
+        let heads: Vec<u64> = m.heads(few).await.unwrap().iter().map(|h| h.head).collect();
+        assert_eq!(heads, expected[expected.len() - 3..]);
     }
 
     /// The memory messages may wait in for the applier is an eighth of the store's cache,

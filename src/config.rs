@@ -400,11 +400,18 @@ impl Config {
             let (section, field) = key
                 .split_once('.')
                 .map_or((None, key.as_str()), |(s, f)| (Some(s), f));
-            let slot = match section {
-                Some(s) => &mut tree[s][field],
-                None => &mut tree[field],
-            };
-            *slot = env_value(slot, raw);
+            // Read as its key's default is typed, whatever an earlier layer put there.
+            let value = env_value(
+                match section {
+                    Some(s) => &defaults[s][field],
+                    None => &defaults[field],
+                },
+                raw,
+            );
+            match section {
+                Some(s) => tree[s][field] = value,
+                None => tree[field] = value,
+            }
             set_by.push((key, name));
         }
         let flags = serde_json::to_value(flags).expect("the flags serialize");
@@ -708,6 +715,15 @@ mod tests {
         assert!(c.require_client_token);
         assert_eq!(c.node_id.as_deref(), Some("12345"), "digits stay a string");
         assert_eq!(c.kafka.partitions, 3);
+        // The variable beats a file's value of the wrong type, and is read by the key's type.
+        let (_d, f) = file("[limits]\nmax_batch = \"lots\"\n");
+        assert_eq!(
+            load(Some(&f), &[("MAX_BATCH", "9")])
+                .unwrap()
+                .limits
+                .max_batch,
+            9
+        );
         let c = load(None, &[("CORS_ORIGINS", r#"["https://a.example"]"#)]).unwrap();
         assert_eq!(c.cors_origins, ["https://a.example"]);
         let e = chain(&load(None, &[("MAX_CONNECTIONS", "many")]).unwrap_err());

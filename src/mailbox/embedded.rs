@@ -127,6 +127,10 @@ struct Inner {
     /// hold a record the heads in memory do not), or the applier could not store.
     broken: Mutex<Option<String>>,
     stop: AtomicBool,
+    /// `signalpost_log_write_seconds`: each batch's synchronous log write.
+    log_write: metrics::Histogram,
+    /// `signalpost_checkpoint_seconds`: each checkpoint's durable redb commit.
+    checkpoint: metrics::Histogram,
     #[cfg(test)]
     fail_after: std::sync::atomic::AtomicUsize,
 }
@@ -239,6 +243,8 @@ impl EmbeddedMailbox {
             log_bytes: AtomicU64::new(0),
             broken: Mutex::new(None),
             stop: AtomicBool::new(false),
+            log_write: metrics::histogram!(crate::metrics::LOG_WRITE),
+            checkpoint: metrics::histogram!("signalpost_checkpoint_seconds"),
             #[cfg(test)]
             fail_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
@@ -439,7 +445,10 @@ impl Inner {
         }
         // In the log before anyone can see it: a reader never sees what a crash could take back.
         let g = (w.generation % 2) as usize;
-        if let Err(e) = w.logs[g].append(&w.record) {
+        let started = Instant::now();
+        let written = w.logs[g].append(&w.record);
+        self.log_write.record(started.elapsed());
+        if let Err(e) = written {
             let why = format!("writing the mailbox log failed ({e})");
             tracing::error!("{why}");
             *lock(&self.broken) = Some(why);
@@ -612,8 +621,12 @@ impl Inner {
             if batch.is_empty() && next.is_none() {
                 continue;
             }
+            let started = Instant::now();
             let result = self.store(&batch, next);
             last_store = Instant::now();
+            if next.is_some() {
+                self.checkpoint.record(last_store - started);
+            }
             match result {
                 Ok(_) => {
                     dirty = next.is_none();

@@ -3,7 +3,7 @@
 // nothing lost and nothing twice. The connection limit refuses with a clear connect_error.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNode, api, connect, refusal, waitFor } from './lib/harness.mjs';
+import { startNode, api, connect, refusal, waitFor, BACKEND } from './lib/harness.mjs';
 
 async function metric(url, name) {
   const text = (await api(url, 'GET', '/metrics')).body;
@@ -21,10 +21,16 @@ test('a client that stops reading is caught up from the mailbox, in order, once'
   tcp.pause(); // stop reading: the kernel buffers fill, then the node's socket buffer
   const pad = 'x'.repeat(2000);
   const total = 20000;
+  const writesBefore = await metric(node.url, 'signalpost_log_write_seconds_count');
   for (let i = 0; i < total; i += 1000) {
     const batch = Array.from({ length: 1000 }, (_, j) => ({ address: own, payload: { n: i + j, pad } }));
     const r = await api(node.url, 'POST', '/server/enqueue?wait=true', batch);
     assert.equal(r.status, 200);
+  }
+  if (BACKEND === 'embedded') {
+    // Every answered request waited for at least one synchronous log write, and each is timed.
+    const writes = (await metric(node.url, 'signalpost_log_write_seconds_count')) - writesBefore;
+    assert.ok(writes >= total / 1000, `log writes timed: ${writes}`);
   }
   await waitFor(async () => (await metric(node.url, 'signalpost_lagged_total')) > 0, 10000, 'the node to notice the slow client');
   assert.ok(c.signals(own).length < total, 'the client had not read everything yet');

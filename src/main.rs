@@ -4,7 +4,6 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use signalpost::config::{Backend, Config, Overrides};
-use signalpost::node::Node;
 mod tools;
 
 use std::path::PathBuf;
@@ -154,55 +153,13 @@ async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::C
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    // `RUST_LOG` as a list of `target=level` (or a bare level): the `Targets` filter, which
-    // needs no regex engine (the quick start compiles less).
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    const DEFAULT_LOG: &str = "info,socketioxide=warn,engineioxide=warn";
-    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| DEFAULT_LOG.parse().expect("a valid default"));
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
-        .init();
+    signalpost::node::init_logging();
     let flags = Overrides {
         listen: args.listen,
         data_dir: args.data_dir,
         backend: args.backend,
     };
     let config = Config::load(args.config.as_deref(), &flags)?;
-    let data_dir = config.data_dir.clone();
-    let node = Node::build(config).await?;
-    let url = node.url();
-    let id = node.id().to_string();
-    println!(
-        "signalpost node {id} listening on {url} (data in {})",
-        data_dir.display()
-    );
-    println!("open {url}/ in a browser to try it");
-    node.run(shutdown_signal()).await?;
+    signalpost::node::serve(config).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
 }

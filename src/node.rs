@@ -20,7 +20,7 @@ use crate::peers::Peers;
 use crate::presence::{MemoryPresence, Presence};
 use crate::routing::{Fanout, Router};
 use crate::security::{Credentials, PeerAuth, TokenKey, load_or_create_secret};
-use crate::tasks::Tasks;
+use crate::tasks::{BoxFuture, Tasks};
 use crate::topology::embedded::EmbeddedTopology;
 use crate::topology::{Cursors, ReadMarks, Topology};
 use std::net::SocketAddr;
@@ -294,6 +294,12 @@ impl Node {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
+        self.serve_until(Box::pin(shutdown)).await
+    }
+
+    /// [`Node::run`]'s body, not generic: compiled once, here, rather than again in every crate
+    /// that runs a node (the binary, each test binary).
+    async fn serve_until(self, shutdown: BoxFuture<()>) -> Result<(), NodeError> {
         let api = self.api.clone();
         let gw = api.gw.clone();
         let (layer, io) = crate::gateway::build(gw.clone());
@@ -347,6 +353,61 @@ impl Node {
         }
         tracing::info!("drained");
         Ok(())
+    }
+}
+
+/// What `signalpost serve` runs: builds a node from `config`, says where it listens, and serves
+/// until SIGINT or SIGTERM, then drains.
+pub fn serve(config: Config) -> BoxFuture<Result<(), NodeError>> {
+    Box::pin(async move {
+        let data_dir = config.data_dir.clone();
+        let node = Node::build(config).await?;
+        let url = node.url();
+        println!(
+            "signalpost node {} listening on {url} (data in {})",
+            node.id(),
+            data_dir.display()
+        );
+        println!("open {url}/ in a browser to try it");
+        node.run(shutdown_signal()).await
+    })
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` as a list of `target=level` (or a bare level): the
+/// `Targets` filter, which needs no regex engine.
+pub fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    const DEFAULT_LOG: &str = "info,socketioxide=warn,engineioxide=warn";
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| DEFAULT_LOG.parse().expect("a valid default"));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
     }
 }
 

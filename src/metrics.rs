@@ -16,13 +16,13 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// The hand-off histogram's name and its finer buckets (50 µs to 1 s): a hop between nodes is
-/// measured in fractions of a millisecond.
+/// The hand-off histogram's name: a hop between nodes is measured in fractions of a millisecond.
 pub const HANDOFF: &str = "signalpost_append_to_handoff_seconds";
-/// The embedded mailbox's log write per batch (the same fine buckets: one synchronous write of
-/// a few KiB takes a fraction of a millisecond).
+/// The embedded mailbox's log write per batch: one synchronous write of a few KiB takes a
+/// fraction of a millisecond.
 pub const LOG_WRITE: &str = "signalpost_log_write_seconds";
-const HANDOFF_BUCKETS: &[f64] = &[
+/// The finer buckets (50 µs to 1 s) of [`HANDOFF`] and [`LOG_WRITE`].
+const FINE_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
     0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
@@ -80,11 +80,9 @@ impl Metrics {
                         &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0],
                     )
                 })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HANDOFF.into()), FINE_BUCKETS))
                 .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(HANDOFF.into()), HANDOFF_BUCKETS)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(LOG_WRITE.into()), HANDOFF_BUCKETS)
+                    b.set_buckets_for_metric(Matcher::Full(LOG_WRITE.into()), FINE_BUCKETS)
                 })
                 .expect("static buckets are valid")
                 .install_recorder()

@@ -43,11 +43,7 @@ impl Tasks {
     /// Runs `task` to its end even when the node stops: for tasks that finish their work when
     /// their input closes (the queue's consumer, the ack writer), which [`Tasks::stop`] waits for.
     pub fn spawn_to_end(&self, task: impl Future<Output = ()> + Send + 'static) {
-        self.spawn_to_end_boxed(Box::pin(task));
-    }
-
-    fn spawn_to_end_boxed(&self, task: BoxFuture<()>) {
-        self.tracker.spawn(task);
+        self.tracker.spawn::<BoxFuture<()>>(Box::pin(task));
     }
 
     /// Calls `tick` every `every` (first after one period) until the node stops, cutting off a

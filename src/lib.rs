@@ -35,5 +35,6 @@ pub mod presence;
 pub mod routing;
 pub mod security;
 pub mod tasks;
+pub mod tls;
 pub mod topology;
 pub mod work;

@@ -10,15 +10,11 @@ use axum::extract::{ConnectInfo, Request};
 use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::convert::Infallible;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 
@@ -26,69 +22,6 @@ use tower_http::timeout::TimeoutBody;
 const MAX_HEAD: usize = 64 * 1024;
 /// How long a shutdown waits for open HTTP connections before it goes on.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Listener failures at startup.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: rustls_pki_types::pem::Error,
-    },
-    #[error("{0} holds no certificate")]
-    NoCert(String),
-    #[error("TLS configuration: {0}")]
-    Config(#[from] tokio_rustls::rustls::Error),
-}
-
-/// Builds the TLS acceptor of `tls_cert` + `tls_key` (PEM).
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let read = |p: &Path| {
-        let path = p.display().to_string();
-        move |source| TlsError::Read {
-            path: path.clone(),
-            source,
-        }
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(read(cert))?
-        .collect::<Result<_, _>>()
-        .map_err(read(cert))?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCert(cert.display().to_string()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(read(key))?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// A TLS client that trusts the certificates in `ca` (PEM), for node-to-node HTTPS.
-pub fn tls_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, TlsError> {
-    let path = ca.display().to_string();
-    let read = |source| TlsError::Read {
-        path: path.clone(),
-        source,
-    };
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(read)? {
-        roots.add(cert.map_err(read)?)?;
-    }
-    if roots.is_empty() {
-        return Err(TlsError::NoCert(path));
-    }
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
 
 /// How the listener treats connections.
 pub struct Limits {
@@ -102,7 +35,7 @@ pub struct Limits {
 /// a grace period).
 pub async fn serve<S>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<crate::tls::Acceptor>,
     limits: Limits,
     app: S,
     shutdown: impl Future<Output = ()> + Send + 'static,

@@ -53,8 +53,8 @@ pub enum NodeError {
     Service(&'static str, #[source] Cause),
     #[error("serving: {0}")]
     Serve(std::io::Error),
-    #[error("TLS: {0}")]
-    Tls(#[from] crate::listener::TlsError),
+    #[error("TLS")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("client tokens: {0}")]
     Tokens(String),
 }
@@ -75,7 +75,7 @@ pub struct Node {
     /// Stops them when the node is dropped without running.
     _stop_on_drop: tokio_util::sync::DropGuard,
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<crate::tls::Acceptor>,
     addr: SocketAddr,
 }
 
@@ -98,7 +98,7 @@ impl Node {
             None => node_id_in(&dir).map_err(data_err)?,
         };
         let tls = match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => Some(crate::listener::tls_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
             _ => None,
         };
         let token_key = match (&config.client_token_secret, &config.client_token_public_key) {
@@ -190,7 +190,7 @@ impl Node {
             &node_id,
             peer_auth.clone(),
             match config.tls.ca.as_ref().or(config.tls.cert.as_ref()) {
-                Some(ca) if tls.is_some() => Some(crate::listener::tls_connector(ca)?),
+                Some(ca) if tls.is_some() => Some(crate::tls::connector(ca)?),
                 _ => None,
             },
         );

@@ -85,6 +85,7 @@ impl Credentials {
                 DecodingKey::from_secret(s.as_bytes()),
                 Validation::new(Algorithm::HS256),
             )),
+            #[cfg(feature = "tls")]
             Some(TokenKey::PublicPem(pem)) => Some(
                 match (
                     DecodingKey::from_rsa_pem(&pem),
@@ -99,6 +100,12 @@ impl Credentials {
                     }
                 },
             ),
+            #[cfg(not(feature = "tls"))]
+            Some(TokenKey::PublicPem(_)) => {
+                return Err(
+                    "client_token_public_key (RS256/ES256 tokens) needs a signalpost built with `cargo build --release --features tls`; this one checks HS256 tokens only".into(),
+                );
+            }
         };
         let jwt = jwt.map(|(k, mut v)| {
             v.set_required_spec_claims(&["exp", "sub"]);

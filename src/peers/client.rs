@@ -57,7 +57,7 @@ impl Http {
     pub async fn connect_tls(
         url: &str,
         api_key: Option<String>,
-        tls: Option<&tokio_rustls::TlsConnector>,
+        tls: Option<&crate::tls::Connector>,
     ) -> Result<Self, ClientError> {
         let (authority, https) = match url.strip_prefix("https://") {
             Some(rest) => (authority(&format!("http://{rest}"))?, true),
@@ -85,16 +85,11 @@ impl Http {
                 let host = authority
                     .rsplit_once(':')
                     .map_or(authority.as_str(), |(h, _)| h);
-                let name = rustls_pki_types::ServerName::try_from(
-                    host.trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                )
-                .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
                 let stream = tls
-                    .connect(name, tcp)
+                    .connect(host, tcp)
                     .await
-                    .map_err(|e| ClientError::Connect(authority.clone(), e.to_string()))?;
+                    .map_err(|e| ClientError::Connect(authority.clone(), e))?;
                 let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                     .await
                     .map_err(http)?;

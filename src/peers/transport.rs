@@ -39,12 +39,12 @@ pub struct HttpTransport {
     node: String,
     auth: Arc<PeerAuth>,
     /// The roots peers' HTTPS certificates are checked against (when nodes speak TLS).
-    tls: Option<tokio_rustls::TlsConnector>,
+    tls: Option<crate::tls::Connector>,
     idle: Mutex<HashMap<String, Vec<Http>>>,
 }
 
 impl HttpTransport {
-    pub fn new(node: &str, auth: Arc<PeerAuth>, tls: Option<tokio_rustls::TlsConnector>) -> Self {
+    pub fn new(node: &str, auth: Arc<PeerAuth>, tls: Option<crate::tls::Connector>) -> Self {
         Self {
             node: node.to_string(),
             auth,

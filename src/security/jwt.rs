@@ -1,16 +1,21 @@
-//! The cryptography under `jsonwebtoken`: a [`CryptoProvider`] backed by `ring`, which the TLS
-//! listener already compiles. The crate's own `rust_crypto` provider would compile a second set
-//! of RSA and elliptic-curve crates (≈ 30 CPU-seconds of a cold build) for the same checks.
+//! The cryptography under `jsonwebtoken`: a [`CryptoProvider`] of our own, so the crate's
+//! `rust_crypto` provider (a second set of RSA and elliptic-curve crates, ≈ 30 CPU-seconds of a
+//! cold build) is never compiled.
 //!
-//! Verifies every algorithm `ring` has: HS256/384/512, RS256/384/512, PS256/384/512 (2048–8192
-//! bit keys), ES256, ES384 and EdDSA (Ed25519). Signs only HMAC: a node never issues
-//! asymmetric tokens, it only checks the ones the customer's servers sign.
+//! HMAC (HS256/384/512) uses the `hmac` and `sha2` crates, which the resume tokens use already.
+//! Public-key tokens need the `tls` feature, whose `ring` the TLS listener compiles anyway; with it
+//! the provider verifies every algorithm `ring` has: RS256/384/512, PS256/384/512 (2048–8192 bit
+//! keys), ES256, ES384 and EdDSA (Ed25519). It signs only HMAC: a node never issues asymmetric
+//! tokens, it only checks the ones the customer's servers sign.
 
+use hmac::{Hmac, Mac};
 use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
 use jsonwebtoken::errors::{Error, ErrorKind};
 use jsonwebtoken::signature;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind, EncodingKey};
-use ring::{hmac, signature as sig};
+#[cfg(feature = "tls")]
+use ring::signature as sig;
+use sha2::{Sha256, Sha384, Sha512};
 
 static PROVIDER: CryptoProvider = CryptoProvider {
     signer_factory: signer,
@@ -24,15 +29,45 @@ pub fn install() {
     let _ = PROVIDER.install_default();
 }
 
-fn hmac_alg(alg: Algorithm) -> Option<hmac::Algorithm> {
-    Some(match alg {
-        Algorithm::HS256 => hmac::HMAC_SHA256,
-        Algorithm::HS384 => hmac::HMAC_SHA384,
-        Algorithm::HS512 => hmac::HMAC_SHA512,
-        _ => return None,
-    })
+/// An HMAC key of one of the three JWT hashes.
+#[derive(Clone)]
+enum HmacKey {
+    S256(Hmac<Sha256>),
+    S384(Hmac<Sha384>),
+    S512(Hmac<Sha512>),
 }
 
+impl HmacKey {
+    /// `None` when `alg` is not an HMAC algorithm.
+    fn new(alg: Algorithm, secret: &[u8]) -> Option<Self> {
+        // HMAC takes a key of any length: `new_from_slice` cannot fail.
+        Some(match alg {
+            Algorithm::HS256 => Self::S256(Hmac::new_from_slice(secret).ok()?),
+            Algorithm::HS384 => Self::S384(Hmac::new_from_slice(secret).ok()?),
+            Algorithm::HS512 => Self::S512(Hmac::new_from_slice(secret).ok()?),
+            _ => return None,
+        })
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        match self.clone() {
+            Self::S256(m) => m.chain_update(msg).finalize().into_bytes().to_vec(),
+            Self::S384(m) => m.chain_update(msg).finalize().into_bytes().to_vec(),
+            Self::S512(m) => m.chain_update(msg).finalize().into_bytes().to_vec(),
+        }
+    }
+
+    /// In constant time.
+    fn verify(&self, msg: &[u8], tag: &[u8]) -> bool {
+        match self.clone() {
+            Self::S256(m) => m.chain_update(msg).verify_slice(tag).is_ok(),
+            Self::S384(m) => m.chain_update(msg).verify_slice(tag).is_ok(),
+            Self::S512(m) => m.chain_update(msg).verify_slice(tag).is_ok(),
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
 fn rsa_alg(alg: Algorithm) -> Option<&'static sig::RsaParameters> {
     Some(match alg {
         Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
@@ -56,11 +91,11 @@ fn family(alg: Algorithm) -> AlgorithmFamily {
     }
 }
 
-struct HmacSigner(Algorithm, hmac::Key);
+struct HmacSigner(Algorithm, HmacKey);
 
 impl signature::Signer<Vec<u8>> for HmacSigner {
     fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
-        Ok(hmac::sign(&self.1, msg).as_ref().to_vec())
+        Ok(self.1.sign(msg))
     }
 }
 
@@ -71,21 +106,24 @@ impl JwtSigner for HmacSigner {
 }
 
 fn signer(alg: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>, Error> {
-    let h = hmac_alg(*alg).ok_or(ErrorKind::InvalidAlgorithm)?;
+    if family(*alg) != AlgorithmFamily::Hmac {
+        return Err(ErrorKind::InvalidAlgorithm.into());
+    }
     if key.family() != AlgorithmFamily::Hmac {
         return Err(ErrorKind::InvalidKeyFormat.into());
     }
-    Ok(Box::new(HmacSigner(
-        *alg,
-        hmac::Key::new(h, key.as_bytes()),
-    )))
+    let k = HmacKey::new(*alg, key.as_bytes()).ok_or(ErrorKind::InvalidAlgorithm)?;
+    Ok(Box::new(HmacSigner(*alg, k)))
 }
 
 enum Check {
-    Hmac(hmac::Key),
+    /// Boxed: the hash states are several times the size of the other variants.
+    Hmac(Box<HmacKey>),
     /// A public key in the form `ring` reads: PKCS#1 DER for RSA, the uncompressed point for
     /// ECDSA, the 32 bytes for Ed25519 (what `jsonwebtoken` keeps after reading a PEM).
+    #[cfg(feature = "tls")]
     Public(&'static dyn sig::VerificationAlgorithm, Vec<u8>),
+    #[cfg(feature = "tls")]
     Rsa(&'static sig::RsaParameters, Vec<u8>, Vec<u8>),
 }
 
@@ -94,15 +132,17 @@ struct Verifier(Algorithm, Check);
 impl signature::Verifier<Vec<u8>> for Verifier {
     fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), signature::Error> {
         let ok = match &self.1 {
-            Check::Hmac(k) => hmac::verify(k, msg, signature),
-            Check::Public(alg, key) => {
-                sig::UnparsedPublicKey::new(*alg, key).verify(msg, signature)
-            }
-            Check::Rsa(alg, n, e) => {
-                sig::RsaPublicKeyComponents { n, e }.verify(alg, msg, signature)
-            }
+            Check::Hmac(k) => k.verify(msg, signature),
+            #[cfg(feature = "tls")]
+            Check::Public(alg, key) => sig::UnparsedPublicKey::new(*alg, key)
+                .verify(msg, signature)
+                .is_ok(),
+            #[cfg(feature = "tls")]
+            Check::Rsa(alg, n, e) => sig::RsaPublicKeyComponents { n, e }
+                .verify(alg, msg, signature)
+                .is_ok(),
         };
-        ok.map_err(|_| signature::Error::new())
+        ok.then_some(()).ok_or_else(signature::Error::new)
     }
 }
 
@@ -118,27 +158,37 @@ fn verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, 
         return Err(ErrorKind::InvalidKeyFormat.into());
     }
     let check = match (key.kind(), alg) {
-        (DecodingKeyKind::SecretOrDer(bytes), a) if hmac_alg(a).is_some() => {
-            Check::Hmac(hmac::Key::new(hmac_alg(a).expect("checked"), bytes))
+        (DecodingKeyKind::SecretOrDer(bytes), a) if family(a) == AlgorithmFamily::Hmac => {
+            Check::Hmac(Box::new(
+                HmacKey::new(a, bytes).ok_or(ErrorKind::InvalidAlgorithm)?,
+            ))
         }
+        #[cfg(feature = "tls")]
         (DecodingKeyKind::SecretOrDer(bytes), Algorithm::ES256) => {
             Check::Public(&sig::ECDSA_P256_SHA256_FIXED, bytes.clone())
         }
+        #[cfg(feature = "tls")]
         (DecodingKeyKind::SecretOrDer(bytes), Algorithm::ES384) => {
             Check::Public(&sig::ECDSA_P384_SHA384_FIXED, bytes.clone())
         }
+        #[cfg(feature = "tls")]
         (DecodingKeyKind::SecretOrDer(bytes), Algorithm::EdDSA) => {
             Check::Public(&sig::ED25519, bytes.clone())
         }
+        #[cfg(feature = "tls")]
         (DecodingKeyKind::SecretOrDer(bytes), a) => Check::Public(
             rsa_alg(a).ok_or(ErrorKind::InvalidAlgorithm)?,
             bytes.clone(),
         ),
+        #[cfg(feature = "tls")]
         (DecodingKeyKind::RsaModulusExponent { n, e }, a) => Check::Rsa(
             rsa_alg(a).ok_or(ErrorKind::InvalidAlgorithm)?,
             n.clone(),
             e.clone(),
         ),
+        // Public keys need `ring` (the `tls` feature); `Credentials::new` says so at startup.
+        #[cfg(not(feature = "tls"))]
+        _ => return Err(ErrorKind::InvalidAlgorithm.into()),
     };
     Ok(Box::new(Verifier(alg, check)))
 }
@@ -147,8 +197,8 @@ fn verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, 
 mod tests {
     use super::*;
     use jsonwebtoken::{Header, Validation, decode, encode};
-    use ring::rand::SystemRandom;
-    use ring::signature::KeyPair;
+    #[cfg(feature = "tls")]
+    use ring::{rand::SystemRandom, signature::KeyPair};
 
     #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
     struct C {
@@ -163,11 +213,13 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "tls")]
     fn b64(b: &[u8]) -> String {
         use base64::Engine;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
     }
 
+    #[cfg(feature = "tls")]
     fn p256() -> sig::EcdsaKeyPair {
         let rng = SystemRandom::new();
         let alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
@@ -175,6 +227,7 @@ mod tests {
         sig::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap()
     }
 
+    #[cfg(feature = "tls")]
     /// A token signed outside `jsonwebtoken` (ring's ECDSA signer), as a customer's server would.
     fn es256_token(pair: &sig::EcdsaKeyPair, header_alg: &str) -> String {
         let head = b64(format!(r#"{{"alg":"{header_alg}","typ":"JWT"}}"#).as_bytes());
@@ -187,24 +240,28 @@ mod tests {
     #[test]
     fn hmac_signs_and_verifies_and_refuses_another_secret() {
         install();
-        let t = encode(
-            &Header::new(Algorithm::HS256),
-            &claims(),
-            &EncodingKey::from_secret(b"one"),
-        )
-        .unwrap();
-        let v = Validation::new(Algorithm::HS256);
-        assert_eq!(
-            decode::<C>(&t, &DecodingKey::from_secret(b"one"), &v)
-                .unwrap()
-                .claims
-                .sub,
-            "u"
-        );
-        let e = decode::<C>(&t, &DecodingKey::from_secret(b"two"), &v).unwrap_err();
-        assert_eq!(e.kind(), &ErrorKind::InvalidSignature);
+        for (alg, len) in [
+            (Algorithm::HS256, 32_usize),
+            (Algorithm::HS384, 48),
+            (Algorithm::HS512, 64),
+        ] {
+            let t = encode(
+                &Header::new(alg),
+                &claims(),
+                &EncodingKey::from_secret(b"one"),
+            )
+            .unwrap();
+            let tag = t.rsplit('.').next().unwrap();
+            assert_eq!(tag.len(), (len * 4).div_ceil(3), "{alg:?}");
+            let v = Validation::new(alg);
+            let one = DecodingKey::from_secret(b"one");
+            assert_eq!(decode::<C>(&t, &one, &v).unwrap().claims.sub, "u");
+            let e = decode::<C>(&t, &DecodingKey::from_secret(b"two"), &v).unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::InvalidSignature);
+        }
     }
 
+    #[cfg(feature = "tls")]
     #[test]
     fn es256_verifies_a_good_signature_and_refuses_a_tampered_one() {
         install();
@@ -224,6 +281,7 @@ mod tests {
         assert_eq!(e.kind(), &ErrorKind::InvalidSignature);
     }
 
+    #[cfg(feature = "tls")]
     #[test]
     fn a_public_key_is_never_an_hmac_secret() {
         install();
@@ -251,6 +309,31 @@ mod tests {
             &Header::new(Algorithm::ES256),
             &claims(),
             &EncodingKey::from_ec_der(b"not a key"),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::InvalidAlgorithm);
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn without_tls_public_key_tokens_are_refused_not_trusted() {
+        install();
+        let t = encode(
+            &Header::new(Algorithm::HS256),
+            &claims(),
+            &EncodingKey::from_secret(b"k"),
+        )
+        .unwrap();
+        // The same token claimed as ES256, against an EC key: no check exists, so no pass.
+        let (_, rest) = t.split_once('.').unwrap();
+        let es = format!("{}.{rest}", {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256"}"#)
+        });
+        let e = decode::<C>(
+            &es,
+            &DecodingKey::from_ec_der(b"k"),
+            &Validation::new(Algorithm::ES256),
         )
         .unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::InvalidAlgorithm);

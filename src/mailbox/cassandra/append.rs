@@ -10,7 +10,8 @@
 //!
 //! Then, outside the lock and beside the appends before and after it:
 //! 3. the message rows and id candidates are written, one unlogged batch per address;
-//! 4. one SERIAL read of the fences: if another writer claimed one of the shards meanwhile,
+//! 4. a SERIAL read of the fences begun after the rows were written (shared with the appends
+//!    that finished writing meanwhile): if another writer claimed one of the shards meanwhile,
 //!    the append fails with [`MailboxError::Fenced`] and nothing of it becomes visible;
 //! 5. it waits for the turn before it to end, and fails if that one failed (its versions
 //!    follow that one's);

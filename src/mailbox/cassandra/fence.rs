@@ -3,10 +3,12 @@
 //!
 //! A writer claims a shard with a lightweight transaction that moves its epoch one up, and
 //! tags every row it writes with that epoch. After writing a batch it reads every shard's epoch
-//! at SERIAL — one Paxos read per batch, however many addresses and shards the batch touched —
-//! and makes the batch visible (moves the heads) only if its epochs are still current. Why this
-//! holds is in `docs/architecture.md` ("The append fence").
+//! at SERIAL — one Paxos read per batch, however many addresses and shards the batch touched,
+//! shared with the batches that finished writing while the read before was under way — and makes
+//! the batch visible (moves the heads) only if its epochs are still current. Why this holds is in
+//! `docs/architecture.md` ("The append fence").
 
+use super::group_read::GroupRead;
 use super::{st, unavailable};
 use crate::cassandra::Kind;
 use crate::mailbox::MailboxError;
@@ -28,7 +30,12 @@ pub(super) struct Fences {
     read_all: PreparedStatement,
     insert: PreparedStatement,
     update: PreparedStatement,
+    /// The appends under way share their reads of the epochs ([`Fences::current`]).
+    reads: GroupRead<Result<Arc<Epochs>, MailboxError>>,
 }
+
+/// Shard → epoch.
+pub(super) type Epochs = HashMap<u32, i64>;
 
 impl Fences {
     pub(super) async fn new(
@@ -73,6 +80,7 @@ impl Fences {
             session,
             scope: scope.to_string(),
             owner: owner.to_string(),
+            reads: GroupRead::new(),
         })
     }
 
@@ -117,8 +125,16 @@ impl Fences {
         )))
     }
 
-    /// The current epoch of every claimed shard, read at SERIAL (linearizable with claims).
-    pub(super) async fn current(&self) -> Result<HashMap<u32, i64>, MailboxError> {
+    /// The current epoch of every claimed shard, from a SERIAL read (linearizable with claims)
+    /// that started after this call: one read serves every append that asked while the read
+    /// before it was under way.
+    pub(super) async fn current(&self) -> Result<Arc<Epochs>, MailboxError> {
+        self.reads
+            .get(|| async { self.read_current().await.map(Arc::new) })
+            .await
+    }
+
+    async fn read_current(&self) -> Result<Epochs, MailboxError> {
         let res = self
             .session
             .execute_unpaged(&self.read_all, (&self.scope,))

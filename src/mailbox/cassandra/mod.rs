@@ -17,6 +17,7 @@
 
 mod append;
 mod fence;
+mod group_read;
 
 use super::storage_err as st;
 use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page};

@@ -172,6 +172,19 @@ mod tests {
         }
     }
 
+    impl Fixture {
+        /// The first asks and reads; then two more ask and wait.
+        async fn one_reading_two_waiting(
+            self: &Arc<Self>,
+        ) -> [tokio::task::JoinHandle<(usize, usize)>; 3] {
+            let first = self.ask();
+            settle().await;
+            let (b, c) = (self.ask(), self.ask());
+            settle().await;
+            [first, b, c]
+        }
+    }
+
     async fn settle() {
         for _ in 0..20 {
             tokio::task::yield_now().await;
@@ -214,10 +227,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_is_dropped_hands_its_turn_on() {
         let f = Fixture::new();
-        let first = f.ask();
-        settle().await;
-        let (b, c) = (f.ask(), f.ask());
-        settle().await;
+        let [first, b, c] = f.one_reading_two_waiting().await;
         first.abort();
         settle().await;
         assert_eq!(f.started.load(SeqCst), 2, "a waiter took over the read");
@@ -229,10 +239,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_is_dropped_is_skipped() {
         let f = Fixture::new();
-        let first = f.ask();
-        settle().await;
-        let (b, c) = (f.ask(), f.ask());
-        settle().await;
+        let [first, b, c] = f.one_reading_two_waiting().await;
         b.abort();
         settle().await;
         f.gate.add_permits(1);

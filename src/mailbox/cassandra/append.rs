@@ -9,13 +9,14 @@
 //!    the append takes its turn, behind the one before.
 //!
 //! Then, outside the lock and beside the appends before and after it:
-//! 3. the message rows and id candidates are written, one unlogged batch per address;
+//! 3. the message rows and id candidates are written, in as few unlogged batches as the size
+//!    limits allow (all addresses together);
 //! 4. a SERIAL read of the fences begun after the rows were written (shared with the appends
 //!    that finished writing meanwhile): if another writer claimed one of the shards meanwhile,
 //!    the append fails with [`MailboxError::Fenced`] and nothing of it becomes visible;
 //! 5. it waits for the turn before it to end, and fails if that one failed (its versions
 //!    follow that one's);
-//! 6. the head marks move, and only then does `append` answer and end its turn.
+//! 6. the head marks move (one unlogged batch), and only then does `append` answer and end its turn.
 //!
 //! So the marks move in the order versions were reserved, while the rows and the fence reads of
 //! consecutive appends overlap. A failed append records what it leaves unknown ([`Failed`]);
@@ -33,6 +34,7 @@ use crate::address::{Address, MessageId};
 use crate::mailbox::{Appended, MailboxError, Message, NewMessage, Run, now_ms};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::{StreamExt, TryStreamExt, stream};
+use scylla::cluster::ClusterState;
 use scylla::serialize::SerializationError;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::writers::RowWriter;
@@ -42,10 +44,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-/// Messages (each a message row and an id candidate) in one unlogged batch, and their payload
-/// bytes (Cassandra refuses batches over `batch_size_fail_threshold`, 1 MiB here).
+/// Messages (each a message row and an id candidate) in one unlogged batch, and their bytes
+/// (an over-estimate of Cassandra's own count): under `batch_size_fail_threshold`, which is
+/// 50 KiB unless raised, so that a stock Cassandra takes every batch but a single larger message.
 const MAX_BATCH_MESSAGES: usize = 500;
-const MAX_BATCH_BYTES: usize = 512 * 1024;
+const MAX_BATCH_BYTES: usize = 40 * 1024;
 /// Ids per lookup of the id index (one partition, clustering `IN`).
 const IDS_PER_LOOKUP: usize = 200;
 /// Rows per read when adopting rows written past the head.
@@ -136,6 +139,8 @@ impl Reserved {
 enum Row<'a> {
     Entry(&'a str, i64, i64, i64, &'a str, CqlTimestamp, &'a str, i32),
     Id(&'a str, &'a str, i64, i32),
+    /// address, epoch, head (also the write's time stamp)
+    Mark(&'a str, i64, i64),
 }
 
 impl SerializeRow for Row<'_> {
@@ -149,6 +154,7 @@ impl SerializeRow for Row<'_> {
                 (a, b, v, e, id, ts, p, ttl).serialize(ctx, writer)
             }
             Row::Id(a, id, v, ttl) => (a, id, v, ttl).serialize(ctx, writer),
+            Row::Mark(a, epoch, head) => (a, epoch, head, head).serialize(ctx, writer),
         }
     }
 
@@ -320,11 +326,11 @@ impl Inner {
         epochs: &HashMap<u32, i64>,
         before: Option<Turn>,
     ) -> Result<(), MailboxError> {
-        let writes: Vec<_> = reserved
+        let rows: Vec<(&Address, Vec<NewRow<'_>>, i64)> = reserved
             .iter()
             .filter(|r| !r.fresh.is_empty())
-            .map(|r| async move {
-                let rows: Vec<NewRow<'_>> = r
+            .map(|r| {
+                let rows = r
                     .fresh
                     .iter()
                     .enumerate()
@@ -335,14 +341,10 @@ impl Inner {
                         ts: r.ts as i64,
                     })
                     .collect();
-                self.write_rows(&r.address, &rows, epochs[&self.shard(&r.address)])
-                    .await
+                (&r.address, rows, epochs[&self.shard(&r.address)])
             })
             .collect();
-        stream::iter(writes)
-            .buffer_unordered(ADDRESS_CONCURRENCY)
-            .try_for_each(|_| async { Ok(()) })
-            .await?;
+        self.write_rows(&rows).await?;
 
         // 4. The fence.
         let current = self.fences.current().await?;
@@ -372,21 +374,15 @@ impl Inner {
         }
 
         // 6. Heads.
-        let marks: Vec<_> = reserved
+        let marks: Vec<(&str, i64, i64)> = reserved
             .iter()
             .filter(|r| r.head() != r.marked)
             .map(|r| {
                 let epoch = epochs[&self.shard(&r.address)];
-                let head = r.head() as i64;
-                self.session
-                    .execute_unpaged(&self.st.set_mark, (r.address.as_str(), epoch, head, head))
+                (r.address.as_str(), epoch, r.head() as i64)
             })
             .collect();
-        stream::iter(marks)
-            .buffer_unordered(ADDRESS_CONCURRENCY)
-            .map_err(unavailable)
-            .try_for_each(|_| async { Ok(()) })
-            .await
+        self.write_marks(&marks).await
     }
 
     /// Waits (holding the writer lock, so that no append starts) until no append is in flight,
@@ -548,7 +544,7 @@ impl Inner {
                     ts: e.ts,
                 })
                 .collect();
-            self.write_rows(address, &rows, epoch).await?;
+            self.write_rows(&[(address, rows, epoch)]).await?;
         }
         Ok((marked, head))
     }
@@ -617,69 +613,102 @@ impl Inner {
         Ok(found)
     }
 
-    /// Writes message rows of one address (with their id candidates) tagged with `epoch`:
-    /// one unlogged batch per bucket and size limit, the batches concurrently.
+    /// Writes the message rows of an append (with their id candidates), each address's tagged
+    /// with its shard's epoch, in as few unlogged batches as the size limits allow, the batches
+    /// concurrently. A batch holds only rows whose partition has the same first replica, so its
+    /// coordinator owns every row of it; on one Cassandra node, that is one batch for the rows
+    /// of many addresses where there was one per address (see docs/cassandra.md).
     async fn write_rows(
         &self,
-        address: &Address,
-        rows: &[NewRow<'_>],
-        epoch: i64,
+        writes: &[(&Address, Vec<NewRow<'_>>, i64)],
     ) -> Result<(), MailboxError> {
-        let mut chunks: Vec<&[NewRow<'_>]> = Vec::new();
-        let mut rest = rows;
-        while !rest.is_empty() {
-            let bucket = self.bucket(rest[0].version);
-            let mut n = 0;
-            let mut bytes = 0;
-            for r in rest {
-                let size = r.payload.len() + 2 * r.id.len() + 96;
-                if self.bucket(r.version) != bucket
-                    || n >= MAX_BATCH_MESSAGES
-                    || (n > 0 && bytes + size > MAX_BATCH_BYTES)
-                {
-                    break;
+        let cluster = self.session.get_cluster_state();
+        let mut items = Vec::new();
+        for (address, rows, epoch) in writes {
+            let a = address.as_str();
+            let mut replica = None;
+            let mut bucket = None;
+            for r in rows {
+                let b = self.bucket(r.version) as i64;
+                if bucket != Some(b) {
+                    bucket = Some(b);
+                    replica = self.first_replica(&cluster, "mailbox_entries", &(a, b));
                 }
-                n += 1;
-                bytes += size;
+                let size = r.payload.len() + 2 * (r.id.len() + a.len()) + 96;
+                let id = Row::Id(a, r.id, r.version as i64, self.ttl_secs);
+                let ts = CqlTimestamp(r.ts);
+                let entry = Row::Entry(
+                    a,
+                    b,
+                    r.version as i64,
+                    *epoch,
+                    r.id,
+                    ts,
+                    r.payload,
+                    self.ttl_secs,
+                );
+                items.push((replica, size, [id, entry]));
             }
-            chunks.push(&rest[..n]);
-            rest = &rest[n..];
         }
-        let batches: Vec<_> = chunks
+        let batches = pack(items, MAX_BATCH_MESSAGES, MAX_BATCH_BYTES);
+        self.write_batches(
+            batches
+                .into_iter()
+                .map(|b| b.into_iter().flatten().collect()),
+        )
+        .await
+    }
+
+    /// Writes head marks `(address, epoch, head)`, `USING TIMESTAMP head`: one unlogged batch
+    /// per first replica (and per [`MAX_BATCH_MESSAGES`]), concurrently.
+    async fn write_marks(&self, marks: &[(&str, i64, i64)]) -> Result<(), MailboxError> {
+        let cluster = self.session.get_cluster_state();
+        let items = marks.iter().map(|&(a, epoch, head)| {
+            let replica = self.first_replica(&cluster, "mailbox_head_marks", &(a,));
+            (replica, a.len() + 64, Row::Mark(a, epoch, head))
+        });
+        self.write_batches(pack(items, MAX_BATCH_MESSAGES, MAX_BATCH_BYTES))
+            .await
+    }
+
+    /// Sends unlogged batches of rows, concurrently.
+    async fn write_batches(
+        &self,
+        batches: impl IntoIterator<Item = Vec<Row<'_>>>,
+    ) -> Result<(), MailboxError> {
+        let requests: Vec<_> = batches
             .into_iter()
-            .map(|chunk| {
-                let bucket = self.bucket(chunk[0].version) as i64;
+            .map(|values| {
                 let mut batch = Batch::new(BatchType::Unlogged);
-                let mut values = Vec::with_capacity(chunk.len() * 2);
-                for r in chunk {
-                    batch.append_statement(self.st.insert_id.clone());
-                    values.push(Row::Id(
-                        address.as_str(),
-                        r.id,
-                        r.version as i64,
-                        self.ttl_secs,
-                    ));
-                    batch.append_statement(self.st.insert_entry.clone());
-                    values.push(Row::Entry(
-                        address.as_str(),
-                        bucket,
-                        r.version as i64,
-                        epoch,
-                        r.id,
-                        CqlTimestamp(r.ts),
-                        r.payload,
-                        self.ttl_secs,
-                    ));
+                for v in &values {
+                    batch.append_statement(match v {
+                        Row::Id(..) => self.st.insert_id.clone(),
+                        Row::Entry(..) => self.st.insert_entry.clone(),
+                        Row::Mark(..) => self.st.set_mark.clone(),
+                    });
                 }
                 batch.set_is_idempotent(true);
                 async move { self.session.batch(&batch, values).await }
             })
             .collect();
-        stream::iter(batches)
+        stream::iter(requests)
             .buffer_unordered(ADDRESS_CONCURRENCY)
             .map_err(unavailable)
             .try_for_each(|_| async { Ok(()) })
             .await
+    }
+
+    /// The first replica (host id) of a partition of `table`, by its key; `None` when the
+    /// driver cannot tell (its schema metadata lacks the table): such rows batch together.
+    fn first_replica(
+        &self,
+        cluster: &ClusterState,
+        table: &str,
+        key: &dyn SerializeRow,
+    ) -> Option<uuid::Uuid> {
+        let token = cluster.compute_token(&self.keyspace, table, key).ok()?;
+        let replicas = cluster.get_token_endpoints(&self.keyspace, table, token);
+        replicas.first().map(|(node, _)| node.host_id)
     }
 
     /// Claims `shards` anew (see [`crate::mailbox::Mailbox::claim`]).
@@ -721,35 +750,59 @@ impl Inner {
                 (a, first, items.into_iter().map(|(_, m)| m).collect())
             })
             .collect();
-        let writes = groups.iter().map(|(address, first, msgs)| async move {
-            let rows: Vec<NewRow<'_>> = msgs
-                .iter()
-                .enumerate()
-                .map(|(i, m)| NewRow {
-                    version: first + 1 + i as u64,
-                    id: m.id.as_str(),
-                    payload: m.payload.get(),
-                    ts: now,
-                })
-                .collect();
-            self.write_rows(address, &rows, 0).await
-        });
-        stream::iter(writes)
-            .buffer_unordered(ADDRESS_CONCURRENCY)
-            .try_for_each(|_| async { Ok(()) })
-            .await?;
-        let marks = groups.iter().map(|(address, first, msgs)| {
-            let head = (first + msgs.len() as u64) as i64;
-            self.session
-                .execute_unpaged(&self.st.set_mark, (address.as_str(), 0i64, head, head))
-        });
-        stream::iter(marks)
-            .buffer_unordered(ADDRESS_CONCURRENCY)
-            .map_err(unavailable)
-            .try_for_each(|_| async { Ok(()) })
-            .await?;
+        let rows: Vec<(&Address, Vec<NewRow<'_>>, i64)> = groups
+            .iter()
+            .map(|(address, first, msgs)| {
+                let rows = msgs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| NewRow {
+                        version: first + 1 + i as u64,
+                        id: m.id.as_str(),
+                        payload: m.payload.get(),
+                        ts: now,
+                    })
+                    .collect();
+                (address, rows, 0)
+            })
+            .collect();
+        self.write_rows(&rows).await?;
+        let marks: Vec<(&str, i64, i64)> = groups
+            .iter()
+            .map(|(address, first, msgs)| (address.as_str(), 0, (first + msgs.len() as u64) as i64))
+            .collect();
+        self.write_marks(&marks).await?;
         Ok(n)
     }
+}
+
+/// Packs `(key, bytes, item)` into batches: items of one key only, in the order they came, at
+/// most `max_items` and — unless one item alone is larger — `max_bytes` per batch.
+fn pack<K: PartialEq, T>(
+    items: impl IntoIterator<Item = (K, usize, T)>,
+    max_items: usize,
+    max_bytes: usize,
+) -> Vec<Vec<T>> {
+    let mut open: Vec<(K, usize, Vec<T>)> = Vec::new();
+    let mut full = Vec::new();
+    for (key, bytes, item) in items {
+        let i = match open.iter().position(|(k, _, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                open.push((key, 0, Vec::new()));
+                open.len() - 1
+            }
+        };
+        let (_, size, batch) = &mut open[i];
+        if batch.len() >= max_items || (!batch.is_empty() && *size + bytes > max_bytes) {
+            full.push(std::mem::take(batch));
+            *size = 0;
+        }
+        *size += bytes;
+        batch.push(item);
+    }
+    full.extend(open.into_iter().map(|(_, _, b)| b));
+    full
 }
 
 /// Answers `slots` with `m` (all but the first a duplicate of it).
@@ -795,4 +848,59 @@ fn group(batch: Vec<NewMessage>) -> Vec<(Address, Vec<(usize, NewMessage)>)> {
         groups[g].1.push((slot, m));
     }
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pack;
+
+    #[test]
+    fn pack_keeps_keys_apart_and_order_within_a_key() {
+        let items = [
+            (1, 10, "a"),
+            (2, 10, "b"),
+            (1, 10, "c"),
+            (3, 10, "d"),
+            (2, 10, "e"),
+        ];
+        let batches = pack(items, 10, 1000);
+        assert_eq!(batches, vec![vec!["a", "c"], vec!["b", "e"], vec!["d"]]);
+    }
+
+    #[test]
+    fn pack_respects_the_count_and_the_bytes() {
+        // Count: 5 items of one key, 2 per batch.
+        let batches = pack((0..5).map(|i| ((), 1, i)), 2, 1000);
+        assert_eq!(batches, vec![vec![0, 1], vec![2, 3], vec![4]]);
+        // Bytes: 40 + 40 fit in 100, a third does not; an item larger than the limit goes alone.
+        let items = [
+            ((), 40, "a"),
+            ((), 40, "b"),
+            ((), 40, "c"),
+            ((), 500, "big"),
+            ((), 1, "d"),
+        ];
+        let batches = pack(items, 100, 100);
+        assert_eq!(
+            batches,
+            vec![vec!["a", "b"], vec!["c"], vec!["big"], vec!["d"]]
+        );
+    }
+
+    #[test]
+    fn pack_places_every_item_once() {
+        let items: Vec<(u8, usize, u32)> = (0..1000)
+            .map(|i| ((i % 7) as u8, (i % 13) as usize * 30, i))
+            .collect();
+        let batches = pack(items, 17, 400);
+        let mut seen: Vec<u32> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+        for b in &batches {
+            assert!(!b.is_empty() && b.len() <= 17);
+            assert!(b.windows(2).all(|w| w[0] % 7 == w[1] % 7 && w[0] < w[1]));
+            let bytes: usize = b.iter().map(|i| (*i % 13) as usize * 30).sum();
+            assert!(b.len() == 1 || bytes <= 400, "{b:?} holds {bytes} bytes");
+        }
+    }
 }

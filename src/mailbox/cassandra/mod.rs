@@ -66,6 +66,7 @@ pub struct CassandraMailbox(Arc<Inner>);
 
 struct Inner {
     session: Arc<Session>,
+    keyspace: String,
     ttl_secs: i32,
     bucket_size: u64,
     shards: u32,
@@ -187,6 +188,7 @@ impl CassandraMailbox {
         let ttl_secs = s.retention_ms.div_ceil(1000).clamp(1, 630_720_000) as i32;
         Ok(Self(Arc::new(Inner {
             session,
+            keyspace: ks.to_owned(),
             ttl_secs,
             bucket_size,
             shards: shards as u32,

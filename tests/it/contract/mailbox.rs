@@ -269,6 +269,62 @@ pub async fn payload_roundtrip(m: Arc<dyn Mailbox>) {
     assert_eq!(signal["ts"], ts);
 }
 
+/// One large append — more messages and bytes than one write to the store takes at once, over
+/// many addresses, a second append on top — is stored whole: every address has versions 1..=n
+/// in batch order, each with its own id and payload, and the ids are found again as duplicates.
+pub async fn large_append(m: Arc<dyn Mailbox>) {
+    let addrs: Vec<Address> = (0..40)
+        .map(|i| fresh_address("client", &format!("la{i}")))
+        .collect();
+    let filler = "x".repeat(700);
+    let make = |round: usize, i: usize, minted: bool| {
+        let a = &addrs[(i * 7 + round) % addrs.len()];
+        let id = format!("r{round}-{i}");
+        NewMessage {
+            address: a.clone(),
+            id: MessageId::parse(&id).unwrap(),
+            payload: RawValue::from_string(format!("{{\"id\":\"{id}\",\"f\":\"{filler}\"}}"))
+                .unwrap(),
+            new_id: minted,
+        }
+    };
+    let mut expected: HashMap<Address, Vec<String>> = HashMap::new();
+    for round in 0..2 {
+        let batch: Vec<NewMessage> = (0..1_200).map(|i| make(round, i, round == 0)).collect();
+        for nm in &batch {
+            expected
+                .entry(nm.address.clone())
+                .or_default()
+                .push(nm.id.as_str().to_owned());
+        }
+        let out = m.append(batch).await.expect("a large append");
+        assert_eq!(out.len(), 1_200);
+        assert!(out.iter().all(|a| !a.duplicate));
+    }
+    for a in &addrs {
+        let ids = &expected[a];
+        let page = m.read(a, 0, 10_000).await.unwrap();
+        assert_eq!(page.head.head, ids.len() as u64, "head of {a}");
+        let versions: Vec<u64> = page.messages.iter().map(|x| x.version).collect();
+        assert_eq!(
+            versions,
+            (1..=ids.len() as u64).collect::<Vec<_>>(),
+            "{a}: 1..=n"
+        );
+        for (x, id) in page.messages.iter().zip(ids) {
+            assert_eq!(x.id.as_str(), id, "{a} v{}: batch order", x.version);
+            assert!(x.payload().get().contains(&format!("\"id\":\"{id}\"")));
+        }
+    }
+    // Sent again (not vouched for), the first round answers as duplicates, at their versions.
+    let again: Vec<NewMessage> = (0..1_200).map(|i| make(0, i, false)).collect();
+    let out = m.append(again).await.expect("the repeat");
+    assert!(
+        out.iter().all(|a| a.duplicate),
+        "every repeat is a duplicate"
+    );
+}
+
 /// Messages older than the retention are removed by `expire`; the head stays, reads start at
 /// `low`, new appends continue the versions, and an expired id may be sent again.
 pub async fn retention(m: Arc<dyn Mailbox>, retention_ms: u64) {

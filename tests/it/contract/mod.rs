@@ -29,6 +29,12 @@ macro_rules! mailbox_suite {
             crate::contract::mailbox::gap_free(m, true).await;
         }
         $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn large_append() {
+            let (_keep, m) = $make(60_000).await;
+            crate::contract::mailbox::large_append(m).await;
+        }
+        $(#[$attr])*
         #[tokio::test]
         async fn idempotent() {
             let (_keep, m) = $make(60_000).await;

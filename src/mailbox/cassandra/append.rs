@@ -615,9 +615,11 @@ impl Inner {
 
     /// Writes the message rows of an append (with their id candidates), each address's tagged
     /// with its shard's epoch, in as few unlogged batches as the size limits allow, the batches
-    /// concurrently. A batch holds only rows whose partition has the same first replica, so its
-    /// coordinator owns every row of it; on one Cassandra node, that is one batch for the rows
-    /// of many addresses where there was one per address (see docs/cassandra.md).
+    /// concurrently. A batch holds only message rows whose partition has the same first replica
+    /// and starts with one of them (the driver routes a batch by its first statement), so its
+    /// coordinator holds every message row of it (an id candidate's partition, the address's,
+    /// may be elsewhere). On one Cassandra node that is one batch for the rows of many
+    /// addresses where there was one per address (see docs/cassandra.md).
     async fn write_rows(
         &self,
         writes: &[(&Address, Vec<NewRow<'_>>, i64)],
@@ -647,7 +649,8 @@ impl Inner {
                     r.payload,
                     self.ttl_secs,
                 );
-                items.push((replica, size, [id, entry]));
+                // The entry first: the driver routes a batch by its first statement's token.
+                items.push((replica, size, [entry, id]));
             }
         }
         let batches = pack(items, MAX_BATCH_MESSAGES, MAX_BATCH_BYTES);

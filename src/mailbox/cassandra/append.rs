@@ -16,7 +16,8 @@
 //!    the append fails with [`MailboxError::Fenced`] and nothing of it becomes visible;
 //! 5. it waits for the turn before it to end, and fails if that one failed (its versions
 //!    follow that one's);
-//! 6. the head marks move (one unlogged batch), and only then does `append` answer and end its turn.
+//! 6. the head marks move (one unlogged batch), and only then does `append` answer and end its
+//!    turn.
 //!
 //! So the marks move in the order versions were reserved, while the rows and the fence reads of
 //! consecutive appends overlap. A failed append records what it leaves unknown ([`Failed`]);

@@ -46,8 +46,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// Messages (each a message row and an id candidate) in one unlogged batch, and their bytes
-/// (an over-estimate of Cassandra's own count): under `batch_size_fail_threshold`, which is
-/// 50 KiB unless raised, so that a stock Cassandra takes every batch but a single larger message.
+/// (an over-estimate of Cassandra's own count): under a stock Cassandra's documented
+/// `batch_size_fail_threshold` (50 KiB), so that no batch of several messages can meet it.
 const MAX_BATCH_MESSAGES: usize = 500;
 const MAX_BATCH_BYTES: usize = 40 * 1024;
 /// Ids per lookup of the id index (one partition, clustering `IN`).

@@ -170,9 +170,7 @@ mod tests {
                 (before, got)
             })
         }
-    }
 
-    impl Fixture {
         /// The first asks and reads; then two more ask and wait.
         async fn one_reading_two_waiting(
             self: &Arc<Self>,

@@ -776,6 +776,10 @@ struct Worker {
 /// stored — in order.
 const IN_FLIGHT: usize = 4;
 
+/// A batch whose oldest record waited this long before it started is logged at debug level
+/// (`RUST_LOG=signalpost::ingest::kafka=debug`), to find where a latency tail comes from.
+const SLOW_MS: i64 = 20;
+
 /// The batches under way, oldest first.
 type Flight = FuturesOrdered<std::pin::Pin<Box<dyn std::future::Future<Output = Launched> + Send>>>;
 
@@ -1106,11 +1110,20 @@ impl Worker {
     /// those that are not valid.
     async fn prepare(&self, batch: &[OwnedMessage]) -> Prepared {
         let now = crate::clock::now_ms() as i64;
+        let mut longest = 0;
         for m in batch {
             if let Some(created) = m.timestamp().to_millis() {
-                self.wait_seconds
-                    .record(now.saturating_sub(created).max(0) as f64 / 1000.0);
+                let waited = now.saturating_sub(created).max(0);
+                longest = longest.max(waited);
+                self.wait_seconds.record(waited as f64 / 1000.0);
             }
+        }
+        if longest >= SLOW_MS {
+            tracing::debug!(
+                waited_ms = longest,
+                records = batch.len(),
+                "slow: a batch's records waited"
+            );
         }
         let parsed: Vec<Parsed> = batch.iter().map(|m| self.parse(m)).collect();
         let mut prepared = Prepared::default();

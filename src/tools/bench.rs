@@ -84,6 +84,11 @@ pub struct BenchArgs {
     /// appending node and deliveries through another node apart.
     #[arg(long)]
     pub clients_url: Option<String>,
+    /// Latency scenario: write every message's timeline to this file (CSV: `kind,sent_us,took_us`
+    /// — `answer` for the enqueue's HTTP answer, `delivery` for its arrival at the client;
+    /// `sent_us` is the send time in µs since the Unix epoch), to see when the slow ones were sent
+    #[arg(long)]
+    pub trace: Option<std::path::PathBuf>,
 }
 
 type Res<T> = Result<T, ClientError>;
@@ -414,11 +419,13 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     let received = Arc::new(AtomicU64::new(0));
     let (done, _) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let tracing = args.trace.is_some();
     for mut s in socks {
         let received = received.clone();
         let mut done = done.subscribe();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
+            let mut trace = Vec::new();
             loop {
                 let event = tokio::select! {
                     e = s.next() => e,
@@ -427,7 +434,11 @@ async fn latency(args: &BenchArgs) -> Res<String> {
                 match event {
                     Ok(Event::Signal(raw)) => {
                         if let Some(t) = json_u64(&raw, "t") {
-                            hist.record(now_us().saturating_sub(t)).ok();
+                            let took = now_us().saturating_sub(t);
+                            hist.record(took).ok();
+                            if tracing {
+                                trace.push((t, took));
+                            }
                             received.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -436,7 +447,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
                 }
             }
             s.close().await;
-            Ok::<_, ClientError>(hist)
+            Ok::<_, ClientError>((hist, trace))
         }));
     }
     // Open loop: message i is due at i / rate, whatever the answers take; senders on their own
@@ -450,20 +461,25 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
         let ids = ids.clone();
         sending.push(tokio::spawn(async move {
+            let mut trace = Vec::new();
             for i in (k..total).step_by(senders as usize) {
                 tokio::time::sleep_until((started + interval * i as u32).into()).await;
+                let sent = now_us();
                 let body = format!(
-                    "{{\"address\":\"client:{}\",\"payload\":{{\"t\":{}}}}}",
+                    "{{\"address\":\"client:{}\",\"payload\":{{\"t\":{sent}}}}}",
                     ids[i as usize % ids.len()],
-                    now_us()
                 );
                 enqueue_raw(&mut http, body).await?;
+                if tracing {
+                    trace.push((sent, now_us().saturating_sub(sent)));
+                }
             }
-            Ok::<_, ClientError>(())
+            Ok::<_, ClientError>(trace)
         }));
     }
+    let mut answers = Vec::new();
     for t in sending {
-        t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
+        answers.extend(t.await.map_err(|e| ClientError::Socket(e.to_string()))??);
     }
     let sent_rate = total as f64 / started.elapsed().as_secs_f64();
     // Everything sent: wait for the last deliveries (at most 10 s), then stop the clients.
@@ -474,10 +490,15 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     done.send_replace(true);
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
     let mut per_client = Vec::with_capacity(tasks.len());
+    let mut deliveries = Vec::new();
     for t in tasks {
-        let h = t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
+        let (h, trace) = t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
         hist.add(&h).ok();
         per_client.push(h);
+        deliveries.extend(trace);
+    }
+    if let Some(path) = &args.trace {
+        write_trace(path, &answers, &deliveries)?;
     }
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let mut line = format!(
@@ -538,6 +559,26 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         ));
     }
     Ok(line)
+}
+
+/// Writes the latency scenario's per-message timeline (see [`BenchArgs::trace`]), in send order.
+fn write_trace(
+    path: &std::path::Path,
+    answers: &[(u64, u64)],
+    deliveries: &[(u64, u64)],
+) -> Res<()> {
+    let mut rows: Vec<(u64, &str, u64)> = answers
+        .iter()
+        .map(|&(t, took)| (t, "answer", took))
+        .chain(deliveries.iter().map(|&(t, took)| (t, "delivery", took)))
+        .collect();
+    rows.sort_unstable();
+    let mut out = String::from("kind,sent_us,took_us\n");
+    for (t, kind, took) in rows {
+        out.push_str(&format!("{kind},{t},{took}\n"));
+    }
+    std::fs::write(path, out)
+        .map_err(|e| ClientError::Input(format!("writing {}: {e}", path.display())))
 }
 
 /// The node's resident memory, from its `/metrics`.
@@ -1016,7 +1057,20 @@ async fn presence(args: &BenchArgs) -> Res<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::bucket_quantile;
+    use super::{bucket_quantile, write_trace};
+
+    #[test]
+    fn a_trace_lists_answers_and_deliveries_in_send_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.csv");
+        write_trace(&path, &[(30, 4), (10, 2)], &[(10, 7), (20, 9)]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "kind,sent_us,took_us\nanswer,10,2\ndelivery,10,7\ndelivery,20,9\nanswer,30,4\n"
+        );
+        let missing = dir.path().join("no/such/dir/trace.csv");
+        assert!(write_trace(&missing, &[], &[]).is_err());
+    }
 
     #[test]
     fn quantiles_from_bucket_snapshots() {

@@ -43,6 +43,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::CqlTimestamp;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Messages (each a message row and an id candidate) in one unlogged batch, and their bytes
@@ -345,10 +346,13 @@ impl Inner {
                 (&r.address, rows, epochs[&self.shard(&r.address)])
             })
             .collect();
+        let started = Instant::now();
         self.write_rows(&rows).await?;
+        let written = started.elapsed();
 
         // 4. The fence.
         let current = self.fences.current().await?;
+        let fenced = started.elapsed();
         let lost: Vec<u32> = epochs
             .iter()
             .filter(|(s, e)| current.get(s) != Some(e))
@@ -375,6 +379,7 @@ impl Inner {
         }
 
         // 6. Heads.
+        let turned = started.elapsed();
         let marks: Vec<(&str, i64, i64)> = reserved
             .iter()
             .filter(|r| r.head() != r.marked)
@@ -383,7 +388,19 @@ impl Inner {
                 (r.address.as_str(), epoch, r.head() as i64)
             })
             .collect();
-        self.write_marks(&marks).await
+        self.write_marks(&marks).await?;
+        let total = started.elapsed();
+        if total >= SLOW {
+            tracing::debug!(
+                rows_ms = ms(written),
+                fence_ms = ms(fenced - written),
+                turn_ms = ms(turned - fenced),
+                marks_ms = ms(total - turned),
+                addresses = reserved.len(),
+                "slow: an append's steps"
+            );
+        }
+        Ok(())
     }
 
     /// Waits (holding the writer lock, so that no append starts) until no append is in flight,
@@ -782,6 +799,15 @@ impl Inner {
 
 /// Packs `(key, bytes, item)` into batches: items of one key only, in the order they came, at
 /// most `max_items` and — unless one item alone is larger — `max_bytes` per batch.
+/// An append slower than this is logged at debug level with the time of each step
+/// (`RUST_LOG=signalpost::mailbox::cassandra::append=debug`), to find where a latency tail
+/// comes from.
+const SLOW: Duration = Duration::from_millis(20);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn pack<K: PartialEq, T>(
     items: impl IntoIterator<Item = (K, usize, T)>,
     max_items: usize,

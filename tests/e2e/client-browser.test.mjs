@@ -76,7 +76,10 @@ test('in Chromium: the library resumes from localStorage after a reload and gets
     const session = (await log(page)).find((e) => e.ev === 'session').d;
     assert.equal(session.resumed, true);
 
-    // Away while 7 more arrive; back: exactly those 7, in order, then synced.
+    // Away while 7 more arrive; back: exactly those 7, in order, then synced. (Leaving is seen
+    // at once over WebSocket; a page that leaves while still long-polling is seen only when its
+    // heartbeat times out, so the test waits for the upgrade first.)
+    await waitFor(() => page.evaluate(() => window.client._main.socket.io.engine.transport.name === 'websocket'), 5000, 'upgraded to WebSocket before leaving');
     await page.goto('about:blank');
     await waitFor(async () => !(await api(node.url, 'GET', `/server/clients/${clientId}`)).body.connected, 5000, 'disconnected');
     await fill(node.url, ch, 7, { from: 5 });

@@ -419,7 +419,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     let received = Arc::new(AtomicU64::new(0));
     let (done, _) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
-    let tracing = args.trace.is_some();
+    let keep_trace = args.trace.is_some();
     for mut s in socks {
         let received = received.clone();
         let mut done = done.subscribe();
@@ -436,7 +436,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
                         if let Some(t) = json_u64(&raw, "t") {
                             let took = now_us().saturating_sub(t);
                             hist.record(took).ok();
-                            if tracing {
+                            if keep_trace {
                                 trace.push((t, took));
                             }
                             received.fetch_add(1, Ordering::Relaxed);
@@ -470,7 +470,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
                     ids[i as usize % ids.len()],
                 );
                 enqueue_raw(&mut http, body).await?;
-                if tracing {
+                if keep_trace {
                     trace.push((sent, now_us().saturating_sub(sent)));
                 }
             }

@@ -55,6 +55,10 @@ const MAX_BATCH_BYTES: usize = 40 * 1024;
 const IDS_PER_LOOKUP: usize = 200;
 /// Rows per read when adopting rows written past the head.
 const SCAN_LIMIT: usize = 1000;
+/// An append slower than this is logged at debug level with the time of each step
+/// (`RUST_LOG=signalpost::mailbox::cassandra::append=debug`), to find where a latency tail
+/// comes from.
+const SLOW: Duration = Duration::from_millis(20);
 
 /// A shard this writer holds.
 #[derive(Clone, Copy)]
@@ -392,10 +396,10 @@ impl Inner {
         let total = started.elapsed();
         if total >= SLOW {
             tracing::debug!(
-                rows_ms = ms(written),
-                fence_ms = ms(fenced - written),
-                turn_ms = ms(turned - fenced),
-                marks_ms = ms(total - turned),
+                rows = ?written,
+                fence = ?(fenced - written),
+                turn = ?(turned - fenced),
+                marks = ?(total - turned),
                 addresses = reserved.len(),
                 "slow: an append's steps"
             );
@@ -799,15 +803,6 @@ impl Inner {
 
 /// Packs `(key, bytes, item)` into batches: items of one key only, in the order they came, at
 /// most `max_items` and — unless one item alone is larger — `max_bytes` per batch.
-/// An append slower than this is logged at debug level with the time of each step
-/// (`RUST_LOG=signalpost::mailbox::cassandra::append=debug`), to find where a latency tail
-/// comes from.
-const SLOW: Duration = Duration::from_millis(20);
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn pack<K: PartialEq, T>(
     items: impl IntoIterator<Item = (K, usize, T)>,
     max_items: usize,

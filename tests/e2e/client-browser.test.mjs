@@ -49,6 +49,8 @@ async function newContext(node) {
 
 const log = (page) => page.evaluate(() => window.log);
 const signals = async (page, address) => (await log(page)).filter((e) => e.ev === 'signal' && e.d.address === address).map((e) => e.d.version);
+/** Waits until the library's main connection runs over WebSocket (it starts long-polling). */
+const upgraded = (page, what) => waitFor(() => page.evaluate(() => window.client._main.socket.io.engine.transport.name === 'websocket'), 5000, what);
 
 test('in Chromium: the library resumes from localStorage after a reload and gets exactly the missed signals', async () => {
   const node = await startNode();
@@ -79,7 +81,7 @@ test('in Chromium: the library resumes from localStorage after a reload and gets
     // Away while 7 more arrive; back: exactly those 7, in order, then synced. (Leaving is seen
     // at once over WebSocket; a page that leaves while still long-polling is seen only when its
     // heartbeat times out, so the test waits for the upgrade first.)
-    await waitFor(() => page.evaluate(() => window.client._main.socket.io.engine.transport.name === 'websocket'), 5000, 'upgraded to WebSocket before leaving');
+    await upgraded(page, 'upgraded to WebSocket before leaving');
     await page.goto('about:blank');
     await waitFor(async () => !(await api(node.url, 'GET', `/server/clients/${clientId}`)).body.connected, 5000, 'disconnected');
     await fill(node.url, ch, 7, { from: 5 });
@@ -91,7 +93,7 @@ test('in Chromium: the library resumes from localStorage after a reload and gets
     assert.ok(events.findLastIndex((e) => e.ev === 'signal') < syncedAt, 'replayed before synced');
     assert.equal(events[syncedAt].d.cursors[ch], 12);
     assert.equal(await page.evaluate(() => window.client.state), 'live');
-    await waitFor(() => page.evaluate(() => window.client._main.socket.io.engine.transport.name === 'websocket'), 5000, 'upgraded to WebSocket');
+    await upgraded(page, 'upgraded to WebSocket');
     await waitFor(async () => (await api(node.url, 'GET', `/server/clients/${clientId}`)).body.cursors[ch] === 12, 5000, 'acked');
     assert.deepEqual(errors, [], 'no page errors');
   } finally {

@@ -71,6 +71,10 @@ pub const SCHEMA: &[(&str, &str)] = &[
         "007_presence_members.cql",
         include_str!("../schema/007_presence_members.cql"),
     ),
+    (
+        "008_presence_slots.cql",
+        include_str!("../schema/008_presence_slots.cql"),
+    ),
 ];
 
 /// The outcome of a lightweight transaction (`… IF …`): `Ok(())` when it was applied, else the

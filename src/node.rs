@@ -260,8 +260,28 @@ impl Node {
             let deadlines = gw.gate.deadlines.clone();
             tasks.spawn(async move { deadlines.run().await });
         }
+        let left = if api.gw.config.backend == Backend::Cluster {
+            clear_own_presence(&api.gw).await?
+        } else {
+            Vec::new()
+        };
         if let Some(join) = join {
             join();
+        }
+        if !left.is_empty() {
+            let gw = api.gw.clone();
+            tasks.spawn(async move {
+                // Announced once the other nodes have linked to this one: before, it knows
+                // nobody's interests, and the announcements would reach no one.
+                if !gw.peers.wait_linked(LINK_WAIT).await {
+                    tracing::warn!(
+                        "not every node linked in time; announcing the leftovers anyway"
+                    );
+                }
+                for change in &left {
+                    gw.announce(change);
+                }
+            });
         }
         Ok(Self {
             api,
@@ -519,6 +539,32 @@ fn spawn_cleanup(api: &Arc<Api>, tasks: &Tasks) {
             }
         }
     });
+}
+
+/// How long a node that starts waits for the other nodes to link to it before it announces
+/// the `left` of the memberships its earlier process held.
+const LINK_WAIT: Duration = Duration::from_secs(15);
+
+/// A node that starts under the id of an earlier process clears what that process left in
+/// presence before it takes connections: its connection slots are handed out from zero again,
+/// and a slot still naming an old connection would be overwritten, leaving that connection's
+/// entry and memberships for nobody to clean up. So if it fails, the node does not start.
+/// Returns the memberships that ended, to announce once the node has joined.
+async fn clear_own_presence(gw: &Gateway) -> Result<Vec<crate::presence::Change>, NodeError> {
+    let node = &gw.node_id;
+    let cleared = gw.presence.clear_node(node).await.map_err(|e| {
+        NodeError::Service("presence (clearing an earlier process's entries)", e.into())
+    })?;
+    gw.metrics.cleaned.increment(cleared.connections);
+    if cleared.connections > 0 || !cleared.left.is_empty() {
+        tracing::info!(
+            %node,
+            entries = cleared.connections,
+            left = cleared.left.len(),
+            "cleared what an earlier process of this node left"
+        );
+    }
+    Ok(cleared.left)
 }
 
 /// The work addresses' timers: acked versions are stored every 20 ms, and messages held past

@@ -340,6 +340,15 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
         .connected(&id.client, seen)
         .await
         .map_err(|e| e.to_string())?;
+    if conn.is_closed() {
+        // Closed while the entry was written: `cleanup` may have removed it before it landed.
+        // Removing it again, now that it has, is harmless.
+        let _ = svc
+            .presence
+            .disconnected(conn.client(), &svc.node_id, conn.id())
+            .await;
+        return Ok(());
+    }
     let bound: Vec<&Address> = addrs.iter().filter(|a| **a != own).collect();
     let user = id.user.as_ref().map(|u| u.id.as_str());
     let mut session = json!({

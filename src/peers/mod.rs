@@ -423,6 +423,29 @@ impl Peers {
         self.refresh_members().await.ok()?.get(node).cloned()
     }
 
+    /// Waits, up to `within`, until every other live member has linked to this node (sent it
+    /// the snapshot of what it wants), so that what this node sends from then on reaches the
+    /// nodes that want it: a node that just joined knows nobody's interests yet. Whether they
+    /// all had.
+    pub async fn wait_linked(&self, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(live) = self.membership.nodes().await {
+                let down = self.downstream.read().unwrap_or_else(|p| p.into_inner());
+                let mut others = live.iter().filter(|n| n.id != self.node);
+                // Listed itself: the others have seen it join.
+                let listed = live.iter().any(|n| n.id == self.node);
+                if listed && others.all(|n| down.contains_key(&n.id)) {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Reads the live members other than this node (id → URL) from the membership, and keeps
     /// them as the list [`Peers::member_url`] answers from.
     async fn refresh_members(

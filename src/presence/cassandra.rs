@@ -1,13 +1,16 @@
-//! Presence on Cassandra: `presence` (by client) and `presence_by_node` (by node, for cleanup
-//! after a dead node). Both rows are written when a connection is set up and deleted when it
-//! closes; the leader deletes a dead node's rows (`clear_node`), which is idempotent. The nodes
-//! that may have rows are listed in `presence_nodes` (one small partition), so finding dead
-//! nodes never scans the tombstones of closed connections.
+//! Presence on Cassandra: `presence` (by client), written when a connection is set up and
+//! deleted when it closes, and `presence_slots` (by node, for the cleanup after a dead node):
+//! each connection of a node has a slot, a small integer this process hands out and reuses once
+//! the connection is gone, whose row is overwritten — never deleted — at connect, at each join
+//! or leave of a presence address and at disconnect (schema `008_presence_slots.cql`). So a
+//! node's partition holds at most its peak of concurrent connections and no tombstones, and the
+//! leader's `clear_node` reads it in one request however many connections came and went. The
+//! nodes that may have rows are listed in `presence_nodes` (one small partition).
 //!
 //! Members of presence addresses (schema `007_presence_members.cql`): a join or leave is one
 //! compare-and-set on the `(address, client)` row of the connections holding the membership,
 //! plus a write of the member list when the client became or stopped being a member, plus the
-//! row by node — it never reads the member list.
+//! write of the connection's slot — it never reads the member list.
 
 use super::{Change, Cleared, Member, Presence, PresenceError, Seen};
 use crate::address::{Address, ClientId};
@@ -15,25 +18,34 @@ use crate::cassandra::Kind;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 fn unavailable(e: impl std::fmt::Display) -> PresenceError {
     PresenceError::Unavailable(format!("cassandra: {e}"))
 }
 
-/// Cluster-wide presence in a Cassandra keyspace (schema `003_presence.cql`, `004_presence_nodes.cql`).
+/// Cluster-wide presence in a Cassandra keyspace (schema `003_presence.cql`,
+/// `004_presence_nodes.cql`, `007_presence_members.cql`, `008_presence_slots.cql`).
 #[derive(Clone)]
 pub struct CassandraPresence(Arc<Inner>);
 
 struct Inner {
     session: Arc<Session>,
+    /// The slots of the connections this process holds, per node (one, except in tests).
+    slots: Mutex<HashMap<String, NodeSlots>>,
+    /// The write time (µs) of the last slot write or partition delete: they take the time now
+    /// or one more, so this process's writes of a slot settle in the order they were made, even
+    /// when the driver's retry of one lands after the next.
+    stamp: std::sync::atomic::AtomicI64,
     insert: PreparedStatement,
-    insert_by_node: PreparedStatement,
     delete: PreparedStatement,
-    delete_by_node: PreparedStatement,
     lookup: PreparedStatement,
-    of_node: PreparedStatement,
-    drop_node: PreparedStatement,
+    slot_write: PreparedStatement,
+    slots_of_node: PreparedStatement,
+    slots_drop_node: PreparedStatement,
+    legacy_of_node: PreparedStatement,
+    legacy_drop_node: PreparedStatement,
     nodes: PreparedStatement,
     add_node: PreparedStatement,
     forget_node: PreparedStatement,
@@ -43,10 +55,32 @@ struct Inner {
     member_add: PreparedStatement,
     member_remove: PreparedStatement,
     members: PreparedStatement,
-    held_insert: PreparedStatement,
-    held_delete: PreparedStatement,
-    held_of_node: PreparedStatement,
-    held_drop_node: PreparedStatement,
+    legacy_held_of_node: PreparedStatement,
+    legacy_held_drop_node: PreparedStatement,
+}
+
+/// One node's slots in this process.
+#[derive(Default)]
+struct NodeSlots {
+    /// By connection id.
+    held: HashMap<String, Slot>,
+    /// Slots given back, lowest reused first, so the partition stays as small as it can.
+    free: BTreeSet<i32>,
+    /// The next slot never used.
+    next: i32,
+}
+
+/// A connection's slot and what its row says.
+struct Slot {
+    n: i32,
+    client: String,
+    /// Whether the connection is up (between `connected` and `disconnected`).
+    live: bool,
+    /// The presence addresses it holds.
+    memberships: BTreeSet<String>,
+    /// Held while the row is written, so the writes of one slot go out one at a time and the
+    /// last one carries the latest state.
+    write: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How many times a join or leave retries its compare-and-set before it answers unavailable.
@@ -79,27 +113,35 @@ impl CassandraPresence {
                 "INSERT INTO {ks}.presence (client, node, connection, since) VALUES (?, ?, ?, ?)"
             ))
             .await?,
-            insert_by_node: prep(format!(
-                "INSERT INTO {ks}.presence_by_node (node, client, connection) VALUES (?, ?, ?)"
-            ))
-            .await?,
             delete: prep(format!(
                 "DELETE FROM {ks}.presence WHERE client = ? AND node = ? AND connection = ?"
-            ))
-            .await?,
-            delete_by_node: prep(format!(
-                "DELETE FROM {ks}.presence_by_node WHERE node = ? AND client = ? AND connection = ?"
             ))
             .await?,
             lookup: prep(format!(
                 "SELECT node, connection, since FROM {ks}.presence WHERE client = ?"
             ))
             .await?,
-            of_node: prep(format!(
+            slot_write: prep(format!(
+                "INSERT INTO {ks}.presence_slots \
+                 (node, slot, client, connection, live, memberships) VALUES (?, ?, ?, ?, ?, ?) \
+                 USING TIMESTAMP ?"
+            ))
+            .await?,
+            slots_of_node: prep(format!(
+                "SELECT client, connection, live, memberships FROM {ks}.presence_slots \
+                 WHERE node = ?"
+            ))
+            .await?,
+            slots_drop_node: prep(format!(
+                "DELETE FROM {ks}.presence_slots USING TIMESTAMP ? WHERE node = ?"
+            ))
+            .await?,
+            legacy_of_node: prep(format!(
                 "SELECT client, connection FROM {ks}.presence_by_node WHERE node = ?"
             ))
             .await?,
-            drop_node: prep(format!("DELETE FROM {ks}.presence_by_node WHERE node = ?")).await?,
+            legacy_drop_node: prep(format!("DELETE FROM {ks}.presence_by_node WHERE node = ?"))
+                .await?,
             nodes: prep(format!(
                 "SELECT node FROM {ks}.presence_nodes WHERE shard = 0"
             ))
@@ -152,25 +194,17 @@ impl CassandraPresence {
                  WHERE address = ? AND client > ? LIMIT ?"
             ))
             .await?,
-            held_insert: prep(format!(
-                "INSERT INTO {ks}.presence_members_by_node (node, address, client, connection) \
-                 VALUES (?, ?, ?, ?)"
-            ))
-            .await?,
-            held_delete: prep(format!(
-                "DELETE FROM {ks}.presence_members_by_node \
-                 WHERE node = ? AND address = ? AND client = ? AND connection = ?"
-            ))
-            .await?,
-            held_of_node: prep(format!(
+            legacy_held_of_node: prep(format!(
                 "SELECT address, client, connection FROM {ks}.presence_members_by_node \
                  WHERE node = ?"
             ))
             .await?,
-            held_drop_node: prep(format!(
+            legacy_held_drop_node: prep(format!(
                 "DELETE FROM {ks}.presence_members_by_node WHERE node = ?"
             ))
             .await?,
+            slots: Mutex::default(),
+            stamp: Default::default(),
             session,
         })))
     }
@@ -182,18 +216,16 @@ impl Presence for CassandraPresence {
         let i = &self.0;
         let c = client.as_str();
         let (n, conn) = (seen.node.as_str(), seen.connection.as_str());
-        // The node is listed first, then the row by node: a crash in between leaves a row the
-        // cleanup can find.
+        // The node is listed first, then the connection's slot: a crash in between leaves a
+        // row the cleanup can find.
         // Listed at every connect, not once per process: a node the leader cleared after it
         // lost its session and that came back must be listed again.
         i.session
             .execute_unpaged(&i.add_node, (n,))
             .await
             .map_err(unavailable)?;
-        i.session
-            .execute_unpaged(&i.insert_by_node, (n, c, conn))
-            .await
-            .map_err(unavailable)?;
+        self.update_slot(n, conn, Some(c), |s| s.live = true)
+            .await?;
         i.session
             .execute_unpaged(&i.insert, (c, n, conn, seen.since as i64))
             .await
@@ -208,16 +240,14 @@ impl Presence for CassandraPresence {
         connection: &str,
     ) -> Result<(), PresenceError> {
         let i = &self.0;
-        let c = client.as_str();
+        // The entry first: a crash in between leaves the slot saying live, which the cleanup
+        // finds (and deleting an entry twice is harmless).
         i.session
-            .execute_unpaged(&i.delete, (c, node, connection))
+            .execute_unpaged(&i.delete, (client.as_str(), node, connection))
             .await
             .map_err(unavailable)?;
-        i.session
-            .execute_unpaged(&i.delete_by_node, (node, c, connection))
+        self.update_slot(node, connection, None, |s| s.live = false)
             .await
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     async fn lookup(&self, clients: &[ClientId]) -> Result<Vec<Vec<Seen>>, PresenceError> {
@@ -245,8 +275,29 @@ impl Presence for CassandraPresence {
 
     async fn clear_node(&self, node: &str) -> Result<Cleared, PresenceError> {
         let i = &self.0;
-        // Memberships first: their rows by node are what finds them.
-        let held: Vec<(String, String, String)> = self.rows(&i.held_of_node, (node,)).await?;
+        let slots: Vec<SlotRow> = self.rows(&i.slots_of_node, (node,)).await?;
+        // Rows of the tables an earlier version wrote instead of the slots (schema files 3 and
+        // 7), for a node that ran it.
+        let mut held: Vec<(String, String, String)> =
+            self.rows(&i.legacy_held_of_node, (node,)).await?;
+        let mut entries: Vec<(String, String)> = self.rows(&i.legacy_of_node, (node,)).await?;
+        for (client, conn, live, memberships) in slots {
+            let (Some(client), Some(conn)) = (client, conn) else {
+                continue;
+            };
+            if client.is_empty() {
+                continue;
+            }
+            for a in memberships.as_deref().unwrap_or("").split(' ') {
+                if !a.is_empty() {
+                    held.push((a.to_owned(), client.clone(), conn.clone()));
+                }
+            }
+            if live == Some(true) {
+                entries.push((client, conn));
+            }
+        }
+        // Memberships first: the rows that name them go with the partitions below.
         let mut left = Vec::new();
         for (address, client, conn) in &held {
             let (Ok(address), Ok(client)) = (Address::parse(address), ClientId::parse(client))
@@ -261,11 +312,6 @@ impl Presence for CassandraPresence {
                 });
             }
         }
-        i.session
-            .execute_unpaged(&i.held_drop_node, (node,))
-            .await
-            .map_err(unavailable)?;
-        let entries: Vec<(String, String)> = self.rows(&i.of_node, (node,)).await?;
         try_join_all(entries.iter().map(|(client, conn)| async move {
             i.session
                 .execute_unpaged(&i.delete, (client.as_str(), node, conn.as_str()))
@@ -274,9 +320,17 @@ impl Presence for CassandraPresence {
         }))
         .await?;
         i.session
-            .execute_unpaged(&i.drop_node, (node,))
+            .execute_unpaged(&i.slots_drop_node, (self.stamp(), node))
             .await
             .map_err(unavailable)?;
+        for drop in [&i.legacy_held_drop_node, &i.legacy_drop_node] {
+            i.session
+                .execute_unpaged(drop, (node,))
+                .await
+                .map_err(unavailable)?;
+        }
+        // This process's slots of that node start over (a node clears itself at startup).
+        self.slots().remove(node);
         i.session
             .execute_unpaged(&i.forget_node, (node,))
             .await
@@ -296,12 +350,12 @@ impl Presence for CassandraPresence {
     ) -> Result<bool, PresenceError> {
         let i = &self.0;
         let (a, c) = (address.as_str(), member.client.as_str());
-        // The row by node first: a node that dies after the transaction leaves it for the
-        // cleanup to find.
-        i.session
-            .execute_unpaged(&i.held_insert, (node, a, c, connection))
-            .await
-            .map_err(unavailable)?;
+        // The slot first: a node that dies after the transaction leaves it for the cleanup to
+        // find.
+        self.update_slot(node, connection, Some(c), |s| {
+            s.memberships.insert(a.to_owned());
+        })
+        .await?;
         let key = format!("{node}/{connection}");
         for _ in 0..CAS_ATTEMPTS {
             let current = self.holders(address, &member.client).await?;
@@ -360,14 +414,10 @@ impl Presence for CassandraPresence {
         connection: &str,
     ) -> Result<Option<Member>, PresenceError> {
         let left = self.release(address, client, node, connection).await?;
-        let i = &self.0;
-        i.session
-            .execute_unpaged(
-                &i.held_delete,
-                (node, address.as_str(), client.as_str(), connection),
-            )
-            .await
-            .map_err(unavailable)?;
+        self.update_slot(node, connection, None, |s| {
+            s.memberships.remove(address.as_str());
+        })
+        .await?;
         Ok(left)
     }
 
@@ -416,7 +466,122 @@ fn contended(address: &Address, client: &ClientId) -> PresenceError {
     ))
 }
 
+/// A row of `presence_slots`: client, connection, live, memberships.
+type SlotRow = (Option<String>, Option<String>, Option<bool>, Option<String>);
+
 impl CassandraPresence {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeSlots>> {
+        self.0
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A write time (µs) later than any this process gave before.
+    fn stamp(&self) -> i64 {
+        use std::sync::atomic::Ordering;
+        let now = crate::clock::now_us() as i64;
+        let prev = self
+            .0
+            .stamp
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(prev + 1)
+    }
+
+    /// Changes what a connection's slot says and writes its row. A connection without a slot
+    /// gets one when `client` is given (connect, join); otherwise there is nothing to change.
+    async fn update_slot(
+        &self,
+        node: &str,
+        connection: &str,
+        client: Option<&str>,
+        change: impl FnOnce(&mut Slot),
+    ) -> Result<(), PresenceError> {
+        let write = {
+            let mut all = self.slots();
+            let ns = all.entry(node.to_owned()).or_default();
+            let slot = match (ns.held.contains_key(connection), client) {
+                (true, _) => ns.held.get_mut(connection),
+                (false, None) => None,
+                (false, Some(client)) => {
+                    let n = ns.free.pop_first().unwrap_or_else(|| {
+                        ns.next += 1;
+                        ns.next - 1
+                    });
+                    Some(ns.held.entry(connection.to_owned()).or_insert(Slot {
+                        n,
+                        client: client.to_owned(),
+                        live: false,
+                        memberships: BTreeSet::new(),
+                        write: Arc::default(),
+                    }))
+                }
+            };
+            let Some(slot) = slot else { return Ok(()) };
+            change(slot);
+            slot.write.clone()
+        };
+        self.write_slot(node, connection, write).await
+    }
+
+    /// Writes a slot's row as it is when its turn comes (a write queued behind this one
+    /// carries any later change), and gives the slot back once the row says it is free.
+    async fn write_slot(
+        &self,
+        node: &str,
+        connection: &str,
+        write: Arc<tokio::sync::Mutex<()>>,
+    ) -> Result<(), PresenceError> {
+        let _turn = write.lock().await;
+        let row = self
+            .slots()
+            .get(node)
+            .and_then(|ns| ns.held.get(connection))
+            .filter(|s| Arc::ptr_eq(&s.write, &write))
+            .map(|s| {
+                let memberships = s.memberships.iter().map(String::as_str);
+                (
+                    s.n,
+                    s.client.clone(),
+                    s.live,
+                    memberships.collect::<Vec<_>>().join(" "),
+                )
+            });
+        // Gone: cleared meanwhile, or given back by the write before this one.
+        let Some((n, client, live, memberships)) = row else {
+            return Ok(());
+        };
+        let free = !live && memberships.is_empty();
+        let (client, conn) = if free {
+            ("", "")
+        } else {
+            (client.as_str(), connection)
+        };
+        let i = &self.0;
+        i.session
+            .execute_unpaged(
+                &i.slot_write,
+                (node, n, client, conn, live, memberships, self.stamp()),
+            )
+            .await
+            .map_err(unavailable)?;
+        if free {
+            let mut all = self.slots();
+            if let Some(ns) = all.get_mut(node)
+                && ns.held.get(connection).is_some_and(|s| {
+                    Arc::ptr_eq(&s.write, &write) && !s.live && s.memberships.is_empty()
+                })
+            {
+                ns.held.remove(connection);
+                ns.free.insert(n);
+            }
+        }
+        Ok(())
+    }
+
     /// Every row a statement answers.
     async fn rows<T>(
         &self,

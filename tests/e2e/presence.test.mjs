@@ -146,6 +146,41 @@ test('a dead node\'s members leave after the leader\'s cleanup', { skip: !cluste
   await a.stop();
 });
 
+test('a node restarted under its id before the leader saw it go clears what its earlier process left', { skip: !cluster && 'needs the cluster backend', timeout: 120000 }, async () => {
+  // b's ZooKeeper session (30 s) outlives its restart, and the restarted process takes over b's
+  // entry: the leader never sees b gone, so only b itself can end what its first process held.
+  const env = { SIGNALPOST_CLIENT_TOKEN_SECRET: secret, SIGNALPOST_RESUME_SECRET: `resume-${secret}` };
+  const shared = testCluster('presrestart', env);
+  const slow = { ...shared, SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '30000' };
+  const a = await startNode({ env: shared });
+  await waitFor(async () => (await api(a.url, 'GET', '/server/nodes')).body.leader, 20000, 'a leader');
+  let b = await startNode({ env: slow });
+  await waitFor(async () => (await api(b.url, 'GET', '/server/nodes')).body.nodes?.length === 2, 20000, 'two nodes');
+  const room = `presence:restart-${Date.now()}`;
+  const alice = await member(a.url, a.url, room);
+  const bob = await member(b.url, a.url, room, { token: jwt('bob') });
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === bob.id, 10000, 'bob joins');
+  const died = Date.now();
+  await b.kill();
+  bob.c.close();
+  b = await startNode({ dataDir: b.dataDir, env: slow });
+  const back = Date.now() - died;
+  assert.ok(back < 25000, `b restarted within its old session (${back} ms)`);
+  const left = await alice.c.waitFor((e) => e.event === 'left' && e.data.client === bob.id, 10000, 'bob left when b came back');
+  assert.ok(Date.now() - died < 30000, 'announced before b\'s old session could expire');
+  assert.deepEqual(left.data, { address: room, client: bob.id, user: 'bob' });
+  assert.deepEqual((await api(a.url, 'GET', `/server/presence/${room}`)).body.members, [{ client: alice.id }]);
+  // The restarted process's own connections are found by the leader's cleanup once b dies for good.
+  const carol = await member(b.url, a.url, room, { token: jwt('carol') });
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === carol.id, 10000, 'carol joins');
+  await b.kill();
+  carol.c.close();
+  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === carol.id, 60000, 'carol left with her node');
+  assert.deepEqual((await api(a.url, 'GET', `/server/presence/${room}`)).body.members, [{ client: alice.id }]);
+  alice.c.close();
+  await a.stop();
+});
+
 test('the client library: joined and left handlers, members()', { timeout: 120000 }, async () => {
   const [a, b] = await nodes('preslib');
   const room = `presence:lib-${Date.now()}`;

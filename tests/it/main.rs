@@ -630,7 +630,11 @@ mod cassandra_mailbox {
 mod cassandra_presence {
     use super::cassandra_support::*;
     use super::*;
+    use scylla::client::session::Session;
+    use scylla::statement::unprepared::Statement;
+    use signalpost::address::{Address, ClientId};
     use signalpost::presence::cassandra::CassandraPresence;
+    use signalpost::presence::{Member, Seen};
 
     async fn make() -> Arc<dyn Presence> {
         Arc::new(
@@ -644,6 +648,151 @@ mod cassandra_presence {
         #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
         make = make
     );
+
+    fn seen(node: &str, connection: &str) -> Seen {
+        Seen {
+            node: node.into(),
+            connection: connection.into(),
+            since: 1,
+        }
+    }
+
+    fn member(client: &ClientId) -> Member {
+        Member {
+            client: client.clone(),
+            user: None,
+        }
+    }
+
+    /// The lines of Cassandra's trace of a read of one node's slots that count the rows and
+    /// tombstones it read ("Read 2 live rows and 0 tombstone cells").
+    async fn traced_slot_read(s: &Session, node: &str) -> (usize, Vec<String>) {
+        let mut q = Statement::new(format!(
+            "SELECT slot, live FROM {KEYSPACE}.presence_slots WHERE node = ?"
+        ));
+        q.set_tracing(true);
+        let res = s.query_unpaged(q, (node,)).await.unwrap();
+        let id = res.tracing_id().expect("a traced read has a tracing id");
+        let rows = res.into_rows_result().unwrap().rows_num();
+        let info = s.get_tracing_info(&id).await.unwrap();
+        let counts = info
+            .events
+            .iter()
+            .filter_map(|e| e.activity.clone())
+            .filter(|a| a.contains("live rows and"))
+            .collect();
+        (rows, counts)
+    }
+
+    /// A node's connections come and go, joining and leaving a presence address, 300 times:
+    /// the partition the leader reads after the node died holds one row per connection up at
+    /// once and no tombstone (the tables before `presence_slots` got one per disconnect and
+    /// per leave, and past 100 000 the leader's read failed), and a cleanup by another process
+    /// still finds the connection that stayed.
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn churn_leaves_no_tombstones_for_the_cleanup() {
+        let s = session(KEYSPACE).await;
+        let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let node = format!("churn-{tag}");
+        let room = Address::parse(&format!("presence:churn-{tag}")).unwrap();
+        let stay = ClientId::parse(&format!("stay-{tag}")).unwrap();
+        p.connected(&stay, seen(&node, "stay")).await.unwrap();
+        assert!(p.join(&room, &member(&stay), &node, "stay").await.unwrap());
+        for i in 0..300 {
+            let c = ClientId::parse(&format!("c{i}-{tag}")).unwrap();
+            let conn = format!("k{i}");
+            p.connected(&c, seen(&node, &conn)).await.unwrap();
+            assert!(p.join(&room, &member(&c), &node, &conn).await.unwrap());
+            assert!(p.leave(&room, &c, &node, &conn).await.unwrap().is_some());
+            p.disconnected(&c, &node, &conn).await.unwrap();
+        }
+        let (rows, counts) = traced_slot_read(&s, &node).await;
+        assert_eq!(
+            rows, 2,
+            "one slot for the connection that stayed, one reused 300 times"
+        );
+        assert!(!counts.is_empty(), "the trace counts what the read read");
+        for line in &counts {
+            assert!(line.ends_with(" 0 tombstone cells"), "{line}");
+        }
+        let leader = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
+        let cleared = leader.clear_node(&node).await.unwrap();
+        assert_eq!(cleared.connections, 1);
+        let left: Vec<(&str, &str)> = cleared
+            .left
+            .iter()
+            .map(|c| (c.address.as_str(), c.member.client.as_str()))
+            .collect();
+        assert_eq!(left, [(room.as_str(), stay.as_str())]);
+        assert_eq!(leader.lookup(&[stay]).await.unwrap(), vec![vec![]]);
+        assert!(leader.members(&room, None, 10).await.unwrap().is_empty());
+        assert_eq!(
+            traced_slot_read(&s, &node).await.0,
+            0,
+            "the partition is gone"
+        );
+    }
+
+    /// A node that ran a version before `presence_slots` left its rows in `presence_by_node`
+    /// and `presence_members_by_node`: the cleanup still finds and ends them.
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn clears_what_an_earlier_version_left() {
+        let s = session(KEYSPACE).await;
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (node, conn) = (format!("old-{tag}"), "c1");
+        let room = format!("presence:old-{tag}");
+        let client = format!("old-{tag}");
+        let key = format!("{node}/{conn}");
+        for (cql, values) in [
+            (
+                "INSERT INTO {ks}.presence_nodes (shard, node) VALUES (0, ?)",
+                vec![node.as_str()],
+            ),
+            (
+                "INSERT INTO {ks}.presence (client, node, connection, since) VALUES (?, ?, ?, 1)",
+                vec![&client, &node, conn],
+            ),
+            (
+                "INSERT INTO {ks}.presence_by_node (node, client, connection) VALUES (?, ?, ?)",
+                vec![&node, &client, conn],
+            ),
+            (
+                "INSERT INTO {ks}.presence_members_by_node (node, address, client, connection) \
+                 VALUES (?, ?, ?, ?)",
+                vec![&node, &room, &client, conn],
+            ),
+            (
+                "INSERT INTO {ks}.presence_holders (address, client, connections, user, rev) \
+                 VALUES (?, ?, ?, 'u', 1)",
+                vec![&room, &client, &key],
+            ),
+            (
+                "INSERT INTO {ks}.presence_members (address, client, user) VALUES (?, ?, 'u') \
+                 USING TIMESTAMP 1",
+                vec![&room, &client],
+            ),
+        ] {
+            s.query_unpaged(cql.replace("{ks}", KEYSPACE), values)
+                .await
+                .unwrap();
+        }
+        let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
+        let (room, client) = (
+            Address::parse(&room).unwrap(),
+            ClientId::parse(&client).unwrap(),
+        );
+        assert_eq!(p.members(&room, None, 10).await.unwrap().len(), 1);
+        let cleared = p.clear_node(&node).await.unwrap();
+        assert_eq!(cleared.connections, 1);
+        assert_eq!(cleared.left.len(), 1);
+        assert_eq!(cleared.left[0].member.user.as_deref(), Some("u"));
+        assert_eq!(p.lookup(&[client]).await.unwrap(), vec![vec![]]);
+        assert!(p.members(&room, None, 10).await.unwrap().is_empty());
+        assert!(!p.nodes().await.unwrap().contains(&node));
+    }
 }
 
 #[cfg(feature = "cluster")]

@@ -22,20 +22,22 @@ const changes = (c, room) => c.events
   .filter((e) => (e.event === 'joined' || e.event === 'left') && e.data.address === room)
   .map((e) => `${e.event} ${e.data.client}`);
 
-/** Two nodes of one cluster on the cluster backend; one node twice on the embedded one. */
-async function nodes(name) {
+/** Two nodes of one cluster on the cluster backend (b's env with `bEnv` added; the third
+ * element is that env, to restart b with); one node twice on the embedded one. */
+async function nodes(name, bEnv = {}) {
   // One resume secret for both nodes: a client may come back on either.
   const env = { SIGNALPOST_CLIENT_TOKEN_SECRET: secret, SIGNALPOST_RESUME_SECRET: `resume-${secret}` };
   if (!cluster) {
     const n = await startNode({ env });
-    return [n, n];
+    return [n, n, env];
   }
   const shared = testCluster(name, env);
   const a = await startNode({ env: shared });
   await waitFor(async () => (await api(a.url, 'GET', '/server/nodes')).body.leader, 20000, 'a leader');
-  const b = await startNode({ env: shared });
+  const envB = { ...shared, ...bEnv };
+  const b = await startNode({ env: envB });
   await waitFor(async () => (await api(b.url, 'GET', '/server/nodes')).body.nodes?.length === 2, 20000, 'two nodes');
-  return [a, b];
+  return [a, b, envB];
 }
 
 /** Connects `auth` to `url` and binds its client to `room`; resolves once bound. */
@@ -47,6 +49,14 @@ async function member(url, apiUrl, room, auth = {}) {
   assert.equal(r.status, 200, JSON.stringify(r.body));
   await c.waitFor((e) => e.event === 'bound' && e.data.address === room);
   return { c, id: s.clientId, s };
+}
+
+/** Alice on a and Bob (user `bob`) on b become members of `room`; resolves once Alice was told. */
+async function aliceAndBob(a, b, room) {
+  const alice = await member(a.url, a.url, room);
+  const bob = await member(b.url, a.url, room, { token: jwt('bob') });
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === bob.id, 10000, 'bob joins');
+  return { alice, bob };
 }
 
 test('members join and leave once each, whatever their connections; members and the API list them', { timeout: 120000 }, async () => {
@@ -132,9 +142,7 @@ test('members join and leave once each, whatever their connections; members and 
 test('a dead node\'s members leave after the leader\'s cleanup', { skip: !cluster && 'needs the cluster backend', timeout: 120000 }, async () => {
   const [a, b] = await nodes('presdead');
   const room = `presence:dead-${Date.now()}`;
-  const alice = await member(a.url, a.url, room);
-  const bob = await member(b.url, a.url, room, { token: jwt('bob') });
-  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === bob.id, 10000, 'bob joins');
+  const { alice, bob } = await aliceAndBob(a, b, room);
   const died = Date.now();
   await b.kill();
   bob.c.close();
@@ -149,17 +157,10 @@ test('a dead node\'s members leave after the leader\'s cleanup', { skip: !cluste
 test('a node restarted under its id before the leader saw it go clears what its earlier process left', { skip: !cluster && 'needs the cluster backend', timeout: 120000 }, async () => {
   // b's ZooKeeper session (30 s) outlives its restart, and the restarted process takes over b's
   // entry: the leader never sees b gone, so only b itself can end what its first process held.
-  const env = { SIGNALPOST_CLIENT_TOKEN_SECRET: secret, SIGNALPOST_RESUME_SECRET: `resume-${secret}` };
-  const shared = testCluster('presrestart', env);
-  const slow = { ...shared, SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '30000' };
-  const a = await startNode({ env: shared });
-  await waitFor(async () => (await api(a.url, 'GET', '/server/nodes')).body.leader, 20000, 'a leader');
-  let b = await startNode({ env: slow });
-  await waitFor(async () => (await api(b.url, 'GET', '/server/nodes')).body.nodes?.length === 2, 20000, 'two nodes');
+  const [a, first, slow] = await nodes('presrestart', { SIGNALPOST_ZOOKEEPER_SESSION_TIMEOUT_MS: '30000' });
+  let b = first;
   const room = `presence:restart-${Date.now()}`;
-  const alice = await member(a.url, a.url, room);
-  const bob = await member(b.url, a.url, room, { token: jwt('bob') });
-  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === bob.id, 10000, 'bob joins');
+  const { alice, bob } = await aliceAndBob(a, b, room);
   const died = Date.now();
   await b.kill();
   bob.c.close();

@@ -1,11 +1,15 @@
-//! Presence on Cassandra: `presence` (by client), written when a connection is set up and
-//! deleted when it closes, and `presence_slots` (by node, for the cleanup after a dead node):
-//! each connection of a node has a slot, a small integer this process hands out and reuses once
-//! the connection is gone, whose row is overwritten — never deleted — at connect, at each join
-//! or leave of a presence address and at disconnect (schema `008_presence_slots.cql`). So a
-//! node's partition holds at most its peak of concurrent connections and no tombstones, and the
-//! leader's `clear_node` reads it in one request however many connections came and went. The
-//! nodes that may have rows are listed in `presence_nodes` (one small partition).
+//! Presence on Cassandra, kept without deletes (schema `008_presence_slots.cql`). Each
+//! connection of a node has a *slot*, a small integer this process hands out and reuses once the
+//! connection is gone. The slot's row in `presence_slots` (by node, for the cleanup after a dead
+//! node) is overwritten — never deleted — at connect, at each join or leave of a presence address
+//! and at disconnect; the connection's row in `presence_clients` (by client, for lookups) is keyed
+//! by node and slot and overwritten at connect (up) and disconnect (gone, expiring after a day).
+//! So neither partition collects a tombstone per connection: a node's holds at most its peak of
+//! concurrent connections, a client's one row per slot it got, and the leader's `clear_node` and
+//! a lookup read them in one request however many connections came and went. The nodes that may
+//! have rows are listed in `presence_nodes` (one small partition). The tables an earlier version
+//! wrote instead (`presence`, `presence_by_node`, `presence_members_by_node`) are still read, for
+//! nodes that ran it.
 //!
 //! Members of presence addresses (schema `007_presence_members.cql`): a join or leave is one
 //! compare-and-set on the `(address, client)` row of the connections holding the membership,
@@ -25,8 +29,7 @@ fn unavailable(e: impl std::fmt::Display) -> PresenceError {
     PresenceError::Unavailable(format!("cassandra: {e}"))
 }
 
-/// Cluster-wide presence in a Cassandra keyspace (schema `003_presence.cql`,
-/// `004_presence_nodes.cql`, `007_presence_members.cql`, `008_presence_slots.cql`).
+/// Cluster-wide presence in a Cassandra keyspace (schema files 3, 4, 7 and 8).
 #[derive(Clone)]
 pub struct CassandraPresence(Arc<Inner>);
 
@@ -38,9 +41,10 @@ struct Inner {
     /// or one more, so this process's writes of a slot settle in the order they were made, even
     /// when the driver's retry of one lands after the next.
     stamp: std::sync::atomic::AtomicI64,
-    insert: PreparedStatement,
-    delete: PreparedStatement,
+    client_write: PreparedStatement,
     lookup: PreparedStatement,
+    legacy_delete: PreparedStatement,
+    legacy_lookup: PreparedStatement,
     slot_write: PreparedStatement,
     slots_of_node: PreparedStatement,
     slots_drop_node: PreparedStatement,
@@ -74,8 +78,12 @@ struct NodeSlots {
 struct Slot {
     n: i32,
     client: String,
+    /// When it connected (ms since epoch).
+    since: i64,
     /// Whether the connection is up (between `connected` and `disconnected`).
     live: bool,
+    /// What the client's row (`presence_clients`) says: up or not.
+    client_row_live: bool,
     /// The presence addresses it holds.
     memberships: BTreeSet<String>,
     /// Held while the row is written, so the writes of one slot go out one at a time and the
@@ -109,15 +117,21 @@ impl CassandraPresence {
         };
         let prep = async |cql: String| prep_as(cql, Kind::Idempotent).await;
         Ok(Self(Arc::new(Inner {
-            insert: prep(format!(
-                "INSERT INTO {ks}.presence (client, node, connection, since) VALUES (?, ?, ?, ?)"
-            ))
-            .await?,
-            delete: prep(format!(
-                "DELETE FROM {ks}.presence WHERE client = ? AND node = ? AND connection = ?"
+            client_write: prep(format!(
+                "INSERT INTO {ks}.presence_clients \
+                 (client, node, slot, connection, since, live) VALUES (?, ?, ?, ?, ?, ?) \
+                 USING TIMESTAMP ? AND TTL ?"
             ))
             .await?,
             lookup: prep(format!(
+                "SELECT node, connection, since, live FROM {ks}.presence_clients WHERE client = ?"
+            ))
+            .await?,
+            legacy_delete: prep(format!(
+                "DELETE FROM {ks}.presence WHERE client = ? AND node = ? AND connection = ?"
+            ))
+            .await?,
+            legacy_lookup: prep(format!(
                 "SELECT node, connection, since FROM {ks}.presence WHERE client = ?"
             ))
             .await?,
@@ -128,7 +142,7 @@ impl CassandraPresence {
             ))
             .await?,
             slots_of_node: prep(format!(
-                "SELECT client, connection, live, memberships FROM {ks}.presence_slots \
+                "SELECT slot, client, connection, live, memberships FROM {ks}.presence_slots \
                  WHERE node = ?"
             ))
             .await?,
@@ -216,36 +230,27 @@ impl Presence for CassandraPresence {
         let i = &self.0;
         let c = client.as_str();
         let (n, conn) = (seen.node.as_str(), seen.connection.as_str());
-        // The node is listed first, then the connection's slot: a crash in between leaves a
-        // row the cleanup can find.
+        // The node is listed first, then the connection's slot, then the client's row: a crash
+        // in between leaves a row the cleanup can find.
         // Listed at every connect, not once per process: a node the leader cleared after it
         // lost its session and that came back must be listed again.
         i.session
             .execute_unpaged(&i.add_node, (n,))
             .await
             .map_err(unavailable)?;
-        self.update_slot(n, conn, Some(c), |s| s.live = true)
-            .await?;
-        i.session
-            .execute_unpaged(&i.insert, (c, n, conn, seen.since as i64))
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.update_slot(n, conn, Some(c), |s| {
+            s.live = true;
+            s.since = seen.since as i64;
+        })
+        .await
     }
 
     async fn disconnected(
         &self,
-        client: &ClientId,
+        _client: &ClientId,
         node: &str,
         connection: &str,
     ) -> Result<(), PresenceError> {
-        let i = &self.0;
-        // The entry first: a crash in between leaves the slot saying live, which the cleanup
-        // finds (and deleting an entry twice is harmless).
-        i.session
-            .execute_unpaged(&i.delete, (client.as_str(), node, connection))
-            .await
-            .map_err(unavailable)?;
         self.update_slot(node, connection, None, |s| s.live = false)
             .await
     }
@@ -253,22 +258,21 @@ impl Presence for CassandraPresence {
     async fn lookup(&self, clients: &[ClientId]) -> Result<Vec<Vec<Seen>>, PresenceError> {
         let i = &self.0;
         try_join_all(clients.iter().map(|c| async move {
-            let res = i
-                .session
-                .execute_unpaged(&i.lookup, (c.as_str(),))
-                .await
-                .map_err(unavailable)?;
-            let rows = res.into_rows_result().map_err(unavailable)?;
-            let mut out = Vec::new();
-            for r in rows.rows::<(String, String, i64)>().map_err(unavailable)? {
-                let (node, connection, since) = r.map_err(unavailable)?;
-                out.push(Seen {
-                    node,
-                    connection,
-                    since: since.max(0) as u64,
-                });
-            }
-            Ok::<_, PresenceError>(out)
+            let c = c.as_str();
+            let (rows, legacy) = futures_util::try_join!(
+                self.rows::<(String, String, i64, bool)>(&i.lookup, (c,)),
+                self.rows::<(String, String, i64)>(&i.legacy_lookup, (c,)),
+            )?;
+            let live = rows.into_iter().filter(|r| r.3).map(|r| (r.0, r.1, r.2));
+            Ok::<_, PresenceError>(
+                live.chain(legacy)
+                    .map(|(node, connection, since)| Seen {
+                        node,
+                        connection,
+                        since: since.max(0) as u64,
+                    })
+                    .collect(),
+            )
         }))
         .await
     }
@@ -280,8 +284,9 @@ impl Presence for CassandraPresence {
         // 7), for a node that ran it.
         let mut held: Vec<(String, String, String)> =
             self.rows(&i.legacy_held_of_node, (node,)).await?;
-        let mut entries: Vec<(String, String)> = self.rows(&i.legacy_of_node, (node,)).await?;
-        for (client, conn, live, memberships) in slots {
+        let legacy: Vec<(String, String)> = self.rows(&i.legacy_of_node, (node,)).await?;
+        let mut entries = Vec::new();
+        for (slot, client, conn, live, memberships) in slots {
             let (Some(client), Some(conn)) = (client, conn) else {
                 continue;
             };
@@ -294,7 +299,7 @@ impl Presence for CassandraPresence {
                 }
             }
             if live == Some(true) {
-                entries.push((client, conn));
+                entries.push((client, slot, conn));
             }
         }
         // Memberships first: the rows that name them go with the partitions below.
@@ -312,9 +317,13 @@ impl Presence for CassandraPresence {
                 });
             }
         }
-        try_join_all(entries.iter().map(|(client, conn)| async move {
+        try_join_all(entries.iter().map(|(client, slot, conn)| {
+            self.write_client_row(client, node, *slot, conn, 0, false)
+        }))
+        .await?;
+        try_join_all(legacy.iter().map(|(client, conn)| async move {
             i.session
-                .execute_unpaged(&i.delete, (client.as_str(), node, conn.as_str()))
+                .execute_unpaged(&i.legacy_delete, (client.as_str(), node, conn.as_str()))
                 .await
                 .map_err(unavailable)
         }))
@@ -336,7 +345,7 @@ impl Presence for CassandraPresence {
             .await
             .map_err(unavailable)?;
         Ok(Cleared {
-            connections: entries.len() as u64,
+            connections: (entries.len() + legacy.len()) as u64,
             left,
         })
     }
@@ -466,8 +475,18 @@ fn contended(address: &Address, client: &ClientId) -> PresenceError {
     ))
 }
 
-/// A row of `presence_slots`: client, connection, live, memberships.
-type SlotRow = (Option<String>, Option<String>, Option<bool>, Option<String>);
+/// A row of `presence_slots`: slot, client, connection, live, memberships.
+type SlotRow = (
+    i32,
+    Option<String>,
+    Option<String>,
+    Option<bool>,
+    Option<String>,
+);
+
+/// How long (s) the row of a connection that is gone stays in `presence_clients`: it is
+/// overwritten when the client gets the same slot again, and expires otherwise.
+const GONE_TTL: i32 = 86_400;
 
 impl CassandraPresence {
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeSlots>> {
@@ -514,7 +533,9 @@ impl CassandraPresence {
                     Some(ns.held.entry(connection.to_owned()).or_insert(Slot {
                         n,
                         client: client.to_owned(),
+                        since: 0,
                         live: false,
+                        client_row_live: false,
                         memberships: BTreeSet::new(),
                         write: Arc::default(),
                     }))
@@ -543,19 +564,25 @@ impl CassandraPresence {
             .filter(|s| Arc::ptr_eq(&s.write, &write))
             .map(|s| {
                 let memberships = s.memberships.iter().map(String::as_str);
+                let row = (s.n, s.client.clone(), s.since, s.live);
                 (
-                    s.n,
-                    s.client.clone(),
-                    s.live,
+                    row,
                     memberships.collect::<Vec<_>>().join(" "),
+                    s.client_row_live != s.live,
                 )
             });
         // Gone: cleared meanwhile, or given back by the write before this one.
-        let Some((n, client, live, memberships)) = row else {
+        let Some(((n, client, since, live), memberships, client_row)) = row else {
             return Ok(());
         };
+        // The client's row says "up" only while the slot names the connection: written after
+        // the slot when it comes up, before the slot when it goes.
+        if client_row && !live {
+            self.write_client_row(&client, node, n, connection, since, false)
+                .await?;
+        }
         let free = !live && memberships.is_empty();
-        let (client, conn) = if free {
+        let (client_now, conn) = if free {
             ("", "")
         } else {
             (client.as_str(), connection)
@@ -564,21 +591,58 @@ impl CassandraPresence {
         i.session
             .execute_unpaged(
                 &i.slot_write,
-                (node, n, client, conn, live, memberships, self.stamp()),
+                (node, n, client_now, conn, live, memberships, self.stamp()),
             )
             .await
             .map_err(unavailable)?;
-        if free {
-            let mut all = self.slots();
-            if let Some(ns) = all.get_mut(node)
-                && ns.held.get(connection).is_some_and(|s| {
-                    Arc::ptr_eq(&s.write, &write) && !s.live && s.memberships.is_empty()
-                })
-            {
+        if client_row && live {
+            self.write_client_row(&client, node, n, connection, since, true)
+                .await?;
+        }
+        let mut all = self.slots();
+        let Some(ns) = all.get_mut(node) else {
+            return Ok(());
+        };
+        if let Some(s) = ns.held.get_mut(connection)
+            && Arc::ptr_eq(&s.write, &write)
+        {
+            s.client_row_live = live;
+            if free && !s.live && s.memberships.is_empty() {
                 ns.held.remove(connection);
                 ns.free.insert(n);
             }
         }
+        Ok(())
+    }
+
+    /// Writes a connection's row in `presence_clients`: up, or gone (kept a day).
+    async fn write_client_row(
+        &self,
+        client: &str,
+        node: &str,
+        slot: i32,
+        connection: &str,
+        since: i64,
+        live: bool,
+    ) -> Result<(), PresenceError> {
+        let i = &self.0;
+        let ttl = if live { 0 } else { GONE_TTL };
+        i.session
+            .execute_unpaged(
+                &i.client_write,
+                (
+                    client,
+                    node,
+                    slot,
+                    connection,
+                    since,
+                    live,
+                    self.stamp(),
+                    ttl,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

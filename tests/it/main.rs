@@ -664,14 +664,12 @@ mod cassandra_presence {
         }
     }
 
-    /// The lines of Cassandra's trace of a read of one node's slots that count the rows and
-    /// tombstones it read ("Read 2 live rows and 0 tombstone cells").
-    async fn traced_slot_read(s: &Session, node: &str) -> (usize, Vec<String>) {
-        let mut q = Statement::new(format!(
-            "SELECT slot, live FROM {KEYSPACE}.presence_slots WHERE node = ?"
-        ));
+    /// Cassandra's trace of a read of one partition: the rows it answered, and the lines that
+    /// count what it read ("Read 2 live rows and 0 tombstone cells").
+    async fn traced_read(s: &Session, cql: &str, key: &str) -> (usize, Vec<String>) {
+        let mut q = Statement::new(cql.replace("{ks}", KEYSPACE));
         q.set_tracing(true);
-        let res = s.query_unpaged(q, (node,)).await.unwrap();
+        let res = s.query_unpaged(q, (key,)).await.unwrap();
         let id = res.tracing_id().expect("a traced read has a tracing id");
         let rows = res.into_rows_result().unwrap().rows_num();
         let info = s.get_tracing_info(&id).await.unwrap();
@@ -684,39 +682,63 @@ mod cassandra_presence {
         (rows, counts)
     }
 
-    /// A node's connections come and go, joining and leaving a presence address, 300 times:
-    /// the partition the leader reads after the node died holds one row per connection up at
-    /// once and no tombstone (the tables before `presence_slots` got one per disconnect and
-    /// per leave, and past 100 000 the leader's read failed), and a cleanup by another process
-    /// still finds the connection that stayed.
+    fn assert_no_tombstones(what: &str, counts: &[String]) {
+        assert!(
+            !counts.is_empty(),
+            "the trace of {what} counts what it read"
+        );
+        for line in counts {
+            assert!(line.ends_with(" 0 tombstone cells"), "{what}: {line}");
+        }
+    }
+
+    const SLOTS_OF_NODE: &str = "SELECT slot, live FROM {ks}.presence_slots WHERE node = ?";
+    const ROWS_OF_CLIENT: &str = "SELECT slot, live FROM {ks}.presence_clients WHERE client = ?";
+
+    /// One client reconnects 300 times through a node, joining and leaving a presence address
+    /// each time, beside a connection that stays: the partitions the leader reads after the
+    /// node died and that a lookup of the client reads hold a few rows and no tombstone (the
+    /// tables before file 8 got one per disconnect and per leave, and past 100 000 those reads
+    /// failed), and a cleanup by another process still finds the connection that stayed.
     #[tokio::test]
     #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
-    async fn churn_leaves_no_tombstones_for_the_cleanup() {
+    async fn churn_leaves_no_tombstones() {
         let s = session(KEYSPACE).await;
         let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let node = format!("churn-{tag}");
         let room = Address::parse(&format!("presence:churn-{tag}")).unwrap();
         let stay = ClientId::parse(&format!("stay-{tag}")).unwrap();
+        let looper = ClientId::parse(&format!("loop-{tag}")).unwrap();
         p.connected(&stay, seen(&node, "stay")).await.unwrap();
         assert!(p.join(&room, &member(&stay), &node, "stay").await.unwrap());
         for i in 0..300 {
-            let c = ClientId::parse(&format!("c{i}-{tag}")).unwrap();
             let conn = format!("k{i}");
-            p.connected(&c, seen(&node, &conn)).await.unwrap();
-            assert!(p.join(&room, &member(&c), &node, &conn).await.unwrap());
-            assert!(p.leave(&room, &c, &node, &conn).await.unwrap().is_some());
-            p.disconnected(&c, &node, &conn).await.unwrap();
+            p.connected(&looper, seen(&node, &conn)).await.unwrap();
+            assert!(p.join(&room, &member(&looper), &node, &conn).await.unwrap());
+            let up = p.lookup(std::slice::from_ref(&looper)).await.unwrap();
+            assert_eq!(up, vec![vec![seen(&node, &conn)]], "round {i}");
+            assert!(
+                p.leave(&room, &looper, &node, &conn)
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+            p.disconnected(&looper, &node, &conn).await.unwrap();
         }
-        let (rows, counts) = traced_slot_read(&s, &node).await;
+        assert_eq!(
+            p.lookup(std::slice::from_ref(&looper)).await.unwrap(),
+            vec![vec![]]
+        );
+        let (rows, counts) = traced_read(&s, SLOTS_OF_NODE, &node).await;
         assert_eq!(
             rows, 2,
             "one slot for the connection that stayed, one reused 300 times"
         );
-        assert!(!counts.is_empty(), "the trace counts what the read read");
-        for line in &counts {
-            assert!(line.ends_with(" 0 tombstone cells"), "{line}");
-        }
+        assert_no_tombstones("the node's slots", &counts);
+        let (rows, counts) = traced_read(&s, ROWS_OF_CLIENT, looper.as_str()).await;
+        assert_eq!(rows, 1, "one row, the slot's, overwritten 600 times");
+        assert_no_tombstones("the client's rows", &counts);
         let leader = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
         let cleared = leader.clear_node(&node).await.unwrap();
         assert_eq!(cleared.connections, 1);
@@ -729,7 +751,7 @@ mod cassandra_presence {
         assert_eq!(leader.lookup(&[stay]).await.unwrap(), vec![vec![]]);
         assert!(leader.members(&room, None, 10).await.unwrap().is_empty());
         assert_eq!(
-            traced_slot_read(&s, &node).await.0,
+            traced_read(&s, SLOTS_OF_NODE, &node).await.0,
             0,
             "the partition is gone"
         );
@@ -785,6 +807,9 @@ mod cassandra_presence {
             ClientId::parse(&client).unwrap(),
         );
         assert_eq!(p.members(&room, None, 10).await.unwrap().len(), 1);
+        let seen_old = p.lookup(std::slice::from_ref(&client)).await.unwrap();
+        assert_eq!(seen_old[0].len(), 1, "lookups still see its connections");
+        assert_eq!(seen_old[0][0].connection, conn);
         let cleared = p.clear_node(&node).await.unwrap();
         assert_eq!(cleared.connections, 1);
         assert_eq!(cleared.left.len(), 1);

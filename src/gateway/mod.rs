@@ -343,10 +343,7 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
     if conn.is_closed() {
         // Closed while the entry was written: `cleanup` may have removed it before it landed.
         // Removing it again, now that it has, is harmless.
-        let _ = svc
-            .presence
-            .disconnected(conn.client(), &svc.node_id, conn.id())
-            .await;
+        presence_gone(&conn, svc).await;
         return Ok(());
     }
     let bound: Vec<&Address> = addrs.iter().filter(|a| **a != own).collect();
@@ -402,6 +399,12 @@ async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {
     svc.gate.registry.remove(conn);
     svc.gate.deadlines.forget(conn);
     svc.metrics.connections.decrement(1.0);
+    presence_gone(conn, svc).await;
+}
+
+/// Removes a connection's presence entry; a failure is logged (what is left is cleared when the
+/// leader finds the node gone, or when it restarts).
+async fn presence_gone(conn: &Conn, svc: &Gateway) {
     if let Err(e) = svc
         .presence
         .disconnected(conn.client(), &svc.node_id, conn.id())

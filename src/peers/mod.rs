@@ -433,7 +433,7 @@ impl Peers {
             if let Ok(live) = self.membership.nodes().await {
                 let down = self.downstream.read().unwrap_or_else(|p| p.into_inner());
                 let mut others = live.iter().filter(|n| n.id != self.node);
-                // Listed itself: the others have seen it join.
+                // Until it is listed, no other node can have linked to it.
                 let listed = live.iter().any(|n| n.id == self.node);
                 if listed && others.all(|n| down.contains_key(&n.id)) {
                     return true;

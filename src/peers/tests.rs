@@ -338,6 +338,21 @@ async fn a_peer_that_does_not_answer_is_unlinked_and_bindings_and_answers_reach_
     tasks.stop(Duration::from_secs(1)).await;
 }
 
+/// A node that just joined waits until every other member linked to it (before it announces
+/// anything): not while b has not, at once after b's link.
+#[tokio::test]
+async fn wait_linked_is_true_once_every_other_member_linked() {
+    let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
+    let (a, b) = two(&net, &tasks);
+    assert!(
+        !a.peers.wait_linked(Duration::from_millis(300)).await,
+        "b has not linked to a"
+    );
+    b.peers.tick().await;
+    assert!(a.peers.wait_linked(Duration::from_millis(300)).await);
+    tasks.stop(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn stopping_the_tasks_ends_the_links_and_send_loops() {
     let (net, tasks) = (Arc::new(Net::default()), Tasks::default());

@@ -630,11 +630,11 @@ mod cassandra_mailbox {
 mod cassandra_presence {
     use super::cassandra_support::*;
     use super::*;
+    use crate::contract::presence::{member, seen};
     use scylla::client::session::Session;
     use scylla::statement::unprepared::Statement;
     use signalpost::address::{Address, ClientId};
     use signalpost::presence::cassandra::CassandraPresence;
-    use signalpost::presence::{Member, Seen};
 
     async fn make() -> Arc<dyn Presence> {
         Arc::new(
@@ -648,21 +648,6 @@ mod cassandra_presence {
         #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
         make = make
     );
-
-    fn seen(node: &str, connection: &str) -> Seen {
-        Seen {
-            node: node.into(),
-            connection: connection.into(),
-            since: 1,
-        }
-    }
-
-    fn member(client: &ClientId) -> Member {
-        Member {
-            client: client.clone(),
-            user: None,
-        }
-    }
 
     /// Cassandra's trace of a read of one partition: the rows it answered, and the lines that
     /// count what it read ("Read 2 live rows and 0 tombstone cells").
@@ -711,11 +696,19 @@ mod cassandra_presence {
         let stay = ClientId::parse(&format!("stay-{tag}")).unwrap();
         let looper = ClientId::parse(&format!("loop-{tag}")).unwrap();
         p.connected(&stay, seen(&node, "stay")).await.unwrap();
-        assert!(p.join(&room, &member(&stay), &node, "stay").await.unwrap());
+        assert!(
+            p.join(&room, &member(&stay, None), &node, "stay")
+                .await
+                .unwrap()
+        );
         for i in 0..300 {
             let conn = format!("k{i}");
             p.connected(&looper, seen(&node, &conn)).await.unwrap();
-            assert!(p.join(&room, &member(&looper), &node, &conn).await.unwrap());
+            assert!(
+                p.join(&room, &member(&looper, None), &node, &conn)
+                    .await
+                    .unwrap()
+            );
             let up = p.lookup(std::slice::from_ref(&looper)).await.unwrap();
             assert_eq!(up, vec![vec![seen(&node, &conn)]], "round {i}");
             assert!(

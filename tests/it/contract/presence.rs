@@ -3,7 +3,8 @@ use signalpost::address::{Address, ClientId};
 use signalpost::presence::{Member, Presence, Seen};
 use std::sync::Arc;
 
-fn seen(node: &str, conn: &str) -> Seen {
+/// Where a connection is, as the suite writes it (`since` 1).
+pub fn seen(node: &str, conn: &str) -> Seen {
     Seen {
         node: node.into(),
         connection: conn.into(),
@@ -54,7 +55,7 @@ pub async fn connect_disconnect_clear(p: Arc<dyn Presence>) {
     );
 }
 
-fn member(client: &ClientId, user: Option<&str>) -> Member {
+pub fn member(client: &ClientId, user: Option<&str>) -> Member {
     Member {
         client: client.clone(),
         user: user.map(str::to_owned),

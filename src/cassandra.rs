@@ -75,6 +75,10 @@ pub const SCHEMA: &[(&str, &str)] = &[
         "008_presence_slots.cql",
         include_str!("../schema/008_presence_slots.cql"),
     ),
+    (
+        "009_presence_member_slots.cql",
+        include_str!("../schema/009_presence_member_slots.cql"),
+    ),
 ];
 
 /// The outcome of a lightweight transaction (`… IF …`): `Ok(())` when it was applied, else the

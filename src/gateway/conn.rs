@@ -116,7 +116,40 @@ pub struct Conn {
     state: Mutex<State>,
     /// The presence addresses this connection is a member of; the lock orders its joins and
     /// leaves (see [`Conn::sync_presence`]).
-    memberships: tokio::sync::Mutex<HashSet<Address>>,
+    memberships: tokio::sync::Mutex<Memberships>,
+}
+
+/// What a connection holds of presence addresses, as far as it knows.
+#[derive(Default)]
+struct Memberships {
+    /// Joined: the store said so.
+    held: HashSet<Address>,
+    /// A join the store refused, not since confirmed: it may have taken effect all the same
+    /// (a write that timed out), so the connection leaves these too when it no longer wants
+    /// them.
+    unsure: HashSet<Address>,
+}
+
+impl Memberships {
+    /// Whether the store may hold `a` otherwise than `want` says: a join or leave is due.
+    fn differs(&self, a: &Address, want: bool) -> bool {
+        let has = self.held.contains(a) || (!want && self.unsure.contains(a));
+        want != has
+    }
+
+    fn joined(&mut self, a: &Address) {
+        self.held.insert(a.clone());
+        self.unsure.remove(a);
+    }
+
+    fn join_failed(&mut self, a: &Address) {
+        self.unsure.insert(a.clone());
+    }
+
+    fn left(&mut self, a: &Address) {
+        self.held.remove(a);
+        self.unsure.remove(a);
+    }
 }
 
 /// A connection's deadline is its token's expiry; past it, it is kicked ("token expired").
@@ -400,7 +433,7 @@ impl Conn {
                 let st = self.lock();
                 st.phase != Phase::Closed && st.tracks.contains_key(a)
             };
-            if want == held.contains(a) {
+            if !held.differs(a, want) {
                 continue;
             }
             let svc = &self.svc;
@@ -412,7 +445,7 @@ impl Conn {
                 };
                 match svc.presence.join(a, &member, node, conn).await {
                     Ok(first) => {
-                        held.insert(a.clone());
+                        held.joined(a);
                         first.then_some(Change {
                             address: a.clone(),
                             member,
@@ -421,6 +454,7 @@ impl Conn {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, address = %a, "presence join failed; retrying");
+                        held.join_failed(a);
                         failed.push(a.clone());
                         None
                     }
@@ -428,7 +462,7 @@ impl Conn {
             } else {
                 match svc.presence.leave(a, &self.client, node, conn).await {
                     Ok(last) => {
-                        held.remove(a);
+                        held.left(a);
                         last.map(|member| Change {
                             address: a.clone(),
                             member,
@@ -877,5 +911,31 @@ impl crate::work::Worker for Conn {
             }
             Err(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Memberships;
+    use crate::address::Address;
+
+    /// A join the store refused may have taken effect (a write that timed out after it was
+    /// applied): it is retried while the address is wanted, and left once it is not, so the
+    /// store keeps no membership of a connection that is gone.
+    #[test]
+    fn a_refused_join_is_retried_and_left() {
+        let a = Address::parse("presence:lobby").unwrap();
+        let mut m = Memberships::default();
+        assert!(m.differs(&a, true), "not joined yet");
+        assert!(!m.differs(&a, false), "nothing to leave");
+        m.join_failed(&a);
+        assert!(m.differs(&a, true), "the join is tried again");
+        assert!(m.differs(&a, false), "and left when no longer wanted");
+        m.joined(&a);
+        assert!(!m.differs(&a, true));
+        assert!(m.differs(&a, false));
+        m.left(&a);
+        assert!(!m.differs(&a, false), "left: nothing more to do");
+        assert!(m.differs(&a, true));
     }
 }

@@ -13,8 +13,15 @@
 //!
 //! Members of presence addresses (schema `007_presence_members.cql`): a join or leave is one
 //! compare-and-set on the `(address, client)` row of the connections holding the membership,
-//! plus a write of the member list when the client became or stopped being a member, plus the
-//! write of the connection's slot — it never reads the member list.
+//! plus the write of the connection's slot and of its row in the address's member list — it
+//! never reads the member list. The member list (`presence_member_slots`, schema
+//! `009_presence_member_slots.cql`) is keyed by the node and slot of each connection holding a
+//! membership: a leave deletes that key, and since slots are reused the deletes of an address
+//! land on the same few keys, so its partition holds at most one row or tombstone per slot
+//! however many clients came and went. A listing reads it whole and answers each client once,
+//! in client order. The list an earlier version kept (`presence_members`, one row per client,
+//! deleted when it stopped being a member) is still read, and a client's row there is deleted
+//! at its last leave.
 
 use super::{Change, Cleared, Member, Presence, PresenceError, Seen};
 use crate::address::{Address, ClientId};
@@ -22,8 +29,10 @@ use crate::cassandra::Kind;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 fn unavailable(e: impl std::fmt::Display) -> PresenceError {
     PresenceError::Unavailable(format!("cassandra: {e}"))
@@ -37,6 +46,9 @@ struct Inner {
     session: Arc<Session>,
     /// The slots of the connections this process holds, per node (one, except in tests).
     slots: Mutex<HashMap<String, NodeSlots>>,
+    /// The member lists of large addresses as a first page read them, for the pages after it
+    /// (see [`SNAPSHOT_TTL`]).
+    snapshots: Mutex<HashMap<String, (Instant, Arc<MemberList>)>>,
     /// The write time (µs) of the last slot write or partition delete: they take the time now
     /// or one more, so this process's writes of a slot settle in the order they were made, even
     /// when the driver's retry of one lands after the next.
@@ -56,9 +68,13 @@ struct Inner {
     holders: PreparedStatement,
     holders_insert: PreparedStatement,
     holders_update: PreparedStatement,
-    member_add: PreparedStatement,
-    member_remove: PreparedStatement,
-    members: PreparedStatement,
+    listed_add: PreparedStatement,
+    listed_remove: PreparedStatement,
+    listed_drop_node: PreparedStatement,
+    listed: PreparedStatement,
+    legacy_member: PreparedStatement,
+    legacy_member_remove: PreparedStatement,
+    legacy_members: PreparedStatement,
     legacy_held_of_node: PreparedStatement,
     legacy_held_drop_node: PreparedStatement,
 }
@@ -84,12 +100,26 @@ struct Slot {
     live: bool,
     /// What the client's row (`presence_clients`) says: up or not.
     client_row_live: bool,
-    /// The presence addresses it holds.
-    memberships: BTreeSet<String>,
+    /// The presence addresses it holds, with the user each was joined with.
+    memberships: BTreeMap<String, Option<String>>,
+    /// The addresses whose member list has this slot's row, as last written.
+    listed: BTreeSet<String>,
     /// Held while the row is written, so the writes of one slot go out one at a time and the
     /// last one carries the latest state.
     write: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// A member list: client → user, in client order.
+type MemberList = BTreeMap<String, Option<String>>;
+
+/// How long the pages after the first of a large member list (`after`) are answered from the
+/// list the first page read, instead of reading the address's whole partition again for each
+/// (the partition is in slot order, not client order). A listing of many pages shows the list
+/// as it was up to this long ago, as paging through a changing list does anyway.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
+
+/// How many such lists a process keeps at most.
+const MAX_SNAPSHOTS: usize = 64;
 
 /// How many times a join or leave retries its compare-and-set before it answers unavailable.
 const CAS_ATTEMPTS: usize = 20;
@@ -193,17 +223,35 @@ impl CassandraPresence {
                 Kind::Once,
             )
             .await?,
-            member_add: prep(format!(
-                "INSERT INTO {ks}.presence_members (address, client, user) VALUES (?, ?, ?) \
-                 USING TIMESTAMP ?"
+            listed_add: prep(format!(
+                "INSERT INTO {ks}.presence_member_slots (address, node, slot, client, user) \
+                 VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
-            member_remove: prep(format!(
+            listed_remove: prep(format!(
+                "DELETE FROM {ks}.presence_member_slots USING TIMESTAMP ? \
+                 WHERE address = ? AND node = ? AND slot = ?"
+            ))
+            .await?,
+            listed_drop_node: prep(format!(
+                "DELETE FROM {ks}.presence_member_slots USING TIMESTAMP ? \
+                 WHERE address = ? AND node = ?"
+            ))
+            .await?,
+            listed: prep(format!(
+                "SELECT client, user FROM {ks}.presence_member_slots WHERE address = ?"
+            ))
+            .await?,
+            legacy_member: prep(format!(
+                "SELECT client FROM {ks}.presence_members WHERE address = ? AND client = ?"
+            ))
+            .await?,
+            legacy_member_remove: prep(format!(
                 "DELETE FROM {ks}.presence_members USING TIMESTAMP ? \
                  WHERE address = ? AND client = ?"
             ))
             .await?,
-            members: prep(format!(
+            legacy_members: prep(format!(
                 "SELECT client, user FROM {ks}.presence_members \
                  WHERE address = ? AND client > ? LIMIT ?"
             ))
@@ -218,6 +266,7 @@ impl CassandraPresence {
             ))
             .await?,
             slots: Mutex::default(),
+            snapshots: Mutex::default(),
             stamp: Default::default(),
             session,
         })))
@@ -286,6 +335,8 @@ impl Presence for CassandraPresence {
             self.rows(&i.legacy_held_of_node, (node,)).await?;
         let legacy: Vec<(String, String)> = self.rows(&i.legacy_of_node, (node,)).await?;
         let mut entries = Vec::new();
+        // The addresses whose member list has rows of this node.
+        let mut listed: BTreeSet<String> = BTreeSet::new();
         for (slot, client, conn, live, memberships) in slots {
             let (Some(client), Some(conn)) = (client, conn) else {
                 continue;
@@ -296,6 +347,7 @@ impl Presence for CassandraPresence {
             for a in memberships.as_deref().unwrap_or("").split(' ') {
                 if !a.is_empty() {
                     held.push((a.to_owned(), client.clone(), conn.clone()));
+                    listed.insert(a.to_owned());
                 }
             }
             if live == Some(true) {
@@ -317,6 +369,13 @@ impl Presence for CassandraPresence {
                 });
             }
         }
+        try_join_all(listed.iter().map(|a| async move {
+            i.session
+                .execute_unpaged(&i.listed_drop_node, (self.stamp(), a.as_str(), node))
+                .await
+                .map_err(unavailable)
+        }))
+        .await?;
         try_join_all(entries.iter().map(|(client, slot, conn)| {
             self.write_client_row(client, node, *slot, conn, 0, false)
         }))
@@ -359,16 +418,16 @@ impl Presence for CassandraPresence {
     ) -> Result<bool, PresenceError> {
         let i = &self.0;
         let (a, c) = (address.as_str(), member.client.as_str());
-        // The slot first: a node that dies after the transaction leaves it for the cleanup to
-        // find.
+        // The slot (and the member list's row) first: a node that dies after the transaction
+        // leaves it for the cleanup to find.
         self.update_slot(node, connection, Some(c), |s| {
-            s.memberships.insert(a.to_owned());
+            s.memberships.insert(a.to_owned(), member.user.clone());
         })
         .await?;
         let key = format!("{node}/{connection}");
         for _ in 0..CAS_ATTEMPTS {
             let current = self.holders(address, &member.client).await?;
-            // Some(first) once the transaction applied.
+            // Some(whether the client became a member) once the transaction applied.
             let outcome = match current {
                 Some(h) if h.connections.contains(&key) => return Ok(false),
                 None => {
@@ -381,7 +440,7 @@ impl Presence for CassandraPresence {
                         )
                         .await
                         .map_err(unavailable)?;
-                    applied(res)?.then_some(Some(rev))
+                    applied(res)?.then_some(true)
                 }
                 Some(h) => {
                     let first = h.connections.is_empty();
@@ -397,19 +456,11 @@ impl Presence for CassandraPresence {
                         )
                         .await
                         .map_err(unavailable)?;
-                    applied(res)?.then_some(first.then_some(rev))
+                    applied(res)?.then_some(first)
                 }
             };
-            match outcome {
-                None => continue,
-                Some(None) => return Ok(false),
-                Some(Some(rev)) => {
-                    i.session
-                        .execute_unpaged(&i.member_add, (a, c, member.user.as_deref(), rev))
-                        .await
-                        .map_err(unavailable)?;
-                    return Ok(true);
-                }
+            if let Some(first) = outcome {
+                return Ok(first);
             }
         }
         Err(contended(address, &member.client))
@@ -437,18 +488,51 @@ impl Presence for CassandraPresence {
         limit: usize,
     ) -> Result<Vec<Member>, PresenceError> {
         let i = &self.0;
-        let limit = limit.clamp(1, i32::MAX as usize) as i32;
+        let a = address.as_str();
+        let next = after.is_some();
         let after = after.map_or("", ClientId::as_str);
-        let rows: Vec<(String, Option<String>)> = self
-            .rows(&i.members, (address.as_str(), after, limit))
-            .await?;
-        let mut out = Vec::new();
-        for (client, user) in rows {
-            if let Ok(client) = ClientId::parse(&client) {
-                out.push(Member { client, user });
+        let legacy_limit = limit.clamp(1, i32::MAX as usize) as i32;
+        let listed = async {
+            if next && let Some(list) = self.snapshot(a) {
+                return Ok(list);
             }
+            let rows = self
+                .all_rows::<(String, Option<String>)>(&i.listed, (a,))
+                .await?;
+            // One entry per client (a client with connections on several slots has a row for
+            // each), in client order.
+            let mut list: MemberList = BTreeMap::new();
+            for (client, user) in rows {
+                list.entry(client).or_insert(user);
+            }
+            let list = Arc::new(list);
+            if list.len() > limit {
+                self.keep_snapshot(a, &list);
+            }
+            Ok(list)
+        };
+        let (listed, legacy) = futures_util::try_join!(
+            listed,
+            self.rows::<(String, Option<String>)>(&i.legacy_members, (a, after, legacy_limit)),
+        )?;
+        let mut by_client: MemberList = listed
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit)
+            .map(|(c, u)| (c.clone(), u.clone()))
+            .collect();
+        for (client, user) in legacy {
+            by_client.entry(client).or_insert(user);
         }
-        Ok(out)
+        Ok(by_client
+            .into_iter()
+            .filter_map(|(client, user)| {
+                Some(Member {
+                    client: ClientId::parse(&client).ok()?,
+                    user,
+                })
+            })
+            .take(limit)
+            .collect())
     }
 
     async fn nodes(&self) -> Result<Vec<String>, PresenceError> {
@@ -473,6 +557,12 @@ fn contended(address: &Address, client: &ClientId) -> PresenceError {
     PresenceError::Unavailable(format!(
         "membership of {client} in {address}: {CAS_ATTEMPTS} conflicting writes in a row"
     ))
+}
+
+/// A user to write: left unset when there is none, as a null would write a tombstone (the key
+/// it goes to was deleted before, so no earlier user shows through).
+fn user_cell(user: &Option<String>) -> scylla::value::MaybeUnset<&str> {
+    scylla::value::MaybeUnset::from_option(user.as_deref())
 }
 
 /// A row of `presence_slots`: slot, client, connection, live, memberships.
@@ -536,7 +626,8 @@ impl CassandraPresence {
                         since: 0,
                         live: false,
                         client_row_live: false,
-                        memberships: BTreeSet::new(),
+                        memberships: BTreeMap::new(),
+                        listed: BTreeSet::new(),
                         write: Arc::default(),
                     }))
                 }
@@ -563,18 +654,41 @@ impl CassandraPresence {
             .and_then(|ns| ns.held.get(connection))
             .filter(|s| Arc::ptr_eq(&s.write, &write))
             .map(|s| {
-                let memberships = s.memberships.iter().map(String::as_str);
+                let memberships = s.memberships.keys().map(String::as_str);
                 let row = (s.n, s.client.clone(), s.since, s.live);
+                let unlist: Vec<String> = s
+                    .listed
+                    .iter()
+                    .filter(|a| !s.memberships.contains_key(*a))
+                    .cloned()
+                    .collect();
+                let list: Vec<(String, Option<String>)> = s
+                    .memberships
+                    .iter()
+                    .filter(|(a, _)| !s.listed.contains(*a))
+                    .map(|(a, u)| (a.clone(), u.clone()))
+                    .collect();
                 (
                     row,
                     memberships.collect::<Vec<_>>().join(" "),
                     s.client_row_live != s.live,
+                    (unlist, list),
                 )
             });
         // Gone: cleared meanwhile, or given back by the write before this one.
-        let Some(((n, client, since, live), memberships, client_row)) = row else {
+        let Some(((n, client, since, live), memberships, client_row, (unlist, list))) = row else {
             return Ok(());
         };
+        let i = &self.0;
+        // Off the member lists before the slot stops naming the memberships, onto them after it
+        // names them: a crash in between leaves no row the cleanup would not find.
+        try_join_all(unlist.iter().map(|a| async move {
+            i.session
+                .execute_unpaged(&i.listed_remove, (self.stamp(), a.as_str(), node, n))
+                .await
+                .map_err(unavailable)
+        }))
+        .await?;
         // The client's row says "up" only while the slot names the connection: written after
         // the slot when it comes up, before the slot when it goes.
         if client_row && !live {
@@ -587,7 +701,6 @@ impl CassandraPresence {
         } else {
             (client.as_str(), connection)
         };
-        let i = &self.0;
         i.session
             .execute_unpaged(
                 &i.slot_write,
@@ -595,6 +708,19 @@ impl CassandraPresence {
             )
             .await
             .map_err(unavailable)?;
+        try_join_all(list.iter().map(|(a, user)| {
+            let client = client.as_str();
+            async move {
+                i.session
+                    .execute_unpaged(
+                        &i.listed_add,
+                        (a.as_str(), node, n, client, user_cell(user), self.stamp()),
+                    )
+                    .await
+                    .map_err(unavailable)
+            }
+        }))
+        .await?;
         if client_row && live {
             self.write_client_row(&client, node, n, connection, since, true)
                 .await?;
@@ -607,6 +733,10 @@ impl CassandraPresence {
             && Arc::ptr_eq(&s.write, &write)
         {
             s.client_row_live = live;
+            for a in &unlist {
+                s.listed.remove(a);
+            }
+            s.listed.extend(list.into_iter().map(|(a, _)| a));
             if free && !s.live && s.memberships.is_empty() {
                 ns.held.remove(connection);
                 ns.free.insert(n);
@@ -666,6 +796,51 @@ impl CassandraPresence {
             .map_err(unavailable)?
             .map(|r| r.map_err(unavailable))
             .collect()
+    }
+
+    /// The member list of `address` a first page read lately, if any.
+    fn snapshot(&self, address: &str) -> Option<Arc<MemberList>> {
+        let all = self.0.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, list) = all.get(address)?;
+        (at.elapsed() < SNAPSHOT_TTL).then(|| list.clone())
+    }
+
+    /// Keeps a member list for the pages after the first, dropping the ones that expired (and,
+    /// when there are still too many, the oldest).
+    fn keep_snapshot(&self, address: &str, list: &Arc<MemberList>) {
+        let mut all = self.0.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, (at, _)| at.elapsed() < SNAPSHOT_TTL);
+        if all.len() >= MAX_SNAPSHOTS
+            && let Some(oldest) = all
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone())
+        {
+            all.remove(&oldest);
+        }
+        all.insert(address.to_owned(), (Instant::now(), list.clone()));
+    }
+
+    /// Every row a statement answers, a page at a time (for partitions that may be large).
+    async fn all_rows<T>(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<Vec<T>, PresenceError>
+    where
+        T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + 'static,
+    {
+        use futures_util::TryStreamExt;
+        self.0
+            .session
+            .execute_iter(stmt.clone(), values)
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<T>()
+            .map_err(unavailable)?
+            .map_err(unavailable)
+            .try_collect()
+            .await
     }
 
     async fn holders(
@@ -742,10 +917,15 @@ impl CassandraPresence {
             if !rest.is_empty() {
                 return Ok(None);
             }
-            i.session
-                .execute_unpaged(&i.member_remove, (rev, a, c))
-                .await
-                .map_err(unavailable)?;
+            // The row an earlier version listed the client in, if it did: deleted only where it
+            // exists, so this list collects no tombstone per client either.
+            let legacy: Vec<(String,)> = self.rows(&i.legacy_member, (a, c)).await?;
+            if !legacy.is_empty() {
+                i.session
+                    .execute_unpaged(&i.legacy_member_remove, (rev, a, c))
+                    .await
+                    .map_err(unavailable)?;
+            }
             return Ok(Some(Member {
                 client: client.clone(),
                 user: h.user,

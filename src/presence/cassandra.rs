@@ -49,6 +49,11 @@ struct Inner {
     /// The member lists of large addresses as a first page read them, for the pages after it
     /// (see [`SNAPSHOT_TTL`]).
     snapshots: Mutex<HashMap<String, (Instant, Arc<MemberList>)>>,
+    /// Per address being listed: the last read of its member list and when it started, behind
+    /// a lock that one reader at a time holds (see [`CassandraPresence::read_listed`]).
+    listings: Mutex<HashMap<String, Listing>>,
+    /// How many times a member list was read from Cassandra.
+    listed_reads: std::sync::atomic::AtomicU64,
     /// The write time (µs) of the last slot write or partition delete: they take the time now
     /// or one more, so this process's writes of a slot settle in the order they were made, even
     /// when the driver's retry of one lands after the next.
@@ -111,6 +116,33 @@ struct Slot {
 
 /// A member list: client → user, in client order.
 type MemberList = BTreeMap<String, Option<String>>;
+
+/// The last read of an address's member list and when it started, behind the lock its reader
+/// holds.
+type Listing = Arc<tokio::sync::Mutex<Option<(Instant, Arc<MemberList>)>>>;
+
+/// Takes an address's entry out of `listings` when the last listing of it is done, or dropped
+/// (a request given up halfway).
+struct ListingTurn<'a> {
+    presence: &'a CassandraPresence,
+    address: &'a str,
+    entry: Listing,
+}
+
+impl Drop for ListingTurn<'_> {
+    fn drop(&mut self) {
+        let mut all = self
+            .presence
+            .0
+            .listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // The map's and this one: nobody else is waiting.
+        if Arc::strong_count(&self.entry) == 2 {
+            all.remove(self.address);
+        }
+    }
+}
 
 /// How long the pages after the first of a large member list (`after`) are answered from the
 /// list the first page read, instead of reading the address's whole partition again for each
@@ -267,6 +299,8 @@ impl CassandraPresence {
             .await?,
             slots: Mutex::default(),
             snapshots: Mutex::default(),
+            listings: Mutex::default(),
+            listed_reads: Default::default(),
             stamp: Default::default(),
             session,
         })))
@@ -496,16 +530,7 @@ impl Presence for CassandraPresence {
             if next && let Some(list) = self.snapshot(a) {
                 return Ok(list);
             }
-            let rows = self
-                .all_rows::<(String, Option<String>)>(&i.listed, (a,))
-                .await?;
-            // One entry per client (a client with connections on several slots has a row for
-            // each), in client order.
-            let mut list: MemberList = BTreeMap::new();
-            for (client, user) in rows {
-                list.entry(client).or_insert(user);
-            }
-            let list = Arc::new(list);
+            let list = self.read_listed(a).await?;
             if list.len() > limit {
                 self.keep_snapshot(a, &list);
             }
@@ -796,6 +821,52 @@ impl CassandraPresence {
             .map_err(unavailable)?
             .map(|r| r.map_err(unavailable))
             .collect()
+    }
+
+    /// How many times this process read a member list from Cassandra (listings that arrived
+    /// while one was being read share the next read).
+    pub fn member_list_reads(&self) -> u64 {
+        self.0
+            .listed_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The member list of `address`, read after this call began. Listings of one address
+    /// arriving while its list is being read wait, and the first of them to go next reads it
+    /// once for all of them: however many connections ask (`members` costs a whole partition
+    /// read), an address has at most one read under way and one waiting per process.
+    async fn read_listed(&self, address: &str) -> Result<Arc<MemberList>, PresenceError> {
+        let arrived = Instant::now();
+        let turn = ListingTurn {
+            presence: self,
+            address,
+            entry: {
+                let mut all = self.0.listings.lock().unwrap_or_else(|p| p.into_inner());
+                all.entry(address.to_owned()).or_default().clone()
+            },
+        };
+        let mut last = turn.entry.lock().await;
+        if let Some((started, list)) = &*last
+            && *started >= arrived
+        {
+            return Ok(list.clone());
+        }
+        let started = Instant::now();
+        self.0
+            .listed_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rows = self
+            .all_rows::<(String, Option<String>)>(&self.0.listed, (address,))
+            .await?;
+        // One entry per client (a client with connections on several slots has a row for each),
+        // in client order.
+        let mut list: MemberList = BTreeMap::new();
+        for (client, user) in rows {
+            list.entry(client).or_insert(user);
+        }
+        let list = Arc::new(list);
+        *last = Some((started, list.clone()));
+        Ok(list)
     }
 
     /// The member list of `address` a first page read lately, if any.

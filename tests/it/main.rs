@@ -857,6 +857,48 @@ mod cassandra_presence {
         assert_eq!(traced_read(&s, LISTED, room.as_str()).await.0, 0);
     }
 
+    /// Listing a member list reads the address's whole partition, so listings of one address
+    /// that arrive together share reads: 40 at once cost two (the one under way when they came,
+    /// and one after it for all the others), and each sees every member.
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn concurrent_listings_share_reads() {
+        let s = session(KEYSPACE).await;
+        let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let node = format!("crowd-{tag}");
+        let room = Address::parse(&format!("presence:crowd-{tag}")).unwrap();
+        let mut want = Vec::new();
+        for i in 0..5 {
+            let c = ClientId::parse(&format!("c{i}-{tag}")).unwrap();
+            p.connected(&c, seen(&node, &format!("k{i}")))
+                .await
+                .unwrap();
+            p.join(&room, &member(&c, None), &node, &format!("k{i}"))
+                .await
+                .unwrap();
+            want.push(member(&c, None));
+        }
+        let before = p.member_list_reads();
+        let lists =
+            futures_util::future::join_all((0..40).map(|_| p.members(&room, None, 10))).await;
+        let reads = p.member_list_reads() - before;
+        for list in lists {
+            assert_eq!(list.unwrap(), want);
+        }
+        assert!(
+            reads <= 2,
+            "40 listings at once read the list {reads} times"
+        );
+        // One that comes after them reads again: nobody is served a list read before it asked.
+        let c = ClientId::parse(&format!("c9-{tag}")).unwrap();
+        p.connected(&c, seen(&node, "k9")).await.unwrap();
+        p.join(&room, &member(&c, None), &node, "k9").await.unwrap();
+        want.push(member(&c, None));
+        assert_eq!(p.members(&room, None, 10).await.unwrap(), want);
+        p.clear_node(&node).await.unwrap();
+    }
+
     /// A node that ran a version before `presence_slots` left its rows in `presence_by_node`
     /// and `presence_members_by_node`: the cleanup still finds and ends them.
     #[tokio::test]

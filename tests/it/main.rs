@@ -672,8 +672,37 @@ mod cassandra_presence {
             !counts.is_empty(),
             "the trace of {what} counts what it read"
         );
-        for line in counts {
-            assert!(line.ends_with(" 0 tombstone cells"), "{what}: {line}");
+        assert_eq!(tombstones(counts), 0, "{what}: {counts:?}");
+    }
+
+    /// The tombstone cells a trace's counting lines name, added up.
+    fn tombstones(counts: &[String]) -> usize {
+        counts
+            .iter()
+            .filter_map(|l| l.strip_suffix(" tombstone cells")?.rsplit(' ').next())
+            .map(|n| n.parse::<usize>().expect("a count"))
+            .sum()
+    }
+
+    /// A session, a presence on it, and a node id and presence address of their own.
+    struct Fresh {
+        s: Arc<Session>,
+        p: CassandraPresence,
+        tag: String,
+        node: String,
+        room: Address,
+    }
+
+    async fn fresh(what: &str) -> Fresh {
+        let s = session(KEYSPACE).await;
+        let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        Fresh {
+            node: format!("{what}-{tag}"),
+            room: Address::parse(&format!("presence:{what}-{tag}")).unwrap(),
+            s,
+            p,
+            tag,
         }
     }
 
@@ -688,11 +717,13 @@ mod cassandra_presence {
     #[tokio::test]
     #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
     async fn churn_leaves_no_tombstones() {
-        let s = session(KEYSPACE).await;
-        let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        let node = format!("churn-{tag}");
-        let room = Address::parse(&format!("presence:churn-{tag}")).unwrap();
+        let Fresh {
+            s,
+            p,
+            tag,
+            node,
+            room,
+        } = fresh("churn").await;
         let stay = ClientId::parse(&format!("stay-{tag}")).unwrap();
         let looper = ClientId::parse(&format!("loop-{tag}")).unwrap();
         p.connected(&stay, seen(&node, "stay")).await.unwrap();
@@ -750,15 +781,6 @@ mod cassandra_presence {
         );
     }
 
-    /// The tombstone cells a trace's counting lines name, added up.
-    fn tombstones(counts: &[String]) -> usize {
-        counts
-            .iter()
-            .filter_map(|l| l.strip_suffix(" tombstone cells")?.rsplit(' ').next())
-            .map(|n| n.parse::<usize>().expect("a count"))
-            .sum()
-    }
-
     const LISTED: &str = "SELECT node, slot FROM {ks}.presence_member_slots WHERE address = ?";
     const LEGACY_LISTED: &str = "SELECT client FROM {ks}.presence_members WHERE address = ?";
 
@@ -770,11 +792,13 @@ mod cassandra_presence {
     #[tokio::test]
     #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
     async fn members_come_and_go_without_tombstones() {
-        let s = session(KEYSPACE).await;
-        let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        let node = format!("lobby-{tag}");
-        let room = Address::parse(&format!("presence:lobby-{tag}")).unwrap();
+        let Fresh {
+            s,
+            p,
+            tag,
+            node,
+            room,
+        } = fresh("lobby").await;
         let stay = ClientId::parse(&format!("b-stay-{tag}")).unwrap();
         let twice = ClientId::parse(&format!("a-twice-{tag}")).unwrap();
         p.connected(&stay, seen(&node, "stay")).await.unwrap();
@@ -863,11 +887,9 @@ mod cassandra_presence {
     #[tokio::test]
     #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
     async fn concurrent_listings_share_reads() {
-        let s = session(KEYSPACE).await;
-        let p = CassandraPresence::new(s.clone(), KEYSPACE).await.unwrap();
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        let node = format!("crowd-{tag}");
-        let room = Address::parse(&format!("presence:crowd-{tag}")).unwrap();
+        let Fresh {
+            p, tag, node, room, ..
+        } = fresh("crowd").await;
         let mut want = Vec::new();
         for i in 0..5 {
             let c = ClientId::parse(&format!("c{i}-{tag}")).unwrap();

@@ -150,8 +150,8 @@ impl Drop for ListingTurn<'_> {
 /// as it was up to this long ago, as paging through a changing list does anyway.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
 
-/// How many such lists a process keeps at most.
-const MAX_SNAPSHOTS: usize = 64;
+/// How many such lists a process keeps at most (one of 100 000 members is roughly 10 MB).
+const MAX_SNAPSHOTS: usize = 8;
 
 /// How many times a join or leave retries its compare-and-set before it answers unavailable.
 const CAS_ATTEMPTS: usize = 20;

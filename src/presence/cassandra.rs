@@ -54,9 +54,10 @@ struct Inner {
     listings: Mutex<HashMap<String, Listing>>,
     /// How many times a member list was read from Cassandra.
     listed_reads: std::sync::atomic::AtomicU64,
-    /// The write time (µs) of the last slot write or partition delete: they take the time now
-    /// or one more, so this process's writes of a slot settle in the order they were made, even
-    /// when the driver's retry of one lands after the next.
+    /// The write time (µs) of the last write or delete of a slot's rows (its slot, client and
+    /// member-list rows) or of a node's partitions: they take the time now or one more, so this
+    /// process's writes of a slot settle in the order they were made, even when the driver's
+    /// retry of one lands after the next.
     stamp: std::sync::atomic::AtomicI64,
     client_write: PreparedStatement,
     lookup: PreparedStatement,
@@ -317,10 +318,7 @@ impl Presence for CassandraPresence {
         // in between leaves a row the cleanup can find.
         // Listed at every connect, not once per process: a node the leader cleared after it
         // lost its session and that came back must be listed again.
-        i.session
-            .execute_unpaged(&i.add_node, (n,))
-            .await
-            .map_err(unavailable)?;
+        self.exec(&i.add_node, (n,)).await?;
         self.update_slot(n, conn, Some(c), |s| {
             s.live = true;
             s.since = seen.since as i64;
@@ -403,40 +401,27 @@ impl Presence for CassandraPresence {
                 });
             }
         }
-        try_join_all(listed.iter().map(|a| async move {
-            i.session
-                .execute_unpaged(&i.listed_drop_node, (self.stamp(), a.as_str(), node))
-                .await
-                .map_err(unavailable)
-        }))
+        try_join_all(
+            listed
+                .iter()
+                .map(|a| self.exec(&i.listed_drop_node, (self.stamp(), a.as_str(), node))),
+        )
         .await?;
         try_join_all(entries.iter().map(|(client, slot, conn)| {
             self.write_client_row(client, node, *slot, conn, 0, false)
         }))
         .await?;
-        try_join_all(legacy.iter().map(|(client, conn)| async move {
-            i.session
-                .execute_unpaged(&i.legacy_delete, (client.as_str(), node, conn.as_str()))
-                .await
-                .map_err(unavailable)
+        try_join_all(legacy.iter().map(|(client, conn)| {
+            self.exec(&i.legacy_delete, (client.as_str(), node, conn.as_str()))
         }))
         .await?;
-        i.session
-            .execute_unpaged(&i.slots_drop_node, (self.stamp(), node))
-            .await
-            .map_err(unavailable)?;
+        self.exec(&i.slots_drop_node, (self.stamp(), node)).await?;
         for drop in [&i.legacy_held_drop_node, &i.legacy_drop_node] {
-            i.session
-                .execute_unpaged(drop, (node,))
-                .await
-                .map_err(unavailable)?;
+            self.exec(drop, (node,)).await?;
         }
         // This process's slots of that node start over (a node clears itself at startup).
         self.slots().remove(node);
-        i.session
-            .execute_unpaged(&i.forget_node, (node,))
-            .await
-            .map_err(unavailable)?;
+        self.exec(&i.forget_node, (node,)).await?;
         Ok(Cleared {
             connections: (entries.len() + legacy.len()) as u64,
             left,
@@ -466,14 +451,12 @@ impl Presence for CassandraPresence {
                 Some(h) if h.connections.contains(&key) => return Ok(false),
                 None => {
                     let rev = next_rev(0);
-                    let res = i
-                        .session
-                        .execute_unpaged(
+                    let res = self
+                        .exec(
                             &i.holders_insert,
                             (a, c, key.as_str(), member.user.as_deref(), rev),
                         )
-                        .await
-                        .map_err(unavailable)?;
+                        .await?;
                     applied(res)?.then_some(true)
                 }
                 Some(h) => {
@@ -482,14 +465,12 @@ impl Presence for CassandraPresence {
                     connections.push(key.clone());
                     let user = if first { member.user.clone() } else { h.user };
                     let rev = next_rev(h.rev);
-                    let res = i
-                        .session
-                        .execute_unpaged(
+                    let res = self
+                        .exec(
                             &i.holders_update,
                             (0i32, connections.join(" "), user, rev, a, c, h.rev),
                         )
-                        .await
-                        .map_err(unavailable)?;
+                        .await?;
                     applied(res)?.then_some(first)
                 }
             };
@@ -569,7 +550,7 @@ impl Presence for CassandraPresence {
 }
 
 /// A revision that is later than `prev` and, where the clock allows, the time now (µs): the
-/// member list's writes use it as their timestamp.
+/// revisions of `presence_holders`, and the write time of a delete from the old member list.
 fn next_rev(prev: i64) -> i64 {
     (crate::clock::now_us() as i64).max(prev + 1)
 }
@@ -707,12 +688,11 @@ impl CassandraPresence {
         let i = &self.0;
         // Off the member lists before the slot stops naming the memberships, onto them after it
         // names them: a crash in between leaves no row the cleanup would not find.
-        try_join_all(unlist.iter().map(|a| async move {
-            i.session
-                .execute_unpaged(&i.listed_remove, (self.stamp(), a.as_str(), node, n))
-                .await
-                .map_err(unavailable)
-        }))
+        try_join_all(
+            unlist
+                .iter()
+                .map(|a| self.exec(&i.listed_remove, (self.stamp(), a.as_str(), node, n))),
+        )
         .await?;
         // The client's row says "up" only while the slot names the connection: written after
         // the slot when it comes up, before the slot when it goes.
@@ -726,24 +706,23 @@ impl CassandraPresence {
         } else {
             (client.as_str(), connection)
         };
-        i.session
-            .execute_unpaged(
-                &i.slot_write,
-                (node, n, client_now, conn, live, memberships, self.stamp()),
-            )
-            .await
-            .map_err(unavailable)?;
+        self.exec(
+            &i.slot_write,
+            (node, n, client_now, conn, live, memberships, self.stamp()),
+        )
+        .await?;
         try_join_all(list.iter().map(|(a, user)| {
-            let client = client.as_str();
-            async move {
-                i.session
-                    .execute_unpaged(
-                        &i.listed_add,
-                        (a.as_str(), node, n, client, user_cell(user), self.stamp()),
-                    )
-                    .await
-                    .map_err(unavailable)
-            }
+            self.exec(
+                &i.listed_add,
+                (
+                    a.as_str(),
+                    node,
+                    n,
+                    client.as_str(),
+                    user_cell(user),
+                    self.stamp(),
+                ),
+            )
         }))
         .await?;
         if client_row && live {
@@ -782,23 +761,34 @@ impl CassandraPresence {
     ) -> Result<(), PresenceError> {
         let i = &self.0;
         let ttl = if live { 0 } else { GONE_TTL };
-        i.session
-            .execute_unpaged(
-                &i.client_write,
-                (
-                    client,
-                    node,
-                    slot,
-                    connection,
-                    since,
-                    live,
-                    self.stamp(),
-                    ttl,
-                ),
-            )
-            .await
-            .map_err(unavailable)?;
+        self.exec(
+            &i.client_write,
+            (
+                client,
+                node,
+                slot,
+                connection,
+                since,
+                live,
+                self.stamp(),
+                ttl,
+            ),
+        )
+        .await?;
         Ok(())
+    }
+
+    /// Runs a statement once (the driver retries what its kind allows).
+    async fn exec(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<scylla::response::query_result::QueryResult, PresenceError> {
+        self.0
+            .session
+            .execute_unpaged(stmt, values)
+            .await
+            .map_err(unavailable)
     }
 
     /// Every row a statement answers.
@@ -810,12 +800,7 @@ impl CassandraPresence {
     where
         T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
     {
-        let res = self
-            .0
-            .session
-            .execute_unpaged(stmt, values)
-            .await
-            .map_err(unavailable)?;
+        let res = self.exec(stmt, values).await?;
         let rows = res.into_rows_result().map_err(unavailable)?;
         rows.rows::<T>()
             .map_err(unavailable)?
@@ -920,11 +905,9 @@ impl CassandraPresence {
         client: &ClientId,
     ) -> Result<Option<Holders>, PresenceError> {
         let i = &self.0;
-        let res = i
-            .session
-            .execute_unpaged(&i.holders, (address.as_str(), client.as_str()))
-            .await
-            .map_err(unavailable)?;
+        let res = self
+            .exec(&i.holders, (address.as_str(), client.as_str()))
+            .await?;
         let rows = res.into_rows_result().map_err(unavailable)?;
         let row = rows
             .maybe_first_row::<(Option<String>, Option<String>, Option<i64>)>()
@@ -974,14 +957,12 @@ impl CassandraPresence {
             } else {
                 0
             };
-            let res = i
-                .session
-                .execute_unpaged(
+            let res = self
+                .exec(
                     &i.holders_update,
                     (ttl, rest.join(" "), h.user.as_deref(), rev, a, c, h.rev),
                 )
-                .await
-                .map_err(unavailable)?;
+                .await?;
             if !applied(res)? {
                 continue;
             }
@@ -992,10 +973,7 @@ impl CassandraPresence {
             // exists, so this list collects no tombstone per client either.
             let legacy: Vec<(String,)> = self.rows(&i.legacy_member, (a, c)).await?;
             if !legacy.is_empty() {
-                i.session
-                    .execute_unpaged(&i.legacy_member_remove, (rev, a, c))
-                    .await
-                    .map_err(unavailable)?;
+                self.exec(&i.legacy_member_remove, (rev, a, c)).await?;
             }
             return Ok(Some(Member {
                 client: client.clone(),

@@ -79,6 +79,10 @@ pub const SCHEMA: &[(&str, &str)] = &[
         "009_presence_member_slots.cql",
         include_str!("../schema/009_presence_member_slots.cql"),
     ),
+    (
+        "010_client_bindings.cql",
+        include_str!("../schema/010_client_bindings.cql"),
+    ),
 ];
 
 /// The outcome of a lightweight transaction (`… IF …`): `Ok(())` when it was applied, else the
@@ -244,6 +248,20 @@ pub async fn apply_schema(
     if !valid_keyspace(keyspace) {
         return Err(CassandraError::BadKeyspace(keyspace.to_owned()));
     }
+    // A keyspace that no earlier version wrote bindings in starts with the bindings as rows
+    // (file 10); an older one keeps its record until `signalpost migrate bindings`.
+    let fresh = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables \
+             WHERE keyspace_name = ? AND table_name = 'client_addresses'",
+            (keyspace,),
+        )
+        .await
+        .map_err(|e| CassandraError::Request(e.to_string()))?
+        .into_rows_result()
+        .map_err(|e| CassandraError::Request(e.to_string()))?
+        .rows_num()
+        == 0;
     for (file, text) in SCHEMA {
         for stmt in statements(text, keyspace, replication) {
             session
@@ -266,8 +284,24 @@ pub async fn apply_schema(
             .await
             .map_err(|e| CassandraError::Request(e.to_string()))?;
     }
+    if fresh {
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {keyspace}.settings (name, value) VALUES ('{BINDINGS_SETTING}', '{BINDINGS_AS_ROWS}')"
+                ),
+                (),
+            )
+            .await
+            .map_err(|e| CassandraError::Request(e.to_string()))?;
+    }
     Ok(())
 }
+
+/// The `settings` row that says where bindings are recorded (`schema/010_client_bindings.cql`).
+pub const BINDINGS_SETTING: &str = "bindings";
+/// Its value once `client_bindings` is the record.
+pub const BINDINGS_AS_ROWS: &str = "rows";
 
 /// Connects and applies the schema: what a node does at startup.
 pub async fn open(config: &CassandraConfig, node: &str) -> Result<Session, CassandraError> {

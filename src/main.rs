@@ -75,6 +75,12 @@ enum Command {
     ///
     /// Example: signalpost stack probe cassandra
     Stack(tools::stack::StackArgs),
+    #[cfg(feature = "cluster")]
+    /// One-off upgrade steps on a cluster's Cassandra keyspace, run once every node runs this
+    /// version (docs/operations.md). Reads the same configuration as `serve`.
+    ///
+    /// Example: signalpost migrate bindings --config signalpost.toml
+    Migrate(MigrateArgs),
     /// Without the tools feature: any tool's name, answered with how to get the tools.
     #[cfg(not(feature = "tools"))]
     #[command(external_subcommand)]
@@ -97,6 +103,56 @@ struct ServeArgs {
     config: Option<PathBuf>,
 }
 
+#[cfg(feature = "cluster")]
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// What to migrate
+    #[arg(value_enum)]
+    step: MigrateStep,
+    /// A TOML file with any configuration key (see docs/configuration.md)
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[cfg(feature = "cluster")]
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MigrateStep {
+    /// Make client_bindings the record of bindings (schema/010_client_bindings.cql).
+    Bindings,
+}
+
+/// `signalpost migrate bindings`: the keyspace's bindings caught up and switched to rows.
+#[cfg(feature = "cluster")]
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let config = Config::load(
+        args.config.as_deref(),
+        &Overrides {
+            listen: None,
+            data_dir: None,
+            backend: None,
+        },
+    )?;
+    let MigrateStep::Bindings = args.step;
+    let session = signalpost::cassandra::open(&config.cassandra, "migrate")
+        .await
+        .context("opening the Cassandra keyspace")?;
+    let done = signalpost::topology::cassandra::migrate_bindings(
+        session.into(),
+        &config.cassandra.keyspace,
+    )
+    .await
+    .context("migrating the bindings")?;
+    println!(
+        "bindings of keyspace {}: {} clients looked at, {} rows written; client_bindings is the \
+         record now, and nodes switch to it within {} s",
+        config.cassandra.keyspace,
+        done.clients,
+        done.changed,
+        signalpost::topology::cassandra::LAYOUT_RECHECK.as_secs()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -105,6 +161,8 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => rt.block_on(serve(args)),
+        #[cfg(feature = "cluster")]
+        Command::Migrate(args) => rt.block_on(migrate(args)),
         #[cfg(not(feature = "tools"))]
         Command::Tool(args) => {
             eprintln!(
@@ -146,6 +204,8 @@ async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::C
         Command::Client { id } => cli::client(t, &id).await,
         Command::Nodes => cli::get(t, "/server/nodes").await,
         Command::Tail(a) => cli::tail(t, a).await,
+        #[cfg(feature = "cluster")]
+        Command::Migrate(_) => unreachable!("handled in main"),
         Command::Serve(_) | Command::Bench(_) | Command::Stack(_) => {
             unreachable!("handled in main")
         }

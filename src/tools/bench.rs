@@ -79,6 +79,9 @@ pub struct BenchArgs {
     /// Members the presence scenario joins to one presence address
     #[arg(long, default_value_t = 100_000)]
     pub members: usize,
+    /// Clients the bindings scenario binds, reads and unbinds (each layout)
+    #[arg(long, default_value_t = 20_000)]
+    pub bind_clients: usize,
     /// Connect the fanout and latency clients to these nodes instead of `--url`, round-robin
     /// (comma-separated). In a cluster the latency scenario then reports deliveries on the
     /// appending node and deliveries through another node apart.
@@ -113,7 +116,7 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
         report.push(line);
     };
     let known = [
-        "all", "append", "fanout", "latency", "replay", "idle", "durable", "presence",
+        "all", "append", "fanout", "latency", "replay", "idle", "durable", "presence", "bindings",
     ];
     if !known.contains(&args.scenario.as_str()) {
         return Err(ClientError::Http(format!(
@@ -151,6 +154,13 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
     if args.scenario == "presence" {
         eprintln!("presence: {} members joining one address …", args.members);
         push(presence(&args).await?);
+    }
+    if args.scenario == "bindings" {
+        eprintln!(
+            "bindings: {} clients bound, read and unbound …",
+            args.bind_clients
+        );
+        push(bindings(&args).await?);
     }
     if args.scenario == "durable" {
         eprintln!(
@@ -940,7 +950,6 @@ async fn presence(args: &BenchArgs) -> Res<String> {
     }
     #[cfg(feature = "cluster")]
     {
-        use futures_util::StreamExt;
         use signalpost::address::{Address, ClientId};
         use signalpost::presence::{Member, Presence, cassandra::CassandraPresence};
         let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
@@ -958,35 +967,6 @@ async fn presence(args: &BenchArgs) -> Res<String> {
         let room = Address::parse(&format!("presence:bench-{run}")).expect("a valid address");
         let n = args.members;
         let block = 10_000.min(n);
-        // Each op's latency (µs), by op index.
-        async fn each<F, Fut>(n: usize, f: F) -> Res<Vec<u64>>
-        where
-            F: Fn(usize) -> Fut,
-            Fut: std::future::Future<Output = Res<()>>,
-        {
-            let mut lat = vec![0u64; n];
-            let mut ops = futures_util::stream::iter(0..n)
-                .map(|i| {
-                    let fut = f(i);
-                    async move {
-                        let t = Instant::now();
-                        fut.await?;
-                        Ok::<_, ClientError>((i, t.elapsed().as_micros() as u64))
-                    }
-                })
-                .buffer_unordered(64);
-            let mut done = 0;
-            while let Some(r) = ops.next().await {
-                let (i, us) = r?;
-                lat[i] = us;
-                done += 1;
-                if done % 1000 == 0 {
-                    eprint!("\r  {done:>8}");
-                }
-            }
-            eprintln!();
-            Ok(lat)
-        }
         let client = |i: usize| ClientId::parse(&format!("m{i:07}-{run}")).expect("a valid id");
         let started = Instant::now();
         let joins = each(n, |i| {
@@ -1032,13 +1012,6 @@ async fn presence(args: &BenchArgs) -> Res<String> {
             }
         })
         .await?;
-        let q = |lat: &[u64], q: f64| {
-            let mut h = Histogram::<u64>::new(3).expect("a histogram");
-            for v in lat {
-                let _ = h.record(*v);
-            }
-            h.value_at_quantile(q) as f64 / 1000.0
-        };
         let (first, last) = (&joins[..block], &joins[n - block..]);
         let (lfirst, llast) = (&leaves[..block], &leaves[n - block..]);
         Ok(format!(
@@ -1051,6 +1024,148 @@ async fn presence(args: &BenchArgs) -> Res<String> {
             q(lfirst, 0.99),
             q(llast, 0.5),
             q(llast, 0.99),
+        ))
+    }
+}
+
+#[cfg(feature = "cluster")]
+/// Runs op `i` for i in 0..n, 64 at a time; each op's latency (µs), by op index.
+async fn each<F, Fut>(n: usize, f: F) -> Res<Vec<u64>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Res<()>>,
+{
+    let mut lat = vec![0u64; n];
+    use futures_util::StreamExt;
+    let mut ops = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let fut = f(i);
+            async move {
+                let t = Instant::now();
+                fut.await?;
+                Ok::<_, ClientError>((i, t.elapsed().as_micros() as u64))
+            }
+        })
+        .buffer_unordered(64);
+    let mut done = 0;
+    while let Some(r) = ops.next().await {
+        let (i, us) = r?;
+        lat[i] = us;
+        done += 1;
+        if done % 1000 == 0 {
+            eprint!("\r  {done:>8}");
+        }
+    }
+    eprintln!();
+    Ok(lat)
+}
+
+/// The `q` quantile of latencies in µs, in ms.
+#[cfg(feature = "cluster")]
+fn q(lat: &[u64], q: f64) -> f64 {
+    let mut h = Histogram::<u64>::new(3).expect("a histogram");
+    for v in lat {
+        let _ = h.record(*v);
+    }
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Binds, reads and unbinds `--bind-clients` clients (one address each) straight in Cassandra,
+/// once with the layout of bindings before schema file 10 and once with `client_bindings`.
+async fn bindings(args: &BenchArgs) -> Res<String> {
+    let Some(cp) = &args.cassandra else {
+        return Err(ClientError::Input(
+            "the bindings scenario needs --cassandra <contact points>".into(),
+        ));
+    };
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = cp;
+        Err(ClientError::Input(
+            "the bindings scenario needs a build with the cluster backend (--features cluster)"
+                .into(),
+        ))
+    }
+    #[cfg(feature = "cluster")]
+    {
+        use signalpost::address::{Address, ClientId};
+        use signalpost::topology::cassandra::{CassandraTopology, Layout};
+        use signalpost::topology::{Binding, Topology};
+        let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
+        let session = Arc::new(
+            signalpost::cassandra::connect(cp)
+                .await
+                .map_err(|e| err(&e))?,
+        );
+        let n = args.bind_clients;
+        let mut parts = Vec::new();
+        for layout in [Layout::Legacy, Layout::Rows] {
+            let t = Arc::new(
+                CassandraTopology::with_layout(session.clone(), &args.keyspace, layout)
+                    .await
+                    .map_err(|e| err(&e))?,
+            );
+            let run = tag();
+            let client = |i: usize| ClientId::parse(&format!("b{i:07}-{run}")).expect("an id");
+            let address = |i: usize| {
+                Address::parse(&format!("channel:bench-{run}-{}", i % 1000)).expect("an address")
+            };
+            let started = Instant::now();
+            let binds = each(n, |i| {
+                let t = t.clone();
+                let b = Binding {
+                    address: address(i),
+                    since: 0,
+                };
+                async move {
+                    match t.add(&client(i), &[b]).await {
+                        Ok(new) if new.len() == 1 => Ok(()),
+                        Ok(_) => Err(ClientError::Http(format!("bind {i} was not new"))),
+                        Err(e) => Err(err(&e)),
+                    }
+                }
+            })
+            .await?;
+            let bind_rate = n as f64 / started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            let gets = each(n, |i| {
+                let t = t.clone();
+                async move {
+                    match t.get(&client(i)).await {
+                        Ok(b) if b.len() == 1 => Ok(()),
+                        Ok(b) => Err(ClientError::Http(format!("get {i}: {} bindings", b.len()))),
+                        Err(e) => Err(err(&e)),
+                    }
+                }
+            })
+            .await?;
+            let get_rate = n as f64 / started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            let unbinds = each(n, |i| {
+                let t = t.clone();
+                async move {
+                    match t.remove(&client(i), &[address(i)]).await {
+                        Ok(gone) if gone.len() == 1 => Ok(()),
+                        Ok(_) => Err(ClientError::Http(format!("unbind {i} was not bound"))),
+                        Err(e) => Err(err(&e)),
+                    }
+                }
+            })
+            .await?;
+            let unbind_rate = n as f64 / started.elapsed().as_secs_f64();
+            parts.push(format!(
+                "{layout:?}: bind {bind_rate:.0}/s p50/p99 {:.2}/{:.2} ms, get {get_rate:.0}/s {:.2}/{:.2} ms, unbind {unbind_rate:.0}/s {:.2}/{:.2} ms",
+                q(&binds, 0.5),
+                q(&binds, 0.99),
+                q(&gets, 0.5),
+                q(&gets, 0.99),
+                q(&unbinds, 0.5),
+                q(&unbinds, 0.99),
+            ));
+        }
+        Ok(format!(
+            "bindings clients={n} (64 at a time): {}",
+            parts.join("; ")
         ))
     }
 }

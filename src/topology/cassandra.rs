@@ -1,15 +1,25 @@
-//! Topology and cursors in Cassandra (see `schema/002_tables.cql` and `docs/cassandra.md`):
-//! - `client_addresses` ((client), address) → since: the bindings of a client;
+//! Topology and cursors in Cassandra (see `schema/002_tables.cql`, `schema/010_client_bindings.cql`
+//! and `docs/cassandra.md`):
+//! - `client_bindings` ((client)) → a frozen map address → since, and `rev`: the bindings of a
+//!   client, one cell rewritten whole by compare-and-set on `rev`, so that unbinding leaves no
+//!   tombstone however many different addresses come and go;
 //! - `address_clients` ((address), client) → since: the same, by address (members, in client order);
-//! - `cursors` ((client), address) → version, written `USING TIMESTAMP version`.
+//! - `cursors` ((client), address) → version, written `USING TIMESTAMP version`;
+//! - `client_addresses` ((client), address) → since: where versions before file 10 recorded
+//!   bindings, one row per binding (a tombstone per unbinding).
 //!
-//! `add` claims each new binding with `INSERT … IF NOT EXISTS` (one Paxos round per binding that
-//! is not there yet: the first `since` wins even between concurrent calls), then writes the
-//! reverse row. Bindings already present are only re-written in the reverse table (which repairs
-//! a reverse row lost by a crash between the two writes). `remove` deletes the reverse row, then
-//! the binding. A cursor is one plain write whose write timestamp is the version, so Cassandra's
-//! last-write-wins keeps the highest version whatever the order of concurrent saves — no read and
-//! no lightweight transaction.
+//! Which of the two client-side tables is the record is the keyspace's [`Layout`]: `Rows` when
+//! its `settings` say so (a keyspace created with file 10, or after `signalpost migrate
+//! bindings`), otherwise `Legacy`. In `Legacy`, a node does what versions before file 10 did
+//! (`INSERT … IF NOT EXISTS` per new binding: the first `since` wins) and mirrors every change
+//! into `client_bindings`, so that [`migrate_bindings`] only has to catch up with what older
+//! versions wrote. A node in `Legacy` looks at the settings again every [`LAYOUT_RECHECK`].
+//!
+//! `add` writes the record, then the reverse row (bindings already present are only re-written in
+//! the reverse table, which repairs a reverse row lost by a crash between the two writes).
+//! `remove` deletes the reverse row, then changes the record. A cursor is one plain write whose
+//! write timestamp is the version, so Cassandra's last-write-wins keeps the highest version
+//! whatever the order of concurrent saves — no read and no lightweight transaction.
 
 use super::storage_err as st;
 use super::{Binding, Cursors, ReadMarks, Topology, TopologyError};
@@ -21,15 +31,33 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Requests in flight within one call.
 const CONCURRENCY: usize = 32;
 /// Cursor rows per single-partition batch.
 const CURSORS_PER_BATCH: usize = 100;
+/// Compare-and-set attempts on a client's bindings row before a call answers unavailable.
+const CAS_ATTEMPTS: u32 = 50;
+/// How often a node in [`Layout::Legacy`] reads the keyspace's settings again.
+pub const LAYOUT_RECHECK: Duration = Duration::from_secs(30);
 
 fn unavailable(e: impl std::fmt::Display) -> TopologyError {
     TopologyError::Unavailable(e.to_string())
+}
+
+/// A client's bindings as `client_bindings` stores them: address → since.
+type Map = BTreeMap<String, i64>;
+
+/// Where a keyspace records the bindings of a client (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `client_addresses` is the record, mirrored into `client_bindings`.
+    Legacy,
+    /// `client_bindings` is the record.
+    Rows,
 }
 
 /// The Cassandra-backed topology and cursors (a cheap clone of a shared handle).
@@ -38,6 +66,15 @@ pub struct CassandraTopology(Arc<Inner>);
 
 struct Inner {
     session: Arc<Session>,
+    /// The layout is `Rows` (it never goes back).
+    rows: AtomicBool,
+    /// When the settings were last read, or None when the layout was given and is not re-read.
+    checked: Option<Mutex<Instant>>,
+    setting: PreparedStatement,
+    map_get: PreparedStatement,
+    map_serial: PreparedStatement,
+    map_insert: PreparedStatement,
+    map_update: PreparedStatement,
     get: PreparedStatement,
     claim: PreparedStatement,
     reverse: PreparedStatement,
@@ -56,8 +93,30 @@ struct Inner {
 }
 
 impl CassandraTopology {
-    /// Prepares the statements; the schema must have been applied ([`crate::cassandra::open`]).
+    /// Prepares the statements and reads the keyspace's [`Layout`]; the schema must have been
+    /// applied ([`crate::cassandra::open`]).
     pub async fn new(session: Arc<Session>, keyspace: &str) -> Result<Self, TopologyError> {
+        let t = Self::prepare(session, keyspace, None).await?;
+        if t.read_layout().await? == Layout::Rows {
+            t.0.rows.store(true, Ordering::Release);
+        }
+        Ok(t)
+    }
+
+    /// The same with a layout given, never re-read (tests, and [`migrate_bindings`]).
+    pub async fn with_layout(
+        session: Arc<Session>,
+        keyspace: &str,
+        layout: Layout,
+    ) -> Result<Self, TopologyError> {
+        Self::prepare(session, keyspace, Some(layout)).await
+    }
+
+    async fn prepare(
+        session: Arc<Session>,
+        keyspace: &str,
+        layout: Option<Layout>,
+    ) -> Result<Self, TopologyError> {
         if !crate::cassandra::valid_keyspace(keyspace) {
             return Err(st(format!("invalid keyspace {keyspace:?}")));
         }
@@ -67,7 +126,32 @@ impl CassandraTopology {
                 .await
                 .map_err(unavailable)
         };
+        let map_select = format!("SELECT bindings, rev FROM {ks}.client_bindings WHERE client = ?");
         let inner = Inner {
+            rows: AtomicBool::new(layout == Some(Layout::Rows)),
+            checked: layout.is_none().then(|| Mutex::new(Instant::now())),
+            setting: prep(
+                format!("SELECT value FROM {ks}.settings WHERE name = ?"),
+                Kind::Idempotent,
+            )
+            .await?,
+            map_get: prep(map_select.clone(), Kind::Idempotent).await?,
+            map_serial: prep(map_select, Kind::Serial).await?,
+            map_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.client_bindings (client, bindings, rev) VALUES (?, ?, 1) \
+                     IF NOT EXISTS"
+                ),
+                Kind::Once,
+            )
+            .await?,
+            map_update: prep(
+                format!(
+                    "UPDATE {ks}.client_bindings SET bindings = ?, rev = ? WHERE client = ? IF rev = ?"
+                ),
+                Kind::Once,
+            )
+            .await?,
             get: prep(
                 format!("SELECT address, since FROM {ks}.client_addresses WHERE client = ?"),
                 Kind::Idempotent,
@@ -163,7 +247,58 @@ impl CassandraTopology {
         Ok(Self(Arc::new(inner)))
     }
 
-    async fn bindings(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
+    /// The keyspace's layout as its settings say now.
+    async fn read_layout(&self) -> Result<Layout, TopologyError> {
+        let res = self
+            .0
+            .session
+            .execute_unpaged(&self.0.setting, (crate::cassandra::BINDINGS_SETTING,))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(st)?;
+        let value = res.maybe_first_row::<(Option<String>,)>().map_err(st)?;
+        Ok(
+            match value.and_then(|(v,)| v).as_deref() == Some(crate::cassandra::BINDINGS_AS_ROWS) {
+                true => Layout::Rows,
+                false => Layout::Legacy,
+            },
+        )
+    }
+
+    /// The layout to use for a call: `Legacy` reads the settings again once every
+    /// [`LAYOUT_RECHECK`] (a failed read keeps `Legacy`, which stays correct: see the module docs).
+    async fn layout(&self) -> Layout {
+        if self.0.rows.load(Ordering::Acquire) {
+            return Layout::Rows;
+        }
+        let Some(checked) = &self.0.checked else {
+            return Layout::Legacy;
+        };
+        let due = {
+            let mut at = checked.lock().unwrap_or_else(|p| p.into_inner());
+            let due = at.elapsed() >= LAYOUT_RECHECK;
+            if due {
+                *at = Instant::now();
+            }
+            due
+        };
+        if due {
+            match self.read_layout().await {
+                Ok(Layout::Rows) => {
+                    tracing::info!("bindings: client_bindings is the record from now on");
+                    self.0.rows.store(true, Ordering::Release);
+                    return Layout::Rows;
+                }
+                Ok(Layout::Legacy) => {}
+                Err(e) => tracing::warn!("bindings: reading the settings failed: {e}"),
+            }
+        }
+        Layout::Legacy
+    }
+
+    /// The bindings `client_addresses` records for a client.
+    async fn legacy_bindings(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
         let mut rows = self
             .0
             .session
@@ -182,6 +317,340 @@ impl CassandraTopology {
         }
         Ok(out)
     }
+
+    /// A client's `client_bindings` row: its map and `rev`, or None when it has none.
+    async fn map_row(
+        &self,
+        serial: bool,
+        client: &ClientId,
+    ) -> Result<Option<(Map, i64)>, TopologyError> {
+        let stmt = if serial {
+            &self.0.map_serial
+        } else {
+            &self.0.map_get
+        };
+        let res = self
+            .0
+            .session
+            .execute_unpaged(stmt, (client.as_str(),))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(st)?;
+        let row = res
+            .maybe_first_row::<(Option<Map>, Option<i64>)>()
+            .map_err(st)?;
+        Ok(row.map(|(m, r)| (m.unwrap_or_default(), r.unwrap_or(0))))
+    }
+
+    /// Writes a client's map if its `rev` is still `rev` (None: if it has no row); whether it did.
+    async fn put_map(
+        &self,
+        client: &ClientId,
+        rev: Option<i64>,
+        map: &Map,
+    ) -> Result<bool, TopologyError> {
+        let res = match rev {
+            None => self
+                .0
+                .session
+                .execute_unpaged(&self.0.map_insert, (client.as_str(), map))
+                .await
+                .map_err(unavailable)?,
+            Some(rev) => self
+                .0
+                .session
+                .execute_unpaged(&self.0.map_update, (map, rev + 1, client.as_str(), rev))
+                .await
+                .map_err(unavailable)?,
+        };
+        crate::cassandra::applied(res).map_err(st)
+    }
+
+    /// Changes a client's map by compare-and-set: `change` gets the stored map, changes it and
+    /// says what it did; after a lost race it runs again on a fresh (`SERIAL`) read. The row is
+    /// written when the map changed, or always with `always` (which moves `rev`, so a
+    /// [`migrate_bindings`] that read before this call does not overwrite it).
+    async fn change_map<T>(
+        &self,
+        client: &ClientId,
+        always: bool,
+        change: impl FnMut(&mut Map) -> T,
+    ) -> Result<T, TopologyError> {
+        self.change_read_map(client, always, None, change).await
+    }
+
+    /// [`Self::change_map`] starting from a row the caller read (`read`: Some(the row)).
+    async fn change_read_map<T>(
+        &self,
+        client: &ClientId,
+        always: bool,
+        mut read: Option<Option<(Map, i64)>>,
+        mut change: impl FnMut(&mut Map) -> T,
+    ) -> Result<T, TopologyError> {
+        for attempt in 0..CAS_ATTEMPTS {
+            let row = match read.take() {
+                Some(row) => row,
+                None => self.map_row(attempt > 0, client).await?,
+            };
+            let rev = row.as_ref().map(|(_, r)| *r);
+            let before = row.map(|(m, _)| m).unwrap_or_default();
+            let mut map = before.clone();
+            let out = change(&mut map);
+            if !always && map == before {
+                return Ok(out);
+            }
+            if self.put_map(client, rev, &map).await? {
+                return Ok(out);
+            }
+            backoff(attempt).await;
+        }
+        Err(TopologyError::Unavailable(format!(
+            "bindings of {client}: {CAS_ATTEMPTS} conflicting writes in a row"
+        )))
+    }
+
+    /// Makes a client's map equal to what `client_addresses` records ([`migrate_bindings`]);
+    /// whether it had to change it.
+    async fn catch_up(&self, client: &ClientId) -> Result<bool, TopologyError> {
+        for attempt in 0..CAS_ATTEMPTS {
+            // The row first, then the record: a change that lands between the two moves `rev`,
+            // and the write below fails and reads again.
+            let row = self.map_row(true, client).await?;
+            let record: Map = self
+                .legacy_bindings(client)
+                .await?
+                .into_iter()
+                .map(|b| (b.address.as_str().to_owned(), b.since as i64))
+                .collect();
+            if row.as_ref().is_some_and(|(m, _)| *m == record)
+                || (row.is_none() && record.is_empty())
+            {
+                return Ok(false);
+            }
+            if self.put_map(client, row.map(|(_, r)| r), &record).await? {
+                return Ok(true);
+            }
+            backoff(attempt).await;
+        }
+        Err(TopologyError::Unavailable(format!(
+            "bindings of {client}: {CAS_ATTEMPTS} conflicting writes in a row"
+        )))
+    }
+
+    /// Writes (or, with `delete`, deletes) the reverse rows of a client's bindings.
+    async fn reverse(
+        &self,
+        client: &ClientId,
+        bindings: &[(Address, u64)],
+        delete: bool,
+    ) -> Result<(), TopologyError> {
+        let inner = &self.0;
+        let now = CqlTimestamp(crate::clock::now_ms() as i64);
+        let futs: Vec<_> = bindings
+            .iter()
+            .map(|(a, since)| async move {
+                if delete {
+                    inner
+                        .session
+                        .execute_unpaged(&inner.unreverse, (a.as_str(), client.as_str()))
+                        .await
+                } else {
+                    inner
+                        .session
+                        .execute_unpaged(
+                            &inner.reverse,
+                            (a.as_str(), client.as_str(), *since as i64, now),
+                        )
+                        .await
+                }
+                .map(|_| ())
+                .map_err(unavailable)
+            })
+            .collect();
+        stream::iter(futs)
+            .buffered(CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Claims new bindings in `client_addresses` (the first `since` wins); each with the
+    /// `since` kept and whether it is new.
+    async fn legacy_add(
+        &self,
+        client: &ClientId,
+        wanted: &[&Binding],
+    ) -> Result<Vec<(Binding, bool)>, TopologyError> {
+        let existing: HashMap<Address, u64> = self
+            .legacy_bindings(client)
+            .await?
+            .into_iter()
+            .map(|b| (b.address, b.since))
+            .collect();
+        let now = CqlTimestamp(crate::clock::now_ms() as i64);
+        let inner = &self.0;
+        let futs: Vec<_> = wanted
+            .iter()
+            .map(|b| {
+                let known = existing.get(&b.address).copied();
+                async move {
+                    let (since, new) = match known {
+                        Some(since) => (since, false),
+                        None => {
+                            let res = inner
+                                .session
+                                .execute_unpaged(
+                                    &inner.claim,
+                                    (client.as_str(), b.address.as_str(), b.since as i64, now),
+                                )
+                                .await
+                                .map_err(unavailable)?;
+                            match claim_outcome(res)? {
+                                None => (b.since, true),
+                                Some(since) => (since, false),
+                            }
+                        }
+                    };
+                    let kept = Binding {
+                        address: b.address.clone(),
+                        since,
+                    };
+                    Ok::<_, TopologyError>((kept, new))
+                }
+            })
+            .collect();
+        stream::iter(futs).buffered(CONCURRENCY).try_collect().await
+    }
+
+    /// Deletes `client_addresses` rows of a client that are there (a point delete each, so the
+    /// table gets no tombstone for rows it never had).
+    async fn legacy_remove(
+        &self,
+        client: &ClientId,
+        addresses: &[Address],
+    ) -> Result<(), TopologyError> {
+        let bound: Vec<Address> = self
+            .legacy_bindings(client)
+            .await?
+            .into_iter()
+            .map(|b| b.address)
+            .filter(|a| addresses.contains(a))
+            .collect();
+        self.legacy_delete(client, &bound).await
+    }
+
+    /// Deletes `client_addresses` rows of a client.
+    async fn legacy_delete(
+        &self,
+        client: &ClientId,
+        bound: &[Address],
+    ) -> Result<(), TopologyError> {
+        let inner = &self.0;
+        let futs: Vec<_> = bound
+            .iter()
+            .map(|a| async move {
+                inner
+                    .session
+                    .execute_unpaged(&inner.unbind, (client.as_str(), a.as_str()))
+                    .await
+                    .map(|_| ())
+                    .map_err(unavailable)
+            })
+            .collect();
+        stream::iter(futs)
+            .buffered(CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+}
+
+/// A short random pause after a lost compare-and-set, longer with each attempt.
+async fn backoff(attempt: u32) {
+    let max_us = 200 * (u128::from(attempt) + 1);
+    let us = uuid::Uuid::new_v4().as_u128() % max_us;
+    tokio::time::sleep(Duration::from_micros(us as u64)).await;
+}
+
+/// The first of each address in `addresses`, in their order.
+fn distinct(addresses: &[Address]) -> Vec<Address> {
+    let mut out: Vec<Address> = Vec::new();
+    for a in addresses {
+        if !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// What [`migrate_bindings`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Migrated {
+    /// Clients looked at (a client with rows in both tables counts twice).
+    pub clients: u64,
+    /// Clients whose `client_bindings` row was written.
+    pub changed: u64,
+}
+
+/// Makes `client_bindings` the record of bindings in a keyspace whose record was
+/// `client_addresses` (`signalpost migrate bindings`; run once every node runs a version with
+/// `schema/010_client_bindings.cql`): every client's row is made equal to what
+/// `client_addresses` records (by compare-and-set, so changes nodes make meanwhile are kept),
+/// then the settings say `rows`, and nodes switch within [`LAYOUT_RECHECK`]. Idempotent.
+pub async fn migrate_bindings(
+    session: Arc<Session>,
+    keyspace: &str,
+) -> Result<Migrated, TopologyError> {
+    let t = CassandraTopology::with_layout(session.clone(), keyspace, Layout::Legacy).await?;
+    let mut done = Migrated::default();
+    for table in ["client_addresses", "client_bindings"] {
+        let select = if table == "client_addresses" {
+            format!("SELECT DISTINCT client FROM {keyspace}.{table}")
+        } else {
+            format!("SELECT client FROM {keyspace}.{table}")
+        };
+        let scan = crate::cassandra::prepare(&session, select, Kind::Idempotent)
+            .await
+            .map_err(unavailable)?;
+        let clients = session
+            .execute_iter(scan, ())
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String,)>()
+            .map_err(st)?;
+        let changed: Vec<bool> = clients
+            .map(|row| {
+                let t = &t;
+                async move {
+                    let (client,) = row.map_err(unavailable)?;
+                    t.catch_up(&ClientId::parse(&client).map_err(st)?).await
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        done.clients += changed.len() as u64;
+        done.changed += changed.iter().filter(|c| **c).count() as u64;
+    }
+    let mark = crate::cassandra::prepare(
+        &session,
+        format!("INSERT INTO {keyspace}.settings (name, value) VALUES (?, ?)"),
+        Kind::Idempotent,
+    )
+    .await
+    .map_err(unavailable)?;
+    session
+        .execute_unpaged(
+            &mark,
+            (
+                crate::cassandra::BINDINGS_SETTING,
+                crate::cassandra::BINDINGS_AS_ROWS,
+            ),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(done)
 }
 
 #[async_trait::async_trait]
@@ -209,7 +678,20 @@ impl Topology for CassandraTopology {
     }
 
     async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
-        self.bindings(client).await
+        match self.layout().await {
+            Layout::Legacy => self.legacy_bindings(client).await,
+            Layout::Rows => {
+                let map = self.map_row(false, client).await?.unwrap_or_default().0;
+                map.into_iter()
+                    .map(|(a, since)| {
+                        Ok(Binding {
+                            address: Address::parse(&a).map_err(st)?,
+                            since: since.max(0) as u64,
+                        })
+                    })
+                    .collect()
+            }
+        }
     }
 
     async fn add(
@@ -217,12 +699,6 @@ impl Topology for CassandraTopology {
         client: &ClientId,
         bindings: &[Binding],
     ) -> Result<Vec<Binding>, TopologyError> {
-        let existing: HashMap<Address, u64> = self
-            .bindings(client)
-            .await?
-            .into_iter()
-            .map(|b| (b.address, b.since))
-            .collect();
         // One entry per address, the first one asked for.
         let mut wanted: Vec<&Binding> = Vec::new();
         for b in bindings {
@@ -230,47 +706,49 @@ impl Topology for CassandraTopology {
                 wanted.push(b);
             }
         }
-        let now = CqlTimestamp(crate::clock::now_ms() as i64);
-        let inner = &self.0;
-        let futs: Vec<_> = wanted
-            .into_iter()
-            .map(|b| {
-                let known = existing.get(&b.address).copied();
-                async move {
-                    let (since, new) = match known {
-                        Some(since) => (since, false),
-                        None => {
-                            let res = inner
-                                .session
-                                .execute_unpaged(
-                                    &inner.claim,
-                                    (client.as_str(), b.address.as_str(), b.since as i64, now),
-                                )
-                                .await
-                                .map_err(unavailable)?;
-                            match claim_outcome(res)? {
-                                None => (b.since, true),
-                                Some(since) => (since, false),
+        let kept: Vec<(Binding, bool)> = match self.layout().await {
+            Layout::Legacy => {
+                let kept = self.legacy_add(client, &wanted).await?;
+                self.change_map(client, true, |m| {
+                    for (b, _) in &kept {
+                        m.entry(b.address.as_str().to_owned())
+                            .or_insert(b.since as i64);
+                    }
+                })
+                .await?;
+                kept
+            }
+            Layout::Rows => {
+                self.change_map(client, false, |m| {
+                    wanted
+                        .iter()
+                        .map(|b| match m.get(b.address.as_str()) {
+                            Some(since) => (
+                                Binding {
+                                    address: b.address.clone(),
+                                    since: (*since).max(0) as u64,
+                                },
+                                false,
+                            ),
+                            None => {
+                                m.insert(b.address.as_str().to_owned(), b.since as i64);
+                                ((*b).clone(), true)
                             }
-                        }
-                    };
-                    inner
-                        .session
-                        .execute_unpaged(
-                            &inner.reverse,
-                            (b.address.as_str(), client.as_str(), since as i64, now),
-                        )
-                        .await
-                        .map_err(unavailable)?;
-                    Ok::<_, TopologyError>(new.then(|| b.clone()))
-                }
-            })
+                        })
+                        .collect()
+                })
+                .await?
+            }
+        };
+        let reverse: Vec<(Address, u64)> = kept
+            .iter()
+            .map(|(b, _)| (b.address.clone(), b.since))
             .collect();
-        let results: Vec<Option<Binding>> = stream::iter(futs)
-            .buffered(CONCURRENCY)
-            .try_collect()
-            .await?;
-        Ok(results.into_iter().flatten().collect())
+        self.reverse(client, &reverse, false).await?;
+        Ok(kept
+            .into_iter()
+            .filter_map(|(b, new)| new.then_some(b))
+            .collect())
     }
 
     async fn remove(
@@ -278,40 +756,60 @@ impl Topology for CassandraTopology {
         client: &ClientId,
         addresses: &[Address],
     ) -> Result<Vec<Address>, TopologyError> {
-        let bound: HashMap<Address, u64> = self
-            .bindings(client)
-            .await?
-            .into_iter()
-            .map(|b| (b.address, b.since))
-            .collect();
-        let mut gone: Vec<Address> = Vec::new();
-        for a in addresses {
-            if bound.contains_key(a) && !gone.contains(a) {
-                gone.push(a.clone());
+        let asked = distinct(addresses);
+        let drop_asked = |m: &mut Map| -> Vec<Address> {
+            asked
+                .iter()
+                .filter(|a| m.remove(a.as_str()).is_some())
+                .cloned()
+                .collect()
+        };
+        match self.layout().await {
+            Layout::Legacy => {
+                let bound: Vec<Address> = self
+                    .legacy_bindings(client)
+                    .await?
+                    .into_iter()
+                    .map(|b| b.address)
+                    .collect();
+                let gone: Vec<Address> = asked
+                    .iter()
+                    .filter(|a| bound.contains(a))
+                    .cloned()
+                    .collect();
+                let rev: Vec<(Address, u64)> = gone.iter().map(|a| (a.clone(), 0)).collect();
+                self.reverse(client, &rev, true).await?;
+                self.legacy_delete(client, &gone).await?;
+                self.change_map(client, true, drop_asked).await?;
+                Ok(gone)
+            }
+            Layout::Rows => {
+                let row = self.map_row(false, client).await?;
+                let first: Vec<(Address, u64)> = asked
+                    .iter()
+                    .filter(|a| {
+                        row.as_ref()
+                            .is_some_and(|(m, _)| m.contains_key(a.as_str()))
+                    })
+                    .map(|a| (a.clone(), 0))
+                    .collect();
+                self.reverse(client, &first, true).await?;
+                let gone = self
+                    .change_read_map(client, false, Some(row), drop_asked)
+                    .await?;
+                // Bound between the read above and the write (rare): their reverse rows too.
+                let late: Vec<(Address, u64)> = gone
+                    .iter()
+                    .filter(|a| !first.iter().any(|(f, _)| f == *a))
+                    .map(|a| (a.clone(), 0))
+                    .collect();
+                self.reverse(client, &late, true).await?;
+                // Rows an earlier layout left for these addresses, so that a node not yet
+                // switched does not see them bound.
+                self.legacy_remove(client, &asked).await?;
+                Ok(gone)
             }
         }
-        let inner = &self.0;
-        let futs: Vec<_> = gone
-            .iter()
-            .map(|a| async move {
-                inner
-                    .session
-                    .execute_unpaged(&inner.unreverse, (a.as_str(), client.as_str()))
-                    .await
-                    .map_err(unavailable)?;
-                inner
-                    .session
-                    .execute_unpaged(&inner.unbind, (client.as_str(), a.as_str()))
-                    .await
-                    .map_err(unavailable)?;
-                Ok::<_, TopologyError>(())
-            })
-            .collect();
-        stream::iter(futs)
-            .buffered(CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(gone)
     }
 
     async fn members(

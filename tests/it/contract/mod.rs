@@ -77,6 +77,12 @@ macro_rules! topology_suite {
             crate::contract::topology::bindings(std::sync::Arc::new(t)).await;
         }
         $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_binds() {
+            let (_keep, t) = $make().await;
+            crate::contract::topology::concurrent_binds(std::sync::Arc::new(t)).await;
+        }
+        $(#[$attr])*
         #[tokio::test]
         async fn members_paging() {
             let (_keep, t) = $make().await;

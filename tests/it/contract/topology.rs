@@ -89,6 +89,101 @@ pub async fn bindings(t: Arc<dyn Topology>) {
     );
 }
 
+/// Binds and unbinds of one client that run at once are all kept (two nodes may handle the
+/// same client together), and of several binds of one address exactly one is new and its
+/// `since` is the one kept.
+pub async fn concurrent_binds(t: Arc<dyn Topology>) {
+    let c = fresh_client("conc");
+    let addresses: Vec<Address> = (0..16)
+        .map(|i| fresh_address("channel", &format!("c{i}")))
+        .collect();
+    let shared = fresh_address("channel", "shared");
+    let mut tasks = Vec::new();
+    for (i, a) in addresses.iter().enumerate() {
+        let (t, c, a) = (t.clone(), c.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            t.add(
+                &c,
+                &[Binding {
+                    address: a,
+                    since: i as u64,
+                }],
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    for since in 100..108u64 {
+        let (t, c, a) = (t.clone(), c.clone(), shared.clone());
+        tasks.push(tokio::spawn(async move {
+            t.add(&c, &[Binding { address: a, since }]).await.unwrap()
+        }));
+    }
+    let mut new_shared = Vec::new();
+    for task in tasks {
+        for b in task.await.unwrap() {
+            if b.address == shared {
+                new_shared.push(b.since);
+            }
+        }
+    }
+    assert_eq!(new_shared.len(), 1, "one bind of the shared address is new");
+    let got = t.get(&c).await.unwrap();
+    assert_eq!(got.len(), 17, "every concurrent bind is kept: {got:?}");
+    let kept = got.iter().find(|b| b.address == shared).unwrap();
+    assert_eq!(
+        kept.since, new_shared[0],
+        "the since of the bind that was new"
+    );
+    for (i, a) in addresses.iter().enumerate() {
+        assert!(got.contains(&Binding {
+            address: a.clone(),
+            since: i as u64
+        }));
+    }
+    // Half of them unbound at once, beside binds of the shared address again.
+    let mut tasks = Vec::new();
+    for a in addresses.iter().step_by(2) {
+        let (t, c, a) = (t.clone(), c.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            assert_eq!(
+                t.remove(&c, std::slice::from_ref(&a)).await.unwrap(),
+                vec![a]
+            );
+        }));
+    }
+    for since in 200..204u64 {
+        let (t, c, a) = (t.clone(), c.clone(), shared.clone());
+        tasks.push(tokio::spawn(async move {
+            assert!(
+                t.add(&c, &[Binding { address: a, since }])
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut left: Vec<Address> = t
+        .get(&c)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.address)
+        .collect();
+    left.sort();
+    let mut want: Vec<Address> = addresses.iter().skip(1).step_by(2).cloned().collect();
+    want.push(shared.clone());
+    want.sort();
+    assert_eq!(left, want);
+    for a in addresses.iter().step_by(2) {
+        assert!(t.members(a, None, 10).await.unwrap().is_empty());
+    }
+    assert_eq!(t.members(&shared, None, 10).await.unwrap(), vec![c]);
+}
+
 /// members pages in client order.
 pub async fn members_paging(t: Arc<dyn Topology>) {
     let a = fresh_address("channel", "many");

@@ -300,8 +300,10 @@ pub async fn apply_schema(
 
 /// The `settings` row that says where bindings are recorded (`schema/010_client_bindings.cql`).
 pub const BINDINGS_SETTING: &str = "bindings";
-/// Its value once `client_bindings` is the record.
+/// Its value when `client_bindings` is the record and always was (a keyspace created with file 10).
 pub const BINDINGS_AS_ROWS: &str = "rows";
+/// Its value when `client_bindings` became the record (`signalpost migrate bindings`).
+pub const BINDINGS_MIGRATED: &str = "migrated";
 
 /// Connects and applies the schema: what a node does at startup.
 pub async fn open(config: &CassandraConfig, node: &str) -> Result<Session, CassandraError> {

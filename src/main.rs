@@ -142,10 +142,14 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     )
     .await
     .context("migrating the bindings")?;
+    let ks = &config.cassandra.keyspace;
+    if done.already != signalpost::topology::cassandra::Layout::Legacy {
+        println!("bindings of keyspace {ks}: client_bindings is the record already; nothing to do");
+        return Ok(());
+    }
     println!(
-        "bindings of keyspace {}: {} clients looked at, {} rows written; client_bindings is the \
-         record now, and nodes switch to it within {} s",
-        config.cassandra.keyspace,
+        "bindings of keyspace {ks}: {} clients looked at, {} rows written; client_bindings is \
+         the record now, and nodes switch to it within {} s",
         done.clients,
         done.changed,
         signalpost::topology::cassandra::LAYOUT_RECHECK.as_secs()

@@ -25,6 +25,7 @@ pub fn routes(svc: Arc<Api>) -> Router<Arc<Api>> {
         ))
         .route("/internal/kick", post(kick))
         .route("/internal/connections", post(connections))
+        .route("/internal/bound", post(bound))
         .route("/internal/work/held", post(work_held))
         .layer(middleware::from_fn_with_state(svc, verify))
 }
@@ -94,6 +95,22 @@ async fn connections(
 ) -> Result<Json<Value>, ApiError> {
     let u: UserIn = parse(&body, "user")?;
     Ok(Json(json!(svc.gw.gate.registry.of_user(&u.user))))
+}
+
+#[derive(Deserialize)]
+struct AddressIn {
+    address: crate::address::Address,
+}
+
+/// `POST /internal/bound` `{address}`: this node's connections that receive the address (for
+/// `GET /server/presence/<address>`).
+async fn bound(
+    State(svc): State<Arc<Api>>,
+    Extension(_peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let a: AddressIn = parse(&body, "address")?;
+    Ok(Json(json!(super::read::bound_here(&svc, &a.address))))
 }
 
 /// `POST /internal/work/held` `{address, adopt}`: what this node's connections hold of a work

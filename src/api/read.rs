@@ -3,6 +3,7 @@
 use super::Api;
 use super::ApiError;
 use crate::address::{Address, ClientId, Kind};
+use crate::gateway::registry::Held;
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -226,46 +227,65 @@ pub async fn presence(
             json!({ "address": a, "members": members, "truncated": truncated }),
         ));
     }
-    let mut clients: Vec<ClientId> = Vec::new();
-    if let Some(c) = a.client() {
-        clients.push(c);
-    }
-    let mut after: Option<ClientId> = None;
-    let mut truncated = false;
-    loop {
-        let page = svc
-            .gw
-            .topology
-            .members(&a, after.as_ref(), 1000)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let Some(last) = page.last().cloned() else {
-            break;
-        };
-        clients.extend(page);
-        after = Some(last);
-        if clients.len() >= MAX_PRESENCE {
-            truncated = true;
-            break;
+    // Each node lists its own connections bound to the address (the ones its router delivers
+    // the address to): nothing is stored per address, so nothing grows with clients that came
+    // and went.
+    let mut by_client: BTreeMap<ClientId, Vec<Value>> = BTreeMap::new();
+    let mut add = |node: &str, held: Vec<Held>| {
+        for h in held {
+            by_client
+                .entry(h.client)
+                .or_default()
+                .push(json!({ "node": node, "connection": h.connection, "since": h.since }));
+        }
+    };
+    add(&svc.gw.node_id, bound_here(&svc, &a));
+    let ask = json!({ "address": a }).to_string();
+    let mut failed = Vec::new();
+    for (node, answer) in svc.gw.peers.ask_all("/internal/bound", ask.into()).await {
+        match answer
+            .and_then(|b| serde_json::from_slice::<Vec<Held>>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(held) => add(&node, held),
+            Err(e) => failed.push(format!("{node}: {e}")),
         }
     }
-    let mut connected = Vec::new();
-    for chunk in clients.chunks(1000) {
-        let seen = svc
-            .gw
-            .presence
-            .lookup(chunk)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        for (c, s) in chunk.iter().zip(seen) {
-            if let Some(first) = s.first() {
-                connected.push(json!({ "clientId": c, "node": first.node, "connections": s }));
-            }
-        }
+    let truncated = by_client.len() > MAX_PRESENCE;
+    let clients: Vec<Value> = by_client
+        .into_iter()
+        .take(MAX_PRESENCE)
+        .map(|(c, connections)| {
+            json!({ "clientId": c, "node": connections[0]["node"], "connections": connections })
+        })
+        .collect();
+    let mut out = json!({ "address": a, "clients": clients, "truncated": truncated });
+    if !failed.is_empty() {
+        out["failed"] = json!(failed);
     }
-    Ok(Json(
-        json!({ "address": a, "clients": connected, "truncated": truncated }),
-    ))
+    Ok(Json(out))
+}
+
+/// This node's connections that receive `address` (their client is bound to it, or is it), of
+/// the first [`MAX_PRESENCE`] + 1 clients in client order (one more tells the asker to truncate).
+pub fn bound_here(svc: &Api, address: &Address) -> Vec<Held> {
+    let mut held = svc
+        .gw
+        .gate
+        .registry
+        .held(&svc.gw.router.subscribers(address));
+    held.sort_by(|x, y| {
+        (&x.client, x.since, &x.connection).cmp(&(&y.client, y.since, &y.connection))
+    });
+    let mut clients = 0;
+    let mut last: Option<ClientId> = None;
+    held.retain(|h| {
+        if last.as_ref() != Some(&h.client) {
+            clients += 1;
+            last = Some(h.client.clone());
+        }
+        clients <= MAX_PRESENCE + 1
+    });
+    held
 }
 
 /// `GET /server/nodes`

@@ -104,6 +104,22 @@ impl Registry {
         self.lock().by_client.values().flatten().cloned().collect()
     }
 
+    /// The connections named by client and connection id that are open on this node.
+    pub fn held(&self, named: &[(ClientId, String)]) -> Vec<Held> {
+        let i = self.lock();
+        named
+            .iter()
+            .filter_map(|(client, id)| {
+                let c = i.by_client.get(client)?.iter().find(|c| c.id() == id)?;
+                Some(Held {
+                    connection: c.id().to_string(),
+                    client: c.client().clone(),
+                    since: c.since(),
+                })
+            })
+            .collect()
+    }
+
     /// A user's connections on this node.
     pub fn of_user(&self, user: &str) -> Vec<Held> {
         self.lock()

@@ -121,6 +121,20 @@ impl Router {
         }
     }
 
+    /// The local subscribers of an address: their clients and ids.
+    pub fn subscribers(&self, address: &Address) -> Vec<(ClientId, String)> {
+        self.by_address
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(address)
+            .map(|l| {
+                l.iter()
+                    .map(|s| (s.client().clone(), s.id().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The addresses with at least one local subscriber.
     pub fn wanted(&self) -> Vec<Address> {
         self.by_address
@@ -288,6 +302,15 @@ mod tests {
         r.register(s2.clone());
         r.subscribe(&s1, &[x.clone(), y.clone()]);
         r.subscribe(&s2, std::slice::from_ref(&y));
+        let mut of_y = r.subscribers(&y);
+        of_y.sort();
+        assert_eq!(
+            of_y,
+            vec![
+                (ClientId::parse("c1").unwrap(), "1".to_string()),
+                (ClientId::parse("c2").unwrap(), "2".to_string())
+            ]
+        );
         let offered = r.deliver(&[m(&x, 1), m(&y, 1), m(&x, 2), m(&y, 2)], 0);
         assert_eq!(
             offered,
@@ -310,6 +333,7 @@ mod tests {
             &("bound channel:x".to_string(), 2)
         );
         r.unregister(&*s1, &[x.clone(), y.clone()]);
+        assert!(r.subscribers(&x).is_empty());
         assert_eq!(r.deliver(&[m(&x, 3)], 0), Offered::default());
         assert_eq!(r.addresses(), 1);
     }

@@ -3,7 +3,9 @@
 //! - `client_bindings` ((client)) → a frozen map address → since, and `rev`: the bindings of a
 //!   client, one cell rewritten whole by compare-and-set on `rev`, so that unbinding leaves no
 //!   tombstone however many different addresses come and go;
-//! - `address_clients` ((address), client) → since: the same, by address (members, in client order);
+//! - `address_clients` ((address), client) → since: the same, by address, which versions before
+//!   file 10 listed an address's clients from; written only in the `Legacy` layout, for them
+//!   (this version asks the nodes for their connections instead: nothing stored per address);
 //! - `cursors` ((client), address) → version, written `USING TIMESTAMP version`;
 //! - `client_addresses` ((client), address) → since: where versions before file 10 recorded
 //!   bindings, one row per binding (a tombstone per unbinding).
@@ -15,9 +17,9 @@
 //! into `client_bindings`, so that [`migrate_bindings`] only has to catch up with what older
 //! versions wrote. A node in `Legacy` looks at the settings again every [`LAYOUT_RECHECK`].
 //!
-//! `add` writes the record, then the reverse row (bindings already present are only re-written in
-//! the reverse table, which repairs a reverse row lost by a crash between the two writes).
-//! `remove` deletes the reverse row, then changes the record. A cursor is one plain write whose
+//! In `Legacy`, `add` writes the record, then the reverse row (bindings already present are only
+//! re-written in the reverse table, which repairs a reverse row lost by a crash between the two
+//! writes), and `remove` deletes the reverse row, then changes the record. A cursor is one plain write whose
 //! write timestamp is the version, so Cassandra's last-write-wins keeps the highest version
 //! whatever the order of concurrent saves — no read and no lightweight transaction.
 
@@ -31,7 +33,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,12 +54,35 @@ fn unavailable(e: impl std::fmt::Display) -> TopologyError {
 type Map = BTreeMap<String, i64>;
 
 /// Where a keyspace records the bindings of a client (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Layout {
     /// `client_addresses` is the record, mirrored into `client_bindings`.
     Legacy,
-    /// `client_bindings` is the record.
+    /// `client_bindings` is the record, since [`migrate_bindings`]: an unbinding also deletes
+    /// what `client_addresses` still holds of it.
+    Migrated,
+    /// `client_bindings` is the record, and `client_addresses` never was (a keyspace created
+    /// with schema file 10).
     Rows,
+}
+
+impl Layout {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Layout::Legacy,
+            1 => Layout::Migrated,
+            _ => Layout::Rows,
+        }
+    }
+
+    /// The `settings` value (`bindings`) that says this layout.
+    fn setting(self) -> Option<&'static str> {
+        match self {
+            Layout::Legacy => None,
+            Layout::Migrated => Some(crate::cassandra::BINDINGS_MIGRATED),
+            Layout::Rows => Some(crate::cassandra::BINDINGS_AS_ROWS),
+        }
+    }
 }
 
 /// The Cassandra-backed topology and cursors (a cheap clone of a shared handle).
@@ -66,8 +91,8 @@ pub struct CassandraTopology(Arc<Inner>);
 
 struct Inner {
     session: Arc<Session>,
-    /// The layout is `Rows` (it never goes back).
-    rows: AtomicBool,
+    /// The [`Layout`] as a number (`Legacy` 0, `Migrated` 1, `Rows` 2); it never goes back.
+    layout: AtomicU8,
     /// When the settings were last read, or None when the layout was given and is not re-read.
     checked: Option<Mutex<Instant>>,
     setting: PreparedStatement,
@@ -80,8 +105,6 @@ struct Inner {
     reverse: PreparedStatement,
     unreverse: PreparedStatement,
     unbind: PreparedStatement,
-    members_first: PreparedStatement,
-    members_after: PreparedStatement,
     cursor_save: PreparedStatement,
     cursor_get: PreparedStatement,
     revoke: PreparedStatement,
@@ -97,9 +120,8 @@ impl CassandraTopology {
     /// applied ([`crate::cassandra::open`]).
     pub async fn new(session: Arc<Session>, keyspace: &str) -> Result<Self, TopologyError> {
         let t = Self::prepare(session, keyspace, None).await?;
-        if t.read_layout().await? == Layout::Rows {
-            t.0.rows.store(true, Ordering::Release);
-        }
+        let layout = t.read_layout().await?;
+        t.0.layout.store(layout as u8, Ordering::Release);
         Ok(t)
     }
 
@@ -128,7 +150,7 @@ impl CassandraTopology {
         };
         let map_select = format!("SELECT bindings, rev FROM {ks}.client_bindings WHERE client = ?");
         let inner = Inner {
-            rows: AtomicBool::new(layout == Some(Layout::Rows)),
+            layout: AtomicU8::new(layout.unwrap_or(Layout::Legacy) as u8),
             checked: layout.is_none().then(|| Mutex::new(Instant::now())),
             setting: prep(
                 format!("SELECT value FROM {ks}.settings WHERE name = ?"),
@@ -179,18 +201,6 @@ impl CassandraTopology {
             .await?,
             unbind: prep(
                 format!("DELETE FROM {ks}.client_addresses WHERE client = ? AND address = ?"),
-                Kind::Idempotent,
-            )
-            .await?,
-            members_first: prep(
-                format!("SELECT client FROM {ks}.address_clients WHERE address = ? LIMIT ?"),
-                Kind::Idempotent,
-            )
-            .await?,
-            members_after: prep(
-                format!(
-                    "SELECT client FROM {ks}.address_clients WHERE address = ? AND client > ? LIMIT ?"
-                ),
                 Kind::Idempotent,
             )
             .await?,
@@ -258,19 +268,19 @@ impl CassandraTopology {
             .into_rows_result()
             .map_err(st)?;
         let value = res.maybe_first_row::<(Option<String>,)>().map_err(st)?;
-        Ok(
-            match value.and_then(|(v,)| v).as_deref() == Some(crate::cassandra::BINDINGS_AS_ROWS) {
-                true => Layout::Rows,
-                false => Layout::Legacy,
-            },
-        )
+        let value = value.and_then(|(v,)| v);
+        Ok([Layout::Rows, Layout::Migrated]
+            .into_iter()
+            .find(|l| l.setting() == value.as_deref())
+            .unwrap_or(Layout::Legacy))
     }
 
     /// The layout to use for a call: `Legacy` reads the settings again once every
     /// [`LAYOUT_RECHECK`] (a failed read keeps `Legacy`, which stays correct: see the module docs).
     async fn layout(&self) -> Layout {
-        if self.0.rows.load(Ordering::Acquire) {
-            return Layout::Rows;
+        let now = Layout::from_u8(self.0.layout.load(Ordering::Acquire));
+        if now != Layout::Legacy {
+            return now;
         }
         let Some(checked) = &self.0.checked else {
             return Layout::Legacy;
@@ -285,12 +295,12 @@ impl CassandraTopology {
         };
         if due {
             match self.read_layout().await {
-                Ok(Layout::Rows) => {
-                    tracing::info!("bindings: client_bindings is the record from now on");
-                    self.0.rows.store(true, Ordering::Release);
-                    return Layout::Rows;
-                }
                 Ok(Layout::Legacy) => {}
+                Ok(layout) => {
+                    tracing::info!("bindings: client_bindings is the record from now on");
+                    self.0.layout.store(layout as u8, Ordering::Release);
+                    return layout;
+                }
                 Err(e) => tracing::warn!("bindings: reading the settings failed: {e}"),
             }
         }
@@ -375,24 +385,10 @@ impl CassandraTopology {
         &self,
         client: &ClientId,
         always: bool,
-        change: impl FnMut(&mut Map) -> T,
-    ) -> Result<T, TopologyError> {
-        self.change_read_map(client, always, None, change).await
-    }
-
-    /// [`Self::change_map`] starting from a row the caller read (`read`: Some(the row)).
-    async fn change_read_map<T>(
-        &self,
-        client: &ClientId,
-        always: bool,
-        mut read: Option<Option<(Map, i64)>>,
         mut change: impl FnMut(&mut Map) -> T,
     ) -> Result<T, TopologyError> {
         for attempt in 0..CAS_ATTEMPTS {
-            let row = match read.take() {
-                Some(row) => row,
-                None => self.map_row(attempt > 0, client).await?,
-            };
+            let row = self.map_row(attempt > 0, client).await?;
             let rev = row.as_ref().map(|(_, r)| *r);
             let before = row.map(|(m, _)| m).unwrap_or_default();
             let mut map = before.clone();
@@ -585,8 +581,10 @@ fn distinct(addresses: &[Address]) -> Vec<Address> {
 }
 
 /// What [`migrate_bindings`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migrated {
+    /// The layout the keyspace had: anything but `Legacy` means there was nothing to do.
+    pub already: Layout,
     /// Clients looked at (a client with rows in both tables counts twice).
     pub clients: u64,
     /// Clients whose `client_bindings` row was written.
@@ -597,13 +595,23 @@ pub struct Migrated {
 /// `client_addresses` (`signalpost migrate bindings`; run once every node runs a version with
 /// `schema/010_client_bindings.cql`): every client's row is made equal to what
 /// `client_addresses` records (by compare-and-set, so changes nodes make meanwhile are kept),
-/// then the settings say `rows`, and nodes switch within [`LAYOUT_RECHECK`]. Idempotent.
+/// then the settings say `migrated`, and nodes switch within [`LAYOUT_RECHECK`]. A keyspace
+/// that is past that is left as it is (run twice, the second run does nothing).
 pub async fn migrate_bindings(
     session: Arc<Session>,
     keyspace: &str,
 ) -> Result<Migrated, TopologyError> {
     let t = CassandraTopology::with_layout(session.clone(), keyspace, Layout::Legacy).await?;
-    let mut done = Migrated::default();
+    let mut done = Migrated {
+        // After the switch `client_addresses` is no longer the record: catching up with it
+        // again would undo what was bound since.
+        already: t.read_layout().await?,
+        clients: 0,
+        changed: 0,
+    };
+    if done.already != Layout::Legacy {
+        return Ok(done);
+    }
     for table in ["client_addresses", "client_bindings"] {
         let select = if table == "client_addresses" {
             format!("SELECT DISTINCT client FROM {keyspace}.{table}")
@@ -645,7 +653,7 @@ pub async fn migrate_bindings(
             &mark,
             (
                 crate::cassandra::BINDINGS_SETTING,
-                crate::cassandra::BINDINGS_AS_ROWS,
+                crate::cassandra::BINDINGS_MIGRATED,
             ),
         )
         .await
@@ -680,7 +688,7 @@ impl Topology for CassandraTopology {
     async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError> {
         match self.layout().await {
             Layout::Legacy => self.legacy_bindings(client).await,
-            Layout::Rows => {
+            Layout::Migrated | Layout::Rows => {
                 let map = self.map_row(false, client).await?.unwrap_or_default().0;
                 map.into_iter()
                     .map(|(a, since)| {
@@ -706,7 +714,8 @@ impl Topology for CassandraTopology {
                 wanted.push(b);
             }
         }
-        let kept: Vec<(Binding, bool)> = match self.layout().await {
+        let layout = self.layout().await;
+        let kept: Vec<(Binding, bool)> = match layout {
             Layout::Legacy => {
                 let kept = self.legacy_add(client, &wanted).await?;
                 self.change_map(client, true, |m| {
@@ -718,7 +727,7 @@ impl Topology for CassandraTopology {
                 .await?;
                 kept
             }
-            Layout::Rows => {
+            Layout::Migrated | Layout::Rows => {
                 self.change_map(client, false, |m| {
                     wanted
                         .iter()
@@ -740,11 +749,14 @@ impl Topology for CassandraTopology {
                 .await?
             }
         };
-        let reverse: Vec<(Address, u64)> = kept
-            .iter()
-            .map(|(b, _)| (b.address.clone(), b.since))
-            .collect();
-        self.reverse(client, &reverse, false).await?;
+        if layout == Layout::Legacy {
+            // For nodes of earlier versions, which list an address's clients from this table.
+            let reverse: Vec<(Address, u64)> = kept
+                .iter()
+                .map(|(b, _)| (b.address.clone(), b.since))
+                .collect();
+            self.reverse(client, &reverse, false).await?;
+        }
         Ok(kept
             .into_iter()
             .filter_map(|(b, new)| new.then_some(b))
@@ -783,66 +795,16 @@ impl Topology for CassandraTopology {
                 self.change_map(client, true, drop_asked).await?;
                 Ok(gone)
             }
-            Layout::Rows => {
-                let row = self.map_row(false, client).await?;
-                let first: Vec<(Address, u64)> = asked
-                    .iter()
-                    .filter(|a| {
-                        row.as_ref()
-                            .is_some_and(|(m, _)| m.contains_key(a.as_str()))
-                    })
-                    .map(|a| (a.clone(), 0))
-                    .collect();
-                self.reverse(client, &first, true).await?;
-                let gone = self
-                    .change_read_map(client, false, Some(row), drop_asked)
-                    .await?;
-                // Bound between the read above and the write (rare): their reverse rows too.
-                let late: Vec<(Address, u64)> = gone
-                    .iter()
-                    .filter(|a| !first.iter().any(|(f, _)| f == *a))
-                    .map(|a| (a.clone(), 0))
-                    .collect();
-                self.reverse(client, &late, true).await?;
-                // Rows an earlier layout left for these addresses, so that a node not yet
-                // switched does not see them bound.
-                self.legacy_remove(client, &asked).await?;
+            layout => {
+                let gone = self.change_map(client, false, drop_asked).await?;
+                if layout == Layout::Migrated {
+                    // Rows the earlier record holds for these addresses, so that a node not
+                    // yet switched does not see them bound.
+                    self.legacy_remove(client, &asked).await?;
+                }
                 Ok(gone)
             }
         }
-    }
-
-    async fn members(
-        &self,
-        address: &Address,
-        after: Option<&ClientId>,
-        limit: usize,
-    ) -> Result<Vec<ClientId>, TopologyError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = limit.min(i32::MAX as usize) as i32;
-        let res = match after {
-            None => {
-                self.0
-                    .session
-                    .execute_unpaged(&self.0.members_first, (address.as_str(), limit))
-                    .await
-            }
-            Some(c) => {
-                self.0
-                    .session
-                    .execute_unpaged(&self.0.members_after, (address.as_str(), c.as_str(), limit))
-                    .await
-            }
-        }
-        .map_err(unavailable)?
-        .into_rows_result()
-        .map_err(st)?;
-        res.rows::<(&str,)>()
-            .map_err(st)?
-            .map(|r| ClientId::parse(r.map_err(st)?.0).map_err(st))
-            .collect()
     }
 }
 

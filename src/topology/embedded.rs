@@ -1,5 +1,6 @@
-//! Topology and cursors in redb: `bindings` (client, address) → since, its reverse `members`
-//! (address, client), and `cursors` (client, address) → version. Each call is one transaction.
+//! Topology and cursors in redb: `bindings` (client, address) → since and `cursors` (client,
+//! address) → version. Each call is one transaction. (Versions before the twenty-third session
+//! also kept the reverse, `members` (address, client); opening a file drops that table.)
 
 use super::storage_err as st;
 use super::{Binding, Cursors, ReadMarks, Topology, TopologyError};
@@ -10,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 const BINDINGS: TableDefinition<(&str, &str), u64> = TableDefinition::new("bindings");
+/// The reverse of `bindings` that earlier versions kept; dropped on open.
 const MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("members");
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
 /// (client, address) → the versions read, a roaring bitmap ([`super::encode_marks`]).
@@ -38,7 +40,7 @@ impl EmbeddedTopology {
         let txn = db.begin_write().map_err(st)?;
         {
             txn.open_table(BINDINGS).map_err(st)?;
-            txn.open_table(MEMBERS).map_err(st)?;
+            txn.delete_table(MEMBERS).map_err(st)?;
             txn.open_table(CURSORS).map_err(st)?;
             txn.open_table(REVOKED).map_err(st)?;
             txn.open_table(READS).map_err(st)?;
@@ -50,7 +52,7 @@ impl EmbeddedTopology {
     /// A small read (one key or one client's short range) runs on the calling thread: redb
     /// answers it from its page cache in microseconds, where the hop to tokio's blocking pool
     /// and back (waking a pool thread, parking it, waking the task) cost more CPU than the read.
-    /// Writes (a synchronous commit) and reads that grow with the data (`members`) take the pool.
+    /// Writes (a synchronous commit) take the pool.
     fn read<T>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, TopologyError>,
@@ -126,7 +128,6 @@ impl Topology for EmbeddedTopology {
             let mut added = Vec::new();
             {
                 let mut b = txn.open_table(BINDINGS).map_err(st)?;
-                let mut m = txn.open_table(MEMBERS).map_err(st)?;
                 for bind in bindings {
                     if b.get((client.as_str(), bind.address.as_str()))
                         .map_err(st)?
@@ -135,8 +136,6 @@ impl Topology for EmbeddedTopology {
                         continue;
                     }
                     b.insert((client.as_str(), bind.address.as_str()), bind.since)
-                        .map_err(st)?;
-                    m.insert((bind.address.as_str(), client.as_str()), ())
                         .map_err(st)?;
                     added.push(bind);
                 }
@@ -158,47 +157,17 @@ impl Topology for EmbeddedTopology {
             let mut removed = Vec::new();
             {
                 let mut b = txn.open_table(BINDINGS).map_err(st)?;
-                let mut m = txn.open_table(MEMBERS).map_err(st)?;
                 for a in addresses {
                     if b.remove((client.as_str(), a.as_str()))
                         .map_err(st)?
                         .is_some()
                     {
-                        m.remove((a.as_str(), client.as_str())).map_err(st)?;
                         removed.push(a);
                     }
                 }
             }
             txn.commit().map_err(st)?;
             Ok(removed)
-        })
-        .await
-    }
-
-    async fn members(
-        &self,
-        address: &Address,
-        after: Option<&ClientId>,
-        limit: usize,
-    ) -> Result<Vec<ClientId>, TopologyError> {
-        let (address, after) = (address.clone(), after.cloned());
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(st)?;
-            let t = txn.open_table(MEMBERS).map_err(st)?;
-            let start = after.as_ref().map(|c| c.as_str()).unwrap_or("");
-            let mut out = Vec::new();
-            for e in t.range((address.as_str(), start)..).map_err(st)? {
-                let (k, _) = e.map_err(st)?;
-                let (a, c) = k.value();
-                if a != address.as_str() || out.len() >= limit {
-                    break;
-                }
-                if after.as_ref().is_some_and(|x| x.as_str() == c) {
-                    continue;
-                }
-                out.push(ClientId::parse(c).map_err(st)?);
-            }
-            Ok(out)
         })
         .await
     }

@@ -38,8 +38,10 @@ pub enum TopologyError {
 /// Bindings between clients and addresses.
 ///
 /// Contract (checked by `tests/it/contract/topology.rs`): `add` is idempotent and keeps the first `since` of an
-/// existing binding; `remove` of a missing binding is a no-op; `get` and `members` reflect every
-/// call that returned; everything survives a restart.
+/// existing binding; `remove` of a missing binding is a no-op; `get` reflects every call that
+/// returned, also of calls for one client that ran at once; everything survives a restart.
+/// (Which clients are bound to an address is not stored: each node knows its own connections'
+/// bindings, `GET /server/presence/<address>`.)
 #[async_trait::async_trait]
 pub trait Topology: Send + Sync + 'static {
     /// The addresses a client is bound to, sorted by address.
@@ -56,13 +58,6 @@ pub trait Topology: Send + Sync + 'static {
         client: &ClientId,
         addresses: &[Address],
     ) -> Result<Vec<Address>, TopologyError>;
-    /// Up to `limit` clients bound to an address, sorted by client id, after `after` (for paging).
-    async fn members(
-        &self,
-        address: &Address,
-        after: Option<&ClientId>,
-        limit: usize,
-    ) -> Result<Vec<ClientId>, TopologyError>;
     /// Revokes a client identity: its resume tokens stop working (idempotent, for good).
     async fn revoke(&self, client: &ClientId) -> Result<(), TopologyError>;
     /// Whether a client identity was revoked.

@@ -78,7 +78,7 @@ test('without the cluster secret node-to-node routes give nothing (404 embedded,
     { bound: { client: s.clientId, bindings: [['channel:secret', 0]] } },
     { work: { give: { address: 'work:w', conn: 'x', version: 1, signal: { address: 'work:w', version: 1, id: 'x', ts: 1, payload: 'forged' } } } },
   ]);
-  for (const path of ['/internal/deliver', '/internal/want', '/internal/kick', '/internal/connections', '/internal/work/held']) {
+  for (const path of ['/internal/deliver', '/internal/want', '/internal/kick', '/internal/connections', '/internal/work/held', '/internal/bound']) {
     const r = await post(node.url, path, forged, { 'content-type': 'application/json' });
     // The embedded node has no such route; a cluster node refuses an unsigned request.
     assert.equal(r.status, BACKEND === 'cluster' ? 401 : 404, path);

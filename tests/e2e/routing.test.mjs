@@ -56,6 +56,29 @@ test('three nodes: every bound client on every node gets every message once, in 
   for (const { c } of clients) {
     await c.waitFor((e) => e.event === 'bound' && e.data.address === 'channel:shared', 15000, 'bound on the client\'s node');
   }
+  // Any node lists every bound client, wherever it is connected (each node answers for its own
+  // connections); an unbound one goes from the list.
+  const byNode = new Map(await Promise.all(nodes.map(async (n) => [(await api(n.url, 'GET', '/server/nodes')).body.self, n])));
+  for (const node of nodes) {
+    const listed = (await api(node.url, 'GET', '/server/presence/channel:shared')).body;
+    assert.equal(listed.truncated, false);
+    assert.equal(listed.failed, undefined, JSON.stringify(listed.failed));
+    assert.deepEqual(listed.clients.map((x) => x.clientId), clients.map(({ c }) => c.session.clientId).sort());
+    for (const x of listed.clients) {
+      const { node: at } = clients.find(({ c }) => c.session.clientId === x.clientId);
+      assert.equal(byNode.get(x.node), at, `${x.clientId} listed on the node it is connected to`);
+      assert.equal(x.connections.length, 1);
+    }
+  }
+  const leaving = clients[4].c;
+  assert.equal((await api(nodes[0].url, 'POST', '/server/disconnect', { client: leaving.session.clientId, addresses: ['channel:shared'] })).status, 200);
+  await leaving.waitFor((e) => e.event === 'unbound' && e.data.address === 'channel:shared', 15000, 'unbound');
+  const left = (await api(nodes[1].url, 'GET', '/server/presence/channel:shared')).body.clients.map((x) => x.clientId);
+  assert.equal(left.length, 5);
+  assert.ok(!left.includes(leaving.session.clientId), 'the unbound client is not listed');
+  // Bound again (at version 0: nothing was sent yet), for what follows.
+  assert.equal((await api(nodes[0].url, 'POST', '/server/connect', { client: leaving.session.clientId, addresses: ['channel:shared'] })).status, 200);
+  await waitFor(async () => (await api(nodes[2].url, 'GET', '/server/presence/channel:shared')).body.clients.length === 6, 15000, 'listed again');
   // 300 messages through all three nodes, `?wait=true`: each answers with the version.
   const before = await Promise.all(nodes.map((n) => metric(n.url, 'signalpost_from_peers_total')));
   const versions = new Set();

@@ -84,12 +84,6 @@ macro_rules! topology_suite {
         }
         $(#[$attr])*
         #[tokio::test]
-        async fn members_paging() {
-            let (_keep, t) = $make().await;
-            crate::contract::topology::members_paging(std::sync::Arc::new(t)).await;
-        }
-        $(#[$attr])*
-        #[tokio::test]
         async fn revocation() {
             let (_keep, t) = $make().await;
             crate::contract::topology::revocation(std::sync::Arc::new(t)).await;

@@ -931,101 +931,112 @@ async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usiz
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The Cassandra session of a scenario that drives the node's own store code (`--cassandra`).
+#[cfg(feature = "cluster")]
+async fn store_session(
+    args: &BenchArgs,
+    scenario: &str,
+) -> Res<Arc<scylla::client::session::Session>> {
+    let Some(cp) = &args.cassandra else {
+        return Err(ClientError::Input(format!(
+            "the {scenario} scenario needs --cassandra <contact points>"
+        )));
+    };
+    signalpost::cassandra::connect(cp)
+        .await
+        .map(Arc::new)
+        .map_err(|e| ClientError::Http(format!("cassandra: {e}")))
+}
+
+/// What a scenario that needs the cluster backend answers in a build without it.
+#[cfg(not(feature = "cluster"))]
+fn needs_cluster(scenario: &str) -> ClientError {
+    ClientError::Input(format!(
+        "the {scenario} scenario needs a build with the cluster backend (--features cluster)"
+    ))
+}
+
 /// Joins `--members` clients (one connection each, 64 at a time) to one presence address of the
 /// node's keyspace, straight through the node's own Cassandra presence code, then reads the
 /// member list and makes them all leave.
+#[cfg(feature = "cluster")]
 async fn presence(args: &BenchArgs) -> Res<String> {
-    let Some(cp) = &args.cassandra else {
-        return Err(ClientError::Input(
-            "the presence scenario needs --cassandra <contact points>".into(),
-        ));
-    };
-    #[cfg(not(feature = "cluster"))]
-    {
-        let _ = cp;
-        Err(ClientError::Input(
-            "the presence scenario needs a build with the cluster backend (--features cluster)"
-                .into(),
-        ))
-    }
-    #[cfg(feature = "cluster")]
-    {
-        use signalpost::address::{Address, ClientId};
-        use signalpost::presence::{Member, Presence, cassandra::CassandraPresence};
-        let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
-        let session = Arc::new(
-            signalpost::cassandra::connect(cp)
-                .await
-                .map_err(|e| err(&e))?,
-        );
-        let p = Arc::new(
-            CassandraPresence::new(session, &args.keyspace)
-                .await
-                .map_err(|e| err(&e))?,
-        );
-        let run = tag();
-        let room = Address::parse(&format!("presence:bench-{run}")).expect("a valid address");
-        let n = args.members;
-        let block = 10_000.min(n);
-        let client = |i: usize| ClientId::parse(&format!("m{i:07}-{run}")).expect("a valid id");
-        let started = Instant::now();
-        let joins = each(n, |i| {
-            let (p, room) = (p.clone(), room.clone());
-            async move {
-                let m = Member {
-                    client: client(i),
-                    user: None,
-                };
-                match p.join(&room, &m, "bench", &format!("c{i}")).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(ClientError::Http(format!("join {i} was not the first"))),
-                    Err(e) => Err(err(&e)),
-                }
+    use signalpost::address::{Address, ClientId};
+    use signalpost::presence::{Member, Presence, cassandra::CassandraPresence};
+    let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
+    let session = store_session(args, "presence").await?;
+    let p = Arc::new(
+        CassandraPresence::new(session, &args.keyspace)
+            .await
+            .map_err(|e| err(&e))?,
+    );
+    let run = tag();
+    let room = Address::parse(&format!("presence:bench-{run}")).expect("a valid address");
+    let n = args.members;
+    let block = 10_000.min(n);
+    let client = |i: usize| ClientId::parse(&format!("m{i:07}-{run}")).expect("a valid id");
+    let started = Instant::now();
+    let joins = each(n, |i| {
+        let (p, room) = (p.clone(), room.clone());
+        async move {
+            let m = Member {
+                client: client(i),
+                user: None,
+            };
+            match p.join(&room, &m, "bench", &format!("c{i}")).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(ClientError::Http(format!("join {i} was not the first"))),
+                Err(e) => Err(err(&e)),
             }
-        })
-        .await?;
-        let join_rate = n as f64 / started.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let mut listed = 0;
-        let mut after: Option<ClientId> = None;
-        loop {
-            let page = p
-                .members(&room, after.as_ref(), 10_000)
-                .await
-                .map_err(|e| err(&e))?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.client.clone());
-            listed += page.len();
         }
-        let list_ms = t.elapsed().as_secs_f64() * 1000.0;
-        if listed != n {
-            return Err(ClientError::Http(format!("listed {listed} of {n} members")));
-        }
-        let leaves = each(n, |i| {
-            let (p, room) = (p.clone(), room.clone());
-            async move {
-                match p.leave(&room, &client(i), "bench", &format!("c{i}")).await {
-                    Ok(Some(_)) => Ok(()),
-                    Ok(None) => Err(ClientError::Http(format!("leave {i} was not the last"))),
-                    Err(e) => Err(err(&e)),
-                }
-            }
-        })
-        .await?;
-        let (first, last) = (&joins[..block], &joins[n - block..]);
-        let (lfirst, llast) = (&leaves[..block], &leaves[n - block..]);
-        Ok(format!(
-            "presence members={n}: {join_rate:.0} joins/s (64 at a time); join p50/p99 first {block} {:.2}/{:.2} ms, last {block} {:.2}/{:.2} ms; leave p50/p99 first {:.2}/{:.2} ms, last {:.2}/{:.2} ms; the whole member list read in {list_ms:.0} ms",
-            q(first, 0.5),
-            q(first, 0.99),
-            q(last, 0.5),
-            q(last, 0.99),
-            q(lfirst, 0.5),
-            q(lfirst, 0.99),
-            q(llast, 0.5),
-            q(llast, 0.99),
-        ))
+    })
+    .await?;
+    let join_rate = n as f64 / started.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut listed = 0;
+    let mut after: Option<ClientId> = None;
+    loop {
+        let page = p
+            .members(&room, after.as_ref(), 10_000)
+            .await
+            .map_err(|e| err(&e))?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.client.clone());
+        listed += page.len();
     }
+    let list_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if listed != n {
+        return Err(ClientError::Http(format!("listed {listed} of {n} members")));
+    }
+    let leaves = each(n, |i| {
+        let (p, room) = (p.clone(), room.clone());
+        async move {
+            match p.leave(&room, &client(i), "bench", &format!("c{i}")).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(ClientError::Http(format!("leave {i} was not the last"))),
+                Err(e) => Err(err(&e)),
+            }
+        }
+    })
+    .await?;
+    let (first, last) = (&joins[..block], &joins[n - block..]);
+    let (lfirst, llast) = (&leaves[..block], &leaves[n - block..]);
+    Ok(format!(
+        "presence members={n}: {join_rate:.0} joins/s (64 at a time); join p50/p99 first {block} {:.2}/{:.2} ms, last {block} {:.2}/{:.2} ms; leave p50/p99 first {:.2}/{:.2} ms, last {:.2}/{:.2} ms; the whole member list read in {list_ms:.0} ms",
+        q(first, 0.5),
+        q(first, 0.99),
+        q(last, 0.5),
+        q(last, 0.99),
+        q(lfirst, 0.5),
+        q(lfirst, 0.99),
+        q(llast, 0.5),
+        q(llast, 0.99),
+    ))
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn presence(_: &BenchArgs) -> Res<String> {
+    Err(needs_cluster("presence"))
 }
 
 #[cfg(feature = "cluster")]
@@ -1072,102 +1083,88 @@ fn q(lat: &[u64], q: f64) -> f64 {
 
 /// Binds, reads and unbinds `--bind-clients` clients (one address each) straight in Cassandra,
 /// once with the layout of bindings before schema file 10 and once with `client_bindings`.
+#[cfg(feature = "cluster")]
 async fn bindings(args: &BenchArgs) -> Res<String> {
-    let Some(cp) = &args.cassandra else {
-        return Err(ClientError::Input(
-            "the bindings scenario needs --cassandra <contact points>".into(),
-        ));
-    };
-    #[cfg(not(feature = "cluster"))]
-    {
-        let _ = cp;
-        Err(ClientError::Input(
-            "the bindings scenario needs a build with the cluster backend (--features cluster)"
-                .into(),
-        ))
-    }
-    #[cfg(feature = "cluster")]
-    {
-        use signalpost::address::{Address, ClientId};
-        use signalpost::topology::cassandra::{CassandraTopology, Layout};
-        use signalpost::topology::{Binding, Topology};
-        let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
-        let session = Arc::new(
-            signalpost::cassandra::connect(cp)
+    use signalpost::address::{Address, ClientId};
+    use signalpost::topology::cassandra::{CassandraTopology, Layout};
+    use signalpost::topology::{Binding, Topology};
+    let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
+    let session = store_session(args, "bindings").await?;
+    let n = args.bind_clients;
+    let mut parts = Vec::new();
+    for layout in [Layout::Legacy, Layout::Rows] {
+        let t = Arc::new(
+            CassandraTopology::with_layout(session.clone(), &args.keyspace, layout)
                 .await
                 .map_err(|e| err(&e))?,
         );
-        let n = args.bind_clients;
-        let mut parts = Vec::new();
-        for layout in [Layout::Legacy, Layout::Rows] {
-            let t = Arc::new(
-                CassandraTopology::with_layout(session.clone(), &args.keyspace, layout)
-                    .await
-                    .map_err(|e| err(&e))?,
-            );
-            let run = tag();
-            let client = |i: usize| ClientId::parse(&format!("b{i:07}-{run}")).expect("an id");
-            let address = |i: usize| {
-                Address::parse(&format!("channel:bench-{run}-{}", i % 1000)).expect("an address")
+        let run = tag();
+        let client = |i: usize| ClientId::parse(&format!("b{i:07}-{run}")).expect("an id");
+        let address = |i: usize| {
+            Address::parse(&format!("channel:bench-{run}-{}", i % 1000)).expect("an address")
+        };
+        let started = Instant::now();
+        let binds = each(n, |i| {
+            let t = t.clone();
+            let b = Binding {
+                address: address(i),
+                since: 0,
             };
-            let started = Instant::now();
-            let binds = each(n, |i| {
-                let t = t.clone();
-                let b = Binding {
-                    address: address(i),
-                    since: 0,
-                };
-                async move {
-                    match t.add(&client(i), &[b]).await {
-                        Ok(new) if new.len() == 1 => Ok(()),
-                        Ok(_) => Err(ClientError::Http(format!("bind {i} was not new"))),
-                        Err(e) => Err(err(&e)),
-                    }
+            async move {
+                match t.add(&client(i), &[b]).await {
+                    Ok(new) if new.len() == 1 => Ok(()),
+                    Ok(_) => Err(ClientError::Http(format!("bind {i} was not new"))),
+                    Err(e) => Err(err(&e)),
                 }
-            })
-            .await?;
-            let bind_rate = n as f64 / started.elapsed().as_secs_f64();
-            let started = Instant::now();
-            let gets = each(n, |i| {
-                let t = t.clone();
-                async move {
-                    match t.get(&client(i)).await {
-                        Ok(b) if b.len() == 1 => Ok(()),
-                        Ok(b) => Err(ClientError::Http(format!("get {i}: {} bindings", b.len()))),
-                        Err(e) => Err(err(&e)),
-                    }
+            }
+        })
+        .await?;
+        let bind_rate = n as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let gets = each(n, |i| {
+            let t = t.clone();
+            async move {
+                match t.get(&client(i)).await {
+                    Ok(b) if b.len() == 1 => Ok(()),
+                    Ok(b) => Err(ClientError::Http(format!("get {i}: {} bindings", b.len()))),
+                    Err(e) => Err(err(&e)),
                 }
-            })
-            .await?;
-            let get_rate = n as f64 / started.elapsed().as_secs_f64();
-            let started = Instant::now();
-            let unbinds = each(n, |i| {
-                let t = t.clone();
-                async move {
-                    match t.remove(&client(i), &[address(i)]).await {
-                        Ok(gone) if gone.len() == 1 => Ok(()),
-                        Ok(_) => Err(ClientError::Http(format!("unbind {i} was not bound"))),
-                        Err(e) => Err(err(&e)),
-                    }
+            }
+        })
+        .await?;
+        let get_rate = n as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let unbinds = each(n, |i| {
+            let t = t.clone();
+            async move {
+                match t.remove(&client(i), &[address(i)]).await {
+                    Ok(gone) if gone.len() == 1 => Ok(()),
+                    Ok(_) => Err(ClientError::Http(format!("unbind {i} was not bound"))),
+                    Err(e) => Err(err(&e)),
                 }
-            })
-            .await?;
-            let unbind_rate = n as f64 / started.elapsed().as_secs_f64();
-            parts.push(format!(
-                "{layout:?}: bind {bind_rate:.0}/s p50/p99 {:.2}/{:.2} ms, get {get_rate:.0}/s {:.2}/{:.2} ms, unbind {unbind_rate:.0}/s {:.2}/{:.2} ms",
-                q(&binds, 0.5),
-                q(&binds, 0.99),
-                q(&gets, 0.5),
-                q(&gets, 0.99),
-                q(&unbinds, 0.5),
-                q(&unbinds, 0.99),
-            ));
-        }
-        Ok(format!(
-            "bindings clients={n} (64 at a time): {}",
-            parts.join("; ")
-        ))
+            }
+        })
+        .await?;
+        let unbind_rate = n as f64 / started.elapsed().as_secs_f64();
+        parts.push(format!(
+            "{layout:?}: bind {bind_rate:.0}/s p50/p99 {:.2}/{:.2} ms, get {get_rate:.0}/s {:.2}/{:.2} ms, unbind {unbind_rate:.0}/s {:.2}/{:.2} ms",
+            q(&binds, 0.5),
+            q(&binds, 0.99),
+            q(&gets, 0.5),
+            q(&gets, 0.99),
+            q(&unbinds, 0.5),
+            q(&unbinds, 0.99),
+        ));
     }
+    Ok(format!(
+        "bindings clients={n} (64 at a time): {}",
+        parts.join("; ")
+    ))
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn bindings(_: &BenchArgs) -> Res<String> {
+    Err(needs_cluster("bindings"))
 }
 
 #[cfg(test)]

@@ -434,34 +434,21 @@ impl CassandraTopology {
         )))
     }
 
-    /// Writes (or, with `delete`, deletes) the reverse rows of a client's bindings.
-    async fn reverse(
+    /// Runs `stmt` once with each of `values`, [`CONCURRENCY`] at a time.
+    async fn exec_each<V: scylla::serialize::row::SerializeRow>(
         &self,
-        client: &ClientId,
-        bindings: &[(Address, u64)],
-        delete: bool,
+        stmt: &PreparedStatement,
+        values: Vec<V>,
     ) -> Result<(), TopologyError> {
-        let inner = &self.0;
-        let now = CqlTimestamp(crate::clock::now_ms() as i64);
-        let futs: Vec<_> = bindings
-            .iter()
-            .map(|(a, since)| async move {
-                if delete {
-                    inner
-                        .session
-                        .execute_unpaged(&inner.unreverse, (a.as_str(), client.as_str()))
-                        .await
-                } else {
-                    inner
-                        .session
-                        .execute_unpaged(
-                            &inner.reverse,
-                            (a.as_str(), client.as_str(), *since as i64, now),
-                        )
-                        .await
-                }
-                .map(|_| ())
-                .map_err(unavailable)
+        let session = &self.0.session;
+        let futs: Vec<_> = values
+            .into_iter()
+            .map(|v| async move {
+                session
+                    .execute_unpaged(stmt, v)
+                    .await
+                    .map(|_| ())
+                    .map_err(unavailable)
             })
             .collect();
         stream::iter(futs)
@@ -469,6 +456,26 @@ impl CassandraTopology {
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+
+    /// Writes (or, with `delete`, deletes) the reverse rows of a client's bindings.
+    async fn reverse(
+        &self,
+        client: &ClientId,
+        bindings: &[(Address, u64)],
+        delete: bool,
+    ) -> Result<(), TopologyError> {
+        let c = client.as_str();
+        if delete {
+            let rows: Vec<_> = bindings.iter().map(|(a, _)| (a.as_str(), c)).collect();
+            return self.exec_each(&self.0.unreverse, rows).await;
+        }
+        let now = CqlTimestamp(crate::clock::now_ms() as i64);
+        let rows: Vec<_> = bindings
+            .iter()
+            .map(|(a, since)| (a.as_str(), c, *since as i64, now))
+            .collect();
+        self.exec_each(&self.0.reverse, rows).await
     }
 
     /// Claims new bindings in `client_addresses` (the first `since` wins); each with the
@@ -542,23 +549,11 @@ impl CassandraTopology {
         client: &ClientId,
         bound: &[Address],
     ) -> Result<(), TopologyError> {
-        let inner = &self.0;
-        let futs: Vec<_> = bound
+        let rows: Vec<_> = bound
             .iter()
-            .map(|a| async move {
-                inner
-                    .session
-                    .execute_unpaged(&inner.unbind, (client.as_str(), a.as_str()))
-                    .await
-                    .map(|_| ())
-                    .map_err(unavailable)
-            })
+            .map(|a| (client.as_str(), a.as_str()))
             .collect();
-        stream::iter(futs)
-            .buffered(CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
+        self.exec_each(&self.0.unbind, rows).await
     }
 }
 

@@ -255,6 +255,7 @@ impl Node {
         spawn_expiry(&gw, &tasks);
         spawn_work(&gw, &tasks);
         spawn_cleanup(&api, &tasks);
+        spawn_rejoin(&api, &tasks);
         spawn_gate_sweep(&gw, &tasks);
         {
             let deadlines = gw.gate.deadlines.clone();
@@ -537,6 +538,39 @@ fn spawn_cleanup(api: &Arc<Api>, tasks: &Tasks) {
                     Err(e) => tracing::warn!(error = %e, %node, "cleanup failed; will retry"),
                 }
             }
+        }
+    });
+}
+
+/// The reason a node that joined the cluster again gives the connections it closes.
+pub const REJOIN_REASON: &str = "the node rejoined the cluster: connect again";
+
+/// A node whose coordination session ended (cut off from ZooKeeper past its session timeout)
+/// joins again under a new one. Meanwhile the cluster saw it gone, and the leader may have
+/// cleared its presence and announced its members left: its connections would be listed
+/// nowhere, for as long as they stay. So it closes every connection it holds then (`kicked`
+/// with [`REJOIN_REASON`]): each one's own cleanup runs, and the clients connect again, here
+/// or on another node, and are registered anew.
+fn spawn_rejoin(api: &Arc<Api>, tasks: &Tasks) {
+    if api.gw.config.backend != Backend::Cluster {
+        return;
+    }
+    let (mut joins, gw) = (api.membership.joins(), api.gw.clone());
+    tasks.spawn(async move {
+        let mut seen = *joins.borrow_and_update();
+        while joins.changed().await.is_ok() {
+            let now = *joins.borrow_and_update();
+            if seen > 0 && now > seen {
+                let held = gw.gate.registry.all();
+                tracing::warn!(
+                    connections = held.len(),
+                    "joined the cluster again under a new session: closing the connections held before"
+                );
+                for conn in held {
+                    conn.kick_to_reconnect(REJOIN_REASON);
+                }
+            }
+            seen = now;
         }
     });
 }

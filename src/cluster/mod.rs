@@ -74,6 +74,10 @@ pub trait Membership: Send + Sync + 'static {
     /// Whether this node is a member now; false while it is fenced (its coordination session
     /// lost or expiring): it must then neither append nor clean up.
     fn membership(&self) -> tokio::sync::watch::Receiver<bool>;
+    /// How many times this node has registered as a member (0 before it first did). More than
+    /// one means a coordination session ended and the node joined again under a new one: the
+    /// cluster saw it gone meanwhile, and the leader may have cleaned up after it.
+    fn joins(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Takes the cluster-wide mutex `name`, waiting at most `timeout`
     /// ([`ClusterError::LockTimeout`] past it). Held until the guard is dropped.
     async fn lock(&self, name: &str, timeout: Duration) -> Result<ClusterLock, ClusterError>;
@@ -83,6 +87,7 @@ pub trait Membership: Send + Sync + 'static {
 pub struct Standalone {
     pub me: NodeInfo,
     pub member: tokio::sync::watch::Sender<bool>,
+    joins: tokio::sync::watch::Sender<u64>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -91,6 +96,7 @@ impl Standalone {
         Self {
             me,
             member: tokio::sync::watch::Sender::new(true),
+            joins: tokio::sync::watch::Sender::new(1),
             locks: Default::default(),
         }
     }
@@ -108,6 +114,10 @@ impl Membership for Standalone {
 
     fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
         self.member.subscribe()
+    }
+
+    fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.joins.subscribe()
     }
 
     async fn lock(&self, name: &str, timeout: Duration) -> Result<ClusterLock, ClusterError> {

@@ -36,6 +36,8 @@ struct Shared {
     member: tokio::sync::watch::Sender<bool>,
     /// Whether to register and contend (see [`ZkMembership::join`]).
     joined: tokio::sync::watch::Sender<bool>,
+    /// Registrations so far, one per session that registered ([`Membership::joins`]).
+    joins: tokio::sync::watch::Sender<u64>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ClusterError {
@@ -60,6 +62,7 @@ impl ZkMembership {
             leader: AtomicBool::new(false),
             member: tokio::sync::watch::Sender::new(false),
             joined: tokio::sync::watch::Sender::new(false),
+            joins: tokio::sync::watch::Sender::new(0),
         });
         let task = tokio::spawn(run(shared.clone(), connect.to_string(), session_timeout));
         Self { shared, task }
@@ -149,6 +152,7 @@ async fn session(
         Err(e) => return Err(e),
     }
     shared.member.send_replace(true);
+    shared.joins.send_modify(|n| *n += 1);
     tracing::info!(node = %shared.me.id, "joined the cluster");
     let prefix = zk::LockPrefix::new_curator(&leader_dir, "latch-")?;
     let options = zk::LockOptions::new(zk::Acls::anyone_all());
@@ -245,6 +249,10 @@ impl Membership for ZkMembership {
 
     fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
         self.shared.member.subscribe()
+    }
+
+    fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.joins.subscribe()
     }
 
     async fn lock(&self, name: &str, timeout: Duration) -> Result<ClusterLock, ClusterError> {

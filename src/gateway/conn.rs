@@ -330,6 +330,16 @@ impl Conn {
     /// already. The close follows the event after a moment ([`KICK_CLOSE_DELAY`]): closing at
     /// once can drop the event still in the socket's buffer.
     pub fn kick(&self, reason: &str) -> bool {
+        self.kick_with(json!({ "reason": reason }))
+    }
+
+    /// [`Conn::kick`] for a reason that is not the client's: `kicked` `{reason, reconnect:
+    /// true}` tells it to connect again (the client library does so by itself).
+    pub fn kick_to_reconnect(&self, reason: &str) -> bool {
+        self.kick_with(json!({ "reason": reason, "reconnect": true }))
+    }
+
+    fn kick_with(&self, kicked: serde_json::Value) -> bool {
         let socket = {
             let st = self.lock();
             if st.phase == Phase::Closed || self.kicked.swap(true, Ordering::SeqCst) {
@@ -339,7 +349,7 @@ impl Conn {
         };
         let Some(socket) = socket else { return false };
         self.svc.metrics.kicked.increment(1);
-        let _ = socket.emit("kicked", &json!({ "reason": reason }));
+        let _ = socket.emit("kicked", &kicked);
         tokio::spawn(async move {
             tokio::time::sleep(KICK_CLOSE_DELAY).await;
             let _ = socket.disconnect();

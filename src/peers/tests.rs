@@ -72,6 +72,9 @@ impl Membership for Listed {
     fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
         tokio::sync::watch::Sender::new(true).subscribe()
     }
+    fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::Sender::new(1).subscribe()
+    }
     async fn lock(&self, _: &str, _: Duration) -> Result<ClusterLock, ClusterError> {
         Err(ClusterError::Unavailable("no locks in this test".into()))
     }

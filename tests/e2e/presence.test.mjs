@@ -182,6 +182,39 @@ test('a node restarted under its id before the leader saw it go clears what its 
   await a.stop();
 });
 
+test('a node cut off from ZooKeeper past its session closes its connections when it joins again; they come back and are seen', { skip: !cluster && 'needs the cluster backend', timeout: 120000 }, async () => {
+  const [a, b] = await nodes('prescut');
+  const room = `presence:cut-${Date.now()}`;
+  const { alice, bob } = await aliceAndBob(a, b, room);
+  // b frozen past its ZooKeeper session (4 s): its entry goes, and the leader (a) clears what it
+  // held, announcing that Bob left.
+  b.proc.kill('SIGSTOP');
+  try {
+    await alice.c.waitFor((e) => e.event === 'left' && e.data.client === bob.id, 30000, 'bob left when b\'s session expired');
+    assert.equal((await api(a.url, 'GET', `/server/clients/${bob.id}`)).body.connected, false);
+  } finally {
+    b.proc.kill('SIGCONT');
+  }
+  // b joins again under a new session. Its connection to Bob survived the freeze, but nothing
+  // lists it any more: b closes it, saying why.
+  const kicked = await bob.c.waitFor((e) => e.event === 'kicked', 30000, 'bob kicked when b joined again');
+  assert.match(kicked.data.reason, /rejoined the cluster/);
+  // Bob connects again (to b, with his identity): he is a member again, and a sees him.
+  const again = connect(b.url, { clientId: bob.id, resumeToken: bob.s.resumeToken, token: jwt('bob') });
+  assert.equal((await again.ready).clientId, bob.id);
+  await waitFor(async () => changes(alice.c, room).filter((c) => c === `joined ${bob.id}`).length === 2, 15000, 'bob joined again');
+  const seen = await waitFor(async () => {
+    const r = (await api(a.url, 'GET', `/server/clients/${bob.id}`)).body;
+    return r.connected ? r : null;
+  }, 15000, 'bob seen connected from a');
+  assert.equal(seen.connections.length, 1, 'only the new connection');
+  assert.deepEqual((await api(a.url, 'GET', `/server/presence/${room}`)).body.members.map((m) => m.client).sort(), [alice.id, bob.id].sort());
+  again.close();
+  alice.c.close();
+  await b.stop();
+  await a.stop();
+});
+
 test('the client library: joined and left handlers, members()', { timeout: 120000 }, async () => {
   const [a, b] = await nodes('preslib');
   const room = `presence:lib-${Date.now()}`;

@@ -525,7 +525,10 @@ export class SignalpostClient {
   }
 
   _onKicked(conn, k) {
-    // After a kick nothing reconnects by itself: a quota or a revocation would only kick again.
+    // A kick that is not the client's doing (`reconnect: true`: the node rejoined its cluster)
+    // is a lost connection: connect again, as after any other.
+    if (k && k.reconnect) return this._lost(conn, `kicked: ${k.reason}`);
+    // After other kicks nothing reconnects by itself: a quota or a revocation would only kick again.
     this._stopped = true;
     this._stopTimers();
     this._flushAcks();

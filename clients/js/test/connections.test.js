@@ -92,6 +92,19 @@ test('kicked: surfaced, everything closes, nothing reconnects until reconnect()'
   assert.equal(c.auth.clientId, 'c1');
 });
 
+test('kicked with reconnect (the node rejoined its cluster): a lost connection, connected again', async () => {
+  const t = start();
+  const a = await live(t, { addresses: ['channel:a'], cursors: { 'channel:a': 0 } });
+  a.signal('channel:a', 1);
+  await until(() => t.client.cursors['channel:a'] === 1);
+  a.send('kicked', { reason: 'the node rejoined the cluster: connect again', reconnect: true });
+  a.send('disconnect', 'io server disconnect');
+  assert.equal(t.client.state, 'offline');
+  const b = await t.io.nth(2, 3000);
+  assert.deepEqual(b.auth, { clientId: 'c1', resumeToken: 'rt-c1', cursors: { 'client:c1': 0, 'channel:a': 1 } });
+  assert.deepEqual(t.got('kicked'), [], 'not the client\'s doing: no kicked event for the app');
+});
+
 test('an identity that can no longer resume is dropped: a `reset` event, then a new client', async () => {
   const storage = memoryStorage();
   storage.set('signalpost:http://a', { clientId: 'old', resumeToken: 'rt', cursors: { 'channel:a': 3 } });

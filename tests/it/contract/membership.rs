@@ -48,6 +48,7 @@ pub async fn lists_itself_leads_alone(c: &dyn Cluster) {
     );
     assert!(a.is_leader());
     assert!(*a.membership().borrow(), "a joined node is a member");
+    assert_eq!(*a.joins().borrow(), 1, "registered once");
 }
 
 /// Two members: one leader; the leader leaves, the other takes over, the one that left is

@@ -285,16 +285,25 @@ pub async fn apply_schema(
             .map_err(|e| CassandraError::Request(e.to_string()))?;
     }
     if fresh {
-        session
-            .query_unpaged(
-                format!(
-                    "INSERT INTO {keyspace}.settings (name, value) VALUES ('{BINDINGS_SETTING}', '{BINDINGS_AS_ROWS}')"
-                ),
-                (),
-            )
-            .await
-            .map_err(|e| CassandraError::Request(e.to_string()))?;
+        put_setting(session, keyspace, BINDINGS_SETTING, BINDINGS_AS_ROWS).await?;
     }
+    Ok(())
+}
+
+/// Writes a row of the keyspace's `settings` (`schema/010_client_bindings.cql`).
+pub async fn put_setting(
+    session: &Session,
+    keyspace: &str,
+    name: &str,
+    value: &str,
+) -> Result<(), CassandraError> {
+    session
+        .query_unpaged(
+            format!("INSERT INTO {keyspace}.settings (name, value) VALUES (?, ?)"),
+            (name, value),
+        )
+        .await
+        .map_err(|e| CassandraError::Request(e.to_string()))?;
     Ok(())
 }
 

@@ -16,6 +16,16 @@ pub struct Held {
     pub since: u64,
 }
 
+impl Held {
+    fn of(c: &Conn) -> Self {
+        Held {
+            connection: c.id().to_string(),
+            client: c.client().clone(),
+            since: c.since(),
+        }
+    }
+}
+
 /// Whom a kick is for.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,11 +121,7 @@ impl Registry {
             .iter()
             .filter_map(|(client, id)| {
                 let c = i.by_client.get(client)?.iter().find(|c| c.id() == id)?;
-                Some(Held {
-                    connection: c.id().to_string(),
-                    client: c.client().clone(),
-                    since: c.since(),
-                })
+                Some(Held::of(c))
             })
             .collect()
     }
@@ -125,15 +131,7 @@ impl Registry {
         self.lock()
             .by_user
             .get(user)
-            .map(|l| {
-                l.iter()
-                    .map(|c| Held {
-                        connection: c.id().to_string(),
-                        client: c.client().clone(),
-                        since: c.since(),
-                    })
-                    .collect()
-            })
+            .map(|l| l.iter().map(|c| Held::of(c)).collect())
             .unwrap_or_default()
     }
 }

@@ -10,8 +10,8 @@
 //! - `client_addresses` ((client), address) → since: where versions before file 10 recorded
 //!   bindings, one row per binding (a tombstone per unbinding).
 //!
-//! Which of the two client-side tables is the record is the keyspace's [`Layout`]: `Rows` when
-//! its `settings` say so (a keyspace created with file 10, or after `signalpost migrate
+//! Which of the two client-side tables is the record is the keyspace's [`Layout`], from its
+//! `settings`: `Rows` (a keyspace created with file 10), `Migrated` (after `signalpost migrate
 //! bindings`), otherwise `Legacy`. In `Legacy`, a node does what versions before file 10 did
 //! (`INSERT … IF NOT EXISTS` per new binding: the first `since` wins) and mirrors every change
 //! into `client_bindings`, so that [`migrate_bindings`] only has to catch up with what older
@@ -19,9 +19,9 @@
 //!
 //! In `Legacy`, `add` writes the record, then the reverse row (bindings already present are only
 //! re-written in the reverse table, which repairs a reverse row lost by a crash between the two
-//! writes), and `remove` deletes the reverse row, then changes the record. A cursor is one plain write whose
-//! write timestamp is the version, so Cassandra's last-write-wins keeps the highest version
-//! whatever the order of concurrent saves — no read and no lightweight transaction.
+//! writes), and `remove` deletes the reverse row, then changes the record. A cursor is one plain
+//! write whose write timestamp is the version, so Cassandra's last-write-wins keeps the highest
+//! version whatever the order of concurrent saves — no read and no lightweight transaction.
 
 use super::storage_err as st;
 use super::{Binding, Cursors, ReadMarks, Topology, TopologyError};
@@ -54,7 +54,7 @@ fn unavailable(e: impl std::fmt::Display) -> TopologyError {
 type Map = BTreeMap<String, i64>;
 
 /// Where a keyspace records the bindings of a client (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// `client_addresses` is the record, mirrored into `client_bindings`.
     Legacy,
@@ -401,9 +401,7 @@ impl CassandraTopology {
             }
             backoff(attempt).await;
         }
-        Err(TopologyError::Unavailable(format!(
-            "bindings of {client}: {CAS_ATTEMPTS} conflicting writes in a row"
-        )))
+        Err(conflicted(client))
     }
 
     /// Makes a client's map equal to what `client_addresses` records ([`migrate_bindings`]);
@@ -429,9 +427,7 @@ impl CassandraTopology {
             }
             backoff(attempt).await;
         }
-        Err(TopologyError::Unavailable(format!(
-            "bindings of {client}: {CAS_ATTEMPTS} conflicting writes in a row"
-        )))
+        Err(conflicted(client))
     }
 
     /// Runs `stmt` once with each of `values`, [`CONCURRENCY`] at a time.
@@ -458,24 +454,31 @@ impl CassandraTopology {
         Ok(())
     }
 
-    /// Writes (or, with `delete`, deletes) the reverse rows of a client's bindings.
-    async fn reverse(
+    /// Writes the reverse rows of a client's bindings.
+    async fn reverse_write(
         &self,
         client: &ClientId,
-        bindings: &[(Address, u64)],
-        delete: bool,
+        bindings: &[(Binding, bool)],
     ) -> Result<(), TopologyError> {
-        let c = client.as_str();
-        if delete {
-            let rows: Vec<_> = bindings.iter().map(|(a, _)| (a.as_str(), c)).collect();
-            return self.exec_each(&self.0.unreverse, rows).await;
-        }
         let now = CqlTimestamp(crate::clock::now_ms() as i64);
         let rows: Vec<_> = bindings
             .iter()
-            .map(|(a, since)| (a.as_str(), c, *since as i64, now))
+            .map(|(b, _)| (b.address.as_str(), client.as_str(), b.since as i64, now))
             .collect();
         self.exec_each(&self.0.reverse, rows).await
+    }
+
+    /// Deletes the reverse rows of a client's bindings to `addresses`.
+    async fn reverse_delete(
+        &self,
+        client: &ClientId,
+        addresses: &[Address],
+    ) -> Result<(), TopologyError> {
+        let rows: Vec<_> = addresses
+            .iter()
+            .map(|a| (a.as_str(), client.as_str()))
+            .collect();
+        self.exec_each(&self.0.unreverse, rows).await
     }
 
     /// Claims new bindings in `client_addresses` (the first `since` wins); each with the
@@ -557,6 +560,13 @@ impl CassandraTopology {
     }
 }
 
+/// What a change of a client's row answers after [`CAS_ATTEMPTS`] lost races.
+fn conflicted(client: &ClientId) -> TopologyError {
+    TopologyError::Unavailable(format!(
+        "bindings of {client}: {CAS_ATTEMPTS} conflicting writes in a row"
+    ))
+}
+
 /// A short random pause after a lost compare-and-set, longer with each attempt.
 async fn backoff(attempt: u32) {
     let max_us = 200 * (u128::from(attempt) + 1);
@@ -564,12 +574,12 @@ async fn backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_micros(us as u64)).await;
 }
 
-/// The first of each address in `addresses`, in their order.
-fn distinct(addresses: &[Address]) -> Vec<Address> {
-    let mut out: Vec<Address> = Vec::new();
-    for a in addresses {
-        if !out.contains(a) {
-            out.push(a.clone());
+/// The first of `items` for each address, in their order.
+fn first_of_each<T>(items: &[T], address: impl Fn(&T) -> &Address) -> Vec<&T> {
+    let mut out: Vec<&T> = Vec::new();
+    for item in items {
+        if !out.iter().any(|o| address(o) == address(item)) {
+            out.push(item);
         }
     }
     out
@@ -636,23 +646,14 @@ pub async fn migrate_bindings(
         done.clients += changed.len() as u64;
         done.changed += changed.iter().filter(|c| **c).count() as u64;
     }
-    let mark = crate::cassandra::prepare(
+    crate::cassandra::put_setting(
         &session,
-        format!("INSERT INTO {keyspace}.settings (name, value) VALUES (?, ?)"),
-        Kind::Idempotent,
+        keyspace,
+        crate::cassandra::BINDINGS_SETTING,
+        crate::cassandra::BINDINGS_MIGRATED,
     )
     .await
     .map_err(unavailable)?;
-    session
-        .execute_unpaged(
-            &mark,
-            (
-                crate::cassandra::BINDINGS_SETTING,
-                crate::cassandra::BINDINGS_MIGRATED,
-            ),
-        )
-        .await
-        .map_err(unavailable)?;
     Ok(done)
 }
 
@@ -703,12 +704,7 @@ impl Topology for CassandraTopology {
         bindings: &[Binding],
     ) -> Result<Vec<Binding>, TopologyError> {
         // One entry per address, the first one asked for.
-        let mut wanted: Vec<&Binding> = Vec::new();
-        for b in bindings {
-            if !wanted.iter().any(|w| w.address == b.address) {
-                wanted.push(b);
-            }
-        }
+        let wanted = first_of_each(bindings, |b| &b.address);
         let layout = self.layout().await;
         let kept: Vec<(Binding, bool)> = match layout {
             Layout::Legacy => {
@@ -746,11 +742,7 @@ impl Topology for CassandraTopology {
         };
         if layout == Layout::Legacy {
             // For nodes of earlier versions, which list an address's clients from this table.
-            let reverse: Vec<(Address, u64)> = kept
-                .iter()
-                .map(|(b, _)| (b.address.clone(), b.since))
-                .collect();
-            self.reverse(client, &reverse, false).await?;
+            self.reverse_write(client, &kept).await?;
         }
         Ok(kept
             .into_iter()
@@ -763,7 +755,10 @@ impl Topology for CassandraTopology {
         client: &ClientId,
         addresses: &[Address],
     ) -> Result<Vec<Address>, TopologyError> {
-        let asked = distinct(addresses);
+        let asked: Vec<Address> = first_of_each(addresses, |a| a)
+            .into_iter()
+            .cloned()
+            .collect();
         let drop_asked = |m: &mut Map| -> Vec<Address> {
             asked
                 .iter()
@@ -784,8 +779,7 @@ impl Topology for CassandraTopology {
                     .filter(|a| bound.contains(a))
                     .cloned()
                     .collect();
-                let rev: Vec<(Address, u64)> = gone.iter().map(|a| (a.clone(), 0)).collect();
-                self.reverse(client, &rev, true).await?;
+                self.reverse_delete(client, &gone).await?;
                 self.legacy_delete(client, &gone).await?;
                 self.change_map(client, true, drop_asked).await?;
                 Ok(gone)

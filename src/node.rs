@@ -235,7 +235,11 @@ impl Node {
             node_id,
             mailbox,
             topology,
-            acks: AckWriter::start(cursors.clone(), &tasks),
+            acks: AckWriter::start(
+                cursors.clone(),
+                crate::topology::cursor_ttl_secs(config.retention_secs),
+                &tasks,
+            ),
             cursors,
             reads,
             presence,

@@ -19,15 +19,22 @@ pub struct AckWriter {
     pending: Mutex<HashMap<(ClientId, Address), u64>>,
     wake: Notify,
     cursors: Arc<dyn Cursors>,
+    /// How long a cursor is kept after its last ack ([`crate::topology::cursor_ttl_secs`]).
+    ttl_secs: u32,
 }
 
 impl AckWriter {
     /// Starts the writer; it writes what is pending one last time when the node stops.
-    pub fn start(cursors: Arc<dyn Cursors>, tasks: &crate::tasks::Tasks) -> Arc<Self> {
+    pub fn start(
+        cursors: Arc<dyn Cursors>,
+        ttl_secs: u32,
+        tasks: &crate::tasks::Tasks,
+    ) -> Arc<Self> {
         let w = Arc::new(Self {
             pending: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             cursors,
+            ttl_secs,
         });
         let writer = w.clone();
         let stop = tasks.clone();
@@ -67,7 +74,7 @@ impl AckWriter {
         if batch.is_empty() {
             return true;
         }
-        if let Err(e) = self.cursors.save(&batch).await {
+        if let Err(e) = self.cursors.save(&batch, self.ttl_secs).await {
             tracing::warn!(error = %e, "saving cursors failed; will retry");
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for (c, a, v) in batch {
@@ -95,7 +102,11 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Cursors for Flaky {
-        async fn save(&self, acks: &[(ClientId, Address, u64)]) -> Result<(), TopologyError> {
+        async fn save(
+            &self,
+            acks: &[(ClientId, Address, u64)],
+            _ttl: u32,
+        ) -> Result<(), TopologyError> {
             if self.fail.load(Ordering::SeqCst) > 0 {
                 self.fail.fetch_sub(1, Ordering::SeqCst);
                 return Err(TopologyError::Unavailable("down".into()));
@@ -113,7 +124,7 @@ mod tests {
         let cursors = Arc::new(Flaky::default());
         cursors.fail.store(1, Ordering::SeqCst);
         let tasks = crate::tasks::Tasks::default();
-        let w = AckWriter::start(cursors.clone(), &tasks);
+        let w = AckWriter::start(cursors.clone(), 60, &tasks);
         assert!(tasks.stop(Duration::from_secs(1)).await, "the writer stops");
         let (c, a) = (
             ClientId::parse("c1").unwrap(),

@@ -303,18 +303,6 @@ impl Processor {
                 rewind,
                 weight,
             } => {
-                let held = self.topology.get(&client).await?;
-                let new = addresses
-                    .iter()
-                    .filter(|a| !held.iter().any(|b| &b.address == *a))
-                    .count();
-                if held.len() + new > self.max_bindings {
-                    return Ok(Outcome::Refused(format!(
-                        "client {client} holds {} bindings; {new} more would pass the limit of {}",
-                        held.len(),
-                        self.max_bindings
-                    )));
-                }
                 let heads = self
                     .mailbox
                     .heads(&addresses)
@@ -340,7 +328,13 @@ impl Processor {
                         since,
                     });
                 }
-                let added = self.topology.add(&client, &want).await?;
+                // The topology checks the limit in the same step as it binds.
+                let added = match self.topology.add(&client, &want, self.max_bindings).await {
+                    Err(e @ TopologyError::TooMany { .. }) => {
+                        return Ok(Outcome::Refused(e.to_string()));
+                    }
+                    r => r?,
+                };
                 self.metrics.bindings.increment(added.len() as u64);
                 // What is reported is the head, also for a work address (whose `since` is its
                 // weight).

@@ -1111,7 +1111,7 @@ async fn bindings(args: &BenchArgs) -> Res<String> {
                 since: 0,
             };
             async move {
-                match t.add(&client(i), &[b]).await {
+                match t.add(&client(i), &[b], usize::MAX).await {
                     Ok(new) if new.len() == 1 => Ok(()),
                     Ok(_) => Err(ClientError::Http(format!("bind {i} was not new"))),
                     Err(e) => Err(err(&e)),

@@ -24,7 +24,7 @@
 //! version whatever the order of concurrent saves — no read and no lightweight transaction.
 
 use super::storage_err as st;
-use super::{Binding, Cursors, ReadMarks, Topology, TopologyError};
+use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, within_limit};
 use crate::address::{Address, ClientId};
 use crate::cassandra::Kind;
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -206,7 +206,8 @@ impl CassandraTopology {
             .await?,
             cursor_save: prep(
                 format!(
-                    "INSERT INTO {ks}.cursors (client, address, version) VALUES (?, ?, ?) USING TIMESTAMP ?"
+                    "INSERT INTO {ks}.cursors (client, address, version) VALUES (?, ?, ?) \
+                     USING TIMESTAMP ? AND TTL ?"
                 ),
                 Kind::Idempotent,
             )
@@ -483,10 +484,14 @@ impl CassandraTopology {
 
     /// Claims new bindings in `client_addresses` (the first `since` wins); each with the
     /// `since` kept and whether it is new.
+    /// Binds in the old layout. Its rows are claimed one by one, so the limit is checked
+    /// against a read before them: concurrent binds may pass it by one call's worth until
+    /// `migrate bindings` makes the one-row record the rule.
     async fn legacy_add(
         &self,
         client: &ClientId,
         wanted: &[&Binding],
+        limit: usize,
     ) -> Result<Vec<(Binding, bool)>, TopologyError> {
         let existing: HashMap<Address, u64> = self
             .legacy_bindings(client)
@@ -494,6 +499,11 @@ impl CassandraTopology {
             .into_iter()
             .map(|b| (b.address, b.since))
             .collect();
+        let more = wanted
+            .iter()
+            .filter(|b| !existing.contains_key(&b.address))
+            .count();
+        within_limit(client, existing.len(), more, limit)?;
         let now = CqlTimestamp(crate::clock::now_ms() as i64);
         let inner = &self.0;
         let futs: Vec<_> = wanted
@@ -702,13 +712,14 @@ impl Topology for CassandraTopology {
         &self,
         client: &ClientId,
         bindings: &[Binding],
+        limit: usize,
     ) -> Result<Vec<Binding>, TopologyError> {
         // One entry per address, the first one asked for.
         let wanted = first_of_each(bindings, |b| &b.address);
         let layout = self.layout().await;
         let kept: Vec<(Binding, bool)> = match layout {
             Layout::Legacy => {
-                let kept = self.legacy_add(client, &wanted).await?;
+                let kept = self.legacy_add(client, &wanted, limit).await?;
                 self.change_map(client, true, |m| {
                     for (b, _) in &kept {
                         m.entry(b.address.as_str().to_owned())
@@ -719,8 +730,14 @@ impl Topology for CassandraTopology {
                 kept
             }
             Layout::Migrated | Layout::Rows => {
+                // The limit is checked on the row the compare-and-set writes over.
                 self.change_map(client, false, |m| {
-                    wanted
+                    let more = wanted
+                        .iter()
+                        .filter(|b| !m.contains_key(b.address.as_str()))
+                        .count();
+                    within_limit(client, m.len(), more, limit)?;
+                    Ok(wanted
                         .iter()
                         .map(|b| match m.get(b.address.as_str()) {
                             Some(since) => (
@@ -735,9 +752,9 @@ impl Topology for CassandraTopology {
                                 ((*b).clone(), true)
                             }
                         })
-                        .collect()
+                        .collect())
                 })
-                .await?
+                .await??
             }
         };
         if layout == Layout::Legacy {
@@ -907,8 +924,15 @@ impl ReadMarks for CassandraTopology {
 
 #[async_trait::async_trait]
 impl Cursors for CassandraTopology {
-    async fn save(&self, acks: &[(ClientId, Address, u64)]) -> Result<(), TopologyError> {
-        // The highest ack per (client, address), grouped by client (one partition each).
+    async fn save(
+        &self,
+        acks: &[(ClientId, Address, u64)],
+        ttl_secs: u32,
+    ) -> Result<(), TopologyError> {
+        // The highest ack per (client, address), grouped by client (one partition each). Each
+        // cell lives `ttl_secs` after its last ack, so a client's partition holds the addresses
+        // it acked within the retention (and their expired cells until compaction).
+        let ttl = ttl_secs.min(i32::MAX as u32) as i32;
         let mut by_client: BTreeMap<&ClientId, BTreeMap<&Address, u64>> = BTreeMap::new();
         for (c, a, v) in acks {
             let e = by_client.entry(c).or_default().entry(a).or_insert(0);
@@ -924,7 +948,7 @@ impl Cursors for CassandraTopology {
                 for (a, v) in chunk {
                     batch.append_statement(self.0.cursor_save.clone());
                     let v = (*v).min(i64::MAX as u64) as i64;
-                    values.push((client.as_str(), a.as_str(), v, v));
+                    values.push((client.as_str(), a.as_str(), v, v, ttl));
                 }
                 batches.push((batch, values));
             }

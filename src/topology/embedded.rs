@@ -3,7 +3,7 @@
 //! also kept the reverse, `members` (address, client); opening a file drops that table.)
 
 use super::storage_err as st;
-use super::{Binding, Cursors, ReadMarks, Topology, TopologyError};
+use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, within_limit};
 use crate::address::{Address, ClientId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
@@ -121,9 +121,11 @@ impl Topology for EmbeddedTopology {
         &self,
         client: &ClientId,
         bindings: &[Binding],
+        limit: usize,
     ) -> Result<Vec<Binding>, TopologyError> {
         let (client, bindings) = (client.clone(), bindings.to_vec());
         self.blocking(move |db| {
+            // One write transaction at a time: the count and the inserts are one step.
             let txn = db.begin_write().map_err(st)?;
             let mut added = Vec::new();
             {
@@ -132,12 +134,25 @@ impl Topology for EmbeddedTopology {
                     if b.get((client.as_str(), bind.address.as_str()))
                         .map_err(st)?
                         .is_some()
+                        || added.iter().any(|a: &Binding| a.address == bind.address)
                     {
                         continue;
                     }
+                    added.push(bind);
+                }
+                if !added.is_empty() {
+                    let mut held = 0;
+                    for e in b.range((client.as_str(), "")..).map_err(st)? {
+                        if e.map_err(st)?.0.value().0 != client.as_str() {
+                            break;
+                        }
+                        held += 1;
+                    }
+                    within_limit(&client, held, added.len(), limit)?;
+                }
+                for bind in &added {
                     b.insert((client.as_str(), bind.address.as_str()), bind.since)
                         .map_err(st)?;
-                    added.push(bind);
                 }
             }
             txn.commit().map_err(st)?;
@@ -221,9 +236,15 @@ impl ReadMarks for EmbeddedTopology {
     }
 }
 
+/// The embedded store keeps cursors until the data folder goes: `ttl_secs` is not applied
+/// here (a cursor is one small row per client and address acked).
 #[async_trait::async_trait]
 impl Cursors for EmbeddedTopology {
-    async fn save(&self, acks: &[(ClientId, Address, u64)]) -> Result<(), TopologyError> {
+    async fn save(
+        &self,
+        acks: &[(ClientId, Address, u64)],
+        _ttl_secs: u32,
+    ) -> Result<(), TopologyError> {
         let acks = acks.to_vec();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(st)?;

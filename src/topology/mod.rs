@@ -33,24 +33,57 @@ pub enum TopologyError {
     Storage(String),
     #[error("topology is unavailable: {0}")]
     Unavailable(String),
+    /// A bind refused by [`Topology::add`]: the client would hold more bindings than allowed.
+    #[error("client {client} holds {held} bindings; {more} more would pass the limit of {limit}")]
+    TooMany {
+        client: String,
+        held: usize,
+        more: usize,
+        limit: usize,
+    },
+}
+
+/// Whether a client holding `held` bindings may take `more` new ones under `limit` (shared by
+/// every backend's [`Topology::add`]).
+pub(crate) fn within_limit(
+    client: &ClientId,
+    held: usize,
+    more: usize,
+    limit: usize,
+) -> Result<(), TopologyError> {
+    if more > 0 && held + more > limit {
+        return Err(TopologyError::TooMany {
+            client: client.to_string(),
+            held,
+            more,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Bindings between clients and addresses.
 ///
 /// Contract (checked by `tests/it/contract/topology.rs`): `add` is idempotent and keeps the first `since` of an
-/// existing binding; `remove` of a missing binding is a no-op; `get` reflects every call that
-/// returned, also of calls for one client that ran at once; everything survives a restart.
+/// existing binding; `add` never lets a client hold more than its `limit`, also when binds of
+/// one client run at once on several nodes; `remove` of a missing binding is a no-op; `get`
+/// reflects every call that returned, also of calls for one client that ran at once;
+/// everything survives a restart.
 /// (Which clients are bound to an address is not stored: each node knows its own connections'
 /// bindings, `GET /server/presence/<address>`.)
 #[async_trait::async_trait]
 pub trait Topology: Send + Sync + 'static {
     /// The addresses a client is bound to, sorted by address.
     async fn get(&self, client: &ClientId) -> Result<Vec<Binding>, TopologyError>;
-    /// Binds a client; returns the bindings that are new (already-bound addresses are left as they were).
+    /// Binds a client; returns the bindings that are new (already-bound addresses are left as
+    /// they were). When the new ones would make the client hold more than `limit` bindings it
+    /// changes nothing and fails with [`TopologyError::TooMany`]; the check and the write are
+    /// one step, so concurrent binds cannot pass the limit together.
     async fn add(
         &self,
         client: &ClientId,
         bindings: &[Binding],
+        limit: usize,
     ) -> Result<Vec<Binding>, TopologyError>;
     /// Unbinds a client; returns the addresses that were bound.
     async fn remove(
@@ -119,12 +152,28 @@ pub fn merge_marks(
     Ok(encode_marks(&marks))
 }
 
+/// How long a cursor is kept after its last ack: the retention and a day. Every message at
+/// or below a cursor was appended before it was acked, so it expires (with the retention)
+/// before the cursor does; a client that comes back after that starts where the mailbox
+/// starts, which is where the cursor would have put it. Capped at Cassandra's longest TTL.
+pub fn cursor_ttl_secs(retention_secs: u64) -> u32 {
+    const CASSANDRA_MAX_TTL: u64 = 20 * 365 * 24 * 3600;
+    retention_secs
+        .saturating_add(24 * 3600)
+        .min(CASSANDRA_MAX_TTL) as u32
+}
+
 /// The highest version each client acked, per address.
 ///
 /// Contract: `save` keeps the maximum (an older ack never lowers a cursor); `get` reflects every
-/// `save` that returned, across restarts.
+/// `save` that returned, across restarts. A backend may forget a cursor `ttl_secs` after its
+/// last save (the Cassandra one does, so a client's cursors do not pile up for ever).
 #[async_trait::async_trait]
 pub trait Cursors: Send + Sync + 'static {
-    async fn save(&self, acks: &[(ClientId, Address, u64)]) -> Result<(), TopologyError>;
+    async fn save(
+        &self,
+        acks: &[(ClientId, Address, u64)],
+        ttl_secs: u32,
+    ) -> Result<(), TopologyError>;
     async fn get(&self, client: &ClientId) -> Result<HashMap<Address, u64>, TopologyError>;
 }

@@ -79,6 +79,12 @@ mod embedded_topology {
 
     topology_suite!(make = super::embedded_topology);
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_bind_limit() {
+        let (_keep, t) = super::embedded_topology().await;
+        contract::topology::concurrent_bind_limit(Arc::new(t)).await;
+    }
+
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -94,10 +100,11 @@ mod embedded_topology {
                     address: a.clone(),
                     since: 3,
                 }],
+                contract::topology::LIMIT,
             )
             .await
             .unwrap();
-            Cursors::save(&t, &[(c.clone(), a.clone(), 9)])
+            Cursors::save(&t, &[(c.clone(), a.clone(), 9)], contract::topology::TTL)
                 .await
                 .unwrap();
         }
@@ -1011,6 +1018,7 @@ mod cassandra_topology_legacy {
 mod cassandra_topology {
     use super::cassandra_support::*;
     use super::*;
+    use crate::contract::topology::{LIMIT, TTL};
     use signalpost::topology::Binding;
 
     async fn make() -> ((), signalpost::topology::cassandra::CassandraTopology) {
@@ -1021,6 +1029,13 @@ mod cassandra_topology {
         #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
         make = make
     );
+
+    /// Exact under concurrency only with one row per client (not in the old layout).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn concurrent_bind_limit() {
+        crate::contract::topology::concurrent_bind_limit(Arc::new(topology().await)).await;
+    }
 
     /// A client bound to and unbound from 300 different addresses leaves no tombstone in the
     /// partition its bindings are read from (`client_bindings`, one cell rewritten whole); the
@@ -1044,6 +1059,7 @@ mod cassandra_topology {
                     address: stays.clone(),
                     since: 3,
                 }],
+                LIMIT,
             )
             .await
             .unwrap();
@@ -1057,7 +1073,7 @@ mod cassandra_topology {
                         since: 0,
                     })
                     .collect();
-                assert_eq!(t.add(&c, &batch).await.unwrap().len(), 10);
+                assert_eq!(t.add(&c, &batch, LIMIT).await.unwrap().len(), 10);
                 let addresses: Vec<_> = batch.into_iter().map(|b| b.address).collect();
                 assert_eq!(t.remove(&c, &addresses).await.unwrap(), addresses);
             }
@@ -1184,7 +1200,7 @@ mod cassandra_topology {
         }
         // Client b: bound and unbound by a node of this version before the migration.
         let old = CassandraTopology::new(s.clone(), KS).await.unwrap();
-        old.add(&client("b"), &[bind("p", 1), bind("q", 2)])
+        old.add(&client("b"), &[bind("p", 1), bind("q", 2)], LIMIT)
             .await
             .unwrap();
         old.remove(&client("b"), &[address("q")]).await.unwrap();
@@ -1233,7 +1249,7 @@ mod cassandra_topology {
         );
         // Bound after the switch (in client_bindings only), then a second run: it does nothing,
         // where catching up with client_addresses again would undo that binding.
-        new.add(&client("a"), &[bind("w", 9)]).await.unwrap();
+        new.add(&client("a"), &[bind("w", 9)], LIMIT).await.unwrap();
         let again = migrate_bindings(s.clone(), KS).await.unwrap();
         assert_eq!(
             (again.already, again.changed),
@@ -1262,13 +1278,58 @@ mod cassandra_topology {
         for v in (1..=200u64).rev() {
             let (t, c, a) = (t.clone(), c.clone(), a.clone());
             tasks.push(tokio::spawn(async move {
-                Cursors::save(&t, &[(c, a, v)]).await.unwrap()
+                Cursors::save(&t, &[(c, a, v)], TTL).await.unwrap()
             }));
         }
         for x in tasks {
             x.await.unwrap();
         }
         assert_eq!(Cursors::get(&t, &c).await.unwrap().get(&a), Some(&200));
+    }
+
+    /// A cursor lives its TTL after its last ack, so a client's cursors partition holds only
+    /// what it acked within the retention (before, cursors were never deleted and `connect`
+    /// read every address a client had ever acked).
+    #[tokio::test]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn cursors_expire_after_their_ttl() {
+        let t = topology().await;
+        let c =
+            signalpost::address::ClientId::parse(&format!("ct-{}", uuid::Uuid::new_v4().simple()))
+                .unwrap();
+        let (old, kept) = (
+            contract::mailbox::fresh_address("channel", "old"),
+            contract::mailbox::fresh_address("channel", "kept"),
+        );
+        Cursors::save(&t, &[(c.clone(), old.clone(), 3)], 1)
+            .await
+            .unwrap();
+        Cursors::save(&t, &[(c.clone(), kept.clone(), 5)], TTL)
+            .await
+            .unwrap();
+        let (ttl,): (Option<i32>,) = session(KEYSPACE)
+            .await
+            .query_unpaged(
+                format!(
+                    "SELECT TTL(version) FROM {KEYSPACE}.cursors WHERE client = ? AND address = ?"
+                ),
+                (c.as_str(), kept.as_str()),
+            )
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .single_row()
+            .unwrap();
+        let ttl = ttl.expect("the cursor has a TTL");
+        assert!(
+            ttl > TTL as i32 - 60 && ttl <= TTL as i32,
+            "TTL {ttl} of {TTL}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        let got = Cursors::get(&t, &c).await.unwrap();
+        assert_eq!(got.get(&old), None, "the cursor past its TTL is gone");
+        assert_eq!(got.get(&kept), Some(&5));
     }
 }
 

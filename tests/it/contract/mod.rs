@@ -84,6 +84,12 @@ macro_rules! topology_suite {
         }
         $(#[$attr])*
         #[tokio::test]
+        async fn bind_limit() {
+            let (_keep, t) = $make().await;
+            crate::contract::topology::bind_limit(std::sync::Arc::new(t)).await;
+        }
+        $(#[$attr])*
+        #[tokio::test]
         async fn revocation() {
             let (_keep, t) = $make().await;
             crate::contract::topology::revocation(std::sync::Arc::new(t)).await;

@@ -2,8 +2,13 @@
 
 use super::mailbox::fresh_address;
 use signalpost::address::{Address, ClientId};
-use signalpost::topology::{Binding, Cursors, Topology};
+use signalpost::topology::{Binding, Cursors, Topology, TopologyError};
 use std::sync::Arc;
+
+/// A limit on bindings per client that the tests below do not reach.
+pub const LIMIT: usize = 1000;
+/// How long the tests' cursors are kept (longer than any test).
+pub const TTL: u32 = 3600;
 
 fn fresh_client(tag: &str) -> ClientId {
     ClientId::parse(&format!("{tag}-{}", uuid::Uuid::new_v4().simple())).unwrap()
@@ -40,6 +45,7 @@ pub async fn bindings(t: Arc<dyn Topology>) {
                     since: 0,
                 },
             ],
+            LIMIT,
         )
         .await
         .unwrap();
@@ -51,6 +57,7 @@ pub async fn bindings(t: Arc<dyn Topology>) {
                 address: a.clone(),
                 since: 9,
             }],
+            LIMIT,
         )
         .await
         .unwrap();
@@ -106,6 +113,7 @@ pub async fn concurrent_binds(t: Arc<dyn Topology>) {
                     address: a,
                     since: i as u64,
                 }],
+                LIMIT,
             )
             .await
             .unwrap()
@@ -114,7 +122,9 @@ pub async fn concurrent_binds(t: Arc<dyn Topology>) {
     for since in 100..108u64 {
         let (t, c, a) = (t.clone(), c.clone(), shared.clone());
         tasks.push(tokio::spawn(async move {
-            t.add(&c, &[Binding { address: a, since }]).await.unwrap()
+            t.add(&c, &[Binding { address: a, since }], LIMIT)
+                .await
+                .unwrap()
         }));
     }
     let mut new_shared = Vec::new();
@@ -154,7 +164,7 @@ pub async fn concurrent_binds(t: Arc<dyn Topology>) {
         let (t, c, a) = (t.clone(), c.clone(), shared.clone());
         tasks.push(tokio::spawn(async move {
             assert!(
-                t.add(&c, &[Binding { address: a, since }])
+                t.add(&c, &[Binding { address: a, since }], LIMIT)
                     .await
                     .unwrap()
                     .is_empty()
@@ -178,6 +188,78 @@ pub async fn concurrent_binds(t: Arc<dyn Topology>) {
     assert_eq!(left, want);
 }
 
+fn channels(tag: &str, n: usize) -> Vec<Binding> {
+    (0..n)
+        .map(|i| Binding {
+            address: fresh_address("channel", &format!("{tag}{i}")),
+            since: i as u64,
+        })
+        .collect()
+}
+
+/// `add` refuses what would pass the limit and changes nothing then; addresses already held
+/// do not count, so binding them again at the limit passes.
+pub async fn bind_limit(t: Arc<dyn Topology>) {
+    let c = fresh_client("limit");
+    let held = channels("l", 3);
+    assert_eq!(t.add(&c, &held, 4).await.unwrap().len(), 3);
+    let two_more = channels("m", 2);
+    match t.add(&c, &two_more, 4).await {
+        Err(TopologyError::TooMany {
+            held: 3,
+            more: 2,
+            limit: 4,
+            ..
+        }) => {}
+        other => panic!("expected TooMany, got {other:?}"),
+    }
+    assert_eq!(
+        t.get(&c).await.unwrap().len(),
+        3,
+        "a refused bind binds none"
+    );
+    // Held ones again beside one new: only the new one counts.
+    let mut mixed = held.clone();
+    mixed.push(two_more[0].clone());
+    assert_eq!(
+        t.add(&c, &mixed, 4).await.unwrap(),
+        vec![two_more[0].clone()]
+    );
+    // At the limit: held ones again pass, a new one does not.
+    assert!(t.add(&c, &held, 4).await.unwrap().is_empty());
+    assert!(matches!(
+        t.add(&c, &two_more[1..], 4).await,
+        Err(TopologyError::TooMany { held: 4, .. })
+    ));
+    // Unbinding makes room.
+    t.remove(&c, std::slice::from_ref(&held[0].address))
+        .await
+        .unwrap();
+    assert_eq!(t.add(&c, &two_more[1..], 4).await.unwrap().len(), 1);
+    assert_eq!(t.get(&c).await.unwrap().len(), 4);
+}
+
+/// Binds of one client that run at once (on several nodes) cannot pass the limit together:
+/// of 12 concurrent binds of a new address each under a limit of 5, exactly 5 are kept.
+pub async fn concurrent_bind_limit(t: Arc<dyn Topology>) {
+    let c = fresh_client("climit");
+    let mut tasks = Vec::new();
+    for b in channels("x", 12) {
+        let (t, c) = (t.clone(), c.clone());
+        tasks.push(tokio::spawn(async move { t.add(&c, &[b], 5).await }));
+    }
+    let (mut kept, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(added) => kept += added.len(),
+            Err(TopologyError::TooMany { .. }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((kept, refused), (5, 7));
+    assert_eq!(t.get(&c).await.unwrap().len(), 5);
+}
+
 /// Cursors keep the maximum per client and address.
 pub async fn cursors(c: Arc<dyn Cursors>) {
     let client = fresh_client("cur");
@@ -186,17 +268,25 @@ pub async fn cursors(c: Arc<dyn Cursors>) {
         fresh_address("client", "cb"),
     );
     assert!(c.get(&client).await.unwrap().is_empty());
-    c.save(&[
-        (client.clone(), a.clone(), 7),
-        (client.clone(), b.clone(), 2),
-    ])
+    c.save(
+        &[
+            (client.clone(), a.clone(), 7),
+            (client.clone(), b.clone(), 2),
+        ],
+        TTL,
+    )
     .await
     .unwrap();
-    c.save(&[(client.clone(), a.clone(), 3)]).await.unwrap();
-    c.save(&[
-        (client.clone(), b.clone(), 4),
-        (client.clone(), b.clone(), 3),
-    ])
+    c.save(&[(client.clone(), a.clone(), 3)], TTL)
+        .await
+        .unwrap();
+    c.save(
+        &[
+            (client.clone(), b.clone(), 4),
+            (client.clone(), b.clone(), 3),
+        ],
+        TTL,
+    )
     .await
     .unwrap();
     let got = c.get(&client).await.unwrap();

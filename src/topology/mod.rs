@@ -177,3 +177,36 @@ pub trait Cursors: Send + Sync + 'static {
     ) -> Result<(), TopologyError>;
     async fn get(&self, client: &ClientId) -> Result<HashMap<Address, u64>, TopologyError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_outlives_the_retention_by_a_day_within_cassandras_longest_ttl() {
+        assert_eq!(cursor_ttl_secs(30 * 24 * 3600), 31 * 24 * 3600);
+        assert_eq!(cursor_ttl_secs(5), 5 + 24 * 3600);
+        assert_eq!(
+            cursor_ttl_secs(u64::MAX),
+            630_720_000,
+            "Cassandra refuses more"
+        );
+    }
+
+    #[test]
+    fn only_new_bindings_count_against_the_limit() {
+        let c = ClientId::parse("c").unwrap();
+        assert!(
+            within_limit(&c, 4, 0, 4).is_ok(),
+            "nothing new at the limit"
+        );
+        assert!(within_limit(&c, 3, 1, 4).is_ok());
+        match within_limit(&c, 3, 2, 4) {
+            Err(e @ TopologyError::TooMany { .. }) => assert_eq!(
+                e.to_string(),
+                "client c holds 3 bindings; 2 more would pass the limit of 4"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+}

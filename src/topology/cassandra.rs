@@ -6,7 +6,8 @@
 //! - `address_clients` ((address), client) → since: the same, by address, which versions before
 //!   file 10 listed an address's clients from; written only in the `Legacy` layout, for them
 //!   (this version asks the nodes for their connections instead: nothing stored per address);
-//! - `cursors` ((client), address) → version, written `USING TIMESTAMP version`;
+//! - `cursors` ((client), address) → version, written `USING TIMESTAMP version AND TTL` the
+//!   retention and a day;
 //! - `client_addresses` ((client), address) → since: where versions before file 10 recorded
 //!   bindings, one row per binding (a tombstone per unbinding).
 //!
@@ -22,6 +23,7 @@
 //! writes), and `remove` deletes the reverse row, then changes the record. A cursor is one plain
 //! write whose write timestamp is the version, so Cassandra's last-write-wins keeps the highest
 //! version whatever the order of concurrent saves — no read and no lightweight transaction.
+//! The bindings limit is checked inside the compare-and-set of `add`, on the map it replaces.
 
 use super::storage_err as st;
 use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, within_limit};
@@ -483,10 +485,9 @@ impl CassandraTopology {
     }
 
     /// Claims new bindings in `client_addresses` (the first `since` wins); each with the
-    /// `since` kept and whether it is new.
-    /// Binds in the old layout. Its rows are claimed one by one, so the limit is checked
-    /// against a read before them: concurrent binds may pass it by one call's worth until
-    /// `migrate bindings` makes the one-row record the rule.
+    /// `since` kept and whether it is new. The rows are claimed one by one, so the limit is
+    /// checked against a read before them: concurrent binds may pass it by one call's worth
+    /// until `migrate bindings` makes the one-row record the rule.
     async fn legacy_add(
         &self,
         client: &ClientId,

@@ -2,7 +2,7 @@
 //! built with the `tls` feature (`--features tls`; `--features cluster` has it too).
 //!
 //! Without the feature the same names exist, but [`Acceptor`] and [`Connector`] have no values:
-//! [`acceptor`] and [`connector`] refuse with [`TlsError::NotBuilt`], so a node configured for
+//! [`acceptor`] and [`connector`] refuse with `TlsError::NotBuilt`, so a node configured for
 //! TLS never falls back to plain HTTP — it does not start, and says how to build one that does.
 //! The quick start's default build leaves out `rustls`, `ring` and the PEM readers, a sixth of
 //! its cold build.

@@ -1,6 +1,6 @@
 //! Cluster membership: which nodes are live and which one leads, and cluster-wide mutexes.
 //! [`Standalone`] is the single-node answer of the embedded default: this node, leading itself,
-//! with in-process mutexes; [`zookeeper`] is the cluster's: ephemeral member entries, a
+//! with in-process mutexes; `zookeeper` is the cluster's: ephemeral member entries, a
 //! Curator-compatible leader latch and Curator-compatible locks. The suite both pass is
 //! `tests/it/contract/membership.rs` (compiled only for the tests).
 

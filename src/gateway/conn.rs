@@ -9,7 +9,7 @@
 //! stalls the router, and a client never sees a hole or a duplicate. When the repair catches up it
 //! switches back to `Live` (and, the first time, sends `synced`). Around each Engine.IO ping a
 //! connection whose buffer was full lately emits nothing, so the ping finds room
-//! ([`super::heartbeat`]).
+//! (`super::heartbeat`).
 
 use super::Gateway;
 use super::heartbeat::PingRoom;
@@ -327,7 +327,7 @@ impl Conn {
     }
 
     /// Sends `kicked` `{reason}` and closes the connection; false when it was closed or kicked
-    /// already. The close follows the event after a moment ([`KICK_CLOSE_DELAY`]): closing at
+    /// already. The close follows the event after a moment (`KICK_CLOSE_DELAY`): closing at
     /// once can drop the event still in the socket's buffer.
     pub fn kick(&self, reason: &str) -> bool {
         self.kick_with(json!({ "reason": reason }))

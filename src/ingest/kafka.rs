@@ -5,8 +5,8 @@
 //! The consumer takes what is waiting, up to the batch size, validates each record with the same
 //! code as HTTP ([`super::parse`]) — a malformed record goes to `signals.deadletter` with the reason
 //! — applies the batch through the [`Processor`], and stores the offsets only after the effect is
-//! durable (librdkafka commits what is stored every [`COMMIT_EVERY_MS`]). On the cluster mailbox
-//! up to [`IN_FLIGHT`] batches are under way at once, finished in order. If applying fails (the
+//! durable (librdkafka commits what is stored every `COMMIT_EVERY_MS`). On the cluster mailbox
+//! up to `IN_FLIGHT` batches are under way at once, finished in order. If applying fails (the
 //! store is down) the batches behind it fail too, and it applies them again in order with
 //! backoff, reading nothing more meanwhile (backpressure: the records wait in Kafka, not in
 //! memory). A record applied but not committed (a crash in between) is applied again after a

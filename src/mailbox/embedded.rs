@@ -1,5 +1,5 @@
 //! The embedded mailbox: redb tables in one file under the data dir, a write-ahead log beside it
-//! ([`super::wal`]), and the messages of the last few milliseconds in memory.
+//! (`super::wal`), and the messages of the last few milliseconds in memory.
 //!
 //! Tables:
 //! - `messages`: (address, version) → ts, id and the signal JSON;
@@ -11,7 +11,7 @@
 //!
 //! **An append** (one writer: a mutex) assigns versions from a cache of heads, writes the batch's
 //! new messages to the log as one record in one synchronous write, then puts them in memory
-//! ([`Pending`]), where reads find them at once, and answers. It never waits for redb.
+//! (`Pending`), where reads find them at once, and answers. It never waits for redb.
 //!
 //! **The applier** (a thread of the mailbox) writes what is pending to redb in large
 //! transactions, non-durably, and then drops it from memory; reads look at memory first and

@@ -177,7 +177,7 @@ pub enum MailboxError {
     Unavailable(String),
     /// Another writer claimed a shard this writer was appending to: nothing of the failed
     /// append became visible, and this writer must not append to the shard again until it is
-    /// given it anew ([`Mailbox::release`]).
+    /// given it anew (`CassandraMailbox::claim`).
     #[error("fenced: {0}")]
     Fenced(String),
 }

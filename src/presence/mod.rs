@@ -7,7 +7,7 @@
 //! connection joined, its last one left), which is when `joined` and `left` are announced, and
 //! [`Presence::clear_node`] returns the members a dead node's connections held alone. [`MemoryPresence`] is the single-node backend: a node's own connections are
 //! all there is, so memory is the truth and nothing survives a restart (which is correct: after a
-//! restart, nobody is connected). [`cassandra`] is the cluster's backend. The contract suite every
+//! restart, nobody is connected). `cassandra` is the cluster's backend. The contract suite every
 //! backend passes is in `tests/it/contract/presence.rs` (compiled only for the tests).
 
 #[cfg(feature = "cluster")]

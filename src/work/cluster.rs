@@ -8,7 +8,7 @@
 //!   the holder's node, which checked that the client holds it) or [`Frame::Gone`] (the
 //!   connection was closed before the message reached it);
 //! - the truth of what is held is where the connections are: each node keeps what its own
-//!   connections hold and from which dealer ([`Holding`]). A node that starts dealing an address
+//!   connections hold and from which dealer (`Holding`). A node that starts dealing an address
 //!   asks every node for it (`POST /internal/work/held`, [`Holder`]) and becomes their dealer
 //!   (their acks go to it) before it deals anything, so a message held when the shard moved is
 //!   not given to a second client.

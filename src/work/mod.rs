@@ -5,9 +5,9 @@
 //! once; with nobody connected, messages wait.
 //!
 //! The [`Dispatcher`] is a [`Fanout`]: the processor hands it what it appended, like the router.
-//! It keeps one [`Queue`] per work address in memory — which versions wait, which are held by
+//! It keeps one `Queue` per work address in memory — which versions wait, which are held by
 //! whom and until when, which are done — and stores only the done set, durably: a roaring bitmap
-//! kept as the read marks of a reserved name no client can have ([`done_key`]), so it is as
+//! kept as the read marks of a reserved name no client can have (`done_key`), so it is as
 //! compact and as expiring as read state. A node that starts again (or loads a queue for the
 //! first time) takes every kept version that is not done as waiting: nothing held survives its
 //! connections. The argument for why this holds, and what the cluster needs beyond it, is in
@@ -298,7 +298,7 @@ pub struct Dispatcher {
 pub struct Stores {
     pub mailbox: Arc<dyn Mailbox>,
     pub topology: Arc<dyn Topology>,
-    /// The done sets are stored as read marks ([`done_key`]).
+    /// The done sets are stored as read marks (`done_key`).
     pub done: Arc<dyn ReadMarks>,
 }
 

@@ -26,7 +26,7 @@
 //! The bindings limit is checked inside the compare-and-set of `add`, on the map it replaces.
 
 use super::storage_err as st;
-use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, within_limit};
+use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, first_of_each, within_limit};
 use crate::address::{Address, ClientId};
 use crate::cassandra::Kind;
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -583,17 +583,6 @@ async fn backoff(attempt: u32) {
     let max_us = 200 * (u128::from(attempt) + 1);
     let us = uuid::Uuid::new_v4().as_u128() % max_us;
     tokio::time::sleep(Duration::from_micros(us as u64)).await;
-}
-
-/// The first of `items` for each address, in their order.
-fn first_of_each<T>(items: &[T], address: impl Fn(&T) -> &Address) -> Vec<&T> {
-    let mut out: Vec<&T> = Vec::new();
-    for item in items {
-        if !out.iter().any(|o| address(o) == address(item)) {
-            out.push(item);
-        }
-    }
-    out
 }
 
 /// What [`migrate_bindings`] did.

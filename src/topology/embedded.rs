@@ -3,7 +3,7 @@
 //! also kept the reverse, `members` (address, client); opening a file drops that table.)
 
 use super::storage_err as st;
-use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, within_limit};
+use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, first_of_each, within_limit};
 use crate::address::{Address, ClientId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
@@ -130,15 +130,13 @@ impl Topology for EmbeddedTopology {
             let mut added = Vec::new();
             {
                 let mut b = txn.open_table(BINDINGS).map_err(st)?;
-                for bind in bindings {
+                for bind in first_of_each(&bindings, |b| &b.address) {
                     if b.get((client.as_str(), bind.address.as_str()))
                         .map_err(st)?
-                        .is_some()
-                        || added.iter().any(|a: &Binding| a.address == bind.address)
+                        .is_none()
                     {
-                        continue;
+                        added.push(bind.clone());
                     }
-                    added.push(bind);
                 }
                 if !added.is_empty() {
                     let mut held = 0;

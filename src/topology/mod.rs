@@ -62,6 +62,18 @@ pub(crate) fn within_limit(
     Ok(())
 }
 
+/// The first of `items` for each address, in their order (a bind naming an address twice
+/// binds it once, with the first `since`; shared by the backends).
+pub(crate) fn first_of_each<T>(items: &[T], address: impl Fn(&T) -> &Address) -> Vec<&T> {
+    let mut out: Vec<&T> = Vec::new();
+    for item in items {
+        if !out.iter().any(|o| address(o) == address(item)) {
+            out.push(item);
+        }
+    }
+    out
+}
+
 /// Bindings between clients and addresses.
 ///
 /// Contract (checked by `tests/it/contract/topology.rs`): `add` is idempotent and keeps the first `since` of an

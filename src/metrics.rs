@@ -50,6 +50,8 @@ pub struct Metrics {
     pub append_batch: Histogram,
     pub delivery_seconds: Histogram,
     pub expired: Counter,
+    /// Cursors and read marks removed past their TTL (the embedded store's).
+    pub expired_state: Counter,
     pub cleaned: Counter,
     /// Messages sent to other nodes (per receiving node: one count per node that wanted it).
     pub forwarded: Counter,
@@ -118,6 +120,7 @@ impl Metrics {
             append_batch: metrics::histogram!("signalpost_append_batch_size"),
             delivery_seconds: metrics::histogram!("signalpost_enqueue_to_delivery_seconds"),
             expired: metrics::counter!("signalpost_expired_total"),
+            expired_state: metrics::counter!("signalpost_expired_state_total"),
             cleaned: metrics::counter!("signalpost_presence_cleaned_total"),
             forwarded: metrics::counter!("signalpost_forwarded_total"),
             from_peers: metrics::counter!("signalpost_from_peers_total"),

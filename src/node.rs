@@ -689,15 +689,34 @@ fn spawn_gate_sweep(svc: &Arc<Gateway>, tasks: &Tasks) {
     });
 }
 
+/// Every `expiry_interval_ms`: removes the messages past the retention, then the cursors and
+/// read marks past their TTL (the embedded store's; Cassandra's cells carry their own TTL).
 fn spawn_expiry(svc: &Arc<Gateway>, tasks: &Tasks) {
     let every = Duration::from_millis(svc.config.expiry_interval_ms.max(10));
-    let (mailbox, metrics) = (svc.mailbox.clone(), svc.metrics.clone());
+    let (mailbox, cursors, reads, metrics) = (
+        svc.mailbox.clone(),
+        svc.cursors.clone(),
+        svc.reads.clone(),
+        svc.metrics.clone(),
+    );
     tasks.every(every, move || {
-        let (mailbox, metrics) = (mailbox.clone(), metrics.clone());
+        let (mailbox, cursors, reads, metrics) = (
+            mailbox.clone(),
+            cursors.clone(),
+            reads.clone(),
+            metrics.clone(),
+        );
         async move {
-            match mailbox.expire(crate::clock::now_ms()).await {
+            let now = crate::clock::now_ms();
+            match mailbox.expire(now).await {
                 Ok(n) => metrics.expired.increment(n),
                 Err(e) => tracing::warn!(error = %e, "expiry failed"),
+            }
+            for got in [cursors.expire(now).await, reads.expire(now).await] {
+                match got {
+                    Ok(n) => metrics.expired_state.increment(n),
+                    Err(e) => tracing::warn!(error = %e, "expiry of cursors or read marks failed"),
+                }
             }
         }
     });

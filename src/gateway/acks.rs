@@ -117,6 +117,9 @@ mod tests {
         async fn get(&self, _: &ClientId) -> Result<HashMap<Address, u64>, TopologyError> {
             Ok(HashMap::new())
         }
+        async fn expire(&self, _: u64) -> Result<u64, TopologyError> {
+            Ok(0)
+        }
     }
 
     #[tokio::test]

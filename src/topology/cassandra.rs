@@ -910,6 +910,11 @@ impl ReadMarks for CassandraTopology {
             _ => Ok((roaring::RoaringTreemap::new(), 0)),
         }
     }
+
+    /// Each row is written with its TTL: Cassandra drops it, nothing to do here.
+    async fn expire(&self, _now_ms: u64) -> Result<u64, TopologyError> {
+        Ok(0)
+    }
 }
 
 #[async_trait::async_trait]
@@ -979,5 +984,10 @@ impl Cursors for CassandraTopology {
             }
         }
         Ok(out)
+    }
+
+    /// Each cell is written with its TTL: Cassandra drops it, nothing to do here.
+    async fn expire(&self, _now_ms: u64) -> Result<u64, TopologyError> {
+        Ok(0)
     }
 }

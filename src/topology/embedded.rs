@@ -1,11 +1,17 @@
 //! Topology and cursors in redb: `bindings` (client, address) → since and `cursors` (client,
 //! address) → version. Each call is one transaction. (Versions before the twenty-third session
 //! also kept the reverse, `members` (address, client); opening a file drops that table.)
+//!
+//! Cursors and read marks live a TTL after their last write, as Cassandra's cells do: each
+//! write also records when its row runs out, in `expires` (kind, client, address) → ms and in
+//! its mirror ordered by time, `expiring` (kind, ms, client, address), so that
+//! [`Cursors::expire`] and [`ReadMarks::expire`] read only the rows whose time is up. Rows
+//! written before these tables existed have no time and stay until they are written again.
 
 use super::storage_err as st;
 use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, first_of_each, within_limit};
 use crate::address::{Address, ClientId};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,6 +24,70 @@ const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursor
 const READS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("reads");
 /// Revoked client → when (ms since epoch).
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
+/// (kind, client, address) → when the row runs out (ms since epoch).
+const EXPIRES: TableDefinition<(u8, &str, &str), u64> = TableDefinition::new("expires");
+/// The same ordered by time within each kind: (kind, ms, client, address).
+const EXPIRING: TableDefinition<(u8, u64, &str, &str), ()> = TableDefinition::new("expiring");
+
+/// The kinds of row that expire: which table a time in `expires` is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Cursor = 0,
+    Reads = 1,
+}
+
+/// At most this many rows go per expiry transaction (a short write lock).
+const EXPIRE_CHUNK: usize = 4096;
+
+/// The times of one write transaction's rows (the two tables, opened once).
+struct Times<'t> {
+    by_key: redb::Table<'t, (u8, &'static str, &'static str), u64>,
+    by_time: redb::Table<'t, (u8, u64, &'static str, &'static str), ()>,
+}
+
+impl<'t> Times<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, TopologyError> {
+        Ok(Self {
+            by_key: txn.open_table(EXPIRES).map_err(st)?,
+            by_time: txn.open_table(EXPIRING).map_err(st)?,
+        })
+    }
+
+    /// The row of `kind` runs out at `until` (and no longer when it did before).
+    fn set(
+        &mut self,
+        kind: Kind,
+        client: &str,
+        address: &str,
+        until: u64,
+    ) -> Result<(), TopologyError> {
+        let before = self
+            .by_key
+            .insert((kind as u8, client, address), until)
+            .map_err(st)?
+            .map(|g| g.value());
+        if let Some(before) = before.filter(|b| *b != until) {
+            self.by_time
+                .remove((kind as u8, before, client, address))
+                .map_err(st)?;
+        }
+        self.by_time
+            .insert((kind as u8, until, client, address), ())
+            .map_err(st)?;
+        Ok(())
+    }
+}
+
+/// One of the tables whose rows expire, opened for writing.
+enum Rows<'t> {
+    Cursors(redb::Table<'t, (&'static str, &'static str), u64>),
+    Reads(redb::Table<'t, (&'static str, &'static str), &'static [u8]>),
+}
+
+/// When a row written now with `ttl_secs` runs out.
+fn until(ttl_secs: u32) -> u64 {
+    crate::clock::now_ms().saturating_add(u64::from(ttl_secs) * 1000)
+}
 
 /// The redb-backed topology and cursors (one file, a cheap clone of a shared handle).
 #[derive(Clone)]
@@ -44,9 +114,58 @@ impl EmbeddedTopology {
             txn.open_table(CURSORS).map_err(st)?;
             txn.open_table(REVOKED).map_err(st)?;
             txn.open_table(READS).map_err(st)?;
+            txn.open_table(EXPIRES).map_err(st)?;
+            txn.open_table(EXPIRING).map_err(st)?;
         }
         txn.commit().map_err(st)?;
         Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Removes the rows of `kind` whose time is up by `now`, a chunk per transaction.
+    async fn expire_kind(&self, kind: Kind, now: u64) -> Result<u64, TopologyError> {
+        self.blocking(move |db| {
+            let mut removed = 0u64;
+            loop {
+                let txn = db.begin_write().map_err(st)?;
+                let n;
+                {
+                    let mut times = Times::open(&txn)?;
+                    let mut due: Vec<(u64, String, String)> = Vec::new();
+                    let k = kind as u8;
+                    for e in times
+                        .by_time
+                        .range((k, 0, "", "")..(k, now.saturating_add(1), "", ""))
+                        .map_err(st)?
+                        .take(EXPIRE_CHUNK)
+                    {
+                        let (key, _) = e.map_err(st)?;
+                        let (_, at, c, a) = key.value();
+                        due.push((at, c.to_owned(), a.to_owned()));
+                    }
+                    n = due.len();
+                    let mut rows = match kind {
+                        Kind::Cursor => Rows::Cursors(txn.open_table(CURSORS).map_err(st)?),
+                        Kind::Reads => Rows::Reads(txn.open_table(READS).map_err(st)?),
+                    };
+                    for (at, c, a) in &due {
+                        let key = (c.as_str(), a.as_str());
+                        times.by_time.remove((k, *at, key.0, key.1)).map_err(st)?;
+                        times.by_key.remove((k, key.0, key.1)).map_err(st)?;
+                        match &mut rows {
+                            Rows::Cursors(t) => t.remove(key).map(|_| ()),
+                            Rows::Reads(t) => t.remove(key).map(|_| ()),
+                        }
+                        .map_err(st)?;
+                    }
+                }
+                txn.commit().map_err(st)?;
+                removed += n as u64;
+                if n < EXPIRE_CHUNK {
+                    return Ok(removed);
+                }
+            }
+        })
+        .await
     }
 
     /// A small read (one key or one client's short range) runs on the calling thread: redb
@@ -186,8 +305,9 @@ impl Topology for EmbeddedTopology {
     }
 }
 
-/// One writer at a time (redb's write transaction), so a read-modify-write loses nothing. The
-/// ttl is the cluster's concern: here, marks below `low` go at the next mark.
+/// One writer at a time (redb's write transaction), so a read-modify-write loses nothing.
+/// Marks below `low` go at the next mark; a row not marked for `ttl_secs` goes at the next
+/// [`ReadMarks::expire`].
 #[async_trait::async_trait]
 impl ReadMarks for EmbeddedTopology {
     async fn mark(
@@ -196,7 +316,7 @@ impl ReadMarks for EmbeddedTopology {
         address: &Address,
         versions: &[u64],
         low: u64,
-        _ttl_secs: u32,
+        ttl_secs: u32,
     ) -> Result<usize, TopologyError> {
         let (client, address, versions) = (client.clone(), address.clone(), versions.to_vec());
         self.blocking(move |db| {
@@ -209,6 +329,7 @@ impl ReadMarks for EmbeddedTopology {
                 let merged = super::merge_marks(stored.as_deref(), &versions, low)?;
                 size = merged.len();
                 t.insert(key, merged.as_slice()).map_err(st)?;
+                Times::open(&txn)?.set(Kind::Reads, key.0, key.1, until(ttl_secs))?;
             }
             txn.commit().map_err(st)?;
             Ok(size)
@@ -232,30 +353,34 @@ impl ReadMarks for EmbeddedTopology {
         })
         .await
     }
+
+    async fn expire(&self, now_ms: u64) -> Result<u64, TopologyError> {
+        self.expire_kind(Kind::Reads, now_ms).await
+    }
 }
 
-/// The embedded store keeps cursors until the data folder goes: `ttl_secs` is not applied
-/// here (a cursor is one small row per client and address acked).
+/// A save that does not lower a cursor keeps it `ttl_secs` longer, as a Cassandra cell written
+/// at the version as its timestamp does; the next [`Cursors::expire`] after that removes it.
 #[async_trait::async_trait]
 impl Cursors for EmbeddedTopology {
     async fn save(
         &self,
         acks: &[(ClientId, Address, u64)],
-        _ttl_secs: u32,
+        ttl_secs: u32,
     ) -> Result<(), TopologyError> {
         let acks = acks.to_vec();
+        let until = until(ttl_secs);
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(st)?;
             {
                 let mut t = txn.open_table(CURSORS).map_err(st)?;
-                for (c, a, v) in acks {
-                    let cur = t
-                        .get((c.as_str(), a.as_str()))
-                        .map_err(st)?
-                        .map(|g| g.value())
-                        .unwrap_or(0);
-                    if v > cur {
-                        t.insert((c.as_str(), a.as_str()), v).map_err(st)?;
+                let mut times = Times::open(&txn)?;
+                for (c, a, v) in &acks {
+                    let key = (c.as_str(), a.as_str());
+                    let cur = t.get(key).map_err(st)?.map(|g| g.value()).unwrap_or(0);
+                    if *v > 0 && *v >= cur {
+                        t.insert(key, *v).map_err(st)?;
+                        times.set(Kind::Cursor, key.0, key.1, until)?;
                     }
                 }
             }
@@ -279,5 +404,9 @@ impl Cursors for EmbeddedTopology {
             }
             Ok(out)
         })
+    }
+
+    async fn expire(&self, now_ms: u64) -> Result<u64, TopologyError> {
+        self.expire_kind(Kind::Cursor, now_ms).await
     }
 }

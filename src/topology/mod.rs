@@ -114,7 +114,9 @@ pub trait Topology: Send + Sync + 'static {
 ///
 /// Contract: `mark` adds versions and never loses one that another `mark` added, also when
 /// two nodes mark for one client at once; versions below `low` (expired with their messages)
-/// are dropped; `marks` reflects every `mark` that returned, across restarts.
+/// are dropped; `marks` reflects every `mark` that returned, across restarts, until the row
+/// was not marked for its `ttl_secs` (then it is gone: by its TTL in Cassandra, at the first
+/// [`ReadMarks::expire`] after that in the embedded store).
 #[async_trait::async_trait]
 pub trait ReadMarks: Send + Sync + 'static {
     /// Adds `versions` to what `client` has read of `address` and drops those below `low`;
@@ -133,6 +135,9 @@ pub trait ReadMarks: Send + Sync + 'static {
         client: &ClientId,
         address: &Address,
     ) -> Result<(roaring::RoaringTreemap, usize), TopologyError>;
+    /// Removes the rows not marked for their `ttl_secs` by `now_ms` (ms since the epoch);
+    /// returns how many. A backend whose rows carry their own TTL removes nothing here.
+    async fn expire(&self, now_ms: u64) -> Result<u64, TopologyError>;
 }
 
 /// A read-marks bitmap as stored (roaring's portable format).
@@ -178,8 +183,9 @@ pub fn cursor_ttl_secs(retention_secs: u64) -> u32 {
 /// The highest version each client acked, per address.
 ///
 /// Contract: `save` keeps the maximum (an older ack never lowers a cursor); `get` reflects every
-/// `save` that returned, across restarts. A backend may forget a cursor `ttl_secs` after its
-/// last save (the Cassandra one does, so a client's cursors do not pile up for ever).
+/// `save` that returned, across restarts. A cursor is forgotten `ttl_secs` after its last save
+/// that did not lower it (so a client's cursors do not pile up for ever): Cassandra drops it by
+/// its TTL, the embedded store at the first [`Cursors::expire`] after that.
 #[async_trait::async_trait]
 pub trait Cursors: Send + Sync + 'static {
     async fn save(
@@ -188,6 +194,9 @@ pub trait Cursors: Send + Sync + 'static {
         ttl_secs: u32,
     ) -> Result<(), TopologyError>;
     async fn get(&self, client: &ClientId) -> Result<HashMap<Address, u64>, TopologyError>;
+    /// Removes the cursors whose time ran out by `now_ms` (ms since the epoch); returns how
+    /// many. A backend whose rows carry their own TTL removes nothing here.
+    async fn expire(&self, now_ms: u64) -> Result<u64, TopologyError>;
 }
 
 #[cfg(test)]

@@ -118,6 +118,81 @@ mod embedded_topology {
         );
         assert_eq!(Cursors::get(&t, &c).await.unwrap().get(&a), Some(&9));
     }
+
+    /// `expire` removes exactly the rows whose time is up, more than one transaction's worth,
+    /// counts them, and keeps no time for a row it removed (a later save of the same key is
+    /// not removed by the old time).
+    #[tokio::test]
+    async fn expire_removes_what_ran_out_and_counts_it() {
+        use signalpost::topology::ReadMarks;
+        let (_keep, t) = super::embedded_topology().await;
+        let c = signalpost::address::ClientId::parse("exp-count").unwrap();
+        let many: Vec<_> = (0..5000)
+            .map(|i| {
+                (
+                    c.clone(),
+                    contract::mailbox::fresh_address("channel", "n"),
+                    i + 1,
+                )
+            })
+            .collect();
+        Cursors::save(&t, &many, 10).await.unwrap();
+        let kept = contract::mailbox::fresh_address("channel", "kept");
+        Cursors::save(&t, &[(c.clone(), kept.clone(), 1)], 100)
+            .await
+            .unwrap();
+        ReadMarks::mark(&t, &c, &kept, &[1], 0, 10).await.unwrap();
+        let now = signalpost::clock::now_ms();
+        assert_eq!(Cursors::expire(&t, now).await.unwrap(), 0);
+        assert_eq!(Cursors::expire(&t, now + 11_000).await.unwrap(), 5000);
+        assert_eq!(
+            Cursors::get(&t, &c).await.unwrap().len(),
+            1,
+            "the one with 100 s"
+        );
+        assert_eq!(Cursors::expire(&t, now + 11_000).await.unwrap(), 0, "once");
+        // The read mark has its own time.
+        assert_eq!(ReadMarks::expire(&t, now + 11_000).await.unwrap(), 1);
+        assert!(ReadMarks::marks(&t, &c, &kept).await.unwrap().0.is_empty());
+        // Saved again after its removal, a cursor lives its new TTL, not the old one's.
+        Cursors::save(&t, &many[..1], 1000).await.unwrap();
+        assert_eq!(
+            Cursors::expire(&t, now + 200_000).await.unwrap(),
+            1,
+            "`kept`"
+        );
+        assert_eq!(Cursors::get(&t, &c).await.unwrap().len(), 1);
+    }
+
+    /// A file of an earlier version (cursors with no time) opens, keeps its cursors through an
+    /// expiry, and they get a time at their next save.
+    #[tokio::test]
+    async fn cursors_of_an_earlier_version_stay_until_saved_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let c = signalpost::address::ClientId::parse("old-file").unwrap();
+        let a = contract::mailbox::fresh_address("channel", "old");
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let def: redb::TableDefinition<(&str, &str), u64> =
+                    redb::TableDefinition::new("cursors");
+                let mut t = txn.open_table(def).unwrap();
+                t.insert((c.as_str(), a.as_str()), 4).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let t = EmbeddedTopology::open(&path).unwrap();
+        let later = signalpost::clock::now_ms() + 10 * 86_400_000;
+        assert_eq!(Cursors::expire(&t, later).await.unwrap(), 0);
+        assert_eq!(Cursors::get(&t, &c).await.unwrap().get(&a), Some(&4));
+        Cursors::save(&t, &[(c.clone(), a.clone(), 5)], 60)
+            .await
+            .unwrap();
+        assert_eq!(Cursors::expire(&t, later).await.unwrap(), 1);
+        assert!(Cursors::get(&t, &c).await.unwrap().is_empty());
+    }
 }
 
 mod memory_presence {

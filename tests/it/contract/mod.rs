@@ -106,6 +106,12 @@ macro_rules! topology_suite {
             let (_keep, t) = $make().await;
             crate::contract::topology::read_marks(std::sync::Arc::new(t)).await;
         }
+        $(#[$attr])*
+        #[tokio::test]
+        async fn expiry() {
+            let (_keep, t) = $make().await;
+            crate::contract::topology::expiry(std::sync::Arc::new(t)).await;
+        }
     };
 }
 

@@ -2,7 +2,7 @@
 
 use super::mailbox::fresh_address;
 use signalpost::address::{Address, ClientId};
-use signalpost::topology::{Binding, Cursors, Topology, TopologyError};
+use signalpost::topology::{Binding, Cursors, ReadMarks, Topology, TopologyError};
 use std::sync::Arc;
 
 /// A limit on bindings per client that the tests below do not reach.
@@ -344,4 +344,64 @@ pub async fn read_marks(r: Arc<dyn signalpost::topology::ReadMarks>) {
     let (marks, stored) = r.marks(&client, &c).await.unwrap();
     assert_eq!((marks.len(), stored), (50_000, size));
     assert!(size < 20_000, "50 000 marks in {size} bytes");
+}
+
+/// Cursors and read marks are forgotten a TTL after the last write that kept them, and not
+/// before; a later write with a longer TTL keeps the row. (Cassandra's cells expire by
+/// themselves; the embedded store removes them at `expire`, so the test calls it.)
+pub async fn expiry<T: Cursors + ReadMarks>(t: Arc<T>) {
+    let client = fresh_client("exp");
+    let [gone, renewed, kept] = ["gone", "renewed", "kept"].map(|n| fresh_address("channel", n));
+    let expire = |t: Arc<T>| async move {
+        let now = signalpost::clock::now_ms();
+        Cursors::expire(&*t, now).await.unwrap();
+        ReadMarks::expire(&*t, now).await.unwrap();
+    };
+    let ack = |a: &Address, v: u64| (client.clone(), a.clone(), v);
+    Cursors::save(&*t, &[ack(&gone, 3), ack(&renewed, 4)], 1)
+        .await
+        .unwrap();
+    Cursors::save(&*t, &[ack(&renewed, 5), ack(&kept, 2)], TTL)
+        .await
+        .unwrap();
+    let marks = [
+        (&gone, 1, 1),
+        (&renewed, 1, 1),
+        (&renewed, 2, TTL),
+        (&kept, 1, TTL),
+    ];
+    for (a, v, ttl) in marks {
+        ReadMarks::mark(&*t, &client, a, &[v], 0, ttl)
+            .await
+            .unwrap();
+    }
+    let read = |t: Arc<T>, a: Address| {
+        let client = client.clone();
+        async move {
+            let m = ReadMarks::marks(&*t, &client, &a).await.unwrap().0;
+            m.iter().collect::<Vec<u64>>()
+        }
+    };
+    expire(t.clone()).await;
+    let got = Cursors::get(&*t, &client).await.unwrap();
+    assert_eq!(got.len(), 3, "nothing goes before its time: {got:?}");
+    assert_eq!(read(t.clone(), gone.clone()).await, vec![1]);
+
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    expire(t.clone()).await;
+    let got = Cursors::get(&*t, &client).await.unwrap();
+    assert_eq!(got.get(&gone), None, "past its TTL");
+    assert_eq!(got.get(&renewed), Some(&5), "kept by the later ack");
+    assert_eq!(got.get(&kept), Some(&2));
+    assert_eq!(
+        read(t.clone(), gone).await,
+        Vec::<u64>::new(),
+        "past its TTL"
+    );
+    assert_eq!(
+        read(t.clone(), renewed).await,
+        vec![1, 2],
+        "kept by the later mark"
+    );
+    assert_eq!(read(t, kept).await, vec![1]);
 }

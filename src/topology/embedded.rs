@@ -53,7 +53,8 @@ impl<'t> Times<'t> {
         })
     }
 
-    /// The row of `kind` runs out at `until` (and no longer when it did before).
+    /// The row of `kind` runs out at `until` (and no longer when it did before). A row written
+    /// again within the same step of [`until`] costs one read here.
     fn set(
         &mut self,
         kind: Kind,
@@ -61,16 +62,17 @@ impl<'t> Times<'t> {
         address: &str,
         until: u64,
     ) -> Result<(), TopologyError> {
-        let before = self
-            .by_key
-            .insert((kind as u8, client, address), until)
-            .map_err(st)?
-            .map(|g| g.value());
-        if let Some(before) = before.filter(|b| *b != until) {
+        let key = (kind as u8, client, address);
+        let before = self.by_key.get(key).map_err(st)?.map(|g| g.value());
+        if before == Some(until) {
+            return Ok(());
+        }
+        if let Some(before) = before {
             self.by_time
                 .remove((kind as u8, before, client, address))
                 .map_err(st)?;
         }
+        self.by_key.insert(key, until).map_err(st)?;
         self.by_time
             .insert((kind as u8, until, client, address), ())
             .map_err(st)?;
@@ -84,9 +86,17 @@ enum Rows<'t> {
     Reads(redb::Table<'t, (&'static str, &'static str), &'static [u8]>),
 }
 
-/// When a row written now with `ttl_secs` runs out.
+/// When a row written now with `ttl_secs` runs out: rounded up to a step of 1/1024 of the TTL
+/// (at least a second), so that the many writes of a busy row within one step (a client acking
+/// every message, 20 ms apart) leave its time as it is. A row is kept at least its TTL and at
+/// most one step longer (43 minutes of a 31-day TTL).
 fn until(ttl_secs: u32) -> u64 {
-    crate::clock::now_ms().saturating_add(u64::from(ttl_secs) * 1000)
+    let ttl = u64::from(ttl_secs) * 1000;
+    let step = (ttl / 1024).max(1000);
+    crate::clock::now_ms()
+        .saturating_add(ttl)
+        .div_ceil(step)
+        .saturating_mul(step)
 }
 
 /// The redb-backed topology and cursors (one file, a cheap clone of a shared handle).
@@ -408,5 +418,28 @@ impl Cursors for EmbeddedTopology {
 
     async fn expire(&self, now_ms: u64) -> Result<u64, TopologyError> {
         self.expire_kind(Kind::Cursor, now_ms).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::until;
+
+    #[test]
+    fn a_rows_time_is_its_ttl_rounded_up_to_a_step() {
+        let ttl = 31 * 24 * 3600u32;
+        let step = u64::from(ttl) * 1000 / 1024;
+        let before = crate::clock::now_ms();
+        let at = until(ttl);
+        let after = crate::clock::now_ms();
+        assert_eq!(at % step, 0, "on a step");
+        assert!(at >= before + u64::from(ttl) * 1000, "at least the TTL");
+        assert!(
+            at < after + u64::from(ttl) * 1000 + step,
+            "at most a step more"
+        );
+        // Short TTLs step by whole seconds.
+        assert_eq!(until(1) % 1000, 0);
+        assert!(until(1) <= crate::clock::now_ms() + 2000);
     }
 }

@@ -176,6 +176,12 @@ fn log_path(path: &Path, generation: u64) -> PathBuf {
     path.with_extension(format!("wal-{}", generation % 2))
 }
 
+/// The span of one expiry bucket for `retention_ms`: messages expire a bucket at a time, so a
+/// message is kept at least the retention and at most one bucket longer.
+pub fn expiry_bucket_ms(retention_ms: u64) -> u64 {
+    (retention_ms / 16).clamp(100, 60_000)
+}
+
 impl EmbeddedMailbox {
     /// Opens (or creates) the mailbox file, with redb's default cache (1 GiB).
     pub fn open(path: &Path, retention_ms: u64) -> Result<Self, MailboxError> {
@@ -220,7 +226,7 @@ impl EmbeddedMailbox {
         let mut inner = Inner {
             db,
             retention_ms,
-            bucket_ms: (retention_ms / 16).clamp(100, 60_000),
+            bucket_ms: expiry_bucket_ms(retention_ms),
             writer: Mutex::new(Writer {
                 heads: HashMap::default(),
                 // logs[g % 2] is the file of generation g.

@@ -86,15 +86,18 @@ enum Rows<'t> {
     Reads(redb::Table<'t, (&'static str, &'static str), &'static [u8]>),
 }
 
-/// When a row written now with `ttl_secs` runs out: rounded up to a step of 1/1024 of the TTL
-/// (at least a second), so that the many writes of a busy row within one step (a client acking
-/// every message, 20 ms apart) leave its time as it is. A row is kept at least its TTL and at
-/// most one step longer (43 minutes of a 31-day TTL).
+/// When a row written now with `ttl_secs` runs out: after its TTL and one expiry bucket of a
+/// mailbox with that retention (so the done marks of a work address outlive its messages,
+/// which the embedded mailbox keeps up to a bucket past the retention), rounded up to a step
+/// of 1/1024 of the TTL (at least a second), so that the many writes of a busy row within one
+/// step (a client acking every message, 20 ms apart) leave its time as it is. 31 days: a step
+/// of 43 minutes, a bucket of 60 s.
 fn until(ttl_secs: u32) -> u64 {
     let ttl = u64::from(ttl_secs) * 1000;
     let step = (ttl / 1024).max(1000);
     crate::clock::now_ms()
         .saturating_add(ttl)
+        .saturating_add(crate::mailbox::embedded::expiry_bucket_ms(ttl))
         .div_ceil(step)
         .saturating_mul(step)
 }
@@ -388,8 +391,10 @@ impl Cursors for EmbeddedTopology {
                 for (c, a, v) in &acks {
                     let key = (c.as_str(), a.as_str());
                     let cur = t.get(key).map_err(st)?.map(|g| g.value()).unwrap_or(0);
-                    if *v > 0 && *v >= cur {
+                    if *v > cur {
                         t.insert(key, *v).map_err(st)?;
+                    }
+                    if *v > 0 && *v >= cur {
                         times.set(Kind::Cursor, key.0, key.1, until)?;
                     }
                 }
@@ -426,20 +431,22 @@ mod tests {
     use super::until;
 
     #[test]
-    fn a_rows_time_is_its_ttl_rounded_up_to_a_step() {
+    fn a_rows_time_is_its_ttl_and_a_mailbox_bucket_rounded_up_to_a_step() {
         let ttl = 31 * 24 * 3600u32;
-        let step = u64::from(ttl) * 1000 / 1024;
+        let (ttl_ms, step) = (u64::from(ttl) * 1000, u64::from(ttl) * 1000 / 1024);
+        let bucket = crate::mailbox::embedded::expiry_bucket_ms(ttl_ms);
+        assert_eq!(bucket, 60_000);
         let before = crate::clock::now_ms();
         let at = until(ttl);
         let after = crate::clock::now_ms();
         assert_eq!(at % step, 0, "on a step");
-        assert!(at >= before + u64::from(ttl) * 1000, "at least the TTL");
         assert!(
-            at < after + u64::from(ttl) * 1000 + step,
-            "at most a step more"
+            at >= before + ttl_ms + bucket,
+            "at least the TTL and a bucket"
         );
+        assert!(at < after + ttl_ms + bucket + step, "at most a step more");
         // Short TTLs step by whole seconds.
         assert_eq!(until(1) % 1000, 0);
-        assert!(until(1) <= crate::clock::now_ms() + 2000);
+        assert!(until(1) <= crate::clock::now_ms() + 2100);
     }
 }

@@ -144,15 +144,15 @@ mod embedded_topology {
         ReadMarks::mark(&t, &c, &kept, &[1], 0, 10).await.unwrap();
         let now = signalpost::clock::now_ms();
         assert_eq!(Cursors::expire(&t, now).await.unwrap(), 0);
-        assert_eq!(Cursors::expire(&t, now + 11_000).await.unwrap(), 5000);
+        assert_eq!(Cursors::expire(&t, now + 12_000).await.unwrap(), 5000);
         assert_eq!(
             Cursors::get(&t, &c).await.unwrap().len(),
             1,
             "the one with 100 s"
         );
-        assert_eq!(Cursors::expire(&t, now + 11_000).await.unwrap(), 0, "once");
+        assert_eq!(Cursors::expire(&t, now + 12_000).await.unwrap(), 0, "once");
         // The read mark has its own time.
-        assert_eq!(ReadMarks::expire(&t, now + 11_000).await.unwrap(), 1);
+        assert_eq!(ReadMarks::expire(&t, now + 12_000).await.unwrap(), 1);
         assert!(ReadMarks::marks(&t, &c, &kept).await.unwrap().0.is_empty());
         // Saved again after its removal, a cursor lives its new TTL, not the old one's.
         Cursors::save(&t, &many[..1], 1000).await.unwrap();

@@ -348,8 +348,11 @@ pub async fn read_marks(r: Arc<dyn signalpost::topology::ReadMarks>) {
 
 /// Cursors and read marks are forgotten a TTL after the last write that kept them, and not
 /// before; a later write with a longer TTL keeps the row. (Cassandra's cells expire by
-/// themselves; the embedded store removes them at `expire`, so the test calls it.)
+/// themselves; the embedded store removes them at `expire`, so the test calls it.) The short
+/// TTL is 3 s: Cassandra counts a TTL from the write's whole second, so a cell of 1 s may be
+/// gone at once.
 pub async fn expiry<T: Cursors + ReadMarks>(t: Arc<T>) {
+    const SHORT: u32 = 3;
     let client = fresh_client("exp");
     let [gone, renewed, kept] = ["gone", "renewed", "kept"].map(|n| fresh_address("channel", n));
     let expire = |t: Arc<T>| async move {
@@ -358,15 +361,15 @@ pub async fn expiry<T: Cursors + ReadMarks>(t: Arc<T>) {
         ReadMarks::expire(&*t, now).await.unwrap();
     };
     let ack = |a: &Address, v: u64| (client.clone(), a.clone(), v);
-    Cursors::save(&*t, &[ack(&gone, 3), ack(&renewed, 4)], 1)
+    Cursors::save(&*t, &[ack(&gone, 3), ack(&renewed, 4)], SHORT)
         .await
         .unwrap();
     Cursors::save(&*t, &[ack(&renewed, 5), ack(&kept, 2)], TTL)
         .await
         .unwrap();
     let marks = [
-        (&gone, 1, 1),
-        (&renewed, 1, 1),
+        (&gone, 1, SHORT),
+        (&renewed, 1, SHORT),
         (&renewed, 2, TTL),
         (&kept, 1, TTL),
     ];
@@ -387,7 +390,7 @@ pub async fn expiry<T: Cursors + ReadMarks>(t: Arc<T>) {
     assert_eq!(got.len(), 3, "nothing goes before its time: {got:?}");
     assert_eq!(read(t.clone(), gone.clone()).await, vec![1]);
 
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
     expire(t.clone()).await;
     let got = Cursors::get(&*t, &client).await.unwrap();
     assert_eq!(got.get(&gone), None, "past its TTL");

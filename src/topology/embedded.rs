@@ -30,7 +30,7 @@ const EXPIRES: TableDefinition<(u8, &str, &str), u64> = TableDefinition::new("ex
 const EXPIRING: TableDefinition<(u8, u64, &str, &str), ()> = TableDefinition::new("expiring");
 
 /// The kinds of row that expire: which table a time in `expires` is for.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy)]
 enum Kind {
     Cursor = 0,
     Reads = 1,
@@ -80,10 +80,17 @@ impl<'t> Times<'t> {
     }
 }
 
-/// One of the tables whose rows expire, opened for writing.
-enum Rows<'t> {
-    Cursors(redb::Table<'t, (&'static str, &'static str), u64>),
-    Reads(redb::Table<'t, (&'static str, &'static str), &'static [u8]>),
+/// Removes the rows of `keys` from `table` (cursors or read marks) in `txn`.
+fn remove_rows<'k, V: redb::Value + 'static>(
+    txn: &WriteTransaction,
+    table: TableDefinition<'_, (&'static str, &'static str), V>,
+    keys: impl Iterator<Item = (&'k str, &'k str)>,
+) -> Result<(), TopologyError> {
+    let mut t = txn.open_table(table).map_err(st)?;
+    for key in keys {
+        t.remove(key).map_err(st)?;
+    }
+    Ok(())
 }
 
 /// When a row written now with `ttl_secs` runs out: after its TTL and one expiry bucket of a
@@ -156,19 +163,20 @@ impl EmbeddedTopology {
                         due.push((at, c.to_owned(), a.to_owned()));
                     }
                     n = due.len();
-                    let mut rows = match kind {
-                        Kind::Cursor => Rows::Cursors(txn.open_table(CURSORS).map_err(st)?),
-                        Kind::Reads => Rows::Reads(txn.open_table(READS).map_err(st)?),
-                    };
                     for (at, c, a) in &due {
-                        let key = (c.as_str(), a.as_str());
-                        times.by_time.remove((k, *at, key.0, key.1)).map_err(st)?;
-                        times.by_key.remove((k, key.0, key.1)).map_err(st)?;
-                        match &mut rows {
-                            Rows::Cursors(t) => t.remove(key).map(|_| ()),
-                            Rows::Reads(t) => t.remove(key).map(|_| ()),
-                        }
-                        .map_err(st)?;
+                        times
+                            .by_time
+                            .remove((k, *at, c.as_str(), a.as_str()))
+                            .map_err(st)?;
+                        times
+                            .by_key
+                            .remove((k, c.as_str(), a.as_str()))
+                            .map_err(st)?;
+                    }
+                    let keys = due.iter().map(|(_, c, a)| (c.as_str(), a.as_str()));
+                    match kind {
+                        Kind::Cursor => remove_rows(&txn, CURSORS, keys)?,
+                        Kind::Reads => remove_rows(&txn, READS, keys)?,
                     }
                 }
                 txn.commit().map_err(st)?;

@@ -3,13 +3,7 @@
 // nothing lost and nothing twice. The connection limit refuses with a clear connect_error.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNode, api, connect, refusal, waitFor, BACKEND } from './lib/harness.mjs';
-
-async function metric(url, name) {
-  const text = (await api(url, 'GET', '/metrics')).body;
-  const line = text.split('\n').find((l) => l.startsWith(name + ' '));
-  return line ? Number(line.split(' ')[1]) : 0;
-}
+import { startNode, api, connect, refusal, waitFor, metric, BACKEND } from './lib/harness.mjs';
 
 test('a client that stops reading is caught up from the mailbox, in order, once', async () => {
   const node = await startNode();

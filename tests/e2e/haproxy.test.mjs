@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { io } from 'socket.io-client';
-import { BACKEND, startNode, testCluster, api, waitFor, tempDir } from './lib/harness.mjs';
+import { BACKEND, startNode, testCluster, api, waitFor, tempDir, metric } from './lib/harness.mjs';
 
 const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
 const here = dirname(fileURLToPath(import.meta.url));
@@ -196,12 +196,6 @@ async function boundClients(url, address, options) {
   }
   for (const c of clients) await waitFor(() => c.bound.some((b) => b.address === address), 15000, 'bound');
   return clients;
-}
-
-async function metric(url, name) {
-  const text = (await api(url, 'GET', '/metrics')).body;
-  const line = String(text).split('\n').find((l) => l.startsWith(`${name} `));
-  return line ? Number(line.split(' ')[1]) : 0;
 }
 
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);

@@ -4,7 +4,7 @@
 // is killed reconnects to another and resumes with exactly what it missed.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BACKEND, startNode, api, connect, testCluster, waitFor, produce } from './lib/harness.mjs';
+import { BACKEND, startNode, api, connect, testCluster, waitFor, produce, metric } from './lib/harness.mjs';
 
 const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
 
@@ -22,12 +22,6 @@ async function startCluster(env, n) {
     await waitFor(async () => (await api(node.url, 'GET', '/server/nodes')).body.nodes?.length === n, 30000, `${n} nodes listed`);
   }
   return nodes;
-}
-
-async function metric(url, name) {
-  const res = await fetch(`${url}/metrics`);
-  const line = (await res.text()).split('\n').find((l) => l.startsWith(`${name} `));
-  return line ? Number(line.split(' ')[1]) : 0;
 }
 
 /** Asserts a client got exactly versions 1..n of `address`, in order. */

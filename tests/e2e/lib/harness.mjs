@@ -123,6 +123,13 @@ export async function api(url, method, path, body, { apiKey, raw } = {}) {
   return { status: res.status, body: parsed };
 }
 
+/** A counter or gauge of a node's `/metrics` without labels (0 when it is not there yet). */
+export async function metric(url, name) {
+  const text = String((await api(url, 'GET', '/metrics')).body);
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  return line ? Number(line.split(' ')[1]) : 0;
+}
+
 /** A connected socket.io-client with a record of everything it received; `more` are further
  *  socket.io-client options (e.g. `ca`). */
 export function connect(url, auth = {}, { transports = ['websocket'], timeout = 10000, ...more } = {}) {

@@ -164,7 +164,13 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Serve(args) => {
+            let out = rt.block_on(serve(args));
+            // Dropping a runtime waits for its blocking tasks however long they take; a
+            // stopping node gives them a bound instead (its drain has already ended).
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            out
+        }
         #[cfg(feature = "cluster")]
         Command::Migrate(args) => rt.block_on(migrate(args)),
         #[cfg(not(feature = "tools"))]

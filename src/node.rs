@@ -29,6 +29,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// How long a stopping node waits for its client connections to close (a connection that
+/// does not is dropped with the process).
+const CLIENTS_CLOSE_WITHIN: Duration = Duration::from_secs(5);
+/// How long a stopping node waits for its queue to apply what it took. Nothing is lost past
+/// it: a job is answered only once applied, and Kafka gives what was not committed again.
+const QUEUE_DRAIN_WITHIN: Duration = Duration::from_secs(10);
 /// How long a stopping node waits for its background tasks to return.
 const TASKS_GRACE: Duration = Duration::from_secs(10);
 /// Tries of the last flush of acks and done work messages (waiting 0.1, 0.2, 0.4 … s between),
@@ -336,7 +342,14 @@ impl Node {
             tracing::info!("draining: refusing new work, closing client connections");
             gw2.draining
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            drain_io.close().await;
+            if tokio::time::timeout(CLIENTS_CLOSE_WITHIN, drain_io.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "some client connections had not closed within {CLIENTS_CLOSE_WITHIN:?}"
+                );
+            }
         };
         let limits = crate::listener::Limits {
             max_connections: gw.config.limits.max_http_connections,
@@ -347,7 +360,12 @@ impl Node {
             .map_err(NodeError::Serve)?;
         // Stop = cancel (no new work, no timers) → client connections closed (above) → the queue
         // drained → every task returned → acks and done work messages written.
-        api.queue.drain().await;
+        if tokio::time::timeout(QUEUE_DRAIN_WITHIN, api.queue.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the queue had not drained within {QUEUE_DRAIN_WITHIN:?}");
+        }
         if !self.tasks.stop(TASKS_GRACE).await {
             tracing::warn!(
                 running = self.tasks.running(),

@@ -5,13 +5,13 @@
 // a callback, refreshed before exp.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHmac } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { io } from 'socket.io-client';
 import { connect, memoryStorage } from '../../clients/js/src/client.js';
 import { fileStorage } from '../../clients/js/src/file-storage.js';
 import { startNode, api, fill, waitFor, tempDir } from './lib/harness.mjs';
+import { hs256 } from './lib/tokens.mjs';
 
 /** A library client whose every emit is recorded, with a record of every event it hands over. */
 function open(options) {
@@ -151,11 +151,6 @@ test('a token from a callback, fetched on connect and refreshed before exp: the 
   await node.stop();
 });
 
-function hs256(secret, claims) {
-  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
-  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
-  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
-}
 
 async function freePort() {
   const { createServer } = await import('node:net');

@@ -70,6 +70,9 @@ export function testCluster(name, extra = {}) {
   };
 }
 
+/** How long a stopped node may take to exit (its drain is bounded well inside this). */
+const STOP_WITHIN_MS = 60000;
+
 /** Starts `signalpost serve` on a free port; resolves once it prints where it listens. */
 export async function startNode({ dataDir = tempDir(), env = {}, args = [], listen = '127.0.0.1:0', ready = true } = {}) {
   const proc = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, ...args], {
@@ -102,8 +105,19 @@ export async function startNode({ dataDir = tempDir(), env = {}, args = [], list
   return {
     url, dataDir, proc, exited,
     stderr: () => err,
-    /** SIGTERM; resolves with the exit status. */
-    async stop() { proc.kill('SIGTERM'); return exited; },
+    /** SIGTERM; resolves with the exit status. A node that has not exited `ms` after it (its
+     *  drain is bounded well inside that) is killed, and the stop fails with its log. */
+    async stop(ms = STOP_WITHIN_MS) {
+      proc.kill('SIGTERM');
+      let timer;
+      const late = new Promise((resolve) => { timer = setTimeout(resolve, ms, 'late'); });
+      const r = await Promise.race([exited, late]);
+      clearTimeout(timer);
+      if (r !== 'late') return r;
+      proc.kill('SIGKILL');
+      await exited;
+      throw new Error(`${url} did not exit within ${ms} ms of SIGTERM; its log:\n${err.slice(-4000)}`);
+    },
     async kill() { proc.kill('SIGKILL'); return exited; },
   };
 }
@@ -142,6 +156,7 @@ export function connect(url, auth = {}, { transports = ['websocket'], timeout = 
   rec.ready = new Promise((resolve, reject) => {
     socket.on('session', (s) => { rec.session = s; resolve(s); });
     socket.on('connect_error', (e) => reject(e));
+    socket.on('disconnect', (reason) => reject(new Error(`disconnected before the session event: ${reason}`)));
   });
   rec.close = () => socket.close();
   return rec;

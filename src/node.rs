@@ -342,14 +342,12 @@ impl Node {
             tracing::info!("draining: refusing new work, closing client connections");
             gw2.draining
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            if tokio::time::timeout(CLIENTS_CLOSE_WITHIN, drain_io.close())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "some client connections had not closed within {CLIENTS_CLOSE_WITHIN:?}"
-                );
-            }
+            bounded(
+                "closing client connections",
+                CLIENTS_CLOSE_WITHIN,
+                drain_io.close(),
+            )
+            .await;
         };
         let limits = crate::listener::Limits {
             max_connections: gw.config.limits.max_http_connections,
@@ -360,12 +358,7 @@ impl Node {
             .map_err(NodeError::Serve)?;
         // Stop = cancel (no new work, no timers) → client connections closed (above) → the queue
         // drained → every task returned → acks and done work messages written.
-        if tokio::time::timeout(QUEUE_DRAIN_WITHIN, api.queue.drain())
-            .await
-            .is_err()
-        {
-            tracing::warn!("the queue had not drained within {QUEUE_DRAIN_WITHIN:?}");
-        }
+        bounded("draining the queue", QUEUE_DRAIN_WITHIN, api.queue.drain()).await;
         if !self.tasks.stop(TASKS_GRACE).await {
             tracing::warn!(
                 running = self.tasks.running(),
@@ -396,6 +389,14 @@ impl Node {
         }
         tracing::info!("drained");
         Ok(())
+    }
+}
+
+/// Waits for one step of a stop, at most `limit`; past it, logs that the step was cut short and
+/// lets the stop go on.
+async fn bounded(step: &str, limit: Duration, f: impl Future<Output = ()>) {
+    if tokio::time::timeout(limit, f).await.is_err() {
+        tracing::warn!("{step} had not finished within {limit:?}; stopping anyway");
     }
 }
 

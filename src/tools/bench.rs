@@ -524,7 +524,9 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     // In a cluster: deliveries on the node that appended (its consumer owns the address's
     // partition) apart from deliveries through another node (one node: nothing to split).
     let after = owners(&nodes, &args.api_key).await?;
-    if let (Some((count, owner)), Some(after), true) = (&before, &after, urls.len() > 1) {
+    if urls.len() > 1
+        && let (Some((count, owner)), Some(after)) = (&before, &after)
+    {
         let mut same = Histogram::<u64>::new(3).expect("valid histogram");
         let mut cross = same.clone();
         for (i, (h, id)) in per_client.iter().zip(ids.iter()).enumerate() {

@@ -371,7 +371,7 @@ impl Node {
         let last_flush = async {
             let mut wait = Duration::from_millis(100);
             for attempt in 1..=FINAL_FLUSH_TRIES {
-                if gw.acks.flush().await & gw.work.flush().await {
+                if gw.acks.finish().await & gw.work.flush().await {
                     return true;
                 }
                 if attempt < FINAL_FLUSH_TRIES {

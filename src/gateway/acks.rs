@@ -1,8 +1,10 @@
 //! The cursor writer: `ack` events are coalesced per (client, address) to the highest version and
 //! written in batches, every few milliseconds or when many are waiting. Acks are not answered, so
-//! batching costs clients nothing; a crash loses at most the last interval's acks, which only
-//! means a resuming client may be sent a few messages again that it already had (it can dedupe by
-//! version).
+//! batching costs clients nothing; a crash loses at most the acks of the last interval (and, on
+//! the embedded store, whose cursor saves are durable once a second, of the last second), which
+//! only means a resuming client may be sent a few messages again that it already had (it can
+//! dedupe by version). A node that stops writes what is pending and makes it durable
+//! ([`AckWriter::finish`]).
 
 use crate::address::{Address, ClientId};
 use crate::topology::Cursors;
@@ -81,6 +83,19 @@ impl AckWriter {
                 let cur = p.entry((c, a)).or_insert(0);
                 *cur = (*cur).max(v);
             }
+            return false;
+        }
+        true
+    }
+
+    /// The node's last write: what is pending, then [`Cursors::sync`], so that every ack
+    /// received is durable once the node has stopped. False when either failed.
+    pub async fn finish(&self) -> bool {
+        if !self.flush().await {
+            return false;
+        }
+        if let Err(e) = self.cursors.sync().await {
+            tracing::warn!(error = %e, "making the saved cursors durable failed; will retry");
             return false;
         }
         true

@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// `sent_us` is the send time in µs since the Unix epoch), to see when the slow ones were sent
     #[arg(long)]
     pub trace: Option<std::path::PathBuf>,
+    /// Latency scenario: every client acks each message it receives (an `ack` event with its
+    /// address and version), and the run ends by checking that the node stored each client's
+    /// cursor at the last version it received (`GET /server/clients/<id>`)
+    #[arg(long)]
+    pub ack: bool,
 }
 
 type Res<T> = Result<T, ClientError>;
@@ -430,12 +435,13 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     let (done, _) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     let keep_trace = args.trace.is_some();
-    for mut s in socks {
+    let ack = args.ack;
+    for (mut s, id) in socks.into_iter().zip(ids.iter().cloned()) {
         let received = received.clone();
         let mut done = done.subscribe();
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
-            let mut trace = Vec::new();
+            let mut got = Delivered::default();
+            let address = format!("client:{id}");
             loop {
                 let event = tokio::select! {
                     e = s.next() => e,
@@ -443,13 +449,25 @@ async fn latency(args: &BenchArgs) -> Res<String> {
                 };
                 match event {
                     Ok(Event::Signal(raw)) => {
-                        if let Some(t) = json_u64(&raw, "t") {
-                            let took = now_us().saturating_sub(t);
-                            hist.record(took).ok();
-                            if keep_trace {
-                                trace.push((t, took));
-                            }
-                            received.fetch_add(1, Ordering::Relaxed);
+                        let Some(t) = json_u64(&raw, "t") else {
+                            continue;
+                        };
+                        let took = now_us().saturating_sub(t);
+                        got.hist.record(took).ok();
+                        if keep_trace {
+                            got.trace.push((t, took));
+                        }
+                        let version = json_u64(&raw, "version").unwrap_or(0);
+                        // A new client's own address: versions 1, 2, 3… each once, in order.
+                        if version != got.last + 1 {
+                            got.out_of_order += 1;
+                        }
+                        got.last = got.last.max(version);
+                        received.fetch_add(1, Ordering::Relaxed);
+                        if ack {
+                            let data =
+                                format!("{{\"address\":\"{address}\",\"version\":{version}}}");
+                            s.emit("ack", &data).await?;
                         }
                     }
                     Ok(_) => {}
@@ -457,7 +475,7 @@ async fn latency(args: &BenchArgs) -> Res<String> {
                 }
             }
             s.close().await;
-            Ok::<_, ClientError>((hist, trace))
+            Ok::<_, ClientError>(got)
         }));
     }
     // Open loop: message i is due at i / rate, whatever the answers take; senders on their own
@@ -501,26 +519,39 @@ async fn latency(args: &BenchArgs) -> Res<String> {
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
     let mut per_client = Vec::with_capacity(tasks.len());
     let mut deliveries = Vec::new();
+    let mut last = Vec::with_capacity(tasks.len());
+    let mut out_of_order = 0;
     for t in tasks {
-        let (h, trace) = t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
-        hist.add(&h).ok();
-        per_client.push(h);
-        deliveries.extend(trace);
+        let got = t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
+        hist.add(&got.hist).ok();
+        per_client.push(got.hist);
+        deliveries.extend(got.trace);
+        last.push(got.last);
+        out_of_order += got.out_of_order;
     }
     if let Some(path) = &args.trace {
         write_trace(path, &answers, &deliveries)?;
     }
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let mut line = format!(
-        "latency rate={}/s (sent {sent_rate:.0}/s) clients={}: enqueue→delivery p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms ({} of {total} delivered)",
+        "latency rate={}/s (sent {sent_rate:.0}/s) clients={}{}: enqueue→delivery p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms ({} of {total} delivered{})",
         args.rate,
         args.clients,
+        if args.ack { ", each message acked" } else { "" },
         ms(&hist, 0.5),
         ms(&hist, 0.99),
         ms(&hist, 0.999),
         hist.max() as f64 / 1000.0,
-        received.load(Ordering::Relaxed)
+        received.load(Ordering::Relaxed),
+        if out_of_order == 0 {
+            ", each client's in order, none twice".to_string()
+        } else {
+            format!("; ⚠ {out_of_order} out of order or twice")
+        }
     );
+    if args.ack {
+        line.push_str(&stored_cursors(args, &ids[..], &last).await?);
+    }
     // In a cluster: deliveries on the node that appended (its consumer owns the address's
     // partition) apart from deliveries through another node (one node: nothing to split).
     let after = owners(&nodes, &args.api_key).await?;
@@ -571,6 +602,68 @@ async fn latency(args: &BenchArgs) -> Res<String> {
         ));
     }
     Ok(line)
+}
+
+/// What one client of the latency scenario received.
+struct Delivered {
+    hist: Histogram<u64>,
+    trace: Vec<(u64, u64)>,
+    /// The highest version received.
+    last: u64,
+    /// Deliveries that were not the version after the one before (missing, twice or late).
+    out_of_order: u64,
+}
+
+impl Default for Delivered {
+    fn default() -> Self {
+        Self {
+            hist: Histogram::new(3).expect("valid histogram"),
+            trace: Vec::new(),
+            last: 0,
+            out_of_order: 0,
+        }
+    }
+}
+
+/// The `--ack` check: each client's cursor, as the node stored it, is the last version the
+/// client received and acked. Acks are written in batches behind the clients' backs, so this
+/// waits (up to 10 s) for the last batch to land.
+async fn stored_cursors(args: &BenchArgs, ids: &[String], last: &[u64]) -> Res<String> {
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    let mut behind = Vec::new();
+    for (id, &want) in ids.iter().zip(last) {
+        loop {
+            let client = http
+                .json("GET", &format!("/server/clients/{id}"), None)
+                .await?;
+            let stored = client["cursors"][format!("client:{id}")]
+                .as_u64()
+                .unwrap_or(0);
+            if stored == want {
+                break;
+            }
+            if Instant::now() >= deadline {
+                behind.push(format!("{id}: {stored} of {want}"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(if behind.is_empty() {
+        format!(
+            "; every client's stored cursor is its last version (checked in {:.1} s)",
+            started.elapsed().as_secs_f64()
+        )
+    } else {
+        format!(
+            "; ⚠ {} of {} stored cursors behind after 10 s (e.g. {})",
+            behind.len(),
+            ids.len(),
+            behind[0]
+        )
+    })
 }
 
 /// Writes the latency scenario's per-message timeline (see [`BenchArgs::trace`]), in send order.

@@ -113,6 +113,14 @@ impl Socket {
         }
     }
 
+    /// Sends an event: `42["name",data]`, `data` being JSON text.
+    pub async fn emit(&mut self, name: &str, data: &str) -> Result<(), ClientError> {
+        self.ws
+            .send(WsMessage::Text(format!("42[\"{name}\",{data}]").into()))
+            .await
+            .map_err(|e| ClientError::Socket(e.to_string()))
+    }
+
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
     }

@@ -7,14 +7,23 @@
 //! its mirror ordered by time, `expiring` (kind, ms, client, address), so that
 //! [`Cursors::expire`] and [`ReadMarks::expire`] read only the rows whose time is up. Rows
 //! written before these tables existed have no time and stay until they are written again.
+//!
+//! Cursor saves (a batch of acks every few milliseconds) are committed without an fsync except
+//! at most once every [`CURSOR_SYNC_EVERY`]; a durable commit of any kind (a bind, the next
+//! durable save, [`Cursors::sync`] at stop, closing the file) makes the ones before it durable
+//! too. Acks are never answered, so a crash costs at most that interval's acks: their clients
+//! are sent those messages again on resume. Every other write is durable when it returns.
 
 use super::storage_err as st;
 use super::{Binding, Cursors, ReadMarks, Topology, TopologyError, first_of_each, within_limit};
 use crate::address::{Address, ClientId};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const BINDINGS: TableDefinition<(&str, &str), u64> = TableDefinition::new("bindings");
 /// The reverse of `bindings` that earlier versions kept; dropped on open.
@@ -109,10 +118,15 @@ fn until(ttl_secs: u32) -> u64 {
         .saturating_mul(step)
 }
 
+/// How often at most a cursor save is durable (see the module's documentation).
+pub const CURSOR_SYNC_EVERY: Duration = Duration::from_secs(1);
+
 /// The redb-backed topology and cursors (one file, a cheap clone of a shared handle).
 #[derive(Clone)]
 pub struct EmbeddedTopology {
     db: Arc<Database>,
+    /// When a cursor save was last durable; `None` until the first.
+    cursors_synced: Arc<Mutex<Option<Instant>>>,
 }
 
 impl EmbeddedTopology {
@@ -138,7 +152,10 @@ impl EmbeddedTopology {
             txn.open_table(EXPIRING).map_err(st)?;
         }
         txn.commit().map_err(st)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            cursors_synced: Arc::new(Mutex::new(None)),
+        })
     }
 
     /// Removes the rows of `kind` whose time is up by `now`, a chunk per transaction.
@@ -391,8 +408,21 @@ impl Cursors for EmbeddedTopology {
     ) -> Result<(), TopologyError> {
         let acks = acks.to_vec();
         let until = until(ttl_secs);
+        let synced = self.cursors_synced.clone();
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(st)?;
+            let mut txn = db.begin_write().map_err(st)?;
+            // Decided with the write lock held, so decisions come in the order of the commits.
+            let durable = {
+                let mut at = synced.lock().unwrap_or_else(|p| p.into_inner());
+                let due = at.is_none_or(|t| t.elapsed() >= CURSOR_SYNC_EVERY);
+                if due {
+                    *at = Some(Instant::now());
+                }
+                due
+            };
+            if !durable {
+                txn.set_durability(Durability::None).map_err(st)?;
+            }
             {
                 let mut t = txn.open_table(CURSORS).map_err(st)?;
                 let mut times = Times::open(&txn)?;
@@ -407,6 +437,15 @@ impl Cursors for EmbeddedTopology {
                     }
                 }
             }
+            txn.commit().map_err(st)
+        })
+        .await
+    }
+
+    /// One empty durable commit: it makes the non-durable cursor saves before it durable.
+    async fn sync(&self) -> Result<(), TopologyError> {
+        self.blocking(|db| {
+            let txn = db.begin_write().map_err(st)?;
             txn.commit().map_err(st)
         })
         .await
@@ -436,7 +475,52 @@ impl Cursors for EmbeddedTopology {
 
 #[cfg(test)]
 mod tests {
-    use super::until;
+    use super::{Cursors, EmbeddedTopology, until};
+    use crate::address::{Address, ClientId};
+
+    /// The cursor of (c, a) in a copy of the file as it is on disk now (what a crash would
+    /// leave: redb opens it at its last durable commit).
+    async fn after_a_crash(path: &std::path::Path, c: &ClientId, a: &Address) -> Option<u64> {
+        let image = path.with_extension("image.redb");
+        std::fs::copy(path, &image).unwrap();
+        let t = EmbeddedTopology::open(&image).unwrap();
+        t.get(c).await.unwrap().get(a).copied()
+    }
+
+    #[tokio::test]
+    async fn cursor_saves_are_durable_once_a_second_and_at_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let t = EmbeddedTopology::open(&path).unwrap();
+        let (c, a) = (
+            ClientId::parse("c").unwrap(),
+            Address::parse("client:c").unwrap(),
+        );
+        let save = |v: u64| {
+            let t = t.clone();
+            let (c, a) = (c.clone(), a.clone());
+            async move { t.save(&[(c, a, v)], 3600).await.unwrap() }
+        };
+        // The first save is durable; the next, within the interval, is not yet.
+        save(1).await;
+        save(2).await;
+        assert_eq!(t.get(&c).await.unwrap()[&a], 2, "seen at once");
+        assert_eq!(after_a_crash(&path, &c, &a).await, Some(1));
+        // `sync` makes it durable.
+        t.sync().await.unwrap();
+        assert_eq!(after_a_crash(&path, &c, &a).await, Some(2));
+        // After the interval, a save is durable on its own.
+        save(3).await;
+        assert_eq!(after_a_crash(&path, &c, &a).await, Some(2));
+        tokio::time::sleep(super::CURSOR_SYNC_EVERY).await;
+        save(4).await;
+        assert_eq!(after_a_crash(&path, &c, &a).await, Some(4));
+        // Closing the file makes the last non-durable save durable too.
+        save(5).await;
+        drop(t);
+        let t = EmbeddedTopology::open(&path).unwrap();
+        assert_eq!(t.get(&c).await.unwrap()[&a], 5);
+    }
 
     #[test]
     fn a_rows_time_is_its_ttl_and_a_mailbox_bucket_rounded_up_to_a_step() {

@@ -183,7 +183,8 @@ pub fn cursor_ttl_secs(retention_secs: u64) -> u32 {
 /// The highest version each client acked, per address.
 ///
 /// Contract: `save` keeps the maximum (an older ack never lowers a cursor); `get` reflects every
-/// `save` that returned, across restarts. A cursor is forgotten `ttl_secs` after its last save
+/// `save` that returned, and after a restart every `save` before the last [`Cursors::sync`]
+/// (a backend may make a save durable a little later: the embedded one within a second). A cursor is forgotten `ttl_secs` after its last save
 /// that did not lower it (so a client's cursors do not pile up for ever): Cassandra drops it by
 /// its TTL, the embedded store at the first [`Cursors::expire`] after that.
 #[async_trait::async_trait]
@@ -193,6 +194,11 @@ pub trait Cursors: Send + Sync + 'static {
         acks: &[(ClientId, Address, u64)],
         ttl_secs: u32,
     ) -> Result<(), TopologyError>;
+    /// Makes every cursor saved so far durable, for a backend whose saves may not be on their
+    /// own (the embedded one; see its module). Called once more when the node stops.
+    async fn sync(&self) -> Result<(), TopologyError> {
+        Ok(())
+    }
     async fn get(&self, client: &ClientId) -> Result<HashMap<Address, u64>, TopologyError>;
     /// Removes the cursors whose time ran out by `now_ms` (ms since the epoch); returns how
     /// many. A backend whose rows carry their own TTL removes nothing here.

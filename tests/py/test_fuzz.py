@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import random
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -85,8 +84,7 @@ def body(r):
 class Node(test_python_client.Node):
     """The tests' node, with an API key, no handshake rate limit and its log kept (for panics)."""
 
-    def __init__(self):
-        data_dir = tempfile.mkdtemp(prefix="signalpost-fuzz-")
+    def __init__(self, data_dir):
         self.log = open(os.path.join(data_dir, "node.log"), "w+")
         super().__init__(data_dir, env={"SIGNALPOST_API_KEY": API_KEY, "SIGNALPOST_CONNECT_RATE_PER_IP": "0"},
                          stderr=self.log)
@@ -182,9 +180,9 @@ def socket_round(r, node):
             ws.close()
 
 
-def test_random_http_and_socket_traffic_never_breaks_the_node():
+def test_random_http_and_socket_traffic_never_breaks_the_node(data_dir):
     print(f"fuzz seed {SEED}, {SECONDS:.0f} s")
-    node = Node()
+    node = Node(data_dir)
     counts = {"http": 0, "socket": 0}
     failures = []
     end = time.time() + SECONDS

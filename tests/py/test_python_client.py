@@ -5,7 +5,6 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -105,8 +104,7 @@ class Client:
         return [d for (n, d) in self.events if n == "signal" and d["address"] == address]
 
 
-def test_python_client_resumes_exactly_the_missed_messages():
-    data_dir = tempfile.mkdtemp(prefix="signalpost-py-")
+def test_python_client_resumes_exactly_the_missed_messages(data_dir):
     node = Node(data_dir)
     c = Client(node.url)
     c.wait(lambda ev: any(n == "synced" for n, _ in ev))

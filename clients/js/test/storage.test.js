@@ -1,14 +1,23 @@
 // Stores: memory, Web Storage, a JSON file, and the app's own asynchronous store; what the
 // client keeps in them and how it resumes from them.
-import { test } from 'node:test';
+import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { memoryStorage, webStorage } from '../src/client.js';
 import { fileStorage } from '../src/file-storage.js';
 import { start, live } from './helpers.js';
 import { until, sleep } from './fake-io.js';
+
+// The files' folders, deleted when this file's tests end.
+const dirs = [];
+const tempFile = (name) => {
+  const dir = mkdtempSync(join(tmpdir(), 'sp-client-'));
+  dirs.push(dir);
+  return join(dir, name);
+};
+after(() => { for (const d of dirs) rmSync(d, { recursive: true, force: true }); });
 
 test('memoryStorage and webStorage keep JSON values per key', () => {
   const m = memoryStorage();
@@ -26,7 +35,7 @@ test('memoryStorage and webStorage keep JSON values per key', () => {
 });
 
 test('fileStorage: a restarted process resumes with the stored identity and cursors', async () => {
-  const path = join(mkdtempSync(join(tmpdir(), 'sp-client-')), 'state.json');
+  const path = tempFile('state.json');
   const t = start({ storage: fileStorage(path), name: 'prod' });
   const a = await live(t, { addresses: ['channel:a'], cursors: { 'channel:a': 0 } });
   for (let v = 1; v <= 50; v++) a.signal('channel:a', v);
@@ -42,7 +51,7 @@ test('fileStorage: a restarted process resumes with the stored identity and curs
 });
 
 test('a corrupt file or store value starts a new client instead of failing', async () => {
-  const path = join(mkdtempSync(join(tmpdir(), 'sp-client-')), 'state.json');
+  const path = tempFile('state.json');
   writeFileSync(path, '{not json');
   const t = start({ storage: fileStorage(path) });
   const a = await t.io.nth(1);

@@ -2,7 +2,8 @@
 // over HTTP, and connect the official socket.io-client.
 import { spawn } from 'node:child_process';
 import { after } from 'node:test';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -11,14 +12,26 @@ import { io } from 'socket.io-client';
 const here = dirname(fileURLToPath(import.meta.url));
 export const BIN = process.env.SIGNALPOST_BIN || join(here, '..', '..', '..', 'target', 'release', 'signalpost');
 
+/** A fresh folder under the system's temp dir, deleted when the test file ends (kept when
+ *  SIGNALPOST_TEST_KEEP=1, to look at a failed run's data dirs). */
 export function tempDir(tag = 'sp') {
-  return mkdtempSync(join(tmpdir(), `signalpost-${tag}-`));
+  const dir = mkdtempSync(join(tmpdir(), `signalpost-${tag}-`));
+  temps.push(dir);
+  return dir;
 }
+const temps = [];
 
-// Every node this test file started; whatever a failing test left running is killed at the end.
+// Every node this test file started; whatever a failing test left running is killed at the end,
+// then the file's temp folders are deleted (once no node writes into them any more).
 const started = new Set();
-after(() => {
-  for (const p of started) p.kill('SIGKILL');
+after(async () => {
+  const gone = [...started].map((p) => new Promise((resolve) => {
+    if (p.exitCode !== null || p.signalCode !== null) resolve();
+    else { p.once('exit', resolve); p.kill('SIGKILL'); }
+  }));
+  await Promise.all(gone);
+  if (process.env.SIGNALPOST_TEST_KEEP === '1') return;
+  for (const dir of temps) rmSync(dir, { recursive: true, force: true });
 });
 
 /** The backend the tests run on: `embedded` (default) or `cluster` (SIGNALPOST_TEST_BACKEND). */
@@ -58,7 +71,7 @@ export async function produce(topic, records) {
 /** The settings shared by the nodes of one test cluster (cluster backend): their own keyspace,
  *  topics, consumer group and ZooKeeper root, and a 4 s ZooKeeper session; `extra` adds to them. */
 export function testCluster(name, extra = {}) {
-  const tag = tempDir(name).replace(/[^A-Za-z0-9]/g, '').slice(-10).toLowerCase();
+  const tag = randomBytes(5).toString('hex');
   return {
     SIGNALPOST_CASSANDRA_KEYSPACE: `${name}_${tag}`,
     SIGNALPOST_KAFKA_TOPIC_PREFIX: `${name}-${tag}.`,

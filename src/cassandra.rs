@@ -184,7 +184,17 @@ pub fn valid_keyspace(ks: &str) -> bool {
 }
 
 /// Connects a session (no keyspace selected: statements name their keyspace).
-pub async fn connect(contact_points: &str) -> Result<Session, CassandraError> {
+///
+/// `keyspace` is the one keyspace whose schema the driver fetches and keeps current (token-aware
+/// routing computes tokens from its tables' partition keys); `None` fetches no schema at all, for
+/// tools that only run statements. By default the driver would fetch every keyspace's full
+/// schema at connect and again after each schema change: on a Cassandra that holds many
+/// keyspaces, a node's start (about 20 `CREATE TABLE`s) then took seconds longer for each
+/// hundred keyspaces there (docs/stack.md).
+pub async fn connect(
+    contact_points: &str,
+    keyspace: Option<&str>,
+) -> Result<Session, CassandraError> {
     let nodes = split_contact_points(contact_points);
     if nodes.is_empty() {
         return Err(CassandraError::NoContactPoints);
@@ -194,10 +204,15 @@ pub async fn connect(contact_points: &str) -> Result<Session, CassandraError> {
         .serial_consistency(Some(SerialConsistency::Serial))
         .request_timeout(Some(Duration::from_secs(12)))
         .build();
-    SessionBuilder::new()
+    let builder = SessionBuilder::new()
         .known_nodes(&nodes)
         .connection_timeout(Duration::from_secs(5))
-        .default_execution_profile_handle(profile.into_handle())
+        .default_execution_profile_handle(profile.into_handle());
+    let builder = match keyspace {
+        Some(ks) => builder.keyspaces_to_fetch([ks]),
+        None => builder.fetch_schema_metadata(false),
+    };
+    builder
         .build()
         .await
         .map_err(|source| CassandraError::Connect {
@@ -319,7 +334,7 @@ pub async fn open(config: &CassandraConfig, node: &str) -> Result<Session, Cassa
     if !valid_keyspace(&config.keyspace) {
         return Err(CassandraError::BadKeyspace(config.keyspace.clone()));
     }
-    let session = connect(&config.contact_points).await?;
+    let session = connect(&config.contact_points, Some(&config.keyspace)).await?;
     apply_schema(&session, &config.keyspace, &config.replication, node).await?;
     Ok(session)
 }

@@ -978,7 +978,7 @@ async fn durable(args: &BenchArgs) -> Res<String> {
 async fn raw_rows(args: &BenchArgs, contact_points: &str, run: &str, batch: usize) -> Res<f64> {
     use signalpost::mailbox::cassandra::{CassandraMailbox, DEFAULT_BUCKET_SIZE, MailboxSettings};
     let err = |e: &dyn std::fmt::Display| ClientError::Http(format!("cassandra: {e}"));
-    let session = signalpost::cassandra::connect(contact_points)
+    let session = signalpost::cassandra::connect(contact_points, Some(&args.keyspace))
         .await
         .map_err(|e| err(&e))?;
     let m = CassandraMailbox::new(
@@ -1037,7 +1037,7 @@ async fn store_session(
             "the {scenario} scenario needs --cassandra <contact points>"
         )));
     };
-    signalpost::cassandra::connect(cp)
+    signalpost::cassandra::connect(cp, Some(&args.keyspace))
         .await
         .map(Arc::new)
         .map_err(|e| ClientError::Http(format!("cassandra: {e}")))

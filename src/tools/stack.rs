@@ -162,7 +162,7 @@ pub async fn run(args: StackArgs) -> Result<(), StackError> {
 async fn probe(server: Server, addr: &str) -> Result<String, StackError> {
     match server {
         Server::Cassandra => {
-            let session = cassandra::connect(addr).await?;
+            let session = cassandra::connect(addr, None).await?;
             let version = cassandra::release_version(&session).await?;
             Ok(format!("Cassandra {version}"))
         }
@@ -286,7 +286,7 @@ async fn cql(
     if statements.is_empty() {
         return Err(StackError::Failed("cql: no statement given".into()));
     }
-    let session = cassandra::connect(addr).await?;
+    let session = cassandra::connect(addr, None).await?;
     if let Some(ks) = keyspace {
         session
             .use_keyspace(ks, true)

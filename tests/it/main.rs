@@ -277,7 +277,7 @@ mod cassandra_support {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let s = cassandra::connect(&contact_points())
+                let s = cassandra::connect(&contact_points(), Some(keyspace))
                     .await
                     .expect("Cassandra is up (scripts/stack up)");
                 cassandra::apply_schema(&s, keyspace, cassandra::LOCAL_REPLICATION, "it")
@@ -292,7 +292,11 @@ mod cassandra_support {
 
     pub async fn session(keyspace: &'static str) -> Arc<scylla::client::session::Session> {
         schema(keyspace);
-        Arc::new(cassandra::connect(&contact_points()).await.unwrap())
+        Arc::new(
+            cassandra::connect(&contact_points(), Some(keyspace))
+                .await
+                .unwrap(),
+        )
     }
 
     pub const SHARDS: u32 = 8;
@@ -381,6 +385,26 @@ mod cassandra_mailbox {
 
     async fn make(retention_ms: u64) -> ((), Arc<dyn Mailbox>) {
         ((), Arc::new(mailbox(retention_ms).await))
+    }
+
+    /// A node's session keeps its own keyspace's schema (writes are batched by replica from the
+    /// tokens of its tables' keys) and no other keyspace's: the driver's default, every
+    /// keyspace's full schema after each schema change, made a node's start on a Cassandra with
+    /// many keyspaces seconds slower.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Cassandra: scripts/stack up, then cargo test -- --include-ignored"]
+    async fn the_session_keeps_only_its_own_keyspace_schema() {
+        let s = session(KEYSPACE).await;
+        let cluster = s.get_cluster_state();
+        let token = cluster.compute_token(KEYSPACE, "mailbox_entries", &("client:x", 0i64));
+        assert!(token.is_ok(), "{token:?}");
+        let fetched: Vec<&str> = cluster.keyspaces_iter().map(|(k, _)| k).collect();
+        assert_eq!(fetched, [KEYSPACE]);
+        // Tools that only run statements fetch none.
+        let bare = signalpost::cassandra::connect(&contact_points(), None)
+            .await
+            .unwrap();
+        assert_eq!(bare.get_cluster_state().keyspaces_iter().count(), 0);
     }
 
     // Cassandra's TTL counts whole seconds: a 3 s retention leaves room for it.
@@ -1201,7 +1225,7 @@ mod cassandra_topology {
         use signalpost::topology::cassandra::migrate_bindings;
         const KS: &str = "signalpost_migrate";
         let s = Arc::new(
-            signalpost::cassandra::connect(&contact_points())
+            signalpost::cassandra::connect(&contact_points(), Some(KS))
                 .await
                 .unwrap(),
         );

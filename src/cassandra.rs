@@ -190,7 +190,7 @@ pub fn valid_keyspace(ks: &str) -> bool {
 /// tools that only run statements. By default the driver would fetch every keyspace's full
 /// schema at connect and again after each schema change: on a Cassandra that holds many
 /// keyspaces, a node's start (about 20 `CREATE TABLE`s) then took seconds longer for each
-/// hundred keyspaces there (docs/stack.md).
+/// hundred keyspaces there (docs/cassandra.md).
 pub async fn connect(
     contact_points: &str,
     keyspace: Option<&str>,

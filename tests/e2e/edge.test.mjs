@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { execFileSync } from 'node:child_process';
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 import { startNode, api, connect, waitFor, refusal, tempDir, BACKEND, testCluster } from './lib/harness.mjs';
@@ -444,52 +444,47 @@ test('TLS: HTTPS and WSS only, with the configured certificate', async () => {
   } finally {
     for (const c of clients) c.close();
     await node.stop();
-    rmSync(certs.dir, { recursive: true, force: true });
   }
 });
 
 test('TLS between nodes: a cluster on HTTPS forwards messages over HTTPS, trusting tls_ca', { skip: BACKEND !== 'cluster' && 'needs the cluster backend', timeout: 120000 }, async () => {
   const certs = makeCerts();
-  try {
-    const env = {
-      ...testCluster('tlspeers'),
-      SIGNALPOST_RESUME_SECRET: 'tls-peers-resume-secret-0123456789abcdef',
-      SIGNALPOST_TLS_CERT: certs.certFile,
-      SIGNALPOST_TLS_KEY: certs.keyFile,
-      SIGNALPOST_TLS_CA: join(certs.dir, 'ca.pem'),
-    };
-    const a = await startNode({ env });
-    const b = await startNode({ env });
-    assert.match(a.url, /^https:/);
-    await waitFor(async () => (await httpsApi(b.url, 'GET', '/server/nodes', undefined, { ca: certs.ca })).body.nodes?.length === 2, 30000, 'two members');
-    for (const n of [a, b]) {
-      await waitFor(async () => (await httpsApi(n.url, 'GET', '/healthz', undefined, { ca: certs.ca })).status === 200, 60000, 'ready');
-    }
-    const clients = [];
-    for (const node of [a, b]) {
-      const c = connect(node.url, {}, { transports: ['websocket'], ca: certs.ca });
-      const s = await c.ready;
-      assert.equal((await httpsApi(node.url, 'POST', '/server/connect', { client: s.clientId, addresses: ['channel:tls'] }, { ca: certs.ca })).status, 200);
-      clients.push(c);
-    }
-    for (let i = 0; i < 20; i++) {
-      const via = i % 2 ? a : b;
-      assert.equal((await httpsApi(via.url, 'POST', '/server/enqueue?wait=true', { address: 'channel:tls', payload: i }, { ca: certs.ca })).status, 200);
-    }
-    for (const c of clients) {
-      await waitFor(() => c.events.filter((e) => e.event === 'signal').length >= 20, 20000, '20 signals');
-      assert.deepEqual(c.events.filter((e) => e.event === 'signal').map((e) => e.data.version), [...Array(20).keys()].map((i) => i + 1));
-    }
-    // Each message was appended on one node; the other node's client got it over the HTTPS link.
-    const fromPeers = async (n) => {
-      const m = String((await httpsApi(n.url, 'GET', '/metrics', undefined, { ca: certs.ca })).body);
-      return Number((/^signalpost_from_peers_total (\d+)/m.exec(m) || [])[1] || 0);
-    };
-    assert.ok((await fromPeers(a)) + (await fromPeers(b)) >= 20, 'messages crossed between the nodes');
-    for (const c of clients) c.socket.close();
-    await a.stop();
-    await b.stop();
-  } finally {
-    rmSync(certs.dir, { recursive: true, force: true });
+  const env = {
+    ...testCluster('tlspeers'),
+    SIGNALPOST_RESUME_SECRET: 'tls-peers-resume-secret-0123456789abcdef',
+    SIGNALPOST_TLS_CERT: certs.certFile,
+    SIGNALPOST_TLS_KEY: certs.keyFile,
+    SIGNALPOST_TLS_CA: join(certs.dir, 'ca.pem'),
+  };
+  const a = await startNode({ env });
+  const b = await startNode({ env });
+  assert.match(a.url, /^https:/);
+  await waitFor(async () => (await httpsApi(b.url, 'GET', '/server/nodes', undefined, { ca: certs.ca })).body.nodes?.length === 2, 30000, 'two members');
+  for (const n of [a, b]) {
+    await waitFor(async () => (await httpsApi(n.url, 'GET', '/healthz', undefined, { ca: certs.ca })).status === 200, 60000, 'ready');
   }
+  const clients = [];
+  for (const node of [a, b]) {
+    const c = connect(node.url, {}, { transports: ['websocket'], ca: certs.ca });
+    const s = await c.ready;
+    assert.equal((await httpsApi(node.url, 'POST', '/server/connect', { client: s.clientId, addresses: ['channel:tls'] }, { ca: certs.ca })).status, 200);
+    clients.push(c);
+  }
+  for (let i = 0; i < 20; i++) {
+    const via = i % 2 ? a : b;
+    assert.equal((await httpsApi(via.url, 'POST', '/server/enqueue?wait=true', { address: 'channel:tls', payload: i }, { ca: certs.ca })).status, 200);
+  }
+  for (const c of clients) {
+    await waitFor(() => c.events.filter((e) => e.event === 'signal').length >= 20, 20000, '20 signals');
+    assert.deepEqual(c.events.filter((e) => e.event === 'signal').map((e) => e.data.version), [...Array(20).keys()].map((i) => i + 1));
+  }
+  // Each message was appended on one node; the other node's client got it over the HTTPS link.
+  const fromPeers = async (n) => {
+    const m = String((await httpsApi(n.url, 'GET', '/metrics', undefined, { ca: certs.ca })).body);
+    return Number((/^signalpost_from_peers_total (\d+)/m.exec(m) || [])[1] || 0);
+  };
+  assert.ok((await fromPeers(a)) + (await fromPeers(b)) >= 20, 'messages crossed between the nodes');
+  for (const c of clients) c.socket.close();
+  await a.stop();
+  await b.stop();
 });

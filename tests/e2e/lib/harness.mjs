@@ -14,20 +14,21 @@ export const BIN = process.env.SIGNALPOST_BIN || join(here, '..', '..', '..', 't
 
 /** A fresh folder under the system's temp dir, deleted when the test file ends (kept when
  *  SIGNALPOST_TEST_KEEP=1, to look at a failed run's data dirs). */
+const temps = [];
 export function tempDir(tag = 'sp') {
   const dir = mkdtempSync(join(tmpdir(), `signalpost-${tag}-`));
   temps.push(dir);
   return dir;
 }
-const temps = [];
 
 // Every node this test file started; whatever a failing test left running is killed at the end,
 // then the file's temp folders are deleted (once no node writes into them any more).
 const started = new Set();
 after(async () => {
+  // A process leaves `started` when it exits, so each one here still has its exit to come.
   const gone = [...started].map((p) => new Promise((resolve) => {
-    if (p.exitCode !== null || p.signalCode !== null) resolve();
-    else { p.once('exit', resolve); p.kill('SIGKILL'); }
+    p.once('exit', resolve);
+    p.kill('SIGKILL');
   }));
   await Promise.all(gone);
   if (process.env.SIGNALPOST_TEST_KEEP === '1') return;

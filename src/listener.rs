@@ -22,6 +22,17 @@ use tower_http::timeout::TimeoutBody;
 const MAX_HEAD: usize = 64 * 1024;
 /// How long a shutdown waits for open HTTP connections before it goes on.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Most bytes a connection's kernel send buffer holds that are not yet sent (`TCP_NOTSENT_LOWAT`).
+///
+/// Linux grows a socket's send buffer up to `net.ipv4.tcp_wmem`'s maximum (4 MiB here) while
+/// the peer's window is closed, and anything queued behind it waits for all of it: a client
+/// that reads slowly during a long replay took > 1.5 s to reach an Engine.IO ping queued behind
+/// 3–4 MiB of messages, and the node closed it as a heartbeat timeout. With the unsent part
+/// capped, a full socket is seen at once by socketioxide's channel, the connection's repair
+/// loop pages the rest out of the mailbox as the client reads, and a ping waits behind at most
+/// this much plus what the client's own receive buffer holds. Bytes in flight (the congestion
+/// window) are not limited by it, so a fast reader's throughput is not either.
+const MAX_UNSENT: u32 = 64 * 1024;
 
 /// How the listener treats connections.
 pub struct Limits {
@@ -77,6 +88,7 @@ where
             () = &mut shutdown => break,
         };
         tcp.set_nodelay(true).ok();
+        cap_unsent(&tcp);
         let app = app.clone();
         let read_timeout = limits.read_timeout;
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
@@ -122,6 +134,17 @@ where
         tracing::warn!("some HTTP connections were still open after the grace period");
     }
     Ok(())
+}
+
+/// Caps the bytes `tcp`'s kernel send buffer holds unsent ([`MAX_UNSENT`]); Linux only (elsewhere
+/// the kernel's own sizing applies).
+fn cap_unsent(tcp: &tokio::net::TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(MAX_UNSENT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT could not be set");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = tcp;
 }
 
 /// Serves one connection; when the node stops, lets its request in flight finish and closes it.

@@ -12,6 +12,10 @@
 //! emits nothing: the client drains the buffer and the ping finds room. What is held back stays
 //! in the mailbox and follows, as for any slow client; a connection whose buffer has not been
 //! full within the last interval is never held.
+//!
+//! Once queued, the ping still waits behind the kernel's socket buffers; the listener caps what
+//! the node's side holds unsent (`TCP_NOTSENT_LOWAT`, `crate::listener`), so that wait is bounded
+//! by what the client's own receive buffer holds.
 
 use std::time::{Duration, Instant};
 

@@ -870,10 +870,17 @@ impl Subscriber for Conn {
 
     fn presence(&self, change: &Change) {
         let mut st = self.lock();
-        if matches!(st.phase, Phase::Live | Phase::Repairing)
-            && st.tracks.contains_key(&change.address)
-        {
-            self.control(&mut st, change.event(), change.data());
+        if !st.tracks.contains_key(&change.address) {
+            return;
+        }
+        match st.phase {
+            Phase::Live | Phase::Repairing => {
+                self.control(&mut st, change.event(), change.data());
+            }
+            // Nothing goes out before `session`: the change waits in the queue the replay
+            // flushes first (the connection's own `joined` comes this way).
+            Phase::Setup => st.pending.push_back((change.event(), change.data())),
+            Phase::Closed => {}
         }
     }
 }

@@ -358,7 +358,9 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
     if let Some(user) = user {
         session["user"] = json!(user);
     }
-    conn.start(&session);
+    // Joined before `session`: once a connection is set up, its client is a member through it,
+    // so the end of another of its connections is not announced as a leave. Its own `joined`
+    // waits in the connection's queue and follows `session`.
     let presence: Vec<Address> = addrs
         .iter()
         .filter(|a| a.kind() == Kind::Presence)
@@ -367,6 +369,7 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
     if !presence.is_empty() {
         conn.sync_presence(&presence).await;
     }
+    conn.start(&session);
     for (a, weight) in work {
         svc.work.join(&a, conn.clone(), Some(weight)).await;
     }

@@ -154,6 +154,33 @@ test('a dead node\'s members leave after the leader\'s cleanup', { skip: !cluste
   await a.stop();
 });
 
+test('a connection is a member from its session on: closing the one before it right then is not a leave', { timeout: 120000 }, async () => {
+  const [a, b] = await nodes('presrace');
+  const room = `presence:race-${Date.now()}`;
+  const { alice, bob } = await aliceAndBob(a, b, room);
+  // Bob moves between the nodes ten times; each time his old connection closes the moment the
+  // new one has its `session`. The node must hold his membership through the new connection by
+  // then, so none of it is announced (it used to join only after sending `session`).
+  let previous = bob.c;
+  for (let i = 0; i < 10; i++) {
+    const next = connect(i % 2 ? b.url : a.url, { clientId: bob.id, resumeToken: bob.s.resumeToken, token: jwt('bob') });
+    await next.ready;
+    previous.close();
+    previous = next;
+  }
+  const carol = await member(b.url, a.url, room);
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === carol.id, 10000, 'carol joins');
+  carol.c.close();
+  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === carol.id, 10000, 'carol leaves');
+  assert.deepEqual(changes(alice.c, room), [`joined ${alice.id}`, `joined ${bob.id}`, `joined ${carol.id}`, `left ${carol.id}`],
+    'moving between connections is not announced');
+  previous.close();
+  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === bob.id, 10000, 'bob leaves with his last connection');
+  alice.c.close();
+  await a.stop();
+  if (b !== a) await b.stop();
+});
+
 test('a node restarted under its id before the leader saw it go clears what its earlier process left', { skip: !cluster && 'needs the cluster backend', timeout: 120000 }, async () => {
   // b's ZooKeeper session (30 s) outlives its restart, and the restarted process takes over b's
   // entry: the leader never sees b gone, so only b itself can end what its first process held.

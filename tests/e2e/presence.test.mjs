@@ -51,6 +51,16 @@ async function member(url, apiUrl, room, auth = {}) {
   return { c, id: s.clientId, s };
 }
 
+/** Carol (on b) joins `room` and leaves: once Alice was told both, everything before was
+ * announced too. Then Alice's changes must be exactly `before` followed by Carol's two. */
+async function carolMarks(alice, a, b, room, before, why) {
+  const carol = await member(b.url, a.url, room);
+  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === carol.id, 10000, 'carol joins');
+  carol.c.close();
+  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === carol.id, 10000, 'carol leaves');
+  assert.deepEqual(changes(alice.c, room), [...before, `joined ${carol.id}`, `left ${carol.id}`], why);
+}
+
 /** Alice on a and Bob (user `bob`) on b become members of `room`; resolves once Alice was told. */
 async function aliceAndBob(a, b, room) {
   const alice = await member(a.url, a.url, room);
@@ -93,12 +103,7 @@ test('members join and leave once each, whatever their connections; members and 
   await bob2.waitFor((e) => e.event === 'synced');
   // His first connection goes: he is still a member (the second one holds it).
   bob.c.close();
-  // Carol joins and leaves: a marker that everything before it was announced.
-  const carol = await member(b.url, a.url, room);
-  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === carol.id, 10000, 'carol joins');
-  carol.c.close();
-  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === carol.id, 10000, 'carol leaves');
-  assert.deepEqual(changes(alice.c, room), [`joined ${alice.id}`, `joined ${bob.id}`, `joined ${carol.id}`, `left ${carol.id}`],
+  await carolMarks(alice, a, b, room, [`joined ${alice.id}`, `joined ${bob.id}`],
     'a second connection and the end of one of two are not announced');
   assert.equal((await members(alice.c, { address: room })).members.length, 2);
 
@@ -168,12 +173,7 @@ test('a connection is a member from its session on: closing the one before it ri
     previous.close();
     previous = next;
   }
-  const carol = await member(b.url, a.url, room);
-  await alice.c.waitFor((e) => e.event === 'joined' && e.data.client === carol.id, 10000, 'carol joins');
-  carol.c.close();
-  await alice.c.waitFor((e) => e.event === 'left' && e.data.client === carol.id, 10000, 'carol leaves');
-  assert.deepEqual(changes(alice.c, room), [`joined ${alice.id}`, `joined ${bob.id}`, `joined ${carol.id}`, `left ${carol.id}`],
-    'moving between connections is not announced');
+  await carolMarks(alice, a, b, room, [`joined ${alice.id}`, `joined ${bob.id}`], 'moving between connections is not announced');
   previous.close();
   await alice.c.waitFor((e) => e.event === 'left' && e.data.client === bob.id, 10000, 'bob leaves with his last connection');
   alice.c.close();

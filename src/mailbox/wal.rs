@@ -276,13 +276,19 @@ mod tests {
     /// system takes it), which must give the same file.
     const MODES: [bool; 2] = [false, true];
 
+    /// A new, empty log in a temp dir (deleted when the first element is dropped).
+    fn new_log(generation: u64, direct: bool) -> (tempfile::TempDir, PathBuf, Wal) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w");
+        let (w, old) = Wal::open_with(&p, generation, direct).unwrap();
+        assert!(old.is_empty());
+        (dir, p, w)
+    }
+
     #[test]
     fn records_come_back_in_order_until_the_generation_changes() {
         for direct in MODES {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("w");
-            let (mut w, old) = Wal::open_with(&p, 7, direct).unwrap();
-            assert!(old.is_empty());
+            let (_dir, p, mut w) = new_log(7, direct);
             w.append(b"one").unwrap();
             w.append(b"two").unwrap();
             drop(w);
@@ -300,9 +306,7 @@ mod tests {
     #[test]
     fn a_restart_hides_the_older_generation_behind_it() {
         for direct in MODES {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("w");
-            let (mut w, _) = Wal::open_with(&p, 1, direct).unwrap();
+            let (_dir, p, mut w) = new_log(1, direct);
             for i in 0..100u8 {
                 w.append(&[i; 100]).unwrap();
             }
@@ -320,9 +324,7 @@ mod tests {
     #[test]
     fn a_torn_or_corrupt_record_ends_the_log() {
         for direct in MODES {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("w");
-            let (mut w, _) = Wal::open_with(&p, 1, direct).unwrap();
+            let (_dir, p, mut w) = new_log(1, direct);
             w.append(b"kept").unwrap();
             w.append(b"torn").unwrap();
             w.append(b"after").unwrap();
@@ -344,10 +346,8 @@ mod tests {
     #[test]
     fn records_across_blocks_read_back_whichever_way_they_were_written() {
         for first in MODES {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("w");
+            let (_dir, p, mut w) = new_log(3, first);
             let mut want: Vec<Vec<u8>> = Vec::new();
-            let (mut w, _) = Wal::open_with(&p, 3, first).unwrap();
             let mut k = 0u32;
             let mut next = |len: usize| {
                 k += 1;

@@ -56,10 +56,12 @@ pub struct Wal {
     pos: u64,
     /// The file's length (all of it zero-filled or written, and synced).
     len: u64,
+    /// Direct appends: starts with the bytes of the last partly written block before `pos`
+    /// ([`Wal::tail`] of them), so the block can be written again whole, with the next record.
     buf: Aligned,
-    /// Direct appends: `buf` starts with this many bytes, those of the last partly written
-    /// block before `pos` (so the block can be written again whole, with the next record).
-    tail: usize,
+    /// Tests: the next direct write is refused as a file system may refuse it.
+    #[cfg(test)]
+    refuse_direct: bool,
 }
 
 impl Wal {
@@ -109,15 +111,23 @@ impl Wal {
             pos,
             len,
             buf: Aligned::new(4 * ALIGN),
-            tail: 0,
+            #[cfg(test)]
+            refuse_direct: false,
         };
-        if direct {
-            w.tail = (pos % ALIGN as u64) as usize;
-            let tail = w.tail;
-            w.plain
-                .read_exact_at(&mut w.buf.bytes()[..tail], pos - tail as u64)?;
-        }
+        let tail = w.tail();
+        w.plain
+            .read_exact_at(&mut w.buf.bytes()[..tail], pos - tail as u64)?;
         Ok((w, records))
+    }
+
+    /// Direct appends: how far into its block the next record starts (the bytes before it in
+    /// that block are written again with it). Zero through the page cache.
+    fn tail(&self) -> usize {
+        if self.direct {
+            (self.pos % ALIGN as u64) as usize
+        } else {
+            0
+        }
     }
 
     /// Bytes written since the last restart.
@@ -134,7 +144,7 @@ impl Wal {
         if end > self.len {
             self.grow(end)?;
         }
-        let tail = self.tail;
+        let tail = self.tail();
         let whole = (tail + size).next_multiple_of(ALIGN);
         let buf = self.buf.reserve(whole, tail);
         buf[tail..tail + 4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -143,39 +153,42 @@ impl Wal {
         buf[tail + 16..tail + 20]
             .copy_from_slice(&checksum(self.generation, n, payload).to_le_bytes());
         buf[tail + HEADER..tail + size].copy_from_slice(payload);
-        if !self.direct {
-            self.file.write_all_at(&buf[..size], self.pos)?;
-            self.pos = end;
-            return Ok(());
-        }
-        // Whole blocks, from the start of the one the last record ended in: its first `tail`
-        // bytes are written again as they are, and the rest of the last block is zeros, as the
-        // file is there. (A write torn at a sector leaves each sector old or new; old and new
-        // agree on every byte written before.)
-        buf[tail + size..whole].fill(0);
-        let at = self.pos - tail as u64;
-        match self.file.write_all_at(&buf[..whole], at) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // The file system opened the file for direct I/O but refuses these writes:
-                // go on through the page cache.
-                tracing::warn!(error = %e, "direct writes to the mailbox log refused; writing through the page cache");
-                let (file, _) = open_writer(&self.path, false)?;
-                self.file = file;
-                self.direct = false;
-                self.tail = 0;
-                self.file.write_all_at(&buf[tail..tail + size], self.pos)?;
-                self.pos = end;
-                return Ok(());
+        if self.direct {
+            // Whole blocks, from the start of the one the last record ended in: its first
+            // `tail` bytes are written again as they are, and the rest of the last block is
+            // zeros, as the file is there. (A write torn at a sector leaves each sector old or
+            // new; old and new agree on every byte written before.)
+            buf[tail + size..whole].fill(0);
+            let at = self.pos - tail as u64;
+            #[cfg(not(test))]
+            let written = self.file.write_all_at(&buf[..whole], at);
+            #[cfg(test)]
+            let written = if std::mem::take(&mut self.refuse_direct) {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                self.file.write_all_at(&buf[..whole], at)
+            };
+            match written {
+                Ok(()) => {
+                    self.pos = end;
+                    // The block `pos` is in, up to `pos`, goes to the buffer's start for the
+                    // next append.
+                    let next = (end % ALIGN as u64) as usize;
+                    buf.copy_within(whole - ALIGN..whole - ALIGN + next, 0);
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The file system opened the file for direct I/O but refuses these writes:
+                    // go on through the page cache.
+                    tracing::warn!(error = %e, "direct writes to the mailbox log refused; writing through the page cache");
+                    self.file = open_writer(&self.path, false)?.0;
+                    self.direct = false;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
+        self.file.write_all_at(&buf[tail..tail + size], self.pos)?;
         self.pos = end;
-        // The block `pos` is in, up to `pos`, goes to the buffer's start for the next append.
-        self.tail = (end % ALIGN as u64) as usize;
-        if self.tail > 0 {
-            buf.copy_within(whole - ALIGN..whole - ALIGN + self.tail, 0);
-        }
         Ok(())
     }
 
@@ -184,7 +197,6 @@ impl Wal {
     pub fn restart(&mut self, generation: u64) {
         self.generation = generation;
         self.pos = 0;
-        self.tail = 0;
     }
 
     /// Extends the file with zeros past `end` and syncs it (data and length) once, so that later
@@ -338,6 +350,24 @@ mod tests {
                 vec![b"kept".to_vec()]
             );
         }
+    }
+
+    /// A file system that opens the file for direct I/O and then refuses a direct write: that
+    /// record and the ones after it go through the page cache, right after the records before.
+    #[test]
+    fn a_refused_direct_write_goes_on_through_the_page_cache() {
+        let (_dir, p, mut w) = new_log(4, true);
+        if !w.direct {
+            return; // the temp dir's file system has no direct I/O: nothing to refuse
+        }
+        w.append(b"direct").unwrap();
+        w.refuse_direct = true;
+        w.append(b"refused, then buffered").unwrap();
+        assert!(!w.direct);
+        w.append(b"buffered").unwrap();
+        drop(w);
+        let want = [&b"direct"[..], b"refused, then buffered", b"buffered"].map(|r| r.to_vec());
+        assert_eq!(Wal::open_with(&p, 4, true).unwrap().1, want);
     }
 
     /// Records of every size across block boundaries, a record larger than the buffer and one

@@ -82,6 +82,10 @@ pub struct Config {
     pub work_in_flight: usize,
     /// Most messages appended in one storage batch.
     pub append_batch: usize,
+    /// Threads that run connections, requests and deliveries (the async runtime's workers);
+    /// 0 picks one per core. The store's applier and the log's writes have threads of their
+    /// own besides these.
+    pub workers: usize,
     /// What one node, one client and one request may use.
     pub limits: Limits,
     /// HTTPS and WSS.
@@ -255,6 +259,7 @@ impl Default for Config {
             work_ack_timeout_ms: 30_000,
             work_in_flight: 32,
             append_batch: 4096,
+            workers: 0,
             limits: Limits::default(),
             tls: Tls::default(),
             embedded: EmbeddedConfig::default(),
@@ -340,6 +345,9 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Invalid(String),
 }
+
+/// Most runtime worker threads a node may be given (`workers`).
+const MAX_WORKERS: usize = 1024;
 
 /// The values given as flags; only those set override the other layers.
 #[derive(Debug, Default, Serialize)]
@@ -516,6 +524,12 @@ impl Config {
             return bad(
                 "max_payload_bytes, max_batch, replay_page and append_batch must be positive",
             );
+        }
+        if self.workers > MAX_WORKERS {
+            return bad(&format!(
+                "workers is {}: at most {MAX_WORKERS} (0 = one per core)",
+                self.workers
+            ));
         }
         if self.ping_timeout_ms == 0 || self.ping_timeout_ms >= self.ping_interval_ms {
             // Engine.IO schedules pings on a fixed clock only while each answer comes within the
@@ -773,5 +787,14 @@ mod tests {
         refused(&[("TLS_CERT", "/x.pem")], "go together");
         refused(&[("CORS_ORIGINS", "[\"example.com\"]")], "not an origin");
         assert!(load(None, &[("LISTEN", "0.0.0.0:0"), ("INSECURE", "true")]).is_ok());
+    }
+
+    #[test]
+    fn workers_zero_means_one_per_core_and_too_many_is_refused() {
+        assert_eq!(load(None, &[]).unwrap().workers, 0);
+        assert_eq!(load(None, &[("WORKERS", "1")]).unwrap().workers, 1);
+        let e = load(None, &[("WORKERS", "5000")]).unwrap_err().to_string();
+        assert!(e.contains("workers is 5000: at most 1024"), "{e}");
+        assert!(load(None, &[("WORKERS", "-1")]).is_err());
     }
 }

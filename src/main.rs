@@ -159,20 +159,14 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::Serve(args) => {
-            let out = rt.block_on(serve(args));
-            // Dropping a runtime waits for its blocking tasks however long they take; a
-            // stopping node gives them a bound instead (its drain has already ended).
-            rt.shutdown_timeout(std::time::Duration::from_secs(5));
-            out
-        }
+    let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
+    if let Command::Serve(args) = command {
+        return serve(args);
+    }
+    match command {
+        Command::Serve(_) => unreachable!("handled above"),
         #[cfg(feature = "cluster")]
-        Command::Migrate(args) => rt.block_on(migrate(args)),
+        Command::Migrate(args) => runtime(0)?.block_on(migrate(args)),
         #[cfg(not(feature = "tools"))]
         Command::Tool(args) => {
             eprintln!(
@@ -186,21 +180,23 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(mut args) => {
             args.url = cli.target.url.clone();
             args.api_key = cli.target.api_key.clone();
-            rt.block_on(tools::bench::run(args))?;
+            runtime(0)?.block_on(tools::bench::run(args))?;
             Ok(())
         }
         #[cfg(feature = "cluster")]
-        Command::Stack(args) => rt.block_on(tools::stack::run(args)).map_err(|e| {
+        Command::Stack(args) => runtime(0)?.block_on(tools::stack::run(args)).map_err(|e| {
             eprintln!("{e}");
             std::process::exit(1)
         }),
         #[cfg(not(feature = "cluster"))]
         Command::Stack(args) => tools::stack::run(args),
         #[cfg(feature = "tools")]
-        tool => rt.block_on(run_tool(&cli.target, tool)).map_err(|e| {
-            eprintln!("error: {e}");
-            std::process::exit(1)
-        }),
+        tool => runtime(0)?
+            .block_on(run_tool(&cli.target, tool))
+            .map_err(|e| {
+                eprintln!("error: {e}");
+                std::process::exit(1)
+            }),
     }
 }
 
@@ -222,7 +218,17 @@ async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::C
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The async runtime: `workers` threads, or one per core when 0.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build().context("starting the runtime")
+}
+
+/// The node: its configuration is read first, as it sizes the runtime the node runs on.
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
     signalpost::node::init_logging();
     let flags = Overrides {
         listen: args.listen,
@@ -230,6 +236,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         backend: args.backend,
     };
     let config = Config::load(args.config.as_deref(), &flags)?;
-    signalpost::node::serve(config).await?;
-    Ok(())
+    let rt = runtime(config.workers)?;
+    let out = rt.block_on(signalpost::node::serve(config));
+    // Dropping a runtime waits for its blocking tasks however long they take; a stopping node
+    // gives them a bound instead (its drain has already ended).
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    Ok(out?)
 }

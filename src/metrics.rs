@@ -132,12 +132,20 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text, with the process's resident memory appended.
+    /// The Prometheus text, with the process's resident memory and the runtime's worker
+    /// threads appended.
     pub fn render() -> String {
         let mut out = HANDLE.get().map(|h| h.render()).unwrap_or_default();
         if let Some(rss) = resident_bytes() {
             out.push_str("# TYPE process_resident_memory_bytes gauge\n");
             out.push_str(&format!("process_resident_memory_bytes {rss}\n"));
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            out.push_str("# TYPE signalpost_runtime_workers gauge\n");
+            out.push_str(&format!(
+                "signalpost_runtime_workers {}\n",
+                rt.metrics().num_workers()
+            ));
         }
         out
     }

@@ -1,9 +1,11 @@
 // Readiness: /healthz answers 200 only when the node can apply operations (on the cluster
 // backend, once its Kafka consumer holds its partitions), and the first operations sent right
 // after the first 200 do not time out (they used to: 503 after 5 s on a fresh cluster node).
+// Also: the `workers` setting sizes the runtime a node runs on.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNode, api, connect, waitFor } from './lib/harness.mjs';
+import { availableParallelism } from 'node:os';
+import { startNode, api, connect, metric, waitFor } from './lib/harness.mjs';
 
 test('the first bind and enqueue right after the first 200 from /healthz are applied', async (t) => {
   for (let round = 0; round < 2; round++) {
@@ -28,5 +30,25 @@ test('the first bind and enqueue right after the first 200 from /healthz are app
     t.diagnostic(`round ${round}: ready ${Date.now() - start} ms after the node printed its address; ${statuses.filter((x) => x === 503).length} answers of 503 before`);
     c.close();
     await node.stop();
+  }
+});
+
+test('`workers` sizes the node\'s runtime, and a node with one worker serves', async () => {
+  const cores = availableParallelism();
+  for (const [workers, want] of [[undefined, cores], [1, 1], [3, 3]]) {
+    const env = workers === undefined ? {} : { SIGNALPOST_WORKERS: String(workers) };
+    const node = await startNode({ env });
+    try {
+      assert.equal(await metric(node.url, 'signalpost_runtime_workers'), want, `workers=${workers}`);
+      const c = connect(node.url);
+      const s = await c.ready;
+      const put = await api(node.url, 'POST', '/server/enqueue?wait=true', { address: `client:${s.clientId}`, payload: workers ?? 0 });
+      assert.equal(put.status, 200, JSON.stringify(put.body));
+      await c.waitCount(`client:${s.clientId}`, 1);
+      c.close();
+    } finally {
+      const { code } = await node.stop();
+      assert.equal(code, 0);
+    }
   }
 });

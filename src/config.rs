@@ -83,8 +83,8 @@ pub struct Config {
     /// Most messages appended in one storage batch.
     pub append_batch: usize,
     /// Threads that run connections, requests and deliveries (the async runtime's workers);
-    /// 0 picks one per core. The store's applier and the log's writes have threads of their
-    /// own besides these.
+    /// 0 picks one per core. The embedded store's applier has a thread of its own besides
+    /// these, and large log writes go to the runtime's blocking pool.
     pub workers: usize,
     /// What one node, one client and one request may use.
     pub limits: Limits,

@@ -159,12 +159,10 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
-    if let Command::Serve(args) = command {
-        return serve(args);
-    }
-    match command {
-        Command::Serve(_) => unreachable!("handled above"),
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        // The node sizes its own runtime from its configuration; the other commands take the
+        // default one.
+        Command::Serve(args) => serve(args),
         #[cfg(feature = "cluster")]
         Command::Migrate(args) => runtime(0)?.block_on(migrate(args)),
         #[cfg(not(feature = "tools"))]

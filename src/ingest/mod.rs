@@ -13,7 +13,7 @@ pub mod parse;
 pub mod wire;
 
 use crate::address::{Address, ClientId};
-use crate::mailbox::{Appended, Mailbox, MailboxError, NewMessage, Run};
+use crate::mailbox::{Appended, Appends, Mailbox, MailboxError, NewMessage, Run};
 use crate::metrics::Metrics;
 use crate::routing::{Fanout, Offered};
 use crate::topology::{Binding, Topology, TopologyError};
@@ -220,31 +220,15 @@ impl Processor {
         if !appends.is_empty() {
             let started = Instant::now();
             self.metrics.append_batch.record(appends.len() as f64);
+            let n = appends.len();
             let appended = match run {
                 Some((run, begun)) => self.mailbox.append_in(run, appends, begun).await,
                 None => self.mailbox.append(appends).await,
             };
-            match appended {
-                Ok(out) => {
-                    self.metrics
-                        .append_seconds
-                        .record(started.elapsed().as_secs_f64());
-                    for (slot, a) in slots.into_iter().zip(out) {
-                        if a.duplicate {
-                            self.metrics.duplicates.increment(1);
-                        } else {
-                            fresh.push(a.message.clone());
-                        }
-                        results[slot] = Some(Ok(Outcome::Appended(a)));
-                    }
-                    self.metrics.appends.increment(fresh.len() as u64);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "append failed");
-                    for slot in slots {
-                        results[slot] = Some(Err(IngestError::of_mailbox(e.clone())));
-                    }
-                }
+            let (out, new) = self.appended(appended, n, started);
+            fresh = new;
+            for (slot, r) in slots.into_iter().zip(out) {
+                results[slot] = Some(r);
             }
         }
         for (i, c) in others {
@@ -256,6 +240,77 @@ impl Processor {
                 .map(|r| r.expect("every command has a result"))
                 .collect(),
             fresh,
+        }
+    }
+
+    /// [`Processor::apply`] at once, on the calling thread and without an await, when every
+    /// command is an enqueue and the mailbox can append them so ([`Mailbox::append_now`]);
+    /// the commands back, untouched, otherwise. Nothing can cancel it between the append and
+    /// the hand-out. The caller must not run it beside another apply.
+    pub fn apply_now(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<Result<Outcome, IngestError>>, Vec<Command>> {
+        if commands.is_empty() || !commands.iter().all(|c| matches!(c, Command::Enqueue(_))) {
+            return Err(commands);
+        }
+        let appends: Vec<NewMessage> = commands
+            .into_iter()
+            .filter_map(|c| match c {
+                Command::Enqueue(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let n = appends.len();
+        let started = Instant::now();
+        match self.mailbox.append_now(appends) {
+            Err(back) => Err(back.into_iter().map(Command::Enqueue).collect()),
+            Ok(appended) => {
+                self.metrics.append_batch.record(n as f64);
+                let (results, fresh) = self.appended(appended, n, started);
+                Ok(self.deliver(Persisted { results, fresh }))
+            }
+        }
+    }
+
+    /// The results of an append of `n` messages begun at `started`, in order, and its new
+    /// (not duplicate) messages; counts both.
+    fn appended(
+        &self,
+        appended: Appends,
+        n: usize,
+        started: Instant,
+    ) -> (
+        Vec<Result<Outcome, IngestError>>,
+        Vec<Arc<crate::mailbox::Message>>,
+    ) {
+        match appended {
+            Ok(out) => {
+                self.metrics
+                    .append_seconds
+                    .record(started.elapsed().as_secs_f64());
+                let mut fresh = Vec::with_capacity(out.len());
+                let results = out
+                    .into_iter()
+                    .map(|a| {
+                        if a.duplicate {
+                            self.metrics.duplicates.increment(1);
+                        } else {
+                            fresh.push(a.message.clone());
+                        }
+                        Ok(Outcome::Appended(a))
+                    })
+                    .collect();
+                self.metrics.appends.increment(fresh.len() as u64);
+                (results, fresh)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "append failed");
+                let results = (0..n)
+                    .map(|_| Err(IngestError::of_mailbox(e.clone())))
+                    .collect();
+                (results, Vec::new())
+            }
         }
     }
 

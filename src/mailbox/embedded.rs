@@ -25,7 +25,7 @@
 
 use super::storage_err as st;
 use super::wal::Wal;
-use super::{Appended, Head, Mailbox, MailboxError, Message, NewMessage, Page};
+use super::{Appended, Appends, Head, Mailbox, MailboxError, Message, NewMessage, Page};
 use crate::address::{Address, MAX_ID_LEN, MAX_NAME_LEN, MessageId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::value::RawValue;
@@ -873,14 +873,24 @@ fn decode(address: &Address, version: u64, raw: &[u8]) -> Result<Message, Mailbo
 #[async_trait::async_trait]
 impl Mailbox for EmbeddedMailbox {
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError> {
+        match self.append_now(batch) {
+            Ok(out) => out,
+            Err(batch) => {
+                let this = self.0.inner.clone();
+                run_blocking(move || this.append_blocking(batch)).await
+            }
+        }
+    }
+
+    fn append_now(&self, batch: Vec<NewMessage>) -> Result<Appends, Vec<NewMessage>> {
         if batch.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Ok(Vec::new()));
         }
         if self.0.inner.inline(&batch) {
-            return self.0.inner.append_blocking(batch);
+            Ok(self.0.inner.append_blocking(batch))
+        } else {
+            Err(batch)
         }
-        let this = self.0.inner.clone();
-        run_blocking(move || this.append_blocking(batch)).await
     }
 
     async fn read(

@@ -182,6 +182,9 @@ pub enum MailboxError {
     Fenced(String),
 }
 
+/// The outcome of an append: one [`Appended`] per message, in the order of the batch.
+pub type Appends = Result<Vec<Appended>, MailboxError>;
+
 /// A store of versioned mailboxes.
 ///
 /// Contract (checked by `tests/it/contract/mailbox.rs`):
@@ -193,11 +196,21 @@ pub enum MailboxError {
 ///   (the embedded backend appends nothing; a cluster writer may have appended some of the
 ///   batch) and appending the same ids again is safe;
 /// - `read` returns messages after a version in order, at most `limit`, with the head;
-/// - messages older than the retention are removed by `expire`, and `read` then starts at `low`.
+/// - messages older than the retention are removed by `expire`, and `read` then starts at `low`;
+/// - `append_now` appends as `append` does, or gives the batch back and appends nothing.
 #[async_trait::async_trait]
 pub trait Mailbox: Send + Sync + 'static {
     /// Appends a batch; results are in the order of the batch.
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>, MailboxError>;
+    /// Appends a batch on the calling thread, at once, when this backend can do that without
+    /// waiting for anything but a local disk write (the embedded log, a small batch);
+    /// `Err(batch)`, untouched, when it would have to wait longer (the network, a full
+    /// backlog, a large batch), and by default. The same guarantees as [`Mailbox::append`]
+    /// otherwise. It has no await, so a caller cannot be cancelled part-way; callers must not
+    /// run it beside another append of theirs (the in-process queue holds its apply lock).
+    fn append_now(&self, batch: Vec<NewMessage>) -> Result<Appends, Vec<NewMessage>> {
+        Err(batch)
+    }
     /// Appends a batch as the next append of `run` (see [`Run`]). `begun` is told (or dropped)
     /// once the next append of the run may start: for a backend that overlaps appends, when
     /// this one's versions are reserved; by default, when it is done.

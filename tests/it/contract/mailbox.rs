@@ -104,6 +104,38 @@ pub async fn gap_free(m: Arc<dyn Mailbox>, minted: bool) {
 
 /// The same id to the same address is appended once, within a batch and across batches; the
 /// repeat answers with the original version. The same id to another address is a new message.
+/// `append_now` either appends at once, with the promises of `append` (versions after what
+/// `append` gave, ids kept, readable at once), or gives the batch back untouched and appends
+/// nothing.
+pub async fn append_now(m: Arc<dyn Mailbox>) {
+    let a = fresh_address("channel", "now");
+    m.append(vec![msg(&a, "n1")]).await.expect("append");
+    let batch = vec![msg(&a, "n2"), msg(&a, "n3"), msg(&a, "n1")];
+    match m.append_now(batch) {
+        Ok(out) => {
+            let out = out.expect("append_now");
+            let got: Vec<(u64, bool)> = out
+                .iter()
+                .map(|x| (x.message.version, x.duplicate))
+                .collect();
+            assert_eq!(
+                got,
+                vec![(2, false), (3, false), (1, true)],
+                "as append would"
+            );
+            let page = m.read(&a, 0, 10).await.expect("read");
+            let ids: Vec<String> = page.messages.iter().map(|x| x.id.to_string()).collect();
+            assert_eq!(ids, ["n1", "n2", "n3"], "readable at once, in order");
+        }
+        Err(back) => {
+            let ids: Vec<String> = back.iter().map(|x| x.id.to_string()).collect();
+            assert_eq!(ids, ["n2", "n3", "n1"], "given back untouched");
+            let page = m.read(&a, 0, 10).await.expect("read");
+            assert_eq!(page.messages.len(), 1, "nothing appended");
+        }
+    }
+}
+
 pub async fn idempotent(m: Arc<dyn Mailbox>) {
     let a = fresh_address("channel", "idem");
     let b = fresh_address("client", "idem");

@@ -36,6 +36,12 @@ macro_rules! mailbox_suite {
         }
         $(#[$attr])*
         #[tokio::test]
+        async fn append_now() {
+            let (_keep, m) = $make(60_000).await;
+            crate::contract::mailbox::append_now(m).await;
+        }
+        $(#[$attr])*
+        #[tokio::test]
         async fn idempotent() {
             let (_keep, m) = $make(60_000).await;
             crate::contract::mailbox::idempotent(m).await;

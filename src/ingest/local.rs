@@ -33,8 +33,9 @@ pub struct LocalQueue {
     processor: Arc<Processor>,
     /// Held by whoever applies: the consumer for a batch, or a publisher applying its own.
     applying: Arc<tokio::sync::Mutex<()>>,
-    /// The consumer's last batch held more than one job: publishes are arriving together, and
-    /// share a commit better in the channel than one by one in place.
+    /// The consumer's last batch held more than one job, or left some waiting (a full batch):
+    /// publishes are arriving together, and share a commit better in the channel than one by
+    /// one in place.
     crowded: Arc<AtomicBool>,
     /// Resolves when the consumer has applied its last job.
     done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
@@ -67,7 +68,7 @@ impl LocalQueue {
                         Err(_) => break,
                     }
                 }
-                seen.store(jobs.len() > 1, Ordering::Relaxed);
+                seen.store(jobs.len() > 1 || !rx.is_empty(), Ordering::Relaxed);
                 let mut sizes = Vec::with_capacity(jobs.len());
                 let mut all = Vec::with_capacity(n);
                 let mut replies = Vec::with_capacity(jobs.len());

@@ -33,6 +33,7 @@ use serde_json::{Value, json};
 use socketioxide::SocketIo;
 use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler;
+use socketioxide::socket::DisconnectReason;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -293,7 +294,11 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
     svc.gate.registry.add(&conn);
     {
         let (c1, svc2) = (conn.clone(), svc.clone());
-        s.on_disconnect(async move || cleanup(&c1, &svc2).await);
+        s.on_disconnect(async move |reason: DisconnectReason| {
+            svc2.metrics.disconnects[reason_index(reason)].increment(1);
+            tracing::debug!(client = %c1.client(), %reason, "connection closed");
+            cleanup(&c1, &svc2).await
+        });
     }
     if !s.connected() {
         // Gone while we read its cursors: the disconnect handler came too late to run.
@@ -384,6 +389,20 @@ async fn setup(s: &SocketRef, id: &Identity, svc: &Arc<Gateway>) -> Result<(), S
         }
     }
     Ok(())
+}
+
+/// Where `reason` is in [`crate::metrics::DISCONNECT_REASONS`].
+fn reason_index(reason: DisconnectReason) -> usize {
+    match reason {
+        DisconnectReason::TransportClose => 0,
+        DisconnectReason::ClientNSDisconnect => 1,
+        DisconnectReason::TransportError => 2,
+        DisconnectReason::HeartbeatTimeout => 3,
+        DisconnectReason::PacketParsingError => 4,
+        DisconnectReason::MultipleHttpPollingError => 5,
+        DisconnectReason::ServerNSDisconnect => 6,
+        DisconnectReason::ClosingServer => 7,
+    }
 }
 
 async fn cleanup(conn: &Arc<Conn>, svc: &Arc<Gateway>) {

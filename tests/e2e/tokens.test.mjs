@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startNode, api, connect, refusal, waitFor, tempDir, BACKEND, testCluster } from './lib/harness.mjs';
+import { startNode, api, connect, refusal, waitFor, tempDir, metric, BACKEND, testCluster } from './lib/harness.mjs';
 import { hs256, signed, now } from './lib/tokens.mjs';
 
 const clusterOnly = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
@@ -95,6 +95,23 @@ test('POST /server/kick closes a client\'s or a user\'s connections; revoke ends
     assert.equal(r.status, 400, JSON.stringify(bad));
     assert.equal(typeof r.body.error, 'string');
   }
+  await node.stop();
+});
+
+test('signalpost_disconnects_total counts each closed connection by why', async () => {
+  const node = await startNode();
+  const count = (reason) => metric(node.url, `signalpost_disconnects_total{reason="${reason}"}`);
+  const [left, closed, kicked] = [connect(node.url), connect(node.url), connect(node.url)];
+  await Promise.all([left.ready, closed.ready, kicked.ready]);
+  assert.equal(await count('client_left') + await count('client_closed') + await count('server_closed'), 0);
+  left.socket.disconnect(); // Socket.IO's disconnect packet, then the transport closes
+  await waitFor(async () => await count('client_left') === 1, 5000, 'client_left');
+  closed.socket.io.engine.close(); // the transport alone
+  await waitFor(async () => await count('client_closed') === 1, 5000, 'client_closed');
+  await api(node.url, 'POST', '/server/kick', { client: kicked.session.clientId });
+  await waitFor(async () => await count('server_closed') === 1, 5000, 'server_closed');
+  assert.equal(await count('client_left'), 1, 'each close is counted once, under one reason');
+  assert.equal(await count('heartbeat_timeout'), 0);
   await node.stop();
 });
 

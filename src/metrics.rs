@@ -21,7 +21,6 @@ pub const HANDOFF: &str = "signalpost_append_to_handoff_seconds";
 /// The embedded mailbox's log write per batch: one synchronous write of a few KiB takes a
 /// fraction of a millisecond.
 pub const LOG_WRITE: &str = "signalpost_log_write_seconds";
-/// The finer buckets (50 µs to 1 s) of [`HANDOFF`] and [`LOG_WRITE`].
 /// The `reason` label of `signalpost_disconnects_total`: Engine.IO's and Socket.IO's reasons
 /// for a connection's end (`gateway` maps each to its place here).
 pub const DISCONNECT_REASONS: [&str; 8] = [
@@ -35,6 +34,7 @@ pub const DISCONNECT_REASONS: [&str; 8] = [
     "node_stopping",
 ];
 
+/// The finer buckets (50 µs to 1 s) of [`HANDOFF`] and [`LOG_WRITE`].
 const FINE_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
     0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -79,7 +79,8 @@ pub struct Metrics {
     pub events_refused: Counter,
     /// Connections closed with `kicked` (kick, quota, token expiry, flood).
     pub kicked: Counter,
-    /// `signalpost_disconnects_total{reason}`: connections closed, by why (in the order of [`DISCONNECT_REASONS`]).
+    /// `signalpost_disconnects_total{reason}`: connections closed, by why (in the order of
+    /// [`DISCONNECT_REASONS`]).
     pub disconnects: [Counter; DISCONNECT_REASONS.len()],
     /// Node-to-node requests refused (bad signature, replay, not a member).
     pub peer_refused: Counter,

@@ -119,12 +119,12 @@ impl Queue for LocalQueue {
         // together: apply it here. (`tx` is held until this returns, so the consumer, and
         // `drain` with it, ends after this apply.)
         let alone = !self.crowded.load(Ordering::Relaxed) && tx.capacity() == tx.max_capacity();
-        let commands = match self.applying.try_lock() {
-            Ok(_applying) if alone => match self.processor.apply_now(commands) {
+        let commands = match alone.then(|| self.applying.try_lock().ok()).flatten() {
+            Some(_applying) => match self.processor.apply_now(commands) {
                 Ok(results) => return Ok(results),
                 Err(commands) => commands,
             },
-            _ => commands,
+            None => commands,
         };
         let (reply, rx) = oneshot::channel();
         tx.send(Job { commands, reply })

@@ -102,8 +102,6 @@ pub async fn gap_free(m: Arc<dyn Mailbox>, minted: bool) {
     }
 }
 
-/// The same id to the same address is appended once, within a batch and across batches; the
-/// repeat answers with the original version. The same id to another address is a new message.
 /// `append_now` either appends at once, with the promises of `append` (versions after what
 /// `append` gave, ids kept, readable at once), or gives the batch back untouched and appends
 /// nothing.
@@ -136,6 +134,8 @@ pub async fn append_now(m: Arc<dyn Mailbox>) {
     }
 }
 
+/// The same id to the same address is appended once, within a batch and across batches; the
+/// repeat answers with the original version. The same id to another address is a new message.
 pub async fn idempotent(m: Arc<dyn Mailbox>) {
     let a = fresh_address("channel", "idem");
     let b = fresh_address("client", "idem");

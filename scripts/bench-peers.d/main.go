@@ -79,7 +79,7 @@ func quickParams() Params {
 
 // Result is one scenario measured once against one server: a line of the results file.
 type Result struct {
-	Server     string             `json:"server"` // signalpost, centrifugo, or centrifugo-raised
+	Server     string             `json:"server"` // signalpost, centrifugo, centrifugo-raised or centrifugo-redis
 	Scenario   string             `json:"scenario"`
 	Run        int                `json:"run"`
 	Quick      bool               `json:"quick"`
@@ -95,6 +95,7 @@ func runCmd(args []string) {
 	label := fs.String("label", "", "the name results are filed under (default: --server)")
 	url := fs.String("url", "", "the server's base URL, http://127.0.0.1:PORT")
 	pid := fs.Int("pid", 0, "the server's process id (for RSS and CPU from /proc)")
+	helper := fs.Int("helper-pid", 0, "a process whose CPU counts as the server's too (Centrifugo's Redis)")
 	scenario := fs.String("scenario", "", "idle, fanout, latency, publish1, publish100, setup or recovery")
 	apiKey := fs.String("api-key", "", "the server's HTTP API key")
 	secret := fs.String("token-secret", "", "the HS256 secret of client tokens")
@@ -131,6 +132,9 @@ func runCmd(args []string) {
 		fatalf("unknown --server %q", *server)
 	}
 	env := &Env{T: t, Pid: *pid, P: p, Tag: fmt.Sprintf("r%d-%d", *run, time.Now().UnixNano()%1000000)}
+	if *helper != 0 {
+		env.Helpers = []int{*helper}
+	}
 	fn, ok := scenarios[*scenario]
 	if !ok {
 		fatalf("unknown --scenario %q", *scenario)

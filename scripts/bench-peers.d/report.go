@@ -265,6 +265,23 @@ func reportCmd(args []string) {
 	}
 	table := t.String()
 
+	// Against Centrifugo on its Redis engine with every write fsynced (--durable-peer): the
+	// rows of the scenarios it ran, beside signalpost's from the same runs.
+	durable := ""
+	var d strings.Builder
+	for _, r := range rows(p) {
+		dp := get(durablePeer, r)
+		if dp == nil || len(dp.values) == 0 {
+			continue
+		}
+		sp := get("signalpost", r)
+		text, _, _ := ratioCell(r, sp, dp)
+		fmt.Fprintf(&d, "| %s | %s | %s | %s |\n", r.label, sp.cell(r.format), dp.cell(r.format), text)
+	}
+	if d.Len() > 0 {
+		durable = fmt.Sprintf("Against %s on its **Redis engine, every write fsynced** (Redis 7 with `appendonly yes`, `appendfsync always`: a publish is answered once its history entry is on disk, as signalpost's are; the server CPU includes Redis's):\n\n| scenario | signalpost | %s + Redis | signalpost / that |\n|---|---|---|---|\n", *version, *version) + d.String()
+	}
+
 	var checks string
 	if len(failures) == 0 {
 		checks = "Every delivery was checked per client (fan-out, latency, recovery): none lost, none twice, all in order, in every run."
@@ -286,6 +303,9 @@ func reportCmd(args []string) {
 
 	fmt.Println()
 	fmt.Println(table)
+	if durable != "" {
+		fmt.Println(durable)
+	}
 	fmt.Println(checks)
 
 	if *svg != "" {
@@ -299,6 +319,9 @@ func reportCmd(args []string) {
 		b.WriteString(beginMarker + "\n")
 		fmt.Fprintf(&b, "Measured with `%s`: %s; median of %d run(s) per scenario, (min – max) beside it.\n\n", *command, *machine, len(runs))
 		b.WriteString(table)
+		if durable != "" {
+			b.WriteString("\n" + durable)
+		}
 		b.WriteString("\n" + checks + "\n\n")
 		fmt.Fprintf(&b, "![signalpost / Centrifugo per scenario](%s)\n", *svgRef)
 		b.WriteString(endMarker + "\n")
@@ -307,6 +330,9 @@ func reportCmd(args []string) {
 		}
 	}
 }
+
+// durablePeer is the label of Centrifugo on the Redis engine with fsync always.
+const durablePeer = "centrifugo-redis"
 
 const (
 	beginMarker = "<!-- bench-peers:begin — written by scripts/bench-peers; edits inside are overwritten -->"

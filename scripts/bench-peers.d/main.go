@@ -5,6 +5,7 @@
 //
 //	bench-peers run    --server signalpost|centrifugo --url http://127.0.0.1:PORT --pid PID --scenario NAME ...
 //	bench-peers report --in results.jsonl [--doc docs/benchmarks.md] [--svg docs/bench-peers.svg] ...
+//	bench-peers disk   [--dir /tmp]
 //
 // `run` measures one scenario against one running server (the script starts each server fresh
 // for each scenario) and appends one JSON line to --out. `report` takes the medians over the
@@ -29,13 +30,15 @@ func main() {
 		runCmd(os.Args[2:])
 	case "report":
 		reportCmd(os.Args[2:])
+	case "disk":
+		diskCmd(os.Args[2:])
 	default:
 		usage()
 	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: bench-peers run|report [flags] (bench-peers run -h)")
+	fmt.Fprintln(os.Stderr, "usage: bench-peers run|report|disk [flags] (bench-peers run -h)")
 	os.Exit(2)
 }
 

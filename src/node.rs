@@ -663,7 +663,19 @@ fn spawn_work_link(
                         let body = serde_json::to_vec(&request).unwrap_or_default();
                         let mut all = Vec::new();
                         let mut failed = None;
-                        for (node, got) in peers.ask_all("/internal/work/held", body.into()).await {
+                        // Every node must answer: one left out would have its holdings dealt
+                        // again.
+                        let answers =
+                            match peers.ask_every("/internal/work/held", body.into()).await {
+                                Ok(answers) => answers,
+                                Err(e) => {
+                                    let _ = answer.send(Err(format!(
+                                        "what the other nodes' connections hold is unknown: {e}"
+                                    )));
+                                    return;
+                                }
+                            };
+                        for (node, got) in answers {
                             match got.and_then(|b| {
                                 serde_json::from_slice::<Vec<Holder>>(&b).map_err(|e| e.to_string())
                             }) {

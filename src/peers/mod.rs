@@ -694,18 +694,34 @@ impl Peers {
     }
 
     /// [`Peers::ask`] of every live member other than this node, at once. A single node asks
-    /// nobody.
+    /// nobody; when the members cannot be listed, nobody is asked either (a warning is logged):
+    /// for answers that may be partial. [`Peers::ask_every`] where they may not.
     pub async fn ask_all(&self, path: &str, body: Bytes) -> Vec<(String, Result<Bytes, String>)> {
         if !self.started() {
             return Vec::new();
         }
-        let live = match self.refresh_members().await {
-            Ok(live) => live,
-            Err(e) => {
-                tracing::warn!(error = %e, "asking the other nodes: membership unavailable");
-                return Vec::new();
-            }
-        };
+        self.ask_every(path, body).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "asking the other nodes: membership unavailable");
+            Vec::new()
+        })
+    }
+
+    /// [`Peers::ask`] of every live member other than this node, at once, or an error when
+    /// who they are is unknown: the members cannot be listed, or this node's links have not
+    /// started. For a question whose answer must come from every node (what the connections
+    /// of a work address hold, before it is dealt again).
+    pub async fn ask_every(
+        &self,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Vec<(String, Result<Bytes, String>)>, String> {
+        if !self.started() {
+            return Err("this node has not joined the other nodes yet".into());
+        }
+        let live = self
+            .refresh_members()
+            .await
+            .map_err(|e| format!("the members are unknown: {e}"))?;
         let asks = live.into_iter().map(|(n, url)| {
             let body = body.clone();
             async move {
@@ -713,7 +729,7 @@ impl Peers {
                 (n, r)
             }
         });
-        futures_util::future::join_all(asks).await
+        Ok(futures_util::future::join_all(asks).await)
     }
 }
 

@@ -367,3 +367,74 @@ async fn stopping_the_tasks_ends_the_links_and_send_loops() {
     assert!(tasks.stop(Duration::from_secs(2)).await);
     assert_eq!(tasks.running(), 0);
 }
+
+/// A membership that cannot be read (ZooKeeper unreachable).
+struct Unlisted;
+
+#[async_trait::async_trait]
+impl Membership for Unlisted {
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
+        Err(ClusterError::Unavailable("unreachable in this test".into()))
+    }
+    fn is_leader(&self) -> bool {
+        false
+    }
+    fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::Sender::new(false).subscribe()
+    }
+    fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::Sender::new(0).subscribe()
+    }
+    async fn lock(&self, _: &str, _: Duration) -> Result<ClusterLock, ClusterError> {
+        Err(ClusterError::Unavailable("no locks in this test".into()))
+    }
+}
+
+/// Asking every node is an error while who they are is unknown (links not started, members
+/// not listed), where asking all answers as if there were none; with the members listed it
+/// asks each.
+#[tokio::test]
+async fn asking_every_node_fails_while_the_members_are_unknown() {
+    let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
+    let dir = tempfile::tempdir().unwrap();
+    let me = info("a");
+    let peers = Peers::new(
+        Me {
+            node: me.id.clone(),
+            url: me.url.clone(),
+        },
+        Links {
+            transport: Arc::new(Loopback {
+                net: net.clone(),
+                from: routes::Sender {
+                    node: me.id.clone(),
+                    url: me.url.clone(),
+                },
+            }),
+            router: Arc::new(Router::default()),
+            mailbox: Arc::new(
+                EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap(),
+            ),
+            membership: Arc::new(Unlisted),
+            work: None,
+            metrics: Metrics::install(),
+            tasks: tasks.clone(),
+        },
+    );
+    let ask = || peers.ask_every("/internal/x", Bytes::new());
+    assert!(ask().await.unwrap_err().contains("not joined"));
+    assert!(peers.ask_all("/internal/x", Bytes::new()).await.is_empty());
+    peers.started.store(true, Ordering::SeqCst);
+    assert!(ask().await.unwrap_err().contains("members are unknown"));
+    assert!(peers.ask_all("/internal/x", Bytes::new()).await.is_empty());
+    // Listed: b is asked (the loopback answers 404 for a path it does not route).
+    let (a, _b) = two(&net, &tasks);
+    let got = a
+        .peers
+        .ask_every("/internal/x", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "b");
+    tasks.stop(Duration::from_secs(1)).await;
+}

@@ -922,6 +922,9 @@ impl Dispatcher {
                 .filter(|v| !at_hand.contains_key(v))
                 .collect();
             missing.sort_unstable();
+            // Versions whose read failed: they wait again, and the next dispatch (at the
+            // latest the next `expire`, within a second) reads them again.
+            let mut unread = RoaringTreemap::new();
             let mut i = 0;
             while i < missing.len() {
                 let from = missing[i];
@@ -941,15 +944,19 @@ impl Dispatcher {
                             at_hand.insert(m.version, m);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, %address, "work: reading messages failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, %address, "work: reading messages failed; they wait again");
+                        unread.insert_range(from..=to);
+                    }
                 }
             }
             let mut failed = Vec::new();
             let mut closed: Vec<String> = Vec::new();
             for (conn, v) in &sends {
                 let Some(m) = at_hand.get(v) else {
-                    // Expired meanwhile (or unreadable): not sendable; it stops waiting.
-                    failed.push((*v, false));
+                    // Not read: it waits again. Read and not there: expired meanwhile, so not
+                    // sendable; it stops waiting.
+                    failed.push((*v, unread.contains(*v)));
                     continue;
                 };
                 if conn.node().is_none() {
@@ -989,6 +996,10 @@ impl Dispatcher {
                         q.waiting.remove(v);
                     }
                 }
+            }
+            if !unread.is_empty() {
+                // The store failed: not again at once (`expire` comes back to it).
+                return;
             }
             // Loop to hand the released versions to others.
             tokio::task::yield_now().await;
@@ -1150,6 +1161,127 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert!(got.iter().all(|(c, _)| c.id() == "k0"));
+    }
+
+    /// A mailbox whose next `fail` reads fail (a store that times out now and then).
+    struct FlakyReads {
+        inner: crate::mailbox::embedded::EmbeddedMailbox,
+        fail: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Mailbox for FlakyReads {
+        async fn append(
+            &self,
+            batch: Vec<crate::mailbox::NewMessage>,
+        ) -> Result<Vec<crate::mailbox::Appended>, crate::mailbox::MailboxError> {
+            self.inner.append(batch).await
+        }
+        async fn read(
+            &self,
+            address: &Address,
+            after: u64,
+            limit: usize,
+        ) -> Result<crate::mailbox::Page, crate::mailbox::MailboxError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .fail
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(crate::mailbox::MailboxError::Unavailable(
+                    "injected read failure".into(),
+                ));
+            }
+            self.inner.read(address, after, limit).await
+        }
+        async fn heads(
+            &self,
+            addresses: &[Address],
+        ) -> Result<Vec<crate::mailbox::Head>, crate::mailbox::MailboxError> {
+            self.inner.heads(addresses).await
+        }
+        async fn expire(&self, now_ms: u64) -> Result<u64, crate::mailbox::MailboxError> {
+            self.inner.expire(now_ms).await
+        }
+        async fn healthy(&self) -> Result<(), crate::mailbox::MailboxError> {
+            self.inner.healthy().await
+        }
+    }
+
+    /// A connection that records the versions it is given.
+    struct Recorder(ClientId, Mutex<Vec<u64>>);
+    impl Worker for Recorder {
+        fn id(&self) -> &str {
+            "r"
+        }
+        fn client(&self) -> &ClientId {
+            &self.0
+        }
+        fn give(&self, _: &Address, m: &Arc<Message>) -> bool {
+            self.1.lock().unwrap().push(m.version);
+            true
+        }
+    }
+
+    /// Messages that must be read back from the store to be dealt, and the read fails: they
+    /// wait again and are dealt at the next pass, not dropped from the queue.
+    #[tokio::test]
+    async fn messages_whose_read_failed_wait_and_are_dealt_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let mailbox = Arc::new(FlakyReads {
+            inner: crate::mailbox::embedded::EmbeddedMailbox::open(&path.join("m.redb"), 3_600_000)
+                .unwrap(),
+            fail: 0.into(),
+        });
+        let topo = Arc::new(
+            crate::topology::embedded::EmbeddedTopology::open(&path.join("t.redb")).unwrap(),
+        );
+        let d = Dispatcher::new(
+            "n",
+            Stores {
+                mailbox: mailbox.clone(),
+                topology: topo.clone(),
+                done: topo,
+            },
+            settings(10),
+            None,
+        );
+        let w = Address::parse("work:w").unwrap();
+        // Appended while nobody takes work: not kept at hand, so dealing them reads the store.
+        mailbox
+            .append(
+                (1..=3)
+                    .map(|i| crate::mailbox::NewMessage {
+                        address: w.clone(),
+                        id: crate::address::MessageId::parse(&format!("m{i}")).unwrap(),
+                        payload: serde_json::value::RawValue::from_string("1".into()).unwrap(),
+                        new_id: false,
+                    })
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        mailbox.fail.store(1, std::sync::atomic::Ordering::SeqCst);
+        let r = Arc::new(Recorder(
+            ClientId::parse("c").unwrap(),
+            Mutex::new(Vec::new()),
+        ));
+        d.join(&w, r.clone(), Some(1)).await;
+        assert!(
+            r.1.lock().unwrap().is_empty(),
+            "the read failed: nothing sent"
+        );
+        assert_eq!(
+            d.states(&w, &[1, 2, 3]).await.unwrap(),
+            vec![State::Waiting; 3]
+        );
+        // The next pass (the node's `expire`, every second) reads them again.
+        d.expire(Instant::now()).await;
+        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
+        let held = State::Assigned(r.0.clone());
+        assert_eq!(d.states(&w, &[1, 2, 3]).await.unwrap(), vec![held; 3]);
     }
 
     #[test]

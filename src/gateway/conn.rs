@@ -904,6 +904,11 @@ impl crate::work::Worker for Conn {
         &self.client
     }
 
+    fn takes(&self, address: &Address) -> bool {
+        let st = self.lock();
+        st.phase != Phase::Closed && st.tracks.contains_key(address)
+    }
+
     fn give(&self, address: &Address, message: &Arc<Message>) -> bool {
         let mut st = self.lock();
         if st.phase == Phase::Closed || !st.tracks.contains_key(address) {

@@ -103,6 +103,10 @@ pub struct Peers {
     transport: Arc<dyn Transport>,
     /// The live members other than this node (id → URL), as last read from the membership.
     members: RwLock<HashMap<String, String>>,
+    /// The live members as the last [`Peers::tick`] read them: a member gone from the next
+    /// read has died (`members` is read again by every question to all nodes as well, so it
+    /// cannot tell a departure it has already taken in).
+    ticked: Mutex<HashSet<String>>,
     /// Where messages and binding changes from other nodes are delivered (local only).
     router: Arc<Router>,
     /// Heads are read from it to repair local connections after a link.
@@ -142,6 +146,7 @@ impl Peers {
             url: me.url,
             transport: links.transport,
             members: Default::default(),
+            ticked: Default::default(),
             router: links.router,
             mailbox: links.mailbox,
             membership: links.membership,
@@ -287,20 +292,14 @@ impl Peers {
 
     /// Links to live nodes not linked yet (snapshot, then repair), heartbeats the others.
     async fn tick(&self) {
-        let before: HashSet<String> = self
-            .members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
         let Ok(live) = self.refresh_members().await else {
             return;
         };
+        let departed = self.departed(&live);
         if let Some(work) = &self.work {
             // A node that left the membership is dead to its work: what its connections held
             // goes to others.
-            for gone in before.iter().filter(|n| !live.contains_key(*n)) {
+            for gone in &departed {
                 work.peer_lost(gone, true).await;
             }
         }
@@ -461,6 +460,19 @@ impl Peers {
             .collect();
         *self.members.write().unwrap_or_else(|p| p.into_inner()) = live.clone();
         Ok(live)
+    }
+
+    /// The members of the last tick that are not in `live`, which the next tick compares with.
+    fn departed(&self, live: &HashMap<String, String>) -> Vec<String> {
+        let now: HashSet<String> = live.keys().cloned().collect();
+        let before = std::mem::replace(
+            &mut *self.ticked.lock().unwrap_or_else(|p| p.into_inner()),
+            now,
+        );
+        before
+            .into_iter()
+            .filter(|n| !live.contains_key(n))
+            .collect()
     }
 
     /// Handles `POST /internal/want` from the member `want.node`, reached at `url` (the

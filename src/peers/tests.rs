@@ -390,12 +390,12 @@ impl Membership for Unlisted {
     }
 }
 
-/// Asking every node is an error while who they are is unknown (links not started, members
-/// not listed), where asking all answers as if there were none; with the members listed it
-/// asks each.
-#[tokio::test]
-async fn asking_every_node_fails_while_the_members_are_unknown() {
-    let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
+/// Node `a` alone, with this membership (its links not started).
+fn one(
+    net: &Arc<Net>,
+    tasks: &Tasks,
+    membership: Arc<dyn Membership>,
+) -> (Arc<Peers>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let me = info("a");
     let peers = Peers::new(
@@ -415,12 +415,22 @@ async fn asking_every_node_fails_while_the_members_are_unknown() {
             mailbox: Arc::new(
                 EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap(),
             ),
-            membership: Arc::new(Unlisted),
+            membership,
             work: None,
             metrics: Metrics::install(),
             tasks: tasks.clone(),
         },
     );
+    (peers, dir)
+}
+
+/// Asking every node is an error while who they are is unknown (links not started, members
+/// not listed), where asking all answers as if there were none; with the members listed it
+/// asks each.
+#[tokio::test]
+async fn asking_every_node_fails_while_the_members_are_unknown() {
+    let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
+    let (peers, _dir) = one(&net, &tasks, Arc::new(Unlisted));
     let ask = || peers.ask_every("/internal/x", Bytes::new());
     assert!(ask().await.unwrap_err().contains("not joined"));
     assert!(peers.ask_all("/internal/x", Bytes::new()).await.is_empty());
@@ -436,5 +446,54 @@ async fn asking_every_node_fails_while_the_members_are_unknown() {
         .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, "b");
+    tasks.stop(Duration::from_secs(1)).await;
+}
+
+/// A membership whose list the test changes.
+struct Changing(StdMutex<Vec<NodeInfo>>);
+
+#[async_trait::async_trait]
+impl Membership for Changing {
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+    fn is_leader(&self) -> bool {
+        false
+    }
+    fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::Sender::new(true).subscribe()
+    }
+    fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::Sender::new(1).subscribe()
+    }
+    async fn lock(&self, _: &str, _: Duration) -> Result<ClusterLock, ClusterError> {
+        Err(ClusterError::Unavailable("no locks in this test".into()))
+    }
+}
+
+/// A node that leaves the membership is seen gone by the next tick (and its work goes to
+/// others) even when a question to all nodes read the membership in between.
+#[tokio::test]
+async fn a_departure_is_seen_by_the_next_tick_whoever_read_the_members_first() {
+    let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
+    let members = Arc::new(Changing(StdMutex::new(vec![
+        info("a"),
+        info("b"),
+        info("c"),
+    ])));
+    let (peers, _dir) = one(&net, &tasks, members.clone());
+    peers.started.store(true, Ordering::SeqCst);
+    net.down.lock().unwrap().insert(info("c").url); // listed, does not answer
+    let live = peers.refresh_members().await.unwrap();
+    assert!(
+        peers.departed(&live).is_empty(),
+        "the first tick: nobody left"
+    );
+    members.0.lock().unwrap().retain(|n| n.id != "b");
+    // A question to all nodes reads the membership first (b is no longer listed).
+    assert_eq!(peers.ask_all("/internal/x", Bytes::new()).await.len(), 1);
+    let live = peers.refresh_members().await.unwrap();
+    assert_eq!(peers.departed(&live), vec!["b".to_string()]);
+    assert!(peers.departed(&live).is_empty(), "told once");
     tasks.stop(Duration::from_secs(1)).await;
 }

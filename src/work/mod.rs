@@ -40,6 +40,12 @@ pub trait Worker: Send + Sync + 'static {
     fn node(&self) -> Option<&str> {
         None
     }
+    /// Whether it still takes work of `address` (open, and bound to it). Asked under the
+    /// dispatcher's lock as it joins, so that a connection closed or unbound while its join
+    /// read the weight (its `leave` finding nothing to remove) is not left a taker.
+    fn takes(&self, _address: &Address) -> bool {
+        true
+    }
 }
 
 /// A work message's state, as `GET /server/mailbox/work:<name>` shows it.
@@ -467,19 +473,30 @@ impl Dispatcher {
                 }
             },
         };
-        self.send(Out::All(Frame::Taker {
+        let taker = |joined| Frame::Taker {
             address: address.clone(),
             client: conn.client().clone(),
             conn: conn.id().to_string(),
             weight,
-            joined: true,
-        }));
-        self.add_taker(address, conn, weight);
+            joined,
+        };
+        self.send(Out::All(taker(true)));
+        if !self.add_taker(address, conn.clone(), weight) {
+            // Closed or unbound meanwhile, and its leave came first: the other nodes forget
+            // it again (the link keeps the frames' order).
+            self.send(Out::All(taker(false)));
+            return;
+        }
         self.dispatch(address).await;
     }
 
-    fn add_taker(&self, address: &Address, conn: Arc<dyn Worker>, weight: u32) {
+    /// Adds a connection to a queue's takers, unless it no longer takes the address; whether
+    /// it was added.
+    fn add_taker(&self, address: &Address, conn: Arc<dyn Worker>, weight: u32) -> bool {
         let mut m = self.lock();
+        if !conn.takes(address) {
+            return false;
+        }
         let q = m.entry(address.clone()).or_default();
         match q.takers.iter_mut().find(|t| &t.client == conn.client()) {
             Some(t) => {
@@ -497,6 +514,7 @@ impl Dispatcher {
                 active: Instant::now(),
             }),
         }
+        true
     }
 
     /// A connection of this node stops taking work of `address` (closed, or unbound): what it
@@ -1209,11 +1227,23 @@ mod tests {
         }
     }
 
-    /// A connection that records the versions it is given.
-    struct Recorder(ClientId, Mutex<Vec<u64>>);
+    /// A connection that records the versions it is given; `closed`, it takes nothing.
+    struct Recorder(ClientId, Mutex<Vec<u64>>, std::sync::atomic::AtomicBool);
+    impl Recorder {
+        fn new(client: &str) -> Arc<Self> {
+            Arc::new(Self(
+                ClientId::parse(client).unwrap(),
+                Mutex::new(Vec::new()),
+                false.into(),
+            ))
+        }
+    }
     impl Worker for Recorder {
         fn id(&self) -> &str {
-            "r"
+            self.0.as_str()
+        }
+        fn takes(&self, _: &Address) -> bool {
+            !self.2.load(std::sync::atomic::Ordering::SeqCst)
         }
         fn client(&self) -> &ClientId {
             &self.0
@@ -1224,10 +1254,9 @@ mod tests {
         }
     }
 
-    /// Messages that must be read back from the store to be dealt, and the read fails: they
-    /// wait again and are dealt at the next pass, not dropped from the queue.
-    #[tokio::test]
-    async fn messages_whose_read_failed_wait_and_are_dealt_later() {
+    /// A dispatcher on one node, and three messages of `work:w` appended while nobody took
+    /// work (so none is at hand: dealing them reads the store).
+    async fn three_waiting() -> (tempfile::TempDir, Arc<FlakyReads>, Arc<Dispatcher>, Address) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
         let mailbox = Arc::new(FlakyReads {
@@ -1263,11 +1292,16 @@ mod tests {
             )
             .await
             .unwrap();
+        (dir, mailbox, d, w)
+    }
+
+    /// Messages that must be read back from the store to be dealt, and the read fails: they
+    /// wait again and are dealt at the next pass, not dropped from the queue.
+    #[tokio::test]
+    async fn messages_whose_read_failed_wait_and_are_dealt_later() {
+        let (_dir, mailbox, d, w) = three_waiting().await;
         mailbox.fail.store(1, std::sync::atomic::Ordering::SeqCst);
-        let r = Arc::new(Recorder(
-            ClientId::parse("c").unwrap(),
-            Mutex::new(Vec::new()),
-        ));
+        let r = Recorder::new("c");
         d.join(&w, r.clone(), Some(1)).await;
         assert!(
             r.1.lock().unwrap().is_empty(),
@@ -1282,6 +1316,27 @@ mod tests {
         assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
         let held = State::Assigned(r.0.clone());
         assert_eq!(d.states(&w, &[1, 2, 3]).await.unwrap(), vec![held; 3]);
+    }
+
+    /// A connection that closed (or was unbound) while its join read the weight is not made a
+    /// taker: its leave came first and found nothing, so it would have stayed one for good.
+    #[tokio::test]
+    async fn a_connection_closed_before_its_join_takes_nothing() {
+        let (_dir, _mailbox, d, w) = three_waiting().await;
+        let gone = Recorder::new("gone");
+        gone.2.store(true, std::sync::atomic::Ordering::SeqCst);
+        d.leave(&w, gone.id()).await;
+        d.join(&w, gone.clone(), Some(1)).await;
+        assert!(gone.1.lock().unwrap().is_empty());
+        assert!(
+            d.lock().get(&w).is_none_or(|q| q.takers.is_empty()),
+            "not a taker"
+        );
+        // The next connection gets everything.
+        let r = Recorder::new("c");
+        d.join(&w, r.clone(), Some(1)).await;
+        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
+        assert!(gone.1.lock().unwrap().is_empty());
     }
 
     #[test]

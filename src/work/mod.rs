@@ -91,7 +91,7 @@ struct Taker {
     client: ClientId,
     weight: u32,
     conns: Vec<Arc<dyn Worker>>,
-    /// Smooth weighted round robin.
+    /// Smooth weighted round robin: the credit, within ± the queue's total weight × in-flight.
     current: i64,
     held: usize,
     /// When it last acked (or joined).
@@ -156,11 +156,15 @@ impl Queue {
             .filter(|t| connected(t))
             .map(|t| t.weight as i64)
             .sum();
+        // Bounded both ways: while a full, silent taker loses its turns its credit stops at the
+        // cap, and the ones that take them instead stop at the floor, so once it is back it is
+        // ahead by at most a few rounds of in-flight messages, not by every message it missed.
         let cap = total * in_flight as i64;
         for t in self.takers.iter_mut().filter(|t| connected(t)) {
             t.current = (t.current + t.weight as i64).min(cap);
         }
-        self.takers[chosen].current -= total;
+        let c = &mut self.takers[chosen].current;
+        *c = (*c - total).max(-cap);
         Some(chosen)
     }
 
@@ -1337,6 +1341,36 @@ mod tests {
         d.join(&w, r.clone(), Some(1)).await;
         assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
         assert!(gone.1.lock().unwrap().is_empty());
+    }
+
+    /// A taker that was full and silent for a long while, back and acking at once: it gets
+    /// its turns again, but not a run of every turn it missed while the other waits.
+    #[test]
+    fn a_taker_back_from_a_long_stall_is_not_owed_every_turn_it_missed() {
+        let in_flight = 2;
+        let mut q = queue(&[1, 1], 0);
+        let stall = Duration::from_millis(50);
+        let now = Instant::now() + Duration::from_secs(10);
+        // k0 full and silent: 1 000 turns go to k1 (which acks each at once).
+        q.takers[0].held = in_flight;
+        q.takers[0].active = now - Duration::from_secs(5);
+        for _ in 0..1000 {
+            assert_eq!(q.pick(in_flight, stall, now), Some(1));
+        }
+        // k0 is back: both ack at once from now on.
+        q.takers[0].held = 0;
+        q.takers[0].active = now;
+        let picks: Vec<usize> = (0..40)
+            .map(|_| q.pick(in_flight, stall, now).unwrap())
+            .collect();
+        let run = picks.iter().take_while(|i| **i == 0).count();
+        assert!(
+            run <= 2 * in_flight + 1,
+            "k0 took {run} turns in a row: {picks:?}"
+        );
+        // And then they alternate.
+        let tail = &picks[run..];
+        assert!(tail.windows(2).all(|w| w[0] != w[1]), "{picks:?}");
     }
 
     #[test]

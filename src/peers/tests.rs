@@ -58,13 +58,24 @@ impl Transport for Loopback {
     }
 }
 
-/// Both nodes, listed.
-struct Listed(Vec<NodeInfo>);
+/// The members, as the test lists them; None: the membership cannot be read (ZooKeeper
+/// unreachable).
+struct Listed(StdMutex<Option<Vec<NodeInfo>>>);
+
+impl Listed {
+    fn of(nodes: Vec<NodeInfo>) -> Self {
+        Self(StdMutex::new(Some(nodes)))
+    }
+}
 
 #[async_trait::async_trait]
 impl Membership for Listed {
     async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
-        Ok(self.0.clone())
+        self.0
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| ClusterError::Unavailable("unreachable in this test".into()))
     }
     fn is_leader(&self) -> bool {
         false
@@ -148,42 +159,61 @@ fn info(id: &str) -> NodeInfo {
     }
 }
 
+/// Node `id`'s peers side, reaching the others through `net` (its links not started).
+fn peers_of(
+    id: &str,
+    net: &Arc<Net>,
+    tasks: &Tasks,
+    membership: Arc<dyn Membership>,
+    router: Arc<Router>,
+    mailbox: Arc<dyn Mailbox>,
+) -> Arc<Peers> {
+    let me = info(id);
+    Peers::new(
+        Me {
+            node: me.id.clone(),
+            url: me.url.clone(),
+        },
+        Links {
+            transport: Arc::new(Loopback {
+                net: net.clone(),
+                from: routes::Sender {
+                    node: me.id,
+                    url: me.url,
+                },
+            }),
+            router,
+            mailbox,
+            membership,
+            work: None,
+            metrics: Metrics::install(),
+            tasks: tasks.clone(),
+        },
+    )
+}
+
 /// Nodes `a` and `b`, linked through `net`, their links started.
 fn two(net: &Arc<Net>, tasks: &Tasks) -> (Node, Node) {
-    let members = Arc::new(Listed(vec![info("a"), info("b")]));
+    let members = Arc::new(Listed::of(vec![info("a"), info("b")]));
     let make = |id: &str| {
         let dir = tempfile::tempdir().unwrap();
         let mailbox: Arc<dyn Mailbox> =
             Arc::new(EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap());
         let router = Arc::new(Router::default());
-        let me = info(id);
-        let peers = Peers::new(
-            Me {
-                node: me.id.clone(),
-                url: me.url.clone(),
-            },
-            Links {
-                transport: Arc::new(Loopback {
-                    net: net.clone(),
-                    from: routes::Sender {
-                        node: me.id.clone(),
-                        url: me.url.clone(),
-                    },
-                }),
-                router: router.clone(),
-                mailbox: mailbox.clone(),
-                membership: members.clone(),
-                work: None,
-                metrics: Metrics::install(),
-                tasks: tasks.clone(),
-            },
+        let peers = peers_of(
+            id,
+            net,
+            tasks,
+            members.clone(),
+            router.clone(),
+            mailbox.clone(),
         );
         peers.started.store(true, Ordering::SeqCst);
         let answers = Arc::new(Answers::default());
         net.nodes
             .lock()
             .unwrap()
-            .insert(me.url, (peers.clone(), answers.clone()));
+            .insert(info(id).url, (peers.clone(), answers.clone()));
         Node {
             peers,
             router,
@@ -368,28 +398,6 @@ async fn stopping_the_tasks_ends_the_links_and_send_loops() {
     assert_eq!(tasks.running(), 0);
 }
 
-/// A membership that cannot be read (ZooKeeper unreachable).
-struct Unlisted;
-
-#[async_trait::async_trait]
-impl Membership for Unlisted {
-    async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
-        Err(ClusterError::Unavailable("unreachable in this test".into()))
-    }
-    fn is_leader(&self) -> bool {
-        false
-    }
-    fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
-        tokio::sync::watch::Sender::new(false).subscribe()
-    }
-    fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
-        tokio::sync::watch::Sender::new(0).subscribe()
-    }
-    async fn lock(&self, _: &str, _: Duration) -> Result<ClusterLock, ClusterError> {
-        Err(ClusterError::Unavailable("no locks in this test".into()))
-    }
-}
-
 /// Node `a` alone, with this membership (its links not started).
 fn one(
     net: &Arc<Net>,
@@ -397,29 +405,14 @@ fn one(
     membership: Arc<dyn Membership>,
 ) -> (Arc<Peers>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let me = info("a");
-    let peers = Peers::new(
-        Me {
-            node: me.id.clone(),
-            url: me.url.clone(),
-        },
-        Links {
-            transport: Arc::new(Loopback {
-                net: net.clone(),
-                from: routes::Sender {
-                    node: me.id.clone(),
-                    url: me.url.clone(),
-                },
-            }),
-            router: Arc::new(Router::default()),
-            mailbox: Arc::new(
-                EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap(),
-            ),
-            membership,
-            work: None,
-            metrics: Metrics::install(),
-            tasks: tasks.clone(),
-        },
+    let mailbox = Arc::new(EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap());
+    let peers = peers_of(
+        "a",
+        net,
+        tasks,
+        membership,
+        Arc::new(Router::default()),
+        mailbox,
     );
     (peers, dir)
 }
@@ -430,7 +423,7 @@ fn one(
 #[tokio::test]
 async fn asking_every_node_fails_while_the_members_are_unknown() {
     let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
-    let (peers, _dir) = one(&net, &tasks, Arc::new(Unlisted));
+    let (peers, _dir) = one(&net, &tasks, Arc::new(Listed(StdMutex::new(None))));
     let ask = || peers.ask_every("/internal/x", Bytes::new());
     assert!(ask().await.unwrap_err().contains("not joined"));
     assert!(peers.ask_all("/internal/x", Bytes::new()).await.is_empty());
@@ -449,38 +442,12 @@ async fn asking_every_node_fails_while_the_members_are_unknown() {
     tasks.stop(Duration::from_secs(1)).await;
 }
 
-/// A membership whose list the test changes.
-struct Changing(StdMutex<Vec<NodeInfo>>);
-
-#[async_trait::async_trait]
-impl Membership for Changing {
-    async fn nodes(&self) -> Result<Vec<NodeInfo>, ClusterError> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-    fn is_leader(&self) -> bool {
-        false
-    }
-    fn membership(&self) -> tokio::sync::watch::Receiver<bool> {
-        tokio::sync::watch::Sender::new(true).subscribe()
-    }
-    fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
-        tokio::sync::watch::Sender::new(1).subscribe()
-    }
-    async fn lock(&self, _: &str, _: Duration) -> Result<ClusterLock, ClusterError> {
-        Err(ClusterError::Unavailable("no locks in this test".into()))
-    }
-}
-
 /// A node that leaves the membership is seen gone by the next tick (and its work goes to
 /// others) even when a question to all nodes read the membership in between.
 #[tokio::test]
 async fn a_departure_is_seen_by_the_next_tick_whoever_read_the_members_first() {
     let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
-    let members = Arc::new(Changing(StdMutex::new(vec![
-        info("a"),
-        info("b"),
-        info("c"),
-    ])));
+    let members = Arc::new(Listed::of(vec![info("a"), info("b"), info("c")]));
     let (peers, _dir) = one(&net, &tasks, members.clone());
     peers.started.store(true, Ordering::SeqCst);
     net.down.lock().unwrap().insert(info("c").url); // listed, does not answer
@@ -489,7 +456,9 @@ async fn a_departure_is_seen_by_the_next_tick_whoever_read_the_members_first() {
         peers.departed(&live).is_empty(),
         "the first tick: nobody left"
     );
-    members.0.lock().unwrap().retain(|n| n.id != "b");
+    if let Some(nodes) = members.0.lock().unwrap().as_mut() {
+        nodes.retain(|n| n.id != "b");
+    }
     // A question to all nodes reads the membership first (b is no longer listed).
     assert_eq!(peers.ask_all("/internal/x", Bytes::new()).await.len(), 1);
     let live = peers.refresh_members().await.unwrap();

@@ -21,7 +21,7 @@ use crate::presence::Change;
 use crate::routing::{Fanout, Offered};
 use crate::topology::{ReadMarks, Topology};
 use roaring::RoaringTreemap;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -297,6 +297,8 @@ pub struct Dispatcher {
     holdings: Mutex<HashMap<(Address, u64), Holding>>,
     /// Done versions not stored yet, per address (written by [`Dispatcher::flush`]).
     unsaved: Mutex<HashMap<Address, Vec<u64>>>,
+    /// Addresses whose done versions a [`Dispatcher::flush`] is storing now.
+    saving: Mutex<HashSet<Address>>,
     /// Held by one dispatch at a time, so messages leave in the order they were assigned.
     dispatching: tokio::sync::Mutex<()>,
     /// Frames from other nodes, handled in order by [`Dispatcher::start`]'s task.
@@ -329,6 +331,7 @@ impl Dispatcher {
             link,
             holdings: Default::default(),
             unsaved: Default::default(),
+            saving: Default::default(),
             dispatching: Default::default(),
         })
     }
@@ -796,6 +799,10 @@ impl Dispatcher {
     pub async fn flush(&self) -> bool {
         let mut stored = true;
         let unsaved = std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
+        self.saving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(unsaved.keys().cloned());
         let ttl = self.settings.retention_secs.min(u32::MAX as u64) as u32;
         for (address, versions) in unsaved {
             let low = match self.mailbox.heads(std::slice::from_ref(&address)).await {
@@ -813,6 +820,10 @@ impl Dispatcher {
                     stored = false;
                 }
             }
+            self.saving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&address);
         }
         stored
     }
@@ -821,8 +832,18 @@ impl Dispatcher {
     /// nodes are told); a queue whose shard moved away stops being dealt here, one whose shard
     /// came here with takers starts.
     pub async fn expire(&self, now: Instant) {
+        // Addresses with done versions not stored yet (their queues are kept).
+        let storing: HashSet<Address> = {
+            let unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+            let saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+            unsaved.keys().chain(saving.iter()).cloned().collect()
+        };
         let touched: Vec<Address> = {
             let mut m = self.lock();
+            // A queue nobody here takes from, with nothing held and nothing left to store, is
+            // dropped: it is loaded again from the store when it is wanted (a taker, a status
+            // read), and the node's memory does not grow with every work address ever used.
+            m.retain(|a, q| !q.takers.is_empty() || !q.held.is_empty() || storing.contains(a));
             let mut touched = Vec::new();
             for (a, q) in m.iter_mut() {
                 if !self.owns(a) {
@@ -1371,6 +1392,45 @@ mod tests {
         // And then they alternate.
         let tail = &picks[run..];
         assert!(tail.windows(2).all(|w| w[0] != w[1]), "{picks:?}");
+    }
+
+    /// A queue nobody takes from, with nothing held, is dropped once its done versions are
+    /// stored, and loaded again from the store when wanted (nothing done is dealt again).
+    #[tokio::test]
+    async fn an_idle_queue_is_dropped_once_its_done_set_is_stored() {
+        let (_dir, _mailbox, d, w) = three_waiting().await;
+        let r = Recorder::new("c");
+        d.join(&w, r.clone(), Some(1)).await;
+        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
+        d.expire(Instant::now()).await;
+        assert!(d.lock().contains_key(&w), "a taker holds its messages");
+        for v in 1..=3 {
+            d.ack(&w, &r.0, v).await.unwrap();
+        }
+        d.leave(&w, r.id()).await;
+        d.expire(Instant::now()).await;
+        assert!(
+            d.lock().contains_key(&w),
+            "its done versions are not stored yet"
+        );
+        assert!(d.flush().await);
+        d.expire(Instant::now()).await;
+        assert!(!d.lock().contains_key(&w), "dropped");
+        assert_eq!(
+            d.states(&w, &[1, 2, 3]).await.unwrap(),
+            vec![State::Done; 3]
+        );
+        let again = Recorder::new("c2");
+        d.join(&w, again.clone(), Some(1)).await;
+        d.expire(Instant::now()).await;
+        assert!(
+            d.lock().contains_key(&w),
+            "kept while someone takes from it"
+        );
+        assert!(
+            again.1.lock().unwrap().is_empty(),
+            "nothing done is dealt again"
+        );
     }
 
     #[test]

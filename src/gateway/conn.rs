@@ -77,6 +77,13 @@ struct State {
     slot: Option<super::Slot>,
 }
 
+impl State {
+    /// Open, and bound to `address`.
+    fn takes(&self, address: &Address) -> bool {
+        self.phase != Phase::Closed && self.tracks.contains_key(address)
+    }
+}
+
 enum Step {
     Wait,
     Read(Address, u64),
@@ -439,10 +446,7 @@ impl Conn {
         let mut failed = Vec::new();
         let mut held = self.memberships.lock().await;
         for a in addresses {
-            let want = {
-                let st = self.lock();
-                st.phase != Phase::Closed && st.tracks.contains_key(a)
-            };
+            let want = self.lock().takes(a);
             if !held.differs(a, want) {
                 continue;
             }
@@ -905,13 +909,12 @@ impl crate::work::Worker for Conn {
     }
 
     fn takes(&self, address: &Address) -> bool {
-        let st = self.lock();
-        st.phase != Phase::Closed && st.tracks.contains_key(address)
+        self.lock().takes(address)
     }
 
     fn give(&self, address: &Address, message: &Arc<Message>) -> bool {
         let mut st = self.lock();
-        if st.phase == Phase::Closed || !st.tracks.contains_key(address) {
+        if !st.takes(address) {
             return false;
         }
         if st.pending.is_empty() {

@@ -680,7 +680,11 @@ fn spawn_work_link(
                                 serde_json::from_slice::<Vec<Holder>>(&b).map_err(|e| e.to_string())
                             }) {
                                 Ok(held) => all.extend(held.into_iter().map(|h| Holder {
-                                    node: node.clone(),
+                                    node: if h.node.is_empty() {
+                                        node.clone()
+                                    } else {
+                                        h.node
+                                    },
                                     ..h
                                 })),
                                 Err(e) => failed = Some(format!("{node}: {e}")),

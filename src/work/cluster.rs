@@ -66,12 +66,17 @@ pub struct Holder {
     pub version: u64,
     pub client: ClientId,
     pub conn: String,
-    /// The node the connection is on (filled in by the asker).
+    /// The node the connection is on (filled in by the asker when empty).
     #[serde(default)]
     pub node: String,
     /// The client acked it; its dealer may not have heard (it went meanwhile): done.
     #[serde(default)]
     pub acked: bool,
+    /// Told by the node that dealt it (dealing now, or until the shard moved), not by the
+    /// connection's node: its `Give` may not have arrived there yet. What the connection's
+    /// node says of the same version wins.
+    #[serde(default)]
+    pub dealt: bool,
 }
 
 /// `POST /internal/work/held`: what the receiver's connections hold of `address`; with `adopt`,
@@ -197,16 +202,17 @@ mod tests {
     }
 
     mod handover {
+        use super::super::super::tests::FlakyReads;
         use super::super::super::{Dispatcher, Settings, State, Stores, Worker};
         use super::super::*;
         use crate::address::MessageId;
         use crate::ingest::Owned;
-        use crate::mailbox::embedded::EmbeddedMailbox;
         use crate::mailbox::{Mailbox, NewMessage};
         use crate::routing::Fanout;
         use crate::topology::embedded::EmbeddedTopology;
         use std::sync::Mutex;
         use std::time::Duration;
+        use tokio::sync::RwLock;
 
         /// A connection that records what it is given.
         struct Sink {
@@ -233,28 +239,28 @@ mod tests {
                 got: Mutex::new(Vec::new()),
             })
         }
+        fn got(s: &Sink) -> Vec<u64> {
+            s.got.lock().unwrap().clone()
+        }
 
-        /// Carries one node's [`Out`] to the other node, as the peers would (in order).
+        /// Carries one node's [`Out`] to the other node, as the peers would (frames in order,
+        /// and only while `gate` is open; questions at once, as they go by HTTP).
         fn wire(
             from: &'static str,
             mut rx: mpsc::UnboundedReceiver<Out>,
             to: Arc<Dispatcher>,
+            gate: Arc<RwLock<()>>,
         ) -> tokio::task::JoinHandle<()> {
             tokio::spawn(async move {
                 while let Some(out) = rx.recv().await {
                     match out {
-                        Out::To(_, f) | Out::All(f) => to.receive(from, f),
+                        Out::To(_, f) | Out::All(f) => {
+                            let _open = gate.read().await;
+                            to.receive(from, f)
+                        }
                         Out::Held { request, answer } => {
                             let dealer = request.adopt.then_some(from);
-                            let held = to
-                                .held_here(&request.address, dealer)
-                                .into_iter()
-                                .map(|h| Holder {
-                                    node: if from == "a" { "b" } else { "a" }.into(),
-                                    ..h
-                                })
-                                .collect();
-                            let _ = answer.send(Ok(held));
+                            let _ = answer.send(Ok(to.held_here(&request.address, dealer)));
                         }
                     }
                 }
@@ -265,95 +271,212 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
+        /// Two nodes over one store: `a` deals `work:w` (its shard), where six messages wait,
+        /// appended while nobody took work (so dealing them reads the store).
+        struct Pair {
+            _dir: tempfile::TempDir,
+            mailbox: Arc<FlakyReads>,
+            a: Arc<Dispatcher>,
+            b: Arc<Dispatcher>,
+            owned_a: Owned,
+            owned_b: Owned,
+            /// `a`'s frames to `b` pass while this is not locked for writing.
+            a_to_b: Arc<RwLock<()>>,
+            tasks: crate::tasks::Tasks,
+            w: Address,
+        }
+
+        impl Pair {
+            async fn new() -> Self {
+                let dir = tempfile::tempdir().unwrap();
+                let mailbox = FlakyReads::open(&dir.path().join("m.redb"));
+                let topo = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
+                let stores = || Stores {
+                    mailbox: mailbox.clone(),
+                    topology: topo.clone(),
+                    done: topo.clone(),
+                };
+                let settings = Settings {
+                    ack_timeout: Duration::from_secs(60),
+                    in_flight: 4,
+                    retention_secs: 3600,
+                };
+                let (owned_a, owned_b) = (Owned::default(), Owned::default());
+                owned_a.set(1, &[0]);
+                owned_b.set(1, &[]);
+                let (tx_a, rx_a) = mpsc::unbounded_channel();
+                let (tx_b, rx_b) = mpsc::unbounded_channel();
+                let link = |owned, out| Some(Link { owned, out });
+                let a = Dispatcher::new("a", stores(), settings, link(owned_a.clone(), tx_a));
+                let b = Dispatcher::new("b", stores(), settings, link(owned_b.clone(), tx_b));
+                let tasks = crate::tasks::Tasks::default();
+                a.start(&tasks);
+                b.start(&tasks);
+                let a_to_b = Arc::new(RwLock::new(()));
+                wire("a", rx_a, b.clone(), a_to_b.clone());
+                wire("b", rx_b, a.clone(), Default::default());
+                let w = Address::parse("work:w").unwrap();
+                let appended = mailbox
+                    .append(
+                        (1..=6)
+                            .map(|i| NewMessage {
+                                address: w.clone(),
+                                id: MessageId::parse(&format!("m{i}")).unwrap(),
+                                payload: RawValue::from_string("1".into()).unwrap(),
+                                new_id: false,
+                            })
+                            .collect(),
+                    )
+                    .await
+                    .unwrap();
+                let msgs: Vec<_> = appended.into_iter().map(|x| x.message).collect();
+                a.deliver(&msgs, 0);
+                Pair {
+                    _dir: dir,
+                    mailbox,
+                    a,
+                    b,
+                    owned_a,
+                    owned_b,
+                    a_to_b,
+                    tasks,
+                    w,
+                }
+            }
+
+            /// The shard moves from `a` to `b` (a's consumer is revoked before b's is assigned,
+            /// and a's next sweep drops its queue's state).
+            async fn shard_moves(&self) {
+                self.owned_a.set(1, &[]);
+                self.owned_b.set(1, &[0]);
+                self.a.expire(std::time::Instant::now()).await;
+            }
+
+            /// Every version of the six was given once, to one of `sinks`.
+            fn each_given_once(&self, sinks: &[&Sink]) {
+                let mut all: Vec<u64> = sinks.iter().flat_map(|s| got(s)).collect();
+                all.sort_unstable();
+                assert_eq!(all, (1..=6).collect::<Vec<_>>(), "each once, to one client");
+            }
+        }
+
         /// Node a deals `work:w` to a connection on node b; the shard moves to b: b keeps
         /// what that connection holds (it goes to nobody else), learns what it acked, and deals
         /// the rest.
         #[tokio::test]
         async fn a_new_dealer_keeps_what_is_held_and_learns_what_was_acked() {
-            let dir = tempfile::tempdir().unwrap();
-            let mailbox =
-                Arc::new(EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap());
-            let topo = Arc::new(EmbeddedTopology::open(&dir.path().join("t.redb")).unwrap());
-            let stores = || Stores {
-                mailbox: mailbox.clone(),
-                topology: topo.clone(),
-                done: topo.clone(),
-            };
-            let settings = Settings {
-                ack_timeout: Duration::from_secs(60),
-                in_flight: 4,
-                retention_secs: 3600,
-            };
-            let (owned_a, owned_b) = (Owned::default(), Owned::default());
-            owned_a.set(1, &[0]);
-            owned_b.set(1, &[]);
-            let (tx_a, rx_a) = mpsc::unbounded_channel();
-            let (tx_b, rx_b) = mpsc::unbounded_channel();
-            let link = |owned, out| Some(Link { owned, out });
-            let a = Dispatcher::new("a", stores(), settings, link(owned_a.clone(), tx_a));
-            let b = Dispatcher::new("b", stores(), settings, link(owned_b.clone(), tx_b));
-            let tasks = crate::tasks::Tasks::default();
-            a.start(&tasks);
-            b.start(&tasks);
-            let _wires = (wire("a", rx_a, b.clone()), wire("b", rx_b, a.clone()));
-
-            let w = Address::parse("work:w").unwrap();
-            let appended = mailbox
-                .append(
-                    (1..=6)
-                        .map(|i| NewMessage {
-                            address: w.clone(),
-                            id: MessageId::parse(&format!("m{i}")).unwrap(),
-                            payload: RawValue::from_string("1".into()).unwrap(),
-                            new_id: false,
-                        })
-                        .collect(),
-                )
-                .await
-                .unwrap();
-            let msgs: Vec<_> = appended.into_iter().map(|x| x.message).collect();
-            a.deliver(&msgs, 0);
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
             // A connection on b takes work: a deals it 4 (its in-flight cap), b notes them.
             let k = sink("k", "c1");
-            b.join(&w, k.clone(), Some(1)).await;
+            b.join(w, k.clone(), Some(1)).await;
             settle().await;
-            assert_eq!(*k.got.lock().unwrap(), vec![1, 2, 3, 4]);
-            assert_eq!(b.held_here(&w, None).len(), 4);
+            assert_eq!(got(&k), vec![1, 2, 3, 4]);
+            assert_eq!(b.held_here(w, None).len(), 4);
             // It acks 1 (a hears it) and 2; the ack of 2 is lost on the way (a never hears it).
-            b.ack(&w, &k.client, 1).await.unwrap();
+            b.ack(w, &k.client, 1).await.unwrap();
             settle().await;
             a.flush().await;
-            assert_eq!(a.states(&w, &[1]).await.unwrap(), vec![State::Done]);
+            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Done]);
             let k2 = ClientId::parse("c2").unwrap();
-            assert!(b.ack(&w, &k2, 2).await.is_err(), "only its holder acks it");
+            assert!(b.ack(w, &k2, 2).await.is_err(), "only its holder acks it");
             // The shard moves to b before a hears of the ack of 2.
-            owned_a.set(1, &[]);
             b.holdings().get_mut(&(w.clone(), 2)).unwrap().acked = true;
-            owned_b.set(1, &[0]);
-            a.expire(std::time::Instant::now()).await;
+            p.shard_moves().await;
             // A second connection on b, then b deals: 3 and 4 stay k's, 2 is done, 5 and 6 go.
             let j = sink("j", "c2");
-            b.join(&w, j.clone(), Some(1)).await;
+            b.join(w, j.clone(), Some(1)).await;
             settle().await;
-            let got_j = j.got.lock().unwrap().clone();
-            let got_k = k.got.lock().unwrap().clone();
+            p.each_given_once(&[&k, &j]);
             assert!(
-                got_j.iter().all(|v| *v >= 5)
-                    && got_k.iter().filter(|v| **v >= 5).count() + got_j.len() == 2,
-                "held ones go to nobody else: k {got_k:?}, j {got_j:?}"
+                got(&j).iter().all(|v| *v >= 5),
+                "held ones go to nobody else"
             );
-            let st = b.states(&w, &[1, 2, 3, 4]).await.unwrap();
+            let st = b.states(w, &[1, 2, 3, 4]).await.unwrap();
             let held = State::Assigned(k.client.clone());
             assert_eq!(st, vec![State::Done, State::Done, held.clone(), held]);
             // k acks 3 and 4 to its new dealer, b; a (no longer dealing) reads the states by
             // asking b.
-            b.ack(&w, &k.client, 3).await.unwrap();
-            b.ack(&w, &k.client, 4).await.unwrap();
-            assert!(b.ack(&w, &k.client, 4).await.is_err(), "acked twice");
+            b.ack(w, &k.client, 3).await.unwrap();
+            b.ack(w, &k.client, 4).await.unwrap();
+            assert!(b.ack(w, &k.client, 4).await.is_err(), "acked twice");
             b.flush().await;
-            let st = a.states(&w, &[1, 2, 3, 4]).await.unwrap();
+            let st = a.states(w, &[1, 2, 3, 4]).await.unwrap();
             assert!(st.iter().all(|s| *s == State::Done), "{st:?}");
-            tasks.stop(Duration::from_secs(1)).await;
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// The shard moves while a's `Give`s to a connection on b are still on their way: b
+        /// asks before they arrive, a's answer names them, so b gives them to nobody else; when
+        /// they arrive, their acks go to b, which deals now.
+        #[tokio::test]
+        async fn gives_on_their_way_when_the_shard_moves_go_to_nobody_else() {
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
+            // a loads the queue before its frames to b are held up (its question would wait).
+            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            let held_up = p.a_to_b.clone().write_owned().await;
+            let k = sink("k", "c1");
+            b.join(w, k.clone(), Some(1)).await;
+            settle().await;
+            assert!(got(&k).is_empty(), "a's gives are on their way");
+            p.shard_moves().await;
+            let j = sink("j", "c2");
+            b.join(w, j.clone(), Some(1)).await;
+            settle().await;
+            drop(held_up);
+            settle().await;
+            assert_eq!(got(&k), [1, 2, 3, 4], "a's four came to k");
+            assert!(got(&j).iter().all(|v| *v >= 5), "{:?}", got(&j));
+            // k's acks go to b, and b deals the rest.
+            for v in 1..=4 {
+                b.ack(w, &k.client, v).await.unwrap();
+            }
+            settle().await;
+            let st = b.states(w, &[1, 2, 3, 4]).await.unwrap();
+            assert!(st.iter().all(|s| *s == State::Done), "{st:?}");
+            p.each_given_once(&[&k, &j]);
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// The shard moves while a, having assigned versions to its own connection, still
+        /// reads them from the store: b's question is answered with them, so b gives them to
+        /// nobody else, and the connection's acks go to b.
+        #[tokio::test]
+        async fn versions_assigned_before_the_shard_moved_go_to_nobody_else() {
+            let p = Pair::new().await;
+            let (a, b, w) = (p.a.clone(), p.b.clone(), p.w.clone());
+            assert_eq!(a.states(&w, &[1]).await.unwrap(), vec![State::Waiting]);
+            let reads_wait = p.mailbox.gate.clone().write_owned().await;
+            let l = sink("l", "c1");
+            let dealing_a = tokio::spawn({
+                let (a, w, l) = (a.clone(), w.clone(), l.clone());
+                async move { a.join(&w, l, Some(1)).await }
+            });
+            settle().await;
+            p.shard_moves().await;
+            let j = sink("j", "c2");
+            let dealing_b = tokio::spawn({
+                let (b, w, j) = (b.clone(), w.clone(), j.clone());
+                async move { b.join(&w, j, Some(1)).await }
+            });
+            settle().await;
+            assert!(got(&l).is_empty() && got(&j).is_empty(), "the reads wait");
+            drop(reads_wait);
+            dealing_a.await.unwrap();
+            dealing_b.await.unwrap();
+            settle().await;
+            assert_eq!(got(&l), [1, 2, 3, 4], "a's four came to l");
+            assert!(got(&j).iter().all(|v| *v >= 5), "{:?}", got(&j));
+            // l's acks go to b, and b deals the rest.
+            for v in 1..=4 {
+                a.ack(&w, &l.client, v).await.unwrap();
+            }
+            settle().await;
+            let st = b.states(&w, &[1, 2, 3, 4]).await.unwrap();
+            assert!(st.iter().all(|s| *s == State::Done), "{st:?}");
+            p.each_given_once(&[&l, &j]);
+            p.tasks.stop(Duration::from_secs(1)).await;
         }
     }
 }

@@ -118,6 +118,14 @@ struct Queue {
     takers: Vec<Taker>,
     /// Recently appended messages, so a dispatch needs no read (dropped once done).
     recent: HashMap<u64, Arc<Message>>,
+    /// The node that deals the address now, as the last question with `adopt` named it: what
+    /// a connection here is given from now on is acked to it, whoever sent the message (a
+    /// former dealer's `Give` may arrive after the move).
+    dealer: Option<String>,
+    /// What this node dealt before the address moved away, kept until each one's deadline: a
+    /// `Give` of it may still be on its way to the connection's node, which would not know of
+    /// it yet when the next dealer asks, so this node tells ([`Holder::dealt`]).
+    parted: HashMap<u64, Held>,
 }
 
 /// Most appended messages a queue keeps at hand (payloads may be 64 KiB each); the rest are read
@@ -248,11 +256,12 @@ impl Queue {
     }
 
     /// The address is dealt by another node now: its state is dropped (loaded again, with what
-    /// every node's connections hold, if it comes back).
+    /// every node's connections hold, if it comes back), but what it held is kept as `parted`
+    /// for the next dealer's question.
     fn disown(&mut self) {
         self.loaded = false;
         self.waiting.clear();
-        self.held.clear();
+        self.parted.extend(self.held.drain());
         self.done.clear();
         self.recent.clear();
         for t in &mut self.takers {
@@ -380,24 +389,49 @@ impl Dispatcher {
         Ok(all)
     }
 
-    /// What this node's connections hold of `address`; with `dealer`, their acks go to it now.
+    /// What this node's connections hold of `address`, and what this node dealt of it that may
+    /// not have reached its holder yet; with `dealer`, acks go to that node from now on.
     pub fn held_here(&self, address: &Address, dealer: Option<&str>) -> Vec<Holder> {
+        let mut out = Vec::new();
+        // Under the queue's lock, as dispatch and `Give` note a holding with the dealer they
+        // read: one noted before this has its dealer changed below, one after reads it.
+        let mut m = self.lock();
+        if let Some(q) = m.get_mut(address) {
+            if let Some(d) = dealer {
+                q.dealer = Some(d.to_string());
+            }
+            for (v, h) in q.held.iter().chain(q.parted.iter()) {
+                if !q.done.contains(*v) {
+                    out.push(Holder {
+                        version: *v,
+                        client: h.client.clone(),
+                        conn: h.conn.clone(),
+                        node: h.node.clone().unwrap_or_else(|| self.node.clone()),
+                        acked: false,
+                        dealt: true,
+                    });
+                }
+            }
+        }
         let mut h = self.holdings();
-        h.iter_mut()
-            .filter(|((a, _), _)| a == address)
-            .map(|((_, v), hold)| {
-                if let Some(d) = dealer {
-                    hold.from = d.to_string();
-                }
-                Holder {
-                    version: *v,
-                    client: hold.client.clone(),
-                    conn: hold.conn.clone(),
-                    node: self.node.clone(),
-                    acked: hold.acked,
-                }
-            })
-            .collect()
+        out.extend(
+            h.iter_mut()
+                .filter(|((a, _), _)| a == address)
+                .map(|((_, v), hold)| {
+                    if let Some(d) = dealer {
+                        hold.from = d.to_string();
+                    }
+                    Holder {
+                        version: *v,
+                        client: hold.client.clone(),
+                        conn: hold.conn.clone(),
+                        node: self.node.clone(),
+                        acked: hold.acked,
+                        dealt: false,
+                    }
+                }),
+        );
+        out
     }
 
     /// Loads a queue's state once, when this node starts dealing it: every kept version not
@@ -406,7 +440,10 @@ impl Dispatcher {
         if self.lock().get(address).is_some_and(|q| q.loaded) {
             return Ok(());
         }
-        let holders = self.ask_held(address, true).await?;
+        let mut holders = self.ask_held(address, true).await?;
+        // Where the connections are is the truth; what a former dealer says it gave counts only
+        // for versions nobody reports (its `Give` still on the way).
+        holders.sort_by_key(|h| h.dealt);
         let (done, _) = self
             .done_store
             .marks(&done_key(), address)
@@ -458,6 +495,8 @@ impl Dispatcher {
         for v in q.held.keys() {
             q.waiting.remove(*v);
         }
+        // What it dealt before, if it deals again: taken into account above (its own answer).
+        q.parted.clear();
         q.loaded = true;
         drop(m);
         self.unsaved(address, acked);
@@ -549,6 +588,7 @@ impl Dispatcher {
         let q = m.get_mut(address)?;
         let client = q.drop_conns(|c| c.id() == conn).pop();
         q.release_where(|h| h.conn == conn);
+        q.parted.retain(|_, h| h.conn != conn);
         client
     }
 
@@ -616,6 +656,7 @@ impl Dispatcher {
             q.done.insert(version);
             q.waiting.remove(version);
             q.recent.remove(&version);
+            q.parted.remove(&version);
         }
         self.unsaved(address, [version]);
         self.dispatch(address).await;
@@ -684,33 +725,51 @@ impl Dispatcher {
                 version,
                 signal,
             } => {
-                let local = self.lock().get(&address).and_then(|q| {
-                    q.takers
-                        .iter()
-                        .flat_map(|t| t.conns.iter())
-                        .find(|c| c.id() == conn && c.node().is_none())
-                        .cloned()
-                });
-                let given = match (local, Message::from_signal(signal)) {
-                    (Some(c), Some(m)) => {
-                        // Noted before it is sent: the client may ack at once.
+                let message = Message::from_signal(signal);
+                // Noted before it is sent (the client may ack at once), under the queue's lock,
+                // acked to the node that deals the address now: the one that sent it, unless
+                // another adopted the address since (it sent this before the shard moved).
+                let (local, dealer) = {
+                    let m = self.lock();
+                    let q = m.get(&address);
+                    let dealer = q
+                        .and_then(|q| q.dealer.clone())
+                        .unwrap_or_else(|| from.to_string());
+                    let local = q.and_then(|q| {
+                        q.takers
+                            .iter()
+                            .flat_map(|t| t.conns.iter())
+                            .find(|c| c.id() == conn && c.node().is_none())
+                            .cloned()
+                    });
+                    if let (Some(c), Some(_)) = (&local, &message) {
                         self.holdings().insert(
                             (address.clone(), version),
                             Holding {
                                 conn: conn.clone(),
                                 client: c.client().clone(),
-                                from: from.to_string(),
+                                from: dealer.clone(),
                                 deadline: Instant::now() + self.settings.ack_timeout + GRACE,
                                 acked: false,
                             },
                         );
-                        c.give(&address, &Arc::new(m))
                     }
+                    (local, dealer)
+                };
+                let given = match (local, message) {
+                    (Some(c), Some(m)) => c.give(&address, &Arc::new(m)),
                     _ => false,
                 };
                 if !given {
                     self.holdings().remove(&(address.clone(), version));
-                    self.send(Out::To(from.to_string(), Frame::Gone { address, conn }));
+                    let gone = || Frame::Gone {
+                        address: address.clone(),
+                        conn: conn.clone(),
+                    };
+                    if dealer != from {
+                        self.send(Out::To(dealer.clone(), gone()));
+                    }
+                    self.send(Out::To(from.to_string(), gone()));
                 }
             }
             Frame::Revoke {
@@ -840,10 +899,19 @@ impl Dispatcher {
         };
         let touched: Vec<Address> = {
             let mut m = self.lock();
+            for q in m.values_mut() {
+                // Past its deadline a version's next dealer has taken it back.
+                q.parted.retain(|_, h| h.deadline > now);
+            }
             // A queue nobody here takes from, with nothing held and nothing left to store, is
             // dropped: it is loaded again from the store when it is wanted (a taker, a status
             // read), and the node's memory does not grow with every work address ever used.
-            m.retain(|a, q| !q.takers.is_empty() || !q.held.is_empty() || storing.contains(a));
+            m.retain(|a, q| {
+                !q.takers.is_empty()
+                    || !q.held.is_empty()
+                    || !q.parted.is_empty()
+                    || storing.contains(a)
+            });
             let mut touched = Vec::new();
             for (a, q) in m.iter_mut() {
                 if !self.owns(a) {
@@ -910,7 +978,10 @@ impl Dispatcher {
         }
         let mut held: HashMap<u64, ClientId> = HashMap::new();
         let mut acked = RoaringTreemap::new();
-        for h in self.ask_held(address, false).await? {
+        let mut holders = self.ask_held(address, false).await?;
+        // What the connections' nodes say is applied last: it wins over what a dealer says.
+        holders.sort_by_key(|h| !h.dealt);
+        for h in holders {
             if h.acked {
                 acked.insert(h.version);
             } else {
@@ -940,6 +1011,11 @@ impl Dispatcher {
             return;
         }
         let _one_at_a_time = self.dispatching.lock().await;
+        // Again: the shard may have moved while this waited for the one before (a load now
+        // would make this node the dealer again at every node).
+        if !self.owns(address) {
+            return;
+        }
         if let Err(e) = self.load(address).await {
             tracing::warn!(error = %e, %address, "work: loading the queue failed; retrying");
             return;
@@ -947,6 +1023,11 @@ impl Dispatcher {
         loop {
             let (sends, mut at_hand) = {
                 let mut m = self.lock();
+                // Asked again under the lock each round: once the shard has moved, the next
+                // dealer's question (which takes this lock) sees everything assigned here.
+                if !self.owns(address) {
+                    return;
+                }
                 let Some(q) = m.get_mut(address) else { return };
                 let sends = q.assign(&self.settings, Instant::now());
                 let at_hand: HashMap<u64, Arc<Message>> = sends
@@ -993,6 +1074,28 @@ impl Dispatcher {
                     }
                 }
             }
+            // Noted before they are sent (the client may ack at once), under the queue's lock
+            // and with the dealer it names: if the shard moved meanwhile, acks go to the next
+            // dealer, which learnt of these from this node's answer (`held_here`).
+            {
+                let m = self.lock();
+                let dealer = m.get(address).and_then(|q| q.dealer.clone());
+                let mut holdings = self.holdings();
+                for (conn, v) in sends.iter().filter(|(c, _)| c.node().is_none()) {
+                    if at_hand.contains_key(v) {
+                        holdings.insert(
+                            (address.clone(), *v),
+                            Holding {
+                                conn: conn.id().to_string(),
+                                client: conn.client().clone(),
+                                from: dealer.clone().unwrap_or_else(|| self.node.clone()),
+                                deadline: Instant::now() + self.settings.ack_timeout + GRACE,
+                                acked: false,
+                            },
+                        );
+                    }
+                }
+            }
             let mut failed = Vec::new();
             let mut closed: Vec<String> = Vec::new();
             for (conn, v) in &sends {
@@ -1002,19 +1105,6 @@ impl Dispatcher {
                     failed.push((*v, unread.contains(*v)));
                     continue;
                 };
-                if conn.node().is_none() {
-                    // Noted before it is sent: the client may ack at once.
-                    self.holdings().insert(
-                        (address.clone(), *v),
-                        Holding {
-                            conn: conn.id().to_string(),
-                            client: conn.client().clone(),
-                            from: self.node.clone(),
-                            deadline: Instant::now() + self.settings.ack_timeout + GRACE,
-                            acked: false,
-                        },
-                    );
-                }
                 if !conn.give(address, m) {
                     self.holdings().remove(&(address.clone(), *v));
                     failed.push((*v, true));
@@ -1032,6 +1122,8 @@ impl Dispatcher {
                     t.conns.retain(|c| !closed.iter().any(|id| id == c.id()));
                 }
                 for (v, retry) in failed {
+                    // Not given: nobody holds it (also if the shard moved meanwhile).
+                    q.parted.remove(&v);
                     if retry {
                         q.release(v);
                     } else {
@@ -1206,10 +1298,22 @@ mod tests {
         assert!(got.iter().all(|(c, _)| c.id() == "k0"));
     }
 
-    /// A mailbox whose next `fail` reads fail (a store that times out now and then).
-    struct FlakyReads {
+    /// A mailbox whose next `fail` reads fail (a store that times out now and then), and whose
+    /// reads wait while `gate` is locked for writing (a slow store).
+    pub(super) struct FlakyReads {
         inner: crate::mailbox::embedded::EmbeddedMailbox,
         fail: std::sync::atomic::AtomicUsize,
+        pub(super) gate: Arc<tokio::sync::RwLock<()>>,
+    }
+
+    impl FlakyReads {
+        pub(super) fn open(path: &std::path::Path) -> Arc<Self> {
+            Arc::new(FlakyReads {
+                inner: crate::mailbox::embedded::EmbeddedMailbox::open(path, 3_600_000).unwrap(),
+                fail: 0.into(),
+                gate: Default::default(),
+            })
+        }
     }
 
     #[async_trait::async_trait]
@@ -1227,6 +1331,7 @@ mod tests {
             limit: usize,
         ) -> Result<crate::mailbox::Page, crate::mailbox::MailboxError> {
             use std::sync::atomic::Ordering::SeqCst;
+            let _open = self.gate.read().await;
             if self
                 .fail
                 .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
@@ -1284,11 +1389,7 @@ mod tests {
     async fn three_waiting() -> (tempfile::TempDir, Arc<FlakyReads>, Arc<Dispatcher>, Address) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
-        let mailbox = Arc::new(FlakyReads {
-            inner: crate::mailbox::embedded::EmbeddedMailbox::open(&path.join("m.redb"), 3_600_000)
-                .unwrap(),
-            fail: 0.into(),
-        });
+        let mailbox = FlakyReads::open(&path.join("m.redb"));
         let topo = Arc::new(
             crate::topology::embedded::EmbeddedTopology::open(&path.join("t.redb")).unwrap(),
         );

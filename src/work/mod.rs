@@ -551,14 +551,23 @@ impl Dispatcher {
                     t.conns.push(conn);
                 }
             }
-            None => q.takers.push(Taker {
-                client: conn.client().clone(),
-                weight,
-                conns: vec![conn],
-                current: 0,
-                held: 0,
-                active: Instant::now(),
-            }),
+            None => {
+                // What the client holds already counts against its room: a taker told again
+                // after its node's link was made anew (its holdings kept) starts with them.
+                let held = q
+                    .held
+                    .values()
+                    .filter(|h| &h.client == conn.client())
+                    .count();
+                q.takers.push(Taker {
+                    client: conn.client().clone(),
+                    weight,
+                    conns: vec![conn],
+                    current: 0,
+                    held,
+                    active: Instant::now(),
+                })
+            }
         }
         true
     }
@@ -1442,6 +1451,23 @@ mod tests {
         assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
         let held = State::Assigned(r.0.clone());
         assert_eq!(d.states(&w, &[1, 2, 3]).await.unwrap(), vec![held; 3]);
+    }
+
+    /// A taker forgotten while what it holds stays held (its node's link was made anew) and
+    /// told again: it starts with what it holds counted, so it is not given more than its room.
+    #[tokio::test]
+    async fn a_taker_told_again_counts_what_it_holds() {
+        let (_dir, _mailbox, d, w) = three_waiting().await;
+        let r = Recorder::new("c");
+        d.join(&w, r.clone(), Some(1)).await;
+        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
+        // Forgotten as `peer_lost` forgets a linked node's takers: its holdings stay.
+        d.lock().get_mut(&w).unwrap().drop_conns(|_| true);
+        d.join(&w, r.clone(), Some(1)).await;
+        let m = d.lock();
+        let q = m.get(&w).unwrap();
+        assert_eq!(q.held.len(), 3);
+        assert_eq!(q.takers[0].held, 3, "what it holds counts against its room");
     }
 
     /// A connection that closed (or was unbound) while its join read the weight is not made a

@@ -389,6 +389,18 @@ impl Dispatcher {
         Ok(all)
     }
 
+    /// A holding of one of this node's connections, acked to `from`: noted before the message
+    /// is sent (the client may ack at once), under the queue's lock (see [`Self::held_here`]).
+    fn holding(&self, conn: &dyn Worker, from: String) -> Holding {
+        Holding {
+            conn: conn.id().to_string(),
+            client: conn.client().clone(),
+            from,
+            deadline: Instant::now() + self.settings.ack_timeout + GRACE,
+            acked: false,
+        }
+    }
+
     /// What this node's connections hold of `address`, and what this node dealt of it that may
     /// not have reached its holder yet; with `dealer`, acks go to that node from now on.
     pub fn held_here(&self, address: &Address, dealer: Option<&str>) -> Vec<Holder> {
@@ -754,13 +766,7 @@ impl Dispatcher {
                     if let (Some(c), Some(_)) = (&local, &message) {
                         self.holdings().insert(
                             (address.clone(), version),
-                            Holding {
-                                conn: conn.clone(),
-                                client: c.client().clone(),
-                                from: dealer.clone(),
-                                deadline: Instant::now() + self.settings.ack_timeout + GRACE,
-                                acked: false,
-                            },
+                            self.holding(c.as_ref(), dealer.clone()),
                         );
                     }
                     (local, dealer)
@@ -1092,16 +1098,8 @@ impl Dispatcher {
                 let mut holdings = self.holdings();
                 for (conn, v) in sends.iter().filter(|(c, _)| c.node().is_none()) {
                     if at_hand.contains_key(v) {
-                        holdings.insert(
-                            (address.clone(), *v),
-                            Holding {
-                                conn: conn.id().to_string(),
-                                client: conn.client().clone(),
-                                from: dealer.clone().unwrap_or_else(|| self.node.clone()),
-                                deadline: Instant::now() + self.settings.ack_timeout + GRACE,
-                                acked: false,
-                            },
-                        );
+                        let from = dealer.clone().unwrap_or_else(|| self.node.clone());
+                        holdings.insert((address.clone(), *v), self.holding(conn.as_ref(), from));
                     }
                 }
             }

@@ -348,13 +348,22 @@ mod cassandra_support {
         let res = s.query_unpaged(q, (key,)).await.unwrap();
         let id = res.tracing_id().expect("a traced read has a tracing id");
         let rows = res.into_rows_result().unwrap().rows_num();
-        let info = s.get_tracing_info(&id).await.unwrap();
-        let counts = info
-            .events
-            .iter()
-            .filter_map(|e| e.activity.clone())
-            .filter(|a| a.contains("live rows and"))
-            .collect();
+        // Cassandra writes a trace's events asynchronously, after the answer: the counting line
+        // may come a moment after the session is listed (read again for up to 5 s).
+        let mut counts = Vec::new();
+        for _ in 0..50 {
+            let info = s.get_tracing_info(&id).await.unwrap();
+            counts = info
+                .events
+                .iter()
+                .filter_map(|e| e.activity.clone())
+                .filter(|a| a.contains("live rows and"))
+                .collect();
+            if !counts.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         (rows, counts)
     }
 

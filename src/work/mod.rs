@@ -308,11 +308,19 @@ pub struct Dispatcher {
     unsaved: Mutex<HashMap<Address, Vec<u64>>>,
     /// Addresses whose done versions a [`Dispatcher::flush`] is storing now.
     saving: Mutex<HashSet<Address>>,
-    /// Held by one dispatch at a time, so messages leave in the order they were assigned.
-    dispatching: tokio::sync::Mutex<()>,
+    /// Each address's turn to dispatch, held by one dispatch of it at a time, so its messages
+    /// leave in the order they were assigned; other addresses dispatch meanwhile.
+    turns: Mutex<Turns>,
     /// Frames from other nodes, handled in order by [`Dispatcher::start`]'s task.
     inbox: mpsc::UnboundedSender<(String, Frame)>,
     inbox_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, Frame)>>>,
+}
+
+/// The addresses being dispatched, or waited for (see [`Dispatcher::turn`]).
+#[derive(Default)]
+struct Turns {
+    live: HashMap<Address, std::sync::Weak<tokio::sync::Mutex<()>>>,
+    sweep_at: usize,
 }
 
 /// What a dispatcher reads and writes.
@@ -341,7 +349,7 @@ impl Dispatcher {
             holdings: Default::default(),
             unsaved: Default::default(),
             saving: Default::default(),
-            dispatching: Default::default(),
+            turns: Default::default(),
         })
     }
 
@@ -355,6 +363,23 @@ impl Dispatcher {
 
     fn holdings(&self) -> MutexGuard<'_, HashMap<(Address, u64), Holding>> {
         self.holdings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `address`'s turn to dispatch: the one every dispatch of it waits for while another holds it.
+    fn turn(&self, address: &Address) -> Arc<tokio::sync::Mutex<()>> {
+        let mut t = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(turn) = t.live.get(address).and_then(std::sync::Weak::upgrade) {
+            return turn;
+        }
+        // Turns nobody holds or waits for are dropped once the map has doubled since the
+        // last sweep (so sweeping costs O(1) per turn made).
+        if t.live.len() >= t.sweep_at {
+            t.live.retain(|_, w| w.strong_count() > 0);
+            t.sweep_at = (2 * t.live.len()).max(64);
+        }
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        t.live.insert(address.clone(), Arc::downgrade(&turn));
+        turn
     }
 
     /// Whether this node deals `address` now.
@@ -1025,7 +1050,7 @@ impl Dispatcher {
         if !self.owns(address) {
             return;
         }
-        let _one_at_a_time = self.dispatching.lock().await;
+        let _one_at_a_time = self.turn(address).lock_owned().await;
         // Again: the shard may have moved while this waited for the one before (a load now
         // would make this node the dealer again at every node).
         if !self.owns(address) {
@@ -1191,13 +1216,13 @@ impl Fanout for Dispatcher {
         if touched.is_empty() {
             return Offered::default();
         }
-        // Dispatch off the processor's path.
+        // Dispatch off the processor's path, each address on its own (one waiting for a read
+        // does not hold up the others).
         if let (Ok(rt), Some(me)) = (tokio::runtime::Handle::try_current(), self.me()) {
-            rt.spawn(async move {
-                for a in touched {
-                    me.dispatch(&a).await;
-                }
-            });
+            for a in touched {
+                let me = me.clone();
+                rt.spawn(async move { me.dispatch(&a).await });
+            }
         }
         Offered::default()
     }
@@ -1311,6 +1336,8 @@ mod tests {
         inner: crate::mailbox::embedded::EmbeddedMailbox,
         fail: std::sync::atomic::AtomicUsize,
         pub(super) gate: Arc<tokio::sync::RwLock<()>>,
+        /// Reads begun (counted before they wait for `gate`).
+        begun: std::sync::atomic::AtomicUsize,
     }
 
     impl FlakyReads {
@@ -1319,6 +1346,7 @@ mod tests {
                 inner: crate::mailbox::embedded::EmbeddedMailbox::open(path, 3_600_000).unwrap(),
                 fail: 0.into(),
                 gate: Default::default(),
+                begun: 0.into(),
             })
         }
     }
@@ -1338,6 +1366,7 @@ mod tests {
             limit: usize,
         ) -> Result<crate::mailbox::Page, crate::mailbox::MailboxError> {
             use std::sync::atomic::Ordering::SeqCst;
+            self.begun.fetch_add(1, SeqCst);
             let _open = self.gate.read().await;
             if self
                 .fail
@@ -1449,6 +1478,70 @@ mod tests {
         assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
         let held = State::Assigned(r.0.clone());
         assert_eq!(d.states(&w, &[1, 2, 3]).await.unwrap(), vec![held; 3]);
+    }
+
+    /// An address whose dispatch waits for a slow read does not hold up another's: each
+    /// address has its own turn (one lock for all held every work address behind the read).
+    #[tokio::test]
+    async fn a_dispatch_waiting_for_a_read_holds_up_no_other_address() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (_dir, mailbox, d, w) = three_waiting().await;
+        let other = Address::parse("work:other").unwrap();
+        let fast = Recorder::new("fast");
+        d.join(&other, fast.clone(), Some(1)).await;
+        // `work:w`'s messages are not at hand: its dispatch reads them, and the read waits.
+        let slow_store = mailbox.gate.clone().write_owned().await;
+        let slow = Recorder::new("slow");
+        let joined = tokio::spawn({
+            let (d, w, slow) = (d.clone(), w.clone(), slow.clone());
+            async move { d.join(&w, slow, Some(1)).await }
+        });
+        while mailbox.begun.load(SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A message for the other address, appended now (at hand: no read).
+        let id = crate::address::MessageId::parse("o1").unwrap();
+        let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        let m = Arc::new(Message::new(other.clone(), 1, id, 0, &payload));
+        d.deliver(&[m], 0);
+        let given = async {
+            while fast.1.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let before_the_read = tokio::time::timeout(Duration::from_secs(10), given)
+            .await
+            .is_ok();
+        assert!(
+            slow.1.lock().unwrap().is_empty(),
+            "work:w's read still waits"
+        );
+        drop(slow_store);
+        joined.await.unwrap();
+        assert!(
+            before_the_read,
+            "the other address was dealt while work:w's read waited"
+        );
+        assert_eq!(*fast.1.lock().unwrap(), vec![1]);
+        assert_eq!(*slow.1.lock().unwrap(), vec![1, 2, 3]);
+    }
+
+    /// A dispatch waiting for an address's turn gets the turn its holder holds, and turns
+    /// nobody holds are swept away (the map does not grow with every address ever dealt).
+    #[tokio::test]
+    async fn an_address_has_one_turn_and_idle_turns_are_swept() {
+        let (_dir, _mailbox, d, w) = three_waiting().await;
+        let held = d.turn(&w);
+        assert!(Arc::ptr_eq(&held, &d.turn(&w)), "one turn per address");
+        for i in 0..1000 {
+            d.turn(&Address::parse(&format!("work:a{i}")).unwrap());
+        }
+        let t = d.turns.lock().unwrap();
+        assert!(t.live.len() <= 128, "{} turns kept", t.live.len());
+        assert!(
+            t.live.get(&w).is_some_and(|t| t.strong_count() > 0),
+            "a held turn stays"
+        );
     }
 
     /// A taker forgotten while what it holds stays held (its node's link was made anew) and

@@ -113,7 +113,7 @@ async fn bound(
     Ok(Json(json!(super::read::bound_here(&svc, &a.address))))
 }
 
-/// `POST /internal/work/held` `{address, adopt}`: what this node's connections hold of a work
+/// `POST /internal/work/held` `{address, adopt, term}`: what this node's connections hold of a work
 /// address; with `adopt`, the sender deals it now and their acks go to it.
 async fn work_held(
     State(svc): State<Arc<Api>>,
@@ -121,6 +121,6 @@ async fn work_held(
     body: Bytes,
 ) -> Result<Json<Vec<crate::work::Holder>>, ApiError> {
     let req: crate::work::HeldRequest = parse(&body, "work question")?;
-    let dealer = req.adopt.then_some(sender.node.as_str());
+    let dealer = req.adopt.then_some((sender.node.as_str(), req.term));
     Ok(Json(svc.gw.work.held_here(&req.address, dealer)))
 }

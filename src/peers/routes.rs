@@ -65,15 +65,31 @@ pub fn receive_want(peers: &Arc<Peers>, sender: &Sender, body: &[u8]) -> Receive
 }
 
 /// Takes a delivery from the member `sender` (frames, in order); answers of `?wait=true`
-/// operations go to `replies`.
+/// operations go to `replies`. A frame this version does not know (a newer node's, during a
+/// rolling upgrade) is skipped and the others are taken: refusing the delivery would break
+/// the link for every frame in it. A body that is not a list of frames is refused.
 pub fn receive_deliver(
     peers: &Peers,
     replies: &dyn Replies,
     sender: &Sender,
     body: &[u8],
 ) -> Received {
-    let frames: Vec<Deliver> = serde_json::from_slice(body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid delivery: {e}")))?;
+    let frames: Vec<Deliver> = match serde_json::from_slice(body) {
+        Ok(frames) => frames,
+        Err(e) => {
+            let raw: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
+                .map_err(|_| (StatusCode::BAD_REQUEST, format!("invalid delivery: {e}")))?;
+            raw.into_iter()
+                .filter_map(|f| {
+                    serde_json::from_str(f.get())
+                        .inspect_err(|e| {
+                            tracing::warn!(error = %e, node = %sender.node, "peers: skipped a frame this node does not know");
+                        })
+                        .ok()
+                })
+                .collect()
+        }
+    };
     for frame in frames {
         peers.on_deliver(&sender.node, frame, replies);
     }

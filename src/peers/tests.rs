@@ -466,3 +466,36 @@ async fn a_departure_is_seen_by_the_next_tick_whoever_read_the_members_first() {
     assert!(peers.departed(&live).is_empty(), "told once");
     tasks.stop(Duration::from_secs(1)).await;
 }
+
+/// A delivery holding frames this node does not know (a newer node's, in a rolling upgrade):
+/// the others are taken, in order; a body that is not a list of frames is refused.
+#[tokio::test]
+async fn frames_this_node_does_not_know_are_skipped_and_the_rest_taken() {
+    let (net, tasks) = (Arc::new(Net::default()), Tasks::default());
+    let (a, b) = two(&net, &tasks);
+    let x = addr("channel:x");
+    let on_b = connect(&b, &x).await;
+    let msgs = append(&a, &x, 2).await;
+    let signals = |m: &Arc<Message>| {
+        serde_json::to_string(&wire::Deliver::Signals {
+            signals: vec![m.signal.clone()],
+            appended_us: 0,
+        })
+        .unwrap()
+    };
+    let body = format!(
+        r#"[{},{{"work":{{"someday":{{"address":"work:w"}}}}}},{{"hologram":1}},{}]"#,
+        signals(&msgs[0]),
+        signals(&msgs[1])
+    );
+    let from_a = routes::Sender {
+        node: "a".into(),
+        url: info("a").url,
+    };
+    let taken = routes::receive_deliver(&b.peers, &*b.answers, &from_a, body.as_bytes());
+    assert!(taken.is_ok(), "{taken:?}");
+    assert!(saw(&on_b, "channel:x@1").await && saw(&on_b, "channel:x@2").await);
+    let refused = routes::receive_deliver(&b.peers, &*b.answers, &from_a, b"{\"signals\":1}");
+    assert_eq!(refused.unwrap_err().0, axum::http::StatusCode::BAD_REQUEST);
+    tasks.stop(Duration::from_secs(1)).await;
+}

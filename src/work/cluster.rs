@@ -58,6 +58,10 @@ pub enum Frame {
     },
     /// `conn` is not connected to the sender (any more): what it was given goes to another.
     Gone { address: Address, conn: String },
+    /// The sender no longer deals `address` (its shard moved away, perhaps while the sender's
+    /// question of `term` was on its way): that question names it the dealer no more, and a
+    /// question of that term or before that arrives later names nobody.
+    Released { address: Address, term: u64 },
 }
 
 /// A version a connection holds, as `POST /internal/work/held` answers.
@@ -86,6 +90,11 @@ pub struct HeldRequest {
     pub address: Address,
     #[serde(default)]
     pub adopt: bool,
+    /// The sender's count of its questions with `adopt` (rising with each): its
+    /// [`Frame::Released`] of this term undoes this question's adoption, also when that frame
+    /// comes first.
+    #[serde(default)]
+    pub term: u64,
 }
 
 /// What the dispatcher asks of the node's link to the other nodes.
@@ -183,6 +192,10 @@ mod tests {
                 client: c,
                 version: 7,
             },
+            Frame::Released {
+                address: a.clone(),
+                term: 9,
+            },
         ];
         for f in frames {
             let back: Frame = serde_json::from_slice(&serde_json::to_vec(&f).unwrap()).unwrap();
@@ -195,6 +208,9 @@ mod tests {
                 }
                 (Frame::Ack { version: v1, .. }, Frame::Ack { version: v2, .. }) => {
                     assert_eq!(v1, v2)
+                }
+                (Frame::Released { term: t1, .. }, Frame::Released { term: t2, .. }) => {
+                    assert_eq!(t1, t2)
                 }
                 (f, b) => panic!("{f:?} came back as {b:?}"),
             }
@@ -243,13 +259,15 @@ mod tests {
             s.got.lock().unwrap().clone()
         }
 
-        /// Carries one node's [`Out`] to the other node, as the peers would (frames in order,
-        /// and only while `gate` is open; questions at once, as they go by HTTP).
+        /// Carries one node's [`Out`] to the other node, as the peers would: frames in order,
+        /// and only while `gate` is open; questions as they come (they go by HTTP), while
+        /// `asks` is open.
         fn wire(
             from: &'static str,
             mut rx: mpsc::UnboundedReceiver<Out>,
             to: Arc<Dispatcher>,
             gate: Arc<RwLock<()>>,
+            asks: Arc<RwLock<()>>,
         ) -> tokio::task::JoinHandle<()> {
             tokio::spawn(async move {
                 while let Some(out) = rx.recv().await {
@@ -259,8 +277,12 @@ mod tests {
                             to.receive(from, f)
                         }
                         Out::Held { request, answer } => {
-                            let dealer = request.adopt.then_some(from);
-                            let _ = answer.send(Ok(to.held_here(&request.address, dealer)));
+                            let (to, asks) = (to.clone(), asks.clone());
+                            tokio::spawn(async move {
+                                let _open = asks.read().await;
+                                let dealer = request.adopt.then_some((from, request.term));
+                                let _ = answer.send(Ok(to.held_here(&request.address, dealer)));
+                            });
                         }
                     }
                 }
@@ -282,6 +304,8 @@ mod tests {
             owned_b: Owned,
             /// `a`'s frames to `b` pass while this is not locked for writing.
             a_to_b: Arc<RwLock<()>>,
+            /// `a`'s questions to `b` are answered while this is not locked for writing.
+            a_asks_b: Arc<RwLock<()>>,
             tasks: crate::tasks::Tasks,
             w: Address,
         }
@@ -312,9 +336,15 @@ mod tests {
                 let tasks = crate::tasks::Tasks::default();
                 a.start(&tasks);
                 b.start(&tasks);
-                let a_to_b = Arc::new(RwLock::new(()));
-                wire("a", rx_a, b.clone(), a_to_b.clone());
-                wire("b", rx_b, a.clone(), Default::default());
+                let (a_to_b, a_asks_b) = Default::default();
+                wire(
+                    "a",
+                    rx_a,
+                    b.clone(),
+                    Arc::clone(&a_to_b),
+                    Arc::clone(&a_asks_b),
+                );
+                wire("b", rx_b, a.clone(), Default::default(), Default::default());
                 let w = Address::parse("work:w").unwrap();
                 let appended = mailbox
                     .append(
@@ -339,6 +369,7 @@ mod tests {
                     owned_a,
                     owned_b,
                     a_to_b,
+                    a_asks_b,
                     tasks,
                     w,
                 }
@@ -403,6 +434,74 @@ mod tests {
             b.flush().await;
             let st = a.states(w, &[1, 2, 3, 4]).await.unwrap();
             assert!(st.iter().all(|s| *s == State::Done), "{st:?}");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// a's question, made while it still dealt `work:w` (a status read loading the queue),
+        /// reaches b only after the shard moved and b asked its own: b would take a for the
+        /// dealer again, and its connection's acks would go to a. a sees that the shard moved
+        /// while it asked and releases its question: b deals again, and the acks reach it.
+        #[tokio::test]
+        async fn a_former_dealers_late_question_does_not_take_the_address_back() {
+            let p = Pair::new().await;
+            let (a, b, w) = (p.a.clone(), p.b.clone(), p.w.clone());
+            let asks_wait = p.a_asks_b.clone().write_owned().await;
+            let reading = tokio::spawn({
+                let (a, w) = (a.clone(), w.clone());
+                async move { a.states(&w, &[1]).await }
+            });
+            settle().await;
+            p.shard_moves().await;
+            let k = sink("k", "c1");
+            b.join(&w, k.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(got(&k), [1, 2, 3, 4], "b deals");
+            // a's question arrives now; a's read is answered as on a node that does not deal.
+            drop(asks_wait);
+            assert_eq!(
+                reading.await.unwrap().unwrap(),
+                vec![State::Assigned(k.client.clone())]
+            );
+            settle().await;
+            for v in 1..=4 {
+                b.ack(&w, &k.client, v).await.unwrap();
+            }
+            settle().await;
+            let st = b.states(&w, &[1, 2, 3, 4, 5, 6]).await.unwrap();
+            let held = State::Assigned(k.client.clone());
+            assert_eq!(&st[..4], vec![State::Done; 4], "the acks reached b");
+            assert_eq!(&st[4..], [held.clone(), held], "and b dealt the rest");
+            assert_eq!(got(&k), [1, 2, 3, 4, 5, 6]);
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// A former dealer's release can arrive before its late question (the one goes on the
+        /// link, the other by HTTP): a question of a released term adopts nothing.
+        #[tokio::test]
+        async fn a_question_released_before_it_arrived_adopts_nothing() {
+            let p = Pair::new().await;
+            let (b, w) = (&p.b, &p.w);
+            p.shard_moves().await;
+            let k = sink("k", "c1");
+            b.join(w, k.clone(), Some(1)).await;
+            assert_eq!(got(&k), [1, 2, 3, 4], "b deals");
+            b.receive(
+                "a",
+                Frame::Released {
+                    address: w.clone(),
+                    term: 7,
+                },
+            );
+            settle().await;
+            // a's questions of terms 7 and 6 arrive now.
+            b.held_here(w, Some(("a", 7)));
+            b.held_here(w, Some(("a", 6)));
+            for v in 1..=4 {
+                b.ack(w, &k.client, v).await.unwrap();
+            }
+            settle().await;
+            let st = b.states(w, &[1, 2, 3, 4]).await.unwrap();
+            assert_eq!(st, vec![State::Done; 4], "the acks reached b");
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 

@@ -118,10 +118,19 @@ struct Queue {
     takers: Vec<Taker>,
     /// Recently appended messages, so a dispatch needs no read (dropped once done).
     recent: HashMap<u64, Arc<Message>>,
-    /// The node that deals the address now, as the last question with `adopt` named it: what
-    /// a connection here is given from now on is acked to it, whoever sent the message (a
-    /// former dealer's `Give` may arrive after the move).
-    dealer: Option<String>,
+    /// The nodes that adopted the address (asked with `adopt`), each with the term of its
+    /// question, in the order the questions came and none released since. The last deals the
+    /// address now, as far as this node knows: what a connection here is given from now on is
+    /// acked to it, whoever sent the message (a former dealer's `Give` may arrive after the
+    /// move). A list, not one name: a former dealer's question may arrive after the next
+    /// dealer's, and its [`Frame::Released`] then gives the address back to the next dealer.
+    dealers: Vec<(String, u64)>,
+    /// Per node, the highest term it released: a question of that term or before that arrives
+    /// later adopts nothing.
+    released: HashMap<String, u64>,
+    /// Where the address is dealt: the term of this node's own question, released when the
+    /// address moves away.
+    term: u64,
     /// What this node dealt before the address moved away, kept until each one's deadline: a
     /// `Give` of it may still be on its way to the connection's node, which would not know of
     /// it yet when the next dealer asks, so this node tells ([`Holder::dealt`]).
@@ -133,6 +142,11 @@ struct Queue {
 const RECENT_CAP: usize = 1024;
 
 impl Queue {
+    /// The node that deals the address now, as far as this node knows (see `dealers`).
+    fn dealer(&self) -> Option<String> {
+        self.dealers.last().map(|(node, _)| node.clone())
+    }
+
     /// Picks the next taker, by smooth weighted round robin over every connected taker (each
     /// gains its weight in credit per pick; the one picked pays the total), so the split follows
     /// the weights also when the takers are busy: when the taker whose turn it is holds its
@@ -308,6 +322,8 @@ pub struct Dispatcher {
     unsaved: Mutex<HashMap<Address, Vec<u64>>>,
     /// Addresses whose done versions a [`Dispatcher::flush`] is storing now.
     saving: Mutex<HashSet<Address>>,
+    /// The count of this node's questions with `adopt` (each one's term).
+    terms: std::sync::atomic::AtomicU64,
     /// Each address's turn to dispatch, held by one dispatch of it at a time, so its messages
     /// leave in the order they were assigned; other addresses dispatch meanwhile.
     turns: Mutex<Turns>,
@@ -350,6 +366,7 @@ impl Dispatcher {
             unsaved: Default::default(),
             saving: Default::default(),
             turns: Default::default(),
+            terms: Default::default(),
         })
     }
 
@@ -363,6 +380,38 @@ impl Dispatcher {
 
     fn holdings(&self) -> MutexGuard<'_, HashMap<(Address, u64), Holding>> {
         self.holdings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells every node (and this one) that this node no longer deals `address`: its question
+    /// of `term`, and any before, name it the dealer no more.
+    fn release(&self, address: &Address, term: u64) {
+        self.send(Out::All(Frame::Released {
+            address: address.clone(),
+            term,
+        }));
+        self.released(address, &self.node.clone(), term);
+    }
+
+    /// `node` no longer deals `address` as of its question of `term`: if it was the dealer
+    /// named here, the one named before it is again, and what this node's connections hold is
+    /// acked to that one.
+    fn released(&self, address: &Address, node: &str, term: u64) {
+        let mut m = self.lock();
+        let Some(q) = m.get_mut(address) else { return };
+        let r = q.released.entry(node.to_string()).or_default();
+        *r = (*r).max(term);
+        let was = q.dealer();
+        q.dealers.retain(|(n, t)| !(n == node && *t <= term));
+        let now = q.dealer();
+        if was.as_deref() != Some(node) || now == was {
+            return;
+        }
+        let Some(next) = now else { return };
+        for ((a, _), h) in self.holdings().iter_mut() {
+            if a == address && h.from == node {
+                h.from = next.clone();
+            }
+        }
     }
 
     /// `address`'s turn to dispatch: the one every dispatch of it waits for while another holds it.
@@ -394,14 +443,16 @@ impl Dispatcher {
     }
 
     /// Asks the other nodes what their connections hold of `address` (none on a single node);
-    /// this node's own are added.
-    async fn ask_held(&self, address: &Address, adopt: bool) -> Result<Vec<Holder>, String> {
-        let mut all = self.held_here(address, adopt.then_some(self.node.as_str()));
+    /// this node's own are added. With `adopt`, the term of this question, by which every node
+    /// adopts this one as the address's dealer.
+    async fn ask_held(&self, address: &Address, adopt: Option<u64>) -> Result<Vec<Holder>, String> {
+        let mut all = self.held_here(address, adopt.map(|t| (self.node.as_str(), t)));
         if let Some(l) = &self.link {
             let (answer, got) = tokio::sync::oneshot::channel();
             let request = HeldRequest {
                 address: address.clone(),
-                adopt,
+                adopt: adopt.is_some(),
+                term: adopt.unwrap_or(0),
             };
             l.out
                 .send(Out::Held { request, answer })
@@ -427,15 +478,23 @@ impl Dispatcher {
     }
 
     /// What this node's connections hold of `address`, and what this node dealt of it that may
-    /// not have reached its holder yet; with `dealer`, acks go to that node from now on.
-    pub fn held_here(&self, address: &Address, dealer: Option<&str>) -> Vec<Holder> {
+    /// not have reached its holder yet; with `dealer` (a node and the term of its question),
+    /// acks go to that node from now on, unless it has released that term already.
+    pub fn held_here(&self, address: &Address, dealer: Option<(&str, u64)>) -> Vec<Holder> {
         let mut out = Vec::new();
+        let mut dealer = dealer;
         // Under the queue's lock, as dispatch and `Give` note a holding with the dealer they
         // read: one noted before this has its dealer changed below, one after reads it.
         let mut m = self.lock();
         if let Some(q) = m.get_mut(address) {
-            if let Some(d) = dealer {
-                q.dealer = Some(d.to_string());
+            if let Some((d, term)) = dealer {
+                if q.released.get(d).is_some_and(|r| *r >= term) {
+                    // Its question came after its release: it deals the address no more.
+                    dealer = None;
+                } else {
+                    q.dealers.retain(|(n, _)| n != d);
+                    q.dealers.push((d.to_string(), term));
+                }
             }
             for (v, h) in q.held.iter().chain(q.parted.iter()) {
                 if !q.done.contains(*v) {
@@ -455,7 +514,7 @@ impl Dispatcher {
             h.iter_mut()
                 .filter(|((a, _), _)| a == address)
                 .map(|((_, v), hold)| {
-                    if let Some(d) = dealer {
+                    if let Some((d, _)) = dealer {
                         hold.from = d.to_string();
                     }
                     Holder {
@@ -477,7 +536,25 @@ impl Dispatcher {
         if self.lock().get(address).is_some_and(|q| q.loaded) {
             return Ok(());
         }
-        let mut holders = self.ask_held(address, true).await?;
+        let term = 1 + self
+            .terms
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let loaded = self.adopt(address, term).await;
+        if loaded.is_err() && !self.owns(address) {
+            // The shard moved while this asked: the next dealer's question may have come
+            // first at some node, which this one's then overruled.
+            self.release(address, term);
+        }
+        loaded
+    }
+
+    /// [`Self::load`]'s question (of `term`) and the rest of its reads.
+    async fn adopt(&self, address: &Address, term: u64) -> Result<(), String> {
+        let asked = self.ask_held(address, Some(term)).await;
+        if !self.owns(address) {
+            return Err(MOVED.into());
+        }
+        let mut holders = asked?;
         // Where the connections are is the truth; what a former dealer says it gave counts only
         // for versions nobody reports (its `Give` still on the way).
         holders.sort_by_key(|h| h.dealt);
@@ -493,6 +570,8 @@ impl Dispatcher {
             .map_err(|e| e.to_string())?[0];
         let mut m = self.lock();
         let q = m.entry(address.clone()).or_default();
+        // The latest of this node's questions is the one every node names it by.
+        q.term = q.term.max(term);
         if q.loaded {
             return Ok(());
         }
@@ -779,7 +858,7 @@ impl Dispatcher {
                     let m = self.lock();
                     let q = m.get(&address);
                     let dealer = q
-                        .and_then(|q| q.dealer.clone())
+                        .and_then(|q| q.dealer())
                         .unwrap_or_else(|| from.to_string());
                     let local = q.and_then(|q| {
                         q.takers
@@ -832,6 +911,7 @@ impl Dispatcher {
                     tracing::debug!(%address, version, %client, "work: a late ack from another node");
                 }
             }
+            Frame::Released { address, term } => self.released(&address, from, term),
         }
     }
 
@@ -937,6 +1017,8 @@ impl Dispatcher {
             let saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
             unsaved.keys().chain(saving.iter()).cloned().collect()
         };
+        // Addresses dealt elsewhere now, with the term of this node's question.
+        let mut moved = Vec::new();
         let touched: Vec<Address> = {
             let mut m = self.lock();
             for q in m.values_mut() {
@@ -959,6 +1041,7 @@ impl Dispatcher {
                         // Dealt elsewhere now: what is held is known where it is held.
                         tracing::info!(address = %a, "work: no longer dealt here");
                         q.disown();
+                        moved.push((a.clone(), q.term));
                     }
                     continue;
                 }
@@ -1002,6 +1085,9 @@ impl Dispatcher {
             touched
         };
         self.holdings().retain(|_, h| h.deadline > now);
+        for (a, term) in moved {
+            self.release(&a, term);
+        }
         for a in touched {
             self.dispatch(&a).await;
         }
@@ -1011,14 +1097,20 @@ impl Dispatcher {
     /// from the stored done set and what the connections of every node hold.
     pub async fn states(&self, address: &Address, versions: &[u64]) -> Result<Vec<State>, String> {
         if self.owns(address) {
-            self.load(address).await?;
-            let m = self.lock();
-            let q = m.get(address).ok_or("no such queue")?;
-            return Ok(versions.iter().map(|v| q.state(*v)).collect());
+            match self.load(address).await {
+                Ok(()) => {
+                    let m = self.lock();
+                    let q = m.get(address).ok_or("no such queue")?;
+                    return Ok(versions.iter().map(|v| q.state(*v)).collect());
+                }
+                // Moved while it loaded: asked below, as on a node that does not deal it.
+                Err(e) if e == MOVED => {}
+                Err(e) => return Err(e),
+            }
         }
         let mut held: HashMap<u64, ClientId> = HashMap::new();
         let mut acked = RoaringTreemap::new();
-        let mut holders = self.ask_held(address, false).await?;
+        let mut holders = self.ask_held(address, None).await?;
         // What the connections' nodes say is applied last: it wins over what a dealer says.
         holders.sort_by_key(|h| !h.dealt);
         for h in holders {
@@ -1119,7 +1211,7 @@ impl Dispatcher {
             // dealer, which learnt of these from this node's answer (`held_here`).
             {
                 let m = self.lock();
-                let dealer = m.get(address).and_then(|q| q.dealer.clone());
+                let dealer = m.get(address).and_then(|q| q.dealer());
                 let mut holdings = self.holdings();
                 for (conn, v) in sends.iter().filter(|(c, _)| c.node().is_none()) {
                     if at_hand.contains_key(v) {
@@ -1173,6 +1265,9 @@ impl Dispatcher {
         }
     }
 }
+
+/// Why a load stopped: the shard moved to another node while it asked.
+const MOVED: &str = "the address is dealt by another node now";
 
 /// How long past its ack timeout a holding is remembered where the connection is (the dealer's
 /// revoke normally ends it first).

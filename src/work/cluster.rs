@@ -218,46 +218,16 @@ mod tests {
     }
 
     mod handover {
-        use super::super::super::tests::FlakyReads;
-        use super::super::super::{Dispatcher, Settings, State, Stores, Worker};
+        use super::super::super::tests::{FlakyReads, Recorder};
+        use super::super::super::{Dispatcher, Settings, State, Stores};
         use super::super::*;
         use crate::address::MessageId;
         use crate::ingest::Owned;
         use crate::mailbox::{Mailbox, NewMessage};
         use crate::routing::Fanout;
         use crate::topology::embedded::EmbeddedTopology;
-        use std::sync::Mutex;
         use std::time::Duration;
         use tokio::sync::RwLock;
-
-        /// A connection that records what it is given.
-        struct Sink {
-            id: String,
-            client: ClientId,
-            got: Mutex<Vec<u64>>,
-        }
-        impl Worker for Sink {
-            fn id(&self) -> &str {
-                &self.id
-            }
-            fn client(&self) -> &ClientId {
-                &self.client
-            }
-            fn give(&self, _: &Address, m: &Arc<Message>) -> bool {
-                self.got.lock().unwrap().push(m.version);
-                true
-            }
-        }
-        fn sink(id: &str, client: &str) -> Arc<Sink> {
-            Arc::new(Sink {
-                id: id.into(),
-                client: ClientId::parse(client).unwrap(),
-                got: Mutex::new(Vec::new()),
-            })
-        }
-        fn got(s: &Sink) -> Vec<u64> {
-            s.got.lock().unwrap().clone()
-        }
 
         /// Carries one node's [`Out`] to the other node, as the peers would: frames in order,
         /// and only while `gate` is open; questions as they come (they go by HTTP), while
@@ -384,8 +354,8 @@ mod tests {
             }
 
             /// Every version of the six was given once, to one of `sinks`.
-            fn each_given_once(&self, sinks: &[&Sink]) {
-                let mut all: Vec<u64> = sinks.iter().flat_map(|s| got(s)).collect();
+            fn each_given_once(&self, sinks: &[&Recorder]) {
+                let mut all: Vec<u64> = sinks.iter().flat_map(|s| s.got()).collect();
                 all.sort_unstable();
                 assert_eq!(all, (1..=6).collect::<Vec<_>>(), "each once, to one client");
             }
@@ -399,10 +369,10 @@ mod tests {
             let p = Pair::new().await;
             let (a, b, w) = (&p.a, &p.b, &p.w);
             // A connection on b takes work: a deals it 4 (its in-flight cap), b notes them.
-            let k = sink("k", "c1");
+            let k = Recorder::conn("k", "c1");
             b.join(w, k.clone(), Some(1)).await;
             settle().await;
-            assert_eq!(got(&k), vec![1, 2, 3, 4]);
+            assert_eq!(k.got(), vec![1, 2, 3, 4]);
             assert_eq!(b.held_here(w, None).len(), 4);
             // It acks 1 (a hears it) and 2; the ack of 2 is lost on the way (a never hears it).
             b.ack(w, &k.client, 1).await.unwrap();
@@ -415,12 +385,12 @@ mod tests {
             b.holdings().get_mut(&(w.clone(), 2)).unwrap().acked = true;
             p.shard_moves().await;
             // A second connection on b, then b deals: 3 and 4 stay k's, 2 is done, 5 and 6 go.
-            let j = sink("j", "c2");
+            let j = Recorder::conn("j", "c2");
             b.join(w, j.clone(), Some(1)).await;
             settle().await;
             p.each_given_once(&[&k, &j]);
             assert!(
-                got(&j).iter().all(|v| *v >= 5),
+                j.got().iter().all(|v| *v >= 5),
                 "held ones go to nobody else"
             );
             let st = b.states(w, &[1, 2, 3, 4]).await.unwrap();
@@ -452,10 +422,10 @@ mod tests {
             });
             settle().await;
             p.shard_moves().await;
-            let k = sink("k", "c1");
+            let k = Recorder::conn("k", "c1");
             b.join(&w, k.clone(), Some(1)).await;
             settle().await;
-            assert_eq!(got(&k), [1, 2, 3, 4], "b deals");
+            assert_eq!(k.got(), [1, 2, 3, 4], "b deals");
             // a's question arrives now; a's read is answered as on a node that does not deal.
             drop(asks_wait);
             assert_eq!(
@@ -471,7 +441,7 @@ mod tests {
             let held = State::Assigned(k.client.clone());
             assert_eq!(&st[..4], vec![State::Done; 4], "the acks reached b");
             assert_eq!(&st[4..], [held.clone(), held], "and b dealt the rest");
-            assert_eq!(got(&k), [1, 2, 3, 4, 5, 6]);
+            assert_eq!(k.got(), [1, 2, 3, 4, 5, 6]);
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 
@@ -482,9 +452,9 @@ mod tests {
             let p = Pair::new().await;
             let (b, w) = (&p.b, &p.w);
             p.shard_moves().await;
-            let k = sink("k", "c1");
+            let k = Recorder::conn("k", "c1");
             b.join(w, k.clone(), Some(1)).await;
-            assert_eq!(got(&k), [1, 2, 3, 4], "b deals");
+            assert_eq!(k.got(), [1, 2, 3, 4], "b deals");
             b.receive(
                 "a",
                 Frame::Released {
@@ -515,18 +485,18 @@ mod tests {
             // a loads the queue before its frames to b are held up (its question would wait).
             assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
             let held_up = p.a_to_b.clone().write_owned().await;
-            let k = sink("k", "c1");
+            let k = Recorder::conn("k", "c1");
             b.join(w, k.clone(), Some(1)).await;
             settle().await;
-            assert!(got(&k).is_empty(), "a's gives are on their way");
+            assert!(k.got().is_empty(), "a's gives are on their way");
             p.shard_moves().await;
-            let j = sink("j", "c2");
+            let j = Recorder::conn("j", "c2");
             b.join(w, j.clone(), Some(1)).await;
             settle().await;
             drop(held_up);
             settle().await;
-            assert_eq!(got(&k), [1, 2, 3, 4], "a's four came to k");
-            assert!(got(&j).iter().all(|v| *v >= 5), "{:?}", got(&j));
+            assert_eq!(k.got(), [1, 2, 3, 4], "a's four came to k");
+            assert!(j.got().iter().all(|v| *v >= 5), "{:?}", j.got());
             // k's acks go to b, and b deals the rest.
             for v in 1..=4 {
                 b.ack(w, &k.client, v).await.unwrap();
@@ -547,26 +517,26 @@ mod tests {
             let (a, b, w) = (p.a.clone(), p.b.clone(), p.w.clone());
             assert_eq!(a.states(&w, &[1]).await.unwrap(), vec![State::Waiting]);
             let reads_wait = p.mailbox.gate.clone().write_owned().await;
-            let l = sink("l", "c1");
+            let l = Recorder::conn("l", "c1");
             let dealing_a = tokio::spawn({
                 let (a, w, l) = (a.clone(), w.clone(), l.clone());
                 async move { a.join(&w, l, Some(1)).await }
             });
             settle().await;
             p.shard_moves().await;
-            let j = sink("j", "c2");
+            let j = Recorder::conn("j", "c2");
             let dealing_b = tokio::spawn({
                 let (b, w, j) = (b.clone(), w.clone(), j.clone());
                 async move { b.join(&w, j, Some(1)).await }
             });
             settle().await;
-            assert!(got(&l).is_empty() && got(&j).is_empty(), "the reads wait");
+            assert!(l.got().is_empty() && j.got().is_empty(), "the reads wait");
             drop(reads_wait);
             dealing_a.await.unwrap();
             dealing_b.await.unwrap();
             settle().await;
-            assert_eq!(got(&l), [1, 2, 3, 4], "a's four came to l");
-            assert!(got(&j).iter().all(|v| *v >= 5), "{:?}", got(&j));
+            assert_eq!(l.got(), [1, 2, 3, 4], "a's four came to l");
+            assert!(j.got().iter().all(|v| *v >= 5), "{:?}", j.got());
             // l's acks go to b, and b deals the rest.
             for v in 1..=4 {
                 a.ack(&w, &l.client, v).await.unwrap();

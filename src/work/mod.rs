@@ -1489,28 +1489,43 @@ mod tests {
     }
 
     /// A connection that records the versions it is given; `closed`, it takes nothing.
-    struct Recorder(ClientId, Mutex<Vec<u64>>, std::sync::atomic::AtomicBool);
+    pub(super) struct Recorder {
+        id: String,
+        pub(super) client: ClientId,
+        got: Mutex<Vec<u64>>,
+        closed: std::sync::atomic::AtomicBool,
+    }
     impl Recorder {
-        fn new(client: &str) -> Arc<Self> {
-            Arc::new(Self(
-                ClientId::parse(client).unwrap(),
-                Mutex::new(Vec::new()),
-                false.into(),
-            ))
+        /// A connection of `client`, named as its client.
+        pub(super) fn new(client: &str) -> Arc<Self> {
+            Self::conn(client, client)
+        }
+        /// The connection `id` of `client`.
+        pub(super) fn conn(id: &str, client: &str) -> Arc<Self> {
+            Arc::new(Self {
+                id: id.into(),
+                client: ClientId::parse(client).unwrap(),
+                got: Mutex::new(Vec::new()),
+                closed: false.into(),
+            })
+        }
+        /// The versions given so far, in order.
+        pub(super) fn got(&self) -> Vec<u64> {
+            self.got.lock().unwrap().clone()
         }
     }
     impl Worker for Recorder {
         fn id(&self) -> &str {
-            self.0.as_str()
+            &self.id
         }
         fn takes(&self, _: &Address) -> bool {
-            !self.2.load(std::sync::atomic::Ordering::SeqCst)
+            !self.closed.load(std::sync::atomic::Ordering::SeqCst)
         }
         fn client(&self) -> &ClientId {
-            &self.0
+            &self.client
         }
         fn give(&self, _: &Address, m: &Arc<Message>) -> bool {
-            self.1.lock().unwrap().push(m.version);
+            self.got.lock().unwrap().push(m.version);
             true
         }
     }
@@ -1560,18 +1575,15 @@ mod tests {
         mailbox.fail.store(1, std::sync::atomic::Ordering::SeqCst);
         let r = Recorder::new("c");
         d.join(&w, r.clone(), Some(1)).await;
-        assert!(
-            r.1.lock().unwrap().is_empty(),
-            "the read failed: nothing sent"
-        );
+        assert!(r.got().is_empty(), "the read failed: nothing sent");
         assert_eq!(
             d.states(&w, &[1, 2, 3]).await.unwrap(),
             vec![State::Waiting; 3]
         );
         // The next pass (the node's `expire`, every second) reads them again.
         d.expire(Instant::now()).await;
-        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
-        let held = State::Assigned(r.0.clone());
+        assert_eq!(r.got(), vec![1, 2, 3]);
+        let held = State::Assigned(r.client.clone());
         assert_eq!(d.states(&w, &[1, 2, 3]).await.unwrap(), vec![held; 3]);
     }
 
@@ -1600,25 +1612,22 @@ mod tests {
         let m = Arc::new(Message::new(other.clone(), 1, id, 0, &payload));
         d.deliver(&[m], 0);
         let given = async {
-            while fast.1.lock().unwrap().is_empty() {
+            while fast.got().is_empty() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };
         let before_the_read = tokio::time::timeout(Duration::from_secs(10), given)
             .await
             .is_ok();
-        assert!(
-            slow.1.lock().unwrap().is_empty(),
-            "work:w's read still waits"
-        );
+        assert!(slow.got().is_empty(), "work:w's read still waits");
         drop(slow_store);
         joined.await.unwrap();
         assert!(
             before_the_read,
             "the other address was dealt while work:w's read waited"
         );
-        assert_eq!(*fast.1.lock().unwrap(), vec![1]);
-        assert_eq!(*slow.1.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(fast.got(), vec![1]);
+        assert_eq!(slow.got(), vec![1, 2, 3]);
     }
 
     /// A dispatch waiting for an address's turn gets the turn its holder holds, and turns
@@ -1646,7 +1655,7 @@ mod tests {
         let (_dir, _mailbox, d, w) = three_waiting().await;
         let r = Recorder::new("c");
         d.join(&w, r.clone(), Some(1)).await;
-        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(r.got(), vec![1, 2, 3]);
         // Forgotten as `peer_lost` forgets a linked node's takers: its holdings stay.
         d.lock().get_mut(&w).unwrap().drop_conns(|_| true);
         d.join(&w, r.clone(), Some(1)).await;
@@ -1662,10 +1671,10 @@ mod tests {
     async fn a_connection_closed_before_its_join_takes_nothing() {
         let (_dir, _mailbox, d, w) = three_waiting().await;
         let gone = Recorder::new("gone");
-        gone.2.store(true, std::sync::atomic::Ordering::SeqCst);
+        gone.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         d.leave(&w, gone.id()).await;
         d.join(&w, gone.clone(), Some(1)).await;
-        assert!(gone.1.lock().unwrap().is_empty());
+        assert!(gone.got().is_empty());
         assert!(
             d.lock().get(&w).is_none_or(|q| q.takers.is_empty()),
             "not a taker"
@@ -1673,8 +1682,8 @@ mod tests {
         // The next connection gets everything.
         let r = Recorder::new("c");
         d.join(&w, r.clone(), Some(1)).await;
-        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
-        assert!(gone.1.lock().unwrap().is_empty());
+        assert_eq!(r.got(), vec![1, 2, 3]);
+        assert!(gone.got().is_empty());
     }
 
     /// A taker that was full and silent for a long while, back and acking at once: it gets
@@ -1714,11 +1723,11 @@ mod tests {
         let (_dir, _mailbox, d, w) = three_waiting().await;
         let r = Recorder::new("c");
         d.join(&w, r.clone(), Some(1)).await;
-        assert_eq!(*r.1.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(r.got(), vec![1, 2, 3]);
         d.expire(Instant::now()).await;
         assert!(d.lock().contains_key(&w), "a taker holds its messages");
         for v in 1..=3 {
-            d.ack(&w, &r.0, v).await.unwrap();
+            d.ack(&w, &r.client, v).await.unwrap();
         }
         d.leave(&w, r.id()).await;
         d.expire(Instant::now()).await;
@@ -1740,10 +1749,7 @@ mod tests {
             d.lock().contains_key(&w),
             "kept while someone takes from it"
         );
-        assert!(
-            again.1.lock().unwrap().is_empty(),
-            "nothing done is dealt again"
-        );
+        assert!(again.got().is_empty(), "nothing done is dealt again");
     }
 
     #[test]

@@ -157,76 +157,89 @@ type bar struct {
 	text  string
 }
 
-func reportCmd(args []string) {
-	fs := flag.NewFlagSet("report", flag.ExitOnError)
-	in := fs.String("in", "", "the results file (JSON lines from bench-peers run)")
-	doc := fs.String("doc", "", "write the generated section into this markdown file (between the bench-peers markers)")
-	svg := fs.String("svg", "", "write the chart of the ratios to this SVG file")
-	svgRef := fs.String("svg-ref", "bench-peers.svg", "how the docs refer to the SVG")
-	command := fs.String("command", "scripts/bench-peers", "the command that produced the results (for the docs)")
-	machine := fs.String("machine", "", "a line on the machine and its load (for the docs)")
-	version := fs.String("centrifugo", "Centrifugo v6.9.1", "the Centrifugo build measured")
-	fs.Parse(args)
-	f, err := os.Open(*in)
+// results are the runs of one results file, per server/scenario/metric.
+type results struct {
+	stats       map[string]*stat
+	failures    []string // runs whose delivery check failed
+	runs        int
+	quick       bool
+	recoveredBy map[string][]string // server → "got of messages" per run
+}
+
+// get is the stat of one row for one server (nil when it did not run).
+func (r *results) get(server string, row row) *stat {
+	return r.stats[server+"/"+row.scenario+"/"+row.metric]
+}
+
+// readResults reads the JSON lines `bench-peers run` wrote.
+func readResults(path string) *results {
+	f, err := os.Open(path)
 	if err != nil {
 		fatalf("%v", err)
 	}
-	stats := map[string]*stat{} // server/scenario/metric
-	var failures []string
+	defer f.Close()
+	out := &results{stats: map[string]*stat{}, recoveredBy: map[string][]string{}}
 	runs := map[int]bool{}
-	quick := false
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	recoveredBy := map[string][]string{}
 	for sc.Scan() {
 		var r Result
 		if json.Unmarshal(sc.Bytes(), &r) != nil {
 			continue
 		}
 		runs[r.Run] = true
-		quick = quick || r.Quick
+		out.quick = out.quick || r.Quick
 		for k, v := range r.Metrics {
 			key := r.Server + "/" + r.Scenario + "/" + k
-			s := stats[key]
+			s := out.stats[key]
 			if s == nil {
 				s = &stat{}
-				stats[key] = s
+				out.stats[key] = s
 			}
 			s.values = append(s.values, v)
 			s.violations += r.Violations
 			s.runs++
 		}
 		if r.Violations > 0 {
-			failures = append(failures, fmt.Sprintf("run %d, %s, %s: %s", r.Run, r.Server, r.Scenario, r.Detail))
+			out.failures = append(out.failures, fmt.Sprintf("run %d, %s, %s: %s", r.Run, r.Server, r.Scenario, r.Detail))
 		}
 		if r.Scenario == "recovery" {
-			recoveredBy[r.Server] = append(recoveredBy[r.Server], fmt.Sprintf("%s of %s", thousands(int(r.Metrics["got"])), thousands(int(r.Metrics["messages"]))))
+			out.recoveredBy[r.Server] = append(out.recoveredBy[r.Server], fmt.Sprintf("%s of %s", thousands(int(r.Metrics["got"])), thousands(int(r.Metrics["messages"]))))
 		}
 	}
-	f.Close()
+	out.runs = len(runs)
+	return out
+}
+
+// params are the scenarios' parameters as run.
+func (res *results) params() Params {
 	p := fullParams()
-	if quick {
+	if res.quick {
 		p = quickParams()
 	}
-	if c := stats["signalpost/idle/clients"]; c != nil && len(c.values) > 0 {
+	if c := res.stats["signalpost/idle/clients"]; c != nil && len(c.values) > 0 {
 		p.IdleClients = int(c.values[0]) // as run (--idle-clients)
 	}
-	if c := stats["signalpost/latency/rate"]; c != nil && len(c.values) > 0 {
+	if c := res.stats["signalpost/latency/rate"]; c != nil && len(c.values) > 0 {
 		p.LatencyRate = int(c.values[0]) // as run (--latency-rate)
 	}
-	get := func(server string, r row) *stat { return stats[server+"/"+r.scenario+"/"+r.metric] }
+	return p
+}
 
+// mainTable is the table against Centrifugo's memory engine, and its bars for the chart.
+func mainTable(res *results, p Params, version string) (string, []bar) {
+	stats := res.stats
 	var t strings.Builder
-	fmt.Fprintf(&t, "| scenario | signalpost | %s | signalpost / Centrifugo |\n|---|---|---|---|\n", *version)
+	fmt.Fprintf(&t, "| scenario | signalpost | %s | signalpost / Centrifugo |\n|---|---|---|---|\n", version)
 	var bars []bar
 	for _, r := range rows(p) {
-		sp := get("signalpost", r)
-		cf := get("centrifugo", r)
+		sp := res.get("signalpost", r)
+		cf := res.get("centrifugo", r)
 		cfCell := cf.cell(r.format)
 		if r.scenario == "recovery" {
 			// Centrifugo as configured for every scenario refuses to recover past its limits
 			// (recovered: false, nothing delivered); the ratio is against the raised limits.
-			raised := get("centrifugo-raised", r)
+			raised := res.get("centrifugo-raised", r)
 			def := stats["centrifugo/recovery/recovered"]
 			got := stats["centrifugo/recovery/got"]
 			if r.metric == "secs" {
@@ -263,43 +276,67 @@ func reportCmd(args []string) {
 			bars = append(bars, bar{label: r.short, adv: adv, text: strings.Trim(text, "*")})
 		}
 	}
-	table := t.String()
+	return t.String(), bars
+}
 
-	// Against Centrifugo on its Redis engine with every write fsynced (--durable-peer): the
-	// rows of the scenarios it ran, beside signalpost's from the same runs.
-	durable := ""
+// durableTable is the table against Centrifugo on its Redis engine with every write fsynced
+// (--durable-peer): the rows of the scenarios it ran, beside signalpost's from the same runs;
+// empty when it did not run.
+func durableTable(res *results, p Params, version string) string {
 	var d strings.Builder
 	for _, r := range rows(p) {
-		dp := get(durablePeer, r)
+		dp := res.get(durablePeer, r)
 		if dp == nil || len(dp.values) == 0 {
 			continue
 		}
-		sp := get("signalpost", r)
+		sp := res.get("signalpost", r)
 		text, _, _ := ratioCell(r, sp, dp)
 		fmt.Fprintf(&d, "| %s | %s | %s | %s |\n", r.label, sp.cell(r.format), dp.cell(r.format), text)
 	}
-	if d.Len() > 0 {
-		durable = fmt.Sprintf("Against %s on its **Redis engine, every write fsynced** (Redis 7 with `appendonly yes`, `appendfsync always`: a publish is answered once its history entry is on disk, as signalpost's are; the server CPU includes Redis's):\n\n| scenario | signalpost | %s + Redis | signalpost / that |\n|---|---|---|---|\n", *version, *version) + d.String()
+	if d.Len() == 0 {
+		return ""
 	}
+	return fmt.Sprintf("Against %s on its **Redis engine, every write fsynced** (Redis 7 with `appendonly yes`, `appendfsync always`: a publish is answered once its history entry is on disk, as signalpost's are; the server CPU includes Redis's):\n\n| scenario | signalpost | %s + Redis | signalpost / that |\n|---|---|---|---|\n", version, version) + d.String()
+}
 
+// checksText says what the delivery checks found, and what each recovery run got.
+func checksText(res *results) string {
 	var checks string
-	if len(failures) == 0 {
+	if len(res.failures) == 0 {
 		checks = "Every delivery was checked per client (fan-out, latency, recovery): none lost, none twice, all in order, in every run."
 	} else {
 		checks = "**Delivery-check failures** (a failed run; its figures are in the medians above, marked ⚠):\n\n"
-		for _, f := range failures {
+		for _, f := range res.failures {
 			checks += "- " + f + "\n"
 		}
 	}
 	recov := ""
 	for _, s := range []string{"signalpost", "centrifugo", "centrifugo-raised"} {
-		if v := recoveredBy[s]; len(v) > 0 {
+		if v := res.recoveredBy[s]; len(v) > 0 {
 			recov += fmt.Sprintf("%s: %s; ", s, strings.Join(v, ", "))
 		}
 	}
 	if recov != "" {
 		checks += "\n\nRecovered per run — " + strings.TrimSuffix(recov, "; ") + "."
 	}
+	return checks
+}
+
+func reportCmd(args []string) {
+	fs := flag.NewFlagSet("report", flag.ExitOnError)
+	in := fs.String("in", "", "the results file (JSON lines from bench-peers run)")
+	doc := fs.String("doc", "", "write the generated section into this markdown file (between the bench-peers markers)")
+	svg := fs.String("svg", "", "write the chart of the ratios to this SVG file")
+	svgRef := fs.String("svg-ref", "bench-peers.svg", "how the docs refer to the SVG")
+	command := fs.String("command", "scripts/bench-peers", "the command that produced the results (for the docs)")
+	machine := fs.String("machine", "", "a line on the machine and its load (for the docs)")
+	version := fs.String("centrifugo", "Centrifugo v6.9.1", "the Centrifugo build measured")
+	fs.Parse(args)
+	res := readResults(*in)
+	p := res.params()
+	table, bars := mainTable(res, p, *version)
+	durable := durableTable(res, p, *version)
+	checks := checksText(res)
 
 	fmt.Println()
 	fmt.Println(table)
@@ -309,7 +346,7 @@ func reportCmd(args []string) {
 	fmt.Println(checks)
 
 	if *svg != "" {
-		title := fmt.Sprintf("signalpost vs %s, median of %d run(s)%s", *version, len(runs), dated(*machine))
+		title := fmt.Sprintf("signalpost vs %s, median of %d run(s)%s", *version, res.runs, dated(*machine))
 		if err := os.WriteFile(*svg, []byte(chart(title, bars)), 0o644); err != nil {
 			fatalf("%v", err)
 		}
@@ -317,7 +354,7 @@ func reportCmd(args []string) {
 	if *doc != "" {
 		var b strings.Builder
 		b.WriteString(beginMarker + "\n")
-		fmt.Fprintf(&b, "Measured with `%s`: %s; median of %d run(s) per scenario, (min – max) beside it.\n\n", *command, *machine, len(runs))
+		fmt.Fprintf(&b, "Measured with `%s`: %s; median of %d run(s) per scenario, (min – max) beside it.\n\n", *command, *machine, res.runs)
 		b.WriteString(table)
 		if durable != "" {
 			b.WriteString("\n" + durable)

@@ -283,15 +283,16 @@ impl Conn {
         self.expires_ms.load(Ordering::SeqCst)
     }
 
-    /// Whether one more event from the client is within its rate: `Ok`, or `Err(first)` when it
-    /// is refused (`first` for the first refusal, which the client is told about; a flood
-    /// is not answered event by event). A connection that sends a whole second's worth more
-    /// than its rate is closed (`kicked` `flood`).
-    pub fn allow_event(&self) -> Result<(), bool> {
+    /// Whether one more event from the client is taken: `Ok`, or `Err(first)` when it is
+    /// refused (`first` for the first refusal, which the client is told about; a flood is not
+    /// answered event by event). A `charged` event must be within the connection's rate, and a
+    /// connection that sends a whole second's worth more than its rate is closed (`kicked`
+    /// `flood`); one not charged is taken unless the connection was kicked.
+    pub fn allow_event(&self, charged: bool) -> Result<(), bool> {
         if self.kicked.load(Ordering::SeqCst) {
             return Err(false);
         }
-        let Some(limiter) = &self.events else {
+        let Some(limiter) = self.events.as_ref().filter(|_| charged) else {
             return Ok(());
         };
         if limiter.check().is_ok() {

@@ -20,17 +20,21 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
                     TryData(data): TryData<Value>,
                     ack: AckSender| {
             let Some(kind) = Kind::of(&event) else { return };
-            if let Err(first) = c.allow_event() {
+            let data = data.ok();
+            // An ack is charged in `on_ack` (one of a work message the client holds is not).
+            if !matches!(kind, Kind::Ack)
+                && let Err(first) = c.allow_event(true)
+            {
                 return refused(&s, &svc, first);
             }
             match kind {
-                Kind::Ack => on_ack(&s, &c, &svc, data.ok()).await,
-                Kind::Refresh => on_refresh(&c, &svc, data.ok(), ack),
+                Kind::Ack => on_ack(&s, &c, &svc, data).await,
+                Kind::Refresh => on_refresh(&c, &svc, data, ack),
                 Kind::Ask(kind) => {
                     let answer = match c.ask() {
                         Some(_one) => match kind {
-                            Ask::History => history(&c, &svc, data.ok()).await,
-                            Ask::Members => members(&c, &svc, data.ok()).await,
+                            Ask::History => history(&c, &svc, data).await,
+                            Ask::Members => members(&c, &svc, data).await,
                         }
                         .unwrap_or_else(|e| json!({ "error": e })),
                         None => json!({ "error": ONE_AT_A_TIME }),
@@ -40,7 +44,7 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
                 Kind::Read => {
                     // A refusal comes as an `error` event, as for `ack`; an acknowledgement
                     // callback (an extra) also gets the outcome.
-                    match read(&c, &svc, data.ok()).await {
+                    match read(&c, &svc, data).await {
                         Ok(bytes) => {
                             svc.metrics.reads.increment(1);
                             let _ = ack.send(&json!({ "ok": true, "bytes": bytes }));
@@ -78,9 +82,19 @@ impl Kind {
     }
 }
 
-/// `ack`: stores a cursor, or says a work message is done.
+/// `ack`: stores a cursor, or says a work message is done. Charged to the connection's event
+/// rate, except the ack of a work message the client holds: the node gave it (at most
+/// `work_in_flight` × weight at a time), and a worker faster than the rate had its acks
+/// dropped, so its messages were dealt again after the ack timeout, and was then closed as a
+/// flood.
 async fn on_ack(s: &SocketRef, c: &Conn, svc: &Gateway, data: Option<Value>) {
-    match parse_ack(data) {
+    let ack = parse_ack(data);
+    let held = matches!(&ack, Ok((a, v)) if a.kind() == crate::address::Kind::Work
+        && c.receives(a) && svc.work.holds(a, c.client(), *v));
+    if let Err(first) = c.allow_event(!held) {
+        return refused(s, svc, first);
+    }
+    match ack {
         // A work address's ack says one message is done.
         Ok((address, version))
             if address.kind() == crate::address::Kind::Work && c.receives(&address) =>

@@ -12,6 +12,10 @@
 //!   queue (Kafka on `--backend cluster`), appended and committed, counted from the node's
 //!   `/metrics` — and, with `--cassandra`, the raw rate of writing the same rows batched the same
 //!   way straight into the same Cassandra (the limit the node is held to), and their ratio.
+//! - `work` (not in `all`): `--workers` clients bound to one work address with weights 1, 2,
+//!   3, 1, 2, 3, …, each acking every message at once; `--work-messages` sent to it in batches of
+//!   100: messages dealt and acked per second, each worker's share against its weight's, and a
+//!   check that every message went to one worker once and ended `done`.
 //! - `presence` (not in `all`; cluster backend, `--cassandra`): what joining and leaving one
 //!   presence address costs in Cassandra as it grows to `--members` members — the join and leave
 //!   latency of the first and the last 10 000, and reading the whole member list.
@@ -92,6 +96,12 @@ pub struct BenchArgs {
     /// `sent_us` is the send time in µs since the Unix epoch), to see when the slow ones were sent
     #[arg(long)]
     pub trace: Option<std::path::PathBuf>,
+    /// Clients the work scenario binds to one work address (weights 1, 2, 3, 1, 2, 3, …)
+    #[arg(long, default_value_t = 12)]
+    pub workers: usize,
+    /// Messages the work scenario sends to the work address
+    #[arg(long, default_value_t = 20_000)]
+    pub work_messages: usize,
     /// Latency scenario: every client acks each message it receives (an `ack` event with its
     /// address and version), and the run ends by checking that the node stored each client's
     /// cursor at the last version it received (`GET /server/clients/<id>`)
@@ -122,6 +132,7 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
     };
     let known = [
         "all", "append", "fanout", "latency", "replay", "idle", "durable", "presence", "bindings",
+        "work",
     ];
     if !known.contains(&args.scenario.as_str()) {
         return Err(ClientError::Http(format!(
@@ -155,6 +166,13 @@ pub async fn run(args: BenchArgs) -> Res<Vec<String>> {
     if all || args.scenario == "idle" {
         eprintln!("idle: opening {} connections …", args.idle_connections);
         push(idle(&args).await?);
+    }
+    if args.scenario == "work" {
+        eprintln!(
+            "work: {} messages dealt to {} workers …",
+            args.work_messages, args.workers
+        );
+        push(work(&args).await?);
     }
     if args.scenario == "presence" {
         eprintln!("presence: {} members joining one address …", args.members);
@@ -790,6 +808,155 @@ async fn idle(args: &BenchArgs) -> Res<String> {
         per / 1024.0,
         before as f64 / 1048576.0,
         after as f64 / 1048576.0
+    ))
+}
+
+/// Binds `--workers` clients to a fresh work address (weights 1, 2, 3, …), sends it
+/// `--work-messages`, each worker acking what it is given at once; then checks that each
+/// version was given once, to one worker, and is `done` in the mailbox.
+async fn work(args: &BenchArgs) -> Res<String> {
+    use std::sync::Mutex;
+    let address = format!("work:bench-{}", tag());
+    let n = args.work_messages;
+    let mut socks = clients(args, args.workers.max(1), None).await?;
+    let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
+    let weights: Vec<u64> = (0..socks.len()).map(|i| 1 + (i % 3) as u64).collect();
+    for (s, w) in socks.iter_mut().zip(&weights) {
+        let id = s.session["clientId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let bind = json!({ "client": id, "addresses": [address], "weight": w });
+        http.json("POST", "/server/connect", Some(&bind)).await?;
+        while !matches!(s.next().await?, Event::Other(name, _) if name == "bound") {}
+    }
+    // Times each version was given, to anyone.
+    let given = Arc::new(Mutex::new(vec![0u8; n + 1]));
+    let received = Arc::new(AtomicU64::new(0));
+    let all_in = Arc::new(tokio::sync::Notify::new());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for mut s in socks {
+        let (given, received, all_in) = (given.clone(), received.clone(), all_in.clone());
+        let (address, mut stopped) = (address.clone(), stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut mine = 0u64;
+            loop {
+                let e = tokio::select! {
+                    e = s.next() => e?,
+                    _ = stopped.changed() => break,
+                };
+                let raw = match e {
+                    Event::Signal(raw) => raw,
+                    Event::Other(name, data) => {
+                        eprintln!("  a worker was sent {name}: {data}");
+                        continue;
+                    }
+                };
+                let v = json_u64(&raw, "version").unwrap_or(0) as usize;
+                if let Some(c) = given.lock().unwrap().get_mut(v) {
+                    *c = c.saturating_add(1);
+                }
+                s.emit(
+                    "ack",
+                    &format!(r#"{{"address":"{address}","version":{v}}}"#),
+                )
+                .await?;
+                mine += 1;
+                if received.fetch_add(1, Ordering::Relaxed) + 1 >= n as u64 {
+                    all_in.notify_one();
+                }
+            }
+            s.close().await;
+            Ok::<_, ClientError>(mine)
+        }));
+    }
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = 100.min(n - sent);
+        let batch: Vec<Value> = (0..k)
+            .map(|i| json!({ "address": address, "payload": { "i": sent + i } }))
+            .collect();
+        http.json("POST", "/server/enqueue", Some(&Value::Array(batch)))
+            .await?;
+        sent += k;
+    }
+    let sent_in = started.elapsed().as_secs_f64();
+    let waited = tokio::time::timeout(Duration::from_secs(60), all_in.notified()).await;
+    let secs = started.elapsed().as_secs_f64();
+    let got = received.load(Ordering::Relaxed);
+    // A moment for a version given twice to show before the count is read.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop.send(true);
+    let mut per_worker = Vec::new();
+    for t in tasks {
+        per_worker.push(t.await.map_err(|e| ClientError::Socket(e.to_string()))??);
+    }
+    let mut problems = Vec::new();
+    if waited.is_err() {
+        problems.push(format!("only {got} of {n} given within 60 s"));
+    }
+    {
+        let given = given.lock().unwrap();
+        let twice = given[1..].iter().filter(|c| **c > 1).count();
+        let never = given[1..].iter().filter(|c| **c == 0).count();
+        if twice > 0 {
+            problems.push(format!("{twice} given more than once"));
+        }
+        if never > 0 {
+            problems.push(format!("{never} never given"));
+        }
+    }
+    // Every version done in the mailbox (the acks were taken), read a page at a time.
+    let mut done = 0usize;
+    let mut after = 0u64;
+    loop {
+        let page = http
+            .json(
+                "GET",
+                &format!("/server/mailbox/{address}?after={after}&limit=1000"),
+                None,
+            )
+            .await?;
+        let msgs = page["messages"].as_array().cloned().unwrap_or_default();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in &msgs {
+            after = m["version"].as_u64().unwrap_or(after);
+            done += (m["state"] == "done") as usize;
+        }
+    }
+    if done != n {
+        problems.push(format!("{} of {n} not done", n - done));
+    }
+    // Each worker's share of what it got, against its weight's share.
+    let total_w: u64 = weights.iter().sum();
+    let worst = per_worker
+        .iter()
+        .zip(&weights)
+        .map(|(got, w)| {
+            let want = *w as f64 / total_w as f64;
+            ((*got as f64 / n as f64) - want).abs() / want
+        })
+        .fold(0.0, f64::max);
+    let split: Vec<String> = weights
+        .iter()
+        .zip(&per_worker)
+        .map(|(w, got)| format!("{w}:{got}"))
+        .collect();
+    eprintln!("  per worker (weight:messages): {}", split.join(" "));
+    let check = if problems.is_empty() {
+        "each given once, to one worker, and done".to_string()
+    } else {
+        format!("⚠ {}", problems.join("; "))
+    };
+    Ok(format!(
+        "work    workers={} messages={n}: {:.0} msg/s dealt and acked ({got} in {secs:.2} s; sent in {sent_in:.2} s); shares within {:.1} % of the weights'; {check}",
+        weights.len(),
+        got as f64 / secs,
+        worst * 100.0
     ))
 }
 

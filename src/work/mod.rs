@@ -717,6 +717,14 @@ impl Dispatcher {
         client
     }
 
+    /// Whether `client` holds `version` of `address` through a connection of this node, not
+    /// acked yet (what [`Self::ack`] takes).
+    pub fn holds(&self, address: &Address, client: &ClientId, version: u64) -> bool {
+        self.holdings()
+            .get(&(address.clone(), version))
+            .is_some_and(|h| &h.client == client && !h.acked)
+    }
+
     /// `ack` of a work message from a connection of this node: done, if this client holds it
     /// (told to its dealer when that is another node).
     pub async fn ack(

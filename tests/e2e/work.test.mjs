@@ -48,9 +48,10 @@ async function send(url, work, n, from = 0) {
 }
 
 test('weights 1 and 3 split 4 000 messages 1:3 (±5 %), each to exactly one client, all done', { skip, timeout: 120000 }, async () => {
-  // Every ack is a client event, and these clients ack 4 000 messages within a few seconds: more
-  // than the default of 1 000 events per second per connection.
-  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000' } });
+  // These clients ack 4 000 messages within a few seconds, far past a rate of 100 events per
+  // second per connection: acks of work messages a client holds are not charged to it (they
+  // were, and a fast worker's acks were dropped, then it was closed as a flood).
+  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100' } });
   const work = `work:split-${Date.now()}`;
   const a = await worker(node.url, work, { weight: 1 });
   const b = await worker(node.url, work, { weight: 3 });
@@ -144,11 +145,31 @@ test('waiting with nobody connected; a killed client\'s messages go to another, 
   assert.equal((await again.stop()).code, 0);
 });
 
+test('acks of work messages a client does not hold are charged to its event rate: a flood of them is refused, and the client closed', { skip, timeout: 60000 }, async () => {
+  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '50' } });
+  const work = `work:flood-${Date.now()}`;
+  const honest = await worker(node.url, work);
+  const flood = await worker(node.url, work, { acks: false });
+  await send(node.url, work, 20);
+  await waitFor(() => honest.versions().length + flood.versions().length >= 20, 10000, '20 given');
+  // Versions it never held (and the ones it holds, again and again once acked).
+  for (let i = 0; i < 400; i++) flood.c.socket.emit('ack', { address: work, version: 1000 + i });
+  const err = await flood.c.waitFor((e) => e.event === 'error' && /rate limit/.test(e.data.message), 5000, 'a rate-limit error');
+  assert.match(err.data.message, /at most 50 events per second/);
+  const k = await flood.c.waitFor((e) => e.event === 'kicked', 5000, 'the flooder kicked');
+  assert.match(k.data.reason, /flood/);
+  // What it held goes to the honest worker, which acks it: all done.
+  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 15000, 'all done');
+  assert.equal(honest.versions().length, 20);
+  honest.c.close();
+  await node.stop();
+});
+
 test('3 nodes: takers on every node share by weight; a taker\'s node and the dealing node die; none lost, none twice', { skip: embedded && 'cluster backend only', timeout: 240000 }, async () => {
   const PARTITIONS = 6;
   const env = testCluster('work3', {
     SIGNALPOST_KAFKA_PARTITIONS: String(PARTITIONS),
-    SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000',
+    SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100',
     SIGNALPOST_WORK_ACK_TIMEOUT_MS: '60000',
   });
   const nodes = [];
@@ -231,7 +252,7 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
 });
 
 test('2 nodes: a client connected on both is one taker (its weight counts once); each message goes to one of its connections', { skip: embedded && 'cluster backend only', timeout: 120000 }, async () => {
-  const env = testCluster('work2', { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000' });
+  const env = testCluster('work2', { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100' });
   env.SIGNALPOST_RESUME_SECRET = `secret-${env.SIGNALPOST_CASSANDRA_KEYSPACE}-0123456789abcdef0123456789`;
   const a = await startNode({ env });
   const b = await startNode({ env });
@@ -262,7 +283,7 @@ test('2 nodes: a client connected on both is one taker (its weight counts once);
 test('the client library takes work: its handler runs once per message, and each is acked (done)', { skip, timeout: 60000 }, async () => {
   const { io } = await import('socket.io-client');
   const { connect: library, memoryStorage } = await import('../../clients/js/src/client.js');
-  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100000' } });
+  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '100' } });
   const work = `work:lib-${Date.now()}`;
   const open = () => {
     const lib = library({ io, urls: [node.url], storage: memoryStorage(), socketOptions: { transports: ['websocket'] } });

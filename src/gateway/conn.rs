@@ -75,6 +75,9 @@ struct State {
     out: Outlet,
     /// This connection's place under the node's connection cap, given back at close.
     slot: Option<super::Slot>,
+    /// Acks taken without counting against the event rate: at most one per event emitted
+    /// ([`Conn::ack_earned`]).
+    earned_acks: u64,
 }
 
 impl State {
@@ -226,13 +229,7 @@ impl Conn {
         let own = Address::of_client(&client);
         let ping_interval = Duration::from_millis(svc.config.ping_interval_ms);
         let mut tracks = HashMap::new();
-        tracks.insert(
-            own,
-            Track {
-                delivered: own_cursor,
-                known: own_cursor,
-            },
-        );
+        tracks.insert(own.clone(), Track::starting(&own, own_cursor));
         Arc::new_cyclic(|me| Conn {
             id: uuid::Uuid::new_v4().simple().to_string(),
             client,
@@ -259,6 +256,7 @@ impl Conn {
                     sent: 0,
                 },
                 slot: None,
+                earned_acks: 0,
             }),
             memberships: Default::default(),
         })
@@ -391,6 +389,26 @@ impl Conn {
 
     pub fn receives(&self, address: &Address) -> bool {
         self.lock().tracks.contains_key(address)
+    }
+
+    /// Whether an ack of `version` of `address` (not a work address) answers what this
+    /// connection was sent: within what it was delivered, while fewer acks were taken so than
+    /// events emitted to it. Each event emitted earns one such ack, whatever the order the
+    /// acks are handled in (each event is handled on its own task).
+    pub fn ack_earned(&self, address: &Address, version: u64) -> bool {
+        if address.kind() == Kind::Work {
+            return false;
+        }
+        let mut st = self.lock();
+        let within = st
+            .tracks
+            .get(address)
+            .is_some_and(|t| version <= t.delivered);
+        if !within || st.earned_acks >= st.out.sent {
+            return false;
+        }
+        st.earned_acks += 1;
+        true
     }
 
     /// Raises what is known to exist (heads read at connect).

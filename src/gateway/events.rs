@@ -83,15 +83,22 @@ impl Kind {
 }
 
 /// `ack`: stores a cursor, or says a work message is done. Charged to the connection's event
-/// rate, except the ack of a work message the client holds: the node gave it (at most
-/// `work_in_flight` × weight at a time), and a worker faster than the rate had its acks
-/// dropped, so its messages were dealt again after the ack timeout, and was then closed as a
-/// flood.
+/// rate, unless it answers something the node sent: a work message the client holds (at most
+/// `work_in_flight` × weight at a time), or a cursor's progress (above what this connection
+/// acked, within what it was delivered: at most one per message delivered). A worker faster
+/// than the rate had acks dropped — its messages dealt again after the ack timeout — and a
+/// client acking many busy addresses (the client library acks each every 50 ms) went past
+/// it; both were then closed as a flood. Acks that repeat or run ahead are charged.
 async fn on_ack(s: &SocketRef, c: &Conn, svc: &Gateway, data: Option<Value>) {
     let ack = parse_ack(data);
-    let held = matches!(&ack, Ok((a, v)) if a.kind() == crate::address::Kind::Work
-        && c.receives(a) && svc.work.holds(a, c.client(), *v));
-    if let Err(first) = c.allow_event(!held) {
+    let answers = match &ack {
+        Ok((a, v)) if a.kind() == crate::address::Kind::Work => {
+            c.receives(a) && svc.work.holds(a, c.client(), *v)
+        }
+        Ok((a, v)) => c.ack_earned(a, *v),
+        Err(_) => false,
+    };
+    if let Err(first) = c.allow_event(!answers) {
         return refused(s, svc, first);
     }
     match ack {

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { createHash, createHmac, randomBytes } from 'node:crypto';
 import { createServer, get as httpGet } from 'node:http';
 import { connect as tcpConnect } from 'node:net';
-import { startNode, api, connect, waitFor, metric, BACKEND, testCluster, CLUSTER_SECRET } from './lib/harness.mjs';
+import { startNode, api, connect, waitFor, fill, metric, BACKEND, testCluster, CLUSTER_SECRET } from './lib/harness.mjs';
 
 const clusterOnly = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
 
@@ -278,6 +278,27 @@ test('floods meet clear errors: connects per IP, events per connection; others a
   const k = await flood.waitFor((e) => e.event === 'kicked', 5000, 'the flooder kicked');
   assert.match(k.data.reason, /flood/);
   calm.close();
+  await node.stop();
+});
+
+test('acks that answer deliveries are not charged to the event rate; acks that repeat or run ahead are, and a flood of them is closed', async () => {
+  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '50' } });
+  const c = connect(node.url);
+  const s = await c.ready;
+  const own = `client:${s.clientId}`;
+  // Each of 500 messages acked as it arrives: ten times the rate, all progress.
+  c.socket.on('signal', (m) => { if (m.address === own) c.socket.emit('ack', { address: own, version: m.version }); });
+  await fill(node.url, own, 500);
+  await c.waitCount(own, 500);
+  await waitFor(async () => (await api(node.url, 'GET', `/server/clients/${s.clientId}`)).body.cursors?.[own] === 500, 10000, 'the cursor at 500').catch(async (e) => { console.log('#', JSON.stringify((await api(node.url, 'GET', `/server/clients/${s.clientId}`)).body), JSON.stringify(c.events.filter((x) => x.event !== 'signal'))); throw e; });
+  assert.deepEqual(c.events.filter((e) => e.event === 'error' || e.event === 'kicked'), [], 'nothing refused');
+  // Acks past what was delivered, then the same ack again and again: charged, refused, closed.
+  for (let i = 0; i < 30; i++) c.socket.emit('ack', { address: own, version: 1000 + i });
+  for (let i = 0; i < 400; i++) c.socket.emit('ack', { address: own, version: 500 });
+  const err = await c.waitFor((e) => e.event === 'error' && /rate limit/.test(e.data.message), 5000, 'a rate-limit error');
+  assert.match(err.data.message, /at most 50 events per second/);
+  const k = await c.waitFor((e) => e.event === 'kicked', 5000, 'kicked');
+  assert.match(k.data.reason, /flood/);
   await node.stop();
 });
 

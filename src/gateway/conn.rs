@@ -111,9 +111,11 @@ pub struct Conn {
     expires_ms: AtomicU64,
     /// When it connected (ms since epoch).
     since: u64,
-    /// Events it may send (acks, refresh, …), when limited; and how many were refused.
+    /// Events it may send (acks, refresh, …), when limited; how many were refused since it last
+    /// kept within the rate for a second, and when the last one was (ms since epoch).
     events: Option<governor::DefaultDirectRateLimiter>,
     refused: AtomicU32,
+    last_refused_ms: AtomicU64,
     /// When the resume token it holds was issued (ms since epoch).
     token_issued_ms: AtomicU64,
     /// Set by the first kick: its events are dropped, and it closes shortly.
@@ -238,6 +240,7 @@ impl Conn {
             since: crate::clock::now_ms(),
             events,
             refused: AtomicU32::new(0),
+            last_refused_ms: AtomicU64::new(0),
             kicked: Default::default(),
             asking: Default::default(),
             token_issued_ms: AtomicU64::new(crate::clock::now_ms()),
@@ -282,10 +285,13 @@ impl Conn {
     }
 
     /// Whether one more event from the client is taken: `Ok`, or `Err(first)` when it is
-    /// refused (`first` for the first refusal, which the client is told about; a flood is not
-    /// answered event by event). A `charged` event must be within the connection's rate, and a
-    /// connection that sends a whole second's worth more than its rate is closed (`kicked`
-    /// `flood`); one not charged is taken unless the connection was kicked.
+    /// refused (`first` for the first refusal of a burst, which the client is told about; a
+    /// flood is not answered event by event). A `charged` event must be within the
+    /// connection's rate, and a connection refused a whole second's worth of events in one
+    /// burst is closed (`kicked` `flood`); a burst ends once the connection has had no event
+    /// refused for a second (the count used to run for the connection's whole life, so a
+    /// client with a short burst now and then was closed in the end). An event not charged is
+    /// taken unless the connection was kicked.
     pub fn allow_event(&self, charged: bool) -> Result<(), bool> {
         if self.kicked.load(Ordering::SeqCst) {
             return Err(false);
@@ -293,9 +299,16 @@ impl Conn {
         let Some(limiter) = self.events.as_ref().filter(|_| charged) else {
             return Ok(());
         };
+        let now = || crate::clock::now_ms();
         if limiter.check().is_ok() {
+            if self.refused.load(Ordering::Relaxed) > 0
+                && now().saturating_sub(self.last_refused_ms.load(Ordering::Relaxed)) > 1000
+            {
+                self.refused.store(0, Ordering::SeqCst);
+            }
             return Ok(());
         }
+        self.last_refused_ms.store(now(), Ordering::Relaxed);
         self.svc.metrics.events_refused.increment(1);
         let refused = self.refused.fetch_add(1, Ordering::SeqCst) + 1;
         if refused >= self.svc.config.limits.event_rate_per_connection {

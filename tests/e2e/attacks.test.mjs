@@ -281,6 +281,25 @@ test('floods meet clear errors: connects per IP, events per connection; others a
   await node.stop();
 });
 
+test('a client refused events in short bursts with a calm second between is told each time, and not closed', async () => {
+  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '50' } });
+  const c = connect(node.url);
+  const s = await c.ready;
+  const own = `client:${s.clientId}`;
+  // Six bursts of 60 (10 past the rate each): 60 refused in all, more than a second's worth, but
+  // never in one burst.
+  for (let burst = 0; burst < 6; burst++) {
+    for (let i = 0; i < 60; i++) c.socket.emit('ack', { address: own, version: 0 });
+    await new Promise((r) => setTimeout(r, 1500));
+  }
+  const errors = c.events.filter((e) => e.event === 'error' && /rate limit/.test(e.data.message));
+  assert.ok(errors.length >= 5, `told ${errors.length} times`);
+  assert.ok(!c.events.some((e) => e.event === 'kicked'), 'not closed');
+  assert.ok(c.socket.connected);
+  c.close();
+  await node.stop();
+});
+
 test('acks that answer deliveries are not charged to the event rate; acks that repeat or run ahead are, and a flood of them is closed', async () => {
   const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '50' } });
   const c = connect(node.url);

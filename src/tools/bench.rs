@@ -376,6 +376,21 @@ async fn clients(args: &BenchArgs, n: usize, channel: Option<&str>) -> Res<Vec<S
     Ok(out)
 }
 
+/// Enqueues `n` messages to `address` in batches of 100, one request after the other.
+async fn send_batches(http: &mut Http, address: &str, n: usize) -> Res<()> {
+    let mut sent = 0;
+    while sent < n {
+        let k = 100.min(n - sent);
+        let batch: Vec<Value> = (0..k)
+            .map(|i| json!({ "address": address, "payload": { "i": sent + i } }))
+            .collect();
+        http.json("POST", "/server/enqueue", Some(&Value::Array(batch)))
+            .await?;
+        sent += k;
+    }
+    Ok(())
+}
+
 async fn fanout(args: &BenchArgs) -> Res<String> {
     let channel = format!("channel:fanout-{}", tag());
     let socks = clients(args, args.clients, Some(&channel)).await?;
@@ -406,16 +421,7 @@ async fn fanout(args: &BenchArgs) -> Res<String> {
     }
     let mut http = Http::connect(&args.url, args.api_key.clone()).await?;
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < args.fanout_messages {
-        let n = 100.min(args.fanout_messages - sent);
-        let batch: Vec<Value> = (0..n)
-            .map(|i| json!({ "address": channel, "payload": { "i": sent + i } }))
-            .collect();
-        http.json("POST", "/server/enqueue", Some(&Value::Array(batch)))
-            .await?;
-        sent += n;
-    }
+    send_batches(&mut http, &channel, args.fanout_messages).await?;
     for t in tasks {
         t.await.map_err(|e| ClientError::Socket(e.to_string()))??;
     }
@@ -872,16 +878,7 @@ async fn work(args: &BenchArgs) -> Res<String> {
         }));
     }
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < n {
-        let k = 100.min(n - sent);
-        let batch: Vec<Value> = (0..k)
-            .map(|i| json!({ "address": address, "payload": { "i": sent + i } }))
-            .collect();
-        http.json("POST", "/server/enqueue", Some(&Value::Array(batch)))
-            .await?;
-        sent += k;
-    }
+    send_batches(&mut http, &address, n).await?;
     let sent_in = started.elapsed().as_secs_f64();
     let waited = tokio::time::timeout(Duration::from_secs(60), all_in.notified()).await;
     let secs = started.elapsed().as_secs_f64();

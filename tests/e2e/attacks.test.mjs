@@ -273,19 +273,29 @@ test('floods meet clear errors: connects per IP, events per connection; others a
   for (let i = 0; i < 20; i++) await api(node.url, 'POST', '/server/enqueue', { address: own, payload: i });
   await calm.waitCount(own, 20);
   assert.deepEqual(calm.signals(own).map((m) => m.payload), [...Array(20).keys()]);
-  const err = await flood.waitFor((e) => e.event === 'error' && /rate limit/.test(e.data.message), 5000, 'a rate-limit error');
-  assert.match(err.data.message, /at most 50 events per second/);
-  const k = await flood.waitFor((e) => e.event === 'kicked', 5000, 'the flooder kicked');
-  assert.match(k.data.reason, /flood/);
+  await closedAsFlood(flood, 50);
   calm.close();
   await node.stop();
 });
 
-test('a client refused events in short bursts with a calm second between is told each time, and not closed', async () => {
+/** A node allowing 50 events per second per connection, and a client connected to it. */
+async function limited() {
   const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '50' } });
   const c = connect(node.url);
   const s = await c.ready;
-  const own = `client:${s.clientId}`;
+  return { node, c, s, own: `client:${s.clientId}` };
+}
+
+/** `c` was told of the rate limit of `limit` events per second, then closed as a flood. */
+async function closedAsFlood(c, limit) {
+  const err = await c.waitFor((e) => e.event === 'error' && /rate limit/.test(e.data.message), 5000, 'a rate-limit error');
+  assert.match(err.data.message, new RegExp(`at most ${limit} events per second`));
+  const k = await c.waitFor((e) => e.event === 'kicked', 5000, 'closed as a flood');
+  assert.match(k.data.reason, /flood/);
+}
+
+test('a client refused events in short bursts with a calm second between is told each time, and not closed', async () => {
+  const { node, c, own } = await limited();
   // Six bursts of 60 (10 past the rate each): 60 refused in all, more than a second's worth, but
   // never in one burst.
   for (let burst = 0; burst < 6; burst++) {
@@ -301,23 +311,17 @@ test('a client refused events in short bursts with a calm second between is told
 });
 
 test('acks that answer deliveries are not charged to the event rate; acks that repeat or run ahead are, and a flood of them is closed', async () => {
-  const node = await startNode({ env: { SIGNALPOST_EVENT_RATE_PER_CONNECTION: '50' } });
-  const c = connect(node.url);
-  const s = await c.ready;
-  const own = `client:${s.clientId}`;
+  const { node, c, s, own } = await limited();
   // Each of 500 messages acked as it arrives: ten times the rate, all progress.
   c.socket.on('signal', (m) => { if (m.address === own) c.socket.emit('ack', { address: own, version: m.version }); });
   await fill(node.url, own, 500);
   await c.waitCount(own, 500);
-  await waitFor(async () => (await api(node.url, 'GET', `/server/clients/${s.clientId}`)).body.cursors?.[own] === 500, 10000, 'the cursor at 500').catch(async (e) => { console.log('#', JSON.stringify((await api(node.url, 'GET', `/server/clients/${s.clientId}`)).body), JSON.stringify(c.events.filter((x) => x.event !== 'signal'))); throw e; });
+  await waitFor(async () => (await api(node.url, 'GET', `/server/clients/${s.clientId}`)).body.cursors?.[own] === 500, 10000, 'the cursor at 500');
   assert.deepEqual(c.events.filter((e) => e.event === 'error' || e.event === 'kicked'), [], 'nothing refused');
   // Acks past what was delivered, then the same ack again and again: charged, refused, closed.
   for (let i = 0; i < 30; i++) c.socket.emit('ack', { address: own, version: 1000 + i });
   for (let i = 0; i < 400; i++) c.socket.emit('ack', { address: own, version: 500 });
-  const err = await c.waitFor((e) => e.event === 'error' && /rate limit/.test(e.data.message), 5000, 'a rate-limit error');
-  assert.match(err.data.message, /at most 50 events per second/);
-  const k = await c.waitFor((e) => e.event === 'kicked', 5000, 'kicked');
-  assert.match(k.data.reason, /flood/);
+  await closedAsFlood(c, 50);
   await node.stop();
 });
 

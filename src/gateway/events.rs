@@ -21,7 +21,7 @@ pub fn listen(s: &SocketRef, conn: &Arc<Conn>, svc: &Arc<Gateway>) {
                     ack: AckSender| {
             let Some(kind) = Kind::of(&event) else { return };
             let data = data.ok();
-            // An ack is charged in `on_ack` (one of a work message the client holds is not).
+            // An ack is charged in `on_ack` (one that answers what the node sent is not).
             if !matches!(kind, Kind::Ack)
                 && let Err(first) = c.allow_event(true)
             {
@@ -84,8 +84,8 @@ impl Kind {
 
 /// `ack`: stores a cursor, or says a work message is done. Charged to the connection's event
 /// rate, unless it answers something the node sent: a work message the client holds (at most
-/// `work_in_flight` × weight at a time), or a cursor's progress (above what this connection
-/// acked, within what it was delivered: at most one per message delivered). A worker faster
+/// `work_in_flight` × weight at a time), or a cursor ack within what this connection was
+/// delivered, at most one per event emitted to it ([`Conn::ack_earned`]). A worker faster
 /// than the rate had acks dropped — its messages dealt again after the ack timeout — and a
 /// client acking many busy addresses (the client library acks each every 50 ms) went past
 /// it; both were then closed as a flood. Acks that repeat or run ahead are charged.

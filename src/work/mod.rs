@@ -153,7 +153,6 @@ const AT_HAND_OVERHEAD: usize = 160;
 #[derive(Default)]
 struct AtHand {
     messages: HashMap<u64, Arc<Message>>,
-    bytes: usize,
     /// The node's count (set by the first [`AtHand::keep`]).
     total: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
@@ -181,11 +180,8 @@ impl AtHand {
         {
             return;
         }
-        self.bytes += cost;
         if let Some(old) = self.messages.insert(m.version, m.clone()) {
-            let old = Self::cost(&old);
-            self.bytes -= old;
-            total.fetch_sub(old, Relaxed);
+            total.fetch_sub(Self::cost(&old), Relaxed);
         }
     }
 
@@ -195,18 +191,15 @@ impl AtHand {
 
     fn remove(&mut self, version: u64) {
         if let (Some(m), Some(total)) = (self.messages.remove(&version), &self.total) {
-            let cost = Self::cost(&m);
-            self.bytes -= cost;
-            total.fetch_sub(cost, std::sync::atomic::Ordering::Relaxed);
+            total.fetch_sub(Self::cost(&m), std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     fn clear(&mut self) {
-        self.messages.clear();
+        let bytes: usize = self.messages.drain().map(|(_, m)| Self::cost(&m)).sum();
         if let Some(total) = &self.total {
-            total.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+            total.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
         }
-        self.bytes = 0;
     }
 }
 
@@ -467,7 +460,7 @@ impl Dispatcher {
             address: address.clone(),
             term,
         }));
-        self.released(address, &self.node.clone(), term);
+        self.released(address, &self.node, term);
     }
 
     /// `node` no longer deals `address` as of its question of `term`: if it was the dealer
@@ -558,9 +551,8 @@ impl Dispatcher {
     /// What this node's connections hold of `address`, and what this node dealt of it that may
     /// not have reached its holder yet; with `dealer` (a node and the term of its question),
     /// acks go to that node from now on, unless it has released that term already.
-    pub fn held_here(&self, address: &Address, dealer: Option<(&str, u64)>) -> Vec<Holder> {
+    pub fn held_here(&self, address: &Address, mut dealer: Option<(&str, u64)>) -> Vec<Holder> {
         let mut out = Vec::new();
-        let mut dealer = dealer;
         // Under the queue's lock, as dispatch and `Give` note a holding with the dealer they
         // read: one noted before this has its dealer changed below, one after reads it.
         let mut m = self.lock();
@@ -1575,6 +1567,19 @@ mod tests {
         }
     }
 
+    /// Version `v` of `address` as appended (payload `1`).
+    fn message(address: &str, v: u64) -> Arc<Message> {
+        let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        let id = crate::address::MessageId::parse(&format!("m{v}")).unwrap();
+        Arc::new(Message::new(
+            Address::parse(address).unwrap(),
+            v,
+            id,
+            0,
+            &payload,
+        ))
+    }
+
     /// A connection that records the versions it is given; `closed`, it takes nothing.
     pub(super) struct Recorder {
         id: String,
@@ -1694,10 +1699,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // A message for the other address, appended now (at hand: no read).
-        let id = crate::address::MessageId::parse("o1").unwrap();
-        let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
-        let m = Arc::new(Message::new(other.clone(), 1, id, 0, &payload));
-        d.deliver(&[m], 0);
+        d.deliver(&[message("work:other", 1)], 0);
         let given = async {
             while fast.got().is_empty() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1724,28 +1726,23 @@ mod tests {
     fn messages_at_hand_keep_to_the_nodes_budget() {
         use std::sync::atomic::Ordering::SeqCst;
         let total: Arc<std::sync::atomic::AtomicUsize> = Default::default();
-        let msg = |a: &str, v: u64| {
-            let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
-            let id = crate::address::MessageId::parse(&format!("m{v}")).unwrap();
-            Arc::new(Message::new(Address::parse(a).unwrap(), v, id, 0, &payload))
-        };
-        let cost = AtHand::cost(&msg("work:a", 1));
+        let cost = AtHand::cost(&message("work:a", 1));
         let budget = 3 * cost;
         let (mut a, mut b) = (AtHand::default(), AtHand::default());
         for v in 1..=2 {
-            a.keep(&msg("work:a", v), &total, budget);
+            a.keep(&message("work:a", v), &total, budget);
         }
-        b.keep(&msg("work:b", 1), &total, budget);
-        b.keep(&msg("work:b", 2), &total, budget);
+        b.keep(&message("work:b", 1), &total, budget);
+        b.keep(&message("work:b", 2), &total, budget);
         assert_eq!(total.load(SeqCst), budget, "three kept");
         assert!(
             a.get(2).is_some() && b.get(1).is_some() && b.get(2).is_none(),
             "the fourth not"
         );
-        a.keep(&msg("work:a", 2), &total, budget);
+        a.keep(&message("work:a", 2), &total, budget);
         assert_eq!(total.load(SeqCst), budget, "kept again: counted once");
         a.remove(1);
-        b.keep(&msg("work:b", 2), &total, budget);
+        b.keep(&message("work:b", 2), &total, budget);
         assert!(b.get(2).is_some(), "room again once one is done");
         b.clear();
         assert_eq!(total.load(SeqCst), cost, "a's one left");

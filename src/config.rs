@@ -80,6 +80,10 @@ pub struct Config {
     /// Most messages of one `work:` address one client holds (sent, not acked) at once, per
     /// unit of its binding's weight.
     pub work_in_flight: usize,
+    /// Bytes of appended `work:` messages the node keeps in memory for dealing, all its work
+    /// addresses together (a message counts its signal's length and 160 bytes); past it,
+    /// messages are read back from the store when dealt. 0: none kept.
+    pub work_at_hand_bytes: usize,
     /// Most messages appended in one storage batch.
     pub append_batch: usize,
     /// Threads that run connections, requests and deliveries (the async runtime's workers);
@@ -258,6 +262,7 @@ impl Default for Config {
             ping_timeout_ms: 20_000,
             work_ack_timeout_ms: 30_000,
             work_in_flight: 32,
+            work_at_hand_bytes: crate::work::AT_HAND_BYTES,
             append_batch: 4096,
             workers: 0,
             limits: Limits::default(),
@@ -787,6 +792,15 @@ mod tests {
         refused(&[("TLS_CERT", "/x.pem")], "go together");
         refused(&[("CORS_ORIGINS", "[\"example.com\"]")], "not an origin");
         assert!(load(None, &[("LISTEN", "0.0.0.0:0"), ("INSECURE", "true")]).is_ok());
+    }
+
+    #[test]
+    fn the_work_at_hand_budget_is_a_setting() {
+        let at_hand = |vars: &[(&str, &str)]| load(None, vars).unwrap().work_at_hand_bytes;
+        assert_eq!(at_hand(&[]), 64 << 20);
+        assert_eq!(at_hand(&[("WORK_AT_HAND_BYTES", "0")]), 0);
+        assert_eq!(at_hand(&[("WORK_AT_HAND_BYTES", "1048576")]), 1 << 20);
+        assert!(load(None, &[("WORK_AT_HAND_BYTES", "-1")]).is_err());
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl Node {
                 ack_timeout: Duration::from_millis(config.work_ack_timeout_ms),
                 in_flight: config.work_in_flight,
                 retention_secs: config.retention_secs,
+                at_hand_bytes: config.work_at_hand_bytes,
             },
             owned.map(|owned| crate::work::Link {
                 owned,
@@ -650,7 +651,7 @@ fn spawn_work_link(
     tasks: &Tasks,
 ) {
     use crate::peers::Deliver;
-    use crate::work::{Holder, Out};
+    use crate::work::{Holder, Out, WorkError};
     let peers = peers.clone();
     tasks.spawn(async move {
         while let Some(out) = rx.recv().await {
@@ -669,9 +670,9 @@ fn spawn_work_link(
                             match peers.ask_every("/internal/work/held", body.into()).await {
                                 Ok(answers) => answers,
                                 Err(e) => {
-                                    let _ = answer.send(Err(format!(
+                                    let _ = answer.send(Err(WorkError::Unheard(format!(
                                         "what the other nodes' connections hold is unknown: {e}"
-                                    )));
+                                    ))));
                                     return;
                                 }
                             };
@@ -691,7 +692,9 @@ fn spawn_work_link(
                             }
                         }
                         let _ = answer.send(match failed {
-                            Some(e) => Err(format!("what the connections of {e} hold is unknown")),
+                            Some(e) => Err(WorkError::Unheard(format!(
+                                "what the connections of {e} hold is unknown"
+                            ))),
                             None => Ok(all),
                         });
                     });

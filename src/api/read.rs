@@ -79,7 +79,7 @@ pub async fn mailbox(
             .work
             .states(&a, &versions)
             .await
-            .map_err(ApiError::Unavailable)?;
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let mut messages = Vec::with_capacity(versions.len());
         for (m, st) in page.messages.iter().zip(states) {
             let mut v: Value = serde_json::from_str(m.signal.get())

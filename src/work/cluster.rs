@@ -106,7 +106,7 @@ pub enum Out {
     /// Ask every other live node what its connections hold of `address`.
     Held {
         request: HeldRequest,
-        answer: oneshot::Sender<Result<Vec<Holder>, String>>,
+        answer: oneshot::Sender<Result<Vec<Holder>, super::WorkError>>,
     },
 }
 
@@ -294,6 +294,7 @@ mod tests {
                     ack_timeout: Duration::from_secs(60),
                     in_flight: 4,
                     retention_secs: 3600,
+                    at_hand_bytes: crate::work::AT_HAND_BYTES,
                 };
                 let (owned_a, owned_b) = (Owned::default(), Owned::default());
                 owned_a.set(1, &[0]);

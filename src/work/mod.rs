@@ -84,6 +84,10 @@ pub struct Settings {
     pub in_flight: usize,
     /// The retention, for the stored done set's lifetime (s).
     pub retention_secs: u64,
+    /// Bytes of appended messages the node's work queues keep at hand, all together
+    /// ([`AT_HAND_BYTES`] by default): past it, messages are read back from the mailbox when
+    /// dealt.
+    pub at_hand_bytes: usize,
 }
 
 /// One bound client with connections up.
@@ -137,18 +141,19 @@ struct Queue {
     parted: HashMap<u64, Held>,
 }
 
-/// Bytes of appended messages the work queues of a node keep at hand, all together (a message
-/// counts its signal's length and [`AT_HAND_OVERHEAD`]); past it, messages are read back from the
-/// mailbox when dealt. It was 1 024 messages per queue: a queue whose takers fell that far behind
+/// The default of [`Settings::at_hand_bytes`] (`work_at_hand_bytes`): bytes of appended messages
+/// the work queues of a node keep at hand, all together (a message counts its signal's length
+/// and [`AT_HAND_OVERHEAD`]); past it, messages are read back from the mailbox when dealt. It
+/// was 1 024 messages per queue: a queue whose takers fell that far behind
 /// its appends read each message back, and on the cluster backend those reads cost Cassandra
 /// more than the appends did (`bench --scenario work`: 100 000 messages dealt at 8 k/s instead
 /// of 20 k/s).
-const AT_HAND_BYTES: usize = 64 << 20;
+pub const AT_HAND_BYTES: usize = 64 << 20;
 
 /// What a message kept at hand costs beyond its signal (the map entry and the message's fields).
 const AT_HAND_OVERHEAD: usize = 160;
 
-/// A queue's messages kept at hand, counted against the node's [`AT_HAND_BYTES`] (the count is
+/// A queue's messages kept at hand, counted against the node's [`Settings::at_hand_bytes`] (the count is
 /// shared by the node's queues and given back when a message goes, or the queue).
 #[derive(Default)]
 struct AtHand {
@@ -362,6 +367,23 @@ impl Queue {
     }
 }
 
+/// Why a work queue could not be loaded, or the states of its versions read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkError {
+    /// The address's shard moved to another node while this one asked.
+    #[error("the address is dealt by another node now")]
+    Moved,
+    /// The node is stopping.
+    #[error("the node is stopping")]
+    Stopping,
+    /// What some node's connections hold is unknown: it did not answer, or who the nodes are is.
+    #[error("{0}")]
+    Unheard(String),
+    /// A store read failed.
+    #[error("{0}")]
+    Store(String),
+}
+
 /// Why an `ack` of a work message was refused.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -392,7 +414,7 @@ pub struct Dispatcher {
     saving: Mutex<HashSet<Address>>,
     /// The count of this node's questions with `adopt` (each one's term).
     terms: std::sync::atomic::AtomicU64,
-    /// Bytes the queues keep at hand, all together ([`AT_HAND_BYTES`]).
+    /// Bytes the queues keep at hand, all together ([`Settings::at_hand_bytes`]).
     at_hand: Arc<std::sync::atomic::AtomicUsize>,
     /// Each address's turn to dispatch, held by one dispatch of it at a time, so its messages
     /// leave in the order they were assigned; other addresses dispatch meanwhile.
@@ -516,7 +538,11 @@ impl Dispatcher {
     /// Asks the other nodes what their connections hold of `address` (none on a single node);
     /// this node's own are added. With `adopt`, the term of this question, by which every node
     /// adopts this one as the address's dealer.
-    async fn ask_held(&self, address: &Address, adopt: Option<u64>) -> Result<Vec<Holder>, String> {
+    async fn ask_held(
+        &self,
+        address: &Address,
+        adopt: Option<u64>,
+    ) -> Result<Vec<Holder>, WorkError> {
         let mut all = self.held_here(address, adopt.map(|t| (self.node.as_str(), t)));
         if let Some(l) = &self.link {
             let (answer, got) = tokio::sync::oneshot::channel();
@@ -527,11 +553,8 @@ impl Dispatcher {
             };
             l.out
                 .send(Out::Held { request, answer })
-                .map_err(|_| "the node is stopping".to_string())?;
-            all.extend(
-                got.await
-                    .map_err(|_| "the node is stopping".to_string())??,
-            );
+                .map_err(|_| WorkError::Stopping)?;
+            all.extend(got.await.map_err(|_| WorkError::Stopping)??);
         }
         Ok(all)
     }
@@ -602,7 +625,7 @@ impl Dispatcher {
 
     /// Loads a queue's state once, when this node starts dealing it: every kept version not
     /// done waits, except those a connection holds (on the cluster, asked of every node first).
-    async fn load(&self, address: &Address) -> Result<(), String> {
+    async fn load(&self, address: &Address) -> Result<(), WorkError> {
         if self.lock().get(address).is_some_and(|q| q.loaded) {
             return Ok(());
         }
@@ -619,10 +642,10 @@ impl Dispatcher {
     }
 
     /// [`Self::load`]'s question (of `term`) and the rest of its reads.
-    async fn adopt(&self, address: &Address, term: u64) -> Result<(), String> {
+    async fn adopt(&self, address: &Address, term: u64) -> Result<(), WorkError> {
         let asked = self.ask_held(address, Some(term)).await;
         if !self.owns(address) {
-            return Err(MOVED.into());
+            return Err(WorkError::Moved);
         }
         let mut holders = asked?;
         // Where the connections are is the truth; what a former dealer says it gave counts only
@@ -632,12 +655,12 @@ impl Dispatcher {
             .done_store
             .marks(&done_key(), address)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| WorkError::Store(e.to_string()))?;
         let h = self
             .mailbox
             .heads(std::slice::from_ref(address))
             .await
-            .map_err(|e| e.to_string())?[0];
+            .map_err(|e| WorkError::Store(e.to_string()))?[0];
         let mut m = self.lock();
         let q = m.entry(address.clone()).or_default();
         // The latest of this node's questions is the one every node names it by.
@@ -1173,16 +1196,21 @@ impl Dispatcher {
 
     /// The states of some versions of a work address: from its queue where it is dealt, else
     /// from the stored done set and what the connections of every node hold.
-    pub async fn states(&self, address: &Address, versions: &[u64]) -> Result<Vec<State>, String> {
+    pub async fn states(
+        &self,
+        address: &Address,
+        versions: &[u64],
+    ) -> Result<Vec<State>, WorkError> {
         if self.owns(address) {
             match self.load(address).await {
                 Ok(()) => {
-                    let m = self.lock();
-                    let q = m.get(address).ok_or("no such queue")?;
-                    return Ok(versions.iter().map(|v| q.state(*v)).collect());
+                    if let Some(q) = self.lock().get(address) {
+                        return Ok(versions.iter().map(|v| q.state(*v)).collect());
+                    }
+                    // Dropped since (its shard moved and the sweep took it): asked below.
                 }
                 // Moved while it loaded: asked below, as on a node that does not deal it.
-                Err(e) if e == MOVED => {}
+                Err(WorkError::Moved) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -1202,7 +1230,7 @@ impl Dispatcher {
             .done_store
             .marks(&done_key(), address)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| WorkError::Store(e.to_string()))?;
         done |= acked;
         Ok(versions
             .iter()
@@ -1345,9 +1373,6 @@ impl Dispatcher {
     }
 }
 
-/// Why a load stopped: the shard moved to another node while it asked.
-const MOVED: &str = "the address is dealt by another node now";
-
 /// How long past its ack timeout a holding is remembered where the connection is (the dealer's
 /// revoke normally ends it first).
 const GRACE: Duration = Duration::from_secs(1);
@@ -1380,7 +1405,8 @@ impl Fanout for Dispatcher {
                 // Kept at hand only while someone may take it soon: a queue nobody takes from
                 // holds no payloads in memory.
                 if !q.takers.is_empty() {
-                    q.recent.keep(msg, &self.at_hand, AT_HAND_BYTES);
+                    q.recent
+                        .keep(msg, &self.at_hand, self.settings.at_hand_bytes);
                 }
                 if !touched.contains(&msg.address) {
                     touched.push(msg.address.clone());
@@ -1447,6 +1473,7 @@ mod tests {
             ack_timeout: Duration::from_secs(10),
             in_flight,
             retention_secs: 60,
+            at_hand_bytes: AT_HAND_BYTES,
         }
     }
 
@@ -1625,6 +1652,12 @@ mod tests {
     /// A dispatcher on one node, and three messages of `work:w` appended while nobody took
     /// work (so none is at hand: dealing them reads the store).
     async fn three_waiting() -> (tempfile::TempDir, Arc<FlakyReads>, Arc<Dispatcher>, Address) {
+        three_waiting_with(settings(10)).await
+    }
+
+    async fn three_waiting_with(
+        settings: Settings,
+    ) -> (tempfile::TempDir, Arc<FlakyReads>, Arc<Dispatcher>, Address) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
         let mailbox = FlakyReads::open(&path.join("m.redb"));
@@ -1638,7 +1671,7 @@ mod tests {
                 topology: topo.clone(),
                 done: topo,
             },
-            settings(10),
+            settings,
             None,
         );
         let w = Address::parse("work:w").unwrap();
@@ -1717,6 +1750,52 @@ mod tests {
         );
         assert_eq!(fast.got(), vec![1]);
         assert_eq!(slow.got(), vec![1, 2, 3]);
+    }
+
+    /// The node's `work_at_hand_bytes`: a message appended while a client takes work is dealt
+    /// from memory while the budget has room for it, and read back from the store (and still
+    /// dealt, in order) when it has none.
+    #[tokio::test]
+    async fn what_is_kept_at_hand_follows_the_nodes_setting() {
+        use std::sync::atomic::Ordering::SeqCst;
+        for (budget, reads) in [(AT_HAND_BYTES, 0), (0, 1)] {
+            let (_dir, mailbox, d, w) = three_waiting_with(Settings {
+                at_hand_bytes: budget,
+                ..settings(10)
+            })
+            .await;
+            let r = Recorder::new("c");
+            d.join(&w, r.clone(), Some(1)).await;
+            assert_eq!(
+                r.got(),
+                vec![1, 2, 3],
+                "the three waiting, read from the store"
+            );
+            let before = mailbox.begun.load(SeqCst);
+            let appended = mailbox
+                .append(vec![crate::mailbox::NewMessage {
+                    address: w.clone(),
+                    id: crate::address::MessageId::parse("m4").unwrap(),
+                    payload: serde_json::value::RawValue::from_string("4".into()).unwrap(),
+                    new_id: false,
+                }])
+                .await
+                .unwrap();
+            d.deliver(&[appended[0].message.clone()], 0);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while r.got().len() < 4 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the fourth is dealt");
+            assert_eq!(r.got(), vec![1, 2, 3, 4]);
+            assert_eq!(
+                mailbox.begun.load(SeqCst) - before,
+                reads,
+                "reads to deal the fourth with a budget of {budget} bytes"
+            );
+        }
     }
 
     /// Messages kept at hand count against the node's budget, shared by its queues: past it

@@ -143,11 +143,10 @@ struct Queue {
 
 /// The default of [`Settings::at_hand_bytes`] (`work_at_hand_bytes`): bytes of appended messages
 /// the work queues of a node keep at hand, all together (a message counts its signal's length
-/// and 160 bytes, `AT_HAND_OVERHEAD`); past it, messages are read back from the mailbox when dealt. It
-/// was 1 024 messages per queue: a queue whose takers fell that far behind
-/// its appends read each message back, and on the cluster backend those reads cost Cassandra
-/// more than the appends did (`bench --scenario work`: 100 000 messages dealt at 8 k/s instead
-/// of 20 k/s).
+/// and 160 bytes, `AT_HAND_OVERHEAD`); past it, messages are read back from the mailbox when
+/// dealt. It was 1 024 messages per queue: a queue whose takers fell that far behind its appends
+/// read each message back, and on the cluster backend those reads cost Cassandra more than the
+/// appends did (`bench --scenario work`: 100 000 messages dealt at 8 k/s instead of 20 k/s).
 pub const AT_HAND_BYTES: usize = 64 << 20;
 
 /// What a message kept at hand costs beyond its signal (the map entry and the message's fields).

@@ -446,6 +446,124 @@ mod tests {
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 
+        /// a's consumer has not heard that the shard moved (a *zombie*, paused past its
+        /// session) when b, given the shard, asks its question: from then on a deals nothing,
+        /// though it still takes the address for its own, so no version goes out twice.
+        #[tokio::test]
+        async fn a_dealer_named_no_more_deals_nothing_though_it_thinks_it_owns() {
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
+            // a has loaded the queue (a status read) and deals it.
+            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            // b's consumer gets the shard, and b loads the queue; a's consumer has not let
+            // the shard go.
+            p.owned_b.set(1, &[0]);
+            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            // A client connects to a: both would deal it the six (a from its own copy).
+            let m = Recorder::conn("m", "c1");
+            a.join(w, m.clone(), Some(2)).await;
+            settle().await;
+            assert_eq!(m.got(), [1, 2, 3, 4, 5, 6], "each once, from b");
+            // Its acks go to b.
+            for v in 1..=6 {
+                a.ack(w, &m.client, v).await.unwrap();
+            }
+            settle().await;
+            let st = b.states(w, &[1, 2, 3, 4, 5, 6]).await.unwrap();
+            assert!(st.iter().all(|s| *s == State::Done), "{st:?}");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// The shard comes back to a after b dealt from it: b's release names a the dealer
+        /// again, and a loads the queue again before it deals (its copy still had every version
+        /// waiting), so what b gave goes to nobody else and its acks reach a.
+        #[tokio::test]
+        async fn a_dealer_given_the_address_back_loads_it_again_first() {
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
+            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.owned_b.set(1, &[0]);
+            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            let m = Recorder::conn("m", "c1");
+            a.join(w, m.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(m.got(), [1, 2, 3, 4], "b deals");
+            // b's consumer loses the shard; b's sweep releases its question.
+            p.owned_b.set(1, &[]);
+            b.expire(std::time::Instant::now()).await;
+            settle().await;
+            assert_eq!(m.got(), [1, 2, 3, 4], "a deals nothing m holds");
+            for v in 1..=4 {
+                a.ack(w, &m.client, v).await.unwrap();
+            }
+            settle().await;
+            assert_eq!(m.got(), [1, 2, 3, 4, 5, 6], "a deals the rest once");
+            let st = a.states(w, &[1, 2, 3, 4]).await.unwrap();
+            assert!(
+                st.iter().all(|s| *s == State::Done),
+                "the acks reached a: {st:?}"
+            );
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// b, named the dealer after a, dies before it releases anything: once it has left the
+        /// membership a deals again (it waited for b's release, which will never come).
+        #[tokio::test]
+        async fn a_dealer_named_after_this_one_that_dies_holds_nothing_up() {
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
+            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.owned_b.set(1, &[0]);
+            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.owned_b.set(1, &[]);
+            a.peer_lost("b", true).await;
+            let m = Recorder::conn("m", "c1");
+            a.join(w, m.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(m.got(), [1, 2, 3, 4], "a deals again");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// b's queue of the address, idle, is dropped by its sweep before b loses the shard:
+        /// its question is released all the same, and a, named before it, deals again.
+        #[tokio::test]
+        async fn a_question_is_released_though_its_queue_was_dropped() {
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
+            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.owned_b.set(1, &[0]);
+            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            b.expire(std::time::Instant::now()).await;
+            assert!(b.lock().get(w).is_none(), "b's idle queue is dropped");
+            p.owned_b.set(1, &[]);
+            b.expire(std::time::Instant::now()).await;
+            settle().await;
+            let m = Recorder::conn("m", "c1");
+            a.join(w, m.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(m.got(), [1, 2, 3, 4], "a deals again");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// A node's terms start past those it used before a restart: the other nodes keep the
+        /// highest term it released, and would adopt nothing at or before it.
+        #[tokio::test]
+        async fn a_restarted_nodes_questions_come_after_its_earlier_ones() {
+            use std::sync::atomic::Ordering::SeqCst;
+            let p = Pair::new().await;
+            assert_eq!(p.a.states(&p.w, &[1]).await.unwrap(), vec![State::Waiting]);
+            let before = p.a.terms.load(SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let stores = Stores {
+                mailbox: p.mailbox.clone(),
+                topology: Arc::new(EmbeddedTopology::open(&p._dir.path().join("t2.redb")).unwrap()),
+                done: Arc::new(EmbeddedTopology::open(&p._dir.path().join("t3.redb")).unwrap()),
+            };
+            let again = Dispatcher::new("a", stores, p.a.settings, None);
+            assert!(again.terms.load(SeqCst) > before);
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
         /// A former dealer's release can arrive before its late question (the one goes on the
         /// link, the other by HTTP): a question of a released term adopts nothing.
         #[tokio::test]

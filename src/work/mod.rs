@@ -132,9 +132,6 @@ struct Queue {
     /// Per node, the highest term it released: a question of that term or before that arrives
     /// later adopts nothing.
     released: HashMap<String, u64>,
-    /// Where the address is dealt: the term of this node's own question, released when the
-    /// address moves away.
-    term: u64,
     /// What this node dealt before the address moved away, kept until each one's deadline: a
     /// `Give` of it may still be on its way to the connection's node, which would not know of
     /// it yet when the next dealer asks, so this node tells ([`Holder::dealt`]).
@@ -355,6 +352,30 @@ impl Queue {
         }
     }
 
+    /// Another node dealt the address for a while and gives it back (its question released,
+    /// or it left the cluster): what this node knew of the queue is stale, so it is loaded
+    /// again, with what every node's connections hold, before it deals. What it held is kept as
+    /// `parted` (the load counts it where nobody reports otherwise); done versions are kept
+    /// (an ack is final), and so are the messages at hand.
+    fn stale(&mut self) {
+        self.loaded = false;
+        self.waiting.clear();
+        self.parted.extend(self.held.drain());
+        for t in &mut self.takers {
+            t.held = 0;
+        }
+    }
+
+    /// `node` no longer deals the address, as of its question of `upto` (all of them for a
+    /// node that left): it is dropped from `dealers`. Returns the dealer named now, if that
+    /// changed.
+    fn unname(&mut self, node: &str, upto: u64) -> Option<Option<String>> {
+        let was = self.dealer();
+        self.dealers.retain(|(n, t)| !(n == node && *t <= upto));
+        let now = self.dealer();
+        (was.as_deref() == Some(node) && now != was).then_some(now)
+    }
+
     fn state(&self, v: u64) -> State {
         if self.done.contains(v) {
             State::Done
@@ -411,8 +432,15 @@ pub struct Dispatcher {
     unsaved: Mutex<HashMap<Address, Vec<u64>>>,
     /// Addresses whose done versions a [`Dispatcher::flush`] is storing now.
     saving: Mutex<HashSet<Address>>,
-    /// The count of this node's questions with `adopt` (each one's term).
+    /// The count of this node's questions with `adopt` (each one's term). It starts at the
+    /// clock's microseconds, so a restarted node's questions come after its earlier ones (the
+    /// other nodes keep the highest term each node released, and adopt nothing at or before it).
     terms: std::sync::atomic::AtomicU64,
+    /// The term of this node's latest question per address, until it is released: at once when
+    /// the question failed, else once the address is dealt elsewhere (the sweep). A question
+    /// names this node the dealer wherever it was answered, and a dealer named before it there
+    /// deals nothing until it is released, so none may be left unreleased.
+    asked: Mutex<HashMap<Address, u64>>,
     /// Bytes the queues keep at hand, all together ([`Settings::at_hand_bytes`]).
     at_hand: Arc<std::sync::atomic::AtomicUsize>,
     /// Each address's turn to dispatch, held by one dispatch of it at a time, so its messages
@@ -457,7 +485,8 @@ impl Dispatcher {
             unsaved: Default::default(),
             saving: Default::default(),
             turns: Default::default(),
-            terms: Default::default(),
+            terms: crate::clock::now_us().into(),
+            asked: Default::default(),
             at_hand: Default::default(),
         })
     }
@@ -481,29 +510,44 @@ impl Dispatcher {
             address: address.clone(),
             term,
         }));
-        self.released(address, &self.node, term);
+        let _ = self.released(address, &self.node, term);
     }
 
     /// `node` no longer deals `address` as of its question of `term`: if it was the dealer
     /// named here, the one named before it is again, and what this node's connections hold is
-    /// acked to that one.
-    fn released(&self, address: &Address, node: &str, term: u64) {
+    /// acked to that one. True when that one is this node (it may deal again).
+    fn released(&self, address: &Address, node: &str, term: u64) -> bool {
         let mut m = self.lock();
-        let Some(q) = m.get_mut(address) else { return };
+        let Some(q) = m.get_mut(address) else {
+            return false;
+        };
         let r = q.released.entry(node.to_string()).or_default();
         *r = (*r).max(term);
-        let was = q.dealer();
-        q.dealers.retain(|(n, t)| !(n == node && *t <= term));
-        let now = q.dealer();
-        if was.as_deref() != Some(node) || now == was {
-            return;
-        }
-        let Some(next) = now else { return };
+        self.unnamed(address, q, node, term)
+    }
+
+    /// `node` is no longer the dealer of `address` named here (its question of `upto`
+    /// released, or it left): what this node's connections hold is acked to the one named
+    /// before it, and if that is this node, its queue is loaded again before it deals. True
+    /// then (it may deal again). Under the queues' lock.
+    fn unnamed(&self, address: &Address, q: &mut Queue, node: &str, upto: u64) -> bool {
+        let Some(Some(next)) = q.unname(node, upto) else {
+            return false;
+        };
         for ((a, _), h) in self.holdings().iter_mut() {
             if a == address && h.from == node {
                 h.from = next.clone();
             }
         }
+        if next != self.node {
+            return false;
+        }
+        q.stale();
+        true
+    }
+
+    fn asked(&self) -> MutexGuard<'_, HashMap<Address, u64>> {
+        self.asked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `address`'s turn to dispatch: the one every dispatch of it waits for while another holds it.
@@ -631,10 +675,19 @@ impl Dispatcher {
         let term = 1 + self
             .terms
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.asked().insert(address.clone(), term);
         let loaded = self.adopt(address, term).await;
-        if loaded.is_err() && !self.owns(address) {
-            // The shard moved while this asked: the next dealer's question may have come
-            // first at some node, which this one's then overruled.
+        if loaded.is_err() {
+            // Not loaded: the shard moved while this asked (the next dealer's question may
+            // have come first at some node, which this one's then overruled), or some node did
+            // not answer (this asks again, with a new term). Either way this question names
+            // this node the dealer no more.
+            {
+                let mut asked = self.asked();
+                if asked.get(address) == Some(&term) {
+                    asked.remove(address);
+                }
+            }
             self.release(address, term);
         }
         loaded
@@ -662,8 +715,6 @@ impl Dispatcher {
             .map_err(|e| WorkError::Store(e.to_string()))?[0];
         let mut m = self.lock();
         let q = m.entry(address.clone()).or_default();
-        // The latest of this node's questions is the one every node names it by.
-        q.term = q.term.max(term);
         if q.loaded {
             return Ok(());
         }
@@ -1011,7 +1062,12 @@ impl Dispatcher {
                     tracing::debug!(%address, version, %client, "work: a late ack from another node");
                 }
             }
-            Frame::Released { address, term } => self.released(&address, from, term),
+            Frame::Released { address, term } => {
+                // Dealt here again, if this node's question is the one named now.
+                if self.released(&address, from, term) {
+                    self.dispatch(&address).await;
+                }
+            }
         }
     }
 
@@ -1048,6 +1104,10 @@ impl Dispatcher {
                 let mut changed = !q.drop_conns(|c| c.node() == Some(node)).is_empty();
                 if dead {
                     changed |= q.release_where(|h| h.node.as_deref() == Some(node));
+                    // It deals nothing now: if it was named the dealer here, the one before it
+                    // is again (none of its questions is recorded as released: a restarted
+                    // node asks with later terms).
+                    changed |= self.unnamed(a, q, node, u64::MAX);
                 }
                 if changed {
                     touched.push(a.clone());
@@ -1117,8 +1177,6 @@ impl Dispatcher {
             let saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
             unsaved.keys().chain(saving.iter()).cloned().collect()
         };
-        // Addresses dealt elsewhere now, with the term of this node's question.
-        let mut moved = Vec::new();
         let touched: Vec<Address> = {
             let mut m = self.lock();
             for q in m.values_mut() {
@@ -1141,7 +1199,6 @@ impl Dispatcher {
                         // Dealt elsewhere now: what is held is known where it is held.
                         tracing::info!(address = %a, "work: no longer dealt here");
                         q.disown();
-                        moved.push((a.clone(), q.term));
                     }
                     continue;
                 }
@@ -1185,6 +1242,20 @@ impl Dispatcher {
             touched
         };
         self.holdings().retain(|_, h| h.deadline > now);
+        // Addresses dealt elsewhere now: this node's question of each is released (the queue
+        // may be gone already; the question is not forgotten with it).
+        let moved: Vec<(Address, u64)> = {
+            let mut asked = self.asked();
+            let moved: Vec<_> = asked
+                .iter()
+                .filter(|(a, _)| !self.owns(a))
+                .map(|(a, t)| (a.clone(), *t))
+                .collect();
+            for (a, _) in &moved {
+                asked.remove(a);
+            }
+            moved
+        };
         for (a, term) in moved {
             self.release(&a, term);
         }
@@ -1266,6 +1337,14 @@ impl Dispatcher {
                     return;
                 }
                 let Some(q) = m.get_mut(address) else { return };
+                // Another node's question named it the dealer after this node's own: either
+                // this node's consumer has not heard yet that the shard moved (a *zombie*,
+                // paused past its session), and that node deals now, or that node's question
+                // is a late one, which it releases (and this node deals again, see
+                // `Frame::Released`). Either way nothing is dealt here meanwhile.
+                if q.dealer().is_some_and(|d| d != self.node) {
+                    return;
+                }
                 let sends = q.assign(&self.settings, Instant::now());
                 let at_hand: HashMap<u64, Arc<Message>> = sends
                     .iter()

@@ -190,6 +190,7 @@ impl Node {
             },
             owned.map(|owned| crate::work::Link {
                 owned,
+                member: membership.membership(),
                 out: work_out,
             }),
         );

@@ -115,6 +115,9 @@ pub enum Out {
 pub struct Link {
     /// Whether this node deals `address` now (its consumer owns the address's shard).
     pub owned: crate::ingest::Owned,
+    /// Whether this node is a cluster member now: a node fenced (its ZooKeeper session lost or
+    /// expiring) deals nothing, as its consumer applies nothing, until it is a member again.
+    pub member: tokio::sync::watch::Receiver<bool>,
     pub out: mpsc::UnboundedSender<Out>,
 }
 
@@ -227,7 +230,7 @@ mod tests {
         use crate::routing::Fanout;
         use crate::topology::embedded::EmbeddedTopology;
         use std::time::Duration;
-        use tokio::sync::RwLock;
+        use tokio::sync::{RwLock, watch};
 
         /// Carries one node's [`Out`] to the other node, as the peers would: frames in order,
         /// and only while `gate` is open; questions as they come (they go by HTTP), while
@@ -272,6 +275,8 @@ mod tests {
             b: Arc<Dispatcher>,
             owned_a: Owned,
             owned_b: Owned,
+            /// Whether `a` is a cluster member.
+            member_a: watch::Sender<bool>,
             /// `a`'s frames to `b` pass while this is not locked for writing.
             a_to_b: Arc<RwLock<()>>,
             /// `a`'s questions to `b` are answered while this is not locked for writing.
@@ -301,9 +306,26 @@ mod tests {
                 owned_b.set(1, &[]);
                 let (tx_a, rx_a) = mpsc::unbounded_channel();
                 let (tx_b, rx_b) = mpsc::unbounded_channel();
-                let link = |owned, out| Some(Link { owned, out });
-                let a = Dispatcher::new("a", stores(), settings, link(owned_a.clone(), tx_a));
-                let b = Dispatcher::new("b", stores(), settings, link(owned_b.clone(), tx_b));
+                let (member_a, member_b) = (watch::Sender::new(true), watch::Sender::new(true));
+                let link = |owned, member: &watch::Sender<bool>, out| {
+                    Some(Link {
+                        owned,
+                        member: member.subscribe(),
+                        out,
+                    })
+                };
+                let a = Dispatcher::new(
+                    "a",
+                    stores(),
+                    settings,
+                    link(owned_a.clone(), &member_a, tx_a),
+                );
+                let b = Dispatcher::new(
+                    "b",
+                    stores(),
+                    settings,
+                    link(owned_b.clone(), &member_b, tx_b),
+                );
                 let tasks = crate::tasks::Tasks::default();
                 a.start(&tasks);
                 b.start(&tasks);
@@ -339,6 +361,7 @@ mod tests {
                     b,
                     owned_a,
                     owned_b,
+                    member_a,
                     a_to_b,
                     a_asks_b,
                     tasks,
@@ -542,6 +565,25 @@ mod tests {
             a.join(w, m.clone(), Some(1)).await;
             settle().await;
             assert_eq!(m.got(), [1, 2, 3, 4], "a deals again");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// A node fenced from the cluster (its ZooKeeper session lost or expiring) deals
+        /// nothing, as its consumer applies nothing, though the consumer still has the shard;
+        /// a member again, it deals.
+        #[tokio::test]
+        async fn a_node_that_is_not_a_member_deals_nothing() {
+            let p = Pair::new().await;
+            let (a, w) = (&p.a, &p.w);
+            p.member_a.send_replace(false);
+            let m = Recorder::conn("m", "c1");
+            a.join(w, m.clone(), Some(1)).await;
+            settle().await;
+            assert!(m.got().is_empty(), "a dealt {:?} while fenced", m.got());
+            p.member_a.send_replace(true);
+            a.expire(std::time::Instant::now()).await;
+            settle().await;
+            assert_eq!(m.got(), [1, 2, 3, 4], "a member again: a deals");
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 

@@ -567,9 +567,12 @@ impl Dispatcher {
         turn
     }
 
-    /// Whether this node deals `address` now.
+    /// Whether this node deals `address` now: its consumer owns the address's shard, and it is
+    /// a cluster member.
     fn owns(&self, address: &Address) -> bool {
-        self.link.as_ref().is_none_or(|l| l.owned.owns(address))
+        self.link
+            .as_ref()
+            .is_none_or(|l| *l.member.borrow() && l.owned.owns(address))
     }
 
     fn send(&self, out: Out) {

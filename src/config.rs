@@ -262,7 +262,7 @@ impl Default for Config {
             ping_timeout_ms: 20_000,
             work_ack_timeout_ms: 30_000,
             work_in_flight: 32,
-            work_at_hand_bytes: crate::work::AT_HAND_BYTES,
+            work_at_hand_bytes: 64 << 20,
             append_batch: 4096,
             workers: 0,
             limits: Limits::default(),

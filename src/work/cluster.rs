@@ -299,7 +299,7 @@ mod tests {
                     ack_timeout: Duration::from_secs(60),
                     in_flight: 4,
                     retention_secs: 3600,
-                    at_hand_bytes: crate::work::AT_HAND_BYTES,
+                    at_hand_bytes: crate::work::tests::AT_HAND_BYTES,
                 };
                 let (owned_a, owned_b) = (Owned::default(), Owned::default());
                 owned_a.set(1, &[0]);

@@ -85,8 +85,11 @@ pub struct Settings {
     /// The retention, for the stored done set's lifetime (s).
     pub retention_secs: u64,
     /// Bytes of appended messages the node's work queues keep at hand, all together
-    /// ([`AT_HAND_BYTES`] by default): past it, messages are read back from the mailbox when
-    /// dealt.
+    /// (`work_at_hand_bytes`, 64 MiB by default; a message counts its signal's length and
+    /// `AT_HAND_OVERHEAD`): past it, messages are read back from the mailbox when dealt. It was
+    /// 1 024 messages per queue: a queue whose takers fell that far behind its appends read
+    /// each message back, and on the cluster backend those reads cost Cassandra more than the
+    /// appends did (`bench --scenario work`: 100 000 messages dealt at 8 k/s instead of 20 k/s).
     pub at_hand_bytes: usize,
 }
 
@@ -137,14 +140,6 @@ struct Queue {
     /// it yet when the next dealer asks, so this node tells ([`Holder::dealt`]).
     parted: HashMap<u64, Held>,
 }
-
-/// The default of [`Settings::at_hand_bytes`] (`work_at_hand_bytes`): bytes of appended messages
-/// the work queues of a node keep at hand, all together (a message counts its signal's length
-/// and 160 bytes, `AT_HAND_OVERHEAD`); past it, messages are read back from the mailbox when
-/// dealt. It was 1 024 messages per queue: a queue whose takers fell that far behind its appends
-/// read each message back, and on the cluster backend those reads cost Cassandra more than the
-/// appends did (`bench --scenario work`: 100 000 messages dealt at 8 k/s instead of 20 k/s).
-pub const AT_HAND_BYTES: usize = 64 << 20;
 
 /// What a message kept at hand costs beyond its signal (the map entry and the message's fields).
 const AT_HAND_OVERHEAD: usize = 160;
@@ -437,9 +432,10 @@ pub struct Dispatcher {
     /// other nodes keep the highest term each node released, and adopt nothing at or before it).
     terms: std::sync::atomic::AtomicU64,
     /// The term of this node's latest question per address, until it is released: at once when
-    /// the question failed, else once the address is dealt elsewhere (the sweep). A question
-    /// names this node the dealer wherever it was answered, and a dealer named before it there
-    /// deals nothing until it is released, so none may be left unreleased.
+    /// the shard moved while it asked, else once the address is dealt elsewhere (the sweep). A
+    /// question names this node the dealer wherever it was answered, and a dealer named before
+    /// it there deals nothing until it is released, so none may be left unreleased. One entry per
+    /// work address this node loaded while it has the address's shard.
     asked: Mutex<HashMap<Address, u64>>,
     /// Bytes the queues keep at hand, all together ([`Settings::at_hand_bytes`]).
     at_hand: Arc<std::sync::atomic::AtomicUsize>,
@@ -680,11 +676,12 @@ impl Dispatcher {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.asked().insert(address.clone(), term);
         let loaded = self.adopt(address, term).await;
-        if loaded.is_err() {
-            // Not loaded: the shard moved while this asked (the next dealer's question may
-            // have come first at some node, which this one's then overruled), or some node did
-            // not answer (this asks again, with a new term). Either way this question names
-            // this node the dealer no more.
+        if loaded.is_err() && !self.owns(address) {
+            // The shard moved while this asked: the next dealer's question may have come
+            // first at some node, which this one's then overruled. (A question that failed
+            // otherwise, some node not answering, is asked again with a new term, which
+            // replaces it wherever it was answered; the sweep releases the latest once the
+            // shard has moved.)
             {
                 let mut asked = self.asked();
                 if asked.get(address) == Some(&term) {
@@ -1515,6 +1512,9 @@ impl Fanout for Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A budget of messages at hand that no test fills (the node's default).
+    pub(super) const AT_HAND_BYTES: usize = 64 << 20;
 
     struct Sink(String, ClientId);
     impl Worker for Sink {

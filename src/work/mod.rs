@@ -1063,9 +1063,12 @@ impl Dispatcher {
                 }
             }
             Frame::Released { address, term } => {
-                // Dealt here again, if this node's question is the one named now.
-                if self.released(&address, from, term) {
-                    self.dispatch(&address).await;
+                // Dealt here again, if this node's question is the one named now: loaded again
+                // first (it asks every node), off this task, which handles every node's frames.
+                if self.released(&address, from, term)
+                    && let Some(me) = self.me()
+                {
+                    tokio::spawn(async move { me.dispatch(&address).await });
                 }
             }
         }

@@ -300,7 +300,7 @@ impl Peers {
             // A node that left the membership is dead to its work: what its connections held
             // goes to others.
             for gone in &departed {
-                work.peer_lost(gone, true).await;
+                work.peer_lost(gone, true);
             }
         }
         // Peers that left the membership get nothing more from this node.
@@ -336,7 +336,7 @@ impl Peers {
             // Link: a snapshot of everything announced, under a new session. The peer tells
             // this node its work takers again once it has the snapshot.
             if let Some(work) = &self.work {
-                work.peer_lost(&id, false).await;
+                work.peer_lost(&id, false);
             }
             let session = uuid::Uuid::new_v4().simple().to_string();
             let snap = self.want_frame(

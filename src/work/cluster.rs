@@ -539,7 +539,7 @@ mod tests {
             p.owned_b.set(1, &[0]);
             assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
             p.owned_b.set(1, &[]);
-            a.peer_lost("b", true).await;
+            a.peer_lost("b", true);
             let m = Recorder::conn("m", "c1");
             a.join(w, m.clone(), Some(1)).await;
             settle().await;

@@ -1099,7 +1099,7 @@ impl Dispatcher {
     /// The link to `node` is made anew: its takers are forgotten (it tells them again), what
     /// they hold stays held until acked or timed out. With `dead` (it left the membership),
     /// what they hold waits again.
-    pub async fn peer_lost(&self, node: &str, dead: bool) {
+    pub fn peer_lost(&self, node: &str, dead: bool) {
         let touched: Vec<Address> = {
             let mut m = self.lock();
             let mut touched = Vec::new();
@@ -1118,8 +1118,13 @@ impl Dispatcher {
             }
             touched
         };
-        for a in touched {
-            self.dispatch(&a).await;
+        // Off the caller's task (the peers' tick): a queue named this node's again is loaded
+        // first, which asks every node.
+        if let Some(me) = self.me() {
+            for a in touched {
+                let me = me.clone();
+                tokio::spawn(async move { me.dispatch(&a).await });
+            }
         }
     }
 

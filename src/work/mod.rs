@@ -983,7 +983,7 @@ impl Dispatcher {
                     out,
                 };
                 self.add_taker(&address, Arc::new(remote), weight_of(weight as u64));
-                self.dispatch(&address).await;
+                self.dispatch_later(address);
             }
             Frame::Taker {
                 address,
@@ -993,7 +993,7 @@ impl Dispatcher {
             }
             | Frame::Gone { address, conn } => {
                 self.drop_conn(&address, &conn);
-                self.dispatch(&address).await;
+                self.dispatch_later(address);
             }
             Frame::Give {
                 address,
@@ -1065,10 +1065,8 @@ impl Dispatcher {
             Frame::Released { address, term } => {
                 // Dealt here again, if this node's question is the one named now: loaded again
                 // first (it asks every node), off this task, which handles every node's frames.
-                if self.released(&address, from, term)
-                    && let Some(me) = self.me()
-                {
-                    tokio::spawn(async move { me.dispatch(&address).await });
+                if self.released(&address, from, term) {
+                    self.dispatch_later(address);
                 }
             }
         }
@@ -1118,13 +1116,18 @@ impl Dispatcher {
             }
             touched
         };
-        // Off the caller's task (the peers' tick): a queue named this node's again is loaded
-        // first, which asks every node.
+        // Off the caller's task (the peers' tick).
+        for a in touched {
+            self.dispatch_later(a);
+        }
+    }
+
+    /// [`Self::dispatch`] on a task of its own: for callers that must not wait for it (a
+    /// dispatch may load the queue first, which asks every node), such as the task that
+    /// handles every node's frames, or the peers' tick.
+    fn dispatch_later(&self, address: Address) {
         if let Some(me) = self.me() {
-            for a in touched {
-                let me = me.clone();
-                tokio::spawn(async move { me.dispatch(&a).await });
-            }
+            tokio::spawn(async move { me.dispatch(&address).await });
         }
     }
 

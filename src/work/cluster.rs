@@ -377,6 +377,24 @@ mod tests {
                 self.a.expire(std::time::Instant::now()).await;
             }
 
+            /// a loads the queue (a status read); then b's consumer gets the shard and b loads
+            /// it too, while a's consumer has not let the shard go: b's question is the last
+            /// one answered on both nodes.
+            async fn b_deals_too(&self) {
+                let one = vec![State::Waiting];
+                assert_eq!(self.a.states(&self.w, &[1]).await.unwrap(), one);
+                self.owned_b.set(1, &[0]);
+                assert_eq!(self.b.states(&self.w, &[1]).await.unwrap(), one);
+            }
+
+            /// A client of weight 1 connects to a and takes work (what it got, once settled).
+            async fn client_on_a(&self) -> Arc<Recorder> {
+                let m = Recorder::conn("m", "c1");
+                self.a.join(&self.w, m.clone(), Some(1)).await;
+                settle().await;
+                m
+            }
+
             /// Every version of the six was given once, to one of `sinks`.
             fn each_given_once(&self, sinks: &[&Recorder]) {
                 let mut all: Vec<u64> = sinks.iter().flat_map(|s| s.got()).collect();
@@ -476,12 +494,7 @@ mod tests {
         async fn a_dealer_named_no_more_deals_nothing_though_it_thinks_it_owns() {
             let p = Pair::new().await;
             let (a, b, w) = (&p.a, &p.b, &p.w);
-            // a has loaded the queue (a status read) and deals it.
-            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
-            // b's consumer gets the shard, and b loads the queue; a's consumer has not let
-            // the shard go.
-            p.owned_b.set(1, &[0]);
-            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.b_deals_too().await;
             // A client connects to a: both would deal it the six (a from its own copy).
             let m = Recorder::conn("m", "c1");
             a.join(w, m.clone(), Some(2)).await;
@@ -504,9 +517,7 @@ mod tests {
         async fn a_dealer_given_the_address_back_loads_it_again_first() {
             let p = Pair::new().await;
             let (a, b, w) = (&p.a, &p.b, &p.w);
-            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
-            p.owned_b.set(1, &[0]);
-            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.b_deals_too().await;
             let m = Recorder::conn("m", "c1");
             a.join(w, m.clone(), Some(1)).await;
             settle().await;
@@ -534,16 +545,10 @@ mod tests {
         #[tokio::test]
         async fn a_dealer_named_after_this_one_that_dies_holds_nothing_up() {
             let p = Pair::new().await;
-            let (a, b, w) = (&p.a, &p.b, &p.w);
-            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
-            p.owned_b.set(1, &[0]);
-            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.b_deals_too().await;
             p.owned_b.set(1, &[]);
-            a.peer_lost("b", true);
-            let m = Recorder::conn("m", "c1");
-            a.join(w, m.clone(), Some(1)).await;
-            settle().await;
-            assert_eq!(m.got(), [1, 2, 3, 4], "a deals again");
+            p.a.peer_lost("b", true);
+            assert_eq!(p.client_on_a().await.got(), [1, 2, 3, 4], "a deals again");
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 
@@ -552,19 +557,14 @@ mod tests {
         #[tokio::test]
         async fn a_question_is_released_though_its_queue_was_dropped() {
             let p = Pair::new().await;
-            let (a, b, w) = (&p.a, &p.b, &p.w);
-            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
-            p.owned_b.set(1, &[0]);
-            assert_eq!(b.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            let (b, w) = (&p.b, &p.w);
+            p.b_deals_too().await;
             b.expire(std::time::Instant::now()).await;
             assert!(b.lock().get(w).is_none(), "b's idle queue is dropped");
             p.owned_b.set(1, &[]);
             b.expire(std::time::Instant::now()).await;
             settle().await;
-            let m = Recorder::conn("m", "c1");
-            a.join(w, m.clone(), Some(1)).await;
-            settle().await;
-            assert_eq!(m.got(), [1, 2, 3, 4], "a deals again");
+            assert_eq!(p.client_on_a().await.got(), [1, 2, 3, 4], "a deals again");
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 
@@ -574,14 +574,11 @@ mod tests {
         #[tokio::test]
         async fn a_node_that_is_not_a_member_deals_nothing() {
             let p = Pair::new().await;
-            let (a, w) = (&p.a, &p.w);
             p.member_a.send_replace(false);
-            let m = Recorder::conn("m", "c1");
-            a.join(w, m.clone(), Some(1)).await;
-            settle().await;
+            let m = p.client_on_a().await;
             assert!(m.got().is_empty(), "a dealt {:?} while fenced", m.got());
             p.member_a.send_replace(true);
-            a.expire(std::time::Instant::now()).await;
+            p.a.expire(std::time::Instant::now()).await;
             settle().await;
             assert_eq!(m.got(), [1, 2, 3, 4], "a member again: a deals");
             p.tasks.stop(Duration::from_secs(1)).await;

@@ -518,9 +518,7 @@ mod tests {
             let p = Pair::new().await;
             let (a, b, w) = (&p.a, &p.b, &p.w);
             p.b_deals_too().await;
-            let m = Recorder::conn("m", "c1");
-            a.join(w, m.clone(), Some(1)).await;
-            settle().await;
+            let m = p.client_on_a().await;
             assert_eq!(m.got(), [1, 2, 3, 4], "b deals");
             // b's consumer loses the shard; b's sweep releases its question.
             p.owned_b.set(1, &[]);

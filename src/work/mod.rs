@@ -335,16 +335,12 @@ impl Queue {
 
     /// The address is dealt by another node now: its state is dropped (loaded again, with what
     /// every node's connections hold, if it comes back), but what it held is kept as `parted`
-    /// for the next dealer's question.
+    /// for the next dealer's question: [`Queue::stale`], and its done versions and messages at
+    /// hand go too.
     fn disown(&mut self) {
-        self.loaded = false;
-        self.waiting.clear();
-        self.parted.extend(self.held.drain());
+        self.stale();
         self.done.clear();
         self.recent.clear();
-        for t in &mut self.takers {
-            t.held = 0;
-        }
     }
 
     /// Another node dealt the address for a while and gives it back (its question released,
@@ -1126,8 +1122,8 @@ impl Dispatcher {
     /// dispatch may load the queue first, which asks every node), such as the task that
     /// handles every node's frames, or the peers' tick.
     fn dispatch_later(&self, address: Address) {
-        if let Some(me) = self.me() {
-            tokio::spawn(async move { me.dispatch(&address).await });
+        if let (Ok(rt), Some(me)) = (tokio::runtime::Handle::try_current(), self.me()) {
+            rt.spawn(async move { me.dispatch(&address).await });
         }
     }
 
@@ -1507,11 +1503,8 @@ impl Fanout for Dispatcher {
         }
         // Dispatch off the processor's path, each address on its own (one waiting for a read
         // does not hold up the others).
-        if let (Ok(rt), Some(me)) = (tokio::runtime::Handle::try_current(), self.me()) {
-            for a in touched {
-                let me = me.clone();
-                rt.spawn(async move { me.dispatch(&a).await });
-            }
+        for a in touched {
+            self.dispatch_later(a);
         }
         Offered::default()
     }

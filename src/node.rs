@@ -190,7 +190,7 @@ impl Node {
             },
             owned.map(|owned| crate::work::Link {
                 owned,
-                member: membership.membership(),
+                lease: membership.lease(),
                 out: work_out,
             }),
         );

@@ -12,7 +12,9 @@
 //! join later ([`ZkMembership::connect`], [`ZkMembership::join`]): it can take locks (the startup
 //! lock around topic and schema creation) before it is listed as a member.
 
-use super::{ClusterError, ClusterLock, Membership, NodeInfo, check_lock_name, lock_timeout};
+use super::{
+    ClusterError, ClusterLock, Lease, Membership, NodeInfo, check_lock_name, lock_timeout,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +36,8 @@ struct Shared {
     /// Whether this node is a member now: registered, and its session connected. False from
     /// the moment the connection is lost (the session may be expiring): the node is fenced.
     member: tokio::sync::watch::Sender<bool>,
+    /// Renewed by every answer to [`renew`]'s request while registered; ended with `member`.
+    lease: Lease,
     /// Whether to register and contend (see [`ZkMembership::join`]).
     joined: tokio::sync::watch::Sender<bool>,
     /// Registrations so far, one per session that registered ([`Membership::joins`]).
@@ -61,6 +65,7 @@ impl ZkMembership {
             client: Mutex::new(None),
             leader: AtomicBool::new(false),
             member: tokio::sync::watch::Sender::new(false),
+            lease: Lease::new(),
             joined: tokio::sync::watch::Sender::new(false),
             joins: tokio::sync::watch::Sender::new(0),
         });
@@ -76,6 +81,7 @@ impl ZkMembership {
     /// Leaves the cluster: closes the session, so the entry and the latch go at once.
     pub fn leave(&self) {
         self.task.abort();
+        self.shared.lease.end();
         self.shared.member.send_replace(false);
         self.shared.leader.store(false, Ordering::SeqCst);
         self.shared
@@ -100,6 +106,7 @@ async fn run(shared: Arc<Shared>, connect: String, session_timeout: Duration) {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => tracing::warn!(error = %e, "zookeeper session ended; reconnecting"),
         }
+        shared.lease.end();
         shared.member.send_replace(false);
         shared.leader.store(false, Ordering::SeqCst);
         shared
@@ -136,6 +143,7 @@ async fn session(
     let entry = format!("{nodes_dir}/{}", shared.me.id);
     let data = serde_json::to_vec(&shared.me).unwrap_or_default();
     let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let sent = std::time::Instant::now();
     match client.create(&entry, &data, &ephemeral).await {
         Ok(_) => {}
         Err(zk::Error::NodeExists) => {
@@ -152,6 +160,12 @@ async fn session(
         Err(e) => return Err(e),
     }
     shared.member.send_replace(true);
+    shared.lease.renew(sent, lease_for(&client));
+    let _renewing = AbortOnDrop(tokio::spawn(renew(
+        client.clone(),
+        entry.clone(),
+        shared.lease.clone(),
+    )));
     shared.joins.send_modify(|n| *n += 1);
     tracing::info!(node = %shared.me.id, "joined the cluster");
     let prefix = zk::LockPrefix::new_curator(&leader_dir, "latch-")?;
@@ -167,6 +181,44 @@ async fn session(
     Err(e)
 }
 
+/// How long an answer from ZooKeeper lets this node act as a member: two thirds of the
+/// negotiated session timeout (the server expires the session no sooner than a whole timeout
+/// after it last heard from it; the third left covers the clocks of other nodes that check a
+/// lease's end carried in a frame, and the time the cluster takes to act on an expiry).
+fn lease_for(client: &zk::Client) -> Duration {
+    client.session_timeout() * 2 / 3
+}
+
+/// Renews the lease every quarter of the session timeout while the session lasts: a read of
+/// this node's own entry, which must still be this session's (an expired session's request
+/// fails, and an entry of another session is not this node's membership).
+async fn renew(client: zk::Client, entry: String, lease: Lease) {
+    let valid = lease_for(&client);
+    let session = client.session_id();
+    loop {
+        let sent = std::time::Instant::now();
+        match tokio::time::timeout(valid, client.check_stat(&entry)).await {
+            Ok(Ok(Some(stat))) if stat.ephemeral_owner == session.0 => lease.renew(sent, valid),
+            Ok(Ok(_)) => {
+                tracing::warn!(%entry, "this node's entry is gone or another session's: fenced");
+                lease.end();
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "zookeeper lease renewal failed"),
+            Err(_) => tracing::debug!("zookeeper lease renewal unanswered"),
+        }
+        tokio::time::sleep(client.session_timeout() / 4).await;
+    }
+}
+
+/// Aborts its task when dropped (the session's helpers end with the session).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Follows the session's state until it is over (expired, closed, or refused): while the
 /// connection is lost the node is not a member (fenced); when it is back, it is again — if it
 /// has `registered` (before that, it is no member either way).
@@ -174,10 +226,14 @@ async fn ended(shared: &Shared, states: &mut zk::StateWatcher, registered: bool)
     loop {
         let s = states.changed().await;
         if s.is_terminated() {
+            shared.lease.end();
             shared.member.send_replace(false);
             return zk::Error::SessionExpired;
         }
         let connected = s == zk::SessionState::SyncConnected && registered;
+        if !connected {
+            shared.lease.end();
+        }
         if shared.member.send_replace(connected) != connected {
             if connected {
                 tracing::info!(node = %shared.me.id, "zookeeper connection back: unfenced");
@@ -253,6 +309,10 @@ impl Membership for ZkMembership {
 
     fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.joins.subscribe()
+    }
+
+    fn lease(&self) -> Lease {
+        self.shared.lease.clone()
     }
 
     async fn lock(&self, name: &str, timeout: Duration) -> Result<ClusterLock, ClusterError> {

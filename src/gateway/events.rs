@@ -90,12 +90,16 @@ impl Kind {
 /// client acking many busy addresses (the client library acks each every 50 ms) went past
 /// it; both were then closed as a flood. Acks that repeat or run ahead are charged.
 async fn on_ack(s: &SocketRef, c: &Conn, svc: &Gateway, data: Option<Value>) {
-    let ack = parse_ack(data);
+    // The address, the version, and whether this client receives the address (asked once).
+    let ack = parse_ack(data).map(|(a, v)| {
+        let receives = c.receives(&a);
+        (a, v, receives)
+    });
     let answers = match &ack {
-        Ok((a, v)) if a.kind() == crate::address::Kind::Work => {
-            c.receives(a) && svc.work.holds(a, c.client(), *v)
+        Ok((a, v, receives)) if a.kind() == crate::address::Kind::Work => {
+            *receives && svc.work.holds(a, c.client(), *v)
         }
-        Ok((a, v)) => c.ack_earned(a, *v),
+        Ok((a, v, _)) => c.ack_earned(a, *v),
         Err(_) => false,
     };
     if let Err(first) = c.allow_event(!answers) {
@@ -103,19 +107,17 @@ async fn on_ack(s: &SocketRef, c: &Conn, svc: &Gateway, data: Option<Value>) {
     }
     match ack {
         // A work address's ack says one message is done.
-        Ok((address, version))
-            if address.kind() == crate::address::Kind::Work && c.receives(&address) =>
-        {
+        Ok((address, version, true)) if address.kind() == crate::address::Kind::Work => {
             svc.metrics.acks.increment(1);
             if let Err(e) = svc.work.ack(&address, c.client(), version).await {
                 error(s, &e.to_string());
             }
         }
-        Ok((address, version)) if c.receives(&address) => {
+        Ok((address, version, true)) => {
             svc.metrics.acks.increment(1);
             svc.acks.ack(c.client().clone(), address, version);
         }
-        Ok((address, _)) => error(
+        Ok((address, _, false)) => error(
             s,
             &format!("ack for {address}, which this client does not receive"),
         ),

@@ -86,6 +86,9 @@ impl Membership for Listed {
     fn joins(&self) -> tokio::sync::watch::Receiver<u64> {
         tokio::sync::watch::Sender::new(1).subscribe()
     }
+    fn lease(&self) -> crate::cluster::Lease {
+        crate::cluster::Lease::forever()
+    }
     async fn lock(&self, _: &str, _: Duration) -> Result<ClusterLock, ClusterError> {
         Err(ClusterError::Unavailable("no locks in this test".into()))
     }

@@ -43,6 +43,12 @@ pub enum Frame {
         conn: String,
         version: u64,
         signal: Box<RawValue>,
+        /// When the sender's lease as a member ends (wall clock, ms since the Unix epoch; 0:
+        /// unknown, from a version before leases): a `Give` that arrives later is refused as
+        /// if the connection were gone, since the sender may have been paused past its session
+        /// since, and the version dealt by another node meanwhile.
+        #[serde(default)]
+        lease_ms: u64,
     },
     /// The sender took `version` back from `conn` (its ack timed out): an ack is refused now.
     Revoke {
@@ -58,6 +64,14 @@ pub enum Frame {
     },
     /// `conn` is not connected to the sender (any more): what it was given goes to another.
     Gone { address: Address, conn: String },
+    /// The sender refused a `Give` of `version` to its connection `conn`, which is still
+    /// connected: the `Give` came after its sender's lease had ended. That version alone
+    /// goes to another (or to `conn` again); the connection still takes work.
+    Refused {
+        address: Address,
+        conn: String,
+        version: u64,
+    },
     /// The sender no longer deals `address` (its shard moved away, perhaps while the sender's
     /// question of `term` was on its way): that question names it the dealer no more, and a
     /// question of that term or before that arrives later names nobody.
@@ -115,9 +129,11 @@ pub enum Out {
 pub struct Link {
     /// Whether this node deals `address` now (its consumer owns the address's shard).
     pub owned: crate::ingest::Owned,
-    /// Whether this node is a cluster member now: a node fenced (its ZooKeeper session lost or
-    /// expiring) deals nothing, as its consumer applies nothing, until it is a member again.
-    pub member: tokio::sync::watch::Receiver<bool>,
+    /// This node's lease as a cluster member: a node whose lease does not hold (its ZooKeeper
+    /// session lost, expiring, or unheard of since before a pause) deals nothing, and gives
+    /// nothing it had dealt before, until it holds the lease again; then its queues are loaded
+    /// again before it deals (others may have dealt them meanwhile).
+    pub lease: crate::cluster::Lease,
     pub out: mpsc::UnboundedSender<Out>,
 }
 
@@ -134,12 +150,31 @@ pub(super) struct Holding {
     pub acked: bool,
 }
 
+/// When `lease` ends, on the wall clock (ms since the Unix epoch), for a frame: the other node
+/// compares it with its own clock. Never 0 (which would mean "unknown"): a lease that does not
+/// hold has ended already.
+pub(super) fn lease_end_ms(lease: &crate::cluster::Lease) -> u64 {
+    let left = lease.remaining();
+    if left == std::time::Duration::MAX || left.as_millis() > u128::from(u32::MAX) {
+        return u64::MAX;
+    }
+    (crate::clock::now_ms() + left.as_millis() as u64).max(1)
+}
+
+/// Whether a frame's lease end (see [`lease_end_ms`]) has passed here: 0 is from a version that
+/// sends none.
+pub(super) fn lease_ended(lease_ms: u64) -> bool {
+    lease_ms != 0 && crate::clock::now_ms() > lease_ms
+}
+
 /// A connection on another node, as the dealing node sees it.
 pub(super) struct RemoteConn {
     pub id: String,
     pub client: ClientId,
     pub node: String,
     pub out: mpsc::UnboundedSender<Out>,
+    /// The dealing node's lease: its end goes with each `Give`.
+    pub lease: crate::cluster::Lease,
 }
 
 impl super::Worker for RemoteConn {
@@ -159,6 +194,7 @@ impl super::Worker for RemoteConn {
                     conn: self.id.clone(),
                     version: message.version,
                     signal: message.signal.clone(),
+                    lease_ms: lease_end_ms(&self.lease),
                 },
             ))
             .is_ok()
@@ -189,6 +225,7 @@ mod tests {
                 conn: "k".into(),
                 version: 7,
                 signal: RawValue::from_string(r#"{"version":7}"#.into()).unwrap(),
+                lease_ms: 12,
             },
             Frame::Ack {
                 address: a.clone(),
@@ -225,12 +262,16 @@ mod tests {
         use super::super::super::{Dispatcher, Settings, State, Stores};
         use super::super::*;
         use crate::address::MessageId;
+        use crate::cluster::Lease;
         use crate::ingest::Owned;
         use crate::mailbox::{Mailbox, NewMessage};
         use crate::routing::Fanout;
         use crate::topology::embedded::EmbeddedTopology;
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
         use std::time::Duration;
-        use tokio::sync::{RwLock, watch};
+        use tokio::sync::RwLock;
+
+        const HOUR: Duration = Duration::from_secs(3600);
 
         /// Carries one node's [`Out`] to the other node, as the peers would: frames in order,
         /// and only while `gate` is open; questions as they come (they go by HTTP), while
@@ -241,6 +282,7 @@ mod tests {
             to: Arc<Dispatcher>,
             gate: Arc<RwLock<()>>,
             asks: Arc<RwLock<()>>,
+            skip: Arc<AtomicBool>,
         ) -> tokio::task::JoinHandle<()> {
             tokio::spawn(async move {
                 while let Some(out) = rx.recv().await {
@@ -248,6 +290,10 @@ mod tests {
                         Out::To(_, f) | Out::All(f) => {
                             let _open = gate.read().await;
                             to.receive(from, f)
+                        }
+                        Out::Held { answer, .. } if skip.load(SeqCst) => {
+                            // `to` is not a member: asking every member does not ask it.
+                            let _ = answer.send(Ok(Vec::new()));
                         }
                         Out::Held { request, answer } => {
                             let (to, asks) = (to.clone(), asks.clone());
@@ -275,8 +321,10 @@ mod tests {
             b: Arc<Dispatcher>,
             owned_a: Owned,
             owned_b: Owned,
-            /// Whether `a` is a cluster member.
-            member_a: watch::Sender<bool>,
+            /// `a`'s lease as a cluster member (held for an hour to begin with).
+            lease_a: Lease,
+            /// While set, b takes a for gone (not a member): b's questions do not reach a.
+            b_skips_a: Arc<AtomicBool>,
             /// `a`'s frames to `b` pass while this is not locked for writing.
             a_to_b: Arc<RwLock<()>>,
             /// `a`'s questions to `b` are answered while this is not locked for writing.
@@ -306,11 +354,12 @@ mod tests {
                 owned_b.set(1, &[]);
                 let (tx_a, rx_a) = mpsc::unbounded_channel();
                 let (tx_b, rx_b) = mpsc::unbounded_channel();
-                let (member_a, member_b) = (watch::Sender::new(true), watch::Sender::new(true));
-                let link = |owned, member: &watch::Sender<bool>, out| {
+                let lease_a = Lease::new();
+                lease_a.renew(std::time::Instant::now(), HOUR);
+                let link = |owned, lease: &Lease, out| {
                     Some(Link {
                         owned,
-                        member: member.subscribe(),
+                        lease: lease.clone(),
                         out,
                     })
                 };
@@ -318,26 +367,35 @@ mod tests {
                     "a",
                     stores(),
                     settings,
-                    link(owned_a.clone(), &member_a, tx_a),
+                    link(owned_a.clone(), &lease_a, tx_a),
                 );
                 let b = Dispatcher::new(
                     "b",
                     stores(),
                     settings,
-                    link(owned_b.clone(), &member_b, tx_b),
+                    link(owned_b.clone(), &Lease::forever(), tx_b),
                 );
                 let tasks = crate::tasks::Tasks::default();
                 a.start(&tasks);
                 b.start(&tasks);
                 let (a_to_b, a_asks_b) = Default::default();
+                let b_skips_a: Arc<AtomicBool> = Default::default();
                 wire(
                     "a",
                     rx_a,
                     b.clone(),
                     Arc::clone(&a_to_b),
                     Arc::clone(&a_asks_b),
+                    Default::default(),
                 );
-                wire("b", rx_b, a.clone(), Default::default(), Default::default());
+                wire(
+                    "b",
+                    rx_b,
+                    a.clone(),
+                    Default::default(),
+                    Default::default(),
+                    Arc::clone(&b_skips_a),
+                );
                 let w = Address::parse("work:w").unwrap();
                 let appended = mailbox
                     .append(
@@ -361,7 +419,8 @@ mod tests {
                     b,
                     owned_a,
                     owned_b,
-                    member_a,
+                    lease_a,
+                    b_skips_a,
                     a_to_b,
                     a_asks_b,
                     tasks,
@@ -566,19 +625,147 @@ mod tests {
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 
-        /// A node fenced from the cluster (its ZooKeeper session lost or expiring) deals
-        /// nothing, as its consumer applies nothing, though the consumer still has the shard;
-        /// a member again, it deals.
+        /// A node whose lease as a member does not hold (its ZooKeeper session lost, expiring,
+        /// or unheard of since before a pause) deals nothing, though its consumer still has the
+        /// shard; its lease held again, it deals.
         #[tokio::test]
-        async fn a_node_that_is_not_a_member_deals_nothing() {
+        async fn a_node_whose_lease_does_not_hold_deals_nothing() {
             let p = Pair::new().await;
-            p.member_a.send_replace(false);
+            p.lease_a.end();
             let m = p.client_on_a().await;
             assert!(m.got().is_empty(), "a dealt {:?} while fenced", m.got());
-            p.member_a.send_replace(true);
+            p.lease_a.renew(std::time::Instant::now(), HOUR);
             p.a.expire(std::time::Instant::now()).await;
             settle().await;
-            assert_eq!(m.got(), [1, 2, 3, 4], "a member again: a deals");
+            assert_eq!(m.got(), [1, 2, 3, 4], "its lease held again: a deals");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// a assigns versions to its client and reads them from the store; meanwhile it is
+        /// paused past its session (its lease runs out). Awake, it gives nothing: the cluster
+        /// may have dealt those versions elsewhere while it slept.
+        #[tokio::test]
+        async fn a_node_paused_between_assigning_and_giving_gives_nothing() {
+            use std::sync::atomic::Ordering::SeqCst;
+            let p = Pair::new().await;
+            let reads = p.mailbox.gate.write().await;
+            let m = Recorder::conn("m", "c1");
+            let joining = {
+                let (a, w, m) = (p.a.clone(), p.w.clone(), m.clone());
+                tokio::spawn(async move { a.join(&w, m, Some(1)).await })
+            };
+            for _ in 0..200 {
+                if p.mailbox.begun.load(SeqCst) > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(p.mailbox.begun.load(SeqCst) > 0, "a reads what it assigned");
+            p.lease_a.end();
+            drop(reads);
+            joining.await.unwrap();
+            settle().await;
+            assert!(
+                m.got().is_empty(),
+                "a gave {:?} after its lease ran out",
+                m.got()
+            );
+            assert!(
+                p.a.held_here(&p.w, None).is_empty(),
+                "nothing noted as held"
+            );
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// A `Give` that arrives after its sender's lease ended (the sender may have been paused
+        /// past its session since it dealt, and the version dealt elsewhere meanwhile) is
+        /// refused; one within its sender's lease is given.
+        #[tokio::test]
+        async fn a_give_past_its_senders_lease_is_refused() {
+            let p = Pair::new().await;
+            let (b, w) = (&p.b, &p.w);
+            let k = Recorder::conn("k", "c2");
+            b.join(w, k.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(k.got(), [1, 2, 3, 4], "a deals to k on b");
+            let six = p.mailbox.read(w, 5, 1).await.unwrap().messages[0].clone();
+            let give = |lease_ms| Frame::Give {
+                address: w.clone(),
+                conn: "k".into(),
+                version: 6,
+                signal: six.signal.clone(),
+                lease_ms,
+            };
+            b.receive("a", give(crate::clock::now_ms() - 1));
+            settle().await;
+            assert_eq!(k.got(), [1, 2, 3, 4], "refused past the sender's lease");
+            b.receive("a", give(lease_end_ms(&p.lease_a)));
+            settle().await;
+            assert_eq!(k.got(), [1, 2, 3, 4, 6], "given within it");
+            // The refusal did not tell a that k is gone (it was a `Gone` at first, and a
+            // dropped k while later `Give`s to it were still on their way there): k acks 1
+            // and a deals it the next.
+            b.ack(w, &k.client, 1).await.unwrap();
+            settle().await;
+            assert_eq!(k.got(), [1, 2, 3, 4, 6, 5], "k still takes work from a");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// A `Give` refused where the connection is: its dealer deals that version again (here
+        /// to the same connection, the only one), and keeps the connection.
+        #[tokio::test]
+        async fn a_refused_give_goes_out_again() {
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
+            let k = Recorder::conn("k", "c2");
+            b.join(w, k.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(k.got(), [1, 2, 3, 4]);
+            a.receive(
+                "b",
+                Frame::Refused {
+                    address: w.clone(),
+                    conn: "k".into(),
+                    version: 2,
+                },
+            );
+            settle().await;
+            assert_eq!(k.got(), [1, 2, 3, 4, 2], "2 dealt again, to k");
+            p.tasks.stop(Duration::from_secs(1)).await;
+        }
+
+        /// The chaos run's finding: a loaded the queue, then was paused past its ZooKeeper
+        /// session (its lease ran out) while its consumer still had the shard. b took the shard
+        /// and, a being no member, dealt without asking a: 1–4 to a client on b. a woke, joined
+        /// again (its lease began again) before its consumer heard of the move, and a client
+        /// connected to it: a loads the queue again first (it asks b, which says who holds
+        /// 1–4), and deals only 5 and 6. Before, it dealt 1–4 again from what it knew.
+        #[tokio::test]
+        async fn a_node_back_from_a_pause_past_its_session_loads_again_before_it_deals() {
+            let p = Pair::new().await;
+            let (a, b, w) = (&p.a, &p.b, &p.w);
+            assert_eq!(a.states(w, &[1]).await.unwrap(), vec![State::Waiting]);
+            p.lease_a.end();
+            p.b_skips_a.store(true, SeqCst);
+            p.owned_b.set(1, &[0]);
+            let k = Recorder::conn("k", "c2");
+            b.join(w, k.clone(), Some(1)).await;
+            settle().await;
+            assert_eq!(k.got(), [1, 2, 3, 4], "b deals");
+            for v in 1..=4 {
+                b.ack(w, &k.client, v).await.unwrap();
+            }
+            b.flush().await; // stored done (the node does it every 20 ms)
+            p.b_skips_a.store(false, SeqCst);
+            p.lease_a.renew(std::time::Instant::now(), HOUR);
+            let m = p.client_on_a().await;
+            settle().await;
+            assert!(
+                m.got().iter().all(|v| *v > 4),
+                "a dealt again what k had: {:?}",
+                m.got()
+            );
+            p.each_given_once(&[&k, &m]);
             p.tasks.stop(Duration::from_secs(1)).await;
         }
 

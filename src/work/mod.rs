@@ -117,6 +117,9 @@ struct Held {
 #[derive(Default)]
 struct Queue {
     loaded: bool,
+    /// The node's lease epoch when it was loaded: once the lease has begun again since (it ran
+    /// out: other nodes may have dealt the address meanwhile), it is loaded again.
+    epoch: u64,
     /// The highest version known to exist.
     head: u64,
     waiting: RoaringTreemap,
@@ -559,12 +562,22 @@ impl Dispatcher {
         turn
     }
 
-    /// Whether this node deals `address` now: its consumer owns the address's shard, and it is
-    /// a cluster member.
+    /// Whether this node deals `address` now: its consumer owns the address's shard, and its
+    /// lease as a cluster member holds.
     fn owns(&self, address: &Address) -> bool {
         self.link
             .as_ref()
-            .is_none_or(|l| *l.member.borrow() && l.owned.owns(address))
+            .is_none_or(|l| l.lease.held() && l.owned.owns(address))
+    }
+
+    /// Whether this node's lease as a cluster member holds (always, alone).
+    fn lease_held(&self) -> bool {
+        self.link.as_ref().is_none_or(|l| l.lease.held())
+    }
+
+    /// The node's lease epoch (0 alone): a queue loaded in an earlier one is stale.
+    fn epoch(&self) -> u64 {
+        self.link.as_ref().map_or(0, |l| l.lease.epoch())
     }
 
     fn send(&self, out: Out) {
@@ -664,14 +677,22 @@ impl Dispatcher {
     /// Loads a queue's state once, when this node starts dealing it: every kept version not
     /// done waits, except those a connection holds (on the cluster, asked of every node first).
     async fn load(&self, address: &Address) -> Result<(), WorkError> {
-        if self.lock().get(address).is_some_and(|q| q.loaded) {
-            return Ok(());
+        let epoch = self.epoch();
+        if let Some(q) = self.lock().get_mut(address) {
+            if q.loaded && q.epoch == epoch {
+                return Ok(());
+            }
+            // Loaded before this node's lease ran out (a pause past its session): others may
+            // have dealt the address since, unknown to this node, which asked nobody then.
+            if q.loaded {
+                q.stale();
+            }
         }
         let term = 1 + self
             .terms
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.asked().insert(address.clone(), term);
-        let loaded = self.adopt(address, term).await;
+        let loaded = self.adopt(address, term, epoch).await;
         if loaded.is_err() && !self.owns(address) {
             // The shard moved while this asked: the next dealer's question may have come
             // first at some node, which this one's then overruled. (A question that failed
@@ -689,8 +710,8 @@ impl Dispatcher {
         loaded
     }
 
-    /// [`Self::load`]'s question (of `term`) and the rest of its reads.
-    async fn adopt(&self, address: &Address, term: u64) -> Result<(), WorkError> {
+    /// [`Self::load`]'s question (of `term`, in the lease's `epoch`) and the rest of its reads.
+    async fn adopt(&self, address: &Address, term: u64, epoch: u64) -> Result<(), WorkError> {
         let asked = self.ask_held(address, Some(term)).await;
         if !self.owns(address) {
             return Err(WorkError::Moved);
@@ -753,6 +774,7 @@ impl Dispatcher {
         // What it dealt before, if it deals again: taken into account above (its own answer).
         q.parted.clear();
         q.loaded = true;
+        q.epoch = epoch;
         drop(m);
         self.unsaved(address, acked);
         Ok(())
@@ -969,14 +991,15 @@ impl Dispatcher {
                 weight,
                 joined: true,
             } => {
-                let Some(out) = self.link.as_ref().map(|l| l.out.clone()) else {
+                let Some(link) = self.link.as_ref() else {
                     return;
                 };
                 let remote = RemoteConn {
                     id: conn,
                     client,
                     node: from.to_string(),
-                    out,
+                    out: link.out.clone(),
+                    lease: link.lease.clone(),
                 };
                 self.add_taker(&address, Arc::new(remote), weight_of(weight as u64));
                 self.dispatch_later(address);
@@ -996,8 +1019,18 @@ impl Dispatcher {
                 conn,
                 version,
                 signal,
+                lease_ms,
             } => {
-                let message = Message::from_signal(signal);
+                // A sender whose lease has ended since may have been paused past its session,
+                // and the version dealt elsewhere meanwhile: refused (the dealer, if it still
+                // is one, deals that version again; the connection still takes work).
+                let refused = cluster::lease_ended(lease_ms);
+                let message = if refused {
+                    tracing::warn!(%address, version, from, "work: a Give whose sender's lease had ended; refused");
+                    None
+                } else {
+                    Message::from_signal(signal)
+                };
                 // Noted before it is sent (the client may ack at once), under the queue's lock,
                 // acked to the node that deals the address now: the one that sent it, unless
                 // another adopted the address since (it sent this before the shard moved).
@@ -1028,14 +1061,47 @@ impl Dispatcher {
                 };
                 if !given {
                     self.holdings().remove(&(address.clone(), version));
-                    let gone = || Frame::Gone {
-                        address: address.clone(),
-                        conn: conn.clone(),
+                    // Refused: that version goes out again; else the connection is gone here.
+                    let gone = || {
+                        if refused {
+                            Frame::Refused {
+                                address: address.clone(),
+                                conn: conn.clone(),
+                                version,
+                            }
+                        } else {
+                            Frame::Gone {
+                                address: address.clone(),
+                                conn: conn.clone(),
+                            }
+                        }
                     };
                     if dealer != from {
                         self.send(Out::To(dealer.clone(), gone()));
                     }
                     self.send(Out::To(from.to_string(), gone()));
+                }
+            }
+            Frame::Refused {
+                address,
+                conn,
+                version,
+            } => {
+                let released = {
+                    let mut m = self.lock();
+                    m.get_mut(&address).is_some_and(|q| {
+                        if q.parted.get(&version).is_some_and(|h| h.conn == conn) {
+                            q.parted.remove(&version);
+                        }
+                        let held = q.held.get(&version).is_some_and(|h| h.conn == conn);
+                        if held {
+                            q.release(version);
+                        }
+                        held
+                    })
+                };
+                if released {
+                    self.dispatch_later(address);
                 }
             }
             Frame::Revoke {
@@ -1331,11 +1397,12 @@ impl Dispatcher {
         if !self.owns(address) {
             return;
         }
-        if let Err(e) = self.load(address).await {
-            tracing::warn!(error = %e, %address, "work: loading the queue failed; retrying");
-            return;
-        }
         loop {
+            // Loaded (again, if the lease began again since: see `load`).
+            if let Err(e) = self.load(address).await {
+                tracing::warn!(error = %e, %address, "work: loading the queue failed; retrying");
+                return;
+            }
             let (sends, mut at_hand) = {
                 let mut m = self.lock();
                 // Asked again under the lock each round: once the shard has moved, the next
@@ -1344,6 +1411,10 @@ impl Dispatcher {
                     return;
                 }
                 let Some(q) = m.get_mut(address) else { return };
+                if !q.loaded || q.epoch != self.epoch() {
+                    // Made stale, or the lease began again, since the load: load again.
+                    continue;
+                }
                 // Another node's question named it the dealer after this node's own: either
                 // this node's consumer has not heard yet that the shard moved (a *zombie*,
                 // paused past its session), and that node deals now, or that node's question
@@ -1420,6 +1491,14 @@ impl Dispatcher {
                     failed.push((*v, unread.contains(*v)));
                     continue;
                 };
+                // Checked again just before it leaves: a node paused since it assigned the
+                // version (past its session, so the cluster may have dealt it elsewhere since)
+                // gives nothing once it wakes. A `Give` carries the lease's end, checked there.
+                if !self.lease_held() {
+                    self.holdings().remove(&(address.clone(), *v));
+                    failed.push((*v, true));
+                    continue;
+                }
                 if !conn.give(address, m) {
                     self.holdings().remove(&(address.clone(), *v));
                     failed.push((*v, true));
@@ -1623,7 +1702,7 @@ mod tests {
         fail: std::sync::atomic::AtomicUsize,
         pub(super) gate: Arc<tokio::sync::RwLock<()>>,
         /// Reads begun (counted before they wait for `gate`).
-        begun: std::sync::atomic::AtomicUsize,
+        pub(super) begun: std::sync::atomic::AtomicUsize,
     }
 
     impl FlakyReads {

@@ -20,7 +20,15 @@ Then everything heals and the checker verifies, over every operation:
 - at the end each client has received every version of its addresses up to the head;
 - each binding acknowledged is in force unless an acknowledged unbind followed.
 
-Usage: tests/chaos/chaos.py [--seed N] [--seconds S] [--messages M] [--faults F] [--out DIR]
+Work addresses: workers (python-socketio clients bound to two `work:` addresses with weights)
+ack what they are dealt, or keep it until their connection ends, and move between nodes; the
+checker verifies that every work message is done in the end, that no message was held by two
+connections at once (unless a fault took the first holder's node, or ZooKeeper, out meanwhile),
+that a done message is not dealt again (unless a fault came between), and that each message
+dealt is the one the mailbox holds.
+
+Usage: tests/chaos/chaos.py [--seed N] [--seconds S] [--messages M] [--faults F] [--workers W]
+[--out DIR]
 (scripts/chaos wraps it: it brings the stack up first). Exit status 0 only if every check held.
 """
 
@@ -46,6 +54,14 @@ BIN = os.environ.get("SIGNALPOST_BIN", os.path.join(ROOT, "target", "release", "
 STACK = os.path.join(ROOT, "scripts", "stack")
 NODES = 3
 CHANNELS = [f"channel:c{i}" for i in range(8)]
+# Work addresses: each message goes to one worker at a time (see Worker and Checker.check_work).
+WORKS = ["work:w0", "work:w1"]
+# The node's default work_ack_timeout_ms: no worker holds a message this long, so a message is
+# only dealt again when its holder's connection ends (or a fault takes its node out).
+WORK_ACK_TIMEOUT = 30.0
+# After a fault heals, how long its effects may last: a paused node finding its ZooKeeper
+# session gone, members leaving (the runs' sessions time out in 4 s), acks forwarded late.
+FAULT_AFTERMATH = 10.0
 T0 = time.time()
 
 
@@ -220,7 +236,9 @@ class History:
         self.throughput = []  # (t, messages acknowledged in that second)
         self.violations = []
         self.counts = {"http_batches": 0, "http_failed": 0, "kafka_batches": 0, "kafka_failed": 0,
-                       "resumes": 0, "signals": 0}
+                       "resumes": 0, "signals": 0, "work_connections": 0, "work_acks_refused": 0}
+        self.deliveries = []  # every work message dealt to a worker (Worker.on_signal)
+        self.conn_closed = {}  # a worker's connection number -> when it ended
 
     def violation(self, what):
         with self.lock:
@@ -263,6 +281,8 @@ class Run:
             self.nodes.append(Node(i, self.run_dir, env))
         self.msg_seq = 0
         self.clients = []
+        self.workers = []
+        self.finished = threading.Event()  # set when the checker is done with the workers
 
     def live_urls(self):
         urls = [n.url for n in self.nodes if n.alive()]
@@ -272,7 +292,7 @@ class Run:
 
     def addresses(self):
         own = [f"client:{c.client_id}" for c in self.clients if c.client_id]
-        return CHANNELS + own
+        return CHANNELS + own + (WORKS if self.workers else [])
 
     def next_ids(self, prefix, n):
         with self.h.lock:
@@ -451,8 +471,13 @@ class Run:
             self.clients.append(c)
             c.thread = threading.Thread(target=c.loop, daemon=True)
             c.thread.start()
+        for k in range(self.args.workers):
+            w = Worker(self, k)
+            self.workers.append(w)
+            w.thread = threading.Thread(target=w.loop, daemon=True)
+            w.thread.start()
         deadline = time.time() + 30
-        while time.time() < deadline and not all(c.client_id for c in self.clients):
+        while time.time() < deadline and not all(c.client_id for c in self.clients + self.workers):
             time.sleep(0.2)
         threads = [threading.Thread(target=self.http_producer, args=(k,), daemon=True)
                    for k in range(self.args.producers)]
@@ -627,6 +652,157 @@ class Client:
         return False
 
 
+class Worker:
+    """A python-socketio client bound to every work address with a weight of its own: it acks
+    each message it is dealt after a short while, or now and then keeps one until its connection
+    ends, and disconnects and resumes as the clients do. It records every delivery — which
+    connection, on which node, when, and when it acked or disconnected — for the checker."""
+
+    def __init__(self, run, k):
+        self.run, self.k = run, k
+        self.rng = random.Random(run.args.seed * 1000 + 500 + k)
+        self.deal_rng = random.Random(run.args.seed * 1000 + 700 + k)  # the signal thread's
+        self.weight = self.rng.randint(1, 3)
+        self.client_id = None
+        self.token = None
+        self.bound = False
+        self.sio = None
+        self.conn = None         # the current connection's number (global, in connect order)
+        self.node = None         # the current connection's node (index)
+        self.held = {}           # (address, version) -> record, this connection's unacked
+        self.due = []            # (time, record): acks to send
+        self.acked_here = []     # records this connection acked
+        self.closing = False     # the current connection is being closed
+        self.lock = threading.Lock()
+        self.synced = threading.Event()
+
+    def on_session(self, s):
+        with self.lock:
+            if self.client_id and s["clientId"] != self.client_id:
+                self.run.h.violation(f"worker {self.k}: resumed as {s['clientId']}")
+            self.client_id = s["clientId"]
+            self.token = s["resumeToken"]
+
+    def on_signal(self, m):
+        if m["address"] not in WORKS:
+            return
+        t = time.time() - T0
+        key = (m["address"], m["version"])
+        with self.lock:
+            rec = {"a": m["address"], "v": m["version"], "id": m["id"], "worker": self.k,
+                   "conn": self.conn, "node": self.node, "recv": t, "ack": None, "end": None,
+                   "refused": False}
+            self.run.h.deliveries.append(rec)
+            if self.closing:
+                # Came in while this connection closes: held no longer than that.
+                rec["end"] = t
+                return
+            # Dealt again to this same connection while it holds it: the checker's rule on two
+            # holders at once judges it (with its excuses), as for two connections.
+            self.held[key] = rec
+            final = self.run.stop.is_set()
+            if final or self.deal_rng.random() < 0.95:
+                self.due.append((t + (0 if final else self.deal_rng.uniform(0, 0.5)), rec))
+            # else: kept until this connection ends
+
+    def on_error(self, e):
+        text = (e or {}).get("message", "") if isinstance(e, dict) else str(e)
+        with self.lock:
+            self.run.h.counts["work_acks_refused"] += 1
+            for rec in self.acked_here:
+                if f"version {rec['v']} of {rec['a']} is not held" in text:
+                    rec["refused"] = True
+
+    def connect(self):
+        i = self.rng.randrange(len(self.run.nodes))
+        node = self.run.nodes[i]
+        if not node.alive():
+            node = next((n for n in self.run.nodes if n.alive()), node)
+        sio = socketio.Client(reconnection=False)
+        trigger = sio.eio._trigger_event
+        sio.eio._trigger_event = lambda event, *a, **kw: trigger(event, *a, **{**kw, "run_async": False})
+        sio.on("signal", self.on_signal)
+        sio.on("session", self.on_session)
+        sio.on("synced", lambda d: self.synced.set())
+        sio.on("error", self.on_error)
+        auth = {"clientId": self.client_id, "resumeToken": self.token} if self.client_id else {}
+        with self.lock:
+            self.run.h.counts["work_connections"] += 1
+            self.conn = self.run.h.counts["work_connections"]
+            self.node = node.i
+            self.held, self.due, self.acked_here = {}, [], []
+            self.closing = False
+        self.synced.clear()
+        self.sio = sio
+        sio.connect(node.url, auth=auth, transports=["websocket"], wait_timeout=10)
+        self.bind(node)
+
+    def bind(self, node):
+        """Binds this worker to every work address once (the binding outlives its connections)."""
+        if not self.bound and self.client_id and self.synced.wait(10):
+            status, _ = http(node.url, "POST", "/server/connect?wait=true",
+                             {"client": self.client_id, "addresses": WORKS,
+                              "weight": self.weight})
+            self.bound = status == 200
+
+    def closed(self):
+        """This connection is over: what it still holds is held no more, from now."""
+        t = time.time() - T0
+        with self.lock:
+            self.run.h.conn_closed[self.conn] = t
+            self.closing = True
+            for rec in self.held.values():
+                rec["end"] = t
+            self.held, self.due = {}, []
+
+    def send_due(self):
+        t = time.time() - T0
+        with self.lock:
+            due = [r for at, r in self.due if at <= t]
+            self.due = [(at, r) for at, r in self.due if at > t]
+        for rec in due:
+            try:
+                self.sio.emit("ack", {"address": rec["a"], "version": rec["v"]})
+            except Exception:
+                return
+            with self.lock:
+                rec["ack"] = time.time() - T0
+                self.held.pop((rec["a"], rec["v"]), None)
+                self.acked_here.append(rec)
+
+    def loop(self):
+        while not self.run.finished.is_set():
+            try:
+                self.connect()
+            except Exception:
+                try:
+                    self.sio.disconnect()
+                except Exception:
+                    pass
+                self.closed()
+                time.sleep(0.5)
+                continue
+            # Until the faults are over, stay 3-20 s; then stay until the checker is done.
+            stay = time.time() + self.rng.uniform(3, 20)
+            final = self.run.stop.is_set()
+            node = self.run.nodes[self.node - 1]
+            while (self.sio.connected and not self.run.finished.is_set()
+                   and (final or (time.time() < stay and not self.run.stop.is_set()))):
+                self.send_due()
+                if not self.bound and self.rng.random() < 0.05:
+                    self.bind(node)
+                time.sleep(0.05)
+            # Its end is when it is closed, before the node can learn of it and deal its
+            # messages again (disconnect() returns after that), or when it was found closed.
+            self.closed()
+            try:
+                self.sio.disconnect()
+            except Exception:
+                pass
+            if not self.run.finished.is_set():
+                self.run.finished.wait(self.rng.uniform(0, 1))
+
+
 class Checker:
     def __init__(self, run):
         self.run = run
@@ -655,6 +831,7 @@ class Checker:
         # Kafka's acknowledgements come before the records are applied: wait until the
         # mailboxes stop changing and hold every acknowledged id, for 120 s at most.
         addresses = CHANNELS + [f"client:{c.client_id}" for c in self.run.clients if c.client_id]
+        addresses += WORKS if self.run.workers else []
         deadline, heads = time.time() + 120, None
         while True:
             mailboxes = {a: self.read_all(a) for a in addresses}
@@ -713,12 +890,14 @@ class Checker:
                 if (a, not bind) not in unknown and bind != (a in addrs):
                     h.violation(f"client {c.k}: {a} {'bound' if bind else 'unbound'} "
                                 f"(acknowledged) but {'not ' if bind else ''}in force")
+        self.check_work()
         total = sum(len(m[1]) for m in mailboxes.values())
         result = {
             "seed": self.run.args.seed, "tag": self.run.tag,
             "messages_in_mailboxes": total, "acknowledged": len(h.acked), "sent": len(h.sent),
             "lost": lost, "faults": len(h.faults), "violations": h.violations,
             "counts": h.counts, "bind_ops": len(h.bind_ops),
+            "work_deliveries": len(h.deliveries), "workers": len(self.run.workers),
             "clients": len(self.run.clients), "fault_timeline": h.faults,
             "bindings": h.bind_ops,
             "throughput": h.throughput,
@@ -730,6 +909,85 @@ class Checker:
             f"of {len(h.sent)} sent; {lost} lost; {len(h.faults)} faults; {h.counts}")
         log(f"result: {self.run.run_dir}/result.json, plot: {self.run.run_dir}/chaos.svg")
         return not h.violations
+
+    def check_work(self):
+        """Work addresses: every message done in the end, never held by two connections at once,
+        never dealt again once done, and each one dealt is the one the mailbox holds."""
+        h, run = self.h, self.run
+        if not run.workers:
+            return
+        log("waiting for every work message to be done")
+        deadline = time.time() + 150
+        while True:
+            held = {a: self.read_all(a)[1] for a in WORKS}
+            left = [(a, m["version"], m.get("state")) for a, msgs in held.items() for m in msgs
+                    if m.get("state") != "done"]
+            if not left or time.time() > deadline:
+                break
+            time.sleep(2)
+        for a, v, state in left[:20]:
+            h.violation(f"{a} v{v} is {state}, not done, after the faults healed")
+        run.finished.set()
+        for w in run.workers:
+            w.thread.join(30)
+
+        def overlaps(f, lo, hi):
+            return f["start"] <= hi and f["end"] + FAULT_AFTERMATH >= lo
+
+        def node_fault(lo, hi, node):
+            # Its node's death, pause or cut from the others or from ZooKeeper, or ZooKeeper's
+            # own fault (every member may lose its session), lets the cluster take a holder for
+            # gone while its client still holds.
+            return any(overlaps(f, lo, hi) and f["target"] in (node, "zookeeper", "all")
+                       for f in h.faults)
+
+        def any_fault(lo, hi):
+            return any(overlaps(f, lo, hi) for f in h.faults)
+
+        by_message = {}
+        for r in h.deliveries:
+            by_message.setdefault((r["a"], r["v"]), []).append(r)
+            msgs = held.get(r["a"], [])
+            if r["v"] > len(msgs) or msgs[r["v"] - 1]["id"] != r["id"]:
+                h.violation(f"worker {r['worker']} was dealt {r['a']} v{r['v']} id {r['id']}, "
+                            "not what the mailbox holds")
+        twice = again = excused = again_in_fault = 0
+        for (a, v), rs in by_message.items():
+            rs.sort(key=lambda r: r["recv"])
+            for i, r1 in enumerate(rs):
+                # r1's hold ends at its ack, at its connection's end, or at the ack timeout
+                # (no worker holds that long; a margin for the deal before the delivery).
+                ends = [x for x in (r1["ack"], r1["end"]) if x is not None]
+                end1 = min(ends + [r1["recv"] + WORK_ACK_TIMEOUT - 1])
+                closed = h.conn_closed.get(r1["conn"], float("inf"))
+                for r2 in rs[i + 1:]:
+                    if r2["recv"] < end1 and node_fault(r1["recv"], r2["recv"], r1["node"]):
+                        excused += 1
+                    elif r2["recv"] < end1:
+                        twice += 1
+                        h.violation(f"{a} v{v} held by two at once: worker {r1['worker']} "
+                                    f"(node {r1['node']}) from {r1['recv']:.2f} to {end1:.2f}, "
+                                    f"worker {r2['worker']} (node {r2['node']}) from {r2['recv']:.2f}")
+                    # Done: an ack not refused, its connection up a second after it (so the
+                    # node had it), is never dealt again — unless a fault came between (a crash
+                    # can lose the last 20 ms of done marks; a shard move, an ack in flight).
+                    if not (r1["ack"] is not None and not r1["refused"]
+                            and closed >= r1["ack"] + 1 and r2["recv"] > r1["ack"]):
+                        pass
+                    elif any_fault(r1["ack"] - 1, r2["recv"]):
+                        again_in_fault += 1
+                    else:
+                        again += 1
+                        h.violation(f"{a} v{v} done by worker {r1['worker']} at {r1['ack']:.2f} "
+                                    f"and dealt again to worker {r2['worker']} at {r2['recv']:.2f}")
+        h.counts["work_dealt_again"] = sum(len(rs) - 1 for rs in by_message.values())
+        log(f"work: {len(h.deliveries)} deliveries of {len(by_message)} messages to "
+            f"{len(run.workers)} workers ({h.counts['work_dealt_again']} dealt again); "
+            f"{twice} held by two at once ({excused} more while a fault took the holder's "
+            f"node or ZooKeeper out), {again} dealt again once done ({again_in_fault} more "
+            "with a fault between)")
+        h.counts["work_two_holders_in_a_fault"] = excused
+        h.counts["work_done_dealt_again_in_a_fault"] = again_in_fault
 
 
 def plot(result, path):
@@ -776,6 +1034,7 @@ def main():
     p.add_argument("--messages", type=int, default=100000, help="stop producing after this many")
     p.add_argument("--faults", type=int, default=30)
     p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--workers", type=int, default=4, help="clients of the work addresses")
     p.add_argument("--producers", type=int, default=4, help="HTTP producers (threads)")
     p.add_argument("--out", default=os.path.join(ROOT, ".chaos"))
     args = p.parse_args()

@@ -75,6 +75,7 @@ async fn a_connected_node_locks_before_it_joins() {
     );
     assert!(!a.is_leader());
     assert!(!*a.membership().borrow(), "a member before joining");
+    assert!(!a.lease().held(), "a lease before joining");
     // b waits for the startup lock while a holds it.
     let waiting = tokio::spawn(async move { b.lock("bootstrap", Duration::from_secs(20)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -84,4 +85,31 @@ async fn a_connected_node_locks_before_it_joins() {
     // Joined: listed and a member.
     a.join();
     until("a a member", async || *a.membership().borrow()).await;
+    assert!(a.lease().held(), "a member holds its lease");
+}
+
+/// The lease is renewed while the session lasts: it holds long past its own length (two thirds
+/// of the session timeout), each renewal a read of this node's entry by its own session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ZooKeeper: scripts/stack up, then cargo test -- --include-ignored"]
+async fn the_lease_is_renewed_while_the_session_lasts() {
+    let root = format!("/it-{}", uuid::Uuid::new_v4().simple());
+    let a = member(&root, "node-a");
+    until("a a member", async || *a.membership().borrow()).await;
+    let lease = a.lease();
+    let epoch = lease.epoch();
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(lease.held(), "the lease ran out while the session lasted");
+    }
+    assert_eq!(
+        lease.epoch(),
+        epoch,
+        "held throughout: it never began again"
+    );
+    assert!(
+        lease.remaining() <= Duration::from_millis(2_667),
+        "at most two thirds of the 4 s session: {:?}",
+        lease.remaining()
+    );
 }

@@ -48,6 +48,7 @@ pub async fn lists_itself_leads_alone(c: &dyn Cluster) {
     );
     assert!(a.is_leader());
     assert!(*a.membership().borrow(), "a joined node is a member");
+    assert!(a.lease().held(), "a joined node holds its lease");
     assert_eq!(*a.joins().borrow(), 1, "registered once");
 }
 
@@ -87,7 +88,10 @@ pub async fn hand_over(c: &dyn Cluster) {
     assert_eq!(seen[1].url, url_of("node-b"));
     assert!(!b.is_leader(), "one leader at a time");
     let fenced = a.membership();
+    let lease = a.lease();
+    assert!(lease.held(), "a member holds its lease");
     c.leave("node-a");
+    assert!(!lease.held(), "a node that left holds no lease, at once");
     until("b to lead", async || b.is_leader()).await;
     until("a gone from the list", async || {
         b.nodes().await.is_ok_and(|n| n.len() == 1)

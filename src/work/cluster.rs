@@ -454,6 +454,16 @@ mod tests {
                 m
             }
 
+            /// A client of weight 1 connects to b and takes work: a deals it 1–4 (its in-flight
+            /// cap) through b.
+            async fn taker_on_b(&self) -> Arc<Recorder> {
+                let k = Recorder::conn("k", "c2");
+                self.b.join(&self.w, k.clone(), Some(1)).await;
+                settle().await;
+                assert_eq!(k.got(), [1, 2, 3, 4], "a deals to k on b");
+                k
+            }
+
             /// Every version of the six was given once, to one of `sinks`.
             fn each_given_once(&self, sinks: &[&Recorder]) {
                 let mut all: Vec<u64> = sinks.iter().flat_map(|s| s.got()).collect();
@@ -684,10 +694,7 @@ mod tests {
         async fn a_give_past_its_senders_lease_is_refused() {
             let p = Pair::new().await;
             let (b, w) = (&p.b, &p.w);
-            let k = Recorder::conn("k", "c2");
-            b.join(w, k.clone(), Some(1)).await;
-            settle().await;
-            assert_eq!(k.got(), [1, 2, 3, 4], "a deals to k on b");
+            let k = p.taker_on_b().await;
             let six = p.mailbox.read(w, 5, 1).await.unwrap().messages[0].clone();
             let give = |lease_ms| Frame::Give {
                 address: w.clone(),
@@ -716,11 +723,8 @@ mod tests {
         #[tokio::test]
         async fn a_refused_give_goes_out_again() {
             let p = Pair::new().await;
-            let (a, b, w) = (&p.a, &p.b, &p.w);
-            let k = Recorder::conn("k", "c2");
-            b.join(w, k.clone(), Some(1)).await;
-            settle().await;
-            assert_eq!(k.got(), [1, 2, 3, 4]);
+            let (a, w) = (&p.a, &p.w);
+            let k = p.taker_on_b().await;
             a.receive(
                 "b",
                 Frame::Refused {

@@ -516,6 +516,25 @@ class Run:
         return Checker(self).check()
 
 
+def ordered_client():
+    """A python-socketio client (no reconnection of its own) whose handlers run in the order the
+    node sent: its threaded client hands each message to a thread of its own, so handlers could
+    run out of order, and the checker needs the wire's order."""
+    sio = socketio.Client(reconnection=False)
+    trigger = sio.eio._trigger_event
+    sio.eio._trigger_event = lambda event, *a, **kw: trigger(event, *a, **{**kw, "run_async": False})
+    return sio
+
+
+def take_session(c, who, s):
+    """Keeps a `session` event's client id and resume token (a client or a worker, under its
+    lock): a resume that comes back with another id is a violation."""
+    if c.client_id and s["clientId"] != c.client_id:
+        c.run.h.violation(f"{who}: resumed as {s['clientId']}")
+    c.client_id = s["clientId"]
+    c.token = s["resumeToken"]
+
+
 class Client:
     """A python-socketio client that acks, disconnects and resumes, often on another node, and
     checks what it receives as it goes."""
@@ -579,10 +598,7 @@ class Client:
 
     def on_session(self, s):
         with self.lock:
-            if self.client_id and s["clientId"] != self.client_id:
-                self.run.h.violation(f"client {self.k}: resumed as {s['clientId']}")
-            self.client_id = s["clientId"]
-            self.token = s["resumeToken"]
+            take_session(self, f"client {self.k}", s)
             own = f"client:{self.client_id}"
             self.bound = set(s["addresses"]) | {own}
             # Exactly after the cursor it gave, for every address it gave one for; a binding
@@ -593,11 +609,7 @@ class Client:
 
     def connect(self):
         url = self.rng.choice(self.run.live_urls())
-        sio = socketio.Client(reconnection=False)
-        # python-socketio's threaded client hands each message to a thread of its own, so
-        # handlers can run out of the order the node sent; the checker needs the wire's order.
-        trigger = sio.eio._trigger_event
-        sio.eio._trigger_event = lambda event, *a, **kw: trigger(event, *a, **{**kw, "run_async": False})
+        sio = ordered_client()
         sio.on("signal", self.on_signal)
         sio.on("bound", self.on_bound)
         sio.on("unbound", self.on_unbound)
@@ -678,10 +690,7 @@ class Worker:
 
     def on_session(self, s):
         with self.lock:
-            if self.client_id and s["clientId"] != self.client_id:
-                self.run.h.violation(f"worker {self.k}: resumed as {s['clientId']}")
-            self.client_id = s["clientId"]
-            self.token = s["resumeToken"]
+            take_session(self, f"worker {self.k}", s)
 
     def on_signal(self, m):
         if m["address"] not in WORKS:
@@ -718,9 +727,7 @@ class Worker:
         node = self.run.nodes[i]
         if not node.alive():
             node = next((n for n in self.run.nodes if n.alive()), node)
-        sio = socketio.Client(reconnection=False)
-        trigger = sio.eio._trigger_event
-        sio.eio._trigger_event = lambda event, *a, **kw: trigger(event, *a, **{**kw, "run_async": False})
+        sio = ordered_client()
         sio.on("signal", self.on_signal)
         sio.on("session", self.on_session)
         sio.on("synced", lambda d: self.synced.set())

@@ -44,9 +44,9 @@ pub enum Frame {
         version: u64,
         signal: Box<RawValue>,
         /// When the sender's lease as a member ends (wall clock, ms since the Unix epoch; 0:
-        /// unknown, from a version before leases): a `Give` that arrives later is refused as
-        /// if the connection were gone, since the sender may have been paused past its session
-        /// since, and the version dealt by another node meanwhile.
+        /// unknown, from a version before leases): a `Give` that arrives later is answered
+        /// [`Frame::Refused`], since the sender may have been paused past its session since,
+        /// and the version dealt by another node meanwhile.
         #[serde(default)]
         lease_ms: u64,
     },
@@ -155,7 +155,8 @@ pub(super) struct Holding {
 /// hold has ended already.
 pub(super) fn lease_end_ms(lease: &crate::cluster::Lease) -> u64 {
     let left = lease.remaining();
-    if left == std::time::Duration::MAX || left.as_millis() > u128::from(u32::MAX) {
+    // A lease that never runs out (one node alone) ends "never".
+    if left.as_millis() > u128::from(u32::MAX) {
         return u64::MAX;
     }
     (crate::clock::now_ms() + left.as_millis() as u64).max(1)

@@ -565,9 +565,7 @@ impl Dispatcher {
     /// Whether this node deals `address` now: its consumer owns the address's shard, and its
     /// lease as a cluster member holds.
     fn owns(&self, address: &Address) -> bool {
-        self.link
-            .as_ref()
-            .is_none_or(|l| l.lease.held() && l.owned.owns(address))
+        self.lease_held() && self.link.as_ref().is_none_or(|l| l.owned.owns(address))
     }
 
     /// Whether this node's lease as a cluster member holds (always, alone).
@@ -1491,18 +1489,18 @@ impl Dispatcher {
                     failed.push((*v, unread.contains(*v)));
                     continue;
                 };
-                // Checked again just before it leaves: a node paused since it assigned the
-                // version (past its session, so the cluster may have dealt it elsewhere since)
-                // gives nothing once it wakes. A `Give` carries the lease's end, checked there.
-                if !self.lease_held() {
+                // The lease is checked again just before it leaves: a node paused since it
+                // assigned the version (past its session, so the cluster may have dealt it
+                // elsewhere since) gives nothing once it wakes. A `Give` carries the lease's
+                // end, checked there.
+                let lease = self.lease_held();
+                if !lease || !conn.give(address, m) {
                     self.holdings().remove(&(address.clone(), *v));
                     failed.push((*v, true));
-                    continue;
-                }
-                if !conn.give(address, m) {
-                    self.holdings().remove(&(address.clone(), *v));
-                    failed.push((*v, true));
-                    closed.push(conn.id().to_string());
+                    if lease {
+                        // The connection refused: it is closed.
+                        closed.push(conn.id().to_string());
+                    }
                 }
             }
             if failed.is_empty() {

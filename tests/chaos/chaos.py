@@ -926,9 +926,9 @@ class Checker:
         log("waiting for every work message to be done")
         deadline = time.time() + 150
         while True:
-            held = {a: self.read_all(a)[1] for a in WORKS}
-            left = [(a, m["version"], m.get("state")) for a, msgs in held.items() for m in msgs
-                    if m.get("state") != "done"]
+            mailboxes = {a: self.read_all(a)[1] for a in WORKS}
+            left = [(a, m["version"], m.get("state")) for a, msgs in mailboxes.items()
+                    for m in msgs if m.get("state") != "done"]
             if not left or time.time() > deadline:
                 break
             time.sleep(2)
@@ -954,7 +954,7 @@ class Checker:
         by_message = {}
         for r in h.deliveries:
             by_message.setdefault((r["a"], r["v"]), []).append(r)
-            msgs = held.get(r["a"], [])
+            msgs = mailboxes.get(r["a"], [])
             if r["v"] > len(msgs) or msgs[r["v"] - 1]["id"] != r["id"]:
                 h.violation(f"worker {r['worker']} was dealt {r['a']} v{r['v']} id {r['id']}, "
                             "not what the mailbox holds")
@@ -978,12 +978,11 @@ class Checker:
                     # Done: an ack not refused, its connection up a second after it (so the
                     # node had it), is never dealt again — unless a fault came between (a crash
                     # can lose the last 20 ms of done marks; a shard move, an ack in flight).
-                    if not (r1["ack"] is not None and not r1["refused"]
-                            and closed >= r1["ack"] + 1 and r2["recv"] > r1["ack"]):
-                        pass
-                    elif any_fault(r1["ack"] - 1, r2["recv"]):
+                    done_before = (r1["ack"] is not None and not r1["refused"]
+                                   and closed >= r1["ack"] + 1 and r2["recv"] > r1["ack"])
+                    if done_before and any_fault(r1["ack"] - 1, r2["recv"]):
                         again_in_fault += 1
-                    else:
+                    elif done_before:
                         again += 1
                         h.violation(f"{a} v{v} done by worker {r1['worker']} at {r1['ack']:.2f} "
                                     f"and dealt again to worker {r2['worker']} at {r2['recv']:.2f}")

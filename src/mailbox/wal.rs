@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 const MAGIC: u32 = 0x5350_574c; // "SPWL"
 const HEADER: usize = 4 + 8 + 4 + 4;
 /// The file grows by this much (zero-filled and synced once), so that appends overwrite blocks
-/// the file already has.
+/// the file already has. (The embedded mailbox reserves a checkpoint's worth at open,
+/// [`Wal::reserve`], so a log rarely grows while the node runs.)
 const GROW: u64 = 1 << 20;
 /// What a direct write's offset, length and buffer address are multiples of: the page size,
 /// which is also a multiple of any disk's logical block size.
@@ -199,12 +200,27 @@ impl Wal {
         self.pos = 0;
     }
 
+    /// Extends the file with zeros to at least `len` bytes and syncs it once, if it is shorter:
+    /// appends below that length then never extend the file in the middle of a publish (a
+    /// mebibyte of zeros and an fsync, ~2.5 ms here, that the appends behind it waited for).
+    pub fn reserve(&mut self, len: u64) -> io::Result<()> {
+        if len > self.len {
+            self.grow(len)?;
+        }
+        Ok(())
+    }
+
     /// Extends the file with zeros past `end` and syncs it (data and length) once, so that later
     /// appends below the new length need only flush their own blocks.
     fn grow(&mut self, end: u64) -> io::Result<()> {
         let new_len = end.div_ceil(GROW) * GROW;
-        let zeros = vec![0u8; (new_len - self.len) as usize];
-        self.plain.write_all_at(&zeros, self.len)?;
+        let zeros = vec![0u8; GROW as usize];
+        let mut at = self.len;
+        while at < new_len {
+            let n = (new_len - at).min(GROW);
+            self.plain.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
         self.plain.sync_all()?;
         self.len = new_len;
         Ok(())
@@ -349,6 +365,31 @@ mod tests {
                 Wal::open_with(&p, 1, direct).unwrap().1,
                 vec![b"kept".to_vec()]
             );
+        }
+    }
+
+    /// A reserved file is zero-filled to that length once; appends below it leave the length
+    /// as it is (no growth while the node runs), and the records before and after read back.
+    #[test]
+    fn a_reserved_log_keeps_its_length_and_its_records() {
+        for direct in MODES {
+            let (_dir, p, mut w) = new_log(5, direct);
+            w.append(b"before").unwrap();
+            w.reserve(3 * GROW + 1).unwrap();
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 * GROW);
+            for i in 0..600u32 {
+                w.append(&i.to_le_bytes().repeat(1000)).unwrap();
+            }
+            assert!(w.written() > GROW && w.written() < 4 * GROW);
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 * GROW);
+            // Reserving less than the file has changes nothing.
+            w.reserve(GROW).unwrap();
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 * GROW);
+            drop(w);
+            let got = Wal::open_with(&p, 5, direct).unwrap().1;
+            assert_eq!(got.len(), 601);
+            assert_eq!(got[0], b"before");
+            assert_eq!(got[600], 599u32.to_le_bytes().repeat(1000));
         }
     }
 

@@ -29,6 +29,13 @@ type Checker struct {
 	progress  *atomic.Int64
 }
 
+// slowUs: deliveries (and the latency scenario's publish requests) slower than this many µs
+// are printed to stderr one by one, with their sequence number (`run --slow-ms`; 0: none).
+var slowUs int64
+
+// slowTag begins each of those lines: the server measured (`run --label`).
+var slowTag string
+
 // NewChecker expects seq = first, first+stride, … (count of them).
 func NewChecker(first, stride int64, count int, record bool, progress *atomic.Int64) *Checker {
 	return &Checker{seen: make([]uint8, count), first: first, stride: stride, lastSeq: -1, record: record, progress: progress}
@@ -60,6 +67,9 @@ func (c *Checker) Deliver(seq, sentUs int64) {
 	}
 	if c.record && sentUs > 0 {
 		c.latencies = append(c.latencies, now-sentUs)
+		if slowUs > 0 && now-sentUs > slowUs {
+			fmt.Fprintf(os.Stderr, "%s slow delivery: seq %d, %.2f ms, sent at %d µs\n", slowTag, seq, float64(now-sentUs)/1000, sentUs)
+		}
 	}
 }
 

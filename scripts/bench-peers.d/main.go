@@ -107,7 +107,9 @@ func runCmd(args []string) {
 	idleClients := fs.Int("idle-clients", 0, "clients of the idle scenario (default 10 000; 2 000 with --quick)")
 	latencyRate := fs.Int("latency-rate", 0, "messages per second of the latency scenario (default 1 000)")
 	out := fs.String("out", "", "append the result as a JSON line to this file")
+	slowMs := fs.Float64("slow-ms", 0, "print each delivery (and latency-scenario publish request) slower than this, with its sequence number: message i of the latency scenario is due i/rate s after its start (0: none)")
 	fs.Parse(args)
+	slowUs = int64(*slowMs * 1000)
 	if *server == "" || *url == "" || *scenario == "" || *pid == 0 {
 		fs.Usage()
 		os.Exit(2)
@@ -115,6 +117,7 @@ func runCmd(args []string) {
 	if *label == "" {
 		*label = *server
 	}
+	slowTag = fmt.Sprintf("%-18s", *label)
 	p := fullParams()
 	if *quick {
 		p = quickParams()

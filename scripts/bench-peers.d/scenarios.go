@@ -4,6 +4,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -258,7 +259,11 @@ func latency(e *Env) (Result, error) {
 				if err := e.T.Publish(api, []Msg{{Dest: dests[i%n], Payload: payload(int64(i), 0)}}); err != nil {
 					failed.Add(1)
 				}
-				reqs[k] = append(reqs[k], time.Since(t0).Microseconds())
+				took := time.Since(t0).Microseconds()
+				reqs[k] = append(reqs[k], took)
+				if slowUs > 0 && took > slowUs {
+					fmt.Fprintf(os.Stderr, "%s slow request: seq %d, %.2f ms, sent at %d µs\n", slowTag, i, float64(took)/1000, t0.UnixMicro())
+				}
 			}
 		}()
 	}

@@ -44,6 +44,17 @@ struct Shared {
     joins: tokio::sync::watch::Sender<u64>,
 }
 
+impl Shared {
+    /// The session is over (it ended, or the node left): no lease, no member, no leader, no
+    /// client.
+    fn out(&self) {
+        self.lease.end();
+        self.member.send_replace(false);
+        self.leader.store(false, Ordering::SeqCst);
+        self.client.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Unavailable(format!("zookeeper: {e}"))
 }
@@ -81,14 +92,7 @@ impl ZkMembership {
     /// Leaves the cluster: closes the session, so the entry and the latch go at once.
     pub fn leave(&self) {
         self.task.abort();
-        self.shared.lease.end();
-        self.shared.member.send_replace(false);
-        self.shared.leader.store(false, Ordering::SeqCst);
-        self.shared
-            .client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.shared.out();
     }
 }
 
@@ -106,14 +110,7 @@ async fn run(shared: Arc<Shared>, connect: String, session_timeout: Duration) {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => tracing::warn!(error = %e, "zookeeper session ended; reconnecting"),
         }
-        shared.lease.end();
-        shared.member.send_replace(false);
-        shared.leader.store(false, Ordering::SeqCst);
-        shared
-            .client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        shared.out();
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

@@ -38,27 +38,36 @@ pub struct Message {
     pub id: MessageId,
     pub ts: u64,
     pub signal: Box<RawValue>,
+    /// Where the payload lies in `signal` (byte offsets), so a store can keep the payload alone.
+    payload_at: (u32, u32),
+}
+
+/// A signal's fields other than its payload, in the order clients see them.
+#[derive(serde::Serialize)]
+struct SignalHead<'a> {
+    address: &'a Address,
+    version: u64,
+    id: &'a MessageId,
+    ts: u64,
 }
 
 impl Message {
     /// Builds a message and its client-facing JSON (`{address, version, id, ts, payload}`).
     pub fn new(address: Address, version: u64, id: MessageId, ts: u64, payload: &RawValue) -> Self {
-        #[derive(serde::Serialize)]
-        struct Signal<'a> {
-            address: &'a Address,
-            version: u64,
-            id: &'a MessageId,
-            ts: u64,
-            payload: &'a RawValue,
-        }
-        let json = serde_json::to_string(&Signal {
+        let head = SignalHead {
             address: &address,
             version,
             id: &id,
             ts,
-            payload,
-        })
-        .expect("serializing a signal cannot fail");
+        };
+        let mut json = serde_json::to_string(&head).expect("serializing a signal cannot fail");
+        json.pop(); // its closing brace
+        json.reserve(12 + payload.get().len());
+        json.push_str(",\"payload\":");
+        let start = json.len();
+        json.push_str(payload.get());
+        let payload_at = offsets(start, json.len());
+        json.push('}');
         let signal = RawValue::from_string(json).expect("serde_json output is valid JSON");
         Self {
             address,
@@ -66,6 +75,7 @@ impl Message {
             id,
             ts,
             signal,
+            payload_at,
         }
     }
 
@@ -73,32 +83,44 @@ impl Message {
     /// is not a signal.
     pub fn from_signal(signal: Box<RawValue>) -> Option<Self> {
         #[derive(serde::Deserialize)]
-        struct Head {
+        struct Parts<'a> {
             address: Address,
             version: u64,
             id: MessageId,
             ts: u64,
+            #[serde(borrow)]
+            payload: &'a RawValue,
         }
-        let h: Head = serde_json::from_str(signal.get()).ok()?;
+        let p: Parts<'_> = serde_json::from_str(signal.get()).ok()?;
+        // The payload borrows from the signal: its offset is the distance between the two.
+        let start = p.payload.get().as_ptr() as usize - signal.get().as_ptr() as usize;
+        let payload_at = offsets(start, start + p.payload.get().len());
         Some(Self {
-            address: h.address,
-            version: h.version,
-            id: h.id,
-            ts: h.ts,
+            address: p.address,
+            version: p.version,
+            id: p.id,
+            ts: p.ts,
+            payload_at,
             signal,
         })
     }
 
+    /// The payload's JSON text, as it lies in the signal.
+    pub fn payload_json(&self) -> &str {
+        &self.signal.get()[self.payload_at.0 as usize..self.payload_at.1 as usize]
+    }
+
     /// The payload part of the signal.
     pub fn payload(&self) -> Box<RawValue> {
-        #[derive(serde::Deserialize)]
-        struct P<'a> {
-            #[serde(borrow)]
-            payload: &'a RawValue,
-        }
-        let p: P<'_> = serde_json::from_str(self.signal.get()).expect("signal is valid JSON");
-        p.payload.to_owned()
+        RawValue::from_string(self.payload_json().to_owned()).expect("signal is valid JSON")
     }
+}
+
+/// Payload offsets as stored in a [`Message`] (a signal is far below 4 GiB: requests are
+/// limited to megabytes).
+fn offsets(start: usize, end: usize) -> (u32, u32) {
+    let n = |x: usize| u32::try_from(x).expect("a signal is under 4 GiB");
+    (n(start), n(end))
 }
 
 /// The outcome of one append: the message as stored, and whether it was already there
@@ -242,3 +264,46 @@ pub trait Mailbox: Send + Sync + 'static {
 }
 
 pub use crate::clock::{now_ms, now_us};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.into()).unwrap()
+    }
+
+    /// The payload is found in the signal wherever it lies: as built here (last), and in a
+    /// signal from elsewhere with its fields in another order and spaces between them.
+    #[test]
+    fn the_payload_is_found_in_the_signal() {
+        let a = Address::parse("channel:a").unwrap();
+        let id = MessageId::parse("i\"d\\").unwrap();
+        let payload = r#"{"x":[1,"}"],"payload":2}"#;
+        let m = Message::new(a.clone(), 7, id.clone(), 42, &raw(payload));
+        assert_eq!(m.payload_json(), payload);
+        assert_eq!(m.payload().get(), payload);
+        let v: serde_json::Value = serde_json::from_str(m.signal.get()).unwrap();
+        assert_eq!(v["address"], "channel:a");
+        assert_eq!(v["id"], "i\"d\\");
+        assert_eq!(
+            (v["version"].as_u64(), v["ts"].as_u64()),
+            (Some(7), Some(42))
+        );
+        assert_eq!(v["payload"]["payload"], 2);
+
+        let again = Message::from_signal(raw(m.signal.get())).unwrap();
+        assert_eq!(again.payload_json(), payload);
+        let other = format!(
+            r#"{{ "payload" : {payload} , "ts":42, "id":"i", "version":7, "address":"channel:a" }}"#
+        );
+        let m = Message::from_signal(raw(&other)).unwrap();
+        assert_eq!((m.payload_json(), m.version, m.ts), (payload, 7, 42));
+        assert!(
+            Message::from_signal(raw(
+                r#"{"address":"channel:a","version":1,"id":"i","ts":1}"#
+            ))
+            .is_none()
+        );
+    }
+}

@@ -42,33 +42,32 @@ pub struct Message {
     payload_at: (u32, u32),
 }
 
-/// A signal's fields other than its payload, in the order clients see them.
+/// A signal as clients see it.
 #[derive(serde::Serialize)]
-struct SignalHead<'a> {
+struct Signal<'a> {
     address: &'a Address,
     version: u64,
     id: &'a MessageId,
     ts: u64,
+    payload: &'a RawValue,
 }
 
 impl Message {
     /// Builds a message and its client-facing JSON (`{address, version, id, ts, payload}`).
     pub fn new(address: Address, version: u64, id: MessageId, ts: u64, payload: &RawValue) -> Self {
-        let head = SignalHead {
+        // Serialized, not parsed again: every part is valid JSON already.
+        let signal = serde_json::value::to_raw_value(&Signal {
             address: &address,
             version,
             id: &id,
             ts,
-        };
-        let mut json = serde_json::to_string(&head).expect("serializing a signal cannot fail");
-        json.pop(); // its closing brace
-        json.reserve(12 + payload.get().len());
-        json.push_str(",\"payload\":");
-        let start = json.len();
-        json.push_str(payload.get());
-        let payload_at = offsets(start, json.len());
-        json.push('}');
-        let signal = RawValue::from_string(json).expect("serde_json output is valid JSON");
+            payload,
+        })
+        .expect("serializing a signal cannot fail");
+        // The payload is written as it is, last, before the closing brace.
+        let end = signal.get().len() - 1;
+        let payload_at = offsets(end - payload.get().len(), end);
+        debug_assert_eq!(&signal.get()[payload_at.0 as usize..end], payload.get());
         Self {
             address,
             version,

@@ -57,7 +57,11 @@ for (const transport of ['websocket', 'polling']) {
     const again = await b.ready;
     assert.equal(again.clientId, session.clientId);
     assert.deepEqual(again.addresses, [channel]);
-    const synced = await b.waitFor((e) => e.event === 'synced', 20000);
+    // (If this waits in vain, the restarted node's log and what the client got say why.)
+    const synced = await b.waitFor((e) => e.event === 'synced', 20000).catch((e) => {
+      console.log(`got ${b.signals(channel).length} of 1000 replayed signals, ${b.events.length} events; the node's log:\n${node.stderr().slice(-4000)}`);
+      throw e;
+    });
     const replay = b.signals(channel);
     assert.equal(replay.length, 1000, 'exactly the missing messages');
     assert.deepEqual(replay.map((s) => s.version), Array.from({ length: 1000 }, (_, i) => 9 + i));

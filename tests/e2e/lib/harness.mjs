@@ -176,6 +176,18 @@ export function connect(url, auth = {}, { transports = ['websocket'], timeout = 
   return rec;
 }
 
+/** Every message of a mailbox, in version order, read a page of 1 000 at a time. */
+export async function mailbox(url, address) {
+  const out = [];
+  for (let after = 0; ;) {
+    const r = await api(url, 'GET', `/server/mailbox/${encodeURIComponent(address)}?after=${after}&limit=1000`);
+    if (r.status !== 200) throw new Error(`reading ${address}: ${r.status} ${JSON.stringify(r.body)}`);
+    if (r.body.messages.length === 0) return out;
+    out.push(...r.body.messages);
+    after = r.body.messages.at(-1).version;
+  }
+}
+
 /** Polls until `f()` is truthy. */
 export async function waitFor(f, ms = 10000, what = 'condition') {
   const end = Date.now() + ms;

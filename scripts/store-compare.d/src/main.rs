@@ -271,11 +271,17 @@ mod on_fjall {
         }
 
         fn head(&self, address: &str) -> u64 {
-            self.heads.get(address.as_bytes()).unwrap().map_or(0, |v| num(&v))
+            self.heads
+                .get(address.as_bytes())
+                .unwrap()
+                .map_or(0, |v| num(&v))
         }
 
         fn id(&self, address: &str, id: &str) -> Option<u64> {
-            self.ids.get(key(address, id.as_bytes())).unwrap().map(|v| num(&v))
+            self.ids
+                .get(key(address, id.as_bytes()))
+                .unwrap()
+                .map(|v| num(&v))
         }
     }
 }
@@ -383,7 +389,9 @@ fn main() {
         if only.as_deref().is_some_and(|x| x != name) {
             continue;
         }
-        let dir = o.dir.join(format!("store-compare-{name}-{}", std::process::id()));
+        let dir = o
+            .dir
+            .join(format!("store-compare-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let s: Box<dyn Store> = match name {
             "redb" => Box::new(on_redb::open(&dir)),

@@ -23,10 +23,11 @@ export function tempDir(tag = 'sp') {
 
 // Every node this test file started; whatever a failing test left running is killed at the end,
 // then the file's temp folders are deleted (once no node writes into them any more).
-const started = new Set();
+// (A process maps to what it wrote to stderr so far.)
+const started = new Map();
 after(async () => {
   // A process leaves `started` when it exits, so each one here still has its exit to come.
-  const gone = [...started].map((p) => new Promise((resolve) => {
+  const gone = [...started.keys()].map((p) => new Promise((resolve) => {
     p.once('exit', resolve);
     p.kill('SIGKILL');
   }));
@@ -93,10 +94,10 @@ export async function startNode({ dataDir = tempDir(), env = {}, args = [], list
     env: { ...process.env, RUST_LOG: process.env.SIGNALPOST_E2E_LOG || 'warn', ...clusterEnv(dataDir), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  started.add(proc);
-  proc.on('exit', () => started.delete(proc));
   let out = '';
   let err = '';
+  started.set(proc, () => err);
+  proc.on('exit', () => started.delete(proc));
   proc.stderr.on('data', (d) => { err += d; });
   const url = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`node did not start: ${out} ${err}`)), 60000);
@@ -188,13 +189,20 @@ export async function mailbox(url, address) {
   }
 }
 
-/** Polls until `f()` is truthy. */
+/** The end of what each running node logged (warnings and errors by default), for a test that
+ *  waited in vain to say why. */
+function runningLogs() {
+  const logs = [...started].map(([p, err]) => [p.pid, err().slice(-2000)]).filter(([, e]) => e);
+  return logs.map(([pid, e]) => `\n--- node ${pid} logged:\n${e}`).join('');
+}
+
+/** Polls until `f()` is truthy; on timeout the error carries the running nodes' logs. */
 export async function waitFor(f, ms = 10000, what = 'condition') {
   const end = Date.now() + ms;
   for (;;) {
     const v = await f();
     if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}${runningLogs()}`);
     await new Promise((r) => setTimeout(r, 20));
   }
 }

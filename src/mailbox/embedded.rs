@@ -918,9 +918,13 @@ fn encode(m: &Message, buf: &mut Vec<u8>) {
     buf.extend_from_slice(m.payload_json().as_bytes());
 }
 
+fn corrupt_record() -> MailboxError {
+    MailboxError::Storage("corrupt mailbox record".into())
+}
+
 /// A stored value's (ts, id, JSON, whether the JSON is the payload alone).
 fn split(raw: &[u8]) -> Result<(u64, &str, &str, bool), MailboxError> {
-    let bad = || MailboxError::Storage("corrupt mailbox record".into());
+    let bad = corrupt_record;
     if raw.len() < 10 {
         return Err(bad());
     }
@@ -942,7 +946,7 @@ fn decode(address: &Address, version: u64, raw: &[u8]) -> Result<Message, Mailbo
         let signal = RawValue::from_string(json.to_owned()).map_err(st)?;
         return Message::from_signal(signal)
             .filter(|m| &m.address == address && m.version == version)
-            .ok_or_else(|| MailboxError::Storage("corrupt mailbox record".into()));
+            .ok_or_else(corrupt_record);
     }
     let id = MessageId::parse(id).map_err(st)?;
     let payload: &RawValue = serde_json::from_str(json).map_err(st)?;

@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startNode, api, connect, fill, waitFor, refusal, BACKEND } from './lib/harness.mjs';
+import { startNode, api, connect, fill, waitFor, refusal, BACKEND, mailbox } from './lib/harness.mjs';
 
 test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', async () => {
   let node = await startNode();
@@ -52,13 +52,7 @@ test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', asy
   assert.equal(next.status, 200, JSON.stringify(next.body));
   assert.ok(next.body.version > heads[addresses[0]], `${next.body.version} after ${heads[addresses[0]]}`);
   const all = await api(node.url, 'GET', `/server/mailbox/${addresses[0]}?limit=1000`);
-  const versions = [];
-  for (let after = 0; ;) {
-    const r = await api(node.url, 'GET', `/server/mailbox/${addresses[0]}?after=${after}&limit=1000`);
-    if (r.body.messages.length === 0) break;
-    versions.push(...r.body.messages.map((m) => m.version));
-    after = versions.at(-1);
-  }
+  const versions = (await mailbox(node.url, addresses[0])).map((m) => m.version);
   assert.ok(all.body.head >= next.body.version);
   assert.deepEqual(versions, Array.from({ length: versions.length }, (_, i) => i + 1), 'still gap-free');
   await node.stop();

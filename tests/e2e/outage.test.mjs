@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { BACKEND, startNode, api, waitFor } from './lib/harness.mjs';
+import { BACKEND, startNode, api, waitFor, mailbox } from './lib/harness.mjs';
 
 const stack = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'scripts', 'stack');
 const skip = BACKEND !== 'cluster' && 'needs the cluster backend (SIGNALPOST_TEST_BACKEND=cluster)';
@@ -50,14 +50,7 @@ async function loadThrough(node, server) {
   await waitFor(async () => (await api(node.url, 'GET', '/healthz')).status === 200, 30000, 'healthy again');
   // Check every mailbox: gap-free, no id twice, every acknowledged id at its version.
   for (const address of addresses) {
-    const seen = [];
-    for (let after = 0; ;) {
-      const r = await api(node.url, 'GET', `/server/mailbox/${address}?after=${after}&limit=1000`);
-      assert.equal(r.status, 200);
-      if (r.body.messages.length === 0) break;
-      seen.push(...r.body.messages);
-      after = r.body.messages.at(-1).version;
-    }
+    const seen = await mailbox(node.url, address);
     assert.deepEqual(seen.map((m) => m.version), Array.from({ length: seen.length }, (_, i) => i + 1), `${address} gap-free`);
     const byId = new Map(seen.map((m) => [m.id, m.version]));
     assert.equal(byId.size, seen.length, `${address}: no id twice`);

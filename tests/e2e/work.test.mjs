@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { BACKEND, startNode, api, connect, waitFor, testCluster, partition, ownedPartitions } from './lib/harness.mjs';
+import { BACKEND, startNode, api, connect, waitFor, testCluster, partition, ownedPartitions, mailbox } from './lib/harness.mjs';
 
 const embedded = BACKEND !== 'cluster';
 const skip = false;
@@ -25,18 +25,6 @@ async function worker(url, work, { weight, acks = true } = {}) {
   await c.waitFor((e) => e.event === 'bound' && e.data.address === work);
   if (acks) c.socket.on('signal', (m) => { if (m.address === work) c.socket.emit('ack', { address: work, version: m.version }); });
   return { c, id: s.clientId, s, versions: () => c.signals(work).map((m) => m.version) };
-}
-
-/** Every message of the mailbox with its state. */
-async function states(url, work) {
-  const out = [];
-  for (let after = 0; ;) {
-    const r = await api(url, 'GET', `/server/mailbox/${work}?after=${after}&limit=1000`);
-    assert.equal(r.status, 200, JSON.stringify(r.body));
-    if (!r.body.messages.length) return out;
-    out.push(...r.body.messages);
-    after = r.body.messages[r.body.messages.length - 1].version;
-  }
 }
 
 async function send(url, work, n, from = 0) {
@@ -56,7 +44,7 @@ test('weights 1 and 3 split 4 000 messages 1:3 (±5 %), each to exactly one clie
   const a = await worker(node.url, work, { weight: 1 });
   const b = await worker(node.url, work, { weight: 3 });
   await send(node.url, work, 4000);
-  await waitFor(() => a.versions().length + b.versions().length >= 4000, 30000, '4 000 deliveries').catch(async (e) => { console.log('#', a.versions().length, b.versions().length, JSON.stringify((await states(node.url, work)).filter((m) => m.state !== 'done').slice(0, 3))); throw e; });
+  await waitFor(() => a.versions().length + b.versions().length >= 4000, 30000, '4 000 deliveries').catch(async (e) => { console.log('#', a.versions().length, b.versions().length, JSON.stringify((await mailbox(node.url, work)).filter((m) => m.state !== 'done').slice(0, 3))); throw e; });
   await new Promise((r) => setTimeout(r, 200));
   const [va, vb] = [a.versions(), b.versions()];
   assert.equal(va.length + vb.length, 4000, 'nothing twice');
@@ -66,7 +54,7 @@ test('weights 1 and 3 split 4 000 messages 1:3 (±5 %), each to exactly one clie
   // Each client sees its own versions in increasing order.
   for (const v of [va, vb]) assert.deepEqual(v, [...v].sort((x, y) => x - y));
   // All done, stored: the mailbox read says so.
-  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+  await waitFor(async () => (await mailbox(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
   // An ack of a message the client does not hold is refused with an error event.
   a.c.socket.emit('ack', { address: work, version: vb[0] });
   const err = await a.c.waitFor((e) => e.event === 'error');
@@ -88,7 +76,7 @@ test('waiting with nobody connected; a killed client\'s messages go to another, 
   const node = await startNode({ env: { SIGNALPOST_WORK_ACK_TIMEOUT_MS: '1500' } });
   const work = `work:jobs-${Date.now()}`;
   await send(node.url, work, 20);
-  let st = await states(node.url, work);
+  let st = await mailbox(node.url, work);
   assert.deepEqual(new Set(st.map((m) => m.state)), new Set(['waiting']), 'nobody bound: they wait');
 
   // A client in a child process takes messages and never acks; then it is killed.
@@ -102,7 +90,7 @@ test('waiting with nobody connected; a killed client\'s messages go to another, 
     return got.length >= 20 ? { client: lines[0].clientId, got } : null;
   }, 15000, 'the holder took the 20 waiting messages');
   assert.deepEqual(held.got, Array.from({ length: 20 }, (_, i) => i + 1));
-  st = await states(node.url, work);
+  st = await mailbox(node.url, work);
   assert.ok(st.every((m) => m.state === 'assigned' && m.client === held.client), JSON.stringify(st.slice(0, 2)));
 
   // Another client, acking; it gets nothing while the holder holds everything.
@@ -110,7 +98,7 @@ test('waiting with nobody connected; a killed client\'s messages go to another, 
   child.kill('SIGKILL');
   await waitFor(() => b.versions().length >= 20, 15000, 'the killed client\'s messages went to the other');
   assert.deepEqual(b.versions(), held.got, 'each once, in order');
-  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+  await waitFor(async () => (await mailbox(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
 
   // A client that does not ack: after the timeout its message goes to another.
   const slow = await worker(node.url, work, { acks: false });
@@ -119,24 +107,24 @@ test('waiting with nobody connected; a killed client\'s messages go to another, 
   await send(node.url, work, 1, 100);
   const first = await slow.c.waitFor((e) => e.event === 'signal' && e.data.version === 21, 5000, 'the slow one has 21');
   assert.equal(first.data.payload.n, 100);
-  st = await states(node.url, work);
+  st = await mailbox(node.url, work);
   assert.deepEqual([st[20].state, st[20].client], ['assigned', slow.id]);
   const c = await worker(node.url, work);
   await waitFor(() => c.versions().includes(21), 10000, 'after the timeout, 21 went to c');
-  await waitFor(async () => (await states(node.url, work))[20].state === 'done', 5000, '21 done');
+  await waitFor(async () => (await mailbox(node.url, work))[20].state === 'done', 5000, '21 done');
   // The slow one's late ack is refused: the message is no longer its.
   slow.c.socket.emit('ack', { address: work, version: 21 });
   await slow.c.waitFor((e) => e.event === 'error', 5000, 'a late ack refused');
 
   // Restart: done stays done, and what was not done waits again.
   await send(node.url, work, 1, 200);
-  await waitFor(async () => (await states(node.url, work))[21]?.state === 'done', 5000, '22 done');
+  await waitFor(async () => (await mailbox(node.url, work))[21]?.state === 'done', 5000, '22 done');
   slow.c.close();
   c.c.close();
   assert.equal((await node.stop()).code, 0);
   const again = await startNode({ dataDir: node.dataDir, env: { SIGNALPOST_WORK_ACK_TIMEOUT_MS: '1500' } });
   await send(again.url, work, 1, 300);
-  st = await states(again.url, work);
+  st = await mailbox(again.url, work);
   assert.deepEqual(st.map((m) => m.state), [...Array(22).fill('done'), 'waiting']);
   const d = await worker(again.url, work);
   await waitFor(() => d.versions().length === 1, 5000, 'the waiting one delivered');
@@ -159,7 +147,7 @@ test('acks of work messages a client does not hold are charged to its event rate
   const k = await flood.c.waitFor((e) => e.event === 'kicked', 5000, 'the flooder kicked');
   assert.match(k.data.reason, /flood/);
   // What it held goes to the honest worker, which acks it: all done.
-  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 15000, 'all done');
+  await waitFor(async () => (await mailbox(node.url, work)).every((m) => m.state === 'done'), 15000, 'all done');
   assert.equal(honest.versions().length, 20);
   honest.c.close();
   await node.stop();
@@ -197,7 +185,7 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
   assert.deepEqual(all().sort((x, y) => x - y), Array.from({ length: 2000 }, (_, i) => i + 1), 'every message once, on one node');
   for (const [n, want] of [[counts[0], 500], [counts[1], 500], [counts[2], 1000]]) assert.ok(Math.abs(n - want) <= 100, `${counts} (500/500/1000 ± 5 % of 2 000)`);
   // Done, as any node reads it (c does not deal this address: it asks the others).
-  await waitFor(async () => (await states(c.url, work)).every((m) => m.state === 'done'), 10000, 'all done, read on c');
+  await waitFor(async () => (await mailbox(c.url, work)).every((m) => m.state === 'done'), 10000, 'all done, read on c');
 
   // A taker's node dies while its client holds messages: they go to the others.
   wc.c.close();
@@ -213,7 +201,7 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
     const got = out.split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((l) => l.version).map((l) => l.version);
     return got.length > 0 && all().length + got.length >= 2300 ? got : null;
   }, 15000, 'the 300 dealt, some to the holder on c').catch((e) => { console.log('#', all().length, out.split('\n').length); throw e; });
-  let st = await states(a.url, work);
+  let st = await mailbox(a.url, work);
   assert.ok(held.every((v) => st[v - 1].state === 'assigned'), 'the holder\'s are assigned');
   const before = new Set(all());
   await c.kill();
@@ -222,7 +210,7 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
   assert.ok(held.every((v) => !before.has(v)), 'none of them had gone to another before');
   const got = [...wa.versions(), ...wb.versions(), ...wc.versions()];
   assert.equal(got.length, new Set(got).size, 'none twice');
-  await waitFor(async () => (await states(a.url, work)).every((m) => m.state === 'done'), 10000, 'all 2 300 done');
+  await waitFor(async () => (await mailbox(a.url, work)).every((m) => m.state === 'done'), 10000, 'all 2 300 done');
 
   // The dealing node dies while a client on b holds messages: b deals now, and keeps them
   // that client's until it acks them (the ack timeout is a minute): none goes to another.
@@ -233,7 +221,7 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
   const kept = hb.versions();
   assert.ok(kept.length > 0, 'the holder on b got some');
   // Every other message acked and its ack stored, so that a's death loses no ack.
-  await waitFor(async () => (await states(a.url, work)).every((m) => m.state === 'done' || kept.includes(m.version)), 10000, 'the others done');
+  await waitFor(async () => (await mailbox(a.url, work)).every((m) => m.state === 'done' || kept.includes(m.version)), 10000, 'the others done');
   await a.kill();
   // b takes a's partition (after a's Kafka session ends) and deals from there on.
   await waitFor(async () => (await ownedPartitions(b.url)).length === PARTITIONS, 60000, 'b owns every partition');
@@ -241,9 +229,9 @@ test('3 nodes: takers on every node share by weight; a taker\'s node and the dea
   await waitFor(() => all().length + hb.versions().length >= 2380, 20000, 'the next 40 dealt by b');
   assert.ok(kept.every((v) => !all().includes(v)), 'what the holder held went to nobody else');
   for (const v of kept) hb.c.socket.emit('ack', { address: work, version: v });
-  await waitFor(async () => (await states(b.url, work)).every((m) => m.state === 'done' || hb.versions().includes(m.version)), 10000, 'acked: done');
+  await waitFor(async () => (await mailbox(b.url, work)).every((m) => m.state === 'done' || hb.versions().includes(m.version)), 10000, 'acked: done');
   for (const v of hb.versions().filter((v) => !kept.includes(v))) hb.c.socket.emit('ack', { address: work, version: v });
-  await waitFor(async () => (await states(b.url, work)).every((m) => m.state === 'done'), 10000, 'all 2 380 done');
+  await waitFor(async () => (await mailbox(b.url, work)).every((m) => m.state === 'done'), 10000, 'all 2 380 done');
   const last = [...all(), ...hb.versions()];
   assert.equal(last.length, new Set(last).size, 'none twice');
   assert.equal(last.length, 2380, 'none lost');
@@ -274,7 +262,7 @@ test('2 nodes: a client connected on both is one taker (its weight counts once);
   assert.deepEqual(all, Array.from({ length: 1000 }, (_, i) => i + 1), 'each message once, over the three connections');
   console.log(`# one: ${one.versions().length}; two: ${two.versions().length} on a + ${again.signals(work).length} on b`);
   assert.ok(Math.abs(one.versions().length - 500) <= 50, `weight 1 each: ${one.versions().length} / ${twos().length}`);
-  await waitFor(async () => (await states(b.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+  await waitFor(async () => (await mailbox(b.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
   for (const c of [one.c, two.c, again]) c.close();
   await a.stop();
   await b.stop();
@@ -302,7 +290,7 @@ test('the client library takes work: its handler runs once per message, and each
   await waitFor(() => x.got.length + y.got.length >= 300, 15000, '300 handled');
   assert.deepEqual([...x.got, ...y.got].sort((a, b) => a - b), Array.from({ length: 300 }, (_, i) => i + 1), 'each once');
   assert.ok(x.got.length > 100 && y.got.length > 100, `${x.got.length} / ${y.got.length}`);
-  await waitFor(async () => (await states(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
+  await waitFor(async () => (await mailbox(node.url, work)).every((m) => m.state === 'done'), 10000, 'all done');
   await x.lib.close({ forget: true });
   await y.lib.close({ forget: true });
   assert.equal((await node.stop()).code, 0);

@@ -75,6 +75,11 @@ enum Command {
     ///
     /// Example: signalpost stack probe cassandra
     Stack(tools::stack::StackArgs),
+    /// Give back the disk space a stopped embedded node's store no longer uses (its files are
+    /// copy-on-write and never shrink by themselves). Refused while a node runs on the dir.
+    ///
+    /// Example: signalpost compact --data-dir ./data
+    Compact(CompactArgs),
     #[cfg(feature = "cluster")]
     /// One-off upgrade steps on a cluster's Cassandra keyspace, run once every node runs this
     /// version (docs/operations.md). Reads the same configuration as `serve`.
@@ -101,6 +106,44 @@ struct ServeArgs {
     /// A TOML file with any configuration key (see docs/configuration.md)
     #[arg(long)]
     config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CompactArgs {
+    /// The data dir [env: SIGNALPOST_DATA_DIR] [default: ./data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A TOML file with any configuration key; only data_dir is read
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// `signalpost compact`: the data dir's redb files compacted, each one's size before and after.
+fn compact(args: CompactArgs) -> anyhow::Result<()> {
+    let config = Config::load(
+        args.config.as_deref(),
+        &Overrides {
+            listen: None,
+            data_dir: args.data_dir,
+            backend: None,
+        },
+    )?;
+    let started = std::time::Instant::now();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    for c in signalpost::node::compact(&config.data_dir)? {
+        println!(
+            "{}: {:.1} MiB -> {:.1} MiB",
+            c.file,
+            mib(c.before),
+            mib(c.after)
+        );
+    }
+    println!(
+        "compacted {} in {:.1} s",
+        config.data_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[cfg(feature = "cluster")]
@@ -163,6 +206,7 @@ fn main() -> anyhow::Result<()> {
         // The node sizes its own runtime from its configuration; the other commands take the
         // default one.
         Command::Serve(args) => serve(args),
+        Command::Compact(args) => compact(args),
         #[cfg(feature = "cluster")]
         Command::Migrate(args) => runtime(0)?.block_on(migrate(args)),
         #[cfg(not(feature = "tools"))]
@@ -210,7 +254,7 @@ async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::C
         Command::Tail(a) => cli::tail(t, a).await,
         #[cfg(feature = "cluster")]
         Command::Migrate(_) => unreachable!("handled in main"),
-        Command::Serve(_) | Command::Bench(_) | Command::Stack(_) => {
+        Command::Serve(_) | Command::Compact(_) | Command::Bench(_) | Command::Stack(_) => {
             unreachable!("handled in main")
         }
     }

@@ -6,6 +6,8 @@
 mod cluster;
 mod datadir;
 
+pub use datadir::{Compacted, compact};
+
 use crate::api::Api;
 use crate::cluster::{Membership, NodeInfo, Standalone};
 use crate::config::{Backend, Config};

@@ -3,6 +3,9 @@
 //! versions and drop every binding). A store id is written into `store.id` and into each redb
 //! file (table `meta`, key `store_id`); at start every file must be there, non-empty, and carry
 //! the stamp's id, and `resume.secret` must be there unless the secret is configured.
+//!
+//! [`compact`] gives back to the file system the space a stopped node's redb files no longer use
+//! (`signalpost compact`): they are copy-on-write and never shrink by themselves.
 
 use super::NodeError;
 use redb::{ReadableDatabase, TableDefinition};
@@ -108,9 +111,72 @@ fn write_id(path: &Path, id: &str) -> Result<(), String> {
     txn.commit().map_err(|e| e.to_string())
 }
 
+/// redb's page cache while compacting (its default is 1 GiB, which a compaction of a large file
+/// fills without going faster).
+const COMPACT_CACHE_BYTES: usize = 64 << 20;
+
+/// What compacting one file did: its size before and after, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    pub file: &'static str,
+    pub before: u64,
+    pub after: u64,
+}
+
+/// Compacts the redb files of a stopped node's data dir in place, file by file: live pages move
+/// to the front and the file is cut after them. Each step is a durable redb commit, so a
+/// compaction that is stopped leaves a whole store. Refuses a dir that is not a stamped data dir,
+/// and a file that a running node holds (redb's file lock).
+pub fn compact(dir: &Path) -> Result<Vec<Compacted>, NodeError> {
+    let fail =
+        |what: String| NodeError::DataDir(dir.display().to_string(), std::io::Error::other(what));
+    match std::fs::metadata(dir.join(STAMP)) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(fail(format!(
+                "no {STAMP} here: not the data dir of an embedded node (nothing compacted)"
+            )));
+        }
+        Err(e) => return Err(NodeError::DataDir(dir.display().to_string(), e)),
+    }
+    let size = |f: &str| {
+        std::fs::metadata(dir.join(f))
+            .map(|m| m.len())
+            .map_err(|e| fail(format!("{f}: {e}")))
+    };
+    let mut out = Vec::new();
+    for &file in FILES {
+        let before = size(file)?;
+        let mut db = match redb::Builder::new()
+            .set_cache_size(COMPACT_CACHE_BYTES)
+            .open(dir.join(file))
+        {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(fail(format!(
+                    "{file} is open in a running node: stop the node first"
+                )));
+            }
+            Err(e) => return Err(fail(format!("{file}: {e}"))),
+        };
+        while db
+            .compact()
+            .map_err(|e| fail(format!("compacting {file}: {e}")))?
+        {}
+        drop(db);
+        out.push(Compacted {
+            file,
+            before,
+            after: size(file)?,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTableMetadata;
 
     fn refused(dir: &Path, secret: bool) -> String {
         check_or_stamp(dir, secret).unwrap_err().to_string()
@@ -135,5 +201,68 @@ mod tests {
         std::fs::copy(other.path().join("store.id"), d.path().join("store.id")).unwrap();
         check_or_stamp(d.path(), false).unwrap();
         assert!(refused(d.path(), true).contains("resume.secret is missing"));
+    }
+
+    #[test]
+    fn compact_gives_freed_space_back_and_keeps_what_is_stored() {
+        let d = tempfile::tempdir().unwrap();
+        // Not a data dir yet: refused, nothing created.
+        assert!(
+            compact(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("not the data dir")
+        );
+        assert!(!d.path().join("mailbox.redb").exists());
+        check_or_stamp(d.path(), false).unwrap();
+        const T: TableDefinition<u64, &[u8]> = TableDefinition::new("t");
+        let path = d.path().join("mailbox.redb");
+        {
+            let db = redb::Database::open(&path).unwrap();
+            let value = vec![7u8; 1000];
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(T).unwrap();
+                for k in 0..20_000u64 {
+                    t.insert(k, value.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(T).unwrap();
+                for k in 100..20_000u64 {
+                    t.remove(k).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+            // While the file is open (as in a running node), it is refused.
+            assert!(
+                compact(d.path())
+                    .unwrap_err()
+                    .to_string()
+                    .contains("open in a running node")
+            );
+        }
+        let done = compact(d.path()).unwrap();
+        assert_eq!(
+            done.iter().map(|c| c.file).collect::<Vec<_>>(),
+            FILES.to_vec()
+        );
+        let m = &done[0];
+        assert!(m.before > 15_000_000, "{m:?}");
+        assert!(m.after < m.before / 10, "{m:?}");
+        assert_eq!(m.after, std::fs::metadata(&path).unwrap().len());
+        // What was kept reads the same, and the store is still whole.
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(T).unwrap();
+        assert_eq!(t.len().unwrap(), 100);
+        assert_eq!(
+            t.get(99).unwrap().unwrap().value(),
+            vec![7u8; 1000].as_slice()
+        );
+        drop((t, txn, db));
+        check_or_stamp(d.path(), false).unwrap();
     }
 }

@@ -2,9 +2,10 @@
 // gap-free; and an expired range is reported with `gap`.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { startNode, api, connect, fill, waitFor, refusal, BACKEND, mailbox } from './lib/harness.mjs';
+import { BIN, startNode, api, connect, fill, waitFor, refusal, BACKEND, mailbox, tempDir } from './lib/harness.mjs';
 
 test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', async () => {
   let node = await startNode();
@@ -124,4 +125,52 @@ test('a data dir whose files went missing, empty or foreign refuses to start ins
   const r = await api(back.url, 'POST', '/server/enqueue?wait=true', { address: 'channel:kept', payload: 'next' });
   assert.equal(r.body.version, 4);
   await back.stop();
+});
+
+test('compact gives back the space of what expired and keeps the rest; refused while the node runs', { skip: BACKEND === 'cluster' && 'the embedded store only' }, async () => {
+  // What is kept is written once the rest expired, and lives ≥ 4 s: until the node has stopped.
+  let node = await startNode({ env: { SIGNALPOST_RETENTION_SECS: '4', SIGNALPOST_EXPIRY_INTERVAL_MS: '200' } });
+  const dir = node.dataDir;
+  const compact = () => spawnSync(BIN, ['compact', '--data-dir', dir], { encoding: 'utf8' });
+  // ~20 MB of messages, then all of them expire.
+  const payload = 'x'.repeat(2000);
+  for (let i = 0; i < 40; i++) {
+    const batch = Array.from({ length: 250 }, (_, j) => ({ address: `channel:gone-${j % 10}`, payload, id: `g-${i}-${j}` }));
+    const r = await api(node.url, 'POST', '/server/enqueue?wait=true', batch);
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+  }
+  await waitFor(async () => {
+    const r = await api(node.url, 'GET', '/server/mailbox/channel:gone-0');
+    return r.body.head === 1000 && r.body.low === 1001;
+  }, 20000, 'the messages expired');
+  const versions = await fill(node.url, 'channel:kept', 3);
+  const running = compact();
+  assert.equal(running.status, 1, running.stdout);
+  assert.match(running.stderr, /mailbox\.redb is open in a running node: stop the node first/);
+  await node.stop();
+  const before = statSync(join(dir, 'mailbox.redb')).size;
+  const done = compact();
+  assert.equal(done.status, 0, done.stderr);
+  assert.match(done.stdout, /state\.redb: /);
+  const after = statSync(join(dir, 'mailbox.redb')).size;
+  // How much of the freed space redb had already cut off the file's end varies (7–18 MB were
+  // left); what is live after compacting is three small messages and the heads.
+  assert.ok(after < 1e6 && after <= before, `mailbox.redb ${before} -> ${after} bytes`);
+  // The sizes it prints are the file's (in MiB, to one decimal).
+  const [, from, to] = done.stdout.match(/mailbox\.redb: ([\d.]+) MiB -> ([\d.]+) MiB/).map(Number);
+  assert.ok(Math.abs(from - before / 1048576) <= 0.051 && Math.abs(to - after / 1048576) <= 0.051, done.stdout);
+  // The store is whole: what was kept reads back, and versions go on after the heads. (Started
+  // with the default retention, so that what was kept cannot expire meanwhile.)
+  node = await startNode({ dataDir: dir });
+  const kept = await api(node.url, 'GET', '/server/mailbox/channel:kept');
+  assert.deepEqual(kept.body.messages.map((m) => m.payload), [{ n: 0 }, { n: 1 }, { n: 2 }]);
+  assert.deepEqual(kept.body.messages.map((m) => m.version), versions);
+  const next = await api(node.url, 'POST', '/server/enqueue?wait=true', { address: 'channel:gone-0', payload: 'after' });
+  assert.equal(next.body.version, 1001);
+  await node.stop();
+  // Not a data dir: refused, and nothing is created there.
+  const empty = tempDir();
+  const refused = spawnSync(BIN, ['compact', '--data-dir', empty], { encoding: 'utf8' });
+  assert.equal(refused.status, 1);
+  assert.match(refused.stderr, /not the data dir of an embedded node/);
 });

@@ -18,6 +18,7 @@
 
 pub mod address;
 pub mod api;
+pub mod backup;
 #[cfg(feature = "cluster")]
 pub mod cassandra;
 pub mod clock;

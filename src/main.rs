@@ -19,7 +19,7 @@ use tools::cli;
 #[cfg_attr(
     not(feature = "tools"),
     command(
-        after_help = "The tools (bench, tail, enqueue, bind, mailbox, client, nodes) are left out of \
+        after_help = "The tools (bench, tail, enqueue, bind, mailbox, client, nodes, backup) are left out of \
                       this build: cargo build --release --features tools"
     )
 )]
@@ -62,6 +62,12 @@ enum Command {
         /// The client id
         id: String,
     },
+    #[cfg(feature = "tools")]
+    /// Have a running embedded node write a consistent copy of its store into its data dir's
+    /// backups/ folder, and print where (POST /server/backup).
+    ///
+    /// Example: signalpost backup --url http://127.0.0.1:8080
+    Backup,
     #[cfg(feature = "tools")]
     /// List the live nodes and the leader.
     ///
@@ -251,6 +257,7 @@ async fn run_tool(t: &cli::Target, tool: Command) -> Result<(), tools::client::C
         Command::Mailbox(a) => cli::mailbox(t, a).await,
         Command::Client { id } => cli::client(t, &id).await,
         Command::Nodes => cli::get(t, "/server/nodes").await,
+        Command::Backup => cli::post(t, "/server/backup").await,
         Command::Tail(a) => cli::tail(t, a).await,
         #[cfg(feature = "cluster")]
         Command::Migrate(_) => unreachable!("handled in main"),

@@ -166,6 +166,7 @@ impl Node {
             membership,
             join,
             owned,
+            backup,
         } = parts;
         let Stores {
             mailbox,
@@ -265,6 +266,7 @@ impl Node {
             queue,
             membership,
             peer_auth,
+            backup,
         });
         spawn_expiry(&gw, &tasks);
         spawn_work(&gw, &tasks);
@@ -480,6 +482,8 @@ struct Parts {
     /// The shards this node's consumer owns now, on a backend that shards its queue (the work
     /// dispatcher deals only their addresses); None: every address is this node's.
     owned: Option<crate::ingest::Owned>,
+    /// Online backups of the store (the embedded backend's).
+    backup: Option<Arc<crate::backup::Backup>>,
 }
 
 type StartQueue =
@@ -494,6 +498,12 @@ fn embedded_parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
             .map_err(store_err)?;
     let topo =
         EmbeddedTopology::open_with_cache(&dir.join("state.redb"), cache / 4).map_err(store_err)?;
+    let backup = Arc::new(crate::backup::Backup::new(
+        dir.clone(),
+        mailbox.clone(),
+        topo.clone(),
+        config.resume_secret.is_none(),
+    ));
     let stores = Stores {
         mailbox: Arc::new(mailbox),
         topology: Arc::new(topo.clone()),
@@ -510,6 +520,7 @@ fn embedded_parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeError> {
         membership: Arc::new(Standalone::new(me)),
         join: None,
         owned: None,
+        backup: Some(backup),
     })
 }
 

@@ -38,6 +38,8 @@ pub struct Api {
     pub membership: Arc<dyn crate::cluster::Membership>,
     /// Signs and checks node-to-node requests (the cluster secret).
     pub peer_auth: Arc<crate::security::PeerAuth>,
+    /// Online backups (the embedded backend; none on the cluster backend).
+    pub backup: Option<Arc<crate::backup::Backup>>,
 }
 
 impl Api {
@@ -72,7 +74,8 @@ pub fn routes(svc: Arc<Api>) -> Router {
             get(read::read_state),
         )
         .route("/server/presence/{address}", get(read::presence))
-        .route("/server/nodes", get(read::nodes));
+        .route("/server/nodes", get(read::nodes))
+        .route("/server/backup", post(backup));
     // Node-to-node routes exist only where there are other nodes.
     if svc.gw.config.backend == crate::config::Backend::Cluster {
         router = router.merge(internal::routes(svc.clone()));
@@ -129,6 +132,32 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!("request body too large: {e}")),
         _ => ApiError::BadRequest(e.body_text()),
     })
+}
+
+/// `POST /server/backup` (no body): the embedded node writes a consistent copy of its store
+/// into `<data_dir>/backups/` and answers where, once it is whole (`crate::backup`).
+async fn backup(State(svc): State<Arc<Api>>, b: Bytes) -> Result<Json<Value>, ApiError> {
+    let Some(backup) = svc.backup.clone() else {
+        return Err(ApiError::NotFound(
+            "backups are made by the embedded backend; a cluster's store is Cassandra's \
+             (nodetool snapshot, docs/operations.md)"
+                .into(),
+        ));
+    };
+    if !b.is_empty() {
+        return Err(ApiError::BadRequest("a backup takes no body".into()));
+    }
+    let report = tokio::task::spawn_blocking(move || backup.run())
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the backup stopped: {e}")))?;
+    match report {
+        Ok(r) => Ok(Json(serde_json::to_value(r).unwrap_or_default())),
+        Err(e @ crate::backup::BackupError::Busy) => Err(ApiError::Conflict(e.to_string())),
+        Err(e) => {
+            tracing::error!(error = %e, "backup failed");
+            Err(ApiError::Unavailable(e.to_string()))
+        }
+    }
 }
 
 /// `POST /server/enqueue[?wait=true]`: one message `{address, payload, id?}`, or an array of them.

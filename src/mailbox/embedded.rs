@@ -164,6 +164,12 @@ struct Pending {
     bytes: usize,
     /// The budget: appends wait while more than this is pending.
     max_bytes: usize,
+    /// Messages appended since the mailbox opened, and how many of the first of them are
+    /// stored: a backup waits for `stored` to reach what `appended` was when it began.
+    appended: u64,
+    stored: u64,
+    /// Store what is pending now, without waiting for the window to end (a backup waits).
+    flush: bool,
 }
 
 impl Pending {
@@ -305,6 +311,9 @@ impl EmbeddedMailbox {
                 ids_taken: HashMap::default(),
                 bytes: 0,
                 max_bytes: (cache_bytes / 8).clamp(PENDING_BYTES_MIN, PENDING_BYTES_MAX),
+                appended: 0,
+                stored: 0,
+                flush: false,
             }),
             wake: Condvar::new(),
             log_bytes: AtomicU64::new(0),
@@ -344,6 +353,40 @@ impl EmbeddedMailbox {
         })))
     }
 
+    /// Copies the mailbox into `to` (a write transaction of another redb file) as it is once
+    /// every message appended before this call is stored: one moment's state, each address's
+    /// versions 1..head, appends going on meanwhile. Returns the messages copied. Blocking.
+    pub fn backup_into(&self, to: &redb::WriteTransaction) -> Result<u64, MailboxError> {
+        let inner = &self.0.inner;
+        {
+            let mut p = lock(&inner.pending);
+            let target = p.appended;
+            while p.stored < target {
+                if let Some(e) = inner.refused() {
+                    return Err(e);
+                }
+                if inner.stop.load(Ordering::SeqCst) {
+                    return Err(MailboxError::Storage("the mailbox is closing".into()));
+                }
+                p.flush = true;
+                inner.wake.notify_all();
+                p = inner
+                    .wake
+                    .wait_timeout(p, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let from = inner.db.begin_read().map_err(st)?;
+        let messages = copy_table(&from, to, MESSAGES).map_err(st)?;
+        copy_table(&from, to, HEADS).map_err(st)?;
+        copy_table(&from, to, IDS).map_err(st)?;
+        copy_table(&from, to, EXPIRY).map_err(st)?;
+        // The copy has no log: a node opening it starts its logs afresh at this generation.
+        copy_table(&from, to, LOG_TABLE).map_err(st)?;
+        Ok(messages)
+    }
+
     #[cfg(test)]
     fn fail_after(&self, n: usize) {
         self.0
@@ -351,6 +394,29 @@ impl EmbeddedMailbox {
             .fail_after
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Copies every row of a table as `from` sees it into `to` (the table is created there, empty
+/// when `from` has none). Returns the rows copied. For backups (`crate::backup`), of this store
+/// and of the topology's.
+pub fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &redb::ReadTransaction,
+    to: &redb::WriteTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<u64, redb::Error> {
+    let mut dst = to.open_table(def)?;
+    let src = match from.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut n = 0;
+    for row in src.iter()? {
+        let (k, v) = row?;
+        dst.insert(k.value(), v.value())?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// A log record's entries: `address length u16 | address | version u64 | value length u32 | value`.
@@ -535,6 +601,7 @@ impl Inner {
             // The applier waits for its window to end, for stop, or for this: the first
             // message after it went idle, or memory filling up.
             let idle = p.fresh.is_empty();
+            p.appended += fresh.len() as u64;
             p.fresh.extend(fresh);
             if idle || p.full() {
                 self.wake.notify_all();
@@ -660,7 +727,7 @@ impl Inner {
             } else {
                 None
             };
-            let batch = {
+            let (batch, upto) = {
                 let mut p = lock(&self.pending);
                 if next.is_none() {
                     if p.fresh.is_empty() {
@@ -678,12 +745,13 @@ impl Inner {
                         APPLY_WINDOW
                     };
                     let age = last_store.elapsed();
-                    if !stopping && age < window && !p.full() {
+                    if !stopping && age < window && !p.full() && !p.flush {
                         let _ = self.wake.wait_timeout(p, window - age);
                         continue;
                     }
                 }
-                p.take()
+                p.flush = false;
+                (p.take(), p.appended)
             };
             if batch.is_empty() && next.is_none() {
                 continue;
@@ -728,6 +796,7 @@ impl Inner {
                     }
                 }
                 p.bytes -= bytes;
+                p.stored = upto;
                 std::mem::take(&mut p.ids_taken)
             };
             self.wake.notify_all();
@@ -1481,5 +1550,43 @@ mod tests {
         let versions: Vec<u64> = out.iter().map(|x| x.message.version).collect();
         assert_eq!(versions, (4..=13).collect::<Vec<_>>());
         assert!(out.iter().all(|x| !x.duplicate));
+    }
+
+    /// A backup begun while messages are pending (the applier's long window) waits for them
+    /// to be stored, and copies them.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_backup_copies_what_is_still_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mb = EmbeddedMailbox::open(&dir.path().join("m.redb"), 3_600_000).unwrap();
+        let a = Address::parse("channel:a").unwrap();
+        let batch = (0..1000).map(|i| msg(&a, &format!("i{i}"))).collect();
+        mb.append(batch).await.unwrap();
+        {
+            let p = lock(&mb.0.inner.pending);
+            assert_eq!(
+                (p.appended, p.stored),
+                (1000, 0),
+                "pending when the backup begins"
+            );
+        }
+        let copy = Database::create(dir.path().join("copy.redb")).unwrap();
+        let txn = copy.begin_write().unwrap();
+        let copied = tokio::task::block_in_place(|| mb.backup_into(&txn)).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(copied, 1000);
+        let r = copy.begin_read().unwrap();
+        assert_eq!(
+            r.open_table(HEADS)
+                .unwrap()
+                .get("channel:a")
+                .unwrap()
+                .unwrap()
+                .value(),
+            1000
+        );
+        assert_eq!(
+            redb::ReadableTableMetadata::len(&r.open_table(IDS).unwrap()).unwrap(),
+            1000
+        );
     }
 }

@@ -104,5 +104,6 @@ pub(super) async fn parts(config: &Config, me: NodeInfo) -> Result<Parts, NodeEr
         membership,
         join: Some(Box::new(move || zk.join())),
         owned: Some(owned),
+        backup: None,
     })
 }

@@ -205,6 +205,12 @@ pub async fn get(t: &Target, path: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// A POST without a body, printing the answer.
+pub async fn post(t: &Target, path: &str) -> Result<(), ClientError> {
+    println!("{}", t.http().await?.json("POST", path, None).await?);
+    Ok(())
+}
+
 pub async fn client(t: &Target, id: &str) -> Result<(), ClientError> {
     get(t, &format!("/server/clients/{}", segment(id))).await
 }

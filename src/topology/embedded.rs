@@ -158,6 +158,20 @@ impl EmbeddedTopology {
         })
     }
 
+    /// Copies every table into `to` (a write transaction of another redb file) as they are at
+    /// one moment (a read transaction). Blocking.
+    pub fn backup_into(&self, to: &redb::WriteTransaction) -> Result<(), TopologyError> {
+        let from = self.db.begin_read().map_err(st)?;
+        use crate::mailbox::embedded::copy_table;
+        copy_table(&from, to, BINDINGS).map_err(st)?;
+        copy_table(&from, to, CURSORS).map_err(st)?;
+        copy_table(&from, to, REVOKED).map_err(st)?;
+        copy_table(&from, to, READS).map_err(st)?;
+        copy_table(&from, to, EXPIRES).map_err(st)?;
+        copy_table(&from, to, EXPIRING).map_err(st)?;
+        Ok(())
+    }
+
     /// Removes the rows of `kind` whose time is up by `now`, a chunk per transaction.
     async fn expire_kind(&self, kind: Kind, now: u64) -> Result<u64, TopologyError> {
         self.blocking(move |db| {

@@ -59,6 +59,9 @@ test('the API key guards /server/* and nothing else', async () => {
   assert.match(no.body.error, /API key/);
   assert.equal((await api(node.url, 'POST', '/server/enqueue', body, { apiKey: 'wrong' })).status, 401);
   assert.equal((await api(node.url, 'GET', '/server/nodes')).status, 401);
+  // A backup (which writes the whole store to disk) is asked for with the key only.
+  assert.equal((await api(node.url, 'POST', '/server/backup')).status, 401);
+  assert.equal((await api(node.url, 'POST', '/server/backup', undefined, { apiKey: 'wrong' })).status, 401);
   // Every /server path, an unknown one too, needs the key before anything else is said.
   assert.equal((await api(node.url, 'GET', '/server/nothing')).status, 401);
   assert.equal((await api(node.url, 'GET', '/server')).status, 401);

@@ -80,9 +80,18 @@ impl Backup {
         let started = Instant::now();
         let root = self.dir.join("backups");
         std::fs::create_dir_all(&root)?;
+        // What a backup cut short by the process's end left (one runs at a time, and no other
+        // process can hold this data dir's store).
+        for e in std::fs::read_dir(&root)? {
+            let e = e?;
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with(".backup-") && n.ends_with(".partial") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         let name = format!("backup-{}", crate::clock::now_ms());
         let partial = root.join(format!(".{name}.partial"));
-        let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir(&partial)?;
         let messages = match self.write(&partial) {
             Ok(n) => n,
@@ -209,6 +218,8 @@ mod tests {
             topology.clone(),
             true,
         );
+        // What a backup cut short left is removed by the next.
+        std::fs::create_dir_all(dir.path().join("backups/.backup-1.partial")).unwrap();
         {
             // One at a time.
             let _running = backup.running.lock().unwrap();

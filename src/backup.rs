@@ -90,7 +90,7 @@ impl Backup {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        let name = format!("backup-{}", crate::clock::now_ms());
+        let name = free_name(&root, crate::clock::now_ms());
         let partial = root.join(format!(".{name}.partial"));
         std::fs::create_dir(&partial)?;
         let messages = match self.write(&partial) {
@@ -136,6 +136,17 @@ impl Backup {
         sync_dir(to)?;
         Ok(messages)
     }
+}
+
+/// The backup's name: `backup-<ms>`, or `backup-<ms>-2`, … when two come within one millisecond.
+fn free_name(root: &Path, ms: u64) -> String {
+    (1..)
+        .map(|i| match i {
+            1 => format!("backup-{ms}"),
+            i => format!("backup-{ms}-{i}"),
+        })
+        .find(|n| !root.join(n).exists())
+        .expect("a free name")
 }
 
 /// A new redb file at `path` holding what `fill` copies into it, stamped with the store id, in
@@ -243,6 +254,13 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+        // Two within one millisecond get names of their own.
+        let root = dir.path().join("backups");
+        std::fs::create_dir(root.join("backup-7")).unwrap();
+        assert_eq!(free_name(&root, 7), "backup-7-2");
+        std::fs::create_dir(root.join("backup-7-2")).unwrap();
+        assert_eq!(free_name(&root, 7), "backup-7-3");
+        assert_eq!(free_name(&root, 8), "backup-8");
         // Appends after the backup are not in it.
         mailbox.append(vec![message(&a, 9999)]).await.unwrap();
         drop((mailbox, topology));

@@ -151,10 +151,17 @@ async fn backup(State(svc): State<Arc<Api>>, b: Bytes) -> Result<Json<Value>, Ap
         .await
         .map_err(|e| ApiError::Unavailable(format!("the backup stopped: {e}")))?;
     match report {
-        Ok(r) => Ok(Json(serde_json::to_value(r).unwrap_or_default())),
+        Ok(r) => {
+            tracing::info!(dir = %r.dir, messages = r.messages, seconds = r.seconds, "backup written");
+            metrics::counter!("signalpost_backups_total", "outcome" => "written").increment(1);
+            metrics::gauge!("signalpost_last_backup_timestamp_seconds")
+                .set(crate::clock::now_ms() as f64 / 1000.0);
+            Ok(Json(serde_json::to_value(r).unwrap_or_default()))
+        }
         Err(e @ crate::backup::BackupError::Busy) => Err(ApiError::Conflict(e.to_string())),
         Err(e) => {
             tracing::error!(error = %e, "backup failed");
+            metrics::counter!("signalpost_backups_total", "outcome" => "failed").increment(1);
             Err(ApiError::Unavailable(e.to_string()))
         }
     }

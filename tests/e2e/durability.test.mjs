@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { BIN, startNode, api, connect, fill, waitFor, refusal, BACKEND, mailbox, tempDir } from './lib/harness.mjs';
+import { BIN, startNode, api, connect, fill, waitFor, refusal, BACKEND, mailbox, tempDir, metric } from './lib/harness.mjs';
 
 test('SIGKILL under load loses nothing acknowledged; versions stay 1..head', async () => {
   let node = await startNode();
@@ -211,6 +211,8 @@ test('a backup of a running node, taken under load, is a data dir a node starts 
   const cli = spawnSync(BIN, ['backup'], { env: { ...process.env, SIGNALPOST_URL: node.url }, encoding: 'utf8' });
   assert.equal(cli.status, 0, cli.stderr);
   assert.notEqual(JSON.parse(cli.stdout).dir, r.body.dir);
+  assert.equal(await metric(node.url, 'signalpost_backups_total{outcome="written"}'), 2);
+  assert.ok(await metric(node.url, 'signalpost_last_backup_timestamp_seconds') > Date.now() / 1000 - 60);
   stop = true;
   await Promise.all(writers);
   c.close();

@@ -261,6 +261,18 @@ mod tests {
         std::fs::create_dir(root.join("backup-7-2")).unwrap();
         assert_eq!(free_name(&root, 7), "backup-7-3");
         assert_eq!(free_name(&root, 8), "backup-8");
+        // With `resume_secret` configured, the data dir keeps no secret, and neither does a backup.
+        let without = Backup::new(
+            dir.path().to_path_buf(),
+            mailbox.clone(),
+            topology.clone(),
+            false,
+        );
+        let other = tokio::task::block_in_place(|| without.run()).unwrap();
+        assert_ne!(other.dir, report.dir);
+        assert!(!PathBuf::from(&other.dir).join("resume.secret").exists());
+        assert!(PathBuf::from(&other.dir).join("store.id").exists());
+        drop(without);
         // Appends after the backup are not in it.
         mailbox.append(vec![message(&a, 9999)]).await.unwrap();
         drop((mailbox, topology));

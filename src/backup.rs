@@ -16,9 +16,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// The store id each redb file carries (`node::datadir`'s table, written the same way here).
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-const STORE_ID: &str = "store_id";
+/// The store id each redb file of a data dir carries (`meta`, key `store_id`): written here into
+/// a backup's files and by `node::datadir` into a node's, and checked there at start.
+pub(crate) const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+pub(crate) const STORE_ID: &str = "store_id";
+
+/// Writes the store id into a redb file's `meta` table, in `txn`.
+pub(crate) fn stamp(txn: &redb::WriteTransaction, store_id: &str) -> Result<(), redb::Error> {
+    txn.open_table(META)?.insert(STORE_ID, store_id)?;
+    Ok(())
+}
 /// redb's page cache for each file being written (its default is 1 GiB).
 const CACHE_BYTES: usize = 64 << 20;
 
@@ -163,10 +170,7 @@ fn copy_into(
         .map_err(store_err)?;
     let txn = db.begin_write().map_err(store_err)?;
     let n = fill(&txn)?;
-    txn.open_table(META)
-        .map_err(store_err)?
-        .insert(STORE_ID, store_id)
-        .map_err(store_err)?;
+    stamp(&txn, store_id).map_err(store_err)?;
     txn.commit().map_err(store_err)?;
     Ok(n)
 }

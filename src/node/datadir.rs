@@ -8,14 +8,12 @@
 //! (`signalpost compact`): they are copy-on-write and never shrink by themselves.
 
 use super::NodeError;
-use redb::{ReadableDatabase, TableDefinition};
+use redb::ReadableDatabase;
 use std::path::Path;
 
 const STAMP: &str = "store.id";
 /// The redb files of the embedded backend.
 pub const FILES: &[&str] = &["mailbox.redb", "state.redb"];
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-const KEY: &str = "store_id";
 
 fn refuse(dir: &Path, what: String) -> NodeError {
     NodeError::DataDir(
@@ -91,12 +89,12 @@ pub fn check_or_stamp(dir: &Path, secret_file: bool) -> Result<(), NodeError> {
 fn read_id(path: &Path) -> Result<Option<String>, String> {
     let db = redb::Database::open(path).map_err(|e| e.to_string())?;
     let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let t = match txn.open_table(META) {
+    let t = match txn.open_table(crate::backup::META) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
-    Ok(t.get(KEY)
+    Ok(t.get(crate::backup::STORE_ID)
         .map_err(|e| e.to_string())?
         .map(|v| v.value().to_string()))
 }
@@ -104,10 +102,7 @@ fn read_id(path: &Path) -> Result<Option<String>, String> {
 fn write_id(path: &Path, id: &str) -> Result<(), String> {
     let db = redb::Database::create(path).map_err(|e| e.to_string())?;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
-    {
-        let mut t = txn.open_table(META).map_err(|e| e.to_string())?;
-        t.insert(KEY, id).map_err(|e| e.to_string())?;
-    }
+    crate::backup::stamp(&txn, id).map_err(|e| e.to_string())?;
     txn.commit().map_err(|e| e.to_string())
 }
 
@@ -176,7 +171,7 @@ pub fn compact(dir: &Path) -> Result<Vec<Compacted>, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redb::ReadableTableMetadata;
+    use redb::{ReadableTableMetadata, TableDefinition};
 
     fn refused(dir: &Path, secret: bool) -> String {
         check_or_stamp(dir, secret).unwrap_err().to_string()
